@@ -1,0 +1,99 @@
+//! The `walvault` command line: global options, the config file, logging, and
+//! one module per command. Commands are thin: they parse options, call the
+//! library, and print.
+
+mod config;
+mod storage_check;
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+pub use config::{Config, Settings};
+
+/// Keeps a PostgreSQL cluster recoverable to any moment.
+#[derive(Debug, Parser)]
+#[command(name = "walvault", version, about, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes; each can also come from the environment and,
+/// under the same name, from walvault.toml.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Repository location: a directory, file:///path, or s3://bucket/prefix.
+    #[arg(long, env = "WALVAULT_REPO", global = true)]
+    pub repo: Option<String>,
+    /// Name of the cluster inside the repository [default: main].
+    #[arg(long, env = "WALVAULT_STANZA", global = true)]
+    pub stanza: Option<String>,
+    /// Config file (TOML) with the same names as these options, plus [s3] and [retry].
+    #[arg(long, env = "WALVAULT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format on standard error [default: text].
+    #[arg(long, env = "WALVAULT_LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prove the repository location works: write, read back, list and delete a
+    /// probe object, and report each step's latency.
+    StorageCheck(storage_check::StorageCheckArgs),
+}
+
+/// Run the parsed command line. Errors are returned to `main`, which prints
+/// them as one line and picks the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&cli.global)?;
+    init_logging(&settings, cli.global.verbose, cli.global.quiet);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::StorageCheck(args) => storage_check::run(&settings, args).await,
+        }
+    })
+}
+
+fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (verbose, quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (2.., _) => "trace",
+        (_, 1) => "warn",
+        (_, _) => "error",
+    };
+    let filter = std::env::var("WALVAULT_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(format!("warn,walvault={level}")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
+    };
+}

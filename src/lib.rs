@@ -1,0 +1,11 @@
+//! walvault: PostgreSQL backup and point-in-time recovery.
+//!
+//! Layers, each depending only on those listed before it (see
+//! `docs/architecture.md`):
+//! - [`pg`]: PostgreSQL quantities (LSNs, timelines, segments, WAL file names);
+//! - [`storage`]: object storage (local directory, S3) with one contract;
+//! - [`cli`]: the commands, thin over the library.
+
+pub mod cli;
+pub mod pg;
+pub mod storage;

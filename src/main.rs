@@ -1,0 +1,14 @@
+//! The `walvault` binary: parse arguments, run, print any error as one line.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = walvault::cli::Cli::parse();
+    match walvault::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walvault: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! PostgreSQL quantities and (in later layers) the replication protocol.
+//!
+//! Every number PostgreSQL gives walvault gets a newtype here so that a byte
+//! offset can never be mistaken for a segment number or a timeline: [`Lsn`],
+//! [`TimelineId`], [`SegmentNo`], [`WalSegSize`], [`SystemId`] and the parsed
+//! WAL file names in [`WalFileName`].
+
+mod lsn;
+mod walfile;
+
+pub use lsn::{Lsn, SegmentNo, SystemId, TimelineId, WalSegSize};
+pub use walfile::{SegmentFile, WalFileName};
+
+/// A value PostgreSQL would reject, with the text that failed and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {input:?}: {reason}")]
+pub struct ParseError {
+    /// What was being parsed ("LSN", "WAL file name", ...).
+    pub what: &'static str,
+    /// The input, as given.
+    pub input: String,
+    /// Why it is not valid.
+    pub reason: String,
+}
+
+impl ParseError {
+    pub(crate) fn new(what: &'static str, input: &str, reason: impl Into<String>) -> Self {
+        ParseError {
+            what,
+            input: input.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}

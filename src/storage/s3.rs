@@ -1,0 +1,488 @@
+//! The S3 backend (any S3-compatible store: AWS S3, Garage, MinIO, Ceph RGW, R2).
+//!
+//! - Objects above `multipart_threshold` are uploaded in parts of `part_size`,
+//!   `upload_concurrency` at a time; a failed multipart upload is aborted so no
+//!   invisible parts are left behind. A multipart object becomes visible only at
+//!   CompleteMultipartUpload, so a reader never sees a prefix.
+//! - The SDK's own retries are off: [`super::Retrying`] applies walvault's one
+//!   policy. Errors are classified transient (connect/IO failures, timeouts, 5xx,
+//!   429, SlowDown) or permanent (403, 404, missing bucket), and name the bucket
+//!   and key.
+//! - Credentials: `[s3]` in walvault.toml, else the environment
+//!   (`AWS_ACCESS_KEY_ID`, ...), else the shared profile files. Instance metadata
+//!   (EC2 IMDS / ECS) is asked only when `instance_metadata = true`, so a missing
+//!   key never turns into a wait on a link-local address.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::environment::EnvironmentVariableCredentialsProvider;
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_config::profile::ProfileFileCredentialsProvider;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Deserialize;
+
+use super::{validate_key, validate_prefix, ListPage, ObjectMeta, Storage, StorageError};
+
+/// How to reach an S3-compatible store: the `[s3]` table of walvault.toml.
+/// Bucket and prefix come from the repository URL `s3://bucket/prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL, e.g. `http://127.0.0.1:3900`; default: env `AWS_ENDPOINT_URL_S3`
+    /// or `AWS_ENDPOINT_URL`, else AWS.
+    pub endpoint: Option<String>,
+    /// Region; default: env `AWS_REGION` or `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id; default: the environment / profile chain.
+    pub access_key_id: Option<String>,
+    /// Secret access key, with `access_key_id`.
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default: on with a custom
+    /// endpoint (what most S3-compatible stores need), off for AWS.
+    pub path_style: Option<bool>,
+    /// Ask EC2/ECS instance metadata for credentials when none are configured.
+    pub instance_metadata: bool,
+    /// Objects of at least this many bytes are uploaded in parts.
+    pub multipart_threshold: u64,
+    /// Size of each part, bytes (S3 needs at least 5 MiB).
+    pub part_size: u64,
+    /// Parts uploaded at once for one object.
+    pub upload_concurrency: usize,
+    /// Seconds to wait for a TCP connection.
+    pub connect_timeout_secs: u64,
+    /// Seconds to wait for the next bytes of a response.
+    pub read_timeout_secs: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: None,
+            instance_metadata: false,
+            multipart_threshold: 32 << 20,
+            part_size: 16 << 20,
+            upload_concurrency: 4,
+            connect_timeout_secs: 5,
+            read_timeout_secs: 60,
+        }
+    }
+}
+
+/// A bucket (and optional key prefix) of an S3-compatible store.
+#[derive(Debug, Clone)]
+pub struct S3 {
+    client: Client,
+    bucket: String,
+    /// "" or ending in '/'.
+    prefix: String,
+    endpoint: String,
+    multipart_threshold: u64,
+    part_size: u64,
+    upload_concurrency: usize,
+}
+
+impl S3 {
+    /// A client for `bucket` with every key under `prefix` (may be empty).
+    /// Makes no request: a wrong endpoint or key shows at the first operation.
+    pub async fn connect(bucket: &str, prefix: &str, cfg: &S3Config) -> Result<S3, StorageError> {
+        let location = format!("s3://{bucket}/{prefix}");
+        let bad = |reason: String| StorageError::BadLocation {
+            location: location.clone(),
+            reason,
+        };
+        if cfg.part_size < 5 << 20 {
+            return Err(bad("s3.part_size must be at least 5 MiB (an S3 limit)".into()));
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| env("AWS_ENDPOINT_URL"));
+        if let Some(ep) = &endpoint {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return Err(bad(format!("endpoint {ep:?} must start with http:// or https://")));
+            }
+        }
+        let region = cfg
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_owned());
+
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region))
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+                    .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
+                    .build(),
+            );
+        loader = match (&cfg.access_key_id, &cfg.secret_access_key) {
+            (Some(id), Some(secret)) => {
+                loader.credentials_provider(Credentials::new(id, secret, None, None, "walvault.toml"))
+            }
+            (None, None) => {
+                let chain = CredentialsProviderChain::first_try(
+                    "Environment",
+                    EnvironmentVariableCredentialsProvider::new(),
+                )
+                .or_else("Profile", ProfileFileCredentialsProvider::builder().build());
+                if cfg.instance_metadata {
+                    loader.credentials_provider(chain.or_default_provider().await)
+                } else {
+                    loader.credentials_provider(chain)
+                }
+            }
+            _ => return Err(bad("set both s3.access_key_id and s3.secret_access_key, or neither".into())),
+        };
+        if let Some(ep) = &endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let sdk = loader.load().await;
+        let conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(cfg.path_style.unwrap_or(endpoint.is_some()))
+            // Checksums "when required" only: several S3-compatible stores reject
+            // the aws-chunked uploads that default checksums bring, and every
+            // repository object is verified by walvault's own hash or AEAD tag.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        Ok(S3 {
+            client: Client::from_conf(conf),
+            bucket: bucket.to_owned(),
+            prefix: if prefix.is_empty() || prefix.ends_with('/') {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}/")
+            },
+            endpoint: endpoint.unwrap_or_else(|| "AWS S3".to_owned()),
+            multipart_threshold: cfg.multipart_threshold.max(cfg.part_size),
+            part_size: cfg.part_size,
+            upload_concurrency: cfg.upload_concurrency.max(1),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Turn an SDK error into a [`StorageError`] that names bucket and key and
+    /// says whether a retry can help.
+    fn classify<E>(&self, op: &'static str, key: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let backend = |transient: bool, message: String| StorageError::Backend {
+            op,
+            location: self.location(),
+            key: key.to_owned(),
+            transient,
+            message,
+        };
+        match &err {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let code = se.err().code().unwrap_or("");
+                let detail = se.err().message().unwrap_or("");
+                let what = if code.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    format!("HTTP {status} {code}: {detail}")
+                };
+                match (status, code) {
+                    (_, "NoSuchBucket") => backend(
+                        false,
+                        format!(
+                            "{what}; bucket {:?} does not exist at {}: create it or fix the repository URL",
+                            self.bucket, self.endpoint
+                        ),
+                    ),
+                    (404, "NoSuchKey" | "NotFound" | "") => StorageError::NotFound {
+                        location: self.location(),
+                        key: key.to_owned(),
+                    },
+                    (403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => backend(
+                        false,
+                        format!(
+                            "{what}; access denied to bucket {:?}: check the access key id and secret \
+                             (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or [s3] in walvault.toml) \
+                             and the key's permissions on the bucket",
+                            self.bucket
+                        ),
+                    ),
+                    (500.., _) | (429, _) | (_, "SlowDown" | "Throttling" | "RequestTimeout" | "InternalError") => {
+                        backend(true, what)
+                    }
+                    _ => backend(false, what),
+                }
+            }
+            SdkError::TimeoutError(_) => backend(true, format!("timed out talking to {}", self.endpoint)),
+            SdkError::DispatchFailure(df) if df.is_io() || df.is_timeout() => backend(
+                true,
+                format!(
+                    "cannot reach the S3 endpoint {}: {}; check the endpoint URL and that the store is running",
+                    self.endpoint,
+                    DisplayErrorContext(&err)
+                ),
+            ),
+            SdkError::DispatchFailure(df) if df.is_user() => backend(false, DisplayErrorContext(&err).to_string()),
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+                backend(true, DisplayErrorContext(&err).to_string())
+            }
+            _ => backend(false, DisplayErrorContext(&err).to_string()),
+        }
+    }
+
+    async fn put_multipart(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        let full = self.full_key(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.classify("put", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let part_size = usize::try_from(self.part_size).unwrap_or(usize::MAX);
+        let parts: Vec<(i32, Bytes)> = (0..data.len())
+            .step_by(part_size)
+            .enumerate()
+            .map(|(i, off)| (i as i32 + 1, data.slice(off..(off + part_size).min(data.len()))))
+            .collect();
+        let uploads = futures::stream::iter(parts.into_iter().map(|(n, body)| {
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .part_number(n)
+                .body(ByteStream::from(body));
+            async move {
+                let out = req.send().await.map_err(|e| self.classify("put", key, e))?;
+                Ok::<_, StorageError>(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag).build())
+            }
+        }))
+        .buffer_unordered(self.upload_concurrency)
+        .try_collect::<Vec<_>>()
+        .await;
+        let result = match uploads {
+            Ok(mut done) => {
+                done.sort_by_key(|p| p.part_number());
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.classify("put", key, e))
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Best effort: parts of an aborted upload are never visible, but cost space.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Storage for S3 {
+    fn location(&self) -> String {
+        format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        validate_key(key)?;
+        if data.len() as u64 >= self.multipart_threshold {
+            return self.put_multipart(key, data).await;
+        }
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("put", key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        validate_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.classify("get", key, e))?;
+        read_body(out.body).await.map_err(|m| self.body_error(key, m))
+    }
+
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
+        validate_key(key)?;
+        let edge = |size: u64| {
+            if start > size {
+                Err(StorageError::InvalidRange {
+                    location: self.location(),
+                    key: key.to_owned(),
+                    start,
+                    size,
+                })
+            } else {
+                Ok(Bytes::new())
+            }
+        };
+        if len == 0 {
+            let meta = self.head(key).await?.ok_or_else(|| StorageError::NotFound {
+                location: self.location(),
+                key: key.to_owned(),
+            })?;
+            return edge(meta.size);
+        }
+        let range = match start.checked_add(len - 1) {
+            Some(last) => format!("bytes={start}-{last}"),
+            None => format!("bytes={start}-"),
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .range(range)
+            .send()
+            .await;
+        match out {
+            Ok(out) => read_body(out.body).await.map_err(|m| self.body_error(key, m)),
+            // 416: the range starts at or past the end (S3 answers so even for an
+            // empty range at the very end); the contract makes the former empty.
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                let meta = self.head(key).await?.ok_or_else(|| StorageError::NotFound {
+                    location: self.location(),
+                    key: key.to_owned(),
+                })?;
+                edge(meta.size)
+            }
+            Err(e) => Err(self.classify("get", key, e)),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        validate_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_owned(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+            })),
+            Err(e) => match self.classify("head", key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list_page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, StorageError> {
+        validate_prefix(prefix)?;
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .set_continuation_token(token.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| self.classify("list", prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key()?.strip_prefix(&self.prefix)?.to_owned();
+                Some(ObjectMeta {
+                    key,
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                })
+            })
+            .collect();
+        let next = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, next })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        validate_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.classify("delete", key, e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+impl S3 {
+    fn body_error(&self, key: &str, message: String) -> StorageError {
+        StorageError::Backend {
+            op: "get",
+            location: self.location(),
+            key: key.to_owned(),
+            transient: true,
+            message: format!("reading the response body: {message}"),
+        }
+    }
+}
+
+async fn read_body(body: ByteStream) -> Result<Bytes, String> {
+    body.collect()
+        .await
+        .map(|b| b.into_bytes())
+        .map_err(|e| DisplayErrorContext(&e).to_string())
+}
