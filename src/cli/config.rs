@@ -34,7 +34,8 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+        toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))
     }
 }
 
@@ -75,7 +76,10 @@ impl Settings {
         Ok(Settings {
             repo: args.repo.clone().or(file.repo),
             stanza,
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             storage: StorageOptions {
                 s3: file.s3,
                 retry: file.retry,
@@ -85,8 +89,8 @@ impl Settings {
 
     /// The repository location, or an error saying how to give one.
     pub fn repo(&self) -> anyhow::Result<&str> {
-        self.repo
-            .as_deref()
-            .context("no repository given: pass --repo, set WALVAULT_REPO, or set repo in the config file")
+        self.repo.as_deref().context(
+            "no repository given: pass --repo, set WALVAULT_REPO, or set repo in the config file",
+        )
     }
 }

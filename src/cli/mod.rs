@@ -13,7 +13,13 @@ pub use config::{Config, Settings};
 
 /// Keeps a PostgreSQL cluster recoverable to any moment.
 #[derive(Debug, Parser)]
-#[command(name = "walvault", version, about, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "walvault",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// Options every command takes.
     #[command(flatten)]
@@ -70,7 +76,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::resolve(&cli.global)?;
     init_logging(&settings, cli.global.verbose, cli.global.quiet);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.command {
             Command::StorageCheck(args) => storage_check::run(&settings, args).await,
@@ -91,7 +99,9 @@ fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(format!("warn,walvault={level}")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match settings.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.with_target(false).try_init(),

@@ -27,8 +27,13 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
         settings.stanza,
         rand::random::<u64>()
     );
-    let data: Bytes = (0..args.size).map(|_| rand::random::<u8>()).collect::<Vec<u8>>().into();
-    let step = |name: &str, t: Instant| println!("{name:<8} ok  {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let data: Bytes = (0..args.size)
+        .map(|_| rand::random::<u8>())
+        .collect::<Vec<u8>>()
+        .into();
+    let step = |name: &str, t: Instant| {
+        println!("{name:<8} ok  {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3)
+    };
 
     let t = Instant::now();
     store.put(&key, data.clone()).await?;
@@ -37,13 +42,20 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
     let result = async {
         let t = Instant::now();
         let back = store.get(&key).await?;
-        ensure!(back == data, "read back {} bytes that differ from the {} written", back.len(), data.len());
+        ensure!(
+            back == data,
+            "read back {} bytes that differ from the {} written",
+            back.len(),
+            data.len()
+        );
         step("get", t);
 
         let t = Instant::now();
         let listed = storage::list_all(store.as_ref(), &key).await?;
         ensure!(
-            listed.iter().any(|o| o.key == key && o.size == data.len() as u64),
+            listed
+                .iter()
+                .any(|o| o.key == key && o.size == data.len() as u64),
             "the probe object {key} is missing from the listing"
         );
         step("list", t);
@@ -52,10 +64,16 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
     .await;
 
     let t = Instant::now();
-    let deleted = store.delete(&key).await.context("removing the probe object");
+    let deleted = store
+        .delete(&key)
+        .await
+        .context("removing the probe object");
     result?;
     deleted?;
-    ensure!(store.head(&key).await?.is_none(), "the probe object {key} is still there after delete");
+    ensure!(
+        store.head(&key).await?.is_none(),
+        "the probe object {key} is still there after delete"
+    );
     step("delete", t);
     println!("storage at {} works", store.location());
     Ok(())

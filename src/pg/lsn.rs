@@ -71,9 +71,9 @@ impl FromStr for Lsn {
     /// Accepts what `pg_lsn_in` accepts: `hex/hex`, each half 1 to 8 hex digits.
     fn from_str(s: &str) -> Result<Lsn, ParseError> {
         let bad = |why: &str| ParseError::new("LSN", s, why);
-        let (hi, lo) = s
-            .split_once('/')
-            .ok_or_else(|| bad("expected two hexadecimal halves separated by '/', e.g. 16/B374D848"))?;
+        let (hi, lo) = s.split_once('/').ok_or_else(|| {
+            bad("expected two hexadecimal halves separated by '/', e.g. 16/B374D848")
+        })?;
         let half = |part: &str| -> Result<u64, ParseError> {
             if part.is_empty() || part.len() > 8 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad("each half must be 1 to 8 hexadecimal digits"));
@@ -116,7 +116,8 @@ impl FromStr for TimelineId {
         let n: u32 = s
             .parse()
             .map_err(|_| ParseError::new("timeline", s, "expected a decimal number from 1"))?;
-        TimelineId::new(n).ok_or_else(|| ParseError::new("timeline", s, "timeline 0 does not exist"))
+        TimelineId::new(n)
+            .ok_or_else(|| ParseError::new("timeline", s, "timeline 0 does not exist"))
     }
 }
 
@@ -233,9 +234,9 @@ impl fmt::Display for SystemId {
 impl FromStr for SystemId {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<SystemId, ParseError> {
-        s.parse()
-            .map(SystemId)
-            .map_err(|_| ParseError::new("system identifier", s, "expected a decimal 64-bit number"))
+        s.parse().map(SystemId).map_err(|_| {
+            ParseError::new("system identifier", s, "expected a decimal 64-bit number")
+        })
     }
 }
 
@@ -255,7 +256,20 @@ mod tests {
 
     #[test]
     fn lsn_rejects_malformed() {
-        for bad in ["", "/", "1/", "/1", "1", "123456789/0", "0/123456789", "g/0", "1/2/3", " 1/2", "-1/0", "+1/0"] {
+        for bad in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1",
+            "123456789/0",
+            "0/123456789",
+            "g/0",
+            "1/2/3",
+            " 1/2",
+            "-1/0",
+            "+1/0",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} accepted");
         }
     }
@@ -266,7 +280,10 @@ mod tests {
         let lsn: Lsn = "1/3000028".parse().unwrap();
         assert_eq!(lsn.segment(s16), SegmentNo(0x103));
         assert_eq!(lsn.segment_offset(s16), 0x28);
-        assert_eq!(SegmentNo(0x103).start_lsn(s16), Some("1/3000000".parse().unwrap()));
+        assert_eq!(
+            SegmentNo(0x103).start_lsn(s16),
+            Some("1/3000000".parse().unwrap())
+        );
         let s64 = WalSegSize::new(64 << 20).unwrap();
         assert_eq!(SegmentNo(3).start_lsn(s64), Some(Lsn(0xC00_0000)));
         assert_eq!(s64.segments_per_xlog_id(), 64);
@@ -283,7 +300,10 @@ mod tests {
         }
         assert_eq!("16MB".parse::<WalSegSize>().unwrap(), WalSegSize::DEFAULT);
         assert_eq!("1GB".parse::<WalSegSize>().unwrap().bytes(), 1 << 30);
-        assert_eq!("16777216".parse::<WalSegSize>().unwrap(), WalSegSize::DEFAULT);
+        assert_eq!(
+            "16777216".parse::<WalSegSize>().unwrap(),
+            WalSegSize::DEFAULT
+        );
         assert!("17MB".parse::<WalSegSize>().is_err());
         assert!("99999999999999999999GB".parse::<WalSegSize>().is_err());
     }

@@ -42,7 +42,9 @@ impl SegmentFile {
         if s.len() != 24 || !is_upper_hex(s) {
             return Err(bad("a segment name is 24 upper-case hexadecimal digits"));
         }
-        let part = |r: std::ops::Range<usize>| u32::from_str_radix(&s[r], 16).map_err(|e| bad(&e.to_string()));
+        let part = |r: std::ops::Range<usize>| {
+            u32::from_str_radix(&s[r], 16).map_err(|e| bad(&e.to_string()))
+        };
         let tli = TimelineId::new(part(0..8)?).ok_or_else(|| bad("timeline 0 does not exist"))?;
         let log = u64::from(part(8..16)?);
         let seg = u64::from(part(16..24)?);
@@ -99,7 +101,9 @@ impl WalFileName {
         let bad = |why: &str| ParseError::new("WAL file name", name, why);
         if let Some(tli) = name.strip_suffix(".history") {
             if tli.len() != 8 || !is_upper_hex(tli) {
-                return Err(bad("a history file name is 8 upper-case hex digits + .history"));
+                return Err(bad(
+                    "a history file name is 8 upper-case hex digits + .history",
+                ));
             }
             let n = u32::from_str_radix(tli, 16).map_err(|e| bad(&e.to_string()))?;
             return TimelineId::new(n)
@@ -115,7 +119,9 @@ impl WalFileName {
                 .ok_or_else(|| bad("a backup history name is SEGMENT.OFFSET.backup"))?;
             let segment = SegmentFile::parse24(seg, seg_size, name)?;
             if off.len() != 8 || !is_upper_hex(off) {
-                return Err(bad("the offset of a backup history name is 8 upper-case hex digits"));
+                return Err(bad(
+                    "the offset of a backup history name is 8 upper-case hex digits",
+                ));
             }
             let offset = u32::from_str_radix(off, 16).map_err(|e| bad(&e.to_string()))?;
             if u64::from(offset) >= seg_size.bytes() {
@@ -157,7 +163,8 @@ impl fmt::Display for WalFileName {
 }
 
 fn is_upper_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 #[cfg(test)]
@@ -179,7 +186,9 @@ mod tests {
     fn names_postgres_writes() {
         let n = WalFileName::parse("000000010000000100000003", S16).unwrap();
         assert_eq!(n, WalFileName::Segment(seg(1, 0x103, S16)));
-        let WalFileName::Segment(s) = n else { unreachable!() };
+        let WalFileName::Segment(s) = n else {
+            unreachable!()
+        };
         assert_eq!(s.start_lsn().to_string(), "1/3000000");
         assert_eq!(
             WalFileName::parse("00000002.history", S16).unwrap(),
@@ -187,7 +196,10 @@ mod tests {
         );
         assert_eq!(
             WalFileName::parse("000000010000000000000002.00000028.backup", S16).unwrap(),
-            WalFileName::Backup { segment: seg(1, 2, S16), offset: 0x28 }
+            WalFileName::Backup {
+                segment: seg(1, 2, S16),
+                offset: 0x28
+            }
         );
         assert_eq!(
             WalFileName::parse("0000000A00000000000000FF.partial", S16).unwrap(),
@@ -201,7 +213,8 @@ mod tests {
         );
         assert!(WalFileName::parse("000000010000000200000040", s64).is_err());
         assert_eq!(
-            WalFileName::segment_of(TimelineId::FIRST, "2/FF000000".parse().unwrap(), s64).to_string(),
+            WalFileName::segment_of(TimelineId::FIRST, "2/FF000000".parse().unwrap(), s64)
+                .to_string(),
             "00000001000000020000003F"
         );
     }
@@ -231,18 +244,23 @@ mod tests {
     }
 
     fn any_name() -> impl Strategy<Value = WalFileName> {
-        (1u32.., 0u64..(1 << 40), 20u32..=30, 0u32.., 0u8..4).prop_map(|(tli, segno, shift, off, kind)| {
-            let size = WalSegSize::new(1 << shift).unwrap();
-            // keep the segment number inside what a name can express for this size
-            let segno = segno % (u64::from(u32::MAX) * size.segments_per_xlog_id());
-            let s = seg(tli, segno, size);
-            match kind {
-                0 => WalFileName::Segment(s),
-                1 => WalFileName::Partial(s),
-                2 => WalFileName::Backup { segment: s, offset: off % (1 << shift) },
-                _ => WalFileName::History(s.timeline),
-            }
-        })
+        (1u32.., 0u64..(1 << 40), 20u32..=30, 0u32.., 0u8..4).prop_map(
+            |(tli, segno, shift, off, kind)| {
+                let size = WalSegSize::new(1 << shift).unwrap();
+                // keep the segment number inside what a name can express for this size
+                let segno = segno % (u64::from(u32::MAX) * size.segments_per_xlog_id());
+                let s = seg(tli, segno, size);
+                match kind {
+                    0 => WalFileName::Segment(s),
+                    1 => WalFileName::Partial(s),
+                    2 => WalFileName::Backup {
+                        segment: s,
+                        offset: off % (1 << shift),
+                    },
+                    _ => WalFileName::History(s.timeline),
+                }
+            },
+        )
     }
 
     proptest! {

@@ -77,7 +77,9 @@ impl<S: Storage> FaultInjecting<S> {
         let (fault, delay) = self.with_plan(|p| {
             p.calls += 1;
             let n = p.calls;
-            let fault = p.at.remove(&n).or_else(|| (!p.next.is_empty()).then(|| p.next.remove(0)));
+            let fault =
+                p.at.remove(&n)
+                    .or_else(|| (!p.next.is_empty()).then(|| p.next.remove(0)));
             (fault, p.delay)
         });
         if !delay.is_zero() {
@@ -90,7 +92,14 @@ impl<S: Storage> FaultInjecting<S> {
                 location: self.inner.location(),
                 key: key.to_owned(),
                 transient: f == Fault::Transient,
-                message: format!("injected {} fault", if f == Fault::Transient { "transient" } else { "permanent" }),
+                message: format!(
+                    "injected {} fault",
+                    if f == Fault::Transient {
+                        "transient"
+                    } else {
+                        "permanent"
+                    }
+                ),
             }),
         }
     }

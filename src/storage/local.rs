@@ -42,11 +42,10 @@ impl LocalDir {
         };
         match fs::metadata(&root) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(bad(
-                    "it is a file, not a directory; give the path of a directory for the repository".into(),
-                ))
-            }
+            Ok(_) => return Err(bad(
+                "it is a file, not a directory; give the path of a directory for the repository"
+                    .into(),
+            )),
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&root)
                 .map_err(|e| bad(format!("cannot create the directory: {}", describe_io(&e))))?,
             Err(e) => return Err(bad(format!("cannot access it: {}", describe_io(&e)))),
@@ -99,7 +98,10 @@ impl LocalDir {
             op,
             location: self.location(),
             key: key.to_owned(),
-            transient: matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::TimedOut),
+            transient: matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::TimedOut
+            ),
             message: describe_io(e),
         }
     }
@@ -112,7 +114,11 @@ impl LocalDir {
         if let Some(parent) = Path::new(key).parent() {
             ensure_dir(&self.root, parent).map_err(fail)?;
         }
-        let tmp = tmp_dir.join(format!("{:016x}.{}", rand::random::<u64>(), std::process::id()));
+        let tmp = tmp_dir.join(format!(
+            "{:016x}.{}",
+            rand::random::<u64>(),
+            std::process::id()
+        ));
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
@@ -178,7 +184,8 @@ impl LocalDir {
             out: Vec::new(),
             more: false,
         };
-        walk.dir(dir_part).map_err(|e| self.err("list", prefix, &e))?;
+        walk.dir(dir_part)
+            .map_err(|e| self.err("list", prefix, &e))?;
         let next = if walk.more {
             walk.out.last().map(|o| o.key.clone())
         } else {
@@ -193,7 +200,8 @@ impl LocalDir {
     fn delete_blocking(&self, key: &str) -> Result<(), StorageError> {
         let path = self.root.join(key);
         match fs::remove_file(&path) {
-            Ok(()) => sync_dir(path.parent().unwrap_or(&self.root)).map_err(|e| self.err("delete", key, &e)),
+            Ok(()) => sync_dir(path.parent().unwrap_or(&self.root))
+                .map_err(|e| self.err("delete", key, &e)),
             Err(e) if is_missing(&e) => Ok(()),
             // a directory where the key would be: there is no such object
             Err(_) if path.is_dir() => Ok(()),
@@ -258,7 +266,8 @@ impl Walk<'_> {
         items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, is_dir, size) in items {
             // skip what cannot match the prefix
-            let overlaps = key.starts_with(self.prefix) || (is_dir && self.prefix.starts_with(&key));
+            let overlaps =
+                key.starts_with(self.prefix) || (is_dir && self.prefix.starts_with(&key));
             if !overlaps {
                 continue;
             }
@@ -308,7 +317,8 @@ impl Storage for LocalDir {
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
         validate_key(key)?;
         let key = key.to_owned();
-        self.blocking(move |me| me.get_range_blocking(&key, start, len)).await
+        self.blocking(move |me| me.get_range_blocking(&key, start, len))
+            .await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
@@ -327,7 +337,8 @@ impl Storage for LocalDir {
         validate_prefix(prefix)?;
         let prefix = prefix.to_owned();
         let token = token.map(str::to_owned);
-        self.blocking(move |me| me.list_blocking(&prefix, token.as_deref())).await
+        self.blocking(move |me| me.list_blocking(&prefix, token.as_deref()))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -373,8 +384,12 @@ fn describe_io(e: &io::Error) -> String {
             "{e}; the repository directory must be writable by the user running walvault (uid {})",
             nix::unistd::geteuid()
         ),
-        io::ErrorKind::ReadOnlyFilesystem => format!("{e}; mount the repository file system read-write"),
-        io::ErrorKind::StorageFull => format!("{e}; free space on the repository's file system or move it"),
+        io::ErrorKind::ReadOnlyFilesystem => {
+            format!("{e}; mount the repository file system read-write")
+        }
+        io::ErrorKind::StorageFull => {
+            format!("{e}; free space on the repository's file system or move it")
+        }
         _ => e.to_string(),
     }
 }

@@ -30,7 +30,9 @@ impl Location {
             reason: reason.to_owned(),
         };
         if url.trim().is_empty() {
-            return Err(bad("empty; give a directory path or s3://bucket/prefix (--repo or WALVAULT_REPO)"));
+            return Err(bad(
+                "empty; give a directory path or s3://bucket/prefix (--repo or WALVAULT_REPO)",
+            ));
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -39,9 +41,9 @@ impl Location {
             }
             let valid_bucket = bucket.len() >= 3
                 && bucket.len() <= 63
-                && bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
             if !valid_bucket {
                 return Err(bad(&format!(
                     "{bucket:?} is not a valid bucket name (3-63 characters: a-z, 0-9, '-', '.')"
@@ -58,7 +60,9 @@ impl Location {
         }
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(bad("a file:// URL needs an absolute path: file:///srv/walvault"));
+                return Err(bad(
+                    "a file:// URL needs an absolute path: file:///srv/walvault",
+                ));
             }
             return Ok(Location::Local(PathBuf::from(path)));
         }
@@ -120,9 +124,10 @@ pub async fn open(url: &str, opts: &StorageOptions) -> Result<Arc<dyn Storage>, 
     let policy = opts.retry.policy();
     Ok(match Location::parse(url)? {
         Location::Local(path) => Arc::new(Retrying::new(LocalDir::open(path)?, policy)),
-        Location::S3 { bucket, prefix } => {
-            Arc::new(Retrying::new(S3::connect(&bucket, &prefix, &opts.s3).await?, policy))
-        }
+        Location::S3 { bucket, prefix } => Arc::new(Retrying::new(
+            S3::connect(&bucket, &prefix, &opts.s3).await?,
+            policy,
+        )),
     })
 }
 
@@ -132,20 +137,47 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(Location::parse("/srv/r").unwrap(), Location::Local("/srv/r".into()));
-        assert_eq!(Location::parse("rel/dir").unwrap(), Location::Local("rel/dir".into()));
-        assert_eq!(Location::parse("file:///srv/r").unwrap(), Location::Local("/srv/r".into()));
+        assert_eq!(
+            Location::parse("/srv/r").unwrap(),
+            Location::Local("/srv/r".into())
+        );
+        assert_eq!(
+            Location::parse("rel/dir").unwrap(),
+            Location::Local("rel/dir".into())
+        );
+        assert_eq!(
+            Location::parse("file:///srv/r").unwrap(),
+            Location::Local("/srv/r".into())
+        );
         assert_eq!(
             Location::parse("s3://my-bucket/a/b/").unwrap(),
-            Location::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }
+            Location::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "a/b".into()
+            }
         );
         assert_eq!(
             Location::parse("s3://my-bucket").unwrap(),
-            Location::S3 { bucket: "my-bucket".into(), prefix: "".into() }
+            Location::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "".into()
+            }
         );
-        for bad in ["", "s3://", "s3:///prefix", "s3://B/x", "s3://b", "gs://x/y", "file://rel", "s3://bkt/a/../b"] {
+        for bad in [
+            "",
+            "s3://",
+            "s3:///prefix",
+            "s3://B/x",
+            "s3://b",
+            "gs://x/y",
+            "file://rel",
+            "s3://bkt/a/../b",
+        ] {
             let e = Location::parse(bad).unwrap_err();
-            assert!(matches!(e, StorageError::BadLocation { .. }), "{bad:?}: {e}");
+            assert!(
+                matches!(e, StorageError::BadLocation { .. }),
+                "{bad:?}: {e}"
+            );
         }
         let e = Location::parse("s3:///x").unwrap_err().to_string();
         assert!(e.contains("no bucket name"), "{e}");

@@ -76,8 +76,37 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 }
 
+/// A shared backend is a backend (lets wrappers hold an `Arc<dyn Storage>`).
+#[async_trait]
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        (**self).put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
+        (**self).get(key).await
+    }
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
+        (**self).get_range(key, start, len).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        (**self).head(key).await
+    }
+    async fn list_page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, StorageError> {
+        (**self).list_page(prefix, token).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        (**self).delete(key).await
+    }
+}
+
 /// Every object whose key starts with `prefix`, in key order.
-pub async fn list_all(storage: &dyn Storage, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+pub async fn list_all(
+    storage: &dyn Storage,
+    prefix: &str,
+) -> Result<Vec<ObjectMeta>, StorageError> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -110,7 +139,9 @@ pub enum StorageError {
         reason: &'static str,
     },
     /// A ranged read that starts past the end of the object.
-    #[error("range starting at byte {start} is past the end of {key} ({size} bytes) in {location}")]
+    #[error(
+        "range starting at byte {start} is past the end of {key} ({size} bytes) in {location}"
+    )]
     InvalidRange {
         /// Backend location.
         location: String,
@@ -151,7 +182,13 @@ impl StorageError {
     /// timeouts, 5xx, throttling); false for missing objects, bad keys,
     /// refused credentials and the like.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Backend { transient: true, .. })
+        matches!(
+            self,
+            StorageError::Backend {
+                transient: true,
+                ..
+            }
+        )
     }
 
     /// True for [`StorageError::NotFound`].
@@ -216,7 +253,19 @@ mod tests {
 
     #[test]
     fn keys_that_could_escape_are_refused() {
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/", "./a", "a\\b", "a\0b", ".tmp/x", ".tmp"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\b",
+            "a\0b",
+            ".tmp/x",
+            ".tmp",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["a", "main/packs/ab/abcdef", "config", "a.b/c..d", ".tmpx/y"] {

@@ -42,7 +42,10 @@ impl RetryPolicy {
     fn backoff(&self, attempt: u32) -> Duration {
         let cap = self
             .base_delay
-            .saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX))
+            .saturating_mul(
+                1u32.checked_shl(attempt.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
             .min(self.max_delay);
         let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(rand::random_range(0..=nanos))
@@ -59,7 +62,12 @@ impl RetryPolicy {
             match op().await {
                 Err(e) if e.is_transient() && attempt < self.max_attempts => {
                     let wait = self.backoff(attempt);
-                    tracing::warn!(attempt, max = self.max_attempts, ?wait, "{what}: {e}; retrying");
+                    tracing::warn!(
+                        attempt,
+                        max = self.max_attempts,
+                        ?wait,
+                        "{what}: {e}; retrying"
+                    );
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -111,7 +119,9 @@ impl<S: Storage> Storage for Retrying<S> {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         // Bytes clones are reference counts, not copies.
-        self.policy.run("put", || self.inner.put(key, data.clone())).await
+        self.policy
+            .run("put", || self.inner.put(key, data.clone()))
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StorageError> {
@@ -119,7 +129,9 @@ impl<S: Storage> Storage for Retrying<S> {
     }
 
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
-        self.policy.run("get", || self.inner.get_range(key, start, len)).await
+        self.policy
+            .run("get", || self.inner.get_range(key, start, len))
+            .await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
@@ -127,7 +139,9 @@ impl<S: Storage> Storage for Retrying<S> {
     }
 
     async fn list_page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, StorageError> {
-        self.policy.run("list", || self.inner.list_page(prefix, token)).await
+        self.policy
+            .run("list", || self.inner.list_page(prefix, token))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
@@ -143,7 +157,10 @@ mod tests {
     fn backoff_stays_under_its_cap() {
         let p = RetryPolicy::default();
         for attempt in 1..40 {
-            let cap = p.base_delay.saturating_mul(1 << (attempt - 1).min(20)).min(p.max_delay);
+            let cap = p
+                .base_delay
+                .saturating_mul(1 << (attempt - 1).min(20))
+                .min(p.max_delay);
             assert!(p.backoff(attempt) <= cap);
         }
     }

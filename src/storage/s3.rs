@@ -22,7 +22,9 @@ use aws_config::profile::ProfileFileCredentialsProvider;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -105,7 +107,9 @@ impl S3 {
             reason,
         };
         if cfg.part_size < 5 << 20 {
-            return Err(bad("s3.part_size must be at least 5 MiB (an S3 limit)".into()));
+            return Err(bad(
+                "s3.part_size must be at least 5 MiB (an S3 limit)".into()
+            ));
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let endpoint = cfg
@@ -115,7 +119,9 @@ impl S3 {
             .or_else(|| env("AWS_ENDPOINT_URL"));
         if let Some(ep) = &endpoint {
             if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return Err(bad(format!("endpoint {ep:?} must start with http:// or https://")));
+                return Err(bad(format!(
+                    "endpoint {ep:?} must start with http:// or https://"
+                )));
             }
         }
         let region = cfg
@@ -135,9 +141,13 @@ impl S3 {
                     .build(),
             );
         loader = match (&cfg.access_key_id, &cfg.secret_access_key) {
-            (Some(id), Some(secret)) => {
-                loader.credentials_provider(Credentials::new(id, secret, None, None, "walvault.toml"))
-            }
+            (Some(id), Some(secret)) => loader.credentials_provider(Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "walvault.toml",
+            )),
             (None, None) => {
                 let chain = CredentialsProviderChain::first_try(
                     "Environment",
@@ -150,7 +160,11 @@ impl S3 {
                     loader.credentials_provider(chain)
                 }
             }
-            _ => return Err(bad("set both s3.access_key_id and s3.secret_access_key, or neither".into())),
+            _ => {
+                return Err(bad(
+                    "set both s3.access_key_id and s3.secret_access_key, or neither".into(),
+                ))
+            }
         };
         if let Some(ep) = &endpoint {
             loader = loader.endpoint_url(ep);
@@ -185,7 +199,12 @@ impl S3 {
 
     /// Turn an SDK error into a [`StorageError`] that names bucket and key and
     /// says whether a retry can help.
-    fn classify<E>(&self, op: &'static str, key: &str, err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StorageError
+    fn classify<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -239,7 +258,7 @@ impl S3 {
                 format!(
                     "cannot reach the S3 endpoint {}: {}; check the endpoint URL and that the store is running",
                     self.endpoint,
-                    DisplayErrorContext(&err)
+                    root_cause(&err)
                 ),
             ),
             SdkError::DispatchFailure(df) if df.is_user() => backend(false, DisplayErrorContext(&err).to_string()),
@@ -265,7 +284,12 @@ impl S3 {
         let parts: Vec<(i32, Bytes)> = (0..data.len())
             .step_by(part_size)
             .enumerate()
-            .map(|(i, off)| (i as i32 + 1, data.slice(off..(off + part_size).min(data.len()))))
+            .map(|(i, off)| {
+                (
+                    i as i32 + 1,
+                    data.slice(off..(off + part_size).min(data.len())),
+                )
+            })
             .collect();
         let uploads = futures::stream::iter(parts.into_iter().map(|(n, body)| {
             let req = self
@@ -278,7 +302,12 @@ impl S3 {
                 .body(ByteStream::from(body));
             async move {
                 let out = req.send().await.map_err(|e| self.classify("put", key, e))?;
-                Ok::<_, StorageError>(CompletedPart::builder().part_number(n).set_e_tag(out.e_tag).build())
+                Ok::<_, StorageError>(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag)
+                        .build(),
+                )
             }
         }))
         .buffer_unordered(self.upload_concurrency)
@@ -292,7 +321,11 @@ impl S3 {
                     .bucket(&self.bucket)
                     .key(&full)
                     .upload_id(&upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(done))
+                            .build(),
+                    )
                     .send()
                     .await
                     .map(|_| ())
@@ -347,7 +380,9 @@ impl Storage for S3 {
             .send()
             .await
             .map_err(|e| self.classify("get", key, e))?;
-        read_body(out.body).await.map_err(|m| self.body_error(key, m))
+        read_body(out.body)
+            .await
+            .map_err(|m| self.body_error(key, m))
     }
 
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
@@ -365,10 +400,13 @@ impl Storage for S3 {
             }
         };
         if len == 0 {
-            let meta = self.head(key).await?.ok_or_else(|| StorageError::NotFound {
-                location: self.location(),
-                key: key.to_owned(),
-            })?;
+            let meta = self
+                .head(key)
+                .await?
+                .ok_or_else(|| StorageError::NotFound {
+                    location: self.location(),
+                    key: key.to_owned(),
+                })?;
             return edge(meta.size);
         }
         let range = match start.checked_add(len - 1) {
@@ -384,14 +422,19 @@ impl Storage for S3 {
             .send()
             .await;
         match out {
-            Ok(out) => read_body(out.body).await.map_err(|m| self.body_error(key, m)),
+            Ok(out) => read_body(out.body)
+                .await
+                .map_err(|m| self.body_error(key, m)),
             // 416: the range starts at or past the end (S3 answers so even for an
             // empty range at the very end); the contract makes the former empty.
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
-                let meta = self.head(key).await?.ok_or_else(|| StorageError::NotFound {
-                    location: self.location(),
-                    key: key.to_owned(),
-                })?;
+                let meta = self
+                    .head(key)
+                    .await?
+                    .ok_or_else(|| StorageError::NotFound {
+                        location: self.location(),
+                        key: key.to_owned(),
+                    })?;
                 edge(meta.size)
             }
             Err(e) => Err(self.classify("get", key, e)),
@@ -478,6 +521,16 @@ impl S3 {
             message: format!("reading the response body: {message}"),
         }
     }
+}
+
+/// The innermost cause of an error: "Connection refused (os error 111)" rather
+/// than the SDK's nested wrappers.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 async fn read_body(body: ByteStream) -> Result<Bytes, String> {

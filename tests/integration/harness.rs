@@ -1,0 +1,175 @@
+//! The harness itself: clusters start as an unprivileged user, SCRAM over TCP
+//! works, pgbench runs, crashes and promotions behave, and teardown happens
+//! also when a test panics.
+
+use std::os::unix::fs::MetadataExt;
+
+use bytes::Bytes;
+use walvault::storage::Storage;
+
+use crate::support::pg::{alive, requested_majors, PgCluster, PgOptions, StopMode, PASSWORD_USER};
+use crate::support::s3::S3Server;
+
+/// Start, prove SCRAM over TCP, run pgbench, check the data pgbench wrote.
+async fn scram_and_pgbench(c: &PgCluster) {
+    if nix::unistd::geteuid().is_root() {
+        let owner = std::fs::metadata(&c.datadir).unwrap().uid();
+        assert_ne!(
+            owner, 0,
+            "the data directory must belong to an unprivileged user"
+        );
+    }
+    // the TCP rule for the password user is SCRAM, and the stored secret is SCRAM
+    let rules = c.psql(&format!(
+        "SELECT string_agg(DISTINCT auth_method, ',') FROM pg_hba_file_rules \
+         WHERE type = 'host' AND '{PASSWORD_USER}' = ANY(user_name)"
+    ));
+    assert_eq!(rules, "scram-sha-256");
+    let secret = c.psql(&format!(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = '{PASSWORD_USER}'"
+    ));
+    assert!(secret.starts_with("SCRAM-SHA-256$"), "{secret}");
+
+    let client = c.connect_tcp().await.expect("SCRAM login over TCP");
+    let row = client
+        .query_one("SELECT current_user::text, inet_server_port(), current_setting('server_version_num')::int / 10000", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), PASSWORD_USER);
+    assert_eq!(
+        row.get::<_, i32>(1),
+        i32::from(c.port),
+        "not connected over TCP"
+    );
+    assert_eq!(row.get::<_, i32>(2) as u32, c.major);
+
+    let e = c.connect_tcp_with("wrong").await.unwrap_err();
+    let db = e.as_db_error().expect("a server error");
+    assert!(
+        db.message().contains("password authentication failed"),
+        "{}",
+        db.message()
+    );
+
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let out = c.pgbench(&["-t", "50", "-c", "2", "-n"]);
+    assert!(
+        out.contains("number of transactions actually processed: 100/100"),
+        "{out}"
+    );
+    let counts = client
+        .query_one("SELECT (SELECT count(*) FROM pgbench_accounts), (SELECT count(*) FROM pgbench_history)", &[])
+        .await
+        .unwrap();
+    assert_eq!(counts.get::<_, i64>(0), 100_000);
+    assert_eq!(counts.get::<_, i64>(1), 100);
+}
+
+fn assert_torn_down(root: &std::path::Path, pid: i32) {
+    assert!(!alive(pid), "postmaster {pid} still running after teardown");
+    assert!(!root.exists(), "{} left behind", root.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg15_scram_pgbench_teardown() {
+    let c = PgCluster::start();
+    assert_eq!(c.major, 15);
+    scram_and_pgbench(&c).await;
+    let (root, pid) = (c.root.clone(), c.postmaster_pid().unwrap());
+    drop(c);
+    assert_torn_down(&root, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_major_scram_pgbench() {
+    let Some(major) = requested_majors().into_iter().find(|&m| m != 15) else {
+        eprintln!("SKIPPED: WALVAULT_PG_VERSIONS asks for no major other than 15 (e.g. WALVAULT_PG_VERSIONS='13 17')");
+        return;
+    };
+    let c = PgCluster::start_with(PgOptions {
+        major: Some(major),
+        ..PgOptions::default()
+    });
+    assert_eq!(c.major, major);
+    scram_and_pgbench(&c).await;
+}
+
+#[test]
+fn teardown_after_a_panicking_test() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let c = PgCluster::start();
+        tx.send((c.root.clone(), c.postmaster_pid().unwrap()))
+            .unwrap();
+        panic!("deliberate failure inside a test that owns a cluster");
+    })
+    .join();
+    assert!(result.is_err());
+    let (root, pid) = rx.recv().unwrap();
+    assert_torn_down(&root, pid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_restart_and_promote() {
+    let mut primary = PgCluster::start();
+    primary.psql("CREATE TABLE t(i int); INSERT INTO t SELECT generate_series(1, 1000)");
+    primary.kill9();
+    primary.start_again();
+    assert_eq!(
+        primary.psql("SELECT count(*) FROM t"),
+        "1000",
+        "committed rows lost in crash recovery"
+    );
+    primary.stop(StopMode::Immediate);
+    primary.start_again();
+    primary.restart();
+    // the superuser's unix-socket conninfo works for tokio-postgres too
+    let (client, conn) = tokio_postgres::connect(&primary.conninfo(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1000);
+
+    let standby = PgCluster::standby_of(&primary);
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    standby.promote();
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "f");
+    let tli = standby.psql("SELECT timeline_id FROM pg_control_checkpoint()");
+    // the checkpoint record may still be the one from before promotion; the
+    // history file proves the switch
+    assert!(
+        standby.datadir.join("pg_wal/00000002.history").exists(),
+        "no timeline 2 (checkpoint tli {tli})"
+    );
+    standby.psql("INSERT INTO t VALUES (0)");
+    assert_eq!(standby.psql("SELECT count(*) FROM t"), "1001");
+}
+
+#[test]
+fn non_default_wal_segment_size() {
+    let c = PgCluster::start_with(PgOptions {
+        wal_segsize_mb: Some(64),
+        ..PgOptions::default()
+    });
+    assert_eq!(c.psql("SHOW wal_segment_size"), "64MB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_restart_keeps_data() {
+    let mut server = S3Server::start().await;
+    let store = server.storage("p").await;
+    store.put("k", Bytes::from_static(b"kept")).await.unwrap();
+    server.stop();
+    let e = store.get("k").await.unwrap_err();
+    assert!(
+        e.is_transient(),
+        "a stopped server must look transient: {e}"
+    );
+    server.start_again().await;
+    assert_eq!(&store.get("k").await.unwrap()[..], b"kept");
+}

@@ -1,0 +1,9 @@
+//! walvault's integration tests: one binary, a module per area, all against real
+//! PostgreSQL servers and a real S3-compatible server (see `support`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod cli_storage;
+mod harness;
+mod storage_conformance;

@@ -1,0 +1,594 @@
+//! Real PostgreSQL clusters for tests.
+//!
+//! A cluster lives in its own temp dir, listens on a free port on 127.0.0.1 and on
+//! a private unix socket directory, and has data checksums, `wal_level=replica`,
+//! replication slots and senders, and `track_commit_timestamp=on`. Local
+//! connections are trusted; TCP connections need a password checked with
+//! SCRAM-SHA-256, for the user [`PASSWORD_USER`]. PostgreSQL refuses to run as
+//! root, so when the tests run as root every server program runs as the OS user
+//! `postgres` (created by the Debian package) through `runuser`.
+//!
+//! Binaries: `WALVAULT_PG_BINDIR`, else Debian's PostgreSQL 15. Other majors come
+//! from `scripts/install-pg-versions.sh` (`<cache>/pg/<major>/bin`), or
+//! `WALVAULT_PG<major>_BINDIR`. Client programs missing from a bindir (the npm
+//! builds ship only initdb, pg_ctl and postgres) come from Debian's 15.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, User};
+
+use super::{cache_root, free_port, tmp_base};
+
+/// Login role authenticated by password (SCRAM-SHA-256) over TCP.
+pub const PASSWORD_USER: &str = "walvault_test";
+/// Its password.
+pub const PASSWORD: &str = "pw-0f-the-test-user";
+
+const DEBIAN_BINDIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// How to shut a server down (`pg_ctl stop -m`).
+#[derive(Debug, Clone, Copy)]
+pub enum StopMode {
+    /// Disconnect clients, checkpoint, stop.
+    Fast,
+    /// Stop at once; the next start runs crash recovery.
+    Immediate,
+}
+
+/// What cluster to create.
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// Major version; `None` for `WALVAULT_PG_BINDIR` or Debian's 15.
+    pub major: Option<u32>,
+    /// `initdb --wal-segsize`, in MiB.
+    pub wal_segsize_mb: Option<u32>,
+    /// Lines appended to postgresql.conf.
+    pub conf: Vec<String>,
+}
+
+/// The binary directory for a major version.
+pub fn bindir(major: Option<u32>) -> PathBuf {
+    match major {
+        None => std::env::var_os("WALVAULT_PG_BINDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEBIAN_BINDIR)),
+        Some(m) => {
+            if let Some(p) = std::env::var_os(format!("WALVAULT_PG{m}_BINDIR")) {
+                return PathBuf::from(p);
+            }
+            let cached = cache_root().join(format!("pg/{m}/bin"));
+            if cached.join("postgres").exists() {
+                return cached;
+            }
+            PathBuf::from(format!("/usr/lib/postgresql/{m}/bin"))
+        }
+    }
+}
+
+/// The majors `WALVAULT_PG_VERSIONS` asks for ("13 17" or "13,17").
+pub fn requested_majors() -> Vec<u32> {
+    std::env::var("WALVAULT_PG_VERSIONS")
+        .unwrap_or_default()
+        .split([' ', ','])
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// The OS user server programs run as, when the tests run as root.
+#[derive(Debug, Clone)]
+struct OsUser {
+    name: String,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+fn os_user() -> Option<OsUser> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let u = User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("running as root needs the OS user 'postgres' (apt-get install postgresql-15)");
+    Some(OsUser {
+        name: u.name,
+        uid: u.uid,
+        gid: u.gid,
+    })
+}
+
+/// A running (or stopped) test cluster; dropped = stopped and deleted.
+#[derive(Debug)]
+pub struct PgCluster {
+    /// Temp dir holding everything of this cluster.
+    pub root: PathBuf,
+    /// The data directory.
+    pub datadir: PathBuf,
+    /// The unix socket directory.
+    pub sockdir: PathBuf,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Server binaries.
+    pub bindir: PathBuf,
+    /// Major version, from `postgres --version`.
+    pub major: u32,
+    log: PathBuf,
+    user: Option<OsUser>,
+    running: bool,
+}
+
+impl PgCluster {
+    /// initdb + start a cluster with the default options.
+    pub fn start() -> PgCluster {
+        PgCluster::start_with(PgOptions::default())
+    }
+
+    /// initdb + start a cluster.
+    pub fn start_with(opts: PgOptions) -> PgCluster {
+        let mut c = PgCluster::create(bindir(opts.major));
+        let mut args = vec![
+            "-D".to_owned(),
+            c.datadir.display().to_string(),
+            "-U".into(),
+            "postgres".into(),
+            "-A".into(),
+            "trust".into(),
+            "-k".into(),
+            "-E".into(),
+            "UTF8".into(),
+            "--locale=C".into(),
+            "--no-sync".into(),
+        ];
+        if let Some(mb) = opts.wal_segsize_mb {
+            args.push(format!("--wal-segsize={mb}"));
+        }
+        c.run_ok(&c.bin("initdb"), &args);
+        c.configure(&opts.conf);
+        c.start_server();
+        c.psql(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE {PASSWORD_USER} LOGIN REPLICATION PASSWORD '{PASSWORD}';
+             GRANT pg_monitor TO {PASSWORD_USER};"
+        ));
+        // CREATE DATABASE refuses to run in the transaction psql -c makes of a list
+        c.psql(&format!(
+            "CREATE DATABASE {PASSWORD_USER} OWNER {PASSWORD_USER}"
+        ));
+        c
+    }
+
+    /// A streaming standby of `primary`, made with pg_basebackup -R and started.
+    pub fn standby_of(primary: &PgCluster) -> PgCluster {
+        let mut c = PgCluster::create(primary.bindir.clone());
+        let args = [
+            "-D",
+            &c.datadir.display().to_string(),
+            "-h",
+            &primary.sockdir.display().to_string(),
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-c",
+            "fast",
+            "-X",
+            "stream",
+            "-R",
+            "--no-sync",
+        ]
+        .map(str::to_owned);
+        c.run_ok(&c.client_bin("pg_basebackup"), &args);
+        // the copy carries the primary's port and socket dir; give it its own
+        c.append_conf(&[
+            format!("port = {}", c.port),
+            format!("unix_socket_directories = '{}'", c.sockdir.display()),
+        ]);
+        c.start_server();
+        c
+    }
+
+    fn create(bindir: PathBuf) -> PgCluster {
+        assert!(
+            bindir.join("postgres").exists(),
+            "PostgreSQL binaries not found in {} (run scripts/install-pg-versions.sh, or set WALVAULT_PG_BINDIR)",
+            bindir.display()
+        );
+        let major = server_major(&bindir);
+        let root = tempfile::Builder::new()
+            .prefix("walvault-pg-")
+            .tempdir_in(tmp_base())
+            .expect("temp dir")
+            .keep();
+        let sockdir = root.join("sock");
+        fs::create_dir(&sockdir).expect("socket dir");
+        let user = os_user();
+        if let Some(u) = &user {
+            for d in [&root, &sockdir] {
+                nix::unistd::chown(d.as_path(), Some(u.uid), Some(u.gid)).expect("chown test dir");
+            }
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
+        PgCluster {
+            datadir: root.join("data"),
+            log: root.join("server.log"),
+            sockdir,
+            port: free_port(),
+            bindir,
+            major,
+            root,
+            user,
+            running: false,
+        }
+    }
+
+    fn configure(&self, extra: &[String]) {
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_owned(),
+            format!("port = {}", self.port),
+            format!("unix_socket_directories = '{}'", self.sockdir.display()),
+            "wal_level = replica".into(),
+            "max_wal_senders = 10".into(),
+            "max_replication_slots = 10".into(),
+            "track_commit_timestamp = on".into(),
+            "password_encryption = 'scram-sha-256'".into(),
+            // the server's own durability is not under test; walvault's is
+            "fsync = off".into(),
+            "shared_buffers = 32MB".into(),
+            "max_connections = 40".into(),
+        ];
+        conf.extend(extra.iter().cloned());
+        self.append_conf(&conf);
+        let hba = format!(
+            "local all all trust\n\
+             local replication all trust\n\
+             host all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n\
+             host replication {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n"
+        );
+        self.write_file("pg_hba.conf", &hba);
+    }
+
+    /// Append lines to postgresql.conf (takes effect at the next start or reload).
+    pub fn append_conf(&self, lines: &[String]) {
+        let path = self.datadir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).expect("read postgresql.conf");
+        text.push('\n');
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        self.write_file("postgresql.conf", &text);
+    }
+
+    /// Replace a file in the data directory, keeping it owned by the server's user.
+    pub fn write_file(&self, name: &str, content: &str) {
+        let path = self.datadir.join(name);
+        fs::write(&path, content).expect("write data dir file");
+        if let Some(u) = &self.user {
+            nix::unistd::chown(&path, Some(u.uid), Some(u.gid)).expect("chown");
+        }
+    }
+
+    /// Path of a server program.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bindir.join(name)
+    }
+
+    /// Path of a client program: from the server's bindir, else Debian's 15.
+    pub fn client_bin(&self, name: &str) -> PathBuf {
+        let own = self.bindir.join(name);
+        if own.exists() {
+            own
+        } else {
+            Path::new(DEBIAN_BINDIR).join(name)
+        }
+    }
+
+    /// A command that runs `program` as the server's OS user.
+    pub fn command(&self, program: &Path) -> Command {
+        match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", &u.name, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn run_ok(&self, program: &Path, args: &[String]) -> Output {
+        let out = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{} {:?} failed: {}\n{}\n{}",
+            program.display(),
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-D".to_owned(), self.datadir.display().to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        self.command(&self.bin("pg_ctl"))
+            .args(&all)
+            .output()
+            .expect("pg_ctl")
+    }
+
+    fn start_server(&mut self) {
+        for attempt in 0..3 {
+            let log = self.log.display().to_string();
+            let out = self.pg_ctl(&["-l", &log, "-w", "-t", "60", "start"]);
+            if out.status.success() {
+                self.running = true;
+                return;
+            }
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if attempt < 2 && text.contains("could not bind") {
+                // another test took the port between free_port() and now
+                self.port = free_port();
+                self.append_conf(&[format!("port = {}", self.port)]);
+                continue;
+            }
+            panic!(
+                "PostgreSQL did not start: {}\n{}\n--- server log ---\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                text
+            );
+        }
+    }
+
+    /// Start the server again after a stop or a kill.
+    pub fn start_again(&mut self) {
+        self.start_server();
+    }
+
+    /// Stop the server.
+    pub fn stop(&mut self, mode: StopMode) {
+        let m = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        let out = self.pg_ctl(&["-w", "-t", "60", "-m", m, "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
+    }
+
+    /// Stop (fast) and start again.
+    pub fn restart(&mut self) {
+        self.stop(StopMode::Fast);
+        self.start_server();
+    }
+
+    /// The postmaster's pid, from postmaster.pid.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.datadir.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// kill -9 the postmaster, as a crash would, and wait until its children are gone.
+    pub fn kill9(&mut self) {
+        let pid = self.postmaster_pid().expect("server not running");
+        let children = children_of(pid);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // backends notice the postmaster's death and exit; the next start needs
+        // its shared memory released
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in std::iter::once(pid).chain(children) {
+            while alive(p) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if alive(p) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+        // The dead postmaster may linger as a zombie until init reaps it (slowly
+        // in some containers), and the next start would take it for a running
+        // server; every process is gone, so its lock files are stale.
+        if Path::new(&format!("/proc/{pid}")).exists() && !alive(pid) {
+            let _ = fs::remove_file(self.datadir.join("postmaster.pid"));
+            let _ = fs::remove_file(self.sockdir.join(format!(".s.PGSQL.{}.lock", self.port)));
+        }
+        self.running = false;
+    }
+
+    /// Promote a standby and wait until it accepts writes.
+    pub fn promote(&self) {
+        let out = self.pg_ctl(&["-w", "-t", "60", "promote"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// libpq conninfo of the superuser `postgres` over the unix socket (trust).
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.sockdir.display(),
+            self.port
+        )
+    }
+
+    /// libpq conninfo of [`PASSWORD_USER`] over TCP (SCRAM), without the password.
+    pub fn tcp_conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={PASSWORD_USER} dbname={PASSWORD_USER}",
+            self.port
+        )
+    }
+
+    /// Run SQL as superuser through psql and return its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    /// Same as [`PgCluster::psql`] in database `db`.
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
+        let args = [
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            &self.sockdir.display().to_string(),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]
+        .map(str::to_owned);
+        let out = self.run_ok(&self.client_bin("psql"), &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Run pgbench over TCP as [`PASSWORD_USER`] (SCRAM) in its database; returns stdout.
+    pub fn pgbench(&self, args: &[&str]) -> String {
+        let mut all: Vec<String> = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            PASSWORD_USER,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.push(PASSWORD_USER.to_owned());
+        let out = self
+            .command(&self.client_bin("pgbench"))
+            .env("PGPASSWORD", PASSWORD)
+            .args(&all)
+            .output()
+            .expect("pgbench");
+        assert!(
+            out.status.success(),
+            "pgbench {:?} failed: {}\n{}",
+            args,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A tokio-postgres connection as [`PASSWORD_USER`] over TCP with SCRAM.
+    pub async fn connect_tcp(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.connect_tcp_with(PASSWORD).await
+    }
+
+    /// Same, with a chosen password (to see a wrong one refused).
+    pub async fn connect_tcp_with(
+        &self,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let conninfo = format!("{} password={password}", self.tcp_conninfo());
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The server log so far.
+    pub fn server_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.server_log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        if self.postmaster_pid().is_some_and(alive) {
+            let out = self.pg_ctl(&["-w", "-t", "30", "-m", "immediate", "stop"]);
+            if !out.status.success() && self.postmaster_pid().is_some_and(alive) {
+                self.kill9();
+            }
+        }
+        if std::env::var_os("WALVAULT_KEEP_TEST_DIRS").is_none() {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Major version of the server binaries in `bindir`.
+pub fn server_major(bindir: &Path) -> u32 {
+    let out = Command::new(bindir.join("postgres"))
+        .arg("--version")
+        .output()
+        .expect("postgres --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the version from {text:?}"))
+}
+
+/// True while process `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn children_of(ppid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned))
+                })
+                .flatten()
+                .and_then(|p| p.parse::<i32>().ok())
+                == Some(ppid)
+        })
+        .collect()
+}
