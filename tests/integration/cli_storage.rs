@@ -200,10 +200,13 @@ fn read_only_directory() {
     std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = if nix::unistd::geteuid().is_root() {
-        // root writes anywhere: run as an unprivileged user, as a DBA would
+        // root writes anywhere: run as an unprivileged user, as a DBA would,
+        // from a copy of the binary that user can reach
+        let bin = dir.path().join("walvault");
+        std::fs::copy(walvault_bin(), &bin).unwrap();
         Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .arg(walvault_bin())
+            .arg(&bin)
             .args(["storage-check", "--repo", repo.to_str().unwrap()])
             .env_remove("WALVAULT_REPO")
             .output()
