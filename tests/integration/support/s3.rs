@@ -202,20 +202,11 @@ admin_token = "{token}"
             .expect("S3 client")
     }
 
-    /// Stop the server (SIGTERM, then SIGKILL), keeping its data.
+    /// Stop the server the hard way (SIGKILL, as a crash or a lost node),
+    /// keeping its data. A graceful SIGTERM would wait for clients' idle
+    /// keep-alive connections, for 10 s and more.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
             let _ = c.kill();
             let _ = c.wait();
         }
