@@ -7,5 +7,7 @@
 //! - [`cli`]: the commands, thin over the library.
 
 pub mod cli;
+pub mod codec;
 pub mod pg;
+pub mod repo;
 pub mod storage;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use super::{GlobalArgs, LogFormat};
+use crate::repo::Secret;
 use crate::storage::{RetrySettings, S3Config, StorageOptions};
 
 /// The contents of walvault.toml.
@@ -50,6 +51,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Storage settings.
     pub storage: StorageOptions,
+    /// `--passphrase-file`.
+    pub passphrase_file: Option<std::path::PathBuf>,
+    /// `--key-file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -84,6 +89,8 @@ impl Settings {
                 s3: file.s3,
                 retry: file.retry,
             },
+            passphrase_file: args.passphrase_file.clone(),
+            key_file: args.key_file.clone(),
         })
     }
 
@@ -93,4 +100,53 @@ impl Settings {
             "no repository given: pass --repo, set WALVAULT_REPO, or set repo in the config file",
         )
     }
+}
+
+impl Settings {
+    /// The secret that opens the repository: `--key-file`, `--passphrase-file`,
+    /// or env `WALVAULT_PASSPHRASE`; `None` when none is given.
+    pub fn secret(&self) -> anyhow::Result<Option<Secret>> {
+        read_secret(
+            self.key_file.as_deref(),
+            self.passphrase_file.as_deref(),
+            std::env::var("WALVAULT_PASSPHRASE").ok(),
+        )
+    }
+
+    /// Open the storage of the repository location.
+    pub async fn storage(&self) -> anyhow::Result<std::sync::Arc<dyn crate::storage::Storage>> {
+        Ok(crate::storage::open(self.repo()?, &self.storage).await?)
+    }
+
+    /// Open the repository with the configured secret.
+    pub async fn open_repository(&self) -> anyhow::Result<crate::repo::Repository> {
+        let storage = self.storage().await?;
+        Ok(crate::repo::Repository::open(storage, self.secret()?.as_ref()).await?)
+    }
+}
+
+/// A secret from a key file, a passphrase file, or a passphrase value (first given wins).
+pub fn read_secret(
+    key_file: Option<&Path>,
+    passphrase_file: Option<&Path>,
+    passphrase: Option<String>,
+) -> anyhow::Result<Option<Secret>> {
+    if let Some(p) = key_file {
+        let data = std::fs::read(p).with_context(|| format!("cannot read key file {}", p.display()))?;
+        return Ok(Some(Secret::KeyFile(trim_ascii_end(data))));
+    }
+    if let Some(p) = passphrase_file {
+        let data = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
+        return Ok(Some(Secret::Passphrase(data.trim_end_matches(['\n', '\r']).to_owned())));
+    }
+    Ok(passphrase.filter(|p| !p.is_empty()).map(Secret::Passphrase))
+}
+
+/// Key files usually end in a newline that is not part of the key.
+fn trim_ascii_end(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        v.pop();
+    }
+    v
 }

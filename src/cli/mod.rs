@@ -3,6 +3,8 @@
 //! library, and print.
 
 mod config;
+mod init;
+mod key;
 mod storage_check;
 
 use std::path::PathBuf;
@@ -42,6 +44,12 @@ pub struct GlobalArgs {
     /// Config file (TOML) with the same names as these options, plus [s3] and [retry].
     #[arg(long, env = "WALVAULT_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// File holding the repository passphrase (else env WALVAULT_PASSPHRASE).
+    #[arg(long, env = "WALVAULT_PASSPHRASE_FILE", global = true)]
+    pub passphrase_file: Option<PathBuf>,
+    /// Key file that opens the repository instead of a passphrase.
+    #[arg(long, env = "WALVAULT_KEY_FILE", global = true)]
+    pub key_file: Option<PathBuf>,
     /// Log format on standard error [default: text].
     #[arg(long, env = "WALVAULT_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,
@@ -66,6 +74,11 @@ pub enum LogFormat {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a repository (encrypted with --encrypt) in an empty location.
+    Init(init::InitArgs),
+    /// Manage the passphrases and key files that open an encrypted repository.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
     /// Prove the repository location works: write, read back, list and delete a
     /// probe object, and report each step's latency.
     StorageCheck(storage_check::StorageCheckArgs),
@@ -81,6 +94,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         match cli.command {
+            Command::Init(args) => init::run(&settings, args).await,
+            Command::Key(cmd) => key::run(&settings, cmd).await,
             Command::StorageCheck(args) => storage_check::run(&settings, args).await,
         }
     })

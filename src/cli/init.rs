@@ -1,0 +1,72 @@
+//! `walvault init`: create a repository.
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::Settings;
+use crate::codec::Compression;
+use crate::repo::{InitParams, KdfCost, Repository};
+
+/// Options of `walvault init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Encrypt everything with a random master key, wrapped by the passphrase
+    /// (WALVAULT_PASSPHRASE or --passphrase-file) or key file (--key-file).
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Block size files are cut at: a multiple of 8KiB (e.g. 8KiB, 32KiB).
+    #[arg(long, default_value = "8KiB", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Compression of new blocks: lz4, zstd, zstd:LEVEL or none.
+    #[arg(long, default_value = "lz4")]
+    pub compression: Compression,
+    /// Target size of a pack (e.g. 32MiB).
+    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+    pub pack_size: u64,
+}
+
+pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<()> {
+    let secret = settings.secret()?;
+    match (&secret, args.encrypt) {
+        (None, true) => bail!(
+            "--encrypt needs a passphrase (WALVAULT_PASSPHRASE or --passphrase-file) or a key file (--key-file)"
+        ),
+        (Some(_), false) => bail!(
+            "a passphrase or key file was given but --encrypt was not; add --encrypt, or unset them for an unencrypted repository"
+        ),
+        _ => {}
+    }
+    let params = InitParams {
+        block_size: u32::try_from(args.block_size).context("block size too large")?,
+        compression: args.compression,
+        pack_size: u32::try_from(args.pack_size).context("pack size too large")?,
+    };
+    let storage = settings.storage().await?;
+    let repo = Repository::init(storage, &params, secret.as_ref(), KdfCost::default()).await?;
+    let c = repo.config();
+    println!("created repository {} at {}", c.repo_id, repo.storage().location());
+    println!(
+        "encryption {}, block size {} bytes, compression {}, pack size {} bytes",
+        c.encryption, c.block_size, c.compression, c.pack_size
+    );
+    if repo.keys().is_some() {
+        println!("keep the passphrase or key file safe: without it nothing in this repository can be restored");
+    }
+    Ok(())
+}
+
+/// Parse `8192`, `8KiB`, `8K`, `32MiB`, `1GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 8KiB, 32MiB)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "kB" | "KB" => 1 << 10,
+        "M" | "MiB" | "MB" => 1 << 20,
+        "G" | "GiB" | "GB" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}

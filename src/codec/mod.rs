@@ -1,0 +1,181 @@
+//! Compression, encryption and content ids for repository data.
+//!
+//! Pure functions over byte slices, no I/O: the repository calls them from rayon
+//! workers. Every decoder bounds its output by a length the caller already
+//! trusts, so a hostile object cannot make walvault allocate without limit.
+
+mod crypto;
+
+pub use crypto::{BlockId, CryptoError, IdHasher, Keys, MasterKey, AEAD_OVERHEAD};
+
+/// Seal `plaintext` under a raw 32-byte key (used to wrap master keys).
+pub fn crypto_seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    crypto::seal_with(&crypto::cipher(key), aad, plaintext)
+}
+
+/// Open what [`crypto_seal`] produced.
+pub fn crypto_open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    crypto::open_with(&crypto::cipher(key), aad, sealed)
+}
+
+use std::fmt;
+use std::str::FromStr;
+
+/// How a blob's bytes are compressed. Stored as one byte next to the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Stored as is (also chosen when compression would not save space).
+    None,
+    /// LZ4 block format (lz4_flex): fast enough to never be the bottleneck.
+    #[default]
+    Lz4,
+    /// Zstandard at the given level (1-22): smaller, slower.
+    Zstd(i32),
+}
+
+impl Compression {
+    /// The byte stored in pack headers, index entries and object headers.
+    pub fn id(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => 1,
+            Compression::Zstd(_) => 2,
+        }
+    }
+
+    /// The algorithm for a stored byte (level is irrelevant for decompression).
+    pub fn from_id(id: u8) -> Option<Compression> {
+        match id {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Lz4),
+            2 => Some(Compression::Zstd(0)),
+            _ => None,
+        }
+    }
+
+    /// Compress `data`. Returns the algorithm actually used: `None` when the
+    /// result would not be smaller than the input.
+    pub fn compress(self, data: &[u8]) -> (Compression, Vec<u8>) {
+        let out = match self {
+            Compression::None => return (Compression::None, data.to_vec()),
+            Compression::Lz4 => lz4_flex::block::compress(data),
+            Compression::Zstd(level) => match zstd::bulk::compress(data, level) {
+                Ok(v) => v,
+                Err(_) => return (Compression::None, data.to_vec()),
+            },
+        };
+        if out.len() >= data.len() {
+            (Compression::None, data.to_vec())
+        } else {
+            (self, out)
+        }
+    }
+
+    /// Decompress `data` into exactly `raw_len` bytes.
+    pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+        let out = match self {
+            Compression::None => data.to_vec(),
+            Compression::Lz4 => lz4_flex::block::decompress(data, raw_len).map_err(|e| format!("lz4: {e}"))?,
+            Compression::Zstd(_) => zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))?,
+        };
+        if out.len() != raw_len {
+            return Err(format!("decompressed to {} bytes, expected {raw_len}", out.len()));
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::None => write!(f, "none"),
+            Compression::Lz4 => write!(f, "lz4"),
+            Compression::Zstd(l) => write!(f, "zstd:{l}"),
+        }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+    /// `none`, `lz4`, `zstd` (level 3) or `zstd:LEVEL` (1-22).
+    fn from_str(s: &str) -> Result<Compression, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd(3)),
+            _ => match s.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
+                Some(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
+                _ => Err(format!("unknown compression {s:?}: use lz4, zstd, zstd:LEVEL (1-22) or none")),
+            },
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Bytes from lower- or upper-case hex; `None` for anything else.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some(nib(p[0])? << 4 | nib(p[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn incompressible_data_is_stored() {
+        let data: Vec<u8> = (0..4096).map(|_| rand::random()).collect();
+        let (c, out) = Compression::Lz4.compress(&data);
+        assert_eq!(c, Compression::None);
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn parse_compression() {
+        assert_eq!("lz4".parse::<Compression>().unwrap(), Compression::Lz4);
+        assert_eq!("zstd:19".parse::<Compression>().unwrap(), Compression::Zstd(19));
+        assert!("zstd:0".parse::<Compression>().is_err());
+        assert!("gzip".parse::<Compression>().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(0u8..4, 0..20000), algo in 0u8..3) {
+            let c = match algo { 0 => Compression::None, 1 => Compression::Lz4, _ => Compression::Zstd(3) };
+            let (used, out) = c.compress(&data);
+            prop_assert_eq!(used.decompress(&out, data.len()).unwrap(), data);
+        }
+
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512), raw in 0usize..100_000, algo in 0u8..3) {
+            let _ = Compression::from_id(algo).unwrap().decompress(&data, raw);
+        }
+
+        #[test]
+        fn hex_round_trip(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(from_hex(&to_hex(&data)).unwrap(), data);
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The repository's `config` object: format, id, encryption and cutting
+//! parameters. Never encrypted (it must be read before any key is known), but
+//! checksummed like every object.
+
+use serde::{Deserialize, Serialize};
+
+use super::object::{self, ObjectKind};
+use super::RepoError;
+use crate::codec::{to_hex, Compression, Keys};
+
+/// Name of the config object at the repository root.
+pub const CONFIG_KEY: &str = "config";
+
+/// The newest `config` version this build understands.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// What `config` records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoConfig {
+    /// Always "walvault-repository".
+    pub format: String,
+    /// Version of this structure.
+    pub version: u32,
+    /// Random 128-bit id (hex); also the salt of key derivation.
+    pub repo_id: String,
+    /// When `init` ran (RFC 3339).
+    pub created: String,
+    /// "aes-256-gcm" or "none".
+    pub encryption: String,
+    /// "hmac-sha256" (encrypted) or "sha256".
+    pub block_id: String,
+    /// Bytes per block for files cut into blocks (a multiple of 8192).
+    pub block_size: u32,
+    /// Default compression of new blocks ("lz4", "zstd:3", "none").
+    pub compression: String,
+    /// Target size of a pack, bytes.
+    pub pack_size: u32,
+    /// Encrypted repositories: a value sealed with the derived key, to tell a
+    /// key of another repository from this one's.
+    #[serde(default)]
+    pub key_check: Option<String>,
+}
+
+/// Parameters chosen at `init`.
+#[derive(Debug, Clone)]
+pub struct InitParams {
+    /// Block size, bytes (multiple of 8192, 8 KiB to 16 MiB).
+    pub block_size: u32,
+    /// Compression of new blocks.
+    pub compression: Compression,
+    /// Pack target size, bytes (1 MiB to 1 GiB).
+    pub pack_size: u32,
+}
+
+impl Default for InitParams {
+    fn default() -> Self {
+        InitParams {
+            block_size: super::DEFAULT_BLOCK_SIZE,
+            compression: Compression::Lz4,
+            pack_size: super::DEFAULT_PACK_SIZE,
+        }
+    }
+}
+
+impl RepoConfig {
+    pub(crate) fn new(repo_id: [u8; 16], params: &InitParams, encrypted: bool) -> Result<RepoConfig, RepoError> {
+        if params.block_size % 8192 != 0 || !(8192..=16 << 20).contains(&params.block_size) {
+            return Err(RepoError::Invalid(format!(
+                "block size {} must be a multiple of 8192 from 8 KiB to 16 MiB",
+                params.block_size
+            )));
+        }
+        if !(1 << 20..=1 << 30).contains(&params.pack_size) {
+            return Err(RepoError::Invalid(format!(
+                "pack size {} must be from 1 MiB to 1 GiB",
+                params.pack_size
+            )));
+        }
+        Ok(RepoConfig {
+            format: "walvault-repository".into(),
+            version: CONFIG_VERSION,
+            repo_id: to_hex(&repo_id),
+            created: chrono::Utc::now().to_rfc3339(),
+            encryption: if encrypted { "aes-256-gcm" } else { "none" }.into(),
+            block_id: if encrypted { "hmac-sha256" } else { "sha256" }.into(),
+            block_size: params.block_size,
+            compression: params.compression.to_string(),
+            pack_size: params.pack_size,
+            key_check: None,
+        })
+    }
+
+    /// True for an encrypted repository.
+    pub fn encrypted(&self) -> bool {
+        self.encryption != "none"
+    }
+
+    /// Compression of new blocks.
+    pub fn compression(&self) -> Compression {
+        self.compression.parse().unwrap_or_default()
+    }
+
+    pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
+        let body = serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        Ok(object::seal(ObjectKind::Config, CONFIG_KEY, &body, Compression::None, None))
+    }
+
+    pub(crate) fn decode(data: &[u8]) -> Result<RepoConfig, RepoError> {
+        let body = object::open(ObjectKind::Config, CONFIG_KEY, data, None, 1 << 20)?;
+        let corrupt = |reason: String| RepoError::Corrupt {
+            object: CONFIG_KEY.into(),
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| corrupt(e.to_string()))?;
+        if v.get("format").and_then(|f| f.as_str()) != Some("walvault-repository") {
+            return Err(corrupt("not a walvault repository config".into()));
+        }
+        let version = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0);
+        if version > u64::from(CONFIG_VERSION) || version == 0 {
+            return Err(RepoError::UnsupportedVersion {
+                object: CONFIG_KEY.into(),
+                found: version.try_into().unwrap_or(u32::MAX),
+                supported: CONFIG_VERSION,
+            });
+        }
+        let cfg: RepoConfig = serde_json::from_value(v).map_err(|e| corrupt(e.to_string()))?;
+        if cfg.block_size % 8192 != 0 || cfg.block_size == 0 || cfg.pack_size == 0 {
+            return Err(corrupt(format!("invalid block size {} or pack size {}", cfg.block_size, cfg.pack_size)));
+        }
+        if cfg.compression.parse::<Compression>().is_err() {
+            return Err(corrupt(format!("unknown compression {:?}", cfg.compression)));
+        }
+        Ok(cfg)
+    }
+
+    /// The associated data and plaintext of the key check.
+    fn key_check_aad(&self) -> Vec<u8> {
+        format!("walvault key check {}", self.repo_id).into_bytes()
+    }
+
+    pub(crate) fn make_key_check(&mut self, keys: &Keys) {
+        let sealed = keys.seal(&self.key_check_aad(), self.repo_id.as_bytes());
+        self.key_check = Some(to_hex(&sealed));
+    }
+
+    /// True when `keys` were derived from this repository's master key.
+    pub(crate) fn key_matches(&self, keys: &Keys) -> bool {
+        let Some(sealed) = self.key_check.as_deref().and_then(crate::codec::from_hex) else {
+            return false;
+        };
+        keys.open(&self.key_check_aad(), &sealed).ok().as_deref() == Some(self.repo_id.as_bytes())
+    }
+}

@@ -1,0 +1,243 @@
+//! Backup manifests: `<stanza>/backups/<backup-id>`, compressed and (when the
+//! repository is) encrypted like every object. Body: postcard encoding of
+//! [`Manifest`], whose first field is its version, so an unknown version is
+//! refused before the rest is parsed.
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::object::ObjectKind;
+use super::{RepoError, Repository, StanzaPaths};
+use crate::codec::BlockId;
+use crate::storage::list_all;
+
+/// The manifest version this build writes and the newest it reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Largest manifest body accepted (4 GiB: 100 M+ blocks).
+const MAX_MANIFEST: u64 = 4 << 30;
+
+/// One file of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFile {
+    /// Path relative to the data directory (`base/5/16384`), or
+    /// `pg_tblspc/<oid>/...` for tablespace files.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Unix mode bits.
+    pub mode: u32,
+    /// Modification time, unix seconds.
+    pub mtime: i64,
+    /// Block ids in order; their lengths add up to `size`.
+    pub blocks: Vec<BlockId>,
+}
+
+/// A tablespace of the backed-up cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    /// Its OID (the name of its symlink in `pg_tblspc/`).
+    pub oid: u32,
+    /// Its location on the source server.
+    pub location: String,
+}
+
+/// Sizes of a backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestTotals {
+    /// Bytes of all files.
+    pub logical_bytes: u64,
+    /// Bytes of blocks this backup stored that the repository did not have,
+    /// before compression.
+    pub new_raw_bytes: u64,
+    /// Bytes of packs this backup wrote (after compression and encryption).
+    pub new_stored_bytes: u64,
+    /// Blocks in all files.
+    pub blocks: u64,
+    /// Blocks this backup stored.
+    pub new_blocks: u64,
+}
+
+/// Everything needed to restore one backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Version of this structure (first, so it is read first).
+    pub version: u32,
+    /// Backup id (also the object name after `backups/`).
+    pub id: String,
+    /// Operator's label.
+    pub label: String,
+    /// PostgreSQL system identifier.
+    pub system_id: u64,
+    /// `server_version_num` of the source.
+    pub pg_version: u32,
+    /// Timeline the backup started on.
+    pub timeline: u32,
+    /// LSN where the backup started (redo point of its checkpoint).
+    pub start_lsn: u64,
+    /// LSN where the backup became consistent.
+    pub stop_lsn: u64,
+    /// Unix microseconds at start.
+    pub start_time: i64,
+    /// Unix microseconds at stop.
+    pub stop_time: i64,
+    /// Block size files were cut at.
+    pub block_size: u32,
+    /// The files.
+    pub files: Vec<BackupFile>,
+    /// Tablespaces.
+    pub tablespaces: Vec<Tablespace>,
+    /// Sizes.
+    pub totals: ManifestTotals,
+}
+
+impl Manifest {
+    /// A new backup id: sortable UTC time plus 4 random hex digits,
+    /// `20261123T140500Z-a1b2`.
+    pub fn new_id() -> String {
+        format!(
+            "{}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+            crate::codec::to_hex(&rand::random::<[u8; 2]>())
+        )
+    }
+
+    fn object_name(paths: &StanzaPaths, id: &str) -> String {
+        format!("{}{id}", paths.backups())
+    }
+
+    /// Encode as an object body.
+    pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
+        postcard::to_stdvec(self).map_err(|e| RepoError::Invalid(format!("encoding manifest: {e}")))
+    }
+
+    /// Decode an object body; `object` names it in errors.
+    pub fn decode(body: &[u8], object: &str) -> Result<Manifest, RepoError> {
+        let (version, _) = postcard::take_from_bytes::<u32>(body).map_err(|e| RepoError::Corrupt {
+            object: object.to_owned(),
+            reason: format!("no version: {e}"),
+        })?;
+        if version > MANIFEST_VERSION || version == 0 {
+            return Err(RepoError::UnsupportedVersion {
+                object: object.to_owned(),
+                found: version,
+                supported: MANIFEST_VERSION,
+            });
+        }
+        let m: Manifest = postcard::from_bytes(body).map_err(|e| RepoError::Corrupt {
+            object: object.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let blocks: u64 = m.files.iter().map(|f| f.blocks.len() as u64).sum();
+        if blocks != m.totals.blocks {
+            return Err(RepoError::Corrupt {
+                object: object.to_owned(),
+                reason: format!("lists {blocks} blocks but its totals say {}", m.totals.blocks),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Write the manifest: the commit point of a backup.
+    pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
+        let name = Manifest::object_name(paths, &self.id);
+        let body = self.encode()?;
+        repo.storage().put(&name, repo.seal(ObjectKind::Manifest, &name, &body)).await?;
+        Ok(())
+    }
+
+    /// Read backup `id`.
+    pub async fn load(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result<Manifest, RepoError> {
+        let name = Manifest::object_name(paths, id);
+        let body = repo.read_object(ObjectKind::Manifest, &name, MAX_MANIFEST).await?;
+        let m = Manifest::decode(&body, &name)?;
+        if m.id != id {
+            return Err(RepoError::Corrupt {
+                object: name,
+                reason: format!("holds backup {} instead", m.id),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Ids of all backups of a stanza, oldest first.
+    pub async fn list_ids(repo: &Repository, paths: &StanzaPaths) -> Result<Vec<String>, RepoError> {
+        let prefix = paths.backups();
+        Ok(list_all(repo.storage().as_ref(), &prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
+            .collect())
+    }
+
+    /// Every manifest of a stanza, oldest first.
+    pub async fn load_all(repo: &Repository, paths: &StanzaPaths) -> Result<Vec<Manifest>, RepoError> {
+        let ids = Manifest::list_ids(repo, paths).await?;
+        let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(ids)
+            .map(|id| async move {
+                match Manifest::load(repo, paths, &id).await {
+                    Ok(m) => Ok(Some(m)),
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None), // deleted meanwhile
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        loaded.into_iter().filter_map(Result::transpose).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: "20261123T140500Z-a1b2".into(),
+            label: "nightly".into(),
+            system_id: 7_000_000_000_000_000_001,
+            pg_version: 150018,
+            timeline: 1,
+            start_lsn: 0x300_0028,
+            stop_lsn: 0x300_0100,
+            start_time: 1,
+            stop_time: 2,
+            block_size: 131072,
+            files: vec![BackupFile {
+                path: "base/5/16384".into(),
+                size: 8192,
+                mode: 0o600,
+                mtime: 3,
+                blocks: vec![BlockId([4; 32])],
+            }],
+            tablespaces: vec![Tablespace { oid: 16390, location: "/srv/ts".into() }],
+            totals: ManifestTotals { logical_bytes: 8192, blocks: 1, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn round_trip_and_versions() {
+        let m = sample();
+        let body = m.encode().unwrap();
+        assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
+        let mut newer = m.clone();
+        newer.version = 2;
+        let e = Manifest::decode(&newer.encode().unwrap(), "m").unwrap_err();
+        assert!(matches!(e, RepoError::UnsupportedVersion { found: 2, .. }), "{e}");
+        for n in 0..body.len() {
+            assert!(Manifest::decode(&body[..n], "m").is_err(), "truncated at {n} accepted");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut d = data.clone();
+            if !d.is_empty() { d[0] = 1; }
+            let _ = Manifest::decode(&d, "m");
+            let _ = Manifest::decode(&data, "m");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The content-addressed repository (format: `docs/repository-format.md`).
+//!
+//! Files are cut into blocks; a block's id is the SHA-256 of its bytes (an
+//! HMAC under a derived key when encrypted). Blocks never stored before are
+//! compressed, encrypted and appended to packs; an index maps ids to packs;
+//! a backup manifest lists files as sequences of block ids. Every backup is a
+//! full backup that stores only new blocks.
+//!
+//! Invariants:
+//! - objects are written packs → index → manifest, so a crash leaves only
+//!   unreferenced data, never a manifest pointing at a missing block;
+//! - packs are immutable; names are random or content-derived, never reused,
+//!   so nothing depends on conditional writes;
+//! - every read is verified (AEAD tag, or hash in unencrypted repositories).
+
+mod config;
+pub mod gc;
+mod index;
+mod keys;
+mod manifest;
+pub mod object;
+mod pack;
+mod read;
+mod session;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use config::{InitParams, RepoConfig, CONFIG_KEY};
+pub use index::{BlockLocation, Index, PackId};
+pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
+pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
+pub use manifest::{BackupFile, Manifest, ManifestTotals, Tablespace};
+pub use session::{Session, SessionOptions, SessionStats};
+
+use crate::codec::{IdHasher, Keys, MasterKey};
+use crate::storage::{list_all, Storage, StorageError};
+
+/// Default bytes per block: one PostgreSQL page. Chosen by measurement
+/// (docs/block-size-study.md): under sparse updates every doubling of the
+/// block size nearly doubles what a backup uploads.
+pub const DEFAULT_BLOCK_SIZE: u32 = 8 * 1024;
+/// Default target size of a pack: 32 MiB, few enough requests to keep S3
+/// request costs negligible, small enough to upload several in parallel.
+pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
+
+/// Why a repository operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// The storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// An object failed verification or does not parse.
+    #[error("repository object {object} is damaged: {reason}")]
+    Corrupt {
+        /// Object key.
+        object: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An object written by a newer walvault.
+    #[error("repository object {object} has format version {found}, this walvault reads up to version {supported}: upgrade walvault")]
+    UnsupportedVersion {
+        /// Object key.
+        object: String,
+        /// Version found.
+        found: u32,
+        /// Newest version known.
+        supported: u32,
+    },
+    /// No `config` object.
+    #[error("no walvault repository at {location}: run `walvault init` first")]
+    NotARepository {
+        /// The location.
+        location: String,
+    },
+    /// `init` on a location that already holds objects.
+    #[error("{location} is not empty ({what}); a repository is created only in an empty location")]
+    NotEmpty {
+        /// The location.
+        location: String,
+        /// What was found there.
+        what: String,
+    },
+    /// An encrypted repository opened without a secret.
+    #[error("the repository is encrypted: give its passphrase (WALVAULT_PASSPHRASE or --passphrase-file) or key file (WALVAULT_KEY_FILE)")]
+    KeyNeeded,
+    /// No key slot opens with the secret given.
+    #[error("wrong passphrase or key file: none of the {slots} key slot(s) in keys/ opens with it")]
+    WrongKey {
+        /// Slots tried.
+        slots: usize,
+    },
+    /// A request that cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where one stanza's objects live.
+#[derive(Debug, Clone)]
+pub struct StanzaPaths {
+    root: String,
+}
+
+impl StanzaPaths {
+    /// Paths of stanza `name`.
+    pub fn new(name: &str) -> StanzaPaths {
+        StanzaPaths {
+            root: format!("{name}/"),
+        }
+    }
+    /// `<stanza>/packs/`.
+    pub fn packs(&self) -> String {
+        format!("{}packs/", self.root)
+    }
+    /// `<stanza>/packs/<first two hex digits>/<pack id>`.
+    pub fn pack(&self, id: &PackId) -> String {
+        let hex = id.to_string();
+        format!("{}packs/{}/{hex}", self.root, &hex[..2])
+    }
+    /// `<stanza>/index/`.
+    pub fn index_dir(&self) -> String {
+        format!("{}index/", self.root)
+    }
+    /// `<stanza>/backups/`.
+    pub fn backups(&self) -> String {
+        format!("{}backups/", self.root)
+    }
+    /// `<stanza>/locks/`.
+    pub fn locks(&self) -> String {
+        format!("{}locks/", self.root)
+    }
+    /// `<stanza>/catalog/`.
+    pub fn catalog(&self) -> String {
+        format!("{}catalog/", self.root)
+    }
+}
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    storage: Arc<dyn Storage>,
+    config: RepoConfig,
+    master: Option<MasterKey>,
+    keys: Option<Keys>,
+    hasher: IdHasher,
+}
+
+impl Repository {
+    /// Create a repository in an empty location; encrypted when `secret` is given.
+    pub async fn init(
+        storage: Arc<dyn Storage>,
+        params: &InitParams,
+        secret: Option<&Secret>,
+        cost: KdfCost,
+    ) -> Result<Repository, RepoError> {
+        if let Some(s) = secret {
+            validate_secret(s)?;
+        }
+        let existing = storage.list_page("", None).await?;
+        if let Some(first) = existing.objects.first() {
+            let what = if first.key == CONFIG_KEY {
+                "a walvault repository is already there".to_owned()
+            } else {
+                format!("found {}", first.key)
+            };
+            return Err(RepoError::NotEmpty {
+                location: storage.location(),
+                what,
+            });
+        }
+        let repo_id: [u8; 16] = rand::random();
+        let mut config = RepoConfig::new(repo_id, params, secret.is_some())?;
+        let (master, keys) = match secret {
+            Some(s) => {
+                let master = MasterKey::generate();
+                let keys = Keys::derive(&master, config.repo_id.as_bytes());
+                config.make_key_check(&keys);
+                let slot = KeySlot::create(&master, s, &config.repo_id, "created by init", cost)?;
+                storage.put(&slot.object_name(), slot.encode()?).await?;
+                (Some(master), Some(keys))
+            }
+            None => (None, None),
+        };
+        // config last: a repository exists once its config does
+        storage.put(CONFIG_KEY, config.encode()?).await?;
+        Ok(Repository {
+            hasher: IdHasher::new(keys.as_ref()),
+            storage,
+            config,
+            master,
+            keys,
+        })
+    }
+
+    /// Open an existing repository; `secret` is needed when it is encrypted.
+    pub async fn open(storage: Arc<dyn Storage>, secret: Option<&Secret>) -> Result<Repository, RepoError> {
+        let data = match storage.get(CONFIG_KEY).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => {
+                return Err(RepoError::NotARepository {
+                    location: storage.location(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let config = RepoConfig::decode(&data)?;
+        let (master, keys) = if config.encrypted() {
+            let secret = secret.ok_or(RepoError::KeyNeeded)?;
+            let slots = read_slots(storage.as_ref()).await?;
+            let mut found = None;
+            for slot in &slots {
+                if let Some(m) = slot.unwrap_key(secret, &config.repo_id)? {
+                    let keys = Keys::derive(&m, config.repo_id.as_bytes());
+                    if !config.key_matches(&keys) {
+                        return Err(RepoError::Corrupt {
+                            object: slot.object_name(),
+                            reason: "the key slot opens, but its key belongs to another repository".into(),
+                        });
+                    }
+                    found = Some((m, keys));
+                    break;
+                }
+            }
+            let (m, k) = found.ok_or(RepoError::WrongKey { slots: slots.len() })?;
+            (Some(m), Some(k))
+        } else {
+            (None, None)
+        };
+        Ok(Repository {
+            hasher: IdHasher::new(keys.as_ref()),
+            storage,
+            config,
+            master,
+            keys,
+        })
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The repository's config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The working keys (encrypted repositories).
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    /// The block id function of this repository.
+    pub fn hasher(&self) -> &IdHasher {
+        &self.hasher
+    }
+
+    /// The key slots.
+    pub async fn list_keys(&self) -> Result<Vec<KeySlot>, RepoError> {
+        read_slots(self.storage.as_ref()).await
+    }
+
+    /// Add a key slot for another secret.
+    pub async fn add_key(&self, secret: &Secret, label: &str, cost: KdfCost) -> Result<KeySlot, RepoError> {
+        let master = self
+            .master
+            .as_ref()
+            .ok_or_else(|| RepoError::Invalid("the repository is not encrypted: it has no keys".into()))?;
+        let slot = KeySlot::create(master, secret, &self.config.repo_id, label, cost)?;
+        self.storage.put(&slot.object_name(), slot.encode()?).await?;
+        Ok(slot)
+    }
+
+    /// Remove key slot `id`; the last slot is never removed.
+    pub async fn remove_key(&self, id: &str) -> Result<(), RepoError> {
+        let slots = self.list_keys().await?;
+        if !slots.iter().any(|s| s.id == id) {
+            return Err(RepoError::Invalid(format!("no key slot {id}; `walvault key list` shows them")));
+        }
+        if slots.len() == 1 {
+            return Err(RepoError::Invalid(
+                "refusing to remove the only key slot: the repository could never be opened again".into(),
+            ));
+        }
+        self.storage.delete(&format!("{KEYS_PREFIX}{id}")).await?;
+        Ok(())
+    }
+
+    /// Seal an object body for storage under `name`.
+    pub(crate) fn seal(&self, kind: object::ObjectKind, name: &str, body: &[u8]) -> Bytes {
+        object::seal(kind, name, body, crate::codec::Compression::Lz4, self.keys.as_ref())
+    }
+
+    /// Read and verify object `name`.
+    pub(crate) async fn read_object(
+        &self,
+        kind: object::ObjectKind,
+        name: &str,
+        max_len: u64,
+    ) -> Result<Vec<u8>, RepoError> {
+        let data = self.storage.get(name).await?;
+        let keys = self.keys.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || object::open(kind, &name, &data, keys.as_ref(), max_len))
+            .await
+            .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+    }
+}
+
+async fn read_slots(storage: &dyn Storage) -> Result<Vec<KeySlot>, RepoError> {
+    let mut slots = Vec::new();
+    for obj in list_all(storage, KEYS_PREFIX).await? {
+        let data = match storage.get(&obj.key).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => continue, // removed while we listed
+            Err(e) => return Err(e.into()),
+        };
+        slots.push(KeySlot::decode(&obj.key, &data)?);
+    }
+    Ok(slots)
+}

@@ -1,0 +1,377 @@
+//! A writing session: the parallel block pipeline.
+//!
+//! ```text
+//! bytes ─ cut ─▶ rayon: hash → dedup → compress → encrypt ─▶ pack builder ─▶ bounded queue ─▶ uploads (N at once) ─▶ index objects
+//! ```
+//! - Dedup: a block is skipped when the stanza's index (loaded at the start,
+//!   minus packs pending deletion) or this session already has it; the first
+//!   thread to claim a new id stores it, others just use the id.
+//! - Back-pressure: when uploads lag, the queue fills and the CPU workers block
+//!   on it, so memory stays bounded whatever the size of the input:
+//!   `pack_size × (1 building + queue_packs + upload_concurrency)` for packs,
+//!   plus `batch_blocks × block_size` of input being cut (with the defaults,
+//!   32 MiB × 6 + 256 × 8 KiB = 194 MiB), plus the dedup set of this session
+//!   (about 60 bytes per new block).
+//! - Order: packs are uploaded first; an index object naming them is written
+//!   after every `index_flush_packs` packs and at the end. A backup's manifest
+//!   is written only after [`Session::finish`] returned.
+//! - The session holds a lease (see [`super::gc`]) from before it loads the
+//!   index until it finishes, so garbage collection never deletes a pack the
+//!   session may have deduplicated against.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use rayon::prelude::*;
+use tokio::sync::mpsc;
+
+use super::gc::{GcState, Lease};
+use super::index::Index;
+use super::pack::{encode_blob, PackBuilder, PackEntry, PackId};
+use super::{RepoError, Repository, StanzaPaths};
+use crate::codec::{BlockId, Compression};
+
+/// Tuning of a session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Compression of new blocks (default: the repository's).
+    pub compression: Option<Compression>,
+    /// Packs uploaded at the same time.
+    pub upload_concurrency: usize,
+    /// Finished packs waiting for an upload slot.
+    pub queue_packs: usize,
+    /// Blocks cut and processed together (spread over the CPU workers).
+    pub batch_blocks: usize,
+    /// Write an index object after this many uploaded packs.
+    pub index_flush_packs: usize,
+    /// What the lease says the session is ("backup", "wal", ...).
+    pub purpose: String,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            compression: None,
+            upload_concurrency: 4,
+            queue_packs: 1,
+            batch_blocks: 256,
+            index_flush_packs: 16,
+            purpose: "backup".into(),
+        }
+    }
+}
+
+/// What a session stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Blocks passed in.
+    pub blocks: u64,
+    /// Bytes passed in.
+    pub logical_bytes: u64,
+    /// Blocks not stored before.
+    pub new_blocks: u64,
+    /// Bytes of those blocks before compression.
+    pub new_raw_bytes: u64,
+    /// Bytes of packs written (what the repository grew by, index aside).
+    pub stored_bytes: u64,
+    /// Packs written.
+    pub packs: u64,
+}
+
+struct FinishedPack {
+    id: PackId,
+    name: String,
+    data: Bytes,
+    entries: Vec<PackEntry>,
+}
+
+#[derive(Default)]
+struct Counters {
+    blocks: AtomicU64,
+    logical: AtomicU64,
+    new_blocks: AtomicU64,
+    new_raw: AtomicU64,
+}
+
+/// An open writing session on one stanza.
+pub struct Session {
+    repo: Arc<Repository>,
+    paths: StanzaPaths,
+    compression: Compression,
+    pack_size: usize,
+    batch_blocks: usize,
+    known: Arc<Index>,
+    fresh: Mutex<HashSet<BlockId>>,
+    packer: Mutex<PackBuilder>,
+    tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
+    uploader: Mutex<Option<tokio::task::JoinHandle<Result<UploadResult, RepoError>>>>,
+    counters: Counters,
+    lease: Lease,
+}
+
+struct UploadResult {
+    packs: u64,
+    stored: u64,
+    index_objects: Vec<String>,
+    uploaded: Vec<(PackId, Vec<PackEntry>)>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("stanza", &self.paths).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Take a lease, load the index, and start the uploaders.
+    pub async fn start(repo: Arc<Repository>, stanza: &str, opts: SessionOptions) -> Result<Session, RepoError> {
+        let paths = StanzaPaths::new(stanza);
+        let lease = Lease::acquire(repo.clone(), &paths, &opts.purpose).await?;
+        let (mut index, _) = Index::load(&repo, &paths).await?;
+        let pending = GcState::load(&repo, &paths).await?.pending_packs();
+        if !pending.is_empty() {
+            // never deduplicate against a pack garbage collection may delete
+            let mut kept = Index::new();
+            for (p, e) in index.pack_entries() {
+                if !pending.contains(&p) {
+                    kept.add_pack(p, &e);
+                }
+            }
+            index = kept;
+        }
+        let pack_size = repo.config().pack_size as usize;
+        let (tx, rx) = mpsc::channel(opts.queue_packs.max(1));
+        let uploader = tokio::spawn(upload_loop(
+            repo.clone(),
+            paths.clone(),
+            rx,
+            opts.upload_concurrency.max(1),
+            opts.index_flush_packs.max(1),
+        ));
+        Ok(Session {
+            compression: opts.compression.unwrap_or_else(|| repo.config().compression()),
+            pack_size,
+            batch_blocks: opts.batch_blocks.max(1),
+            known: Arc::new(index),
+            fresh: Mutex::new(HashSet::new()),
+            packer: Mutex::new(PackBuilder::new(pack_size + pack_size / 8)),
+            tx: Mutex::new(Some(tx)),
+            uploader: Mutex::new(Some(uploader)),
+            counters: Counters::default(),
+            lease,
+            repo,
+            paths,
+        })
+    }
+
+    /// The repository's block size.
+    pub fn block_size(&self) -> usize {
+        self.repo.config().block_size as usize
+    }
+
+    /// The index as loaded at the start (for readers in the same process).
+    pub fn known_index(&self) -> &Arc<Index> {
+        &self.known
+    }
+
+    /// Store one block (blocking: call from a worker thread, not from async
+    /// code). Returns its id; the data is durable only after [`Session::finish`].
+    pub fn put_block(&self, data: &[u8]) -> Result<BlockId, RepoError> {
+        let id = self.repo.hasher().id(data);
+        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.logical.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if self.known.contains(&id) || !lock(&self.fresh).insert(id) {
+            return Ok(id);
+        }
+        self.counters.new_blocks.fetch_add(1, Ordering::Relaxed);
+        self.counters.new_raw.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let (blob, used) = encode_blob(data, &id, self.compression, self.repo.keys());
+        let full = {
+            let mut p = lock(&self.packer);
+            p.push(id, &blob, data.len(), used);
+            if p.len() >= self.pack_size {
+                Some(std::mem::replace(&mut *p, PackBuilder::new(self.pack_size + self.pack_size / 8)))
+            } else {
+                None
+            }
+        };
+        if let Some(pack) = full {
+            self.send_pack(pack)?;
+        }
+        Ok(id)
+    }
+
+    /// Store many blocks in parallel; ids in input order.
+    pub fn put_blocks(&self, blocks: &[Bytes]) -> Result<Vec<BlockId>, RepoError> {
+        blocks.par_iter().map(|b| self.put_block(b)).collect()
+    }
+
+    /// Cut a stream into blocks of the repository's block size and store them
+    /// (blocking). Returns the block ids and the number of bytes read.
+    pub fn store_reader(&self, reader: &mut dyn Read) -> Result<(Vec<BlockId>, u64), RepoError> {
+        let bs = self.block_size();
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        loop {
+            let mut batch = Vec::with_capacity(self.batch_blocks);
+            let mut eof = false;
+            while batch.len() < self.batch_blocks {
+                let mut buf = vec![0u8; bs];
+                let n = read_full(reader, &mut buf).map_err(|e| RepoError::Invalid(format!("reading input: {e}")))?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                buf.truncate(n);
+                total += n as u64;
+                batch.push(Bytes::from(buf));
+                if n < bs {
+                    eof = true;
+                    break;
+                }
+            }
+            ids.extend(self.put_blocks(&batch)?);
+            if eof {
+                return Ok((ids, total));
+            }
+        }
+    }
+
+    fn prepare(&self, pack: PackBuilder) -> FinishedPack {
+        let name = self.paths.pack(&pack.id);
+        let (id, data, entries) = pack.finish(&name, self.repo.keys());
+        FinishedPack { id, name, data, entries }
+    }
+
+    fn send_pack(&self, pack: PackBuilder) -> Result<(), RepoError> {
+        let fp = self.prepare(pack);
+        let tx = lock(&self.tx).clone();
+        let tx = tx.ok_or_else(|| RepoError::Invalid("session already finished".into()))?;
+        tx.blocking_send(fp).map_err(|_| uploads_stopped())
+    }
+
+    /// Flush the last pack, wait for every upload, write the final index
+    /// object, and release the lease. After it returns, every block passed in
+    /// is durable and indexed.
+    pub async fn finish(self) -> Result<SessionStats, RepoError> {
+        let last = std::mem::replace(&mut *lock(&self.packer), PackBuilder::new(0));
+        let tx = lock(&self.tx).take();
+        let sent = match (last.is_empty(), tx) {
+            (true, _) => Ok(()),
+            (false, Some(tx)) => tx.send(self.prepare(last)).await.map_err(|_| uploads_stopped()),
+            (false, None) => Err(RepoError::Invalid("session already finished".into())),
+        };
+        let handle = lock(&self.uploader).take();
+        let uploaded = match handle {
+            Some(h) => h
+                .await
+                .map_err(|e| RepoError::Invalid(format!("upload task failed: {e}")))?,
+            None => Err(RepoError::Invalid("session already finished".into())),
+        };
+        let result = match (sent, uploaded) {
+            (_, Err(e)) | (Err(e), _) => Err(e),
+            (Ok(()), Ok(u)) => Ok(u),
+        };
+        let u = match result {
+            Ok(u) => u,
+            Err(e) => {
+                self.lease.release().await;
+                return Err(e);
+            }
+        };
+        self.lease.release().await;
+        let c = &self.counters;
+        tracing::debug!(index_objects = u.index_objects.len(), packs = u.uploaded.len(), "session finished");
+        Ok(SessionStats {
+            blocks: c.blocks.load(Ordering::Relaxed),
+            logical_bytes: c.logical.load(Ordering::Relaxed),
+            new_blocks: c.new_blocks.load(Ordering::Relaxed),
+            new_raw_bytes: c.new_raw.load(Ordering::Relaxed),
+            stored_bytes: u.stored,
+            packs: u.packs,
+        })
+    }
+
+    /// True while the session's lease has not expired (a writer must check it
+    /// right before committing a manifest).
+    pub fn lease_valid(&self) -> bool {
+        self.lease.valid()
+    }
+}
+
+async fn upload_loop(
+    repo: Arc<Repository>,
+    paths: StanzaPaths,
+    mut rx: mpsc::Receiver<FinishedPack>,
+    concurrency: usize,
+    flush_every: usize,
+) -> Result<UploadResult, RepoError> {
+    let mut running = FuturesUnordered::new();
+    let mut unindexed: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+    let mut result = UploadResult {
+        packs: 0,
+        stored: 0,
+        index_objects: Vec::new(),
+        uploaded: Vec::new(),
+    };
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            msg = rx.recv(), if open && running.len() < concurrency => match msg {
+                Some(p) => {
+                    let storage = repo.storage().clone();
+                    running.push(async move {
+                        let size = p.data.len() as u64;
+                        storage.put(&p.name, p.data).await.map(|_| (p.id, p.entries, size))
+                    });
+                }
+                None => open = false,
+            },
+            Some(done) = running.next() => {
+                let (id, entries, size) = done?;
+                result.packs += 1;
+                result.stored += size;
+                unindexed.push((id, entries));
+                if unindexed.len() >= flush_every {
+                    let name = Index::store_object(&repo, &paths, &unindexed).await?;
+                    result.index_objects.push(name);
+                    result.uploaded.append(&mut unindexed);
+                }
+            }
+        }
+    }
+    if !unindexed.is_empty() {
+        let name = Index::store_object(&repo, &paths, &unindexed).await?;
+        result.index_objects.push(name);
+        result.uploaded.append(&mut unindexed);
+    }
+    Ok(result)
+}
+
+fn uploads_stopped() -> RepoError {
+    RepoError::Invalid("uploads stopped after an error (finish the session to see it)".into())
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Lock a mutex, recovering from poisoning (every critical section here
+/// leaves its data consistent).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
