@@ -132,13 +132,16 @@ pub fn read_secret(
     passphrase: Option<String>,
 ) -> anyhow::Result<Option<Secret>> {
     if let Some(p) = key_file {
-        let data = std::fs::read(p).with_context(|| format!("cannot read key file {}", p.display()))?;
+        let data =
+            std::fs::read(p).with_context(|| format!("cannot read key file {}", p.display()))?;
         return Ok(Some(Secret::KeyFile(trim_ascii_end(data))));
     }
     if let Some(p) = passphrase_file {
         let data = std::fs::read_to_string(p)
             .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
-        return Ok(Some(Secret::Passphrase(data.trim_end_matches(['\n', '\r']).to_owned())));
+        return Ok(Some(Secret::Passphrase(
+            data.trim_end_matches(['\n', '\r']).to_owned(),
+        )));
     }
     Ok(passphrase.filter(|p| !p.is_empty()).map(Secret::Passphrase))
 }

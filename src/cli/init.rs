@@ -44,7 +44,11 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
     let storage = settings.storage().await?;
     let repo = Repository::init(storage, &params, secret.as_ref(), KdfCost::default()).await?;
     let c = repo.config();
-    println!("created repository {} at {}", c.repo_id, repo.storage().location());
+    println!(
+        "created repository {} at {}",
+        c.repo_id,
+        repo.storage().location()
+    );
     println!(
         "encryption {}, block size {} bytes, compression {}, pack size {} bytes",
         c.encryption, c.block_size, c.compression, c.pack_size
@@ -60,7 +64,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 8KiB, 32MiB)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 8KiB, 32MiB)"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "kB" | "KB" => 1 << 10,
@@ -68,5 +74,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GiB" | "GB" => 1 << 30,
         u => return Err(format!("unknown size unit {u:?} (use KiB, MiB or GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }

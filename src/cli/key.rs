@@ -41,13 +41,19 @@ pub struct AddArgs {
 pub(super) async fn run(settings: &Settings, cmd: KeyCommand) -> anyhow::Result<()> {
     let repo = settings.open_repository().await?;
     if repo.keys().is_none() {
-        bail!("the repository at {} is not encrypted: it has no keys", repo.storage().location());
+        bail!(
+            "the repository at {} is not encrypted: it has no keys",
+            repo.storage().location()
+        );
     }
     match cmd {
         KeyCommand::List => {
             println!("{:<16}  {:<10}  {:<25}  label", "id", "kind", "created");
             for s in repo.list_keys().await? {
-                println!("{:<16}  {:<10}  {:<25}  {}", s.id, s.kind, s.created, s.label);
+                println!(
+                    "{:<16}  {:<10}  {:<25}  {}",
+                    s.id, s.kind, s.created, s.label
+                );
             }
         }
         KeyCommand::Add(a) => {

@@ -54,7 +54,13 @@ pub(crate) fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec
     let mut out = Vec::with_capacity(plaintext.len() + AEAD_OVERHEAD);
     out.extend_from_slice(&nonce);
     // Encryption with a valid key and nonce cannot fail for inputs below 64 GiB.
-    match cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad }) {
+    match cipher.encrypt(
+        Nonce::from_slice(&nonce),
+        Payload {
+            msg: plaintext,
+            aad,
+        },
+    ) {
         Ok(ct) => out.extend_from_slice(&ct),
         Err(_) => unreachable!("AES-GCM encryption of a value below 64 GiB"),
     }
@@ -62,7 +68,11 @@ pub(crate) fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec
 }
 
 /// Open what [`seal_with`] produced.
-pub(crate) fn open_with(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+pub(crate) fn open_with(
+    cipher: &Aes256Gcm,
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     if sealed.len() < AEAD_OVERHEAD {
         return Err(CryptoError::Truncated(sealed.len()));
     }
@@ -196,13 +206,20 @@ mod tests {
         let keys = Keys::derive(&MasterKey::generate(), b"repo");
         let sealed = keys.seal(b"pack/1", b"hello");
         assert_eq!(keys.open(b"pack/1", &sealed).unwrap(), b"hello");
-        assert_eq!(keys.open(b"pack/2", &sealed), Err(CryptoError::Authentication), "moved blob accepted");
+        assert_eq!(
+            keys.open(b"pack/2", &sealed),
+            Err(CryptoError::Authentication),
+            "moved blob accepted"
+        );
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
             assert_eq!(keys.open(b"pack/1", &bad), Err(CryptoError::Authentication));
         }
-        assert_eq!(keys.open(b"pack/1", &sealed[..20]), Err(CryptoError::Truncated(20)));
+        assert_eq!(
+            keys.open(b"pack/1", &sealed[..20]),
+            Err(CryptoError::Truncated(20))
+        );
         let other = Keys::derive(&MasterKey::generate(), b"repo");
         assert!(other.open(b"pack/1", &sealed).is_err());
     }
@@ -215,7 +232,13 @@ mod tests {
         let plain = IdHasher::new(None).id(&page);
         assert_eq!(plain.0, <[u8; 32]>::from(Sha256::digest(page)));
         assert_ne!(IdHasher::new(Some(&a)).id(&page), plain);
-        assert_ne!(IdHasher::new(Some(&a)).id(&page), IdHasher::new(Some(&b)).id(&page));
-        assert_eq!(IdHasher::new(Some(&a)).id(&page), IdHasher::new(Some(&a)).id(&page));
+        assert_ne!(
+            IdHasher::new(Some(&a)).id(&page),
+            IdHasher::new(Some(&b)).id(&page)
+        );
+        assert_eq!(
+            IdHasher::new(Some(&a)).id(&page),
+            IdHasher::new(Some(&a)).id(&page)
+        );
     }
 }

@@ -75,11 +75,18 @@ impl Compression {
     pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
         let out = match self {
             Compression::None => data.to_vec(),
-            Compression::Lz4 => lz4_flex::block::decompress(data, raw_len).map_err(|e| format!("lz4: {e}"))?,
-            Compression::Zstd(_) => zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))?,
+            Compression::Lz4 => {
+                lz4_flex::block::decompress(data, raw_len).map_err(|e| format!("lz4: {e}"))?
+            }
+            Compression::Zstd(_) => {
+                zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))?
+            }
         };
         if out.len() != raw_len {
-            return Err(format!("decompressed to {} bytes, expected {raw_len}", out.len()));
+            return Err(format!(
+                "decompressed to {} bytes, expected {raw_len}",
+                out.len()
+            ));
         }
         Ok(out)
     }
@@ -105,7 +112,9 @@ impl FromStr for Compression {
             "zstd" => Ok(Compression::Zstd(3)),
             _ => match s.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
                 Some(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
-                _ => Err(format!("unknown compression {s:?}: use lz4, zstd, zstd:LEVEL (1-22) or none")),
+                _ => Err(format!(
+                    "unknown compression {s:?}: use lz4, zstd, zstd:LEVEL (1-22) or none"
+                )),
             },
         }
     }
@@ -155,7 +164,10 @@ mod tests {
     #[test]
     fn parse_compression() {
         assert_eq!("lz4".parse::<Compression>().unwrap(), Compression::Lz4);
-        assert_eq!("zstd:19".parse::<Compression>().unwrap(), Compression::Zstd(19));
+        assert_eq!(
+            "zstd:19".parse::<Compression>().unwrap(),
+            Compression::Zstd(19)
+        );
         assert!("zstd:0".parse::<Compression>().is_err());
         assert!("gzip".parse::<Compression>().is_err());
     }

@@ -63,7 +63,11 @@ impl Default for InitParams {
 }
 
 impl RepoConfig {
-    pub(crate) fn new(repo_id: [u8; 16], params: &InitParams, encrypted: bool) -> Result<RepoConfig, RepoError> {
+    pub(crate) fn new(
+        repo_id: [u8; 16],
+        params: &InitParams,
+        encrypted: bool,
+    ) -> Result<RepoConfig, RepoError> {
         if params.block_size % 8192 != 0 || !(8192..=16 << 20).contains(&params.block_size) {
             return Err(RepoError::Invalid(format!(
                 "block size {} must be a multiple of 8192 from 8 KiB to 16 MiB",
@@ -101,8 +105,15 @@ impl RepoConfig {
     }
 
     pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
-        let body = serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        Ok(object::seal(ObjectKind::Config, CONFIG_KEY, &body, Compression::None, None))
+        let body =
+            serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        Ok(object::seal(
+            ObjectKind::Config,
+            CONFIG_KEY,
+            &body,
+            Compression::None,
+            None,
+        ))
     }
 
     pub(crate) fn decode(data: &[u8]) -> Result<RepoConfig, RepoError> {
@@ -111,7 +122,8 @@ impl RepoConfig {
             object: CONFIG_KEY.into(),
             reason,
         };
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| corrupt(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| corrupt(e.to_string()))?;
         if v.get("format").and_then(|f| f.as_str()) != Some("walvault-repository") {
             return Err(corrupt("not a walvault repository config".into()));
         }
@@ -125,10 +137,16 @@ impl RepoConfig {
         }
         let cfg: RepoConfig = serde_json::from_value(v).map_err(|e| corrupt(e.to_string()))?;
         if cfg.block_size % 8192 != 0 || cfg.block_size == 0 || cfg.pack_size == 0 {
-            return Err(corrupt(format!("invalid block size {} or pack size {}", cfg.block_size, cfg.pack_size)));
+            return Err(corrupt(format!(
+                "invalid block size {} or pack size {}",
+                cfg.block_size, cfg.pack_size
+            )));
         }
         if cfg.compression.parse::<Compression>().is_err() {
-            return Err(corrupt(format!("unknown compression {:?}", cfg.compression)));
+            return Err(corrupt(format!(
+                "unknown compression {:?}",
+                cfg.compression
+            )));
         }
         Ok(cfg)
     }

@@ -77,12 +77,18 @@ pub struct Lease {
 
 impl Lease {
     /// Write a lease and start refreshing it.
-    pub async fn acquire(repo: Arc<Repository>, paths: &StanzaPaths, purpose: &str) -> Result<Lease, RepoError> {
+    pub async fn acquire(
+        repo: Arc<Repository>,
+        paths: &StanzaPaths,
+        purpose: &str,
+    ) -> Result<Lease, RepoError> {
         let name = format!("{}{}", paths.locks(), to_hex(&rand::random::<[u8; 8]>()));
         let started = now_secs();
         let holder = format!(
             "{}:{}",
-            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id()
         );
         let mut rec = LeaseRecord {
@@ -124,7 +130,10 @@ impl Lease {
     pub async fn release(&self) {
         self.refresher.abort();
         if let Err(e) = self.repo.storage().delete(&self.name).await {
-            tracing::warn!("cannot remove lease {}: {e} (it lapses by itself)", self.name);
+            tracing::warn!(
+                "cannot remove lease {}: {e} (it lapses by itself)",
+                self.name
+            );
         }
     }
 }
@@ -137,12 +146,17 @@ impl Drop for Lease {
 
 async fn write_lease(repo: &Repository, name: &str, rec: &LeaseRecord) -> Result<(), RepoError> {
     let body = serde_json::to_vec(rec).map_err(|e| RepoError::Invalid(e.to_string()))?;
-    repo.storage().put(name, repo.seal(ObjectKind::Lease, name, &body)).await?;
+    repo.storage()
+        .put(name, repo.seal(ObjectKind::Lease, name, &body))
+        .await?;
     Ok(())
 }
 
 /// Unexpired leases of a stanza.
-pub async fn live_leases(repo: &Repository, paths: &StanzaPaths) -> Result<Vec<LeaseRecord>, RepoError> {
+pub async fn live_leases(
+    repo: &Repository,
+    paths: &StanzaPaths,
+) -> Result<Vec<LeaseRecord>, RepoError> {
     let now = now_secs();
     let mut out = Vec::new();
     for o in list_all(repo.storage().as_ref(), &paths.locks()).await? {
@@ -183,10 +197,11 @@ impl GcState {
         let name = GcState::name(paths);
         match repo.read_object(ObjectKind::GcState, &name, 1 << 30).await {
             Ok(body) => {
-                let st: GcState = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
-                    object: name.clone(),
-                    reason: e.to_string(),
-                })?;
+                let st: GcState =
+                    serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
+                        object: name.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if st.version > STATE_VERSION {
                     return Err(RepoError::UnsupportedVersion {
                         object: name,
@@ -207,13 +222,18 @@ impl GcState {
     async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
         let name = GcState::name(paths);
         let body = serde_json::to_vec(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        repo.storage().put(&name, repo.seal(ObjectKind::GcState, &name, &body)).await?;
+        repo.storage()
+            .put(&name, repo.seal(ObjectKind::GcState, &name, &body))
+            .await?;
         Ok(())
     }
 
     /// The pending packs as ids.
     pub fn pending_packs(&self) -> HashSet<PackId> {
-        self.pending.keys().filter_map(|k| PackId::parse(k)).collect()
+        self.pending
+            .keys()
+            .filter_map(|k| PackId::parse(k))
+            .collect()
     }
 }
 
@@ -248,7 +268,12 @@ pub fn plan(index: &Index, manifests: &[Manifest]) -> GcPlan {
             }
         }
     }
-    let unreferenced = index.packs().iter().filter(|p| !live.contains(p)).copied().collect();
+    let unreferenced = index
+        .packs()
+        .iter()
+        .filter(|p| !live.contains(p))
+        .copied()
+        .collect();
     GcPlan {
         live,
         unreferenced,
@@ -271,7 +296,11 @@ pub struct GcReport {
 }
 
 /// One garbage-collection run on a stanza (see the module docs).
-pub async fn collect(repo: &Repository, paths: &StanzaPaths, grace: Duration) -> Result<GcReport, RepoError> {
+pub async fn collect(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    grace: Duration,
+) -> Result<GcReport, RepoError> {
     let now = now_secs();
     let mut state = GcState::load(repo, paths).await?;
     let leases = live_leases(repo, paths).await?;

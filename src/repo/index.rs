@@ -12,9 +12,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use futures::StreamExt;
 
+pub use super::pack::PackId;
 use super::pack::{decode_entries, encode_entries, read_pack_header, read_u32, PackEntry};
 use super::{object::ObjectKind, RepoError, Repository, StanzaPaths};
-pub use super::pack::PackId;
 use crate::codec::BlockId;
 use crate::storage::list_all;
 
@@ -136,7 +136,10 @@ impl Index {
     }
 
     /// Decode an index object body.
-    pub fn decode_object(body: &[u8], object: &str) -> Result<Vec<(PackId, Vec<PackEntry>)>, RepoError> {
+    pub fn decode_object(
+        body: &[u8],
+        object: &str,
+    ) -> Result<Vec<(PackId, Vec<PackEntry>)>, RepoError> {
         let corrupt = |reason: String| RepoError::Corrupt {
             object: object.to_owned(),
             reason,
@@ -162,7 +165,10 @@ impl Index {
 
     /// Load every index object of a stanza (8 at a time). Returns the index and
     /// the names of the objects it was built from.
-    pub async fn load(repo: &Repository, paths: &StanzaPaths) -> Result<(Index, Vec<String>), RepoError> {
+    pub async fn load(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<(Index, Vec<String>), RepoError> {
         let names: Vec<String> = list_all(repo.storage().as_ref(), &paths.index_dir())
             .await?
             .into_iter()
@@ -171,7 +177,10 @@ impl Index {
         let bodies: Vec<Result<Option<Vec<(PackId, Vec<PackEntry>)>>, RepoError>> =
             futures::stream::iter(names.iter().cloned())
                 .map(|name| async move {
-                    match repo.read_object(ObjectKind::Index, &name, MAX_INDEX_BODY).await {
+                    match repo
+                        .read_object(ObjectKind::Index, &name, MAX_INDEX_BODY)
+                        .await
+                    {
                         Ok(body) => Index::decode_object(&body, &name).map(Some),
                         // replaced by a concurrent garbage collection
                         Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
@@ -197,21 +206,25 @@ impl Index {
     /// Build an index from the pack headers alone (no index objects): the
     /// proof that packs are self-describing, and the repair path when index
     /// objects are lost or damaged.
-    pub async fn rebuild_from_packs(repo: &Repository, paths: &StanzaPaths) -> Result<Index, RepoError> {
+    pub async fn rebuild_from_packs(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<Index, RepoError> {
         let packs: Vec<(PackId, String)> = list_all(repo.storage().as_ref(), &paths.packs())
             .await?
             .into_iter()
             .filter_map(|o| Some((PackId::parse(o.key.rsplit('/').next()?)?, o.key)))
             .collect();
-        let headers: Vec<Result<(PackId, Vec<PackEntry>), RepoError>> = futures::stream::iter(packs)
-            .map(|(id, name)| async move {
-                read_pack_header(repo.storage().as_ref(), &name, repo.keys())
-                    .await
-                    .map(|e| (id, e))
-            })
-            .buffered(8)
-            .collect()
-            .await;
+        let headers: Vec<Result<(PackId, Vec<PackEntry>), RepoError>> =
+            futures::stream::iter(packs)
+                .map(|(id, name)| async move {
+                    read_pack_header(repo.storage().as_ref(), &name, repo.keys())
+                        .await
+                        .map(|e| (id, e))
+                })
+                .buffered(8)
+                .collect()
+                .await;
         let mut index = Index::new();
         for h in headers {
             let (id, entries) = h?;
@@ -226,7 +239,11 @@ impl Index {
         paths: &StanzaPaths,
         packs: &[(PackId, Vec<PackEntry>)],
     ) -> Result<String, RepoError> {
-        let name = format!("{}{}", paths.index_dir(), crate::codec::to_hex(&rand::random::<[u8; 16]>()));
+        let name = format!(
+            "{}{}",
+            paths.index_dir(),
+            crate::codec::to_hex(&rand::random::<[u8; 16]>())
+        );
         let body = Index::encode_object(packs);
         let data = repo.seal(ObjectKind::Index, &name, &body);
         repo.storage().put(&name, data).await?;
@@ -264,7 +281,13 @@ mod tests {
 
     #[test]
     fn first_location_wins_and_round_trip() {
-        let e = |b: u8, off| PackEntry { id: BlockId([b; 32]), offset: off, len: 1, raw_len: 2, compression: 1 };
+        let e = |b: u8, off| PackEntry {
+            id: BlockId([b; 32]),
+            offset: off,
+            len: 1,
+            raw_len: 2,
+            compression: 1,
+        };
         let p1 = (PackId([1; 16]), vec![e(1, 0), e(2, 10)]);
         let p2 = (PackId([2; 16]), vec![e(2, 0), e(3, 5)]);
         let body = Index::encode_object(&[p1.clone(), p2.clone()]);

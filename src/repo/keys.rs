@@ -144,7 +144,11 @@ impl KeySlot {
     }
 
     /// The master key, if `secret` opens this slot.
-    pub fn unwrap_key(&self, secret: &Secret, repo_id: &str) -> Result<Option<MasterKey>, RepoError> {
+    pub fn unwrap_key(
+        &self,
+        secret: &Secret,
+        repo_id: &str,
+    ) -> Result<Option<MasterKey>, RepoError> {
         let kind_matches = matches!(
             (secret, self.kind.as_str()),
             (Secret::Passphrase(_), "passphrase") | (Secret::KeyFile(_), "keyfile")
@@ -157,7 +161,8 @@ impl KeySlot {
             reason: r.to_owned(),
         };
         let salt = from_hex(&self.salt).ok_or_else(|| corrupt("salt is not hex"))?;
-        let sealed = from_hex(&self.wrapped_key).ok_or_else(|| corrupt("wrapped key is not hex"))?;
+        let sealed =
+            from_hex(&self.wrapped_key).ok_or_else(|| corrupt("wrapped key is not hex"))?;
         let wk = wrapping_key(secret, &salt, self.kdf)?;
         match crate::codec::crypto_open(&wk, &slot_aad(&self.id, repo_id), &sealed) {
             Ok(k) if k.len() == 32 => {
@@ -176,8 +181,15 @@ impl KeySlot {
     }
 
     pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
-        let body = serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        Ok(object::seal(ObjectKind::Key, &self.object_name(), &body, Compression::None, None))
+        let body =
+            serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        Ok(object::seal(
+            ObjectKind::Key,
+            &self.object_name(),
+            &body,
+            Compression::None,
+            None,
+        ))
     }
 
     pub(crate) fn decode(name: &str, data: &[u8]) -> Result<KeySlot, RepoError> {
@@ -195,7 +207,10 @@ impl KeySlot {
             });
         }
         if slot.object_name() != name {
-            return Err(corrupt(format!("slot id {} does not match its name", slot.id)));
+            return Err(corrupt(format!(
+                "slot id {} does not match its name",
+                slot.id
+            )));
         }
         if let Some(k) = slot.kdf {
             // refuse costs that would exhaust memory before trying them

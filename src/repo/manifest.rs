@@ -112,10 +112,11 @@ impl Manifest {
 
     /// Decode an object body; `object` names it in errors.
     pub fn decode(body: &[u8], object: &str) -> Result<Manifest, RepoError> {
-        let (version, _) = postcard::take_from_bytes::<u32>(body).map_err(|e| RepoError::Corrupt {
-            object: object.to_owned(),
-            reason: format!("no version: {e}"),
-        })?;
+        let (version, _) =
+            postcard::take_from_bytes::<u32>(body).map_err(|e| RepoError::Corrupt {
+                object: object.to_owned(),
+                reason: format!("no version: {e}"),
+            })?;
         if version > MANIFEST_VERSION || version == 0 {
             return Err(RepoError::UnsupportedVersion {
                 object: object.to_owned(),
@@ -131,7 +132,10 @@ impl Manifest {
         if blocks != m.totals.blocks {
             return Err(RepoError::Corrupt {
                 object: object.to_owned(),
-                reason: format!("lists {blocks} blocks but its totals say {}", m.totals.blocks),
+                reason: format!(
+                    "lists {blocks} blocks but its totals say {}",
+                    m.totals.blocks
+                ),
             });
         }
         Ok(m)
@@ -141,14 +145,22 @@ impl Manifest {
     pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
         let name = Manifest::object_name(paths, &self.id);
         let body = self.encode()?;
-        repo.storage().put(&name, repo.seal(ObjectKind::Manifest, &name, &body)).await?;
+        repo.storage()
+            .put(&name, repo.seal(ObjectKind::Manifest, &name, &body))
+            .await?;
         Ok(())
     }
 
     /// Read backup `id`.
-    pub async fn load(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result<Manifest, RepoError> {
+    pub async fn load(
+        repo: &Repository,
+        paths: &StanzaPaths,
+        id: &str,
+    ) -> Result<Manifest, RepoError> {
         let name = Manifest::object_name(paths, id);
-        let body = repo.read_object(ObjectKind::Manifest, &name, MAX_MANIFEST).await?;
+        let body = repo
+            .read_object(ObjectKind::Manifest, &name, MAX_MANIFEST)
+            .await?;
         let m = Manifest::decode(&body, &name)?;
         if m.id != id {
             return Err(RepoError::Corrupt {
@@ -160,7 +172,10 @@ impl Manifest {
     }
 
     /// Ids of all backups of a stanza, oldest first.
-    pub async fn list_ids(repo: &Repository, paths: &StanzaPaths) -> Result<Vec<String>, RepoError> {
+    pub async fn list_ids(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<Vec<String>, RepoError> {
         let prefix = paths.backups();
         Ok(list_all(repo.storage().as_ref(), &prefix)
             .await?
@@ -170,7 +185,10 @@ impl Manifest {
     }
 
     /// Every manifest of a stanza, oldest first.
-    pub async fn load_all(repo: &Repository, paths: &StanzaPaths) -> Result<Vec<Manifest>, RepoError> {
+    pub async fn load_all(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<Vec<Manifest>, RepoError> {
         let ids = Manifest::list_ids(repo, paths).await?;
         let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(ids)
             .map(|id| async move {
@@ -212,8 +230,15 @@ mod tests {
                 mtime: 3,
                 blocks: vec![BlockId([4; 32])],
             }],
-            tablespaces: vec![Tablespace { oid: 16390, location: "/srv/ts".into() }],
-            totals: ManifestTotals { logical_bytes: 8192, blocks: 1, ..Default::default() },
+            tablespaces: vec![Tablespace {
+                oid: 16390,
+                location: "/srv/ts".into(),
+            }],
+            totals: ManifestTotals {
+                logical_bytes: 8192,
+                blocks: 1,
+                ..Default::default()
+            },
         }
     }
 
@@ -225,9 +250,15 @@ mod tests {
         let mut newer = m.clone();
         newer.version = 2;
         let e = Manifest::decode(&newer.encode().unwrap(), "m").unwrap_err();
-        assert!(matches!(e, RepoError::UnsupportedVersion { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, RepoError::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
         for n in 0..body.len() {
-            assert!(Manifest::decode(&body[..n], "m").is_err(), "truncated at {n} accepted");
+            assert!(
+                Manifest::decode(&body[..n], "m").is_err(),
+                "truncated at {n} accepted"
+            );
         }
     }
 

@@ -29,9 +29,9 @@ use bytes::Bytes;
 
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
 pub use index::{BlockLocation, Index, PackId};
-pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{BackupFile, Manifest, ManifestTotals, Tablespace};
+pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
 
 use crate::codec::{IdHasher, Keys, MasterKey};
@@ -87,7 +87,9 @@ pub enum RepoError {
     #[error("the repository is encrypted: give its passphrase (WALVAULT_PASSPHRASE or --passphrase-file) or key file (WALVAULT_KEY_FILE)")]
     KeyNeeded,
     /// No key slot opens with the secret given.
-    #[error("wrong passphrase or key file: none of the {slots} key slot(s) in keys/ opens with it")]
+    #[error(
+        "wrong passphrase or key file: none of the {slots} key slot(s) in keys/ opens with it"
+    )]
     WrongKey {
         /// Slots tried.
         slots: usize,
@@ -195,7 +197,10 @@ impl Repository {
     }
 
     /// Open an existing repository; `secret` is needed when it is encrypted.
-    pub async fn open(storage: Arc<dyn Storage>, secret: Option<&Secret>) -> Result<Repository, RepoError> {
+    pub async fn open(
+        storage: Arc<dyn Storage>,
+        secret: Option<&Secret>,
+    ) -> Result<Repository, RepoError> {
         let data = match storage.get(CONFIG_KEY).await {
             Ok(d) => d,
             Err(e) if e.is_not_found() => {
@@ -216,7 +221,8 @@ impl Repository {
                     if !config.key_matches(&keys) {
                         return Err(RepoError::Corrupt {
                             object: slot.object_name(),
-                            reason: "the key slot opens, but its key belongs to another repository".into(),
+                            reason: "the key slot opens, but its key belongs to another repository"
+                                .into(),
                         });
                     }
                     found = Some((m, keys));
@@ -263,13 +269,19 @@ impl Repository {
     }
 
     /// Add a key slot for another secret.
-    pub async fn add_key(&self, secret: &Secret, label: &str, cost: KdfCost) -> Result<KeySlot, RepoError> {
-        let master = self
-            .master
-            .as_ref()
-            .ok_or_else(|| RepoError::Invalid("the repository is not encrypted: it has no keys".into()))?;
+    pub async fn add_key(
+        &self,
+        secret: &Secret,
+        label: &str,
+        cost: KdfCost,
+    ) -> Result<KeySlot, RepoError> {
+        let master = self.master.as_ref().ok_or_else(|| {
+            RepoError::Invalid("the repository is not encrypted: it has no keys".into())
+        })?;
         let slot = KeySlot::create(master, secret, &self.config.repo_id, label, cost)?;
-        self.storage.put(&slot.object_name(), slot.encode()?).await?;
+        self.storage
+            .put(&slot.object_name(), slot.encode()?)
+            .await?;
         Ok(slot)
     }
 
@@ -277,11 +289,14 @@ impl Repository {
     pub async fn remove_key(&self, id: &str) -> Result<(), RepoError> {
         let slots = self.list_keys().await?;
         if !slots.iter().any(|s| s.id == id) {
-            return Err(RepoError::Invalid(format!("no key slot {id}; `walvault key list` shows them")));
+            return Err(RepoError::Invalid(format!(
+                "no key slot {id}; `walvault key list` shows them"
+            )));
         }
         if slots.len() == 1 {
             return Err(RepoError::Invalid(
-                "refusing to remove the only key slot: the repository could never be opened again".into(),
+                "refusing to remove the only key slot: the repository could never be opened again"
+                    .into(),
             ));
         }
         self.storage.delete(&format!("{KEYS_PREFIX}{id}")).await?;
@@ -290,7 +305,13 @@ impl Repository {
 
     /// Seal an object body for storage under `name`.
     pub(crate) fn seal(&self, kind: object::ObjectKind, name: &str, body: &[u8]) -> Bytes {
-        object::seal(kind, name, body, crate::codec::Compression::Lz4, self.keys.as_ref())
+        object::seal(
+            kind,
+            name,
+            body,
+            crate::codec::Compression::Lz4,
+            self.keys.as_ref(),
+        )
     }
 
     /// Read and verify object `name`.
@@ -303,9 +324,11 @@ impl Repository {
         let data = self.storage.get(name).await?;
         let keys = self.keys.clone();
         let name = name.to_owned();
-        tokio::task::spawn_blocking(move || object::open(kind, &name, &data, keys.as_ref(), max_len))
-            .await
-            .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            object::open(kind, &name, &data, keys.as_ref(), max_len)
+        })
+        .await
+        .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
     }
 }
 

@@ -64,7 +64,13 @@ impl ObjectKind {
 }
 
 /// Encode `body` as object `name` of `kind`; encrypted when `keys` is given.
-pub fn seal(kind: ObjectKind, name: &str, body: &[u8], compression: Compression, keys: Option<&Keys>) -> Bytes {
+pub fn seal(
+    kind: ObjectKind,
+    name: &str,
+    body: &[u8],
+    compression: Compression,
+    keys: Option<&Keys>,
+) -> Bytes {
     let (used, compressed) = compression.compress(body);
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 32);
     out.extend_from_slice(MAGIC);
@@ -102,7 +108,10 @@ pub fn open(
         reason,
     };
     if data.len() < HEADER_LEN {
-        return Err(corrupt(format!("truncated: {} bytes, shorter than the 16-byte header", data.len())));
+        return Err(corrupt(format!(
+            "truncated: {} bytes, shorter than the 16-byte header",
+            data.len()
+        )));
     }
     if &data[..4] != MAGIC {
         return Err(corrupt("not a walvault object (bad magic)".into()));
@@ -115,10 +124,14 @@ pub fn open(
         });
     }
     if data[5] != kind as u8 {
-        return Err(corrupt(format!("expected a {} object, found kind {}", kind.name(), data[5])));
+        return Err(corrupt(format!(
+            "expected a {} object, found kind {}",
+            kind.name(),
+            data[5]
+        )));
     }
-    let compression =
-        Compression::from_id(data[6]).ok_or_else(|| corrupt(format!("unknown compression {}", data[6])))?;
+    let compression = Compression::from_id(data[6])
+        .ok_or_else(|| corrupt(format!("unknown compression {}", data[6])))?;
     let encrypted = data[7] & FLAG_ENCRYPTED != 0;
     if data[7] & !FLAG_ENCRYPTED != 0 {
         return Err(corrupt(format!("unknown flags {:#x}", data[7])));
@@ -127,7 +140,9 @@ pub fn open(
     len.copy_from_slice(&data[8..16]);
     let raw_len = u64::from_le_bytes(len);
     if raw_len > max_len {
-        return Err(corrupt(format!("body of {raw_len} bytes exceeds the limit of {max_len}")));
+        return Err(corrupt(format!(
+            "body of {raw_len} bytes exceeds the limit of {max_len}"
+        )));
     }
     let header = &data[..HEADER_LEN];
     let payload = &data[HEADER_LEN..];
@@ -141,13 +156,17 @@ pub fn open(
             }
             let (body, digest) = payload.split_at(payload.len() - 32);
             if plain_digest(header, name, body)[..] != digest[..] {
-                return Err(corrupt("checksum mismatch (the object was changed, truncated or moved)".into()));
+                return Err(corrupt(
+                    "checksum mismatch (the object was changed, truncated or moved)".into(),
+                ));
             }
             body.to_vec()
         }
         (true, None) => return Err(RepoError::KeyNeeded),
         (false, Some(_)) => {
-            return Err(corrupt("unencrypted object in an encrypted repository".into()));
+            return Err(corrupt(
+                "unencrypted object in an encrypted repository".into(),
+            ));
         }
     };
     compression
@@ -181,18 +200,37 @@ mod tests {
         let keys = Keys::derive(&MasterKey::generate(), b"r");
         let body = b"manifest body manifest body manifest body".repeat(10);
         for k in [None, Some(&keys)] {
-            let obj = seal(ObjectKind::Manifest, "main/backups/x", &body, Compression::Lz4, k);
-            assert_eq!(open(ObjectKind::Manifest, "main/backups/x", &obj, k, 1 << 20).unwrap(), body);
+            let obj = seal(
+                ObjectKind::Manifest,
+                "main/backups/x",
+                &body,
+                Compression::Lz4,
+                k,
+            );
+            assert_eq!(
+                open(ObjectKind::Manifest, "main/backups/x", &obj, k, 1 << 20).unwrap(),
+                body
+            );
             for i in 0..obj.len() {
                 let mut bad = obj.to_vec();
                 bad[i] ^= 0x40;
-                assert!(open(ObjectKind::Manifest, "main/backups/x", &bad, k, 1 << 20).is_err(), "flip at {i}");
+                assert!(
+                    open(ObjectKind::Manifest, "main/backups/x", &bad, k, 1 << 20).is_err(),
+                    "flip at {i}"
+                );
             }
             // moved to another name
             assert!(open(ObjectKind::Manifest, "main/backups/y", &obj, k, 1 << 20).is_err());
             // truncated anywhere
             for n in 0..obj.len() {
-                assert!(open(ObjectKind::Manifest, "main/backups/x", &obj[..n], k, 1 << 20).is_err());
+                assert!(open(
+                    ObjectKind::Manifest,
+                    "main/backups/x",
+                    &obj[..n],
+                    k,
+                    1 << 20
+                )
+                .is_err());
             }
         }
     }
@@ -202,7 +240,17 @@ mod tests {
         let mut obj = seal(ObjectKind::Index, "i", b"x", Compression::None, None).to_vec();
         obj[4] = 9;
         let e = open(ObjectKind::Index, "i", &obj, None, 100).unwrap_err();
-        assert!(matches!(e, RepoError::UnsupportedVersion { found: 9, supported: 1, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RepoError::UnsupportedVersion {
+                    found: 9,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     proptest! {

@@ -81,7 +81,10 @@ pub(crate) fn encode_entries(entries: &[PackEntry], out: &mut Vec<u8>) {
 }
 
 /// Parse `count, entries...` from the front of `body`; returns the rest.
-pub(crate) fn decode_entries<'a>(body: &'a [u8], object: &str) -> Result<(Vec<PackEntry>, &'a [u8]), RepoError> {
+pub(crate) fn decode_entries<'a>(
+    body: &'a [u8],
+    object: &str,
+) -> Result<(Vec<PackEntry>, &'a [u8]), RepoError> {
     let corrupt = |reason: String| RepoError::Corrupt {
         object: object.to_owned(),
         reason,
@@ -91,7 +94,12 @@ pub(crate) fn decode_entries<'a>(body: &'a [u8], object: &str) -> Result<(Vec<Pa
         .checked_mul(ENTRY_LEN)
         .and_then(|n| n.checked_add(4))
         .filter(|&n| n <= body.len())
-        .ok_or_else(|| corrupt(format!("{count} entries do not fit in {} bytes", body.len())))?;
+        .ok_or_else(|| {
+            corrupt(format!(
+                "{count} entries do not fit in {} bytes",
+                body.len()
+            ))
+        })?;
     let mut entries = Vec::with_capacity(count);
     for rec in body[4..need].chunks_exact(ENTRY_LEN) {
         let mut id = [0u8; 32];
@@ -117,7 +125,12 @@ pub(crate) fn read_u32(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Compress (and encrypt) one block into its blob.
-pub fn encode_blob(data: &[u8], id: &BlockId, compression: Compression, keys: Option<&Keys>) -> (Vec<u8>, Compression) {
+pub fn encode_blob(
+    data: &[u8],
+    id: &BlockId,
+    compression: Compression,
+    keys: Option<&Keys>,
+) -> (Vec<u8>, Compression) {
     let (used, compressed) = compression.compress(data);
     match keys {
         Some(k) => (k.seal(&blob_aad(id), &compressed), used),
@@ -133,7 +146,9 @@ pub fn decode_blob(
     hasher: &IdHasher,
 ) -> Result<Vec<u8>, String> {
     let compressed = match keys {
-        Some(k) => k.open(&blob_aad(&loc.id), blob).map_err(|e| e.to_string())?,
+        Some(k) => k
+            .open(&blob_aad(&loc.id), blob)
+            .map_err(|e| e.to_string())?,
         None => blob.to_vec(),
     };
     let compression = Compression::from_id(loc.compression).ok_or("unknown compression")?;
@@ -194,7 +209,8 @@ impl PackBuilder {
         encode_entries(&self.entries, &mut body);
         let header = object::seal(ObjectKind::PackHeader, name, &body, Compression::None, keys);
         self.data.extend_from_slice(&header);
-        self.data.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        self.data
+            .extend_from_slice(&(header.len() as u32).to_le_bytes());
         self.data.extend_from_slice(TRAILER_MAGIC);
         (self.id, Bytes::from(self.data), self.entries)
     }
@@ -222,14 +238,18 @@ pub async fn read_pack_header(
     if size < TRAILER_LEN {
         return Err(corrupt(format!("truncated: {size} bytes")));
     }
-    let trailer = storage.get_range(name, size - TRAILER_LEN, TRAILER_LEN).await?;
+    let trailer = storage
+        .get_range(name, size - TRAILER_LEN, TRAILER_LEN)
+        .await?;
     if trailer.len() as u64 != TRAILER_LEN || &trailer[4..] != TRAILER_MAGIC {
         return Err(corrupt("no pack trailer (truncated or not a pack)".into()));
     }
     let header_len = u64::from(read_u32(&trailer, 0).unwrap_or(0));
-    let blobs_end = size
-        .checked_sub(TRAILER_LEN + header_len)
-        .ok_or_else(|| corrupt(format!("header length {header_len} exceeds the pack size {size}")))?;
+    let blobs_end = size.checked_sub(TRAILER_LEN + header_len).ok_or_else(|| {
+        corrupt(format!(
+            "header length {header_len} exceeds the pack size {size}"
+        ))
+    })?;
     let header = storage.get_range(name, blobs_end, header_len).await?;
     let body = object::open(ObjectKind::PackHeader, name, &header, keys, 1 << 30)?;
     let (entries, rest) = decode_entries(&body, name)?;
@@ -238,7 +258,10 @@ pub async fn read_pack_header(
     }
     for e in &entries {
         if u64::from(e.offset) + u64::from(e.len) > blobs_end {
-            return Err(corrupt(format!("entry for block {} points past the blobs", e.id)));
+            return Err(corrupt(format!(
+                "entry for block {} points past the blobs",
+                e.id
+            )));
         }
     }
     Ok(entries)

@@ -13,8 +13,15 @@ use crate::codec::BlockId;
 
 impl Repository {
     /// Read, verify and decode one block.
-    pub async fn read_block(&self, paths: &StanzaPaths, index: &Index, id: &BlockId) -> Result<Bytes, RepoError> {
-        let loc = index.get(id).ok_or_else(|| RepoError::Invalid(format!("block {id} is not in the index")))?;
+    pub async fn read_block(
+        &self,
+        paths: &StanzaPaths,
+        index: &Index,
+        id: &BlockId,
+    ) -> Result<Bytes, RepoError> {
+        let loc = index
+            .get(id)
+            .ok_or_else(|| RepoError::Invalid(format!("block {id} is not in the index")))?;
         let name = paths.pack(&loc.pack);
         let blob = self
             .storage()

@@ -123,13 +123,19 @@ struct UploadResult {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("stanza", &self.paths).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("stanza", &self.paths)
+            .finish_non_exhaustive()
     }
 }
 
 impl Session {
     /// Take a lease, load the index, and start the uploaders.
-    pub async fn start(repo: Arc<Repository>, stanza: &str, opts: SessionOptions) -> Result<Session, RepoError> {
+    pub async fn start(
+        repo: Arc<Repository>,
+        stanza: &str,
+        opts: SessionOptions,
+    ) -> Result<Session, RepoError> {
         let paths = StanzaPaths::new(stanza);
         let lease = Lease::acquire(repo.clone(), &paths, &opts.purpose).await?;
         let (mut index, _) = Index::load(&repo, &paths).await?;
@@ -154,7 +160,9 @@ impl Session {
             opts.index_flush_packs.max(1),
         ));
         Ok(Session {
-            compression: opts.compression.unwrap_or_else(|| repo.config().compression()),
+            compression: opts
+                .compression
+                .unwrap_or_else(|| repo.config().compression()),
             pack_size,
             batch_blocks: opts.batch_blocks.max(1),
             known: Arc::new(index),
@@ -184,18 +192,25 @@ impl Session {
     pub fn put_block(&self, data: &[u8]) -> Result<BlockId, RepoError> {
         let id = self.repo.hasher().id(data);
         self.counters.blocks.fetch_add(1, Ordering::Relaxed);
-        self.counters.logical.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .logical
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if self.known.contains(&id) || !lock(&self.fresh).insert(id) {
             return Ok(id);
         }
         self.counters.new_blocks.fetch_add(1, Ordering::Relaxed);
-        self.counters.new_raw.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .new_raw
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let (blob, used) = encode_blob(data, &id, self.compression, self.repo.keys());
         let full = {
             let mut p = lock(&self.packer);
             p.push(id, &blob, data.len(), used);
             if p.len() >= self.pack_size {
-                Some(std::mem::replace(&mut *p, PackBuilder::new(self.pack_size + self.pack_size / 8)))
+                Some(std::mem::replace(
+                    &mut *p,
+                    PackBuilder::new(self.pack_size + self.pack_size / 8),
+                ))
             } else {
                 None
             }
@@ -222,7 +237,8 @@ impl Session {
             let mut eof = false;
             while batch.len() < self.batch_blocks {
                 let mut buf = vec![0u8; bs];
-                let n = read_full(reader, &mut buf).map_err(|e| RepoError::Invalid(format!("reading input: {e}")))?;
+                let n = read_full(reader, &mut buf)
+                    .map_err(|e| RepoError::Invalid(format!("reading input: {e}")))?;
                 if n == 0 {
                     eof = true;
                     break;
@@ -245,7 +261,12 @@ impl Session {
     fn prepare(&self, pack: PackBuilder) -> FinishedPack {
         let name = self.paths.pack(&pack.id);
         let (id, data, entries) = pack.finish(&name, self.repo.keys());
-        FinishedPack { id, name, data, entries }
+        FinishedPack {
+            id,
+            name,
+            data,
+            entries,
+        }
     }
 
     fn send_pack(&self, pack: PackBuilder) -> Result<(), RepoError> {
@@ -263,7 +284,10 @@ impl Session {
         let tx = lock(&self.tx).take();
         let sent = match (last.is_empty(), tx) {
             (true, _) => Ok(()),
-            (false, Some(tx)) => tx.send(self.prepare(last)).await.map_err(|_| uploads_stopped()),
+            (false, Some(tx)) => tx
+                .send(self.prepare(last))
+                .await
+                .map_err(|_| uploads_stopped()),
             (false, None) => Err(RepoError::Invalid("session already finished".into())),
         };
         let handle = lock(&self.uploader).take();
@@ -286,7 +310,11 @@ impl Session {
         };
         self.lease.release().await;
         let c = &self.counters;
-        tracing::debug!(index_objects = u.index_objects.len(), packs = u.uploaded.len(), "session finished");
+        tracing::debug!(
+            index_objects = u.index_objects.len(),
+            packs = u.uploaded.len(),
+            "session finished"
+        );
         Ok(SessionStats {
             blocks: c.blocks.load(Ordering::Relaxed),
             logical_bytes: c.logical.load(Ordering::Relaxed),

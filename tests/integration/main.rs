@@ -6,4 +6,5 @@ mod support;
 
 mod cli_storage;
 mod harness;
+mod repo;
 mod storage_conformance;

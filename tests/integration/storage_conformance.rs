@@ -8,45 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tempfile::TempDir;
 use walvault::storage::{
     list_all, Fault, FaultInjecting, LocalDir, RetryPolicy, Retrying, Storage, StorageError,
 };
 
+use crate::support::backend::Backend;
 use crate::support::pseudo_random;
-use crate::support::s3::S3Server;
-
-/// A backend under test and whatever keeps it alive.
-struct Backend {
-    raw: Arc<dyn Storage>,
-    store: Arc<dyn Storage>,
-    _dir: Option<TempDir>,
-    _server: Option<S3Server>,
-}
-
-impl Backend {
-    fn local() -> Backend {
-        let dir = tempfile::tempdir().unwrap();
-        let raw: Arc<dyn Storage> = Arc::new(LocalDir::open(dir.path().join("repo")).unwrap());
-        Backend {
-            store: Arc::new(Retrying::new(raw.clone(), RetryPolicy::default())),
-            raw,
-            _dir: Some(dir),
-            _server: None,
-        }
-    }
-
-    async fn s3() -> Backend {
-        let server = S3Server::start().await;
-        let raw: Arc<dyn Storage> = Arc::new(server.storage("conformance/prefix").await);
-        Backend {
-            store: Arc::new(Retrying::new(raw.clone(), RetryPolicy::default())),
-            raw,
-            _dir: None,
-            _server: Some(server),
-        }
-    }
-}
 
 fn sha(b: &[u8]) -> Vec<u8> {
     Sha256::digest(b).to_vec()
@@ -316,28 +283,7 @@ async fn invalid_keys_refused(b: &Backend) {
     assert!(list_all(b.store.as_ref(), "").await.unwrap().is_empty());
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(&super::Backend::local()).await;
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(&super::Backend::s3().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+crate::on_every_backend!(
     missing_key,
     empty_object,
     large_object,

@@ -2,6 +2,7 @@
 //! S3-compatible server ([`s3::S3Server`], Garage) on 127.0.0.1, each in its own
 //! temporary directory and always torn down, also when a test panics.
 
+pub mod backend;
 pub mod pg;
 pub mod s3;
 
@@ -51,7 +52,7 @@ pub fn walvault_bin() -> PathBuf {
 
 /// Deterministic pseudo-random bytes (xorshift), fast enough for 100 MiB.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;
@@ -61,4 +62,81 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A stream of `len` deterministic pseudo-random bytes, generated 8 KiB page
+/// by page (so a 1 GiB "relation" needs no memory), optionally with one page
+/// replaced by different content.
+pub struct SynthReader {
+    len: u64,
+    pos: u64,
+    seed: u64,
+    changed_page: Option<u64>,
+    page: Vec<u8>,
+    filler: Vec<u8>,
+}
+
+impl SynthReader {
+    /// `len` bytes from `seed`.
+    pub fn new(len: u64, seed: u64) -> SynthReader {
+        SynthReader {
+            len,
+            pos: 0,
+            seed,
+            changed_page: None,
+            page: Vec::new(),
+            filler: Vec::new(),
+        }
+    }
+
+    /// The same stream with page `n` (8 KiB) different.
+    pub fn with_changed_page(mut self, n: u64) -> SynthReader {
+        self.changed_page = Some(n);
+        self
+    }
+
+    /// Page `n` of the stream: a random filler (the same for every page, so
+    /// generating a gigabyte costs only copies) under a header that makes each
+    /// page unique.
+    pub fn page(&self, n: u64) -> Vec<u8> {
+        let salt = if self.changed_page == Some(n) {
+            0xdead_beef
+        } else {
+            0
+        };
+        let mut p = pseudo_random(8192, self.seed);
+        p[..8].copy_from_slice(&n.to_le_bytes());
+        p[8..16].copy_from_slice(&(self.seed ^ salt).to_le_bytes());
+        p
+    }
+}
+
+impl std::io::Read for SynthReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.len {
+            return Ok(0);
+        }
+        let n = self.pos / 8192;
+        let off = (self.pos % 8192) as usize;
+        if self.filler.is_empty() {
+            self.filler = pseudo_random(8192, self.seed);
+        }
+        if off == 0 || self.page.is_empty() {
+            let salt = if self.changed_page == Some(n) {
+                0xdead_beef
+            } else {
+                0
+            };
+            self.page.clear();
+            self.page.extend_from_slice(&self.filler);
+            self.page[..8].copy_from_slice(&n.to_le_bytes());
+            self.page[8..16].copy_from_slice(&(self.seed ^ salt).to_le_bytes());
+        }
+        let avail = (8192 - off)
+            .min((self.len - self.pos) as usize)
+            .min(buf.len());
+        buf[..avail].copy_from_slice(&self.page[off..off + avail]);
+        self.pos += avail as u64;
+        Ok(avail)
+    }
 }
