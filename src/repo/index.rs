@@ -39,6 +39,9 @@ impl Hasher for IdHash {
     }
 }
 
+/// Packs and their entries, as index objects and pack headers list them.
+pub type PackList = Vec<(PackId, Vec<PackEntry>)>;
+
 pub(crate) type IdMap<V> = HashMap<BlockId, V, BuildHasherDefault<IdHash>>;
 
 #[derive(Debug, Clone, Copy)]
@@ -174,7 +177,7 @@ impl Index {
             .into_iter()
             .map(|o| o.key)
             .collect();
-        let bodies: Vec<Result<Option<Vec<(PackId, Vec<PackEntry>)>>, RepoError>> =
+        let bodies: Vec<Result<Option<PackList>, RepoError>> =
             futures::stream::iter(names.iter().cloned())
                 .map(|name| async move {
                     match repo
@@ -251,7 +254,7 @@ impl Index {
     }
 
     /// Every pack with its entries as this index knows them (first locations only).
-    pub fn pack_entries(&self) -> Vec<(PackId, Vec<PackEntry>)> {
+    pub fn pack_entries(&self) -> PackList {
         let mut per: Vec<Vec<PackEntry>> = vec![Vec::new(); self.packs.len()];
         for (id, l) in &self.map {
             per[l.pack as usize].push(PackEntry {

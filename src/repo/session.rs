@@ -20,6 +20,7 @@
 //!   session may have deduplicated against.
 
 use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::gc::{GcState, Lease};
-use super::index::Index;
+use super::index::{IdHash, Index};
 use super::pack::{encode_blob, PackBuilder, PackEntry, PackId};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::{BlockId, Compression};
@@ -106,7 +107,7 @@ pub struct Session {
     pack_size: usize,
     batch_blocks: usize,
     known: Arc<Index>,
-    fresh: Mutex<HashSet<BlockId>>,
+    fresh: Mutex<HashSet<BlockId, BuildHasherDefault<IdHash>>>,
     packer: Mutex<PackBuilder>,
     tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
     uploader: Mutex<Option<tokio::task::JoinHandle<Result<UploadResult, RepoError>>>>,
@@ -166,7 +167,7 @@ impl Session {
             pack_size,
             batch_blocks: opts.batch_blocks.max(1),
             known: Arc::new(index),
-            fresh: Mutex::new(HashSet::new()),
+            fresh: Mutex::new(HashSet::default()),
             packer: Mutex::new(PackBuilder::new(pack_size + pack_size / 8)),
             tx: Mutex::new(Some(tx)),
             uploader: Mutex::new(Some(uploader)),

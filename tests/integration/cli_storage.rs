@@ -222,7 +222,9 @@ fn help_lists_only_working_commands() {
     let out = walvault(&["--help"], &[]);
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(help.contains("storage-check"));
+    for cmd in ["storage-check", "init", "key"] {
+        assert!(help.contains(cmd), "{cmd} missing from --help");
+    }
     for opt in [
         "--repo",
         "--stanza",

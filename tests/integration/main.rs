@@ -4,6 +4,7 @@
 
 mod support;
 
+mod cli_repo;
 mod cli_storage;
 mod harness;
 mod repo;
