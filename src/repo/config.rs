@@ -169,3 +169,27 @@ impl RepoConfig {
         keys.open(&self.key_check_aad(), &sealed).ok().as_deref() == Some(self.repo_id.as_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_newer_version() {
+        let cfg = RepoConfig::new([7; 16], &InitParams::default(), false).unwrap();
+        assert_eq!(RepoConfig::decode(&cfg.encode().unwrap()).unwrap(), cfg);
+        let mut newer = cfg.clone();
+        newer.version = 2;
+        let e = RepoConfig::decode(&newer.encode().unwrap()).unwrap_err();
+        assert!(matches!(e, RepoError::UnsupportedVersion { found: 2, .. }), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_never_panic(body in "\\PC{0,200}") {
+            let obj = object::seal(ObjectKind::Config, CONFIG_KEY, body.as_bytes(), Compression::None, None);
+            let _ = RepoConfig::decode(&obj);
+        }
+    }
+}

@@ -221,3 +221,34 @@ impl KeySlot {
         Ok(slot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHEAP: KdfCost = KdfCost { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+    #[test]
+    fn wrap_unwrap_and_wrong_secrets() {
+        let master = MasterKey([9; 32]);
+        let pass = Secret::Passphrase("long enough passphrase".into());
+        let slot = KeySlot::create(&master, &pass, "repo", "l", CHEAP).unwrap();
+        let back = KeySlot::decode(&slot.object_name(), &slot.encode().unwrap()).unwrap();
+        assert_eq!(back.unwrap_key(&pass, "repo").unwrap().unwrap().0, master.0);
+        assert!(back.unwrap_key(&Secret::Passphrase("another passphrase".into()), "repo").unwrap().is_none());
+        assert!(back.unwrap_key(&pass, "other-repo").unwrap().is_none(), "slot moved to another repository");
+        assert!(back.unwrap_key(&Secret::KeyFile(vec![1; 32]), "repo").unwrap().is_none());
+        assert!(KeySlot::decode("keys/other", &slot.encode().unwrap()).is_err());
+        assert!(KeySlot::create(&master, &Secret::Passphrase("short".into()), "r", "", CHEAP).is_err());
+        assert!(KeySlot::create(&master, &Secret::KeyFile(vec![1; 16]), "r", "", CHEAP).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_never_panic(body in "\\PC{0,300}") {
+            let obj = object::seal(ObjectKind::Key, "keys/x", body.as_bytes(), Compression::None, None);
+            let _ = KeySlot::decode("keys/x", &obj);
+        }
+    }
+}
