@@ -1,14 +1,25 @@
 //! PostgreSQL quantities and (in later layers) the replication protocol.
 //!
+//! The replication client lives here too: connection parameters
+//! ([`ConnParams`]), the sans-IO backend message parser ([`wire`]), the async
+//! connection ([`PgConnection`]) and the replication commands.
+//!
 //! Every number PostgreSQL gives walvault gets a newtype here so that a byte
 //! offset can never be mistaken for a segment number or a timeline: [`Lsn`],
 //! [`TimelineId`], [`SegmentNo`], [`WalSegSize`], [`SystemId`] and the parsed
 //! WAL file names in [`WalFileName`].
 
+mod conn;
+mod conninfo;
 mod lsn;
+mod replication;
 mod walfile;
+pub mod wire;
 
+pub use conn::{PgConnection, PgError, QueryResult};
+pub use conninfo::{ConnInfoError, ConnParams, Host, SslMode};
 pub use lsn::{Lsn, SegmentNo, SystemId, TimelineId, WalSegSize};
+pub use replication::{validate_slot_name, SlotInfo, SystemInfo};
 pub use walfile::{SegmentFile, WalFileName};
 
 /// A value PostgreSQL would reject, with the text that failed and why.

@@ -182,7 +182,10 @@ mod tests {
         let mut newer = cfg.clone();
         newer.version = 2;
         let e = RepoConfig::decode(&newer.encode().unwrap()).unwrap_err();
-        assert!(matches!(e, RepoError::UnsupportedVersion { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, RepoError::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
     }
 
     proptest! {

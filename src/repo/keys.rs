@@ -227,7 +227,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CHEAP: KdfCost = KdfCost { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+    const CHEAP: KdfCost = KdfCost {
+        m_cost_kib: 64,
+        t_cost: 1,
+        p_cost: 1,
+    };
 
     #[test]
     fn wrap_unwrap_and_wrong_secrets() {
@@ -236,11 +240,22 @@ mod tests {
         let slot = KeySlot::create(&master, &pass, "repo", "l", CHEAP).unwrap();
         let back = KeySlot::decode(&slot.object_name(), &slot.encode().unwrap()).unwrap();
         assert_eq!(back.unwrap_key(&pass, "repo").unwrap().unwrap().0, master.0);
-        assert!(back.unwrap_key(&Secret::Passphrase("another passphrase".into()), "repo").unwrap().is_none());
-        assert!(back.unwrap_key(&pass, "other-repo").unwrap().is_none(), "slot moved to another repository");
-        assert!(back.unwrap_key(&Secret::KeyFile(vec![1; 32]), "repo").unwrap().is_none());
+        assert!(back
+            .unwrap_key(&Secret::Passphrase("another passphrase".into()), "repo")
+            .unwrap()
+            .is_none());
+        assert!(
+            back.unwrap_key(&pass, "other-repo").unwrap().is_none(),
+            "slot moved to another repository"
+        );
+        assert!(back
+            .unwrap_key(&Secret::KeyFile(vec![1; 32]), "repo")
+            .unwrap()
+            .is_none());
         assert!(KeySlot::decode("keys/other", &slot.encode().unwrap()).is_err());
-        assert!(KeySlot::create(&master, &Secret::Passphrase("short".into()), "r", "", CHEAP).is_err());
+        assert!(
+            KeySlot::create(&master, &Secret::Passphrase("short".into()), "r", "", CHEAP).is_err()
+        );
         assert!(KeySlot::create(&master, &Secret::KeyFile(vec![1; 16]), "r", "", CHEAP).is_err());
     }
 

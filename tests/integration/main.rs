@@ -7,5 +7,6 @@ mod support;
 mod cli_repo;
 mod cli_storage;
 mod harness;
+mod pg_client;
 mod repo;
 mod storage_conformance;

@@ -1,0 +1,423 @@
+//! A PostgreSQL connection for walvault's own use: ordinary or replication
+//! mode, over TCP or a unix socket, authenticating with trust, clear-text
+//! password, MD5 or SCRAM-SHA-256; simple queries and COPY streams (CopyOut
+//! for BASE_BACKUP, CopyBoth for START_REPLICATION).
+//!
+//! Frontend messages are encoded with `postgres_protocol`; backend messages
+//! are parsed by the sans-IO [`super::wire`] module.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::conninfo::{ConnParams, Host, SslMode};
+use super::wire::{self, Auth, Backend, ServerMessage, WireError};
+
+/// Why talking to PostgreSQL failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// No connection could be opened.
+    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    Connect {
+        /// Address tried.
+        target: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Connecting took longer than `connect_timeout`.
+    #[error("connecting to PostgreSQL at {target} timed out after {secs} s")]
+    Timeout {
+        /// Address tried.
+        target: String,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The connection broke.
+    #[error("lost the connection to PostgreSQL at {target}: {source}")]
+    Io {
+        /// Server address.
+        target: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The server reported an error.
+    #[error("PostgreSQL at {target}: {message}")]
+    Server {
+        /// Server address.
+        target: String,
+        /// Its fields (boxed: errors stay small on the happy path).
+        message: Box<ServerMessage>,
+    },
+    /// The server sent something that breaks the protocol.
+    #[error("PostgreSQL at {target}: {source}")]
+    Wire {
+        /// Server address.
+        target: String,
+        /// What was wrong.
+        source: WireError,
+    },
+    /// The exchange did not go as the protocol says, or a feature is missing.
+    #[error("PostgreSQL at {target}: {reason}")]
+    Protocol {
+        /// Server address.
+        target: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl PgError {
+    /// The SQLSTATE of a server error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            PgError::Server { message, .. } => Some(&message.code),
+            _ => None,
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Rows of a simple query, as text.
+#[derive(Debug, Clone, Default)]
+pub struct QueryResult {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Values (None for NULL), raw bytes as the server sent them.
+    pub rows: Vec<Vec<Option<Bytes>>>,
+}
+
+impl QueryResult {
+    /// Value of `column` in row `row` as text.
+    pub fn text(&self, row: usize, column: &str) -> Option<String> {
+        let i = self.columns.iter().position(|c| c == column)?;
+        let v = self.rows.get(row)?.get(i)?.as_ref()?;
+        Some(String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// An open connection.
+pub struct PgConnection {
+    stream: Box<dyn Stream>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    params: HashMap<String, String>,
+    target: String,
+}
+
+impl std::fmt::Debug for PgConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConnection")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConnection {
+    /// Connect and authenticate; `replication` opens a physical replication
+    /// connection (`replication=true`).
+    pub async fn connect(p: &ConnParams, replication: bool) -> Result<PgConnection, PgError> {
+        let target = p.describe();
+        let secs = p.connect_timeout.as_secs();
+        match tokio::time::timeout(
+            p.connect_timeout.max(Duration::from_millis(1)),
+            Self::open(p, replication),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(PgError::Timeout { target, secs }),
+        }
+    }
+
+    async fn open(p: &ConnParams, replication: bool) -> Result<PgConnection, PgError> {
+        let target = p.describe();
+        let connect_err = |source| PgError::Connect {
+            target: target.clone(),
+            source,
+        };
+        let stream: Box<dyn Stream> = match &p.host {
+            Host::Tcp(h) => {
+                let s = tokio::net::TcpStream::connect((h.as_str(), p.port))
+                    .await
+                    .map_err(connect_err)?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Host::Unix(dir) => Box::new(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", p.port)))
+                    .await
+                    .map_err(connect_err)?,
+            ),
+        };
+        if matches!(
+            p.sslmode,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        ) {
+            return Err(PgError::Protocol {
+                target,
+                reason: format!(
+                    "sslmode={:?} asks for TLS, which this walvault build does not speak yet; use sslmode=disable or prefer",
+                    p.sslmode
+                ),
+            });
+        }
+        let mut c = PgConnection {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+            params: HashMap::new(),
+            target,
+        };
+        let mut startup: Vec<(&str, &str)> =
+            vec![("user", &p.user), ("application_name", &p.application_name)];
+        if let Some(db) = &p.dbname {
+            startup.push(("database", db));
+        }
+        if replication {
+            startup.push(("replication", "true"));
+        }
+        frontend::startup_message(startup, &mut c.wbuf).map_err(|e| c.proto(e.to_string()))?;
+        c.flush().await?;
+        c.authenticate(p).await?;
+        Ok(c)
+    }
+
+    fn proto(&self, reason: String) -> PgError {
+        PgError::Protocol {
+            target: self.target.clone(),
+            reason,
+        }
+    }
+
+    async fn authenticate(&mut self, p: &ConnParams) -> Result<(), PgError> {
+        let password = |c: &Self| {
+            p.password.clone().ok_or_else(|| {
+                c.proto(format!(
+                    "the server asks for a password for user {:?}: give it in the connection string, PGPASSWORD or ~/.pgpass",
+                    p.user
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.recv().await? {
+                Backend::Authentication(Auth::Ok) => {}
+                Backend::Authentication(Auth::Cleartext) => {
+                    let pw = password(self)?;
+                    frontend::password_message(pw.as_bytes(), &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::Md5(salt)) => {
+                    let pw = password(self)?;
+                    let hash = postgres_protocol::authentication::md5_hash(p.user.as_bytes(), pw.as_bytes(), salt);
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::Sasl(mechs)) => {
+                    if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(self.proto(format!("the server offers only SASL mechanisms {mechs:?}")));
+                    }
+                    let pw = password(self)?;
+                    // without TLS there is no channel to bind to
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                        .map_err(|e| self.proto(e.to_string()))?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Backend::Authentication(Auth::SaslContinue(data)) => {
+                    let s = scram.as_mut().ok_or_else(|| self.proto("SASL continue before SASL start".into()))?;
+                    s.update(&data).map_err(|e| PgError::Protocol {
+                        target: self.target.clone(),
+                        reason: format!("SCRAM: {e}"),
+                    })?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
+                    self.flush().await?;
+                }
+                Backend::Authentication(Auth::SaslFinal(data)) => {
+                    let s = scram.as_mut().ok_or_else(|| self.proto("SASL final before SASL start".into()))?;
+                    s.finish(&data).map_err(|e| PgError::Protocol {
+                        target: self.target.clone(),
+                        reason: format!("SCRAM: the server's signature does not verify ({e}): not the server it claims to be"),
+                    })?;
+                }
+                Backend::Authentication(Auth::Unsupported(code)) => {
+                    return Err(self.proto(format!(
+                        "the server asks for an authentication method walvault does not support (code {code}: Kerberos/GSS/SSPI); use scram-sha-256 in pg_hba.conf"
+                    )))
+                }
+                Backend::BackendKeyData => {}
+                Backend::ReadyForQuery(_) => return Ok(()),
+                Backend::Error(message) => {
+                    return Err(PgError::Server {
+                        target: self.target.clone(),
+                        message: Box::new(message),
+                    })
+                }
+                other => return Err(self.proto(format!("unexpected {other:?} during authentication"))),
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        let data = self.wbuf.split();
+        self.stream
+            .write_all(&data)
+            .await
+            .map_err(|source| PgError::Io {
+                target: self.target.clone(),
+                source,
+            })?;
+        self.stream.flush().await.map_err(|source| PgError::Io {
+            target: self.target.clone(),
+            source,
+        })
+    }
+
+    /// The next message, with ParameterStatus recorded and notices logged.
+    pub async fn recv(&mut self) -> Result<Backend, PgError> {
+        loop {
+            match wire::parse(&mut self.rbuf) {
+                Ok(Some(Backend::ParameterStatus { name, value })) => {
+                    self.params.insert(name, value);
+                }
+                Ok(Some(Backend::Notice(n))) => tracing::info!("PostgreSQL: {n}"),
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {
+                    if self.rbuf.capacity() - self.rbuf.len() < 8192 {
+                        self.rbuf.reserve(64 * 1024);
+                    }
+                    let n = self
+                        .stream
+                        .read_buf(&mut self.rbuf)
+                        .await
+                        .map_err(|source| PgError::Io {
+                            target: self.target.clone(),
+                            source,
+                        })?;
+                    if n == 0 {
+                        return Err(PgError::Io {
+                            target: self.target.clone(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "server closed the connection",
+                            ),
+                        });
+                    }
+                }
+                Err(source) => {
+                    return Err(PgError::Wire {
+                        target: self.target.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Send a query without waiting for its results.
+    pub async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
+        self.flush().await
+    }
+
+    /// Run one statement and collect its rows (the last result set when the
+    /// server sends several).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, PgError> {
+        self.send_query(sql).await?;
+        let mut result = QueryResult::default();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                Backend::RowDescription(cols) => {
+                    result = QueryResult {
+                        columns: cols,
+                        rows: Vec::new(),
+                    }
+                }
+                Backend::DataRow(vals) => result.rows.push(vals),
+                Backend::CommandComplete(_) | Backend::EmptyQueryResponse => {}
+                Backend::Error(m) => error = Some(m),
+                Backend::ReadyForQuery(_) => {
+                    return match error {
+                        Some(message) => Err(PgError::Server {
+                            target: self.target.clone(),
+                            message: Box::new(message),
+                        }),
+                        None => Ok(result),
+                    }
+                }
+                Backend::CopyOutResponse | Backend::CopyBothResponse | Backend::CopyInResponse => {
+                    return Err(self.proto(format!("{sql:?} started a COPY; use the streaming API")))
+                }
+                other => return Err(self.proto(format!("unexpected {other:?} after a query"))),
+            }
+        }
+    }
+
+    /// The next CopyData of a COPY stream; `None` at CopyDone.
+    pub async fn copy_data(&mut self) -> Result<Option<Bytes>, PgError> {
+        match self.recv().await? {
+            Backend::CopyData(d) => Ok(Some(d)),
+            Backend::CopyDone => Ok(None),
+            Backend::Error(message) => Err(PgError::Server {
+                target: self.target.clone(),
+                message: Box::new(message),
+            }),
+            other => Err(self.proto(format!("unexpected {other:?} in a COPY stream"))),
+        }
+    }
+
+    /// Send one CopyData (standby status updates in CopyBoth).
+    pub async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), PgError> {
+        frontend::CopyData::new(data)
+            .map_err(|e| self.proto(e.to_string()))?
+            .write(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// End our side of a COPY stream.
+    pub async fn send_copy_done(&mut self) -> Result<(), PgError> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// A run-time parameter the server reported (`server_version`, ...).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+
+    /// `server_version_num`, from the `server_version` the server reported
+    /// (`15.18 (Debian ...)` → 150018; `9.6.3` → 90603).
+    pub fn server_version_num(&self) -> Option<u32> {
+        let v = self.parameter("server_version")?;
+        let nums: Vec<u32> = v
+            .split(|c: char| !c.is_ascii_digit())
+            .take_while(|s| !s.is_empty())
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        match nums.as_slice() {
+            [major, minor, ..] if *major >= 10 => Some(major * 10000 + minor),
+            [major] if *major >= 10 => Some(major * 10000),
+            [a, b, c, ..] => Some(a * 10000 + b * 100 + c),
+            _ => None,
+        }
+    }
+
+    /// The server address, for messages.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Send Terminate and close.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+    }
+}

@@ -1,0 +1,189 @@
+//! walvault's own PostgreSQL client against real servers: every
+//! authentication method, replication commands, server errors with SQLSTATE.
+
+use walvault::pg::{ConnParams, PgConnection, PgError, TimelineId};
+
+use crate::support::free_port;
+use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
+
+fn params(s: &str) -> ConnParams {
+    ConnParams::parse_with_env(s, &|_| None).unwrap()
+}
+
+async fn local_replication(c: &PgCluster) -> PgConnection {
+    PgConnection::connect(
+        &params(&format!(
+            "host={} port={} user=postgres",
+            c.sockdir.display(),
+            c.port
+        )),
+        true,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn identify_system_and_show_over_a_unix_socket() {
+    let c = PgCluster::start();
+    let mut conn = local_replication(&c).await;
+    let sys = conn.identify_system().await.unwrap();
+    assert_eq!(
+        sys.system_id.to_string(),
+        c.psql("SELECT system_identifier FROM pg_control_system()")
+    );
+    assert_eq!(sys.timeline, TimelineId::FIRST);
+    assert!(sys.xlogpos.is_valid());
+    assert_eq!(conn.wal_segment_size().await.unwrap().bytes(), 16 << 20);
+    let num: u32 = c.psql("SHOW server_version_num").parse().unwrap();
+    assert_eq!(conn.server_version_num(), Some(num));
+    assert_eq!(conn.show("wal_level").await.unwrap(), "replica");
+    conn.close().await;
+}
+
+#[tokio::test]
+async fn scram_over_tcp_and_a_wrong_password() {
+    let c = PgCluster::start();
+    let ok = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD}",
+        c.port
+    );
+    let mut conn = PgConnection::connect(&params(&ok), true).await.unwrap();
+    assert!(conn.identify_system().await.unwrap().xlogpos.is_valid());
+    // the server holds our walsender, logged in over TCP (where pg_hba demands SCRAM)
+    let n = c.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender' \
+         AND usename = '{PASSWORD_USER}' AND client_addr = '127.0.0.1' AND application_name = 'walvault'"
+    ));
+    assert_eq!(n, "1");
+    let bad = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password=wrong",
+        c.port
+    );
+    let e = PgConnection::connect(&params(&bad), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some("28P01"), "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "password authentication failed for user \"{PASSWORD_USER}\""
+        )),
+        "{e}"
+    );
+    let none = format!("host=127.0.0.1 port={} user={PASSWORD_USER}", c.port);
+    let e = PgConnection::connect(&params(&none), true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("asks for a password"), "{e}");
+}
+
+#[tokio::test]
+async fn md5_cleartext_and_pgpass() {
+    let c = PgCluster::start();
+    c.psql(
+        "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-pass';
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE plainuser LOGIN PASSWORD 'plain-pass';",
+    );
+    let hba = std::fs::read_to_string(c.datadir.join("pg_hba.conf")).unwrap();
+    c.write_file(
+        "pg_hba.conf",
+        &format!(
+            "host all md5user 127.0.0.1/32 md5\nhost all plainuser 127.0.0.1/32 password\n{hba}"
+        ),
+    );
+    c.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for (user, pw) in [("md5user", "md5-pass"), ("plainuser", "plain-pass")] {
+        let p = params(&format!(
+            "host=127.0.0.1 port={} user={user} password={pw} dbname=postgres",
+            c.port
+        ));
+        let mut conn = PgConnection::connect(&p, false)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let r = conn.simple_query("SELECT current_user").await.unwrap();
+        assert_eq!(r.text(0, "current_user").as_deref(), Some(user));
+    }
+    // the password from a password file
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pgpass = dir.path().join("pgpass");
+    std::fs::write(
+        &pgpass,
+        format!("127.0.0.1:{}:*:{PASSWORD_USER}:{PASSWORD}\n", c.port),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let p = params(&format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} passfile={}",
+        c.port,
+        pgpass.display()
+    ));
+    assert_eq!(p.password.as_deref(), Some(PASSWORD));
+    PgConnection::connect(&p, true).await.unwrap();
+}
+
+#[tokio::test]
+async fn slots_and_server_errors() {
+    let c = PgCluster::start();
+    let mut conn = local_replication(&c).await;
+    conn.create_physical_slot("walvault_t", true).await.unwrap();
+    let info = conn
+        .read_replication_slot("walvault_t")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(info.restart_lsn.is_some_and(|l| l.is_valid()), "{info:?}");
+    assert_eq!(
+        c.psql("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'walvault_t'"),
+        "physical"
+    );
+    assert_eq!(conn.read_replication_slot("nosuch").await.unwrap(), None);
+    conn.drop_slot("walvault_t").await.unwrap();
+    let e = conn.drop_slot("walvault_t").await.unwrap_err();
+    assert_eq!(e.sqlstate(), Some("42704"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("replication slot \"walvault_t\" does not exist"),
+        "{e}"
+    );
+    // the connection is still usable after an error
+    assert!(conn.identify_system().await.is_ok());
+    assert!(conn.create_physical_slot("Bad-Name", false).await.is_err());
+}
+
+#[tokio::test]
+async fn timeline_history_after_a_promotion() {
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary);
+    standby.promote();
+    let mut conn = local_replication(&standby).await;
+    assert_eq!(conn.identify_system().await.unwrap().timeline.get(), 2);
+    let (name, content) = conn
+        .timeline_history(TimelineId::new(2).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(name, "00000002.history");
+    let text = String::from_utf8(content.to_vec()).unwrap();
+    assert!(text.starts_with("1\t0/"), "{text:?}");
+}
+
+#[tokio::test]
+async fn unreachable_server_and_timeouts() {
+    let port = free_port();
+    let e = PgConnection::connect(&params(&format!("host=127.0.0.1 port={port} user=x")), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PgError::Connect { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    // a listener that never answers: the connect timeout applies
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = l.local_addr().unwrap().port();
+    let e = PgConnection::connect(
+        &params(&format!("host=127.0.0.1 port={p} user=x connect_timeout=1")),
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, PgError::Timeout { secs: 1, .. }), "{e}");
+}
