@@ -1,0 +1,4 @@
+//! Base backups: the BASE_BACKUP tar streams, parsed into files and fed to
+//! the repository's block pipeline.
+
+pub mod tar;
