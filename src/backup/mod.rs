@@ -1,4 +1,5 @@
 //! Base backups: the BASE_BACKUP tar streams, parsed into files and fed to
 //! the repository's block pipeline.
 
+pub mod stream;
 pub mod tar;

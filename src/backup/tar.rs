@@ -114,7 +114,9 @@ impl TarParser {
                             self.state = State::Done;
                             out.push(TarEvent::End);
                         }
-                        (State::Trailer, false) => return Err(self.err("a zero block followed by a header")),
+                        (State::Trailer, false) => {
+                            return Err(self.err("a zero block followed by a header"))
+                        }
                         (_, true) => self.state = State::Trailer,
                         (_, false) => {
                             let h = parse_header(&block).map_err(|r| self.err(&r))?;
@@ -124,7 +126,8 @@ impl TarParser {
                                 out.push(TarEvent::EntryEnd);
                                 self.state = State::Header;
                             } else {
-                                let pad = ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize;
+                                let pad =
+                                    ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize;
                                 self.state = State::Data { left: size, pad };
                             }
                         }
@@ -168,8 +171,12 @@ impl TarParser {
         match (&self.state, self.header.is_empty()) {
             (State::Done, _) | (State::Header, true) | (State::Padding(0), _) => Ok(()),
             (State::Trailer, true) => Ok(()),
-            (State::Data { left, .. }, _) => Err(self.err(&format!("truncated: {left} bytes of a file missing"))),
-            (State::Padding(n), _) => Err(self.err(&format!("truncated: {n} bytes of padding missing"))),
+            (State::Data { left, .. }, _) => {
+                Err(self.err(&format!("truncated: {left} bytes of a file missing")))
+            }
+            (State::Padding(n), _) => {
+                Err(self.err(&format!("truncated: {n} bytes of padding missing")))
+            }
             _ => Err(self.err("truncated inside a header")),
         }
     }
@@ -217,7 +224,13 @@ fn parse_header(h: &[u8]) -> Result<TarHeader, String> {
     let sum: u64 = h
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(b)
+            }
+        })
         .sum();
     if sum != stored {
         return Err(format!("header checksum {stored} does not match {sum}"));
@@ -229,7 +242,10 @@ fn parse_header(h: &[u8]) -> Result<TarHeader, String> {
             path = format!("{prefix}/{path}");
         }
     }
-    let path = path.trim_start_matches("./").trim_end_matches('/').to_owned();
+    let path = path
+        .trim_start_matches("./")
+        .trim_end_matches('/')
+        .to_owned();
     if path.is_empty() || path.split('/').any(|s| s == "..") || path.starts_with('/') {
         return Err(format!("unsafe path {path:?}"));
     }
@@ -301,10 +317,22 @@ mod tests {
 
     fn sample() -> Vec<(&'static str, EntryKind, Vec<u8>)> {
         vec![
-            ("backup_label", EntryKind::File, b"START WAL LOCATION: 0/2000028\n".to_vec()),
+            (
+                "backup_label",
+                EntryKind::File,
+                b"START WAL LOCATION: 0/2000028\n".to_vec(),
+            ),
             ("base", EntryKind::Directory, vec![]),
-            ("base/1/1259", EntryKind::File, (0..20_000u32).map(|i| i as u8).collect()),
-            ("pg_tblspc/16390", EntryKind::Symlink("/srv/ts".into()), vec![]),
+            (
+                "base/1/1259",
+                EntryKind::File,
+                (0..20_000u32).map(|i| i as u8).collect(),
+            ),
+            (
+                "pg_tblspc/16390",
+                EntryKind::Symlink("/srv/ts".into()),
+                vec![],
+            ),
             ("empty", EntryKind::File, vec![]),
             ("exact", EntryKind::File, vec![7; 1024]),
         ]
@@ -312,7 +340,10 @@ mod tests {
 
     /// Files (path, kind, content) the parser reports for `data` cut into
     /// chunks at `cuts`.
-    fn parse_all(data: &[u8], cuts: &[usize]) -> Result<Vec<(String, EntryKind, Vec<u8>)>, TarError> {
+    fn parse_all(
+        data: &[u8],
+        cuts: &[usize],
+    ) -> Result<Vec<(String, EntryKind, Vec<u8>)>, TarError> {
         let mut p = TarParser::new();
         let mut events = Vec::new();
         let mut last = 0;
@@ -336,7 +367,10 @@ mod tests {
     fn every_split_gives_the_same_files() {
         for trailer in [true, false] {
             let data = archive(&sample(), trailer);
-            let want: Vec<_> = sample().into_iter().map(|(p, k, d)| (p.to_owned(), k, d)).collect();
+            let want: Vec<_> = sample()
+                .into_iter()
+                .map(|(p, k, d)| (p.to_owned(), k, d))
+                .collect();
             for cut in 0..=data.len() {
                 assert_eq!(parse_all(&data, &[cut]).unwrap(), want, "cut at {cut}");
             }
@@ -359,7 +393,11 @@ mod tests {
         };
         for n in 0..data.len() {
             let r = parse_all(&data[..n], &[]);
-            assert_eq!(r.is_ok(), boundaries.contains(&n), "truncated at {n}: {r:?}");
+            assert_eq!(
+                r.is_ok(),
+                boundaries.contains(&n),
+                "truncated at {n}: {r:?}"
+            );
         }
     }
 
@@ -367,7 +405,10 @@ mod tests {
     fn bad_checksum_and_unsafe_paths() {
         let mut data = archive(&sample(), true);
         data[10] ^= 1;
-        assert!(parse_all(&data, &[]).unwrap_err().reason.contains("checksum"));
+        assert!(parse_all(&data, &[])
+            .unwrap_err()
+            .reason
+            .contains("checksum"));
         let evil = archive(&[("../etc/passwd", EntryKind::File, vec![1])], true);
         assert!(parse_all(&evil, &[]).unwrap_err().reason.contains("unsafe"));
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod base_backup;
 mod cli_repo;
 mod cli_storage;
 mod harness;
