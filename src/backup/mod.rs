@@ -1,5 +1,107 @@
 //! Base backups: the BASE_BACKUP tar streams, parsed into files and fed to
 //! the repository's block pipeline.
 
+pub mod files;
 pub mod stream;
 pub mod tar;
+
+use std::sync::Arc;
+
+use crate::pg::{Lsn, PgConnection, PgError, TimelineId};
+use crate::repo::{BackupFile, RepoError, Repository, Session, SessionOptions, SessionStats};
+use stream::{ArchiveEvent, BackupStart, BaseBackupOptions, BaseBackupStream};
+
+/// Why storing a base backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The server or the connection failed.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// The repository failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+/// A base backup's files, stored in the repository (not yet committed: no
+/// manifest has been written).
+#[derive(Debug)]
+pub struct StoredFiles {
+    /// The files, in archive order.
+    pub files: Vec<BackupFile>,
+    /// What the session stored.
+    pub stats: SessionStats,
+    /// Start position and tablespaces.
+    pub start: BackupStart,
+    /// End position.
+    pub end: (Lsn, TimelineId),
+}
+
+/// Events queued between the network and the block pipeline (each at most
+/// one CopyData message, so about 64 KiB each at PostgreSQL's chunk size).
+const EVENT_QUEUE: usize = 256;
+
+/// Run BASE_BACKUP on `conn` and store every file through a new session on
+/// `stanza`. `observe` sees every event (progress reporting, tests).
+///
+/// On failure the session is still finished, so the packs uploaded so far are
+/// indexed and the next backup deduplicates against them instead of sending
+/// them again.
+pub async fn store_base_backup(
+    repo: Arc<Repository>,
+    stanza: &str,
+    conn: &mut PgConnection,
+    opts: &BaseBackupOptions,
+    mut observe: impl FnMut(&ArchiveEvent) + Send,
+) -> Result<StoredFiles, BackupError> {
+    let session = Session::start(repo, stanza, SessionOptions::default()).await?;
+    // bounded: a slow pipeline slows the download instead of filling memory
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ArchiveEvent>(EVENT_QUEUE);
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut asm = files::FileAssembler::new(&session);
+        let mut result = Ok(());
+        while let Some(e) = rx.blocking_recv() {
+            if let Err(err) = asm.push(e) {
+                result = Err(err);
+                break;
+            }
+        }
+        drop(rx);
+        let files = result.and_then(|()| asm.finish());
+        (files, session)
+    });
+    let pumped = async {
+        let (mut stream, start) = BaseBackupStream::start(conn, opts).await?;
+        let mut events = Vec::new();
+        while stream.next(&mut events).await? {
+            for e in events.drain(..) {
+                observe(&e);
+                if tx.send(e).await.is_err() {
+                    // the worker stopped on an error, reported below
+                    return Ok::<_, BackupError>(None);
+                }
+            }
+        }
+        let end = stream.end().ok_or_else(|| PgError::Protocol {
+            target: String::new(),
+            reason: "BASE_BACKUP ended without an end position".into(),
+        })?;
+        Ok(Some((start, end)))
+    }
+    .await;
+    drop(tx);
+    let (files, session) = worker
+        .await
+        .map_err(|e| RepoError::Invalid(format!("backup worker failed: {e}")))?;
+    let finished = session.finish().await;
+    let positions = pumped?;
+    let files = files?;
+    let stats = finished?;
+    let (start, end) =
+        positions.ok_or_else(|| RepoError::Invalid("the block pipeline stopped early".into()))?;
+    Ok(StoredFiles {
+        files,
+        stats,
+        start,
+        end,
+    })
+}

@@ -22,6 +22,8 @@ pub struct BackupFile {
     /// Path relative to the data directory (`base/5/16384`), or
     /// `pg_tblspc/<oid>/...` for tablespace files.
     pub path: String,
+    /// File, directory or symbolic link.
+    pub kind: FileKind,
     /// Size in bytes.
     pub size: u64,
     /// Unix mode bits.
@@ -30,6 +32,17 @@ pub struct BackupFile {
     pub mtime: i64,
     /// Block ids in order; their lengths add up to `size`.
     pub blocks: Vec<BlockId>,
+}
+
+/// What a manifest entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    /// A regular file (its blocks hold the content).
+    File,
+    /// A directory (no blocks).
+    Directory,
+    /// A symbolic link to the target (no blocks), e.g. `pg_tblspc/<oid>`.
+    Symlink(String),
 }
 
 /// A tablespace of the backed-up cluster.
@@ -225,6 +238,7 @@ mod tests {
             block_size: 131072,
             files: vec![BackupFile {
                 path: "base/5/16384".into(),
+                kind: FileKind::File,
                 size: 8192,
                 mode: 0o600,
                 mtime: 3,

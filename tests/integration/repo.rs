@@ -9,8 +9,8 @@ use futures::TryStreamExt;
 use walvault::codec::BlockId;
 use walvault::repo::gc::{self, Lease};
 use walvault::repo::{
-    BackupFile, Index, InitParams, KdfCost, Manifest, ManifestTotals, RepoError, Repository,
-    Secret, Session, SessionOptions, SessionStats, StanzaPaths,
+    BackupFile, FileKind, Index, InitParams, KdfCost, Manifest, ManifestTotals, RepoError,
+    Repository, Secret, Session, SessionOptions, SessionStats, StanzaPaths,
 };
 use walvault::storage::{list_all, Storage};
 
@@ -76,6 +76,7 @@ async fn store(
             assert_eq!(size, data.len() as u64);
             out.push(BackupFile {
                 path,
+                kind: FileKind::File,
                 size,
                 mode: 0o600,
                 mtime: 0,
