@@ -128,7 +128,8 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
         return Err(err(format!("invalid length {len}")));
     }
     if buf.len() < len + 1 {
-        buf.reserve(len + 1 - buf.len());
+        // no reserve(len): a hostile length must not allocate a gigabyte up
+        // front; the reader grows the buffer as bytes actually arrive
         return Ok(None);
     }
     buf.advance(5);
@@ -299,6 +300,15 @@ mod tests {
             assert_eq!(got[1], Backend::CopyBothResponse);
             assert_eq!(got[2], Backend::CopyData(Bytes::from_static(b"payload")));
         }
+    }
+
+    /// Regression (found by fuzzing): a header announcing a 1 GiB message made
+    /// the parser reserve a gigabyte before a single byte of it arrived.
+    #[test]
+    fn a_huge_announced_length_allocates_nothing() {
+        let mut buf = BytesMut::from(&[b'd', 0x3f, 0xff, 0xff, 0xff, 1, 2, 3][..]);
+        assert_eq!(parse(&mut buf).unwrap(), None);
+        assert!(buf.capacity() < 1 << 20, "reserved {} bytes", buf.capacity());
     }
 
     proptest! {
