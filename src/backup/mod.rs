@@ -20,6 +20,49 @@ pub enum BackupError {
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// The server found pages whose checksum does not match.
+    #[error("{} corrupt page(s) in the source cluster: {}{}; restore those relations from an earlier backup or repair them, then back up again",
+        pages.len(),
+        pages.iter().take(5).map(|p| format!("{} block {}", p.file, p.block)).collect::<Vec<_>>().join(", "),
+        if pages.len() > 5 { ", ..." } else { "" })]
+    CorruptPages {
+        /// The pages, as the server reported them.
+        pages: Vec<CorruptPage>,
+    },
+}
+
+/// A page that failed checksum verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptPage {
+    /// File, relative to the data directory.
+    pub file: String,
+    /// Block number in the file.
+    pub block: u64,
+}
+
+/// Pages named in the server's "checksum verification failed in file \"F\",
+/// block N: ..." warnings.
+fn corrupt_pages(notices: &[crate::pg::wire::ServerMessage]) -> Vec<CorruptPage> {
+    notices
+        .iter()
+        .filter_map(|n| {
+            let rest = n
+                .message
+                .strip_prefix("checksum verification failed in file \"")?;
+            let (file, rest) = rest.split_once('"')?;
+            let block = rest
+                .strip_prefix(", block ")?
+                .split(':')
+                .next()?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(CorruptPage {
+                file: file.trim_start_matches("./").to_owned(),
+                block,
+            })
+        })
+        .collect()
 }
 
 /// A base backup's files, stored in the repository (not yet committed: no
@@ -93,6 +136,12 @@ pub async fn store_base_backup(
         .await
         .map_err(|e| RepoError::Invalid(format!("backup worker failed: {e}")))?;
     let finished = session.finish().await;
+    // The server verifies page checksums (retrying torn reads) and names each
+    // failure in a warning before its final error.
+    let pages = corrupt_pages(&conn.take_notices());
+    if !pages.is_empty() {
+        return Err(BackupError::CorruptPages { pages });
+    }
     let positions = pumped?;
     let files = files?;
     let stats = finished?;

@@ -108,7 +108,11 @@ pub struct PgConnection {
     wbuf: BytesMut,
     params: HashMap<String, String>,
     target: String,
+    notices: Vec<ServerMessage>,
 }
+
+/// Notices kept for [`PgConnection::take_notices`]; more are only logged.
+const MAX_NOTICES: usize = 1000;
 
 impl std::fmt::Debug for PgConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,6 +177,7 @@ impl PgConnection {
             wbuf: BytesMut::with_capacity(1024),
             params: HashMap::new(),
             target,
+            notices: Vec::new(),
         };
         let mut startup: Vec<(&str, &str)> =
             vec![("user", &p.user), ("application_name", &p.application_name)];
@@ -287,7 +292,12 @@ impl PgConnection {
                 Ok(Some(Backend::ParameterStatus { name, value })) => {
                     self.params.insert(name, value);
                 }
-                Ok(Some(Backend::Notice(n))) => tracing::info!("PostgreSQL: {n}"),
+                Ok(Some(Backend::Notice(n))) => {
+                    tracing::info!("PostgreSQL: {n}");
+                    if self.notices.len() < MAX_NOTICES {
+                        self.notices.push(n);
+                    }
+                }
                 Ok(Some(m)) => return Ok(m),
                 Ok(None) => {
                     if self.rbuf.capacity() - self.rbuf.len() < 8192 {
@@ -386,6 +396,12 @@ impl PgConnection {
     pub async fn send_copy_done(&mut self) -> Result<(), PgError> {
         frontend::copy_done(&mut self.wbuf);
         self.flush().await
+    }
+
+    /// Notices and warnings received since the last call (at most 1000 are
+    /// kept; all are logged).
+    pub fn take_notices(&mut self) -> Vec<ServerMessage> {
+        std::mem::take(&mut self.notices)
     }
 
     /// A run-time parameter the server reported (`server_version`, ...).

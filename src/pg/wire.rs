@@ -308,7 +308,11 @@ mod tests {
     fn a_huge_announced_length_allocates_nothing() {
         let mut buf = BytesMut::from(&[b'd', 0x3f, 0xff, 0xff, 0xff, 1, 2, 3][..]);
         assert_eq!(parse(&mut buf).unwrap(), None);
-        assert!(buf.capacity() < 1 << 20, "reserved {} bytes", buf.capacity());
+        assert!(
+            buf.capacity() < 1 << 20,
+            "reserved {} bytes",
+            buf.capacity()
+        );
     }
 
     proptest! {

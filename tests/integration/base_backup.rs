@@ -317,3 +317,65 @@ mod into_repository {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_page_is_reported_with_file_and_block() {
+    use std::sync::Arc;
+    use walvault::backup::{store_base_backup, BackupError};
+    use walvault::repo::{InitParams, KdfCost, Repository};
+
+    use crate::support::backend::Backend;
+    use crate::support::pg::StopMode;
+
+    let mut c = PgCluster::start();
+    c.psql("CREATE TABLE victim(i int, t text); INSERT INTO victim SELECT g, repeat('v', 200) FROM generate_series(1, 1000) g; CHECKPOINT");
+    let rel = c.psql("SELECT pg_relation_filepath('victim')");
+    c.stop(StopMode::Fast);
+    let path = c.datadir.join(&rel);
+    let mut data = std::fs::read(&path).unwrap();
+    assert!(data.len() >= 3 * 8192);
+    data[2 * 8192 + 4000] ^= 0xff; // inside block 2, away from the header
+    std::fs::write(&path, data).unwrap();
+    c.start_again();
+
+    let b = Backend::local();
+    let repo = Arc::new(
+        Repository::init(
+            b.store.clone(),
+            &InitParams::default(),
+            None,
+            KdfCost::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    let params = ConnParams::parse_with_env(
+        &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
+        &|_| None,
+    )
+    .unwrap();
+    let mut conn = PgConnection::connect(&params, true).await.unwrap();
+    let opts = BaseBackupOptions {
+        label: "t".into(),
+        fast_checkpoint: true,
+        max_rate: None,
+    };
+    let e = store_base_backup(repo, "main", &mut conn, &opts, |_| {})
+        .await
+        .unwrap_err();
+    match &e {
+        BackupError::CorruptPages { pages } => {
+            assert_eq!(pages.len(), 1, "{pages:?}");
+            assert_eq!(pages[0].file, rel);
+            assert_eq!(pages[0].block, 2);
+        }
+        other => panic!("expected corrupt pages, got {other}"),
+    }
+    assert!(e.to_string().contains(&format!("{rel} block 2")), "{e}");
+    assert!(
+        walvault::storage::list_all(b.store.as_ref(), "main/backups/")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
