@@ -12,3 +12,4 @@ pub mod codec;
 pub mod pg;
 pub mod repo;
 pub mod storage;
+pub mod wal;

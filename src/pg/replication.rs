@@ -129,6 +129,21 @@ impl PgConnection {
         Ok(r.text(0, "consistent_point").and_then(|s| s.parse().ok()))
     }
 
+    /// CREATE_REPLICATION_SLOT … TEMPORARY PHYSICAL RESERVE_WAL: a slot that
+    /// holds WAL for this connection only and vanishes with it (what a base
+    /// backup's WAL stream uses, so no WAL it needs is recycled meanwhile).
+    pub async fn create_temporary_physical_slot(&mut self, name: &str) -> Result<(), PgError> {
+        validate_slot_name(name).map_err(|reason| PgError::Protocol {
+            target: self.target().to_owned(),
+            reason,
+        })?;
+        self.simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {name} TEMPORARY PHYSICAL RESERVE_WAL"
+        ))
+        .await
+        .map(|_| ())
+    }
+
     /// DROP_REPLICATION_SLOT.
     pub async fn drop_slot(&mut self, name: &str) -> Result<(), PgError> {
         validate_slot_name(name).map_err(|reason| PgError::Protocol {

@@ -11,3 +11,4 @@ mod harness;
 mod pg_client;
 mod repo;
 mod storage_conformance;
+mod wal_stream;

@@ -1,0 +1,4 @@
+//! Write-ahead log: the streaming-replication messages (sans-IO) and the
+//! assembly of streamed WAL into segment files.
+
+pub mod receive;
