@@ -11,5 +11,6 @@ pub mod cli;
 pub mod codec;
 pub mod pg;
 pub mod repo;
+pub mod restore;
 pub mod storage;
 pub mod wal;

@@ -2,7 +2,10 @@
 //! the repository's block pipeline.
 
 pub mod files;
+mod run;
 pub mod stream;
+
+pub use run::run_backup;
 pub mod tar;
 
 use std::sync::Arc;

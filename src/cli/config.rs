@@ -55,6 +55,8 @@ pub struct Settings {
     pub passphrase_file: Option<std::path::PathBuf>,
     /// `--key-file`.
     pub key_file: Option<std::path::PathBuf>,
+    /// `--config`.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -91,6 +93,7 @@ impl Settings {
             },
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
+            config_path: args.config.clone(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! one module per command. Commands are thin: they parse options, call the
 //! library, and print.
 
+mod backup;
 mod config;
 mod init;
 mod key;
@@ -76,6 +77,17 @@ pub enum LogFormat {
 pub enum Command {
     /// Create a repository (encrypted with --encrypt) in an empty location.
     Init(init::InitArgs),
+    /// Take a base backup over the replication protocol, with the WAL that
+    /// makes it consistent.
+    Backup(backup::BackupArgs),
+    /// List the backups of the stanza.
+    List(backup::ListArgs),
+    /// Restore a backup into an empty directory, configured to recover from
+    /// the repository when started.
+    Restore(backup::RestoreArgs),
+    /// Copy a WAL file from the repository (for restore_command: %f %p).
+    /// Exits 1 when the repository does not have it, 255 on any other error.
+    WalFetch(backup::WalFetchArgs),
     /// Manage the passphrases and key files that open an encrypted repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -95,6 +107,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Init(args) => init::run(&settings, args).await,
+            Command::Backup(args) => backup::backup(&settings, args).await,
+            Command::List(args) => backup::list(&settings, args).await,
+            Command::Restore(args) => backup::restore(&settings, args).await,
+            Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {
+                Ok(true) => Ok(()),
+                // "not found" (exit 1) is how recovery learns the archive ends
+                Ok(false) => std::process::exit(1),
+                // Any other failure must not look like "not found": that would
+                // end recovery early. Exit codes above 125 make PostgreSQL stop
+                // recovery with an error instead.
+                Err(e) => {
+                    eprintln!("walvault: error: {e:#}");
+                    std::process::exit(255)
+                }
+            },
             Command::Key(cmd) => key::run(&settings, cmd).await,
             Command::StorageCheck(args) => storage_check::run(&settings, args).await,
         }

@@ -1,7 +1,9 @@
 //! A PostgreSQL connection for walvault's own use: ordinary or replication
-//! mode, over TCP or a unix socket, authenticating with trust, clear-text
-//! password, MD5 or SCRAM-SHA-256; simple queries and COPY streams (CopyOut
-//! for BASE_BACKUP, CopyBoth for START_REPLICATION).
+//! mode, over TCP (with TLS per `sslmode`, see [`super::tls`]) or a unix
+//! socket, authenticating with trust, clear-text password, MD5,
+//! SCRAM-SHA-256 or, over TLS, SCRAM-SHA-256-PLUS with `tls-server-end-point`
+//! channel binding; simple queries and COPY streams (CopyOut for BASE_BACKUP,
+//! CopyBoth for START_REPLICATION).
 //!
 //! Frontend messages are encoded with `postgres_protocol`; backend messages
 //! are parsed by the sans-IO [`super::wire`] module.
@@ -10,11 +12,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::conninfo::{ConnParams, Host, SslMode};
+use super::tls::{self, Negotiated, TlsInfo};
 use super::wire::{self, Auth, Backend, ServerMessage, WireError};
 
 /// Why talking to PostgreSQL failed.
@@ -59,6 +64,16 @@ pub enum PgError {
         target: String,
         /// What was wrong.
         source: WireError,
+    },
+    /// TLS could not be set up as `sslmode` demands.
+    #[error("PostgreSQL at {target}: {reason} (sslmode={sslmode})")]
+    Tls {
+        /// Server address.
+        target: String,
+        /// libpq's name of the mode in force.
+        sslmode: &'static str,
+        /// What failed and what to do.
+        reason: String,
     },
     /// The exchange did not go as the protocol says, or a feature is missing.
     #[error("PostgreSQL at {target}: {reason}")]
@@ -109,6 +124,8 @@ pub struct PgConnection {
     params: HashMap<String, String>,
     target: String,
     notices: Vec<ServerMessage>,
+    tls: Option<TlsInfo>,
+    auth_mechanism: Option<&'static str>,
 }
 
 /// Notices kept for [`PgConnection::take_notices`]; more are only logged.
@@ -145,32 +162,31 @@ impl PgConnection {
             target: target.clone(),
             source,
         };
-        let stream: Box<dyn Stream> = match &p.host {
+        let (stream, tls): (Box<dyn Stream>, Option<TlsInfo>) = match &p.host {
             Host::Tcp(h) => {
                 let s = tokio::net::TcpStream::connect((h.as_str(), p.port))
                     .await
                     .map_err(connect_err)?;
                 let _ = s.set_nodelay(true);
-                Box::new(s)
+                if p.sslmode == SslMode::Disable {
+                    (Box::new(s), None)
+                } else {
+                    match tls::negotiate(s, p, h, &target).await? {
+                        Negotiated::Plain(s) => (Box::new(s), None),
+                        Negotiated::Tls(s, info) => (s, Some(info)),
+                    }
+                }
             }
-            Host::Unix(dir) => Box::new(
-                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", p.port)))
-                    .await
-                    .map_err(connect_err)?,
+            // as in libpq, sslmode does not apply to unix sockets
+            Host::Unix(dir) => (
+                Box::new(
+                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", p.port)))
+                        .await
+                        .map_err(connect_err)?,
+                ),
+                None,
             ),
         };
-        if matches!(
-            p.sslmode,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-        ) {
-            return Err(PgError::Protocol {
-                target,
-                reason: format!(
-                    "sslmode={:?} asks for TLS, which this walvault build does not speak yet; use sslmode=disable or prefer",
-                    p.sslmode
-                ),
-            });
-        }
         let mut c = PgConnection {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -178,6 +194,8 @@ impl PgConnection {
             params: HashMap::new(),
             target,
             notices: Vec::new(),
+            tls,
+            auth_mechanism: None,
         };
         let mut startup: Vec<(&str, &str)> =
             vec![("user", &p.user), ("application_name", &p.application_name)];
@@ -217,23 +235,23 @@ impl PgConnection {
                     let pw = password(self)?;
                     frontend::password_message(pw.as_bytes(), &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
                     self.flush().await?;
+                    self.auth_mechanism = Some("password");
                 }
                 Backend::Authentication(Auth::Md5(salt)) => {
                     let pw = password(self)?;
                     let hash = postgres_protocol::authentication::md5_hash(p.user.as_bytes(), pw.as_bytes(), salt);
                     frontend::password_message(hash.as_bytes(), &mut self.wbuf).map_err(|e| self.proto(e.to_string()))?;
                     self.flush().await?;
+                    self.auth_mechanism = Some("md5");
                 }
                 Backend::Authentication(Auth::Sasl(mechs)) => {
-                    if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(self.proto(format!("the server offers only SASL mechanisms {mechs:?}")));
-                    }
+                    let (mechanism, binding) = self.choose_sasl(&mechs)?;
                     let pw = password(self)?;
-                    // without TLS there is no channel to bind to
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                    let s = ScramSha256::new(pw.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)
                         .map_err(|e| self.proto(e.to_string()))?;
                     self.flush().await?;
+                    self.auth_mechanism = Some(mechanism);
                     scram = Some(s);
                 }
                 Backend::Authentication(Auth::SaslContinue(data)) => {
@@ -267,6 +285,36 @@ impl PgConnection {
                 }
                 other => return Err(self.proto(format!("unexpected {other:?} during authentication"))),
             }
+        }
+    }
+
+    /// The SASL mechanism and channel binding to use, as libpq's default
+    /// `channel_binding=prefer` picks them.
+    fn choose_sasl(&self, mechs: &[String]) -> Result<(&'static str, ChannelBinding), PgError> {
+        let offers = |name: &str| mechs.iter().any(|m| m == name);
+        match &self.tls {
+            Some(TlsInfo {
+                end_point: Some(hash),
+            }) if offers(SCRAM_SHA_256_PLUS) => Ok((
+                SCRAM_SHA_256_PLUS,
+                ChannelBinding::tls_server_end_point(hash.clone()),
+            )),
+            Some(TlsInfo { end_point: None }) if offers(SCRAM_SHA_256) => {
+                // 'n': we cannot bind to this certificate's signature algorithm
+                // (Ed25519/Ed448), so we do not claim to support binding at all
+                tracing::warn!(
+                    "{}: the server certificate's signature algorithm defines no channel-binding hash; logging in without channel binding",
+                    self.target
+                );
+                Ok((SCRAM_SHA_256, ChannelBinding::unsupported()))
+            }
+            // 'y': we could bind, the server did not offer it
+            Some(_) if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unrequested())),
+            // without TLS there is no channel to bind to
+            None if offers(SCRAM_SHA_256) => Ok((SCRAM_SHA_256, ChannelBinding::unsupported())),
+            _ => Err(self.proto(format!(
+                "the server offers only SASL mechanisms {mechs:?}, none walvault can use here"
+            ))),
         }
     }
 
@@ -424,6 +472,18 @@ impl PgConnection {
             [a, b, c, ..] => Some(a * 10000 + b * 100 + c),
             _ => None,
         }
+    }
+
+    /// True when the connection is encrypted with TLS.
+    pub fn tls_in_use(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// How the server authenticated us: `"SCRAM-SHA-256-PLUS"` (with channel
+    /// binding), `"SCRAM-SHA-256"`, `"md5"` or `"password"`; `None` when it
+    /// asked for nothing (trust, peer).
+    pub fn auth_mechanism(&self) -> Option<&'static str> {
+        self.auth_mechanism
     }
 
     /// The server address, for messages.

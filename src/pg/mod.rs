@@ -13,6 +13,7 @@ mod conn;
 mod conninfo;
 mod lsn;
 mod replication;
+mod tls;
 mod walfile;
 pub mod wire;
 

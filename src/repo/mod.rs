@@ -22,6 +22,7 @@ pub mod object;
 mod pack;
 mod read;
 mod session;
+mod wal;
 
 use std::sync::Arc;
 
@@ -30,9 +31,10 @@ use bytes::Bytes;
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
 pub use index::{BlockLocation, Index, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
-pub use manifest::{BackupFile, FileKind, Manifest, ManifestTotals, Tablespace};
+pub use manifest::{BackupFile, FileKind, Manifest, ManifestTotals, Tablespace, MANIFEST_VERSION};
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
+pub use wal::{valid_wal_name, wal_key};
 
 use crate::codec::{IdHasher, Keys, MasterKey};
 use crate::storage::{list_all, Storage, StorageError};
@@ -132,6 +134,10 @@ impl StanzaPaths {
     /// `<stanza>/locks/`.
     pub fn locks(&self) -> String {
         format!("{}locks/", self.root)
+    }
+    /// `<stanza>/wal/`.
+    pub fn wal(&self) -> String {
+        format!("{}wal/", self.root)
     }
     /// `<stanza>/catalog/`.
     pub fn catalog(&self) -> String {

@@ -47,6 +47,8 @@ pub enum ObjectKind {
     GcState = 6,
     /// A lease held by a running writer.
     Lease = 7,
+    /// A WAL segment, partial segment, or history file.
+    Wal = 8,
 }
 
 impl ObjectKind {
@@ -59,6 +61,7 @@ impl ObjectKind {
             ObjectKind::Manifest => "manifest",
             ObjectKind::GcState => "gc state",
             ObjectKind::Lease => "lease",
+            ObjectKind::Wal => "WAL",
         }
     }
 }

@@ -157,15 +157,25 @@ impl SegmentAssembler {
         Ok(done)
     }
 
-    /// The incomplete current segment as a `.partial`, if it holds any bytes.
+    /// The incomplete current segment as a `.partial`, if it holds any bytes:
+    /// zero-padded to the segment size, as pg_receivewal writes it, because
+    /// PostgreSQL refuses a restored segment of any other size; replay stops
+    /// at the zeros.
     pub fn partial(&self) -> Option<Segment> {
         if self.current.is_empty() {
             return None;
         }
+        let mut data = self.current.clone();
+        data.resize(self.seg_size.bytes() as usize, 0);
         Some(Segment {
             name: self.name(self.next.segment(self.seg_size), true),
-            data: self.current.clone(),
+            data,
         })
+    }
+
+    /// Bytes received of the current, incomplete segment.
+    pub fn partial_len(&self) -> usize {
+        self.current.len()
     }
 
     fn name(&self, segno: SegmentNo, partial: bool) -> WalFileName {
@@ -204,7 +214,10 @@ mod tests {
         assert_eq!(segs[1].data, wal[1 << 20..2 << 20]);
         let p = a.partial().unwrap();
         assert_eq!(p.name.to_string(), "000000010000000000000002.partial");
-        assert_eq!(p.data.len(), 100);
+        assert_eq!(p.data.len(), 1 << 20, "padded to the segment size");
+        assert_eq!(&p.data[..100], &wal[2 << 20..]);
+        assert!(p.data[100..].iter().all(|&b| b == 0));
+        assert_eq!(a.partial_len(), 100);
         assert!(a.push(Lsn(5), b"x").unwrap_err().contains("gap"));
         assert!(SegmentAssembler::new(Lsn(1), TimelineId::FIRST, size).is_err());
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod backup_restore;
 mod base_backup;
 mod cli_repo;
 mod cli_storage;

@@ -1,10 +1,13 @@
 //! walvault's own PostgreSQL client against real servers: every
-//! authentication method, replication commands, server errors with SQLSTATE.
+//! authentication method, replication commands, server errors with SQLSTATE,
+//! TLS in every sslmode with SCRAM channel binding.
 
 use walvault::pg::{ConnParams, PgConnection, PgError, TimelineId};
 
 use crate::support::free_port;
 use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 fn params(s: &str) -> ConnParams {
     ConnParams::parse_with_env(s, &|_| None).unwrap()
@@ -186,4 +189,186 @@ async fn unreachable_server_and_timeouts() {
     .await
     .unwrap_err();
     assert!(matches!(e, PgError::Timeout { secs: 1, .. }), "{e}");
+}
+
+/// A CA certificate (PEM) and its key pair.
+fn test_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+/// A server certificate for `names` (DNS names or IP addresses) signed by
+/// the CA: (certificate PEM, key PEM).
+fn server_cert(ca: &rcgen::Certificate, ca_key: &KeyPair, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    let cert = params.signed_by(&key, ca, ca_key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A cluster with TLS on whose pg_hba lets the password user in over TCP only
+/// with TLS (`hostssl`); its certificate names `names`. Returns it and the CA
+/// file.
+fn tls_cluster(dir: &std::path::Path, names: &[&str]) -> (PgCluster, std::path::PathBuf) {
+    let mut c = PgCluster::start();
+    let (ca, ca_key) = test_ca("walvault test CA");
+    let (cert, key) = server_cert(&ca, &ca_key, names);
+    let ca_file = dir.join("root.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    c.write_file(
+        "pg_hba.conf",
+        &format!(
+            "local all all trust\n\
+             local replication all trust\n\
+             hostssl all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n\
+             hostssl replication {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n"
+        ),
+    );
+    c.enable_tls(&cert, &key);
+    (c, ca_file)
+}
+
+async fn ssl_of_own_backend(conn: &mut PgConnection) -> String {
+    let r = conn
+        .simple_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .await
+        .unwrap();
+    r.text(0, "ssl").unwrap()
+}
+
+#[tokio::test]
+async fn tls_require_uses_scram_channel_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _ca) = tls_cluster(dir.path(), &["localhost", "127.0.0.1"]);
+    let base = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD} dbname={PASSWORD_USER}",
+        c.port
+    );
+    let mut conn = PgConnection::connect(&params(&format!("{base} sslmode=require")), false)
+        .await
+        .unwrap();
+    assert!(conn.tls_in_use());
+    // the server offers SCRAM-SHA-256-PLUS over TLS; logging in with it means
+    // the server checked our tls-server-end-point binding
+    assert_eq!(conn.auth_mechanism(), Some("SCRAM-SHA-256-PLUS"));
+    assert_eq!(ssl_of_own_backend(&mut conn).await, "t");
+    conn.close().await;
+    // prefer (libpq's default over TCP) takes TLS too
+    let mut conn = PgConnection::connect(&params(&base), false).await.unwrap();
+    assert_eq!(conn.auth_mechanism(), Some("SCRAM-SHA-256-PLUS"));
+    assert_eq!(ssl_of_own_backend(&mut conn).await, "t");
+    // replication connections speak TLS as well
+    let mut repl = PgConnection::connect(&params(&format!("{base} sslmode=require")), true)
+        .await
+        .unwrap();
+    assert!(repl.identify_system().await.unwrap().xlogpos.is_valid());
+    // hostssl: plain text is refused by pg_hba
+    let e = PgConnection::connect(&params(&format!("{base} sslmode=disable")), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some("28000"), "{e}");
+    // a wrong password over TLS is still a wrong password
+    let bad = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password=wrong dbname={PASSWORD_USER} sslmode=require",
+        c.port
+    );
+    let e = PgConnection::connect(&params(&bad), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some("28P01"), "{e}");
+}
+
+#[tokio::test]
+async fn tls_verify_full_and_verify_ca_check_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, ca_file) = tls_cluster(dir.path(), &["localhost", "127.0.0.1"]);
+    let conninfo = |host: &str, mode: &str, root: &std::path::Path| {
+        params(&format!(
+            "host={host} port={} user={PASSWORD_USER} password={PASSWORD} dbname={PASSWORD_USER} sslmode={mode} sslrootcert={}",
+            c.port,
+            root.display()
+        ))
+    };
+    for host in ["localhost", "127.0.0.1"] {
+        for mode in ["verify-full", "verify-ca"] {
+            let mut conn = PgConnection::connect(&conninfo(host, mode, &ca_file), false)
+                .await
+                .unwrap_or_else(|e| panic!("{host} {mode}: {e}"));
+            assert_eq!(conn.auth_mechanism(), Some("SCRAM-SHA-256-PLUS"));
+            assert_eq!(ssl_of_own_backend(&mut conn).await, "t");
+        }
+    }
+    // a CA that did not sign the server's certificate
+    let (other, _) = test_ca("someone else's CA");
+    let wrong = dir.path().join("wrong.crt");
+    std::fs::write(&wrong, other.pem()).unwrap();
+    for mode in ["verify-full", "verify-ca"] {
+        let e = PgConnection::connect(&conninfo("localhost", mode, &wrong), false)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, PgError::Tls { .. }), "{text}");
+        assert!(text.contains("certificate is not trusted"), "{text}");
+        assert!(text.contains(&format!("(sslmode={mode})")), "{text}");
+        assert!(text.contains(&format!("localhost:{}", c.port)), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+    // no root certificate file
+    let missing = dir.path().join("missing.crt");
+    let e = PgConnection::connect(&conninfo("localhost", "verify-full", &missing), false)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("missing.crt does not exist"), "{e}");
+}
+
+#[tokio::test]
+async fn tls_against_a_server_without_ssl() {
+    let c = PgCluster::start();
+    let base = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD} dbname={PASSWORD_USER}",
+        c.port
+    );
+    let e = PgConnection::connect(&params(&format!("{base} sslmode=require")), false)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the server does not accept TLS connections (sslmode=require)"),
+        "{e}"
+    );
+    let mut conn = PgConnection::connect(&params(&format!("{base} sslmode=prefer")), false)
+        .await
+        .unwrap();
+    assert!(!conn.tls_in_use());
+    assert_eq!(conn.auth_mechanism(), Some("SCRAM-SHA-256"));
+    assert_eq!(ssl_of_own_backend(&mut conn).await, "f");
+}
+
+#[tokio::test]
+async fn tls_verify_full_refuses_a_host_name_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, ca_file) = tls_cluster(dir.path(), &["db.example"]);
+    let conninfo = |mode: &str| {
+        params(&format!(
+            "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD} dbname={PASSWORD_USER} sslmode={mode} sslrootcert={}",
+            c.port,
+            ca_file.display()
+        ))
+    };
+    let e = PgConnection::connect(&conninfo("verify-full"), false)
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("does not name host \"127.0.0.1\""), "{text}");
+    assert!(text.contains("(sslmode=verify-full)"), "{text}");
+    // verify-ca checks the chain only
+    let mut conn = PgConnection::connect(&conninfo("verify-ca"), false)
+        .await
+        .unwrap();
+    assert_eq!(ssl_of_own_backend(&mut conn).await, "t");
 }

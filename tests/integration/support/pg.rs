@@ -192,6 +192,42 @@ impl PgCluster {
         c
     }
 
+    /// A cluster object for a data directory that a test restores into
+    /// `self.datadir` (not created yet); start it with [`PgCluster::start_restored`].
+    pub fn for_restore(bindir: &Path) -> PgCluster {
+        PgCluster::create(bindir.to_path_buf())
+    }
+
+    /// Hand a restored data directory to the server's OS user, give it this
+    /// cluster's port and socket directory, and start it (pg_ctl waits until
+    /// recovery has finished and the server accepts connections).
+    pub fn start_restored(&mut self) {
+        if let Some(u) = &self.user {
+            let status = Command::new("chown")
+                .args(["-R", &format!("{}:{}", u.uid, u.gid)])
+                .arg(&self.datadir)
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        let auto = self.datadir.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\nport = {}\nunix_socket_directories = '{}'\n",
+            self.port,
+            self.sockdir.display()
+        ));
+        self.write_file("postgresql.auto.conf", &text);
+        self.start_server();
+        // pg_ctl returns once read-only connections are accepted (consistent),
+        // which may be before recovery has replayed everything and promoted
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.psql("SELECT pg_is_in_recovery()") == "t" {
+            assert!(Instant::now() < deadline, "recovery did not finish:\n{}", self.server_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn create(bindir: PathBuf) -> PgCluster {
         assert!(
             bindir.join("postgres").exists(),
@@ -271,6 +307,24 @@ impl PgCluster {
         if let Some(u) = &self.user {
             nix::unistd::chown(&path, Some(u.uid), Some(u.gid)).expect("chown");
         }
+    }
+
+    /// Turn TLS on: `server.crt` and `server.key` (PEM; the key mode 0600, as
+    /// the server demands) into the data directory, `ssl = on`, restart.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        self.write_file("server.crt", cert_pem);
+        self.write_file("server.key", key_pem);
+        fs::set_permissions(
+            self.datadir.join("server.key"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod server.key");
+        self.append_conf(&[
+            "ssl = on".into(),
+            "ssl_cert_file = 'server.crt'".into(),
+            "ssl_key_file = 'server.key'".into(),
+        ]);
+        self.restart();
     }
 
     /// Path of a server program.

@@ -1,0 +1,225 @@
+//! A whole base backup: WAL streamed over a second replication connection
+//! (through a temporary slot, so the server keeps it) from before the
+//! backup's checkpoint to its end, the files through BASE_BACKUP, and the
+//! manifest — written last, only when files and WAL are durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::stream::BaseBackupOptions;
+use super::{store_base_backup, BackupError};
+use crate::pg::wire::Backend;
+use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
+use crate::repo::{Manifest, ManifestTotals, Repository, StanzaPaths, Tablespace};
+use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
+
+/// How long to wait, once the backup ended, for the WAL up to its end.
+const WAL_TAIL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn protocol(target: &str, reason: String) -> BackupError {
+    BackupError::Pg(PgError::Protocol {
+        target: target.to_owned(),
+        reason,
+    })
+}
+
+/// Take a complete, self-contained backup of the cluster at `params` into
+/// `stanza`; returns its manifest.
+pub async fn run_backup(
+    repo: Arc<Repository>,
+    stanza: &str,
+    params: &ConnParams,
+    opts: &BaseBackupOptions,
+) -> Result<Manifest, BackupError> {
+    let paths = StanzaPaths::new(stanza);
+    let started = chrono::Utc::now();
+    let mut wal_conn = PgConnection::connect(params, true).await?;
+    let target = wal_conn.target().to_owned();
+    let wal_level = wal_conn.show("wal_level").await?;
+    if wal_level == "minimal" {
+        return Err(protocol(
+            &target,
+            "wal_level is 'minimal', which keeps no WAL to back up with; set wal_level = replica and restart the server".into(),
+        ));
+    }
+    let sys = wal_conn.identify_system().await?;
+    let seg = wal_conn.wal_segment_size().await?;
+    let version = wal_conn.server_version_num().unwrap_or(0);
+    let slot = format!(
+        "walvault_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    wal_conn.create_temporary_physical_slot(&slot).await?;
+    // the checkpoint BASE_BACKUP makes starts after this point
+    let stream_start = sys
+        .xlogpos
+        .segment(seg)
+        .start_lsn(seg)
+        .ok_or_else(|| protocol(&target, "WAL position out of range".into()))?;
+    if sys.timeline.get() > 1 {
+        let (name, content) = wal_conn.timeline_history(sys.timeline).await?;
+        repo.store_wal(&paths, &name, content.to_vec()).await?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let wal_task = tokio::spawn(stream_wal(
+        repo.clone(),
+        paths.clone(),
+        wal_conn,
+        slot,
+        stream_start,
+        sys.timeline,
+        seg,
+        stop_rx,
+    ));
+
+    let mut conn = PgConnection::connect(params, true).await?;
+    let stored = match store_base_backup(repo.clone(), stanza, &mut conn, opts, |_| {}).await {
+        Ok(s) => s,
+        Err(e) => {
+            wal_task.abort();
+            return Err(e);
+        }
+    };
+    conn.close().await;
+    if stored.start.timeline != sys.timeline || stored.start.start_lsn < stream_start {
+        wal_task.abort();
+        return Err(protocol(
+            &target,
+            format!(
+                "the backup started at {} on timeline {}, before the WAL stream at {stream_start} on timeline {} (a promotion during the backup?); run it again",
+                stored.start.start_lsn, stored.start.timeline, sys.timeline
+            ),
+        ));
+    }
+    let (stop_lsn, _) = stored.end;
+    let _ = stop_tx.send(Some(stop_lsn));
+    let wal = wal_task
+        .await
+        .map_err(|e| protocol(&target, format!("WAL stream task failed: {e}")))??;
+    tracing::debug!(segments = wal, "backup WAL stored");
+
+    let totals = ManifestTotals {
+        logical_bytes: stored.files.iter().map(|f| f.size).sum(),
+        new_raw_bytes: stored.stats.new_raw_bytes,
+        new_stored_bytes: stored.stats.stored_bytes,
+        blocks: stored.files.iter().map(|f| f.blocks.len() as u64).sum(),
+        new_blocks: stored.stats.new_blocks,
+    };
+    let tablespaces = stored
+        .start
+        .tablespaces
+        .iter()
+        .filter_map(|t| {
+            Some(Tablespace {
+                oid: t.oid?,
+                location: t.location.clone()?,
+            })
+        })
+        .collect();
+    let manifest = Manifest {
+        version: crate::repo::MANIFEST_VERSION,
+        id: Manifest::new_id(),
+        label: opts.label.clone(),
+        system_id: sys.system_id.0,
+        pg_version: version,
+        timeline: stored.start.timeline.get(),
+        start_lsn: stored.start.start_lsn.0,
+        stop_lsn: stop_lsn.0,
+        start_time: started.timestamp_micros(),
+        stop_time: chrono::Utc::now().timestamp_micros(),
+        block_size: repo.config().block_size,
+        files: stored.files,
+        tablespaces,
+        totals,
+    };
+    manifest.store(&repo, &paths).await?;
+    Ok(manifest)
+}
+
+/// Stream WAL from `start` until everything up to the stop position (sent
+/// through `stop`) is stored; complete segments are stored as they fill, the
+/// last incomplete one as `.partial`. Returns the number of files stored.
+#[allow(clippy::too_many_arguments)]
+async fn stream_wal(
+    repo: Arc<Repository>,
+    paths: StanzaPaths,
+    mut conn: PgConnection,
+    slot: String,
+    start: Lsn,
+    tli: TimelineId,
+    seg: WalSegSize,
+    mut stop: watch::Receiver<Option<Lsn>>,
+) -> Result<usize, BackupError> {
+    let target = conn.target().to_owned();
+    conn.send_query(&format!(
+        "START_REPLICATION SLOT {slot} PHYSICAL {start} TIMELINE {}",
+        tli.get()
+    ))
+    .await?;
+    match conn.recv().await? {
+        Backend::CopyBothResponse => {}
+        Backend::Error(m) => {
+            return Err(BackupError::Pg(PgError::Server {
+                target,
+                message: Box::new(m),
+            }))
+        }
+        other => {
+            return Err(protocol(
+                &target,
+                format!("unexpected {other:?} after START_REPLICATION"),
+            ))
+        }
+    }
+    let mut asm = SegmentAssembler::new(start, tli, seg).map_err(|r| protocol(&target, r))?;
+    let mut durable = start;
+    let mut stored = 0;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(s) = *stop.borrow() {
+            if asm.position() >= s {
+                break;
+            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + WAL_TAIL_TIMEOUT);
+        }
+        let sleep_until =
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            msg = conn.copy_data() => {
+                let Some(data) = msg? else {
+                    return Err(protocol(&target, format!("the server ended the WAL stream at {}", asm.position())));
+                };
+                match parse_message(data).map_err(|r| protocol(&target, r))? {
+                    WalMessage::XLogData { start, data, .. } => {
+                        for s in asm.push(start, &data).map_err(|r| protocol(&target, r))? {
+                            repo.store_wal(&paths, &s.name.to_string(), s.data).await?;
+                            stored += 1;
+                            durable = asm.position().segment(seg).start_lsn(seg).unwrap_or(durable);
+                        }
+                    }
+                    WalMessage::Keepalive { reply_requested: true, .. } => {
+                        let now = chrono::Utc::now().timestamp_micros();
+                        conn.send_copy_data(&status_update(asm.position(), durable, durable, now, false)).await?;
+                    }
+                    WalMessage::Keepalive { .. } => {}
+                }
+            }
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep_until(sleep_until) => {
+                return Err(protocol(&target, format!(
+                    "the WAL up to the end of the backup did not arrive within {} s (received up to {})",
+                    WAL_TAIL_TIMEOUT.as_secs(), asm.position())));
+            }
+        }
+    }
+    if let Some(p) = asm.partial() {
+        repo.store_wal(&paths, &p.name.to_string(), p.data).await?;
+        stored += 1;
+    }
+    // the temporary slot goes with the connection
+    conn.close().await;
+    Ok(stored)
+}

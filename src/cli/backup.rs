@@ -1,0 +1,205 @@
+//! `walvault backup`, `walvault list`, `walvault restore`, `walvault wal-fetch`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::Settings;
+use crate::backup::stream::BaseBackupOptions;
+use crate::pg::ConnParams;
+use crate::repo::{Manifest, StanzaPaths};
+use crate::restore::RestoreOptions;
+
+/// Options of `walvault backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Connection to the server (libpq conninfo or postgres:// URL), as a
+    /// role with the REPLICATION attribute.
+    #[arg(long, env = "WALVAULT_PG")]
+    pub pg: String,
+    /// Label of the backup (shown by `list`, stored in backup_label).
+    #[arg(long, default_value = "walvault")]
+    pub label: String,
+    /// Start with an immediate checkpoint instead of waiting for a spread one.
+    #[arg(long)]
+    pub fast: bool,
+    /// Limit the server's send rate (e.g. 50MiB per second).
+    #[arg(long, value_parser = super::init::parse_size)]
+    pub max_rate: Option<u64>,
+}
+
+pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
+    let params = ConnParams::parse(&args.pg)?;
+    let repo = Arc::new(settings.open_repository().await?);
+    let opts = BaseBackupOptions {
+        label: args.label,
+        fast_checkpoint: args.fast,
+        max_rate: args.max_rate,
+    };
+    let t = Instant::now();
+    let m = crate::backup::run_backup(repo, &settings.stanza, &params, &opts).await?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "backup {} complete: {} in {secs:.1} s ({:.0} MB/s), {} new ({} stored), WAL {}..{}",
+        m.id,
+        human(m.totals.logical_bytes),
+        m.totals.logical_bytes as f64 / secs.max(1e-3) / 1e6,
+        human(m.totals.new_raw_bytes),
+        human(m.totals.new_stored_bytes),
+        crate::pg::Lsn(m.start_lsn),
+        crate::pg::Lsn(m.stop_lsn),
+    );
+    Ok(())
+}
+
+/// Options of `walvault list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// One JSON object per backup.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<()> {
+    let repo = settings.open_repository().await?;
+    let manifests = Manifest::load_all(&repo, &StanzaPaths::new(&settings.stanza)).await?;
+    if !args.json {
+        println!(
+            "{:<22}  {:<16}  {:>10}  {:>10}  {:>6}  {:<12}  {:<12}  tli",
+            "id", "label", "size", "new", "dedup", "start lsn", "stop lsn"
+        );
+    }
+    for m in manifests {
+        let dedup = m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64;
+        if args.json {
+            let v = serde_json::json!({
+                "id": m.id, "label": m.label, "system_id": m.system_id.to_string(), "pg_version": m.pg_version,
+                "timeline": m.timeline, "start_lsn": crate::pg::Lsn(m.start_lsn).to_string(),
+                "stop_lsn": crate::pg::Lsn(m.stop_lsn).to_string(),
+                "start_time": chrono::DateTime::from_timestamp_micros(m.start_time).map(|t| t.to_rfc3339()),
+                "stop_time": chrono::DateTime::from_timestamp_micros(m.stop_time).map(|t| t.to_rfc3339()),
+                "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
+                "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
+                "new_stored_bytes": m.totals.new_stored_bytes, "dedup_ratio": dedup, "status": "complete",
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{:<22}  {:<16}  {:>10}  {:>10}  {:>5.0}x  {:<12}  {:<12}  {}",
+                m.id,
+                m.label,
+                human(m.totals.logical_bytes),
+                human(m.totals.new_stored_bytes),
+                dedup,
+                crate::pg::Lsn(m.start_lsn).to_string(),
+                crate::pg::Lsn(m.stop_lsn).to_string(),
+                m.timeline
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Options of `walvault restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Backup id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Directory to restore into (empty or missing).
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// Put a tablespace elsewhere: OLD=NEW (OLD is its OID or old location).
+    #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
+    pub tablespace_map: Vec<String>,
+}
+
+pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
+    let repo = Arc::new(settings.open_repository().await?);
+    let mut map = HashMap::new();
+    for m in &args.tablespace_map {
+        let (old, new) = m
+            .split_once('=')
+            .context("--tablespace-map takes OLD=NEW")?;
+        map.insert(old.to_owned(), PathBuf::from(new));
+    }
+    let restore_command = restore_command(settings)?;
+    let opts = RestoreOptions {
+        backup: Some(args.backup),
+        tablespace_map: map,
+        restore_command: Some(restore_command),
+    };
+    let t = Instant::now();
+    let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s); start PostgreSQL on it to recover",
+        r.backup.id,
+        args.pgdata.display(),
+        r.files,
+        human(r.bytes),
+        r.bytes as f64 / secs.max(1e-3) / 1e6
+    );
+    Ok(())
+}
+
+/// The `restore_command` line a restored server runs: this binary with the
+/// same repository, stanza and key.
+fn restore_command(settings: &Settings) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find the walvault binary")?;
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\\\""));
+    let mut cmd = format!(
+        "{} wal-fetch --repo {} --stanza {}",
+        quote(&exe.display().to_string()),
+        quote(settings.repo()?),
+        quote(&settings.stanza)
+    );
+    if let Some(k) = &settings.key_file {
+        cmd.push_str(&format!(
+            " --key-file {}",
+            quote(&std::fs::canonicalize(k)?.display().to_string())
+        ));
+    } else if let Some(p) = &settings.passphrase_file {
+        cmd.push_str(&format!(
+            " --passphrase-file {}",
+            quote(&std::fs::canonicalize(p)?.display().to_string())
+        ));
+    } else if settings.secret()?.is_some() {
+        bail!("the restored server must open the repository by itself: give the secret as --passphrase-file or --key-file, not WALVAULT_PASSPHRASE");
+    }
+    if let Some(c) = &settings.config_path {
+        cmd.push_str(&format!(
+            " --config {}",
+            quote(&std::fs::canonicalize(c)?.display().to_string())
+        ));
+    }
+    Ok(cmd + " %f %p")
+}
+
+/// Options of `walvault wal-fetch`.
+#[derive(Debug, Args)]
+pub struct WalFetchArgs {
+    /// WAL file name PostgreSQL asks for (%f).
+    pub name: String,
+    /// Where to write it (%p).
+    pub dest: PathBuf,
+}
+
+pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow::Result<bool> {
+    let repo = settings.open_repository().await?;
+    Ok(crate::restore::wal_fetch(&repo, &settings.stanza, &args.name, &args.dest).await?)
+}
+
+fn human(b: u64) -> String {
+    let (v, u) = match b {
+        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
+        b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
+        b if b >= 1 << 10 => (b as f64 / 1024.0, "KiB"),
+        b => (b as f64, "B"),
+    };
+    format!("{v:.1} {u}")
+}

@@ -1,0 +1,112 @@
+//! WAL files in the repository: `<stanza>/wal/<timeline>/<file name>`, one
+//! envelope (kind 8, LZ4, encrypted when the repository is) per segment,
+//! `.partial` segment, or `.history` file. The object name is bound into the
+//! tag or checksum, so a segment stored under another name never verifies.
+
+use bytes::Bytes;
+
+use super::object::{self, ObjectKind};
+use super::{RepoError, Repository, StanzaPaths};
+use crate::codec::Compression;
+
+/// Largest WAL object body accepted: a 1 GiB segment.
+const MAX_WAL: u64 = 1 << 30;
+
+/// Whether `name` looks like a file PostgreSQL archives: 24 upper-case hex
+/// digits, optionally `.partial` or `.XXXXXXXX.backup`, or 8 hex + `.history`.
+/// (The segment size is not needed to store or fetch by name.)
+pub fn valid_wal_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    };
+    if let Some(t) = name.strip_suffix(".history") {
+        return hex(t, 8);
+    }
+    if let Some(s) = name.strip_suffix(".partial") {
+        return hex(s, 24);
+    }
+    if let Some(rest) = name.strip_suffix(".backup") {
+        return rest
+            .split_once('.')
+            .is_some_and(|(s, o)| hex(s, 24) && hex(o, 8));
+    }
+    hex(name, 24)
+}
+
+/// The object key of WAL file `name` (its timeline is its first 8 digits).
+pub fn wal_key(paths: &StanzaPaths, name: &str) -> Result<String, RepoError> {
+    if !valid_wal_name(name) {
+        return Err(RepoError::Invalid(format!(
+            "{name:?} is not a WAL file name"
+        )));
+    }
+    Ok(format!("{}{}/{name}", paths.wal(), &name[..8]))
+}
+
+impl Repository {
+    /// Store WAL file `name`.
+    pub async fn store_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<(), RepoError> {
+        let key = wal_key(paths, name)?;
+        let keys = self.keys().cloned();
+        let k = key.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            object::seal(ObjectKind::Wal, &k, &data, Compression::Lz4, keys.as_ref())
+        })
+        .await
+        .map_err(|e| RepoError::Invalid(format!("WAL encode task failed: {e}")))?;
+        self.storage().put(&key, sealed).await?;
+        Ok(())
+    }
+
+    /// WAL file `name`, or `None` when the repository does not have it.
+    pub async fn load_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &str,
+    ) -> Result<Option<Bytes>, RepoError> {
+        let key = wal_key(paths, name)?;
+        match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
+            Ok(body) => Ok(Some(Bytes::from(body))),
+            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in [
+            "000000010000000000000003",
+            "00000002.history",
+            "000000010000000000000003.partial",
+            "000000010000000000000002.00000028.backup",
+        ] {
+            assert!(valid_wal_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "00000001000000000000000",
+            "0000000100000000000000g3",
+            "00000002.history.x",
+            "000000010000000000000003.backup",
+        ] {
+            assert!(!valid_wal_name(bad), "{bad}");
+        }
+        assert_eq!(
+            wal_key(&StanzaPaths::new("main"), "000000020000000000000003").unwrap(),
+            "main/wal/00000002/000000020000000000000003"
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! The whole path through the command line: `walvault backup` of a server
+//! under pgbench load, `walvault restore`, start the restored server, prove
+//! the data and the checksums.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
+use crate::support::walvault_bin;
+
+fn run(bin: &Path, args: &[&str]) -> Output {
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove("WALVAULT_REPO")
+        .env_remove("WALVAULT_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "walvault {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// TPC-B's invariant: every transaction adds the same delta to one account,
+/// teller and branch and logs it, so in any consistent snapshot these agree.
+fn pgbench_invariant(c: &PgCluster) -> String {
+    c.psql_db(
+        PASSWORD_USER,
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || (SELECT sum(bbalance) FROM pgbench_branches) \
+         || ' ' || (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    )
+}
+
+#[test]
+fn backup_under_load_restore_and_recover() {
+    let src = PgCluster::start();
+    src.pgbench(&["-i", "-s", "2", "-q"]);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // a copy of the binary the server's OS user can run as restore_command
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let repo = work.path().join("repo");
+    let r = repo.to_str().unwrap();
+
+    // a tablespace with a static table, and a marker committed before the backup
+    let ts = src.root.join("ts");
+    std::fs::create_dir(&ts).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        nix::unistd::chown(&ts, Some(pg.uid), Some(pg.gid)).unwrap();
+    }
+    src.psql(&format!("CREATE TABLESPACE ts LOCATION '{}'", ts.display()));
+    src.psql_db(PASSWORD_USER, "CREATE TABLE in_ts TABLESPACE ts AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
+    src.psql_db(
+        PASSWORD_USER,
+        "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
+    );
+    let ts_hash = |c: &PgCluster| {
+        c.psql_db(
+            PASSWORD_USER,
+            "SELECT md5(string_agg(md5, ',' ORDER BY g)) FROM in_ts",
+        )
+    };
+    let ts_before = ts_hash(&src);
+
+    run(&bin, &["init", "--repo", r]);
+    // pgbench writes during the whole backup
+    let load = {
+        let (sock, port) = (src.sockdir.clone(), src.port);
+        let bench = src.client_bin("pgbench");
+        let mut c = src.command(&bench);
+        c.args([
+            "-h",
+            sock.to_str().unwrap(),
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-T",
+            "6",
+            "-c",
+            "2",
+            "-n",
+            PASSWORD_USER,
+        ]);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c.spawn().unwrap()
+    };
+    let conn = format!(
+        "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD}",
+        src.port
+    );
+    let out = run(
+        &bin,
+        &[
+            "backup",
+            "--repo",
+            r,
+            "--pg",
+            &conn,
+            "--fast",
+            "--label",
+            "under load",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("complete"), "{text}");
+    let mut load = load;
+    assert!(load.wait().unwrap().success());
+    src.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
+
+    let listed = run(&bin, &["list", "--repo", r, "--json"]);
+    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(backups[0]["label"], "under load");
+    assert_eq!(
+        backups[0]["system_id"],
+        src.psql("SELECT system_identifier FROM pg_control_system()")
+    );
+
+    // restore, with the tablespace moved
+    let mut dst = PgCluster::for_restore(&src.bindir);
+    let new_ts = dst.root.join("ts-restored");
+    let oid = src.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
+    let out = run(
+        &bin,
+        &[
+            "restore",
+            "--repo",
+            r,
+            "--pgdata",
+            dst.datadir.to_str().unwrap(),
+            "--tablespace-map",
+            &format!("{oid}={}", new_ts.display()),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restored backup"));
+    assert!(dst.datadir.join("recovery.signal").exists());
+    if nix::unistd::geteuid().is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&new_ts)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    dst.start_restored();
+
+    // consistent: the TPC-B invariant holds, the marker shows the backup's point
+    let inv = pgbench_invariant(&dst);
+    let parts: Vec<&str> = inv.split(' ').collect();
+    assert!(
+        parts.iter().all(|p| *p == parts[0]),
+        "inconsistent restore: {inv}"
+    );
+    assert_eq!(
+        dst.psql_db(PASSWORD_USER, "SELECT string_agg(t, ',') FROM marker"),
+        "before"
+    );
+    assert_eq!(ts_hash(&dst), ts_before);
+    assert_eq!(
+        dst.psql("SELECT pg_is_in_recovery()"),
+        "f",
+        "not promoted after recovery"
+    );
+    let link = std::fs::read_link(dst.datadir.join("pg_tblspc").join(&oid)).unwrap();
+    assert_eq!(link, new_ts);
+
+    // the restored cluster's page checksums, after a clean shutdown
+    dst.stop(crate::support::pg::StopMode::Fast);
+    let out = dst
+        .command(&dst.client_bin("pg_checksums"))
+        .args(["--check", "-D", dst.datadir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_checksums: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Bad checksums:  0"));
+}
