@@ -4,6 +4,7 @@
 
 mod backup;
 mod config;
+mod demo;
 mod init;
 mod key;
 mod storage_check;
@@ -77,6 +78,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Create a repository (encrypted with --encrypt) in an empty location.
     Init(init::InitArgs),
+    /// Show the whole story on a throwaway local cluster: backup, changes,
+    /// deduplicated second backup, restore, recovery, verification.
+    Demo(demo::DemoArgs),
     /// Take a base backup over the replication protocol, with the WAL that
     /// makes it consistent.
     Backup(backup::BackupArgs),
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Init(args) => init::run(&settings, args).await,
+            Command::Demo(args) => demo::run(&settings, args).await,
             Command::Backup(args) => backup::backup(&settings, args).await,
             Command::List(args) => backup::list(&settings, args).await,
             Command::Restore(args) => backup::restore(&settings, args).await,

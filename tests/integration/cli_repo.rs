@@ -214,3 +214,19 @@ async fn init_encrypted_on_s3() {
         "already there",
     );
 }
+
+#[test]
+fn demo_runs_the_whole_story() {
+    let out = walvault(&["demo", "--scale", "1"], &[]);
+    let stdout = ok(&out);
+    for step in [
+        "backup",
+        "only",
+        "restored",
+        "matches the source",
+        "pg_checksums --check: all pages verified",
+        "demo complete",
+    ] {
+        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
+    }
+}

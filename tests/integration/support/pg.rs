@@ -223,7 +223,11 @@ impl PgCluster {
         // which may be before recovery has replayed everything and promoted
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.psql("SELECT pg_is_in_recovery()") == "t" {
-            assert!(Instant::now() < deadline, "recovery did not finish:\n{}", self.server_log());
+            assert!(
+                Instant::now() < deadline,
+                "recovery did not finish:\n{}",
+                self.server_log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
