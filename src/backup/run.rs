@@ -25,6 +25,21 @@ fn protocol(target: &str, reason: String) -> BackupError {
     })
 }
 
+/// A replication connection, with the fix spelled out when the server
+/// accepts none.
+async fn connect(params: &ConnParams) -> Result<PgConnection, BackupError> {
+    match PgConnection::connect(params, true).await {
+        Err(e) if e.sqlstate() == Some("53300") && e.to_string().contains("max_wal_senders") => Err(protocol(
+            &params.describe(),
+            format!(
+                "{e}; walvault needs replication connections (two during a backup): set wal_level = replica and \
+                 max_wal_senders = 10 (or more) in postgresql.conf and restart the server"
+            ),
+        )),
+        other => Ok(other?),
+    }
+}
+
 /// Take a complete, self-contained backup of the cluster at `params` into
 /// `stanza`; returns its manifest.
 pub async fn run_backup(
@@ -35,7 +50,7 @@ pub async fn run_backup(
 ) -> Result<Manifest, BackupError> {
     let paths = StanzaPaths::new(stanza);
     let started = chrono::Utc::now();
-    let mut wal_conn = PgConnection::connect(params, true).await?;
+    let mut wal_conn = connect(params).await?;
     let target = wal_conn.target().to_owned();
     let wal_level = wal_conn.show("wal_level").await?;
     if wal_level == "minimal" {
@@ -75,7 +90,7 @@ pub async fn run_backup(
         stop_rx,
     ));
 
-    let mut conn = PgConnection::connect(params, true).await?;
+    let mut conn = connect(params).await?;
     let stored = match store_base_backup(repo.clone(), stanza, &mut conn, opts, |_| {}).await {
         Ok(s) => s,
         Err(e) => {

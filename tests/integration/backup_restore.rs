@@ -190,3 +190,37 @@ fn backup_under_load_restore_and_recover() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Bad checksums:  0"));
 }
+
+#[test]
+fn a_server_without_replication_gets_one_clear_line() {
+    let c = PgCluster::start_with(crate::support::pg::PgOptions {
+        conf: vec!["wal_level = minimal".into(), "max_wal_senders = 0".into()],
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    run(&walvault_bin(), &["init", "--repo", r]);
+    let out = Command::new(walvault_bin())
+        .args([
+            "backup",
+            "--repo",
+            r,
+            "--pg",
+            &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("max_wal_senders = 10") && err.contains("wal_level = replica"),
+        "{err}"
+    );
+    let backups = repo.join("main/backups");
+    assert!(
+        !backups.exists() || std::fs::read_dir(&backups).unwrap().next().is_none(),
+        "a manifest was written"
+    );
+}
