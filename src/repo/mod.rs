@@ -193,13 +193,22 @@ impl Repository {
         };
         // config last: a repository exists once its config does
         storage.put(CONFIG_KEY, config.encode()?).await?;
-        Ok(Repository {
+        Ok(Repository::assemble(storage, config, master, keys))
+    }
+
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        config: RepoConfig,
+        master: Option<MasterKey>,
+        keys: Option<Keys>,
+    ) -> Repository {
+        Repository {
             hasher: IdHasher::new(keys.as_ref()),
             storage,
             config,
             master,
             keys,
-        })
+        }
     }
 
     /// Open an existing repository; `secret` is needed when it is encrypted.
@@ -240,13 +249,7 @@ impl Repository {
         } else {
             (None, None)
         };
-        Ok(Repository {
-            hasher: IdHasher::new(keys.as_ref()),
-            storage,
-            config,
-            master,
-            keys,
-        })
+        Ok(Repository::assemble(storage, config, master, keys))
     }
 
     /// The storage underneath.

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use walvault::backup::stream::{ArchiveEvent, BaseBackupOptions, BaseBackupStream};
 use walvault::backup::tar::{EntryKind, TarEvent};
-use walvault::pg::{ConnParams, PgConnection};
 
 use crate::support::pg::{requested_majors, PgCluster, PgOptions};
 
@@ -29,12 +28,7 @@ async fn base_backup_of(c: &PgCluster) {
         .unwrap();
     let rel_path = c.psql("SELECT pg_relation_filepath('in_ts')");
 
-    let params = ConnParams::parse_with_env(
-        &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
-        &|_| None,
-    )
-    .unwrap();
-    let mut conn = PgConnection::connect(&params, true).await.unwrap();
+    let mut conn = c.replication().await;
     let opts = BaseBackupOptions {
         label: "walvault 'test'".into(),
         fast_checkpoint: true,
@@ -150,20 +144,11 @@ mod into_repository {
     use walvault::backup::store_base_backup;
     use walvault::backup::stream::{ArchiveEvent, BaseBackupOptions};
     use walvault::backup::tar::TarEvent;
-    use walvault::pg::{ConnParams, PgConnection};
+
     use walvault::repo::{FileKind, Index, InitParams, KdfCost, Repository, Secret, StanzaPaths};
 
     use crate::support::backend::Backend;
     use crate::support::pg::PgCluster;
-
-    async fn connect(c: &PgCluster) -> PgConnection {
-        let p = ConnParams::parse_with_env(
-            &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
-            &|_| None,
-        )
-        .unwrap();
-        PgConnection::connect(&p, true).await.unwrap()
-    }
 
     fn opts() -> BaseBackupOptions {
         BaseBackupOptions {
@@ -212,7 +197,7 @@ mod into_repository {
             .await
             .unwrap(),
         );
-        let mut conn = connect(&c).await;
+        let mut conn = c.replication().await;
         let mut seen = HashMap::new();
         let first = store_base_backup(
             repo.clone(),
@@ -275,7 +260,7 @@ mod into_repository {
             .await
             .unwrap(),
         );
-        let mut conn = connect(&c).await;
+        let mut conn = c.replication().await;
         let pid = c.postmaster_pid().unwrap();
         let mut sent = 0u64;
         let mut killed = false;
@@ -305,7 +290,7 @@ mod into_repository {
 
         c.kill9();
         c.start_again();
-        let mut conn = connect(&c).await;
+        let mut conn = c.replication().await;
         let second = store_base_backup(repo.clone(), "main", &mut conn, &opts(), |_| {})
             .await
             .unwrap();
@@ -349,12 +334,7 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
         .await
         .unwrap(),
     );
-    let params = ConnParams::parse_with_env(
-        &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
-        &|_| None,
-    )
-    .unwrap();
-    let mut conn = PgConnection::connect(&params, true).await.unwrap();
+    let mut conn = c.replication().await;
     let opts = BaseBackupOptions {
         label: "t".into(),
         fast_checkpoint: true,

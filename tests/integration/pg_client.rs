@@ -13,23 +13,10 @@ fn params(s: &str) -> ConnParams {
     ConnParams::parse_with_env(s, &|_| None).unwrap()
 }
 
-async fn local_replication(c: &PgCluster) -> PgConnection {
-    PgConnection::connect(
-        &params(&format!(
-            "host={} port={} user=postgres",
-            c.sockdir.display(),
-            c.port
-        )),
-        true,
-    )
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn identify_system_and_show_over_a_unix_socket() {
     let c = PgCluster::start();
-    let mut conn = local_replication(&c).await;
+    let mut conn = c.replication().await;
     let sys = conn.identify_system().await.unwrap();
     assert_eq!(
         sys.system_id.to_string(),
@@ -129,7 +116,7 @@ async fn md5_cleartext_and_pgpass() {
 #[tokio::test]
 async fn slots_and_server_errors() {
     let c = PgCluster::start();
-    let mut conn = local_replication(&c).await;
+    let mut conn = c.replication().await;
     conn.create_physical_slot("walvault_t", true).await.unwrap();
     let info = conn
         .read_replication_slot("walvault_t")
@@ -160,7 +147,7 @@ async fn timeline_history_after_a_promotion() {
     let primary = PgCluster::start();
     let standby = PgCluster::standby_of(&primary);
     standby.promote();
-    let mut conn = local_replication(&standby).await;
+    let mut conn = standby.replication().await;
     assert_eq!(conn.identify_system().await.unwrap().timeline.get(), 2);
     let (name, content) = conn
         .timeline_history(TimelineId::new(2).unwrap())

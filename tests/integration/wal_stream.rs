@@ -2,18 +2,13 @@
 //! assembles from XLogData equal the server's own WAL files byte for byte.
 
 use walvault::pg::wire::Backend;
-use walvault::pg::{ConnParams, PgConnection, TimelineId};
+use walvault::pg::TimelineId;
 use walvault::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
 
 use crate::support::pg::{PgCluster, PgOptions};
 
 async fn stream_one_segment(c: &PgCluster) {
-    let p = ConnParams::parse_with_env(
-        &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
-        &|_| None,
-    )
-    .unwrap();
-    let mut conn = PgConnection::connect(&p, true).await.unwrap();
+    let mut conn = c.replication().await;
     let sys = conn.identify_system().await.unwrap();
     let seg = conn.wal_segment_size().await.unwrap();
     let start = sys.xlogpos.segment(seg).start_lsn(seg).unwrap();

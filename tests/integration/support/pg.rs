@@ -491,6 +491,20 @@ impl PgCluster {
         )
     }
 
+    /// The superuser's unix-socket connection parameters, for walvault's client.
+    pub fn params(&self) -> walvault::pg::ConnParams {
+        walvault::pg::ConnParams::parse_with_env(&self.conninfo(), &|_| None)
+            .expect("valid conninfo")
+    }
+
+    /// A replication connection of walvault's own client, as the superuser
+    /// over the unix socket.
+    pub async fn replication(&self) -> walvault::pg::PgConnection {
+        walvault::pg::PgConnection::connect(&self.params(), true)
+            .await
+            .expect("replication connection")
+    }
+
     /// libpq conninfo of [`PASSWORD_USER`] over TCP (SCRAM), without the password.
     pub fn tcp_conninfo(&self) -> String {
         format!(
