@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::repo::{FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
 
@@ -183,33 +184,31 @@ pub async fn restore(
                 if let Some(parent) = p.parent() {
                     std::fs::create_dir_all(parent).map_err(io(parent))?;
                 }
-                let parts: Vec<bytes::Bytes> = repo
-                    .read_blocks(paths, index, &f.blocks, 16)
-                    .try_collect()
-                    .await?;
-                let data = parts.concat();
-                if data.len() as u64 != f.size {
+                // blocks are written as they arrive: memory per file is the
+                // blocks in flight, never the file (relation segments are 1 GiB)
+                let mut out = tokio::fs::File::create(&p).await.map_err(io(&p))?;
+                let mut blocks = repo.read_blocks(paths, index, &f.blocks, 16);
+                let mut written = 0u64;
+                while let Some(block) = blocks.next().await {
+                    let block = block?;
+                    out.write_all(&block).await.map_err(io(&p))?;
+                    written += block.len() as u64;
+                }
+                if written != f.size {
                     return Err(RestoreError::Invalid(format!(
-                        "{}: restored {} bytes, expected {}",
-                        f.path,
-                        data.len(),
-                        f.size
+                        "{}: restored {written} bytes, expected {}",
+                        f.path, f.size
                     )));
                 }
-                let (p2, mode, mtime) = (p.clone(), f.mode, f.mtime);
-                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    std::fs::write(&p2, &data)?;
-                    std::fs::set_permissions(&p2, std::fs::Permissions::from_mode(mode & 0o7777))?;
-                    let t =
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.max(0) as u64);
-                    std::fs::File::options()
-                        .write(true)
-                        .open(&p2)?
-                        .set_modified(t)
-                })
-                .await
-                .map_err(|e| RestoreError::Invalid(format!("write task failed: {e}")))?
-                .map_err(io(&p))
+                out.flush().await.map_err(io(&p))?;
+                let out = out.into_std().await;
+                let t =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+                out.set_modified(t).map_err(io(&p))?;
+                drop(out);
+                tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o7777))
+                    .await
+                    .map_err(io(&p))
             }
         })
         .buffer_unordered(8)
