@@ -248,7 +248,7 @@ impl Index {
             crate::codec::to_hex(&rand::random::<[u8; 16]>())
         );
         let body = Index::encode_object(packs);
-        let data = repo.seal(ObjectKind::Index, &name, &body);
+        let data = repo.seal_blocking(ObjectKind::Index, &name, body).await?;
         repo.storage().put(&name, data).await?;
         Ok(name)
     }

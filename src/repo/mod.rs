@@ -323,6 +323,30 @@ impl Repository {
         )
     }
 
+    /// [`Repository::seal`] on the blocking pool: for large bodies (index
+    /// objects, manifests) whose compression and encryption must not stall
+    /// the async executor.
+    pub(crate) async fn seal_blocking(
+        &self,
+        kind: object::ObjectKind,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, RepoError> {
+        let keys = self.keys.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            object::seal(
+                kind,
+                &name,
+                &body,
+                crate::codec::Compression::Lz4,
+                keys.as_ref(),
+            )
+        })
+        .await
+        .map_err(|e| RepoError::Invalid(format!("encode task failed: {e}")))
+    }
+
     /// Read and verify object `name`.
     pub(crate) async fn read_object(
         &self,
