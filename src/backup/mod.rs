@@ -99,7 +99,11 @@ pub async fn store_base_backup(
     opts: &BaseBackupOptions,
     mut observe: impl FnMut(&ArchiveEvent) + Send,
 ) -> Result<StoredFiles, BackupError> {
-    let session = Session::start(repo, stanza, SessionOptions::default()).await?;
+    let session_opts = SessionOptions {
+        compression: opts.compression,
+        ..SessionOptions::default()
+    };
+    let session = Session::start(repo, stanza, session_opts).await?;
     // bounded: a slow pipeline slows the download instead of filling memory
     let (tx, mut rx) = tokio::sync::mpsc::channel::<ArchiveEvent>(EVENT_QUEUE);
     let worker = tokio::task::spawn_blocking(move || {

@@ -24,6 +24,8 @@ pub struct BaseBackupOptions {
     pub fast_checkpoint: bool,
     /// Server-side rate limit, bytes per second (PostgreSQL takes 32 kB/s to 1 GB/s).
     pub max_rate: Option<u64>,
+    /// Compression of the blocks this backup stores (default: the repository's).
+    pub compression: Option<crate::codec::Compression>,
 }
 
 /// A tablespace as the server lists it.

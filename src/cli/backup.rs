@@ -30,6 +30,10 @@ pub struct BackupArgs {
     /// Limit the server's send rate (e.g. 50MiB per second).
     #[arg(long, value_parser = super::init::parse_size)]
     pub max_rate: Option<u64>,
+    /// Compression of new blocks: lz4, zstd, zstd:LEVEL or none (default: the
+    /// repository's, set at init).
+    #[arg(long)]
+    pub compress: Option<crate::codec::Compression>,
 }
 
 pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
@@ -39,6 +43,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         label: args.label,
         fast_checkpoint: args.fast,
         max_rate: args.max_rate,
+        compression: args.compress,
     };
     let t = Instant::now();
     let m = crate::backup::run_backup(repo, &settings.stanza, &params, &opts).await?;
@@ -202,4 +207,59 @@ fn human(b: u64) -> String {
         b => (b as f64, "B"),
     };
     format!("{v:.1} {u}")
+}
+
+/// Options of `walvault info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Backup id, or `latest`.
+    #[arg(default_value = "latest")]
+    pub backup: String,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<()> {
+    let repo = settings.open_repository().await?;
+    let paths = StanzaPaths::new(&settings.stanza);
+    let m = crate::restore::choose_backup(&repo, &paths, Some(&args.backup)).await?;
+    let seg_files = m
+        .files
+        .iter()
+        .filter(|f| f.kind == crate::repo::FileKind::File)
+        .count();
+    let time = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let v = serde_json::json!({
+        "id": m.id, "label": m.label, "status": "complete",
+        "system_id": m.system_id.to_string(), "pg_version": m.pg_version, "timeline": m.timeline,
+        "start_lsn": crate::pg::Lsn(m.start_lsn).to_string(), "stop_lsn": crate::pg::Lsn(m.stop_lsn).to_string(),
+        "start_time": time(m.start_time), "stop_time": time(m.stop_time),
+        "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
+        "files": seg_files, "blocks": m.totals.blocks, "new_blocks": m.totals.new_blocks,
+        "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
+        "new_stored_bytes": m.totals.new_stored_bytes,
+        "dedup_ratio": m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64,
+        "block_size": m.block_size,
+        "tablespaces": m.tablespaces.iter().map(|t| serde_json::json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>(),
+    });
+    if args.json {
+        println!("{v}");
+        return Ok(());
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            println!(
+                "{k:<18} {}",
+                val.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| val.to_string())
+            );
+        }
+    }
+    Ok(())
 }

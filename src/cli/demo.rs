@@ -219,7 +219,7 @@ async fn story(
         let storage = Arc::new(LocalDir::open(&repo_dir)?);
         let repo = Arc::new(Repository::init(storage, &InitParams::default(), None, KdfCost::default()).await?);
         let params = ConnParams::parse(&format!("host={s} port={p} user=postgres"))?;
-        let opts = BaseBackupOptions { label: "demo".into(), fast_checkpoint: true, max_rate: None };
+        let opts = BaseBackupOptions { label: "demo".into(), fast_checkpoint: true, max_rate: None, compression: None };
 
         let t = Instant::now();
         let b1 = crate::backup::run_backup(repo.clone(), "main", &params, &opts).await?;

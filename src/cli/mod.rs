@@ -86,6 +86,8 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// List the backups of the stanza.
     List(backup::ListArgs),
+    /// Show one backup in detail.
+    Info(backup::InfoArgs),
     /// Restore a backup into an empty directory, configured to recover from
     /// the repository when started.
     Restore(backup::RestoreArgs),
@@ -114,6 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Demo(args) => demo::run(&settings, args).await,
             Command::Backup(args) => backup::backup(&settings, args).await,
             Command::List(args) => backup::list(&settings, args).await,
+            Command::Info(args) => backup::info(&settings, args).await,
             Command::Restore(args) => backup::restore(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {
                 Ok(true) => Ok(()),

@@ -72,7 +72,26 @@ impl Compression {
     }
 
     /// Decompress `data` into exactly `raw_len` bytes.
+    ///
+    /// Both decoders allocate `raw_len` before decoding, so a claimed length
+    /// that the input could never expand to is refused first: a 50-byte object
+    /// must not make walvault allocate gigabytes (LZ4 expands a byte at most
+    /// 255 times; zstd at most about 32 768 times, with RLE blocks).
     pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+        let most = match self {
+            Compression::None => data.len(),
+            Compression::Lz4 => data.len().saturating_mul(255).saturating_add(64),
+            Compression::Zstd(_) => data
+                .len()
+                .saturating_mul(32 * 1024)
+                .saturating_add(128 * 1024),
+        };
+        if raw_len > most {
+            return Err(format!(
+                "{} compressed bytes cannot hold {raw_len} bytes",
+                data.len()
+            ));
+        }
         let out = match self {
             Compression::None => data.to_vec(),
             Compression::Lz4 => {
@@ -159,6 +178,20 @@ mod tests {
         let (c, out) = Compression::Lz4.compress(&data);
         assert_eq!(c, Compression::None);
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn impossible_lengths_are_refused_before_allocating() {
+        for c in [Compression::Lz4, Compression::Zstd(3)] {
+            let e = c.decompress(&[0u8; 50], 1 << 40).unwrap_err();
+            assert!(e.contains("cannot hold"), "{e}");
+        }
+        // the real extremes still decode: a zero block at each algorithm's best ratio
+        for c in [Compression::Lz4, Compression::Zstd(19)] {
+            let zeros = vec![0u8; 16 << 20];
+            let (used, packed) = c.compress(&zeros);
+            assert_eq!(used.decompress(&packed, zeros.len()).unwrap(), zeros);
+        }
     }
 
     #[test]

@@ -107,6 +107,8 @@ fn backup_under_load_restore_and_recover() {
             "--fast",
             "--label",
             "under load",
+            "--compress",
+            "zstd:3",
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);

@@ -33,6 +33,7 @@ async fn base_backup_of(c: &PgCluster) {
         label: "walvault 'test'".into(),
         fast_checkpoint: true,
         max_rate: None,
+        compression: None,
     };
     let (mut stream, start) = BaseBackupStream::start(&mut conn, &opts).await.unwrap();
     assert_eq!(start.timeline.get(), 1);
@@ -155,6 +156,7 @@ mod into_repository {
             label: "t".into(),
             fast_checkpoint: true,
             max_rate: None,
+            compression: None,
         }
     }
 
@@ -339,6 +341,7 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
         label: "t".into(),
         fast_checkpoint: true,
         max_rate: None,
+        compression: None,
     };
     let e = store_base_backup(repo, "main", &mut conn, &opts, |_| {})
         .await
