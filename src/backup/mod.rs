@@ -11,6 +11,7 @@ pub mod tar;
 use std::sync::Arc;
 
 use crate::pg::{Lsn, PgConnection, PgError, TimelineId};
+use crate::repo::gc::Lease;
 use crate::repo::{BackupFile, RepoError, Repository, Session, SessionOptions, SessionStats};
 use stream::{ArchiveEvent, BackupStart, BaseBackupOptions, BaseBackupStream};
 
@@ -80,6 +81,9 @@ pub struct StoredFiles {
     pub start: BackupStart,
     /// End position.
     pub end: (Lsn, TimelineId),
+    /// The writer's lease, still held: commit the manifest while it is valid,
+    /// then release it (garbage collection spares packs while it lives).
+    pub lease: Lease,
 }
 
 /// Events queued between the network and the block pipeline (each at most
@@ -142,22 +146,32 @@ pub async fn store_base_backup(
     let (files, session) = worker
         .await
         .map_err(|e| RepoError::Invalid(format!("backup worker failed: {e}")))?;
-    let finished = session.finish().await;
+    let (finished, lease) = session.finish_keep_lease().await;
     // The server verifies page checksums (retrying torn reads) and names each
     // failure in a warning before its final error.
     let pages = corrupt_pages(&conn.take_notices());
     if !pages.is_empty() {
+        lease.release().await;
         return Err(BackupError::CorruptPages { pages });
     }
-    let positions = pumped?;
-    let files = files?;
-    let stats = finished?;
-    let (start, end) =
-        positions.ok_or_else(|| RepoError::Invalid("the block pipeline stopped early".into()))?;
+    // the first error in pipeline order: the server's, then the files', then the uploads'
+    let outcome = (|| -> Result<_, BackupError> { Ok((pumped?, files?, finished?)) })();
+    let (positions, files, stats) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            lease.release().await;
+            return Err(e);
+        }
+    };
+    let Some((start, end)) = positions else {
+        lease.release().await;
+        return Err(RepoError::Invalid("the block pipeline stopped early".into()).into());
+    };
     Ok(StoredFiles {
         files,
         stats,
         start,
         end,
+        lease,
     })
 }

@@ -281,6 +281,20 @@ impl Session {
     /// object, and release the lease. After it returns, every block passed in
     /// is durable and indexed.
     pub async fn finish(self) -> Result<SessionStats, RepoError> {
+        let (result, lease) = self.finish_keep_lease().await;
+        lease.release().await;
+        result
+    }
+
+    /// [`Session::finish`], but the lease stays held (and refreshed) for the
+    /// caller to commit its manifest under, then release. On error it is
+    /// returned too, so the caller can release it.
+    pub async fn finish_keep_lease(self) -> (Result<SessionStats, RepoError>, Lease) {
+        let result = self.drain().await;
+        (result, self.lease)
+    }
+
+    async fn drain(&self) -> Result<SessionStats, RepoError> {
         let last = std::mem::replace(&mut *lock(&self.packer), PackBuilder::new(0));
         let tx = lock(&self.tx).take();
         let sent = match (last.is_empty(), tx) {
@@ -298,18 +312,8 @@ impl Session {
                 .map_err(|e| RepoError::Invalid(format!("upload task failed: {e}")))?,
             None => Err(RepoError::Invalid("session already finished".into())),
         };
-        let result = match (sent, uploaded) {
-            (_, Err(e)) | (Err(e), _) => Err(e),
-            (Ok(()), Ok(u)) => Ok(u),
-        };
-        let u = match result {
-            Ok(u) => u,
-            Err(e) => {
-                self.lease.release().await;
-                return Err(e);
-            }
-        };
-        self.lease.release().await;
+        sent?;
+        let u = uploaded?;
         let c = &self.counters;
         tracing::debug!(
             index_objects = u.index_objects.len(),

@@ -113,6 +113,12 @@ fn backup_under_load_restore_and_recover() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("complete"), "{text}");
+    // the backup's lease was held until the manifest was written, then released
+    let locks = repo.join("main/locks");
+    assert!(
+        !locks.exists() || std::fs::read_dir(&locks).unwrap().next().is_none(),
+        "a lease was left behind"
+    );
     let mut load = load;
     assert!(load.wait().unwrap().success());
     src.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
