@@ -387,7 +387,18 @@ impl Storage for S3 {
 
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, StorageError> {
         validate_key(key)?;
-        let edge = |size: u64| {
+        // An empty range, or one S3 answers with 416 (it does so for a range
+        // starting at or past the end, even exactly at the end): the object's
+        // size decides between "empty" and InvalidRange.
+        let at_edge = || async {
+            let size = self
+                .head(key)
+                .await?
+                .ok_or_else(|| StorageError::NotFound {
+                    location: self.location(),
+                    key: key.to_owned(),
+                })?
+                .size;
             if start > size {
                 Err(StorageError::InvalidRange {
                     location: self.location(),
@@ -400,14 +411,7 @@ impl Storage for S3 {
             }
         };
         if len == 0 {
-            let meta = self
-                .head(key)
-                .await?
-                .ok_or_else(|| StorageError::NotFound {
-                    location: self.location(),
-                    key: key.to_owned(),
-                })?;
-            return edge(meta.size);
+            return at_edge().await;
         }
         let range = match start.checked_add(len - 1) {
             Some(last) => format!("bytes={start}-{last}"),
@@ -425,18 +429,7 @@ impl Storage for S3 {
             Ok(out) => read_body(out.body)
                 .await
                 .map_err(|m| self.body_error(key, m)),
-            // 416: the range starts at or past the end (S3 answers so even for an
-            // empty range at the very end); the contract makes the former empty.
-            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
-                let meta = self
-                    .head(key)
-                    .await?
-                    .ok_or_else(|| StorageError::NotFound {
-                        location: self.location(),
-                        key: key.to_owned(),
-                    })?;
-                edge(meta.size)
-            }
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => at_edge().await,
             Err(e) => Err(self.classify("get", key, e)),
         }
     }

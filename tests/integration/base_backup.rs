@@ -139,14 +139,13 @@ async fn base_backup_other_majors() {
 
 mod into_repository {
     use std::collections::HashMap;
-    use std::sync::Arc;
 
     use futures::TryStreamExt;
     use walvault::backup::store_base_backup;
     use walvault::backup::stream::{ArchiveEvent, BaseBackupOptions};
     use walvault::backup::tar::TarEvent;
 
-    use walvault::repo::{FileKind, Index, InitParams, KdfCost, Repository, Secret, StanzaPaths};
+    use walvault::repo::{FileKind, Index, Secret, StanzaPaths};
 
     use crate::support::backend::Backend;
     use crate::support::pg::PgCluster;
@@ -184,21 +183,7 @@ mod into_repository {
         c.pgbench(&["-i", "-s", "2", "-q"]);
         let b = Backend::local();
         let secret = Secret::Passphrase("backup test passphrase".into());
-        let cheap = KdfCost {
-            m_cost_kib: 1024,
-            t_cost: 1,
-            p_cost: 1,
-        };
-        let repo = Arc::new(
-            Repository::init(
-                b.store.clone(),
-                &InitParams::default(),
-                Some(&secret),
-                cheap,
-            )
-            .await
-            .unwrap(),
-        );
+        let repo = b.init_repo(Some(&secret)).await;
         let mut conn = c.replication().await;
         let mut seen = HashMap::new();
         let first = store_base_backup(
@@ -252,16 +237,7 @@ mod into_repository {
         let mut c = PgCluster::start();
         c.pgbench(&["-i", "-s", "3", "-q"]);
         let b = Backend::local();
-        let repo = Arc::new(
-            Repository::init(
-                b.store.clone(),
-                &InitParams::default(),
-                None,
-                KdfCost::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        let repo = b.init_repo(None).await;
         let mut conn = c.replication().await;
         let pid = c.postmaster_pid().unwrap();
         let mut sent = 0u64;
@@ -307,9 +283,7 @@ mod into_repository {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_page_is_reported_with_file_and_block() {
-    use std::sync::Arc;
     use walvault::backup::{store_base_backup, BackupError};
-    use walvault::repo::{InitParams, KdfCost, Repository};
 
     use crate::support::backend::Backend;
     use crate::support::pg::StopMode;
@@ -326,16 +300,7 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
     c.start_again();
 
     let b = Backend::local();
-    let repo = Arc::new(
-        Repository::init(
-            b.store.clone(),
-            &InitParams::default(),
-            None,
-            KdfCost::default(),
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = b.init_repo(None).await;
     let mut conn = c.replication().await;
     let opts = BaseBackupOptions {
         label: "t".into(),

@@ -9,37 +9,19 @@ use futures::TryStreamExt;
 use walvault::codec::BlockId;
 use walvault::repo::gc::{self, Lease};
 use walvault::repo::{
-    BackupFile, FileKind, Index, InitParams, KdfCost, Manifest, ManifestTotals, RepoError,
-    Repository, Secret, Session, SessionOptions, SessionStats, StanzaPaths,
+    BackupFile, FileKind, Index, InitParams, Manifest, ManifestTotals, RepoError, Repository,
+    Secret, Session, SessionOptions, SessionStats, StanzaPaths,
 };
 use walvault::storage::{list_all, Storage};
 
-use crate::support::backend::Backend;
+use crate::support::backend::{cheap_kdf, Backend};
 use crate::support::{pseudo_random, SynthReader};
 
 const PASS: &str = "correct horse battery staple";
 
-/// Cheap argon2 for tests (the default costs a quarter second per open).
-fn cheap() -> KdfCost {
-    KdfCost {
-        m_cost_kib: 1024,
-        t_cost: 1,
-        p_cost: 1,
-    }
-}
-
 async fn init(b: &Backend, encrypted: bool) -> Arc<Repository> {
-    let secret = encrypted.then(|| Secret::Passphrase(PASS.into()));
-    Arc::new(
-        Repository::init(
-            b.store.clone(),
-            &InitParams::default(),
-            secret.as_ref(),
-            cheap(),
-        )
+    b.init_repo(encrypted.then(|| Secret::Passphrase(PASS.into())).as_ref())
         .await
-        .unwrap(),
-    )
 }
 
 fn shapes() -> Vec<(String, Vec<u8>)> {
@@ -389,7 +371,7 @@ async fn wrong_passphrase_writes_nothing(b: &Backend) {
     assert!(matches!(e, RepoError::KeyNeeded), "{e}");
     assert_eq!(list_all(b.store.as_ref(), "").await.unwrap(), before);
     // init refuses an existing repository and writes nothing either
-    let e = Repository::init(b.store.clone(), &InitParams::default(), None, cheap())
+    let e = Repository::init(b.store.clone(), &InitParams::default(), None, cheap_kdf())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("already there"), "{e}");
@@ -400,7 +382,7 @@ async fn keys_added_and_removed(b: &Backend) {
     let repo = init(b, true).await;
     let key_file = Secret::KeyFile(pseudo_random(48, 5));
     let slot = repo
-        .add_key(&key_file, "automation", cheap())
+        .add_key(&key_file, "automation", cheap_kdf())
         .await
         .unwrap();
     let by_file = Repository::open(b.store.clone(), Some(&key_file))

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tempfile::TempDir;
+use walvault::repo::{InitParams, KdfCost, Repository, Secret};
 use walvault::storage::{LocalDir, RetryPolicy, Retrying, Storage};
 
 use super::s3::S3Server;
@@ -41,6 +42,32 @@ impl Backend {
             _dir: None,
             _server: Some(server),
         }
+    }
+}
+
+/// argon2 costs for tests (the default costs a quarter second per open).
+pub fn cheap_kdf() -> KdfCost {
+    KdfCost {
+        m_cost_kib: 1024,
+        t_cost: 1,
+        p_cost: 1,
+    }
+}
+
+impl Backend {
+    /// A new repository with default parameters on this backend, encrypted
+    /// when `secret` is given.
+    pub async fn init_repo(&self, secret: Option<&Secret>) -> Arc<Repository> {
+        Arc::new(
+            Repository::init(
+                self.store.clone(),
+                &InitParams::default(),
+                secret,
+                cheap_kdf(),
+            )
+            .await
+            .expect("init repository"),
+        )
     }
 }
 
