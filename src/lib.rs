@@ -10,6 +10,7 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod pg;
+pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod storage;

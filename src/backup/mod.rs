@@ -14,6 +14,7 @@ use crate::pg::{Lsn, PgConnection, PgError, TimelineId};
 use crate::repo::gc::Lease;
 use crate::repo::{BackupFile, RepoError, Repository, Session, SessionOptions, SessionStats};
 use stream::{ArchiveEvent, BackupStart, BaseBackupOptions, BaseBackupStream};
+use tar::TarEvent;
 
 /// Why storing a base backup failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,8 @@ pub struct StoredFiles {
     /// The writer's lease, still held: commit the manifest while it is valid,
     /// then release it (garbage collection spares packs while it lives).
     pub lease: Lease,
+    /// Pages whose checksum failed (only with `allow_checksum_failures`).
+    pub corrupt_pages: Vec<CorruptPage>,
 }
 
 /// Events queued between the network and the block pipeline (each at most
@@ -125,10 +128,31 @@ pub async fn store_base_backup(
     });
     let pumped = async {
         let (mut stream, start) = BaseBackupStream::start(conn, opts).await?;
+        if let Some(p) = &opts.progress {
+            p.set_total(start.tablespaces.iter().filter_map(|t| t.size).sum());
+        }
         let mut events = Vec::new();
-        while stream.next(&mut events).await? {
+        loop {
+            match stream.next(&mut events).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                // the server reports checksum failures with an error after
+                // the whole backup, end position included, was sent
+                Err(e)
+                    if opts.allow_checksum_failures
+                        && e.sqlstate() == Some("XX001")
+                        && stream.end().is_some() =>
+                {
+                    tracing::warn!("{e}; kept as asked (--allow-checksum-failures)");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
             for e in events.drain(..) {
                 observe(&e);
+                if let (Some(p), ArchiveEvent::Tar(TarEvent::Data(d))) = (&opts.progress, &e) {
+                    p.add(d.len() as u64);
+                }
                 if tx.send(e).await.is_err() {
                     // the worker stopped on an error, reported below
                     return Ok::<_, BackupError>(None);
@@ -150,9 +174,16 @@ pub async fn store_base_backup(
     // The server verifies page checksums (retrying torn reads) and names each
     // failure in a warning before its final error.
     let pages = corrupt_pages(&conn.take_notices());
-    if !pages.is_empty() {
+    if !pages.is_empty() && !opts.allow_checksum_failures {
         lease.release().await;
         return Err(BackupError::CorruptPages { pages });
+    }
+    for p in &pages {
+        tracing::warn!(
+            file = %p.file,
+            block = p.block,
+            "page checksum failed; the backup keeps the page as read (--allow-checksum-failures)"
+        );
     }
     // the first error in pipeline order: the server's, then the files', then the uploads'
     let outcome = (|| -> Result<_, BackupError> { Ok((pumped?, files?, finished?)) })();
@@ -173,5 +204,6 @@ pub async fn store_base_backup(
         start,
         end,
         lease,
+        corrupt_pages: pages,
     })
 }

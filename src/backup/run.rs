@@ -12,7 +12,7 @@ use super::stream::BaseBackupOptions;
 use super::{store_base_backup, BackupError};
 use crate::pg::wire::Backend;
 use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
-use crate::repo::{Manifest, ManifestTotals, Repository, StanzaPaths, Tablespace};
+use crate::repo::{Manifest, ManifestTotals, PageRef, Repository, StanzaPaths, Tablespace};
 use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
 
 /// How long to wait, once the backup ended, for the WAL up to its end.
@@ -149,6 +149,15 @@ pub async fn run_backup(
         files: stored.files,
         tablespaces,
         totals,
+        wal_segment_size: seg.bytes() as u32,
+        corrupt_pages: stored
+            .corrupt_pages
+            .iter()
+            .map(|p| PageRef {
+                file: p.file.clone(),
+                block: p.block,
+            })
+            .collect(),
     };
     // commit only under a live lease: garbage collection may delete packs
     // this backup deduplicated against once a writer's lease has lapsed

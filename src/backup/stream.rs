@@ -26,6 +26,11 @@ pub struct BaseBackupOptions {
     pub max_rate: Option<u64>,
     /// Compression of the blocks this backup stores (default: the repository's).
     pub compression: Option<crate::codec::Compression>,
+    /// Keep a backup in which the server found pages with bad checksums
+    /// (they are listed in its manifest) instead of failing it.
+    pub allow_checksum_failures: bool,
+    /// Counts the bytes received (total: the server's size estimate).
+    pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
 }
 
 /// A tablespace as the server lists it.
@@ -119,7 +124,7 @@ impl<'c> BaseBackupStream<'c> {
             format!("BASE_BACKUP ({})", o.join(", "))
         } else {
             let mut s = format!(
-                "BASE_BACKUP LABEL {} NOWAIT TABLESPACE_MAP",
+                "BASE_BACKUP LABEL {} PROGRESS NOWAIT TABLESPACE_MAP",
                 quote(&opts.label)
             );
             if opts.fast_checkpoint {

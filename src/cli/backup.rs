@@ -11,6 +11,7 @@ use clap::Args;
 use super::Settings;
 use crate::backup::stream::BaseBackupOptions;
 use crate::pg::ConnParams;
+use crate::progress::{Progress, Reporter};
 use crate::repo::{Manifest, StanzaPaths};
 use crate::restore::RestoreOptions;
 
@@ -34,20 +35,37 @@ pub struct BackupArgs {
     /// repository's, set at init).
     #[arg(long)]
     pub compress: Option<crate::codec::Compression>,
+    /// Keep the backup when the server finds pages with bad checksums (they
+    /// are logged and listed by `info`) instead of failing it.
+    #[arg(long)]
+    pub allow_checksum_failures: bool,
 }
 
 pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
     let params = ConnParams::parse(&args.pg)?;
     let repo = Arc::new(settings.open_repository().await?);
+    let progress = Progress::new();
     let opts = BaseBackupOptions {
         label: args.label,
         fast_checkpoint: args.fast,
         max_rate: args.max_rate,
         compression: args.compress,
+        allow_checksum_failures: args.allow_checksum_failures,
+        progress: Some(progress.clone()),
     };
     let t = Instant::now();
-    let m = crate::backup::run_backup(repo, &settings.stanza, &params, &opts).await?;
+    let reporter = Reporter::start("backup", progress, !settings.quiet);
+    let m = crate::backup::run_backup(repo, &settings.stanza, &params, &opts).await;
+    reporter.finish();
+    let m = m?;
     let secs = t.elapsed().as_secs_f64();
+    if !m.corrupt_pages.is_empty() {
+        eprintln!(
+            "walvault: warning: backup {} holds {} page(s) whose checksum failed on the server (see `walvault info {0}`)",
+            m.id,
+            m.corrupt_pages.len()
+        );
+    }
     println!(
         "backup {} complete: {} in {secs:.1} s ({:.0} MB/s), {} new ({} stored), WAL {}..{}",
         m.id,
@@ -121,6 +139,11 @@ pub struct RestoreArgs {
     /// Put a tablespace elsewhere: OLD=NEW (OLD is its OID or old location).
     #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
     pub tablespace_map: Vec<String>,
+    /// Restore over an existing data directory of a stopped server: keep
+    /// blocks that already match, write only those that differ, remove files
+    /// the backup does not have.
+    #[arg(long)]
+    pub delta: bool,
 }
 
 pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
@@ -133,16 +156,32 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         map.insert(old.to_owned(), PathBuf::from(new));
     }
     let restore_command = restore_command(settings)?;
+    let progress = Progress::new();
     let opts = RestoreOptions {
         backup: Some(args.backup),
         tablespace_map: map,
         restore_command: Some(restore_command),
+        delta: args.delta,
+        progress: Some(progress.clone()),
     };
     let t = Instant::now();
-    let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await?;
+    let reporter = Reporter::start("restore", progress, !settings.quiet);
+    let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await;
+    reporter.finish();
+    let r = r?;
     let secs = t.elapsed().as_secs_f64();
+    let delta = if args.delta {
+        format!(
+            " ({} written, {} already in place, {} stale entries removed)",
+            human(r.stats.written),
+            human(r.stats.reused),
+            r.removed
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s); start PostgreSQL on it to recover",
+        "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s){delta}; start PostgreSQL on it to recover",
         r.backup.id,
         args.pgdata.display(),
         r.files,
@@ -244,7 +283,8 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
         "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
         "new_stored_bytes": m.totals.new_stored_bytes,
         "dedup_ratio": m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64,
-        "block_size": m.block_size,
+        "block_size": m.block_size, "wal_segment_size": m.wal_segment_size,
+        "corrupt_pages": m.corrupt_pages.iter().map(|p| serde_json::json!({"file": p.file, "block": p.block})).collect::<Vec<_>>(),
         "tablespaces": m.tablespaces.iter().map(|t| serde_json::json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>(),
     });
     if args.json {

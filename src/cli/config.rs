@@ -57,6 +57,8 @@ pub struct Settings {
     pub key_file: Option<std::path::PathBuf>,
     /// `--config`.
     pub config_path: Option<std::path::PathBuf>,
+    /// `-q` given: no progress bar.
+    pub quiet: bool,
 }
 
 impl Settings {
@@ -94,6 +96,7 @@ impl Settings {
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),
+            quiet: args.quiet > 0,
         })
     }
 

@@ -219,7 +219,7 @@ async fn story(
         let storage = Arc::new(LocalDir::open(&repo_dir)?);
         let repo = Arc::new(Repository::init(storage, &InitParams::default(), None, KdfCost::default()).await?);
         let params = ConnParams::parse(&format!("host={s} port={p} user=postgres"))?;
-        let opts = BaseBackupOptions { label: "demo".into(), fast_checkpoint: true, max_rate: None, compression: None };
+        let opts = BaseBackupOptions { label: "demo".into(), fast_checkpoint: true, ..Default::default() };
 
         let t = Instant::now();
         let b1 = crate::backup::run_backup(repo.clone(), "main", &params, &opts).await?;
@@ -255,6 +255,7 @@ async fn story(
             backup: Some(b2.id.clone()),
             tablespace_map: Default::default(),
             restore_command: Some(format!("\"{}\" wal-fetch --repo \"{}\" --stanza main %f %p", exe.display(), repo_dir.display())),
+            ..Default::default()
         };
         let t = Instant::now();
         let r = crate::restore::restore(repo.clone(), "main", &dst.data, &ropts).await?;

@@ -12,7 +12,9 @@ use crate::codec::BlockId;
 use crate::storage::list_all;
 
 /// The manifest version this build writes and the newest it reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version 2 added `wal_segment_size` and `corrupt_pages` (version 1 was
+/// never released and is not read).
+pub const MANIFEST_VERSION: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
 const MAX_MANIFEST: u64 = 4 << 30;
 
@@ -101,6 +103,20 @@ pub struct Manifest {
     pub tablespaces: Vec<Tablespace>,
     /// Sizes.
     pub totals: ManifestTotals,
+    /// WAL segment size of the cluster, bytes.
+    pub wal_segment_size: u32,
+    /// Pages whose checksum failed while the backup was taken (kept only with
+    /// `--allow-checksum-failures`; otherwise such a backup is refused).
+    pub corrupt_pages: Vec<PageRef>,
+}
+
+/// A page of a relation file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    /// File, relative to the data directory.
+    pub file: String,
+    /// Block number within the file.
+    pub block: u64,
 }
 
 impl Manifest {
@@ -130,7 +146,7 @@ impl Manifest {
                 object: object.to_owned(),
                 reason: format!("no version: {e}"),
             })?;
-        if version > MANIFEST_VERSION || version == 0 {
+        if version != MANIFEST_VERSION {
             return Err(RepoError::UnsupportedVersion {
                 object: object.to_owned(),
                 found: version,
@@ -253,6 +269,11 @@ mod tests {
                 blocks: 1,
                 ..Default::default()
             },
+            wal_segment_size: 16 << 20,
+            corrupt_pages: vec![PageRef {
+                file: "base/5/16384".into(),
+                block: 0,
+            }],
         }
     }
 
@@ -262,10 +283,10 @@ mod tests {
         let body = m.encode().unwrap();
         assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
         let mut newer = m.clone();
-        newer.version = 2;
+        newer.version = MANIFEST_VERSION + 1;
         let e = Manifest::decode(&newer.encode().unwrap(), "m").unwrap_err();
         assert!(
-            matches!(e, RepoError::UnsupportedVersion { found: 2, .. }),
+            matches!(e, RepoError::UnsupportedVersion { found, .. } if found == MANIFEST_VERSION + 1),
             "{e}"
         );
         for n in 0..body.len() {

@@ -31,7 +31,9 @@ use bytes::Bytes;
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
 pub use index::{BlockLocation, Index, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
-pub use manifest::{BackupFile, FileKind, Manifest, ManifestTotals, Tablespace, MANIFEST_VERSION};
+pub use manifest::{
+    BackupFile, FileKind, Manifest, ManifestTotals, PageRef, Tablespace, MANIFEST_VERSION,
+};
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
 pub use wal::{valid_wal_name, wal_key};

@@ -8,9 +8,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
-use tokio::io::AsyncWriteExt;
+mod delta;
+mod files;
 
+pub use files::WriteStats;
+use files::Target;
+
+use crate::progress::Progress;
 use crate::repo::{FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
 
 /// Why a restore failed.
@@ -32,7 +36,7 @@ pub enum RestoreError {
     Invalid(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
         path: path.to_owned(),
         source,
@@ -49,6 +53,12 @@ pub struct RestoreOptions {
     pub tablespace_map: HashMap<String, PathBuf>,
     /// The `restore_command` to write, or `None` to configure no recovery.
     pub restore_command: Option<String>,
+    /// Restore over an existing data directory (of a stopped server): files
+    /// whose blocks already match are kept, only differing blocks are
+    /// written, and files the backup does not have are removed.
+    pub delta: bool,
+    /// Counts bytes as they are written (or found in place with `delta`).
+    pub progress: Option<Arc<Progress>>,
 }
 
 /// What a restore did.
@@ -58,8 +68,13 @@ pub struct RestoreReport {
     pub backup: Manifest,
     /// Files written.
     pub files: usize,
-    /// Bytes written.
+    /// Bytes of the restored files.
     pub bytes: u64,
+    /// Bytes written, bytes found in place (`delta`), ranged reads made.
+    pub stats: WriteStats,
+    /// Files and directories removed because the backup does not have them
+    /// (`delta`).
+    pub removed: usize,
 }
 
 /// Choose the backup: `id`, or the newest one.
@@ -82,7 +97,12 @@ pub async fn choose_backup(
     Ok(Manifest::load(repo, paths, &id).await?)
 }
 
-/// Restore into `target`, which must be empty or missing.
+fn is_empty_dir(dir: &Path) -> Result<bool, RestoreError> {
+    Ok(!dir.exists() || std::fs::read_dir(dir).map_err(io(dir))?.next().is_none())
+}
+
+/// Restore into `target`, which must be empty or missing (or, with
+/// `delta`, a stopped server's data directory).
 pub async fn restore(
     repo: Arc<Repository>,
     stanza: &str,
@@ -90,14 +110,16 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let paths = StanzaPaths::new(stanza);
-    if target.exists()
-        && std::fs::read_dir(target)
-            .map_err(io(target))?
-            .next()
-            .is_some()
-    {
+    if opts.delta {
+        if target.join("postmaster.pid").exists() {
+            return Err(RestoreError::Invalid(format!(
+                "{} has a postmaster.pid: a server may be running on it; stop it cleanly first (pg_ctl stop -D {0}), or remove the stale postmaster.pid if it crashed",
+                target.display()
+            )));
+        }
+    } else if !is_empty_dir(target)? {
         return Err(RestoreError::Invalid(format!(
-            "{} is not empty; restore into an empty or new directory",
+            "{} is not empty; restore into an empty or new directory, or pass --delta to restore over a stopped server's data directory (only changed blocks are written)",
             target.display()
         )));
     }
@@ -115,12 +137,7 @@ pub async fn restore(
             .or_else(|| opts.tablespace_map.get(&t.location))
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&t.location));
-        if dest.exists()
-            && std::fs::read_dir(&dest)
-                .map_err(io(&dest))?
-                .next()
-                .is_some()
-        {
+        if !opts.delta && !is_empty_dir(&dest)? {
             return Err(RestoreError::Invalid(format!(
                 "tablespace {} would go to {}, which is not empty; map it elsewhere with --tablespace-map {}=DIR",
                 t.oid,
@@ -144,6 +161,27 @@ pub async fn restore(
         target.join(path)
     };
 
+    let mut removed = 0;
+    if opts.delta {
+        let mut expected: HashMap<PathBuf, delta::Kind> = manifest
+            .files
+            .iter()
+            .map(|f| (resolve(&f.path), delta::Kind::of(&f.kind)))
+            .collect();
+        for t in &manifest.tablespaces {
+            // the link is recreated below, pointing at the restored location
+            expected.insert(
+                target.join("pg_tblspc").join(t.oid.to_string()),
+                delta::Kind::Link,
+            );
+        }
+        let mut roots = vec![target.to_owned()];
+        roots.extend(ts_dirs.values().cloned());
+        for root in roots {
+            removed += delta::remove_extraneous(&root, &expected)?;
+        }
+    }
+
     // directories and links first, then files
     for f in &manifest.files {
         let p = resolve(&f.path);
@@ -165,55 +203,55 @@ pub async fn restore(
                 if let Some(parent) = p.parent() {
                     std::fs::create_dir_all(parent).map_err(io(parent))?;
                 }
+                if std::fs::symlink_metadata(&p).is_ok() {
+                    std::fs::remove_file(&p).map_err(io(&p))?;
+                }
                 std::os::unix::fs::symlink(&to, &p).map_err(io(&p))?;
             }
             FileKind::File => {}
         }
     }
-    let files: Vec<_> = manifest
+    let targets: Vec<Target<'_>> = manifest
         .files
         .iter()
         .filter(|f| f.kind == FileKind::File)
-        .collect();
-    let bytes: u64 = files.iter().map(|f| f.size).sum();
-    let count = files.len();
-    futures::stream::iter(files)
-        .map(|f| {
-            let (repo, paths, index, p) = (&repo, &paths, &index, resolve(&f.path));
-            async move {
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent).map_err(io(parent))?;
-                }
-                // blocks are written as they arrive: memory per file is the
-                // blocks in flight, never the file (relation segments are 1 GiB)
-                let mut out = tokio::fs::File::create(&p).await.map_err(io(&p))?;
-                let mut blocks = repo.read_blocks(paths, index, &f.blocks, 16);
-                let mut written = 0u64;
-                while let Some(block) = blocks.next().await {
-                    let block = block?;
-                    out.write_all(&block).await.map_err(io(&p))?;
-                    written += block.len() as u64;
-                }
-                if written != f.size {
-                    return Err(RestoreError::Invalid(format!(
-                        "{}: restored {written} bytes, expected {}",
-                        f.path, f.size
-                    )));
-                }
-                out.flush().await.map_err(io(&p))?;
-                let out = out.into_std().await;
-                let t =
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-                out.set_modified(t).map_err(io(&p))?;
-                drop(out);
-                tokio::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o7777))
-                    .await
-                    .map_err(io(&p))
-            }
+        .map(|f| Target {
+            path: resolve(&f.path),
+            file: f,
         })
-        .buffer_unordered(8)
-        .try_collect::<Vec<()>>()
-        .await?;
+        .collect();
+    let bytes: u64 = targets.iter().map(|t| t.file.size).sum();
+    let progress = opts.progress.clone().unwrap_or_else(Progress::new);
+    progress.set_total(bytes);
+    let block_size = manifest.block_size as usize;
+    if block_size == 0 {
+        return Err(RestoreError::Invalid(format!(
+            "backup {} has block size 0; its manifest is damaged",
+            manifest.id
+        )));
+    }
+    let stats = files::write_files(
+        &repo,
+        &paths,
+        &index,
+        &targets,
+        block_size,
+        opts.delta,
+        &progress,
+    )
+    .await?;
+    // modes and times last: a read-only mode would stop the writes
+    for t in &targets {
+        let f = t.file;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&t.path)
+            .map_err(io(&t.path))?;
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+        out.set_modified(time).map_err(io(&t.path))?;
+        std::fs::set_permissions(&t.path, std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .map_err(io(&t.path))?;
+    }
 
     // The backup carries a tablespace_map naming the *source's* locations,
     // and PostgreSQL recreates pg_tblspc/<oid> from it when it starts: rewrite
@@ -247,9 +285,11 @@ pub async fn restore(
         std::fs::write(&auto, conf).map_err(io(&auto))?;
     }
     Ok(RestoreReport {
+        files: targets.len(),
         backup: manifest,
-        files: count,
         bytes,
+        stats,
+        removed,
     })
 }
 

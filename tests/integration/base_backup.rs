@@ -32,8 +32,7 @@ async fn base_backup_of(c: &PgCluster) {
     let opts = BaseBackupOptions {
         label: "walvault 'test'".into(),
         fast_checkpoint: true,
-        max_rate: None,
-        compression: None,
+        ..Default::default()
     };
     let (mut stream, start) = BaseBackupStream::start(&mut conn, &opts).await.unwrap();
     assert_eq!(start.timeline.get(), 1);
@@ -154,8 +153,7 @@ mod into_repository {
         BaseBackupOptions {
             label: "t".into(),
             fast_checkpoint: true,
-            max_rate: None,
-            compression: None,
+            ..Default::default()
         }
     }
 
@@ -305,8 +303,7 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
     let opts = BaseBackupOptions {
         label: "t".into(),
         fast_checkpoint: true,
-        max_rate: None,
-        compression: None,
+        ..Default::default()
     };
     let e = store_base_backup(repo, "main", &mut conn, &opts, |_| {})
         .await

@@ -75,7 +75,7 @@ async fn store(
 
 fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
     Manifest {
-        version: 1,
+        version: walvault::repo::MANIFEST_VERSION,
         id: Manifest::new_id(),
         label: "test".into(),
         system_id: 1,
@@ -95,6 +95,8 @@ fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
         },
         files,
         tablespaces: vec![],
+        wal_segment_size: 16 << 20,
+        corrupt_pages: vec![],
     }
 }
 

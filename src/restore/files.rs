@@ -1,0 +1,307 @@
+//! Writing a backup's file contents: which blocks must be written (all of
+//! them, or with `--delta` only those whose content differs from the file
+//! already there), grouped into runs of neighbouring blobs of one pack so each
+//! run is one ranged read, fetched in parallel and written in place.
+//!
+//! Memory is bounded by the runs in flight ([`PARALLEL_RUNS`] ×
+//! [`MAX_RUN_BYTES`]), never by the size of a file.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use super::{io, RestoreError};
+use crate::codec::BlockId;
+use crate::progress::Progress;
+use crate::repo::{BackupFile, Index, PackEntry, PackId, Repository, StanzaPaths};
+
+/// Largest span of one ranged read.
+pub const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Largest gap of unneeded bytes read through rather than starting a new read
+/// (blocks deduplicated away or already in place leave holes).
+const MAX_GAP: u64 = 256 << 10;
+/// Runs fetched at once: enough to hide object-store latency.
+pub const PARALLEL_RUNS: usize = 16;
+
+/// A file to write: where, how big, and its blocks.
+#[derive(Debug)]
+pub(super) struct Target<'m> {
+    pub(super) path: PathBuf,
+    pub(super) file: &'m BackupFile,
+}
+
+/// One block to write: file (index into the targets), offset in it, and the
+/// blob.
+#[derive(Debug, Clone)]
+struct Item {
+    target: usize,
+    offset: u64,
+    entry: PackEntry,
+}
+
+/// Neighbouring blobs of one pack, read together.
+#[derive(Debug)]
+struct Run {
+    pack: PackId,
+    start: u64,
+    end: u64,
+    items: Vec<Item>,
+}
+
+/// What writing the files did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriteStats {
+    /// Bytes written.
+    pub written: u64,
+    /// Bytes left in place because they already matched (`--delta`).
+    pub reused: u64,
+    /// Ranged reads made.
+    pub reads: u64,
+}
+
+/// For each target, the block indexes to write; with `delta`, blocks of an
+/// existing file whose id matches are skipped (hashing runs on the blocking
+/// pool, two files at a time).
+async fn needed_blocks(
+    repo: &Repository,
+    targets: &[Target<'_>],
+    block_size: usize,
+    delta: bool,
+) -> Result<Vec<Vec<usize>>, RestoreError> {
+    if !delta {
+        return Ok(targets
+            .iter()
+            .map(|t| (0..t.file.blocks.len()).collect())
+            .collect());
+    }
+    let hasher = repo.hasher().clone();
+    futures::stream::iter(targets.iter())
+        .map(|t| {
+            let (path, ids, hasher) = (t.path.clone(), t.file.blocks.clone(), hasher.clone());
+            async move {
+                tokio::task::spawn_blocking(move || unchanged(&path, &ids, block_size, &hasher))
+                    .await
+                    .map_err(|e| RestoreError::Invalid(format!("delta task failed: {e}")))?
+            }
+        })
+        .buffered(2)
+        .map_ok(|same| {
+            same.iter()
+                .enumerate()
+                .filter(|(_, s)| !**s)
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .try_collect()
+        .await
+}
+
+fn block_len(size: u64, i: usize, block_size: usize) -> u64 {
+    (size - (i as u64 * block_size as u64).min(size)).min(block_size as u64)
+}
+
+/// Which blocks of the existing file at `path` already hold `ids`.
+fn unchanged(
+    path: &Path,
+    ids: &[BlockId],
+    block_size: usize,
+    hasher: &crate::codec::IdHasher,
+) -> Result<Vec<bool>, RestoreError> {
+    use std::io::Read;
+    let mut same = vec![false; ids.len()];
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(same),
+        Err(e) => return Err(io(path)(e)),
+    };
+    if !f.metadata().map_err(io(path))?.is_file() {
+        return Ok(same);
+    }
+    let mut buf = vec![0u8; block_size];
+    for (i, id) in ids.iter().enumerate() {
+        let mut n = 0;
+        while n < block_size {
+            match f.read(&mut buf[n..]).map_err(io(path))? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        // a shorter last block matches only if the backup's is as short
+        same[i] = hasher.id(&buf[..n]) == *id;
+        if n < block_size {
+            break;
+        }
+    }
+    Ok(same)
+}
+
+/// Group the blocks to write into runs.
+fn plan_runs(
+    index: &Index,
+    targets: &[Target<'_>],
+    needed: &[Vec<usize>],
+    block_size: usize,
+) -> Result<Vec<Run>, RestoreError> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (t, (target, blocks)) in targets.iter().zip(needed).enumerate() {
+        for &i in blocks {
+            let id = &target.file.blocks[i];
+            let loc = index.get(id).ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "{}: block {id} is not in the repository's index (the repository is damaged; run `walvault verify`, or restore another backup)",
+                    target.file.path
+                ))
+            })?;
+            let (off, len) = (u64::from(loc.entry.offset), u64::from(loc.entry.len));
+            let item = Item {
+                target: t,
+                offset: i as u64 * block_size as u64,
+                entry: loc.entry,
+            };
+            if let Some(run) = runs.last_mut() {
+                if run.pack == loc.pack
+                    && off >= run.end
+                    && off - run.end <= MAX_GAP
+                    && off + len - run.start <= MAX_RUN_BYTES
+                {
+                    run.end = off + len;
+                    run.items.push(item);
+                    continue;
+                }
+            }
+            runs.push(Run {
+                pack: loc.pack,
+                start: off,
+                end: off + len,
+                items: vec![item],
+            });
+        }
+    }
+    Ok(runs)
+}
+
+/// Write the blocks of `targets` (files already created with their final
+/// length): all of them, or with `delta` only those that differ.
+pub(super) async fn write_files(
+    repo: &Arc<Repository>,
+    paths: &StanzaPaths,
+    index: &Index,
+    targets: &[Target<'_>],
+    block_size: usize,
+    delta: bool,
+    progress: &Arc<Progress>,
+) -> Result<WriteStats, RestoreError> {
+    for t in targets {
+        let expect = t.file.size.div_ceil(block_size as u64);
+        if t.file.blocks.len() as u64 != expect {
+            return Err(RestoreError::Invalid(format!(
+                "the manifest lists {} blocks for {} ({} bytes), expected {expect}; the manifest is damaged",
+                t.file.blocks.len(),
+                t.file.path,
+                t.file.size
+            )));
+        }
+    }
+    let needed = needed_blocks(repo, targets, block_size, delta).await?;
+    let to_write: u64 = targets
+        .iter()
+        .zip(&needed)
+        .map(|(t, n)| n.iter().map(|&i| block_len(t.file.size, i, block_size)).sum::<u64>())
+        .sum();
+    let reused = targets.iter().map(|t| t.file.size).sum::<u64>() - to_write;
+    progress.add(reused);
+    // (re)create every file at its final length: blocks land in place, and
+    // a delta restore cuts files that grew since the backup
+    for t in targets {
+        if let Some(parent) = t.path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(!delta)
+            .open(&t.path)
+            .map_err(io(&t.path))?;
+        f.set_len(t.file.size).map_err(io(&t.path))?;
+    }
+    let runs = plan_runs(index, targets, &needed, block_size)?;
+    let reads = runs.len() as u64;
+    let written: u64 = futures::stream::iter(runs)
+        .map(|run| async move {
+            let entries: Vec<PackEntry> = run.items.iter().map(|i| i.entry).collect();
+            let blocks = repo.read_run(paths, &run.pack, entries).await?;
+            let jobs: Vec<(PathBuf, u64, u64, Vec<u8>)> = run
+                .items
+                .iter()
+                .zip(blocks)
+                .map(|(item, data)| {
+                    let t = &targets[item.target];
+                    let want = block_len(t.file.size, (item.offset / block_size as u64) as usize, block_size);
+                    (t.path.clone(), item.offset, want, data)
+                })
+                .collect();
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || write_blocks(jobs, &progress))
+                .await
+                .map_err(|e| RestoreError::Invalid(format!("write task failed: {e}")))?
+        })
+        .buffer_unordered(PARALLEL_RUNS)
+        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .await?;
+    Ok(WriteStats {
+        written,
+        reused,
+        reads,
+    })
+}
+
+/// Positioned writes of decoded blocks; consecutive blocks of one file share
+/// one open file.
+fn write_blocks(
+    jobs: Vec<(PathBuf, u64, u64, Vec<u8>)>,
+    progress: &Progress,
+) -> Result<u64, RestoreError> {
+    let mut open: Option<(PathBuf, std::fs::File)> = None;
+    let mut written = 0;
+    for (path, offset, want, data) in jobs {
+        if data.len() as u64 != want {
+            return Err(RestoreError::Invalid(format!(
+                "{}: the block at offset {offset} holds {} bytes, expected {want}; the repository is damaged",
+                path.display(),
+                data.len()
+            )));
+        }
+        if open.as_ref().map(|(p, _)| p != &path).unwrap_or(true) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            open = Some((path.clone(), f));
+        }
+        if let Some((_, f)) = &open {
+            f.write_all_at(&data, offset).map_err(io(&path))?;
+        }
+        written += want;
+        progress.add(want);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_lengths_cover_the_file() {
+        assert_eq!(block_len(20000, 0, 8192), 8192);
+        assert_eq!(block_len(20000, 2, 8192), 20000 - 16384);
+        assert_eq!(block_len(16384, 2, 8192), 0);
+        let total: u64 = (0..3).map(|i| block_len(20000, i, 8192)).sum();
+        assert_eq!(total, 20000);
+    }
+}
