@@ -132,6 +132,7 @@ pub async fn store_base_backup(
             p.set_total(start.tablespaces.iter().filter_map(|t| t.size).sum());
         }
         let mut events = Vec::new();
+        let mut checksum_error_end = None;
         loop {
             match stream.next(&mut events).await {
                 Ok(true) => {}
@@ -141,9 +142,10 @@ pub async fn store_base_backup(
                 Err(e)
                     if opts.allow_checksum_failures
                         && e.sqlstate() == Some("XX001")
-                        && stream.end().is_some() =>
+                        && stream.end_sent().is_some() =>
                 {
                     tracing::warn!("{e}; kept as asked (--allow-checksum-failures)");
+                    checksum_error_end = stream.end_sent();
                     break;
                 }
                 Err(e) => return Err(e.into()),
@@ -159,10 +161,12 @@ pub async fn store_base_backup(
                 }
             }
         }
-        let end = stream.end().ok_or_else(|| PgError::Protocol {
-            target: String::new(),
-            reason: "BASE_BACKUP ended without an end position".into(),
-        })?;
+        let end = checksum_error_end
+            .or(stream.end())
+            .ok_or_else(|| PgError::Protocol {
+                target: String::new(),
+                reason: "BASE_BACKUP ended without an end position".into(),
+            })?;
         Ok(Some((start, end)))
     }
     .await;

@@ -277,6 +277,13 @@ impl<'c> BaseBackupStream<'c> {
         protocol(self.conn, reason.to_owned())
     }
 
+    /// The end position once the server sent it, even if the reply then
+    /// ended in an error (as it does after checksum failures: everything,
+    /// the end included, was sent before that error).
+    pub fn end_sent(&self) -> Option<(Lsn, TimelineId)> {
+        self.end
+    }
+
     /// The end position, once the reply is complete.
     pub fn end(&self) -> Option<(Lsn, TimelineId)> {
         if self.done {

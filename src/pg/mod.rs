@@ -9,6 +9,7 @@
 //! [`TimelineId`], [`SegmentNo`], [`WalSegSize`], [`SystemId`] and the parsed
 //! WAL file names in [`WalFileName`].
 
+pub mod checksum;
 mod conn;
 mod conninfo;
 mod lsn;

@@ -211,7 +211,11 @@ pub(super) async fn write_files(
     let to_write: u64 = targets
         .iter()
         .zip(&needed)
-        .map(|(t, n)| n.iter().map(|&i| block_len(t.file.size, i, block_size)).sum::<u64>())
+        .map(|(t, n)| {
+            n.iter()
+                .map(|&i| block_len(t.file.size, i, block_size))
+                .sum::<u64>()
+        })
         .sum();
     let reused = targets.iter().map(|t| t.file.size).sum::<u64>() - to_write;
     progress.add(reused);
@@ -241,7 +245,11 @@ pub(super) async fn write_files(
                 .zip(blocks)
                 .map(|(item, data)| {
                     let t = &targets[item.target];
-                    let want = block_len(t.file.size, (item.offset / block_size as u64) as usize, block_size);
+                    let want = block_len(
+                        t.file.size,
+                        (item.offset / block_size as u64) as usize,
+                        block_size,
+                    );
                     (t.path.clone(), item.offset, want, data)
                 })
                 .collect();

@@ -11,8 +11,8 @@ use std::sync::Arc;
 mod delta;
 mod files;
 
-pub use files::WriteStats;
 use files::Target;
+pub use files::WriteStats;
 
 use crate::progress::Progress;
 use crate::repo::{FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
@@ -221,7 +221,7 @@ pub async fn restore(
         })
         .collect();
     let bytes: u64 = targets.iter().map(|t| t.file.size).sum();
-    let progress = opts.progress.clone().unwrap_or_else(Progress::new);
+    let progress = opts.progress.clone().unwrap_or_default();
     progress.set_total(bytes);
     let block_size = manifest.block_size as usize;
     if block_size == 0 {
@@ -231,13 +231,7 @@ pub async fn restore(
         )));
     }
     let stats = files::write_files(
-        &repo,
-        &paths,
-        &index,
-        &targets,
-        block_size,
-        opts.delta,
-        &progress,
+        &repo, &paths, &index, &targets, block_size, opts.delta, &progress,
     )
     .await?;
     // modes and times last: a read-only mode would stop the writes

@@ -295,6 +295,13 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
     assert!(data.len() >= 3 * 8192);
     data[2 * 8192 + 4000] ^= 0xff; // inside block 2, away from the header
     std::fs::write(&path, data).unwrap();
+    // walvault's own page checksum check agrees with the server: this page
+    // and no other (every other page of the stopped cluster verifies)
+    let check = walvault::pg::checksum::check_data_directory(&c.datadir).unwrap();
+    assert!(check.pages > 100, "{check:?}");
+    assert_eq!(check.bad.len(), 1, "{:?}", check.bad);
+    assert_eq!(check.bad[0].file, path);
+    assert_eq!(check.bad[0].block, 2);
     c.start_again();
 
     let b = Backend::local();
@@ -305,7 +312,7 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
         fast_checkpoint: true,
         ..Default::default()
     };
-    let e = store_base_backup(repo, "main", &mut conn, &opts, |_| {})
+    let e = store_base_backup(repo.clone(), "main", &mut conn, &opts, |_| {})
         .await
         .unwrap_err();
     match &e {
@@ -323,4 +330,19 @@ async fn a_corrupt_page_is_reported_with_file_and_block() {
             .unwrap()
             .is_empty()
     );
+
+    // kept on request, with the page named
+    let mut conn = c.replication().await;
+    let opts = BaseBackupOptions {
+        allow_checksum_failures: true,
+        ..opts
+    };
+    let kept = store_base_backup(repo, "main", &mut conn, &opts, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(kept.corrupt_pages.len(), 1, "{:?}", kept.corrupt_pages);
+    assert_eq!(kept.corrupt_pages[0].file, rel);
+    assert_eq!(kept.corrupt_pages[0].block, 2);
+    assert!(kept.files.iter().any(|f| f.path == rel));
+    kept.lease.release().await;
 }

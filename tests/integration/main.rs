@@ -11,5 +11,6 @@ mod cli_storage;
 mod harness;
 mod pg_client;
 mod repo;
+mod restore_matrix;
 mod storage_conformance;
 mod wal_stream;

@@ -202,6 +202,65 @@ impl PgCluster {
     /// cluster's port and socket directory, and start it (pg_ctl waits until
     /// recovery has finished and the server accepts connections).
     pub fn start_restored(&mut self) {
+        self.start_restored_server();
+        // pg_ctl returns once read-only connections are accepted (consistent),
+        // which may be before recovery has replayed everything and promoted
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.psql("SELECT pg_is_in_recovery()") == "t" {
+            assert!(
+                Instant::now() < deadline,
+                "recovery did not finish:\n{}",
+                self.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Start a data directory restored into `self.datadir` as a streaming
+    /// standby of `primary` that holds replay back by an hour: it receives
+    /// everything but applies nothing past the next commit, so a test can
+    /// later make it replay to an exact LSN ([`PgCluster::replay_to`]) and
+    /// read the primary's content as of that point.
+    pub fn start_delayed_standby(&mut self, primary: &PgCluster) {
+        self.write_file("standby.signal", "");
+        let auto = self.datadir.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\nprimary_conninfo = 'host={} port={} user=postgres'\nrecovery_min_apply_delay = '1h'\n",
+            primary.sockdir.display(),
+            primary.port
+        ));
+        fs::write(&auto, text).expect("write postgresql.auto.conf");
+        self.start_restored_server();
+    }
+
+    /// Restart a delayed standby so that it replays up to `lsn` and pauses
+    /// there: through the record starting at `lsn` when `inclusive`, else
+    /// every record before it (`lsn` being the end of a record, the state
+    /// after that record) — `recovery_target_lsn` semantics.
+    pub fn replay_to(&mut self, lsn: &str, inclusive: bool) {
+        self.stop(StopMode::Fast);
+        let auto = self.datadir.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\nrecovery_min_apply_delay = 0\nrecovery_target_lsn = '{lsn}'\nrecovery_target_inclusive = {inclusive}\nrecovery_target_action = 'pause'\n"
+        ));
+        self.write_file("postgresql.auto.conf", &text);
+        self.start_server();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.psql("SELECT pg_is_wal_replay_paused()") != "t" {
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not reach {lsn}:\n{}",
+                self.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Give a restored data directory to the server's OS user, this
+    /// cluster's port and socket directory, and start it.
+    fn start_restored_server(&mut self) {
         if let Some(u) = &self.user {
             let status = Command::new("chown")
                 .args(["-R", &format!("{}:{}", u.uid, u.gid)])
@@ -219,17 +278,6 @@ impl PgCluster {
         ));
         self.write_file("postgresql.auto.conf", &text);
         self.start_server();
-        // pg_ctl returns once read-only connections are accepted (consistent),
-        // which may be before recovery has replayed everything and promoted
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.psql("SELECT pg_is_in_recovery()") == "t" {
-            assert!(
-                Instant::now() < deadline,
-                "recovery did not finish:\n{}",
-                self.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     fn create(bindir: PathBuf) -> PgCluster {
@@ -661,6 +709,29 @@ fn children_of(ppid: i32) -> Vec<i32> {
                 .flatten()
                 .and_then(|p| p.parse::<i32>().ok())
                 == Some(ppid)
+        })
+        .collect()
+}
+
+/// Per user table of database `db`: row count and an md5 of all rows in a
+/// canonical order — equal maps mean equal content.
+pub fn table_hashes(c: &PgCluster, db: &str) -> std::collections::BTreeMap<String, String> {
+    let tables = c.psql_db(
+        db,
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables \
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+    );
+    tables
+        .lines()
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let h = c.psql_db(
+                db,
+                &format!(
+                    "SELECT count(*) || ':' || coalesce(md5(string_agg(r::text, '|' ORDER BY r::text)), '-') FROM {t} r"
+                ),
+            );
+            (t.to_owned(), h)
         })
         .collect()
 }
