@@ -6,6 +6,7 @@
 //! - [`storage`]: object storage (local directory, S3) with one contract;
 //! - [`cli`]: the commands, thin over the library.
 
+pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod codec;

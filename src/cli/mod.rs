@@ -8,6 +8,7 @@ mod demo;
 mod init;
 mod key;
 mod storage_check;
+mod wal;
 
 use std::path::PathBuf;
 
@@ -91,6 +92,13 @@ pub enum Command {
     /// Restore a backup into an empty directory, configured to recover from
     /// the repository when started.
     Restore(backup::RestoreArgs),
+    /// Archive WAL continuously over the replication protocol through a slot
+    /// (a sidecar next to PostgreSQL): RPO of seconds, or zero with
+    /// --synchronous.
+    Stream(wal::StreamArgs),
+    /// Archive one WAL file (for archive_command: %p). Succeeds when the same
+    /// file is already archived; fails when a different one is.
+    WalPush(wal::WalPushArgs),
     /// Copy a WAL file from the repository (for restore_command: %f %p).
     /// Exits 1 when the repository does not have it, 255 on any other error.
     WalFetch(backup::WalFetchArgs),
@@ -118,6 +126,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::List(args) => backup::list(&settings, args).await,
             Command::Info(args) => backup::info(&settings, args).await,
             Command::Restore(args) => backup::restore(&settings, args).await,
+            Command::Stream(args) => wal::stream(&settings, args).await,
+            Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {
                 Ok(true) => Ok(()),
                 // "not found" (exit 1) is how recovery learns the archive ends

@@ -389,6 +389,13 @@ impl PgConnection {
     /// server sends several).
     pub async fn simple_query(&mut self, sql: &str) -> Result<QueryResult, PgError> {
         self.send_query(sql).await?;
+        self.finish_query(sql).await
+    }
+
+    /// Read the rest of a query's reply up to ReadyForQuery, collecting its
+    /// rows (after a COPY ended, e.g. the result set that follows the end
+    /// of a timeline in START_REPLICATION). `sql` names it in errors.
+    pub async fn finish_query(&mut self, sql: &str) -> Result<QueryResult, PgError> {
         let mut result = QueryResult::default();
         let mut error = None;
         loop {

@@ -36,7 +36,7 @@ pub use manifest::{
 };
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
-pub use wal::{valid_wal_name, wal_key};
+pub use wal::{valid_wal_name, wal_key, WalStored};
 
 use crate::codec::{IdHasher, Keys, MasterKey};
 use crate::storage::{list_all, Storage, StorageError};
@@ -101,6 +101,15 @@ pub enum RepoError {
     /// A request that cannot be carried out as asked.
     #[error("{0}")]
     Invalid(String),
+    /// A WAL file already stored under this name has other content: two
+    /// clusters (or two histories of one) archive into the same stanza.
+    #[error("the repository already has WAL file {name} with different content: two servers are archiving into stanza {stanza} (split brain, or a restored copy archiving as the original); nothing was overwritten — give the other server its own stanza")]
+    WalConflict {
+        /// The WAL file name.
+        name: String,
+        /// The stanza.
+        stanza: String,
+    },
 }
 
 /// Where one stanza's objects live.
@@ -115,6 +124,14 @@ impl StanzaPaths {
         StanzaPaths {
             root: format!("{name}/"),
         }
+    }
+    /// The stanza's name.
+    pub fn stanza(&self) -> &str {
+        self.root.trim_end_matches('/')
+    }
+    /// `<stanza>/wal-summary/`.
+    pub fn wal_summaries(&self) -> String {
+        format!("{}wal-summary/", self.root)
     }
     /// `<stanza>/packs/`.
     pub fn packs(&self) -> String {

@@ -45,7 +45,80 @@ pub fn wal_key(paths: &StanzaPaths, name: &str) -> Result<String, RepoError> {
     Ok(format!("{}{}/{name}", paths.wal(), &name[..8]))
 }
 
+/// What [`Repository::store_wal_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalStored {
+    /// Stored now.
+    New,
+    /// The repository already had the same content under this name.
+    AlreadyThere,
+}
+
 impl Repository {
+    /// Store WAL file `name` unless the repository already has it: with the
+    /// same content that is success (archiving is retried after crashes),
+    /// with other content it is [`RepoError::WalConflict`] and nothing is
+    /// overwritten. `.partial` files are replaced (they grow).
+    pub async fn store_wal_once(
+        &self,
+        paths: &StanzaPaths,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<WalStored, RepoError> {
+        let key = wal_key(paths, name)?;
+        if !name.ends_with(".partial") {
+            match self.storage().head(&key).await {
+                Ok(_) => {
+                    let existing = self.load_wal(paths, name).await?;
+                    if existing.as_deref() == Some(&data[..]) {
+                        return Ok(WalStored::AlreadyThere);
+                    }
+                    if existing.is_some() {
+                        return Err(RepoError::WalConflict {
+                            name: name.to_owned(),
+                            stanza: paths.stanza().to_owned(),
+                        });
+                    }
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.store_wal(paths, name, data).await?;
+        Ok(WalStored::New)
+    }
+
+    /// Names of the WAL files stored for timeline directory `tli` (8 hex
+    /// digits), sorted.
+    pub async fn list_wal(&self, paths: &StanzaPaths, tli: &str) -> Result<Vec<String>, RepoError> {
+        let prefix = format!("{}{tli}/", paths.wal());
+        let mut names: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
+            .filter(|n| valid_wal_name(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Timeline directories present under `<stanza>/wal/`, sorted.
+    pub async fn wal_timelines(&self, paths: &StanzaPaths) -> Result<Vec<String>, RepoError> {
+        let prefix = paths.wal();
+        let mut tlis: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let rest = o.key.strip_prefix(&prefix)?;
+                let (t, _) = rest.split_once('/')?;
+                (t.len() == 8).then(|| t.to_owned())
+            })
+            .collect();
+        tlis.sort();
+        tlis.dedup();
+        Ok(tlis)
+    }
+
     /// Store WAL file `name`.
     pub async fn store_wal(
         &self,

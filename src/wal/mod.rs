@@ -2,3 +2,4 @@
 //! assembly of streamed WAL into segment files.
 
 pub mod receive;
+pub mod verify;

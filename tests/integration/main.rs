@@ -13,4 +13,5 @@ mod pg_client;
 mod repo;
 mod restore_matrix;
 mod storage_conformance;
+mod wal_archive;
 mod wal_stream;

@@ -1,0 +1,394 @@
+//! `walvault stream`: continuous WAL archiving over the replication
+//! protocol, through a physical slot.
+//!
+//! Invariants:
+//! - the write/flush positions reported to the server never exceed what is
+//!   durable in the repository, so the slot keeps every byte not yet safe;
+//! - streaming (re)starts at the first segment the repository does not hold
+//!   complete, so a restart (after kill -9, a server restart, a network
+//!   error) re-sends at most one segment and never leaves a gap; complete
+//!   segments are stored with [`Repository::store_wal_once`], so a re-sent
+//!   segment with other content is refused, never overwritten;
+//! - the open segment is stored as a zero-padded `.partial` at most
+//!   `partial_interval` after new WAL arrived (immediately in synchronous
+//!   mode, before the flush position is reported), which bounds the RPO.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::ArchiveError;
+use crate::pg::wire::Backend;
+use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
+use crate::repo::{Repository, StanzaPaths};
+use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
+
+/// Options of `walvault stream`.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Physical replication slot (created when missing).
+    pub slot: String,
+    /// Longest time new WAL waits before the open segment is uploaded.
+    pub partial_interval: Duration,
+    /// Upload and acknowledge every message at once (for
+    /// `synchronous_standby_names`: RPO = 0).
+    pub synchronous: bool,
+    /// How often a status update goes to the server and a lag line to the log.
+    pub status_interval: Duration,
+    /// A JSON file rewritten with the current positions and lag.
+    pub status_file: Option<PathBuf>,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for StreamOptions {
+    fn default() -> StreamOptions {
+        StreamOptions {
+            slot: "walvault".into(),
+            partial_interval: Duration::from_secs(1),
+            synchronous: false,
+            status_interval: Duration::from_secs(10),
+            status_file: None,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the stream stands (written to the status file).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StreamStatus {
+    /// Timeline streamed.
+    pub timeline: u32,
+    /// Received up to (exclusive).
+    pub received_lsn: String,
+    /// Durable in the repository up to (exclusive): the RPO point.
+    pub durable_lsn: String,
+    /// The server's end of WAL, as last reported.
+    pub server_lsn: String,
+    /// Bytes between the server's end and the durable point.
+    pub lag_bytes: u64,
+    /// Seconds since the durable point last caught up with the server.
+    pub lag_seconds: f64,
+    /// Complete segments stored since start.
+    pub segments_stored: u64,
+    /// `.partial` uploads since start.
+    pub partial_uploads: u64,
+    /// When this was written.
+    pub updated_at: String,
+}
+
+/// Why one streaming session ended without an error.
+enum SessionEnd {
+    /// Asked to stop.
+    Stopped,
+    /// The server's timeline ended; continue on the next one.
+    NextTimeline,
+}
+
+/// Stream until `stop` turns true. Errors that a retry cannot fix (bad
+/// credentials, a repository belonging to another cluster, a WAL conflict)
+/// end it; everything else is retried with backoff.
+pub async fn run_stream(
+    repo: Arc<Repository>,
+    stanza: &str,
+    params: &ConnParams,
+    opts: &StreamOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ArchiveError> {
+    let paths = StanzaPaths::new(stanza);
+    let mut backoff = Duration::from_secs(1);
+    let mut stats = StreamStatus::default();
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match session(&repo, &paths, params, opts, &mut stop, &mut stats).await {
+            Ok(SessionEnd::Stopped) => return Ok(()),
+            Ok(SessionEnd::NextTimeline) => {
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::warn!(
+                    "stream interrupted: {e}; reconnecting in {} s",
+                    backoff.as_secs()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+        }
+    }
+}
+
+/// The first LSN the repository does not hold in a complete segment of
+/// timeline `tli`, if it holds any.
+async fn repository_end(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    tli: TimelineId,
+    seg: WalSegSize,
+) -> Result<Option<Lsn>, ArchiveError> {
+    let names = repo.list_wal(paths, &format!("{:08X}", tli.get())).await?;
+    let last = names
+        .iter()
+        .filter(|n| n.len() == 24)
+        .filter_map(|n| crate::pg::WalFileName::parse(n, seg).ok())
+        .filter_map(|n| match n {
+            crate::pg::WalFileName::Segment(f) => Some(f.segno),
+            _ => None,
+        })
+        .max();
+    Ok(last.and_then(|s| s.next().start_lsn(seg)))
+}
+
+async fn session(
+    repo: &Arc<Repository>,
+    paths: &StanzaPaths,
+    params: &ConnParams,
+    opts: &StreamOptions,
+    stop: &mut watch::Receiver<bool>,
+    stats: &mut StreamStatus,
+) -> Result<SessionEnd, ArchiveError> {
+    let mut conn = PgConnection::connect(params, true).await?;
+    let target = conn.target().to_owned();
+    let sys = conn.identify_system().await?;
+    super::check_system(repo, paths, sys.system_id.0).await?;
+    let seg = conn.wal_segment_size().await?;
+    let tli = sys.timeline;
+    let version = conn.server_version_num().unwrap_or(0);
+
+    // the slot: created on first use; its restart point tells what the
+    // server still has
+    let mut slot_restart = None;
+    if version >= 150000 {
+        if let Some(info) = conn.read_replication_slot(&opts.slot).await? {
+            slot_restart = info.restart_lsn;
+        }
+    }
+    if slot_restart.is_none() {
+        match conn.create_physical_slot(&opts.slot, true).await {
+            Ok(p) => {
+                tracing::info!(slot = %opts.slot, "created replication slot");
+                // a physical slot reports no meaningful consistent point
+                slot_restart = p.filter(|l| l.is_valid());
+            }
+            Err(e) if e.sqlstate() == Some("42710") => {} // exists (before 15: unknown restart)
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if tli.get() > 1 {
+        let (name, content) = conn.timeline_history(tli).await?;
+        repo.store_wal_once(paths, &name, content.to_vec()).await?;
+    }
+
+    let have = repository_end(repo, paths, tli, seg).await?;
+    let start = match (have, slot_restart) {
+        (Some(h), Some(r)) if r > h => {
+            tracing::error!(
+                "WAL from {h} to {r} is not in the repository and the server no longer keeps it: \
+                 point-in-time recovery cannot cross this gap; take a new backup"
+            );
+            r
+        }
+        (Some(h), _) => h,
+        (None, Some(r)) => r,
+        (None, None) => sys.xlogpos,
+    };
+    let start = start.segment(seg).start_lsn(seg).unwrap_or(start);
+    if start > sys.xlogpos {
+        return Err(ArchiveError::Permanent(format!(
+            "the repository holds WAL up to {start} on timeline {tli}, past the server's end of WAL {}: \
+             this stanza belongs to another server or history; use another stanza",
+            sys.xlogpos
+        )));
+    }
+    conn.send_query(&format!(
+        "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {}",
+        opts.slot,
+        tli.get()
+    ))
+    .await?;
+    match conn.recv().await? {
+        Backend::CopyBothResponse => {}
+        Backend::Error(m) => {
+            return Err(PgError::Server {
+                target,
+                message: Box::new(m),
+            }
+            .into())
+        }
+        other => {
+            return Err(ArchiveError::Protocol(format!(
+                "unexpected {other:?} after START_REPLICATION"
+            )))
+        }
+    }
+    tracing::info!(%start, timeline = %tli, slot = %opts.slot, "streaming");
+
+    let mut asm = SegmentAssembler::new(start, tli, seg).map_err(ArchiveError::Protocol)?;
+    let mut durable = start;
+    let mut server_end = sys.xlogpos;
+    let mut caught_up_at = Instant::now();
+    let mut published = durable;
+    let mut partial_due: Option<tokio::time::Instant> = None;
+    let mut status_tick = tokio::time::interval(opts.status_interval);
+    status_tick.tick().await;
+    stats.timeline = tli.get();
+
+    loop {
+        let partial_at =
+            partial_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            msg = conn.copy_data() => {
+                let Some(data) = msg? else {
+                    // the server ended this timeline (a promotion)
+                    store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                    conn.send_copy_done().await?;
+                    let next = conn.finish_query("START_REPLICATION").await?;
+                    tracing::info!(
+                        "timeline {tli} ended at {}; following timeline {}",
+                        next.text(0, "next_tli_startpos").unwrap_or_default(),
+                        next.text(0, "next_tli").unwrap_or_default()
+                    );
+                    conn.close().await;
+                    return Ok(SessionEnd::NextTimeline);
+                };
+                match parse_message(data).map_err(ArchiveError::Protocol)? {
+                    WalMessage::XLogData { start, wal_end, data } => {
+                        server_end = server_end.max(wal_end);
+                        for s in asm.push(start, &data).map_err(ArchiveError::Protocol)? {
+                            repo.store_wal_once(paths, &s.name.to_string(), s.data).await?;
+                            stats.segments_stored += 1;
+                            durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
+                        }
+                        if opts.synchronous {
+                            store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                            send_status(&mut conn, durable, false).await?;
+                        } else if asm.position() > durable && partial_due.is_none() {
+                            partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
+                        }
+                    }
+                    WalMessage::Keepalive { wal_end, reply_requested } => {
+                        server_end = server_end.max(wal_end);
+                        if reply_requested {
+                            send_status(&mut conn, durable, false).await?;
+                        }
+                    }
+                }
+                if durable >= server_end {
+                    caught_up_at = Instant::now();
+                }
+                if durable != published && opts.status_file.is_some() {
+                    report(opts, stats, &asm, durable, server_end, caught_up_at, false);
+                    published = durable;
+                }
+            }
+            _ = tokio::time::sleep_until(partial_at) => {
+                partial_due = None;
+                store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                send_status(&mut conn, durable, false).await?;
+                if durable >= server_end {
+                    caught_up_at = Instant::now();
+                }
+                if durable != published && opts.status_file.is_some() {
+                    report(opts, stats, &asm, durable, server_end, caught_up_at, false);
+                    published = durable;
+                }
+            }
+            _ = status_tick.tick() => {
+                send_status(&mut conn, durable, false).await?;
+                report(opts, stats, &asm, durable, server_end, caught_up_at, true);
+            }
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                    let _ = send_status(&mut conn, durable, false).await;
+                    report(opts, stats, &asm, durable, server_end, caught_up_at, true);
+                    conn.close().await;
+                    return Ok(SessionEnd::Stopped);
+                }
+            }
+        }
+    }
+}
+
+/// Upload the open segment as `.partial` when it holds WAL not yet durable.
+async fn store_partial(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    asm: &SegmentAssembler,
+    durable: &mut Lsn,
+    stats: &mut StreamStatus,
+) -> Result<(), ArchiveError> {
+    if asm.position() <= *durable {
+        return Ok(());
+    }
+    if let Some(p) = asm.partial() {
+        repo.store_wal(paths, &p.name.to_string(), p.data).await?;
+        stats.partial_uploads += 1;
+    }
+    *durable = asm.position();
+    Ok(())
+}
+
+async fn send_status(conn: &mut PgConnection, durable: Lsn, reply: bool) -> Result<(), PgError> {
+    let now = chrono::Utc::now().timestamp_micros();
+    // write = flush = durable: the server may recycle only what is safe;
+    // nothing is applied here
+    conn.send_copy_data(&status_update(durable, durable, Lsn(0), now, reply))
+        .await
+}
+
+fn report(
+    opts: &StreamOptions,
+    stats: &mut StreamStatus,
+    asm: &SegmentAssembler,
+    durable: Lsn,
+    server_end: Lsn,
+    caught_up_at: Instant,
+    log: bool,
+) {
+    let lag_bytes = server_end.checked_sub(durable).unwrap_or(0);
+    let lag_seconds = if lag_bytes == 0 {
+        0.0
+    } else {
+        caught_up_at.elapsed().as_secs_f64()
+    };
+    stats.received_lsn = asm.position().to_string();
+    stats.durable_lsn = durable.to_string();
+    stats.server_lsn = server_end.to_string();
+    stats.lag_bytes = lag_bytes;
+    stats.lag_seconds = lag_seconds;
+    stats.updated_at = chrono::Utc::now().to_rfc3339();
+    if log {
+        tracing::info!(
+            durable = %durable,
+            server = %server_end,
+            lag_bytes,
+            lag_seconds = format!("{lag_seconds:.1}"),
+            "stream position"
+        );
+    }
+    if let Some(path) = &opts.status_file {
+        write_status(path, stats);
+    }
+}
+
+/// Replace the status file atomically (readers never see half of it).
+pub(super) fn write_status(path: &std::path::Path, stats: &StreamStatus) {
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::to_vec_pretty(stats).unwrap_or_default();
+    if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!("cannot write status file {}: {e}", path.display());
+    }
+}

@@ -1,0 +1,98 @@
+//! `walvault stream`, `walvault wal-push`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::Settings;
+use crate::archive::stream::{run_stream, StreamOptions};
+use crate::pg::ConnParams;
+use crate::repo::WalStored;
+
+/// Options of `walvault stream`.
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Connection to the server (libpq conninfo or postgres:// URL), as a
+    /// role with the REPLICATION attribute. For --synchronous, set
+    /// application_name and list it in synchronous_standby_names.
+    #[arg(long, env = "WALVAULT_PG")]
+    pub pg: String,
+    /// Physical replication slot to use (created when missing).
+    #[arg(long, default_value = "walvault")]
+    pub slot: String,
+    /// Upload the open segment at most this long after new WAL arrived
+    /// (seconds, fractions allowed): the RPO bound.
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    pub partial_interval: Duration,
+    /// Make every received message durable and acknowledge it at once, for
+    /// synchronous replication (RPO = 0).
+    #[arg(long)]
+    pub synchronous: bool,
+    /// Seconds between status updates to the server and lag log lines.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub status_interval: Duration,
+    /// JSON file kept current with the received and durable positions and
+    /// the lag (bytes and seconds).
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=86400.0).contains(&v) {
+        return Err(format!("{s} s is out of range (0 to 86400)"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+pub(super) async fn stream(settings: &Settings, args: StreamArgs) -> anyhow::Result<()> {
+    let params = ConnParams::parse(&args.pg)?;
+    let repo = Arc::new(settings.open_repository().await?);
+    let opts = StreamOptions {
+        slot: args.slot,
+        partial_interval: args.partial_interval,
+        synchronous: args.synchronous,
+        status_interval: args.status_interval,
+        status_file: args.status_file,
+        ..StreamOptions::default()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: uploading what was received");
+        let _ = stop_tx.send(true);
+    });
+    run_stream(repo, &settings.stanza, &params, &opts, stop_rx).await?;
+    Ok(())
+}
+
+/// Options of `walvault wal-push`.
+#[derive(Debug, Args)]
+pub struct WalPushArgs {
+    /// The WAL file to archive (%p).
+    pub path: PathBuf,
+}
+
+pub(super) async fn wal_push(settings: &Settings, args: WalPushArgs) -> anyhow::Result<()> {
+    let repo = settings.open_repository().await?;
+    match crate::archive::push::wal_push(&repo, &settings.stanza, &args.path).await? {
+        WalStored::New => tracing::debug!(path = %args.path.display(), "archived"),
+        WalStored::AlreadyThere => tracing::info!(
+            path = %args.path.display(),
+            "already archived with the same content"
+        ),
+    }
+    Ok(())
+}

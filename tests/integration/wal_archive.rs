@@ -1,0 +1,541 @@
+//! Continuous archiving against real servers: `walvault stream` killed with
+//! -9 and restarted, the server restarted, RPO measured, synchronous mode,
+//! a timeline switch; `walvault wal-push` as archive_command.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use walvault::pg::Lsn;
+
+use crate::support::pg::{PgCluster, PgOptions, StopMode};
+use crate::support::walvault_bin;
+
+fn walvault(repo: &Path, args: &[&str]) -> Output {
+    Command::new(walvault_bin())
+        .args(args)
+        .arg("--repo")
+        .arg(repo)
+        .env_remove("WALVAULT_REPO")
+        .env_remove("WALVAULT_PASSPHRASE")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "walvault failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A `walvault stream` child process.
+struct Streamer {
+    repo: PathBuf,
+    conninfo: String,
+    status: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Streamer {
+    fn start(repo: &Path, conninfo: &str, extra: &[&str]) -> Streamer {
+        let status = repo.with_extension("status.json");
+        let mut s = Streamer {
+            repo: repo.to_owned(),
+            conninfo: conninfo.to_owned(),
+            log: repo.with_extension("stream.log"),
+            status,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(walvault_bin())
+            .args(["stream", "--pg", &self.conninfo, "--status-interval", "1"])
+            .arg("--status-file")
+            .arg(&self.status)
+            .args(&self.extra)
+            .arg("--repo")
+            .arg(&self.repo)
+            .env_remove("WALVAULT_REPO")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM: the stream uploads what it received and exits 0.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "stream exited with {status}:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The durable position from the status file.
+    fn durable(&self) -> Option<Lsn> {
+        let text = std::fs::read_to_string(&self.status).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["durable_lsn"].as_str()?.parse().ok()
+    }
+
+    fn wait_durable(&self, lsn: Lsn, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.durable().is_none_or(|d| d < lsn) {
+            assert!(
+                Instant::now() < deadline,
+                "WAL up to {lsn} not durable within {within:?} (at {:?}):\n{}",
+                self.durable(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn lsn(c: &PgCluster, sql: &str) -> Lsn {
+    c.psql(sql).parse().unwrap()
+}
+
+/// Every complete segment the repository holds for timeline 1 equals the
+/// server's own file, and together they run without a gap from `from`.
+async fn assert_repo_matches_server(repo_dir: &Path, c: &PgCluster, from: &str, through: &str) {
+    let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(repo_dir).unwrap());
+    let repo = walvault::repo::Repository::open(storage, None)
+        .await
+        .unwrap();
+    let paths = walvault::repo::StanzaPaths::new("main");
+    let names: Vec<String> = repo
+        .list_wal(&paths, &from[..8])
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.len() == 24 && n.as_str() >= from && n.as_str() <= through)
+        .collect();
+    let expected: Vec<String> = {
+        let first = u64::from_str_radix(&from[8..], 16).unwrap();
+        let last = u64::from_str_radix(&through[8..], 16).unwrap();
+        // 16 MiB segments: the low 8 digits run 00..FF, the middle counts 4 GiB
+        (first..=last)
+            .filter(|n| (n & 0xFFFF_FFFF) <= 0xFF)
+            .map(|n| format!("{}{n:016X}", &from[..8]))
+            .collect()
+    };
+    assert_eq!(names, expected, "the repository's segments have a gap");
+    for n in &names {
+        let ours = repo.load_wal(&paths, n).await.unwrap().unwrap();
+        let theirs = std::fs::read(c.datadir.join("pg_wal").join(n)).unwrap();
+        assert!(
+            ours[..] == theirs[..],
+            "segment {n} differs from the server's"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_survives_kill9_and_server_restart() {
+    let mut c = PgCluster::start_with(PgOptions {
+        conf: vec!["wal_keep_size = '4GB'".into()],
+        ..Default::default()
+    });
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    let mut stream = Streamer::start(&repo, &c.conninfo(), &["--partial-interval", "0.2"]);
+    ok(walvault(
+        &repo,
+        &["backup", "--pg", &c.conninfo(), "--fast"],
+    ));
+    let first: serde_json::Value =
+        serde_json::from_slice(&ok(walvault(&repo, &["info", "--json"])).stdout).unwrap();
+    let start_lsn: Lsn = first["start_lsn"].as_str().unwrap().parse().unwrap();
+    let first_seg = c.psql(&format!("SELECT pg_walfile_name('{start_lsn}')"));
+
+    let bench = |c: &PgCluster, secs: u32| {
+        let mut cmd = c.command(&c.client_bin("pgbench"));
+        cmd.args([
+            "-h",
+            c.sockdir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-T",
+            &secs.to_string(),
+            "-c",
+            "2",
+            "-n",
+            crate::support::pg::PASSWORD_USER,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        cmd.output().unwrap()
+    };
+    // 60 s of pgbench in four parts, with a kill -9 of the stream, a server
+    // restart and another kill -9 between them
+    bench(&c, 15);
+    stream.kill9();
+    stream.spawn();
+    bench(&c, 15);
+    c.restart();
+    bench(&c, 15);
+    stream.kill9();
+    stream.spawn();
+    bench(&c, 15);
+
+    let end = lsn(&c, "SELECT pg_switch_wal()");
+    let last_seg = c.psql(&format!("SELECT pg_walfile_name('{end}')"));
+    let flushed = lsn(&c, "SELECT pg_current_wal_flush_lsn()");
+    stream.wait_durable(flushed, Duration::from_secs(60));
+    stream.stop();
+    let log = stream.log();
+    assert!(
+        log.contains("reconnecting"),
+        "no reconnection after the server restart:\n{log}"
+    );
+    assert_repo_matches_server(&repo, &c, &first_seg, &last_seg).await;
+    c.stop(StopMode::Fast);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rpo_is_seconds_on_64mib_segments() {
+    let c = PgCluster::start_with(PgOptions {
+        wal_segsize_mb: Some(64),
+        ..Default::default()
+    });
+    c.psql("CREATE TABLE rpo(i int)");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    let stream = Streamer::start(&repo, &c.conninfo(), &[]);
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=postgres dbname=postgres",
+            c.sockdir.display(),
+            c.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    stream.wait_durable(
+        lsn(&c, "SELECT pg_current_wal_insert_lsn()"),
+        Duration::from_secs(30),
+    );
+
+    // 100 commits, 50 ms apart; for each, when its WAL became durable
+    let mut pending: Vec<(Lsn, Instant)> = Vec::new();
+    let mut delays = Vec::new();
+    for i in 0..100 {
+        client
+            .execute("INSERT INTO rpo VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let row = client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap();
+        let at: Lsn = row.get::<_, String>(0).parse().unwrap();
+        pending.push((at, Instant::now()));
+        let until = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < until {
+            if let Some(d) = stream.durable() {
+                pending.retain(|(l, t)| {
+                    if *l <= d {
+                        delays.push(t.elapsed());
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending.is_empty() && Instant::now() < deadline {
+        if let Some(d) = stream.durable() {
+            pending.retain(|(l, t)| {
+                if *l <= d {
+                    delays.push(t.elapsed());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        pending.is_empty(),
+        "{} commits never became durable",
+        pending.len()
+    );
+    delays.sort();
+    let ms = |d: &Duration| d.as_millis();
+    eprintln!(
+        "RPO over {} commits: min {} ms, median {} ms, p95 {} ms, max {} ms",
+        delays.len(),
+        ms(&delays[0]),
+        ms(&delays[delays.len() / 2]),
+        ms(&delays[delays.len() * 95 / 100]),
+        ms(&delays[delays.len() - 1])
+    );
+    assert!(
+        delays[delays.len() - 1] < Duration::from_secs(2),
+        "a commit took more than 2 s to become durable"
+    );
+
+    // what the status file calls durable is in the repository: fetch the
+    // open segment back and compare it with the server's
+    let d = stream.durable().unwrap();
+    let name = c.psql(&format!("SELECT pg_walfile_name('{d}')"));
+    let dest = work.path().join("fetched");
+    let out = walvault(&repo, &["wal-fetch", &name, dest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched = std::fs::read(&dest).unwrap();
+    assert_eq!(fetched.len(), 64 << 20);
+    let ours_upto = (d.0 % (64 << 20)) as usize;
+    let server = std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
+    assert!(
+        fetched[..ours_upto] == server[..ours_upto],
+        "the fetched segment differs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synchronous_stream_holds_every_acknowledged_commit() {
+    let c = PgCluster::start();
+    c.psql("CREATE TABLE sync_t(i int)");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    let conninfo = format!("{} application_name=walvault", c.conninfo());
+    let mut stream = Streamer::start(&repo, &conninfo, &["--synchronous"]);
+    c.psql("ALTER SYSTEM SET synchronous_standby_names = 'walvault'");
+    c.psql("SELECT pg_reload_conf()");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walvault' AND sync_state = 'sync'") != "1" {
+        assert!(Instant::now() < deadline, "walvault never became the synchronous standby:\n{}", stream.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(&repo).unwrap());
+    for i in 0..5 {
+        // COMMIT returns only once walvault reported the commit flushed
+        c.psql(&format!("INSERT INTO sync_t VALUES ({i})"));
+        let acked: Lsn = c
+            .psql("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = 'walvault'")
+            .parse()
+            .unwrap();
+        stream.kill9();
+        // everything acknowledged is in the repository
+        let repo_h = walvault::repo::Repository::open(storage.clone(), None)
+            .await
+            .unwrap();
+        let paths = walvault::repo::StanzaPaths::new("main");
+        let name = c.psql(&format!("SELECT pg_walfile_name('{acked}')"));
+        let off = (acked.0 % (16 << 20)) as usize;
+        let stored = match repo_h
+            .load_wal(&paths, &format!("{name}.partial"))
+            .await
+            .unwrap()
+        {
+            Some(p) => p,
+            None => repo_h
+                .load_wal(&paths, &name)
+                .await
+                .unwrap()
+                .expect("no WAL for the commit"),
+        };
+        let server = std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
+        assert!(
+            stored[..off] == server[..off],
+            "commit {i}: WAL up to the acknowledged {acked} is not in the repository"
+        );
+        stream.spawn();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walvault' AND sync_state = 'sync'") != "1" {
+            assert!(Instant::now() < deadline, "no reconnect:\n{}", stream.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    c.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    c.psql("SELECT pg_reload_conf()");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_follows_a_promotion_to_the_next_timeline() {
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    let stream = Streamer::start(&repo, &standby.conninfo(), &["--partial-interval", "0.2"]);
+    primary.psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stream.durable().is_none() {
+        assert!(Instant::now() < deadline, "{}", stream.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    standby.promote();
+    standby.psql("CREATE TABLE t2 AS SELECT g FROM generate_series(1, 1000) g");
+    let end = lsn(&standby, "SELECT pg_switch_wal()");
+    let tli2_seg = standby.psql(&format!("SELECT pg_walfile_name('{end}')"));
+    assert!(tli2_seg.starts_with("00000002"), "{tli2_seg}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = repo.join("main/wal/00000002").join(&tli2_seg);
+    while !stored.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "timeline 2 not followed:\n{}",
+            stream.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(repo.join("main/wal/00000002/00000002.history").exists());
+    assert!(
+        stream.log().contains("following timeline 2"),
+        "{}",
+        stream.log()
+    );
+    // byte for byte the promoted server's segment
+    let dest = work.path().join("seg");
+    ok(walvault(
+        &repo,
+        &["wal-fetch", &tli2_seg, dest.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(standby.datadir.join("pg_wal").join(&tli2_seg)).unwrap()
+    );
+}
+
+#[test]
+fn wal_push_as_archive_command() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    if nix::unistd::geteuid().is_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&repo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let c = PgCluster::start_with(PgOptions {
+        conf: vec![
+            "archive_mode = on".into(),
+            format!(
+                "archive_command = '{} wal-push --repo {} %p'",
+                bin.display(),
+                repo.display()
+            ),
+            "wal_keep_size = '1GB'".into(),
+        ],
+        ..Default::default()
+    });
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    c.pgbench(&["-T", "20", "-c", "2", "-n"]);
+    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
+        assert!(
+            Instant::now() < deadline,
+            "archiving stalled: {}",
+            c.psql("SELECT * FROM pg_stat_archiver")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    let archived = c.psql("SELECT archived_count FROM pg_stat_archiver");
+    assert!(archived.parse::<u32>().unwrap() >= 3, "{archived}");
+
+    // the same segment again: success
+    let seg = c.datadir.join("pg_wal").join(&last);
+    let copy = work.path().join(&last);
+    std::fs::copy(&seg, &copy).unwrap();
+    ok(walvault(&repo, &["wal-push", copy.to_str().unwrap()]));
+    // different content under that name: refused, nothing overwritten
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[100_000] ^= 0x55;
+    std::fs::write(&copy, &bytes).unwrap();
+    let out = walvault(&repo, &["wal-push", copy.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different content"), "{err}");
+    let dest = work.path().join("back");
+    ok(walvault(
+        &repo,
+        &["wal-fetch", &last, dest.to_str().unwrap()],
+    ));
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&seg).unwrap());
+    // a truncated segment: refused before anything is stored
+    let short_name = "0000000100000000000000F0";
+    let short = work.path().join(short_name);
+    std::fs::write(&short, &std::fs::read(&seg).unwrap()[..3 << 20]).unwrap();
+    let out = walvault(&repo, &["wal-push", short.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a WAL segment size"), "{err}");
+    // a segment under the wrong name: its pages say where they belong
+    let wrong = work.path().join("0000000100000000000000F1");
+    std::fs::copy(&seg, &wrong).unwrap();
+    let out = walvault(&repo, &["wal-push", wrong.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("misnamed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
