@@ -231,11 +231,67 @@ pub struct WalFetchArgs {
     pub name: String,
     /// Where to write it (%p).
     pub dest: PathBuf,
+    /// After a segment, download this many following segments in the
+    /// background into the spool, so replay never waits on the network
+    /// (0: off).
+    #[arg(long, default_value = "8")]
+    pub prefetch: usize,
+    /// Spool directory [default: walvault-spool beside DEST, in pg_wal].
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
 }
+
+/// Set in the detached copy of `wal-fetch` that prefetches.
+const PREFETCH_CHILD: &str = "WALVAULT_PREFETCH_CHILD";
 
 pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow::Result<bool> {
     let repo = settings.open_repository().await?;
-    Ok(crate::restore::wal_fetch(&repo, &settings.stanza, &args.name, &args.dest).await?)
+    let spool = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| crate::restore::fetch::default_spool(&args.dest));
+    if let Some(seg) = std::env::var_os(PREFETCH_CHILD) {
+        let seg: u64 = seg.to_string_lossy().parse().unwrap_or(0);
+        let names = crate::restore::fetch::following_segments(&args.name, seg, args.prefetch);
+        crate::restore::fetch::prefetch(
+            &repo,
+            &settings.stanza,
+            &args.name,
+            &names,
+            &spool,
+            args.prefetch,
+        )
+        .await?;
+        return Ok(true);
+    }
+    let served = crate::restore::wal_fetch(
+        &repo,
+        &settings.stanza,
+        &args.name,
+        &args.dest,
+        Some(spool.as_path()),
+    )
+    .await?;
+    let Some(seg) = served else {
+        return Ok(false);
+    };
+    if args.prefetch > 0 && args.name.len() == 24 {
+        // a detached copy of this command fills the spool; PostgreSQL goes
+        // on replaying meanwhile
+        use std::os::unix::process::CommandExt;
+        let spawned = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(PREFETCH_CHILD, seg.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn();
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start prefetching: {e}");
+        }
+    }
+    Ok(true)
 }
 
 fn human(b: u64) -> String {

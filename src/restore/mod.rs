@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod delta;
+pub mod fetch;
 mod files;
+
+pub use fetch::wal_fetch;
 
 use files::Target;
 pub use files::WriteStats;
@@ -285,29 +288,4 @@ pub async fn restore(
         stats,
         removed,
     })
-}
-
-/// Write WAL file `name` from the repository to `dest` (for
-/// `restore_command`). Falls back to `<name>.partial` when the full segment is
-/// not there (the last segment of a backup or a stream). Returns false when
-/// neither exists, so recovery ends cleanly.
-pub async fn wal_fetch(
-    repo: &Repository,
-    stanza: &str,
-    name: &str,
-    dest: &Path,
-) -> Result<bool, RestoreError> {
-    let paths = StanzaPaths::new(stanza);
-    let mut data = repo.load_wal(&paths, name).await?;
-    if data.is_none() && name.len() == 24 {
-        data = repo.load_wal(&paths, &format!("{name}.partial")).await?;
-    }
-    let Some(data) = data else {
-        return Ok(false);
-    };
-    // write beside the destination, then rename: PostgreSQL never sees a prefix
-    let tmp = dest.with_extension("walvault-tmp");
-    std::fs::write(&tmp, &data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
-    Ok(true)
 }

@@ -236,6 +236,51 @@ async fn stream_survives_kill9_and_server_restart() {
         "no reconnection after the server restart:\n{log}"
     );
     assert_repo_matches_server(&repo, &c, &first_seg, &last_seg).await;
+
+    // wal-fetch serves the first segment and prefetches the next three into
+    // the spool in the background; the next call is served from the spool
+    let pg_wal = work.path().join("pg_wal");
+    std::fs::create_dir(&pg_wal).unwrap();
+    let dest = pg_wal.join("RECOVERYXLOG");
+    ok(walvault(
+        &repo,
+        &[
+            "wal-fetch",
+            "--prefetch",
+            "3",
+            &first_seg,
+            dest.to_str().unwrap(),
+        ],
+    ));
+    let next: Vec<String> = walvault::restore::fetch::following_segments(&first_seg, 16 << 20, 3);
+    let spool = pg_wal.join("walvault-spool");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !next.iter().all(|n| spool.join(n).exists()) {
+        assert!(Instant::now() < deadline, "the spool was not filled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in &next {
+        let server = std::fs::read(c.datadir.join("pg_wal").join(n)).unwrap();
+        assert!(
+            std::fs::read(spool.join(n)).unwrap() == server,
+            "spooled {n} differs"
+        );
+    }
+    ok(walvault(
+        &repo,
+        &[
+            "wal-fetch",
+            "--prefetch",
+            "0",
+            &next[0],
+            dest.to_str().unwrap(),
+        ],
+    ));
+    assert!(!spool.join(&next[0]).exists(), "not served from the spool");
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(c.datadir.join("pg_wal").join(&next[0])).unwrap()
+    );
     c.stop(StopMode::Fast);
 }
 
