@@ -3,6 +3,7 @@
 
 pub mod push;
 pub mod stream;
+pub mod verify;
 
 use crate::pg::PgError;
 use crate::repo::{Manifest, RepoError, Repository, StanzaPaths};

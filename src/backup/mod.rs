@@ -131,6 +131,9 @@ pub async fn store_base_backup(
         if let Some(p) = &opts.progress {
             p.set_total(start.tablespaces.iter().filter_map(|t| t.size).sum());
         }
+        if let Some(tx) = &opts.on_start {
+            let _ = tx.send(Some(start.start_lsn));
+        }
         let mut events = Vec::new();
         let mut checksum_error_end = None;
         loop {

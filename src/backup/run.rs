@@ -67,30 +67,32 @@ pub async fn run_backup(
         std::process::id(),
         rand::random::<u32>()
     );
+    // the slot reserves WAL from the last checkpoint's (or, on a standby,
+    // restartpoint's) redo point, which the backup's start cannot precede;
+    // streaming starts at the backup's start once the server names it
     wal_conn.create_temporary_physical_slot(&slot).await?;
-    // the checkpoint BASE_BACKUP makes starts after this point
-    let stream_start = sys
-        .xlogpos
-        .segment(seg)
-        .start_lsn(seg)
-        .ok_or_else(|| protocol(&target, "WAL position out of range".into()))?;
     if sys.timeline.get() > 1 {
         let (name, content) = wal_conn.timeline_history(sys.timeline).await?;
         repo.store_wal(&paths, &name, content.to_vec()).await?;
     }
     let (stop_tx, stop_rx) = watch::channel(None);
+    let (start_tx, start_rx) = watch::channel(None);
     let wal_task = tokio::spawn(stream_wal(
         repo.clone(),
         paths.clone(),
         wal_conn,
         slot,
-        stream_start,
+        start_rx,
         sys.timeline,
         seg,
         stop_rx,
     ));
 
     let mut conn = connect(params).await?;
+    let opts = &BaseBackupOptions {
+        on_start: Some(Arc::new(start_tx)),
+        ..opts.clone()
+    };
     let stored = match store_base_backup(repo.clone(), stanza, &mut conn, opts, |_| {}).await {
         Ok(s) => s,
         Err(e) => {
@@ -99,13 +101,13 @@ pub async fn run_backup(
         }
     };
     conn.close().await;
-    if stored.start.timeline != sys.timeline || stored.start.start_lsn < stream_start {
+    if stored.start.timeline != sys.timeline {
         wal_task.abort();
         return Err(protocol(
             &target,
             format!(
-                "the backup started at {} on timeline {}, before the WAL stream at {stream_start} on timeline {} (a promotion during the backup?); run it again",
-                stored.start.start_lsn, stored.start.timeline, sys.timeline
+                "the backup started on timeline {}, but the server was on timeline {} (a promotion during the backup?); run it again",
+                stored.start.timeline, sys.timeline
             ),
         ));
     }
@@ -182,12 +184,21 @@ async fn stream_wal(
     paths: StanzaPaths,
     mut conn: PgConnection,
     slot: String,
-    start: Lsn,
+    mut start_rx: watch::Receiver<Option<Lsn>>,
     tli: TimelineId,
     seg: WalSegSize,
     mut stop: watch::Receiver<Option<Lsn>>,
 ) -> Result<usize, BackupError> {
     let target = conn.target().to_owned();
+    let begin = start_rx
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| protocol(&target, "the backup ended before it started".into()))?
+        .unwrap_or_default();
+    let start = begin
+        .segment(seg)
+        .start_lsn(seg)
+        .ok_or_else(|| protocol(&target, format!("WAL position {begin} out of range")))?;
     conn.send_query(&format!(
         "START_REPLICATION SLOT {slot} PHYSICAL {start} TIMELINE {}",
         tli.get()

@@ -31,6 +31,9 @@ pub struct BaseBackupOptions {
     pub allow_checksum_failures: bool,
     /// Counts the bytes received (total: the server's size estimate).
     pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
+    /// Told the backup's start LSN as soon as the server reports it (the
+    /// backup's WAL stream starts there).
+    pub on_start: Option<std::sync::Arc<tokio::sync::watch::Sender<Option<Lsn>>>>,
 }
 
 /// A tablespace as the server lists it.

@@ -52,6 +52,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         compression: args.compress,
         allow_checksum_failures: args.allow_checksum_failures,
         progress: Some(progress.clone()),
+        on_start: None,
     };
     let t = Instant::now();
     let reporter = Reporter::start("backup", progress, !settings.quiet);

@@ -99,6 +99,9 @@ pub enum Command {
     /// Archive one WAL file (for archive_command: %p). Succeeds when the same
     /// file is already archived; fails when a different one is.
     WalPush(wal::WalPushArgs),
+    /// Prove the archived WAL is continuous from every backup to the newest
+    /// segment, across timelines, and that every segment is intact; list gaps.
+    WalVerify(wal::WalVerifyArgs),
     /// Copy a WAL file from the repository (for restore_command: %f %p).
     /// Exits 1 when the repository does not have it, 255 on any other error.
     WalFetch(backup::WalFetchArgs),
@@ -128,6 +131,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Restore(args) => backup::restore(&settings, args).await,
             Command::Stream(args) => wal::stream(&settings, args).await,
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
+            Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {
                 Ok(true) => Ok(()),
                 // "not found" (exit 1) is how recovery learns the archive ends

@@ -96,3 +96,62 @@ pub(super) async fn wal_push(settings: &Settings, args: WalPushArgs) -> anyhow::
     }
     Ok(())
 }
+
+/// Options of `walvault wal-verify`.
+#[derive(Debug, Args)]
+pub struct WalVerifyArgs {
+    /// Only check that the files exist (do not download and check them).
+    #[arg(long)]
+    pub names_only: bool,
+    /// Segments downloaded at once.
+    #[arg(long, default_value = "8")]
+    pub parallel: usize,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyhow::Result<()> {
+    let repo = settings.open_repository().await?;
+    let r = crate::archive::verify::wal_verify(
+        &repo,
+        &settings.stanza,
+        !args.names_only,
+        args.parallel,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} backup(s); {} segment(s) needed, {} read; newest {}",
+            r.backups,
+            r.segments_needed,
+            r.segments_read,
+            r.newest.as_deref().unwrap_or("-")
+        );
+        for g in &r.gaps {
+            println!(
+                "GAP {} .. {} ({} segment(s)), needed by backup(s) {}",
+                g.from,
+                g.to,
+                g.segments,
+                g.backups.join(", ")
+            );
+        }
+        for d in &r.damaged {
+            println!("DAMAGED {}: {}", d.name, d.error);
+        }
+        if r.ok() {
+            println!("WAL is continuous from every backup to the newest segment");
+        }
+    }
+    if !r.ok() {
+        anyhow::bail!(
+            "{} gap(s) and {} damaged segment(s): point-in-time recovery cannot cross them; take a new backup after the last gap",
+            r.gaps.len(),
+            r.damaged.len()
+        );
+    }
+    Ok(())
+}

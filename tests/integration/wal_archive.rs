@@ -236,6 +236,10 @@ async fn stream_survives_kill9_and_server_restart() {
         "no reconnection after the server restart:\n{log}"
     );
     assert_repo_matches_server(&repo, &c, &first_seg, &last_seg).await;
+    let verified = ok(walvault(&repo, &["wal-verify"]));
+    let text = String::from_utf8_lossy(&verified.stdout);
+    assert!(text.contains("continuous"), "{text}");
+    assert!(text.contains(&format!("newest {last_seg}")), "{text}");
 
     // wal-fetch serves the first segment and prefetches the next three into
     // the spool in the background; the next call is served from the spool
@@ -280,6 +284,16 @@ async fn stream_survives_kill9_and_server_restart() {
     assert!(
         std::fs::read(&dest).unwrap()
             == std::fs::read(c.datadir.join("pg_wal").join(&next[0])).unwrap()
+    );
+    // a segment lost from the repository is reported as a gap, by name
+    let lost = &next[1];
+    std::fs::remove_file(repo.join("main/wal/00000001").join(lost)).unwrap();
+    let out = walvault(&repo, &["wal-verify"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("GAP {lost} .. {lost} (1 segment(s))")),
+        "{text}"
     );
     c.stop(StopMode::Fast);
 }
@@ -463,6 +477,11 @@ async fn stream_follows_a_promotion_to_the_next_timeline() {
     let repo = work.path().join("repo");
     ok(walvault(&repo, &["init"]));
     let stream = Streamer::start(&repo, &standby.conninfo(), &["--partial-interval", "0.2"]);
+    // a backup taken from the standby, on timeline 1
+    ok(walvault(
+        &repo,
+        &["backup", "--pg", &standby.conninfo(), "--fast"],
+    ));
     primary.psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
     let deadline = Instant::now() + Duration::from_secs(30);
     while stream.durable().is_none() {
@@ -500,6 +519,12 @@ async fn stream_follows_a_promotion_to_the_next_timeline() {
         std::fs::read(&dest).unwrap()
             == std::fs::read(standby.datadir.join("pg_wal").join(&tli2_seg)).unwrap()
     );
+    // continuous from the backup on timeline 1 through the switch to 2
+    let out = ok(walvault(&repo, &["wal-verify", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+    assert_eq!(v["newest"], tli2_seg.as_str(), "{v}");
+    assert!(v["segments_read"].as_u64().unwrap() >= 2, "{v}");
 }
 
 #[test]

@@ -1,0 +1,245 @@
+//! `walvault wal-verify`: proves the archive is continuous — every segment
+//! from each backup's start to the newest WAL, across timeline switches —
+//! and that each segment's content is WAL (page headers, records), naming
+//! gaps as ranges and damage by LSN.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::ArchiveError;
+use crate::pg::{Lsn, SegmentFile, SegmentNo, TimelineId, WalSegSize};
+use crate::repo::{Manifest, Repository, StanzaPaths};
+use crate::wal::history::{parse_history, TimelinePath};
+
+/// Missing segments, first to last inclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    /// First missing file.
+    pub from: String,
+    /// Last missing file.
+    pub to: String,
+    /// How many.
+    pub segments: u64,
+    /// Backups whose recovery path crosses it.
+    pub backups: Vec<String>,
+}
+
+/// A segment whose content failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Damaged {
+    /// The file.
+    pub name: String,
+    /// What is wrong, with the LSN.
+    pub error: String,
+}
+
+/// What `wal-verify` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Backups checked.
+    pub backups: usize,
+    /// Segments the backups' paths need (counted once).
+    pub segments_needed: u64,
+    /// Segments whose content was read and checked.
+    pub segments_read: u64,
+    /// The newest WAL file of the newest timeline.
+    pub newest: Option<String>,
+    /// Missing ranges.
+    pub gaps: Vec<Gap>,
+    /// Damaged segments.
+    pub damaged: Vec<Damaged>,
+}
+
+impl VerifyReport {
+    /// No gap, no damage.
+    pub fn ok(&self) -> bool {
+        self.gaps.is_empty() && self.damaged.is_empty()
+    }
+}
+
+/// Check the stanza's WAL; `read_content` also downloads and checks every
+/// needed segment (`parallel` at a time).
+pub async fn wal_verify(
+    repo: &Repository,
+    stanza: &str,
+    read_content: bool,
+    parallel: usize,
+) -> Result<VerifyReport, ArchiveError> {
+    let paths = StanzaPaths::new(stanza);
+    let backups = Manifest::load_all(repo, &paths).await?;
+    let mut report = VerifyReport {
+        backups: backups.len(),
+        ..VerifyReport::default()
+    };
+    let Some(seg_bytes) = backups.iter().map(|b| b.wal_segment_size).max() else {
+        return Ok(report);
+    };
+    let seg = WalSegSize::new(u64::from(seg_bytes))
+        .map_err(|e| ArchiveError::Permanent(format!("backup manifests: {e}")))?;
+
+    // what the repository holds, per timeline
+    let mut full: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    let mut partial: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    let mut histories: BTreeMap<u32, String> = BTreeMap::new();
+    for dir in repo.wal_timelines(&paths).await? {
+        let Ok(tli) = u32::from_str_radix(&dir, 16) else {
+            continue;
+        };
+        for name in repo.list_wal(&paths, &dir).await? {
+            if name.ends_with(".history") {
+                if let Some(h) = repo.load_wal(&paths, &name).await? {
+                    histories.insert(tli, String::from_utf8_lossy(&h).into_owned());
+                }
+                continue;
+            }
+            let (stem, is_partial) = match name.strip_suffix(".partial") {
+                Some(s) => (s, true),
+                None => (name.as_str(), false),
+            };
+            if stem.len() != 24 || name.ends_with(".backup") {
+                continue;
+            }
+            if let Ok(crate::pg::WalFileName::Segment(f)) = crate::pg::WalFileName::parse(stem, seg)
+            {
+                let set = if is_partial { &mut partial } else { &mut full };
+                set.entry(tli).or_default().insert(f.segno.0);
+            }
+        }
+    }
+    let path_to = |tli: u32| -> Result<TimelinePath, ArchiveError> {
+        let history = match histories.get(&tli) {
+            Some(h) => parse_history(h)
+                .map_err(|e| ArchiveError::BadWal(format!("{tli:08X}.history: {e}")))?,
+            None => Vec::new(),
+        };
+        Ok(TimelinePath::new(
+            TimelineId::new(tli).unwrap_or(TimelineId::FIRST),
+            &history,
+            seg,
+        ))
+    };
+    let newest_tli = full
+        .keys()
+        .chain(partial.keys())
+        .chain(histories.keys())
+        .copied()
+        .max()
+        .unwrap_or(1);
+    let newest_path = path_to(newest_tli)?;
+
+    // segment → (timeline, backups needing it); missing → backups
+    let mut needed: BTreeMap<(u64, u32), Vec<String>> = BTreeMap::new();
+    for b in &backups {
+        let btli = TimelineId::new(b.timeline).unwrap_or(TimelineId::FIRST);
+        let path = if newest_path.contains(btli, Lsn(b.start_lsn)) {
+            newest_path.clone()
+        } else {
+            path_to(b.timeline)?
+        };
+        let last_tli = path.last().get();
+        let newest_seg = full
+            .get(&last_tli)
+            .and_then(|s| s.last())
+            .max(partial.get(&last_tli).and_then(|s| s.last()))
+            .copied()
+            .unwrap_or(0);
+        let first = Lsn(b.start_lsn).segment(seg).0;
+        for s in first..=newest_seg.max(Lsn(b.stop_lsn).segment(seg).0) {
+            let t = path.timeline_of(SegmentNo(s)).get();
+            needed.entry((s, t)).or_default().push(b.id.clone());
+        }
+    }
+    report.segments_needed = needed.len() as u64;
+    let name_of = |s: u64, t: u32| {
+        SegmentFile {
+            timeline: TimelineId::new(t).unwrap_or(TimelineId::FIRST),
+            segno: SegmentNo(s),
+            seg_size: seg,
+        }
+        .to_string()
+    };
+    let mut present = Vec::new();
+    let mut open_gap: Option<Gap> = None;
+    let newest_on = |t: u32| full.get(&t).and_then(|s| s.last()).copied();
+    for ((s, t), ids) in &needed {
+        let have_full = full.get(t).is_some_and(|f| f.contains(s));
+        // the open end of a timeline: its .partial, after its last full segment
+        let have_partial = partial.get(t).is_some_and(|p| p.contains(s))
+            && newest_on(*t).is_none_or(|last| *s > last);
+        if have_full || have_partial {
+            if let Some(g) = open_gap.take() {
+                report.gaps.push(g);
+            }
+            let name = name_of(*s, *t);
+            present.push((
+                if have_full {
+                    name.clone()
+                } else {
+                    format!("{name}.partial")
+                },
+                SegmentNo(*s),
+            ));
+            report.newest = Some(name);
+            continue;
+        }
+        let name = name_of(*s, *t);
+        match &mut open_gap {
+            Some(g) if g.to == name_of(s - 1, *t) => {
+                g.to = name;
+                g.segments += 1;
+                for id in ids {
+                    if !g.backups.contains(id) {
+                        g.backups.push(id.clone());
+                    }
+                }
+            }
+            _ => {
+                if let Some(g) = open_gap.take() {
+                    report.gaps.push(g);
+                }
+                open_gap = Some(Gap {
+                    from: name.clone(),
+                    to: name,
+                    segments: 1,
+                    backups: ids.clone(),
+                });
+            }
+        }
+    }
+    if let Some(g) = open_gap.take() {
+        report.gaps.push(g);
+    }
+
+    if read_content {
+        let checked: Vec<Result<Option<Damaged>, ArchiveError>> = futures::stream::iter(present)
+            .map(|(name, segno)| {
+                let paths = &paths;
+                async move {
+                    let Some(data) = repo.load_wal(paths, &name).await? else {
+                        return Ok(Some(Damaged {
+                            name,
+                            error: "vanished while being verified".into(),
+                        }));
+                    };
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::wal::verify::verify_segment(&data, segno, seg)
+                    })
+                    .await
+                    .map_err(|e| ArchiveError::Protocol(format!("verify task failed: {e}")))?;
+                    Ok(r.err().map(|error| Damaged { name, error }))
+                }
+            })
+            .buffered(parallel.max(1))
+            .collect()
+            .await;
+        for c in checked {
+            report.segments_read += 1;
+            if let Some(d) = c? {
+                report.damaged.push(d);
+            }
+        }
+    }
+    Ok(report)
+}
