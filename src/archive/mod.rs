@@ -1,6 +1,7 @@
 //! Continuous WAL archiving: `walvault stream` (replication protocol, RPO of
 //! seconds or zero) and `walvault wal-push` (`archive_command`).
 
+pub mod catalog;
 pub mod push;
 pub mod stream;
 pub mod verify;

@@ -3,15 +3,15 @@
 //! and that each segment's content is WAL (page headers, records), naming
 //! gaps as ranges and damage by LSN.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::catalog::WalCatalog;
 use super::ArchiveError;
-use crate::pg::{Lsn, SegmentFile, SegmentNo, TimelineId, WalSegSize};
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalSegSize};
 use crate::repo::{Manifest, Repository, StanzaPaths};
-use crate::wal::history::{parse_history, TimelinePath};
 
 /// Missing segments, first to last inclusive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,55 +79,8 @@ pub async fn wal_verify(
     let seg = WalSegSize::new(u64::from(seg_bytes))
         .map_err(|e| ArchiveError::Permanent(format!("backup manifests: {e}")))?;
 
-    // what the repository holds, per timeline
-    let mut full: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
-    let mut partial: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
-    let mut histories: BTreeMap<u32, String> = BTreeMap::new();
-    for dir in repo.wal_timelines(&paths).await? {
-        let Ok(tli) = u32::from_str_radix(&dir, 16) else {
-            continue;
-        };
-        for name in repo.list_wal(&paths, &dir).await? {
-            if name.ends_with(".history") {
-                if let Some(h) = repo.load_wal(&paths, &name).await? {
-                    histories.insert(tli, String::from_utf8_lossy(&h).into_owned());
-                }
-                continue;
-            }
-            let (stem, is_partial) = match name.strip_suffix(".partial") {
-                Some(s) => (s, true),
-                None => (name.as_str(), false),
-            };
-            if stem.len() != 24 || name.ends_with(".backup") {
-                continue;
-            }
-            if let Ok(crate::pg::WalFileName::Segment(f)) = crate::pg::WalFileName::parse(stem, seg)
-            {
-                let set = if is_partial { &mut partial } else { &mut full };
-                set.entry(tli).or_default().insert(f.segno.0);
-            }
-        }
-    }
-    let path_to = |tli: u32| -> Result<TimelinePath, ArchiveError> {
-        let history = match histories.get(&tli) {
-            Some(h) => parse_history(h)
-                .map_err(|e| ArchiveError::BadWal(format!("{tli:08X}.history: {e}")))?,
-            None => Vec::new(),
-        };
-        Ok(TimelinePath::new(
-            TimelineId::new(tli).unwrap_or(TimelineId::FIRST),
-            &history,
-            seg,
-        ))
-    };
-    let newest_tli = full
-        .keys()
-        .chain(partial.keys())
-        .chain(histories.keys())
-        .copied()
-        .max()
-        .unwrap_or(1);
-    let newest_path = path_to(newest_tli)?;
+    let cat = WalCatalog::load(repo, &paths, seg).await?;
+    let newest_path = cat.path_to(cat.newest_timeline())?;
 
     // segment → (timeline, backups needing it); missing → backups
     let mut needed: BTreeMap<(u64, u32), Vec<String>> = BTreeMap::new();
@@ -136,15 +89,9 @@ pub async fn wal_verify(
         let path = if newest_path.contains(btli, Lsn(b.start_lsn)) {
             newest_path.clone()
         } else {
-            path_to(b.timeline)?
+            cat.path_to(b.timeline)?
         };
-        let last_tli = path.last().get();
-        let newest_seg = full
-            .get(&last_tli)
-            .and_then(|s| s.last())
-            .max(partial.get(&last_tli).and_then(|s| s.last()))
-            .copied()
-            .unwrap_or(0);
+        let newest_seg = cat.newest_segment(path.last().get()).unwrap_or(0);
         let first = Lsn(b.start_lsn).segment(seg).0;
         for s in first..=newest_seg.max(Lsn(b.stop_lsn).segment(seg).0) {
             let t = path.timeline_of(SegmentNo(s)).get();
@@ -152,36 +99,17 @@ pub async fn wal_verify(
         }
     }
     report.segments_needed = needed.len() as u64;
-    let name_of = |s: u64, t: u32| {
-        SegmentFile {
-            timeline: TimelineId::new(t).unwrap_or(TimelineId::FIRST),
-            segno: SegmentNo(s),
-            seg_size: seg,
-        }
-        .to_string()
-    };
+    let name_of = |s: u64, t: u32| cat.name(s, t);
     let mut present = Vec::new();
     let mut open_gap: Option<Gap> = None;
-    let newest_on = |t: u32| full.get(&t).and_then(|s| s.last()).copied();
     for ((s, t), ids) in &needed {
-        let have_full = full.get(t).is_some_and(|f| f.contains(s));
-        // the open end of a timeline: its .partial, after its last full segment
-        let have_partial = partial.get(t).is_some_and(|p| p.contains(s))
-            && newest_on(*t).is_none_or(|last| *s > last);
-        if have_full || have_partial {
+        // a .partial counts only as the open end of its timeline
+        if let Some(stored) = cat.stored_name(*s, *t) {
             if let Some(g) = open_gap.take() {
                 report.gaps.push(g);
             }
-            let name = name_of(*s, *t);
-            present.push((
-                if have_full {
-                    name.clone()
-                } else {
-                    format!("{name}.partial")
-                },
-                SegmentNo(*s),
-            ));
-            report.newest = Some(name);
+            present.push((stored, SegmentNo(*s)));
+            report.newest = Some(name_of(*s, *t));
             continue;
         }
         let name = name_of(*s, *t);
