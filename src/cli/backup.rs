@@ -194,7 +194,7 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
 
 /// The `restore_command` line a restored server runs: this binary with the
 /// same repository, stanza and key.
-fn restore_command(settings: &Settings) -> anyhow::Result<String> {
+pub(super) fn restore_command(settings: &Settings) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the walvault binary")?;
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\\\""));
     let mut cmd = format!(

@@ -6,7 +6,10 @@ mod backup;
 mod config;
 mod demo;
 mod init;
+mod inspect;
 mod key;
+mod pitr;
+mod pitr_start;
 mod storage_check;
 mod wal;
 
@@ -92,6 +95,10 @@ pub enum Command {
     /// Restore a backup into an empty directory, configured to recover from
     /// the repository when started.
     Restore(backup::RestoreArgs),
+    /// Point-in-time recovery: plan and prove the target reachable, restore,
+    /// pre-stage the WAL, configure recovery (and with --start, run it and
+    /// report the recovery time).
+    RestorePitr(Box<pitr::PitrArgs>),
     /// Archive WAL continuously over the replication protocol through a slot
     /// (a sidecar next to PostgreSQL): RPO of seconds, or zero with
     /// --synchronous.
@@ -130,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Info(args) => backup::info(&settings, args).await,
             Command::Restore(args) => backup::restore(&settings, args).await,
             Command::Stream(args) => wal::stream(&settings, args).await,
+            Command::RestorePitr(args) => pitr::run(&settings, *args).await,
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {

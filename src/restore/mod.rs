@@ -11,6 +11,8 @@ use std::sync::Arc;
 mod delta;
 pub mod fetch;
 mod files;
+pub mod pitr;
+pub mod recovery;
 
 pub use fetch::wal_fetch;
 

@@ -10,6 +10,7 @@ mod cli_repo;
 mod cli_storage;
 mod harness;
 mod pg_client;
+mod pitr;
 mod repo;
 mod restore_matrix;
 mod storage_conformance;

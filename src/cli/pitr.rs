@@ -1,0 +1,339 @@
+//! `walvault restore-pitr`: plan, prove, restore, pre-stage WAL, configure
+//! recovery, and with `--start` run it and report the measured RTO.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::StreamExt;
+
+use super::Settings;
+use crate::progress::{Progress, Reporter};
+use crate::restore::pitr::{parse_target_time, plan, PitrPlan, Target, TimelineChoice};
+use crate::restore::recovery::{self, TargetAction};
+use crate::restore::RestoreOptions;
+
+/// Options of `walvault restore-pitr`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+pub struct PitrArgs {
+    /// Directory to restore into (empty or missing).
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// Recover to this time (ISO 8601 or PostgreSQL timestamptz; a time zone
+    /// is required unless --timezone is given).
+    #[arg(long, group = "target")]
+    pub target_time: Option<String>,
+    /// Recover to this LSN (X/X).
+    #[arg(long, group = "target")]
+    pub target_lsn: Option<crate::pg::Lsn>,
+    /// Recover to this transaction's commit.
+    #[arg(long, group = "target")]
+    pub target_xid: Option<u32>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target")]
+    pub target_name: Option<String>,
+    /// Recover only to the backup's consistency point.
+    #[arg(long, group = "target")]
+    pub immediate: bool,
+    /// Recover everything archived, the newest partial segment included.
+    #[arg(long, group = "target")]
+    pub latest: bool,
+    /// Time zone of a --target-time that has none (+02:00, UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Stop just before the target instead of just after it.
+    #[arg(long)]
+    pub exclusive: bool,
+    /// Timeline to recover along: latest, current (the backup's) or a number.
+    #[arg(long, default_value = "latest")]
+    pub target_timeline: TimelineChoice,
+    /// What the server does at the target.
+    #[arg(long, value_enum, default_value = "promote")]
+    pub target_action: TargetAction,
+    /// Backup to restore (default: the newest that can reach the target).
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Put a tablespace elsewhere: OLD=NEW (OLD is its OID or old location).
+    #[arg(long = "tablespace-map", value_name = "OLD=NEW")]
+    pub tablespace_map: Vec<String>,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start PostgreSQL on the restored directory, wait for the target, and
+    /// report (run as the database's OS user, not root).
+    #[arg(long)]
+    pub start: bool,
+    /// Port for --start (default: the restored configuration's).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Directory of pg_ctl for --start (default: /usr/lib/postgresql/<major>/bin).
+    #[arg(long)]
+    pub pg_bin: Option<PathBuf>,
+    /// Warn when the estimated recovery time exceeds this (e.g. 15m, 90s).
+    #[arg(long, value_parser = parse_duration)]
+    pub rto_budget: Option<Duration>,
+    /// The report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 15m, 1h"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("{s:?}: unit s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Throughputs assumed when estimating (conservative for one 2-core host
+/// and a local or nearby store); the report shows what was measured.
+const EST_RESTORE_BPS: f64 = 150e6;
+const EST_FETCH_BPS: f64 = 150e6;
+const EST_REPLAY_BPS: f64 = 60e6;
+
+fn estimate(plan: &PitrPlan) -> Duration {
+    let wal = plan.wal_bytes() as f64;
+    Duration::from_secs_f64(
+        plan.restore_bytes as f64 / EST_RESTORE_BPS
+            + wal / EST_FETCH_BPS
+            + wal / EST_REPLAY_BPS
+            + 3.0,
+    )
+}
+
+fn target_of(args: &PitrArgs) -> anyhow::Result<Target> {
+    Ok(if let Some(t) = &args.target_time {
+        Target::Time(parse_target_time(t, args.timezone.as_deref()).map_err(anyhow::Error::msg)?)
+    } else if let Some(l) = args.target_lsn {
+        Target::Lsn(l)
+    } else if let Some(x) = args.target_xid {
+        Target::Xid(x)
+    } else if let Some(n) = &args.target_name {
+        Target::Name(n.clone())
+    } else if args.immediate {
+        Target::Immediate
+    } else {
+        Target::Latest
+    })
+}
+
+pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    if args.start && nix::unistd::geteuid().is_root() {
+        bail!("--start runs PostgreSQL, which refuses to run as root: run restore-pitr as the database's OS user (sudo -u postgres walvault restore-pitr …), or restore without --start, chown the directory and start it yourself");
+    }
+    let repo = Arc::new(settings.open_repository().await?);
+    let target = target_of(&args)?;
+    let resolved = super::inspect::resolve_target(&repo, &settings.stanza, &target).await?;
+    let plan = plan(
+        &repo,
+        &settings.stanza,
+        &target,
+        args.exclusive,
+        args.target_timeline,
+        args.backup.as_deref(),
+        resolved.as_ref(),
+    )
+    .await?;
+    let est = estimate(&plan);
+    print_plan(&plan, est, &args);
+    if let Some(budget) = args.rto_budget {
+        if est > budget {
+            eprintln!(
+                "walvault: warning: the estimated recovery time {:.0} s exceeds the RTO budget {:.0} s",
+                est.as_secs_f64(),
+                budget.as_secs_f64()
+            );
+        }
+    }
+    if args.dry_run {
+        return Ok(());
+    }
+
+    // restore the files
+    let mut map = HashMap::new();
+    for m in &args.tablespace_map {
+        let (old, new) = m
+            .split_once('=')
+            .context("--tablespace-map takes OLD=NEW")?;
+        map.insert(old.to_owned(), PathBuf::from(new));
+    }
+    let progress = Progress::new();
+    let opts = RestoreOptions {
+        backup: Some(plan.backup.id.clone()),
+        tablespace_map: map,
+        restore_command: Some(super::backup::restore_command(settings)?),
+        delta: false,
+        progress: Some(progress.clone()),
+    };
+    let t_restore = Instant::now();
+    let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
+    let restored =
+        crate::restore::restore(repo.clone(), &settings.stanza, &args.pgdata, &opts).await;
+    reporter.finish();
+    restored?;
+    let restore_secs = t_restore.elapsed().as_secs_f64();
+
+    // pre-stage the WAL where wal-fetch serves it from
+    let t_fetch = Instant::now();
+    let spool = args
+        .pgdata
+        .join("pg_wal")
+        .join(crate::restore::fetch::SPOOL_DIR);
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let paths = crate::repo::StanzaPaths::new(&settings.stanza);
+    let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(plan.segments.clone())
+        .map(|name| {
+            let (repo, paths, spool) = (&repo, &paths, &spool);
+            async move {
+                let data = repo
+                    .load_wal(paths, &name)
+                    .await?
+                    .with_context(|| format!("{name} vanished from the repository"))?;
+                // a .partial is served under its segment's name
+                let file = spool.join(name.trim_end_matches(".partial"));
+                let tmp = file.with_extension("walvault-tmp");
+                tokio::fs::write(&tmp, &data).await?;
+                tokio::fs::rename(&tmp, &file).await?;
+                Ok(data.len() as u64)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let mut wal_bytes = 0;
+    for f in fetched {
+        wal_bytes += f?;
+    }
+    let fetch_secs = t_fetch.elapsed().as_secs_f64();
+
+    let timeline = match args.target_timeline {
+        TimelineChoice::Latest => "latest".to_owned(),
+        TimelineChoice::Current => "current".to_owned(),
+        TimelineChoice::Id(n) => n.to_string(),
+    };
+    let lines = recovery::settings(&target, args.exclusive, &timeline, args.target_action);
+    for l in recovery::write(&args.pgdata, &lines)? {
+        eprintln!("walvault: warning: postgresql.conf sets `{l}`, which conflicts with the target; remove it before starting");
+    }
+    if !args.start {
+        if !args.json {
+            println!(
+                "restored {} ({:.1} s) and staged {} WAL file(s) ({:.1} s); start PostgreSQL on {} to recover to {}",
+                plan.backup.id,
+                restore_secs,
+                plan.segments.len(),
+                fetch_secs,
+                args.pgdata.display(),
+                plan.target
+            );
+        }
+        return Ok(());
+    }
+    let outcome = super::pitr_start::start_and_wait(
+        &args.pgdata,
+        &plan,
+        args.port,
+        args.pg_bin.as_deref(),
+        args.target_action,
+    )
+    .await?;
+    let total = t0.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "backup": plan.backup.id,
+        "target": plan.target.to_string(),
+        "exclusive": args.exclusive,
+        "timeline": plan.timeline,
+        "stopped_at_lsn": outcome.stop_lsn.map(|l| l.to_string()),
+        "stop_detail": outcome.stop_line,
+        "last_replayed_commit_time": outcome.last_commit_time,
+        "state": outcome.state,
+        "wal_files": plan.segments.len(),
+        "wal_bytes_fetched": wal_bytes,
+        "wal_bytes_replayed": outcome.stop_lsn.and_then(|l| l.checked_sub(crate::pg::Lsn(plan.backup.start_lsn))),
+        "restore_seconds": restore_secs,
+        "wal_fetch_seconds": fetch_secs,
+        "replay_seconds": outcome.replay_secs,
+        "total_seconds": total,
+        "estimated_seconds": est.as_secs_f64(),
+        "rto_budget_seconds": args.rto_budget.map(|b| b.as_secs_f64()),
+        "budget_held": args.rto_budget.map(|b| total <= b.as_secs_f64()),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("recovery report");
+        if let Some(obj) = report.as_object() {
+            for (k, v) in obj {
+                if !v.is_null() {
+                    println!(
+                        "  {k:<26} {}",
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    );
+                }
+            }
+        }
+    }
+    if args.rto_budget.is_some_and(|b| total > b.as_secs_f64()) {
+        bail!("the recovery took {total:.0} s, over the RTO budget");
+    }
+    Ok(())
+}
+
+fn print_plan(plan: &PitrPlan, est: Duration, args: &PitrArgs) {
+    if args.json && !args.dry_run {
+        return;
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "backup": plan.backup.id,
+            "backup_consistent_at": crate::pg::Lsn(plan.backup.stop_lsn).to_string(),
+            "target": plan.target.to_string(),
+            "timeline": plan.timeline,
+            "segments": plan.segments,
+            "restore_bytes": plan.restore_bytes,
+            "wal_bytes": plan.wal_bytes(),
+            "estimated_seconds": est.as_secs_f64(),
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "plan: recover to {} on timeline {}",
+        plan.target, plan.timeline
+    );
+    println!(
+        "  backup   {} (consistent at {}, {})",
+        plan.backup.id,
+        crate::pg::Lsn(plan.backup.stop_lsn),
+        crate::restore::pitr::micros_to_text(plan.backup.stop_time)
+    );
+    println!(
+        "  restore  {:.1} MiB of files",
+        plan.restore_bytes as f64 / (1 << 20) as f64
+    );
+    match (plan.segments.first(), plan.segments.last()) {
+        (Some(f), Some(l)) => println!(
+            "  WAL      {} file(s), {f} .. {l} ({:.1} MiB)",
+            plan.segments.len(),
+            plan.wal_bytes() as f64 / (1 << 20) as f64
+        ),
+        _ => println!("  WAL      none"),
+    }
+    println!("  estimate {:.0} s", est.as_secs_f64());
+}

@@ -1,0 +1,358 @@
+//! Point-in-time recovery planning: which backup, which timeline, which WAL
+//! segments, proven present before anything is written.
+//!
+//! The plan follows PostgreSQL's own rules: a target must lie after the
+//! chosen backup's consistency point (its stop LSN) on the timeline path
+//! that leads to the target timeline; a segment is read from the newest
+//! timeline of that path that began at or before it; the archive ends at the
+//! newest segment of the path (a `.partial` only as its very end).
+
+use chrono::{DateTime, Utc};
+
+use crate::archive::catalog::WalCatalog;
+use crate::archive::ArchiveError;
+use crate::pg::{Lsn, TimelineId, WalSegSize};
+use crate::repo::{Manifest, Repository, StanzaPaths};
+use crate::wal::history::TimelinePath;
+
+/// Where recovery should stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The first commit at or after this time (`recovery_target_time`).
+    Time(DateTime<Utc>),
+    /// An LSN (`recovery_target_lsn`).
+    Lsn(Lsn),
+    /// A transaction's commit (`recovery_target_xid`).
+    Xid(u32),
+    /// A restore point made with `pg_create_restore_point` (`recovery_target_name`).
+    Name(String),
+    /// The backup's consistency point (`recovery_target = 'immediate'`).
+    Immediate,
+    /// Everything archived, the newest `.partial` included.
+    Latest,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Time(t) => write!(f, "time {}", t.to_rfc3339()),
+            Target::Lsn(l) => write!(f, "LSN {l}"),
+            Target::Xid(x) => write!(f, "transaction {x}"),
+            Target::Name(n) => write!(f, "restore point {n:?}"),
+            Target::Immediate => write!(f, "the backup's consistency point"),
+            Target::Latest => write!(f, "the end of the archive"),
+        }
+    }
+}
+
+/// `--target-timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimelineChoice {
+    /// The newest timeline in the repository.
+    #[default]
+    Latest,
+    /// The chosen backup's timeline.
+    Current,
+    /// This timeline.
+    Id(u32),
+}
+
+impl std::str::FromStr for TimelineChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TimelineChoice, String> {
+        match s {
+            "latest" => Ok(TimelineChoice::Latest),
+            "current" => Ok(TimelineChoice::Current),
+            n => n
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(TimelineChoice::Id)
+                .ok_or_else(|| format!("{s:?}: expected latest, current or a timeline number")),
+        }
+    }
+}
+
+/// Where the archive's WAL for a target can be proven to stand, found from
+/// the segment summaries (time, xid and name targets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    /// LSN of the record the target names (the commit, the restore point),
+    /// or for a time target the first commit after it (`None`: the archive
+    /// holds no commit after the time, recovery replays to its end).
+    pub record_lsn: Option<Lsn>,
+    /// End of that record: WAL must reach it.
+    pub end_lsn: Option<Lsn>,
+}
+
+/// Everything restore-pitr will do.
+#[derive(Debug, Clone)]
+pub struct PitrPlan {
+    /// The backup restored.
+    pub backup: Manifest,
+    /// The target.
+    pub target: Target,
+    /// Stop just before the target instead of just after.
+    pub exclusive: bool,
+    /// Timeline recovery follows.
+    pub timeline: u32,
+    /// WAL files to fetch, in replay order (the last may be a `.partial`).
+    pub segments: Vec<String>,
+    /// Segment size.
+    pub seg: WalSegSize,
+    /// Bytes of the backup's files.
+    pub restore_bytes: u64,
+}
+
+impl PitrPlan {
+    /// Bytes of WAL to download.
+    pub fn wal_bytes(&self) -> u64 {
+        self.segments.len() as u64 * self.seg.bytes()
+    }
+}
+
+/// Why a target cannot be reached (refused before anything is written).
+fn refuse(msg: String) -> ArchiveError {
+    ArchiveError::Permanent(msg)
+}
+
+/// Plan a recovery to `target`. `resolved` carries what the summaries say
+/// about a time, xid or name target (`None` for the others).
+#[allow(clippy::too_many_arguments)]
+pub async fn plan(
+    repo: &Repository,
+    stanza: &str,
+    target: &Target,
+    exclusive: bool,
+    timeline: TimelineChoice,
+    backup_id: Option<&str>,
+    resolved: Option<&ResolvedTarget>,
+) -> Result<PitrPlan, ArchiveError> {
+    let paths = StanzaPaths::new(stanza);
+    let backups = Manifest::load_all(repo, &paths).await?;
+    let Some(newest) = backups.last() else {
+        return Err(refuse(format!(
+            "stanza {stanza} has no backups: nothing to recover from"
+        )));
+    };
+    let seg = WalSegSize::new(u64::from(newest.wal_segment_size))
+        .map_err(|e| refuse(format!("backup {}: {e}", newest.id)))?;
+    let cat = WalCatalog::load(repo, &paths, seg).await?;
+    let requested: Option<&Manifest> = match backup_id {
+        Some(id) if id != "latest" => Some(
+            backups
+                .iter()
+                .find(|b| b.id == id)
+                .ok_or_else(|| refuse(format!("no backup {id} in stanza {stanza}")))?,
+        ),
+        _ => None,
+    };
+    let tli = match timeline {
+        TimelineChoice::Latest => cat.newest_timeline(),
+        TimelineChoice::Current => requested.unwrap_or(newest).timeline,
+        TimelineChoice::Id(n) => n,
+    };
+    let path = cat.path_to(tli)?;
+    let on_path = |b: &Manifest| {
+        path.contains(
+            TimelineId::new(b.timeline).unwrap_or(TimelineId::FIRST),
+            Lsn(b.start_lsn),
+        )
+    };
+
+    // the LSN the WAL must reach, and the latest consistency point allowed
+    let archive_end_seg = cat.newest_segment(path.last().get());
+    let (need_until, stop_before): (Option<Lsn>, Option<Lsn>) = match target {
+        Target::Lsn(l) => (Some(*l), Some(*l)),
+        Target::Immediate | Target::Latest => (None, None),
+        Target::Time(_) | Target::Xid(_) | Target::Name(_) => match resolved {
+            Some(r) => (r.end_lsn, r.record_lsn),
+            None => (None, None),
+        },
+    };
+    let fits = |b: &Manifest| {
+        on_path(b)
+            && match (target, stop_before) {
+                (Target::Time(t), _) => b.stop_time <= t.timestamp_micros(),
+                (_, Some(l)) => Lsn(b.stop_lsn) <= l,
+                _ => true,
+            }
+    };
+    let backup = match requested {
+        Some(b) => {
+            if !fits(b) {
+                return Err(refuse(format!(
+                    "backup {} cannot reach {target}: it becomes consistent at {} ({}) on timeline {}, which is {}",
+                    b.id,
+                    Lsn(b.stop_lsn),
+                    micros_to_text(b.stop_time),
+                    b.timeline,
+                    if on_path(b) { "after the target".to_owned() } else { format!("not on the path to timeline {tli}") }
+                )));
+            }
+            b.clone()
+        }
+        None => match backups.iter().rev().find(|b| fits(b)) {
+            Some(b) => b.clone(),
+            None => {
+                let first = backups.iter().find(|b| on_path(b));
+                return Err(refuse(match first {
+                    Some(f) => format!(
+                        "{target} is before the first usable backup {} became consistent ({} at {}): no backup can restore to it",
+                        f.id,
+                        micros_to_text(f.stop_time),
+                        Lsn(f.stop_lsn)
+                    ),
+                    None => format!("no backup lies on the path to timeline {tli}"),
+                }));
+            }
+        },
+    };
+
+    // the segments, from the backup's start through the target (or the end)
+    let first = Lsn(backup.start_lsn).segment(seg).0;
+    let last = match (target, need_until) {
+        (Target::Immediate, _) => Lsn(backup.stop_lsn).segment(seg).0,
+        (_, Some(l)) => l.segment(seg).0,
+        _ => archive_end_seg.unwrap_or(first),
+    };
+    let end_seg = archive_end_seg.unwrap_or(0);
+    if last > end_seg && !matches!(target, Target::Immediate) {
+        return Err(refuse(format!(
+            "{target} is beyond the archive: the newest WAL on the path to timeline {tli} is {} — use --latest or an earlier target",
+            archive_end_seg.map(|s| cat.name(s, path.last().get())).unwrap_or_else(|| "nothing".into())
+        )));
+    }
+    let segments = segments_between(&cat, &path, first, last)?;
+    Ok(PitrPlan {
+        restore_bytes: backup
+            .files
+            .iter()
+            .filter(|f| f.kind == crate::repo::FileKind::File)
+            .map(|f| f.size)
+            .sum(),
+        backup,
+        target: target.clone(),
+        exclusive,
+        timeline: tli,
+        segments,
+        seg,
+    })
+}
+
+/// Stored names of segments `first..=last` along `path`; a missing one is
+/// a refusal naming it.
+fn segments_between(
+    cat: &WalCatalog,
+    path: &TimelinePath,
+    first: u64,
+    last: u64,
+) -> Result<Vec<String>, ArchiveError> {
+    let mut out = Vec::new();
+    for s in first..=last {
+        let t = path.timeline_of(crate::pg::SegmentNo(s)).get();
+        match cat.stored_name(s, t) {
+            Some(n) => out.push(n),
+            None => {
+                return Err(refuse(format!(
+                    "WAL segment {} is not in the repository, and recovery must pass through it; \
+                     `walvault wal-verify` lists every gap — choose a target before it or a backup after it",
+                    cat.name(s, t)
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A backup time (µs since the Unix epoch) as RFC 3339.
+pub fn micros_to_text(us: i64) -> String {
+    DateTime::from_timestamp_micros(us)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// Parse a target time: RFC 3339 / ISO 8601, or PostgreSQL's timestamptz
+/// text (`2026-11-23 14:05:00+00`, `2026-11-23 14:05:00.5 +01:00`). A time
+/// without a zone needs `default_offset` (`--timezone`, e.g. `+02:00` or
+/// `UTC`).
+pub fn parse_target_time(s: &str, default_offset: Option<&str>) -> Result<DateTime<Utc>, String> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let norm = s.replacen('T', " ", 1);
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f %#z",
+        "%Y-%m-%d %H:%M%#z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(&norm, fmt) {
+            return Ok(t.with_timezone(&Utc));
+        }
+    }
+    let zone = |z: &str| -> Result<String, String> {
+        match z {
+            "UTC" | "utc" | "Z" | "GMT" => Ok("+00:00".into()),
+            z if z.starts_with('+') || z.starts_with('-') => Ok(z.into()),
+            z => Err(format!(
+                "time zone {z:?}: give an offset like +02:00, or UTC"
+            )),
+        }
+    };
+    if let Some((base, z)) = norm.rsplit_once(' ') {
+        if let Ok(off) = zone(z) {
+            if let Ok(t) =
+                DateTime::parse_from_str(&format!("{base}{off}"), "%Y-%m-%d %H:%M:%S%.f%#z")
+            {
+                return Ok(t.with_timezone(&Utc));
+            }
+        }
+    }
+    match default_offset {
+        Some(z) => {
+            let off = zone(z)?;
+            DateTime::parse_from_str(&format!("{norm}{off}"), "%Y-%m-%d %H:%M:%S%.f%#z")
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| format!("{s:?}: {e}"))
+        }
+        None => Err(format!(
+            "{s:?} has no time zone; add one (2026-11-23 14:05:00+00) or give --timezone"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times() {
+        let want = "2026-11-23T14:05:00Z".parse::<DateTime<Utc>>().unwrap();
+        for s in [
+            "2026-11-23T14:05:00Z",
+            "2026-11-23 14:05:00+00",
+            "2026-11-23 14:05:00+00:00",
+            "2026-11-23 16:05:00+02",
+            "2026-11-23 14:05:00 UTC",
+            "2026-11-23 15:05:00 +01:00",
+        ] {
+            assert_eq!(parse_target_time(s, None).unwrap(), want, "{s}");
+        }
+        assert_eq!(
+            parse_target_time("2026-11-23 16:05:00", Some("+02:00")).unwrap(),
+            want
+        );
+        assert!(parse_target_time("2026-11-23 14:05:00", None)
+            .unwrap_err()
+            .contains("no time zone"));
+        let frac = parse_target_time("2026-11-23 14:05:00.123456+00", None).unwrap();
+        assert_eq!(frac.timestamp_subsec_micros(), 123456);
+        assert!("latest".parse::<TimelineChoice>().is_ok());
+        assert_eq!(
+            "3".parse::<TimelineChoice>().unwrap(),
+            TimelineChoice::Id(3)
+        );
+        assert!("0".parse::<TimelineChoice>().is_err());
+    }
+}
