@@ -12,7 +12,20 @@ use super::ParseError;
 ///
 /// Mirrors `XLogRecPtr`. Displayed and parsed as PostgreSQL does: two hexadecimal
 /// halves of at most eight digits each, `16/B374D848`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Lsn(pub u64);
 
 impl Lsn {

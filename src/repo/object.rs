@@ -49,6 +49,8 @@ pub enum ObjectKind {
     Lease = 7,
     /// A WAL segment, partial segment, or history file.
     Wal = 8,
+    /// The summary of a WAL segment's records.
+    WalSummary = 9,
 }
 
 impl ObjectKind {
@@ -62,6 +64,7 @@ impl ObjectKind {
             ObjectKind::GcState => "gc state",
             ObjectKind::Lease => "lease",
             ObjectKind::Wal => "WAL",
+            ObjectKind::WalSummary => "WAL summary",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Checking a WAL segment before it is archived or after it is fetched:
 //! every page that holds WAL must carry the magic of a supported
-//! PostgreSQL major and the address its position implies; a page of zeros
-//! ends the WAL (the unwritten tail of a `.partial`).
+//! PostgreSQL major and the address its position implies (a page of zeros
+//! ends the WAL: the unwritten tail of a `.partial`), and every record must
+//! pass its CRC-32C.
 
 use crate::pg::{Lsn, SegmentNo, WalSegSize};
 
@@ -41,7 +42,7 @@ pub fn verify_segment(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<
                     Lsn(at.0 + p as u64)
                 ));
             }
-            return Ok(());
+            return records(data, segno, seg);
         }
         if !KNOWN_PAGE_MAGICS.iter().any(|(m, _)| *m == magic) {
             return Err(format!(
@@ -58,5 +59,10 @@ pub fn verify_segment(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<
             ));
         }
     }
-    Ok(())
+    records(data, segno, seg)
+}
+
+/// Every record's CRC and structure.
+fn records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), String> {
+    crate::wal::summary::check_records(data, segno, seg).map_err(|e| e.to_string())
 }

@@ -15,4 +15,5 @@ mod repo;
 mod restore_matrix;
 mod storage_conformance;
 mod wal_archive;
+mod wal_decode;
 mod wal_stream;
