@@ -15,6 +15,9 @@ use crate::pg::{Lsn, SegmentNo, WalSegSize};
 
 /// Format version of [`SegmentSummary`].
 pub const SUMMARY_VERSION: u32 = 1;
+/// Most WAL bytes a summary carries to decode a record that crosses into
+/// the next segment (commits, aborts and restore points are far smaller).
+pub const MAX_CARRY: usize = 1 << 20;
 
 /// A transaction end, where it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +27,6 @@ pub struct XactAt {
     /// Its end.
     pub end: Lsn,
     /// The transaction.
-    #[serde(flatten)]
     pub xact: XactEnd,
 }
 
@@ -74,11 +76,69 @@ pub struct SegmentSummary {
     pub end_of_recovery: Vec<(Lsn, u32)>,
     /// A record starts here but its end was not given.
     pub trailing_incomplete: Option<Lsn>,
+    /// When a record continues into the next segment: the WAL from the start
+    /// of the page where it begins to the end of this segment (at most
+    /// [`MAX_CARRY`]), so it can be decoded with the next summary's `head`.
+    pub tail: Option<(Lsn, Vec<u8>)>,
+    /// When this segment begins with the continuation of a record: its bytes
+    /// up to where this segment's first record starts (at most [`MAX_CARRY`]).
+    pub head: Vec<u8>,
     /// The first record that failed to decode, with why (`None`: all valid).
     pub error: Option<String>,
 }
 
 impl SegmentSummary {
+    /// Count and interpret one record of this segment.
+    fn absorb(&mut self, rec: &super::decode::RawRecord, major: u32) -> Result<(), DecodeError> {
+        self.records += 1;
+        self.first_lsn.get_or_insert(rec.lsn);
+        self.last_lsn = Some(rec.lsn);
+        self.end_lsn = Some(rec.end);
+        match interpret(rec, major)? {
+            RecordKind::Xact(x) => self.xacts.push(XactAt {
+                lsn: rec.lsn,
+                end: rec.end,
+                xact: x,
+            }),
+            RecordKind::RestorePoint { name, time } => self.restore_points.push(RestorePointAt {
+                lsn: rec.lsn,
+                end: rec.end,
+                name,
+                time,
+            }),
+            RecordKind::Checkpoint { .. } => self.checkpoints.push(rec.lsn),
+            RecordKind::Switch => self.switch = true,
+            RecordKind::EndOfRecovery { timeline, .. } => {
+                self.end_of_recovery.push((rec.lsn, timeline))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Complete the record that continues from this segment into the next
+    /// (whose summary is `next`): decoded from this summary's `tail` and the
+    /// next one's `head`, and counted here. Does nothing when there is none.
+    pub fn complete_with(&mut self, next: &SegmentSummary) {
+        let (Some(at), Some((page, tail))) = (self.trailing_incomplete, self.tail.clone()) else {
+            return;
+        };
+        let Ok(seg) = WalSegSize::new(self.seg_size) else {
+            return;
+        };
+        // the reader starts on the record; its buffer starts at `page`
+        debug_assert_eq!(page.0, at.0 - at.0 % super::decode::PAGE);
+        let mut r = WalReader::new(at, seg);
+        r.feed(&tail);
+        r.feed(&next.head);
+        if let Ok(Next::Record(rec)) = r.next_record() {
+            let major = self.major.unwrap_or(15);
+            if self.absorb(&rec, major).is_ok() {
+                self.trailing_incomplete = None;
+            }
+        }
+    }
+
     /// First and last commit time (µs since 2000-01-01), commits only.
     pub fn commit_times(&self) -> Option<(i64, i64)> {
         let mut t = self
@@ -125,6 +185,8 @@ pub fn summarize(
         switch: false,
         end_of_recovery: Vec::new(),
         trailing_incomplete: None,
+        tail: None,
+        head: Vec::new(),
         error: None,
     };
     let mut r = WalReader::new(start, seg);
@@ -145,34 +207,9 @@ pub fn summarize(
                 }
                 let major = r.major().unwrap_or(15);
                 s.major = Some(major);
-                s.records += 1;
-                s.first_lsn.get_or_insert(rec.lsn);
-                s.last_lsn = Some(rec.lsn);
-                s.end_lsn = Some(rec.end);
-                match interpret(&rec, major) {
-                    Ok(RecordKind::Xact(x)) => s.xacts.push(XactAt {
-                        lsn: rec.lsn,
-                        end: rec.end,
-                        xact: x,
-                    }),
-                    Ok(RecordKind::RestorePoint { name, time }) => {
-                        s.restore_points.push(RestorePointAt {
-                            lsn: rec.lsn,
-                            end: rec.end,
-                            name,
-                            time,
-                        })
-                    }
-                    Ok(RecordKind::Checkpoint { .. }) => s.checkpoints.push(rec.lsn),
-                    Ok(RecordKind::Switch) => s.switch = true,
-                    Ok(RecordKind::EndOfRecovery { timeline, .. }) => {
-                        s.end_of_recovery.push((rec.lsn, timeline))
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        s.error = Some(e.to_string());
-                        break;
-                    }
+                if let Err(e) = s.absorb(&rec, major) {
+                    s.error = Some(e.to_string());
+                    break;
                 }
                 if r.position() >= seg_end {
                     break;
@@ -184,12 +221,26 @@ pub fn summarize(
                     fed_next = true;
                 }
                 _ => {
-                    s.trailing_incomplete = Some(r.position());
+                    let at = r.position();
+                    s.trailing_incomplete = Some(at);
+                    let page = at.0 - at.0 % super::decode::PAGE;
+                    let from = (page - start.0) as usize;
+                    if from < data.len() && data.len() - from <= MAX_CARRY {
+                        s.tail = Some((Lsn(page), data[from..].to_vec()));
+                    }
                     break;
                 }
             },
             Next::End(_) => break,
         }
+    }
+    // the continuation this segment begins with, for the previous summary
+    let first = s
+        .first_lsn
+        .map(|l| (l.0 - start.0) as usize)
+        .unwrap_or(data.len());
+    if first <= MAX_CARRY {
+        s.head = data[..first.min(data.len())].to_vec();
     }
     s
 }

@@ -225,6 +225,48 @@ fn check_against_waldump(opts: PgOptions) {
         assert!(seen.contains_key(k), "no {k} decoded: {seen:?}");
     }
 
+    // summaries, one per segment, joined across boundaries, hold every
+    // transaction end and restore point exactly once
+    let mut sums: Vec<_> = segs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            walvault::wal::summary::summarize(d, None, 1, SegmentNo(first_segno + i as u64), seg)
+        })
+        .collect();
+    for i in 0..sums.len().saturating_sub(1) {
+        let next = sums[i + 1].clone();
+        sums[i].complete_with(&next);
+    }
+    let from_sums: Vec<Lsn> = sums
+        .iter()
+        .flat_map(|s| s.xacts.iter().map(|x| x.lsn))
+        .collect();
+    let from_stream: Vec<Lsn> = ours
+        .iter()
+        .filter(|r| matches!(interpret(r, major), Ok(RecordKind::Xact(_))))
+        .map(|r| r.lsn)
+        .collect();
+    let mut sorted = from_sums.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, from_stream,
+        "summaries lost or repeated a transaction end"
+    );
+    assert_eq!(
+        sums.iter().map(|s| s.records).sum::<u64>(),
+        ours.len() as u64,
+        "summaries count every record once"
+    );
+    assert!(sums.iter().all(|s| s.error.is_none()));
+    assert_eq!(
+        sums.iter()
+            .flat_map(|s| &s.restore_points)
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        ["walvault-test"]
+    );
+
     // any chunking decodes identically
     for chunk in [1000, 8191, 8192, 12345] {
         let again = decode_all(&segs, start, seg, chunk);
