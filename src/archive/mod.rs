@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod push;
 pub mod stream;
+pub mod summaries;
 pub mod verify;
 
 use crate::pg::PgError;

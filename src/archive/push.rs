@@ -51,7 +51,10 @@ pub async fn wal_push(
         crate::wal::verify::verify_segment(&data, f.segno, seg)
             .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))?;
     }
-    Ok(repo
-        .store_wal_once(&StanzaPaths::new(stanza), &name, data)
-        .await?)
+    let paths = StanzaPaths::new(stanza);
+    let stored = repo.store_wal_once(&paths, &name, data.clone()).await?;
+    if stored == WalStored::New {
+        super::summaries::store_summary(repo, &paths, &name, &data).await;
+    }
+    Ok(stored)
 }

@@ -267,7 +267,9 @@ async fn session(
                     WalMessage::XLogData { start, wal_end, data } => {
                         server_end = server_end.max(wal_end);
                         for s in asm.push(start, &data).map_err(ArchiveError::Protocol)? {
-                            repo.store_wal_once(paths, &s.name.to_string(), s.data).await?;
+                            let name = s.name.to_string();
+                            super::summaries::spawn_store(repo.clone(), paths.clone(), name.clone(), s.data.clone());
+                            repo.store_wal_once(paths, &name, s.data).await?;
                             stats.segments_stored += 1;
                             durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
                         }

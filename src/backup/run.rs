@@ -12,7 +12,9 @@ use super::stream::BaseBackupOptions;
 use super::{store_base_backup, BackupError};
 use crate::pg::wire::Backend;
 use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
-use crate::repo::{Manifest, ManifestTotals, PageRef, Repository, StanzaPaths, Tablespace};
+use crate::repo::{
+    Manifest, ManifestTotals, PageRef, RelName, Repository, StanzaPaths, Tablespace,
+};
 use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
 
 /// How long to wait, once the backup ended, for the WAL up to its end.
@@ -88,6 +90,7 @@ pub async fn run_backup(
         stop_rx,
     ));
 
+    let relnames = relation_names(params).await;
     let mut conn = connect(params).await?;
     let opts = &BaseBackupOptions {
         on_start: Some(Arc::new(start_tx)),
@@ -160,6 +163,7 @@ pub async fn run_backup(
                 block: p.block,
             })
             .collect(),
+        relnames,
     };
     // commit only under a live lease: garbage collection may delete packs
     // this backup deduplicated against once a writer's lease has lapsed
@@ -240,7 +244,9 @@ async fn stream_wal(
                 match parse_message(data).map_err(|r| protocol(&target, r))? {
                     WalMessage::XLogData { start, data, .. } => {
                         for s in asm.push(start, &data).map_err(|r| protocol(&target, r))? {
-                            repo.store_wal(&paths, &s.name.to_string(), s.data).await?;
+                            let name = s.name.to_string();
+                            crate::archive::summaries::store_summary(&repo, &paths, &name, &s.data).await;
+                            repo.store_wal(&paths, &name, s.data).await?;
                             stored += 1;
                             durable = asm.position().segment(seg).start_lsn(seg).unwrap_or(durable);
                         }
@@ -267,4 +273,63 @@ async fn stream_wal(
     // the temporary slot goes with the connection
     conn.close().await;
     Ok(stored)
+}
+
+/// Every database's relation files and names (best effort: a role that may
+/// not connect to a database only loses names in `wal-inspect`).
+async fn relation_names(params: &ConnParams) -> Vec<RelName> {
+    let mut out = Vec::new();
+    let dbs = match PgConnection::connect(params, false).await {
+        Ok(mut c) => {
+            let r = c
+                .simple_query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
+                .await;
+            c.close().await;
+            match r {
+                Ok(r) => (0..r.rows.len())
+                    .filter_map(|i| r.text(i, "datname"))
+                    .collect::<Vec<String>>(),
+                Err(e) => {
+                    tracing::info!("relation names not recorded: {e}");
+                    return out;
+                }
+            }
+        }
+        Err(e) => {
+            tracing::info!("relation names not recorded: {e}");
+            return out;
+        }
+    };
+    for db in dbs {
+        let p = ConnParams {
+            dbname: Some(db.clone()),
+            ..params.clone()
+        };
+        let Ok(mut c) = PgConnection::connect(&p, false).await else {
+            continue;
+        };
+        let q = "SELECT d.oid AS db, pg_relation_filenode(c.oid) AS f, \
+                 current_database() || '.' || n.nspname || '.' || c.relname AS name \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_database d \
+                 WHERE d.datname = current_database() AND pg_relation_filenode(c.oid) IS NOT NULL \
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')";
+        if let Ok(r) = c.simple_query(q).await {
+            for i in 0..r.rows.len() {
+                let (Some(d), Some(f), Some(name)) =
+                    (r.text(i, "db"), r.text(i, "f"), r.text(i, "name"))
+                else {
+                    continue;
+                };
+                if let (Ok(db), Ok(relfilenode)) = (d.parse(), f.parse()) {
+                    out.push(RelName {
+                        db,
+                        relfilenode,
+                        name,
+                    });
+                }
+            }
+        }
+        c.close().await;
+    }
+    out
 }

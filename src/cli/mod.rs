@@ -99,6 +99,10 @@ pub enum Command {
     /// pre-stage the WAL, configure recovery (and with --start, run it and
     /// report the recovery time).
     RestorePitr(Box<pitr::PitrArgs>),
+    /// List what happened around a time in the archived WAL: commits and
+    /// aborts (time, xid, LSN, dropped tables) and restore points — to find
+    /// the target for restore-pitr.
+    WalInspect(inspect::InspectArgs),
     /// Archive WAL continuously over the replication protocol through a slot
     /// (a sidecar next to PostgreSQL): RPO of seconds, or zero with
     /// --synchronous.
@@ -138,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Restore(args) => backup::restore(&settings, args).await,
             Command::Stream(args) => wal::stream(&settings, args).await,
             Command::RestorePitr(args) => pitr::run(&settings, *args).await,
+            Command::WalInspect(args) => inspect::run(&settings, args).await,
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {

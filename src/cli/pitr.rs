@@ -137,7 +137,6 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     }
     let repo = Arc::new(settings.open_repository().await?);
     let target = target_of(&args)?;
-    let resolved = super::inspect::resolve_target(&repo, &settings.stanza, &target).await?;
     let plan = plan(
         &repo,
         &settings.stanza,
@@ -145,7 +144,6 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         args.exclusive,
         args.target_timeline,
         args.backup.as_deref(),
-        resolved.as_ref(),
     )
     .await?;
     let est = estimate(&plan);

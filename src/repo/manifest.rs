@@ -12,8 +12,8 @@ use crate::codec::BlockId;
 use crate::storage::list_all;
 
 /// The manifest version this build writes and the newest it reads.
-/// Version 2 added `wal_segment_size` and `corrupt_pages` (version 1 was
-/// never released and is not read).
+/// Version 2 added `wal_segment_size`, `corrupt_pages` and `relnames`
+/// (version 1 was never released and is not read).
 pub const MANIFEST_VERSION: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
 const MAX_MANIFEST: u64 = 4 << 30;
@@ -108,6 +108,21 @@ pub struct Manifest {
     /// Pages whose checksum failed while the backup was taken (kept only with
     /// `--allow-checksum-failures`; otherwise such a backup is refused).
     pub corrupt_pages: Vec<PageRef>,
+    /// Relation names by file, as the catalogs said when the backup started
+    /// (empty when walvault could not connect to the databases): lets
+    /// `wal-inspect` name the tables a transaction dropped.
+    pub relnames: Vec<RelName>,
+}
+
+/// A relation's name and file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelName {
+    /// Database OID.
+    pub db: u32,
+    /// Relfilenode.
+    pub relfilenode: u32,
+    /// `database.schema.relation`.
+    pub name: String,
 }
 
 /// A page of a relation file.
@@ -273,6 +288,11 @@ mod tests {
             corrupt_pages: vec![PageRef {
                 file: "base/5/16384".into(),
                 block: 0,
+            }],
+            relnames: vec![RelName {
+                db: 5,
+                relfilenode: 16384,
+                name: "postgres.public.t".into(),
             }],
         }
     }

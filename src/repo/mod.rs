@@ -32,7 +32,7 @@ pub use config::{InitParams, RepoConfig, CONFIG_KEY};
 pub use index::{BlockLocation, Index, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{
-    BackupFile, FileKind, Manifest, ManifestTotals, PageRef, Tablespace, MANIFEST_VERSION,
+    BackupFile, FileKind, Manifest, ManifestTotals, PageRef, RelName, Tablespace, MANIFEST_VERSION,
 };
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};

@@ -73,16 +73,78 @@ impl std::str::FromStr for TimelineChoice {
     }
 }
 
-/// Where the archive's WAL for a target can be proven to stand, found from
-/// the segment summaries (time, xid and name targets).
+/// Where a time, xid or name target lies in the archived WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedTarget {
-    /// LSN of the record the target names (the commit, the restore point),
-    /// or for a time target the first commit after it (`None`: the archive
-    /// holds no commit after the time, recovery replays to its end).
+    /// LSN of the record recovery stops at (the commit, the restore point;
+    /// for a time target, the first transaction end after the time).
     pub record_lsn: Option<Lsn>,
-    /// End of that record: WAL must reach it.
+    /// End of that record: the WAL must reach it.
     pub end_lsn: Option<Lsn>,
+}
+
+/// Find a time, xid or name target in the summaries (in WAL order), or
+/// explain why the archive cannot reach it.
+pub fn locate(
+    target: &Target,
+    exclusive: bool,
+    sums: &[crate::wal::summary::SegmentSummary],
+) -> Result<ResolvedTarget, ArchiveError> {
+    let xacts = || sums.iter().flat_map(|s| s.xacts.iter());
+    let found = |lsn: Lsn, end: Lsn| ResolvedTarget {
+        record_lsn: Some(lsn),
+        end_lsn: Some(end),
+    };
+    match target {
+        Target::Time(t) => {
+            let t_pg = t.timestamp_micros() - 946_684_800_000_000;
+            // PostgreSQL stops before the first transaction end after the
+            // time (at or after it with --exclusive), so it must read it
+            let stop = xacts().find(|x| {
+                if exclusive {
+                    x.xact.time >= t_pg
+                } else {
+                    x.xact.time > t_pg
+                }
+            });
+            match stop {
+                Some(x) => Ok(found(x.lsn, x.end)),
+                None => {
+                    let last = xacts().map(|x| x.xact.time).max();
+                    Err(refuse(match last {
+                        Some(l) => format!(
+                            "target {} is after the last archived transaction end at {} — the archive ends there; use --latest or an earlier target",
+                            t.to_rfc3339(),
+                            crate::wal::records::pg_time(l).map(|t| t.to_rfc3339()).unwrap_or_default()
+                        ),
+                        None => "the archived WAL holds no transaction after the backups; use --latest or --immediate".into(),
+                    }))
+                }
+            }
+        }
+        Target::Xid(x) => xacts()
+            .find(|e| e.xact.xid == *x)
+            .map(|e| found(e.lsn, e.end))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "transaction {x} has no commit or abort in the archived WAL after the first backup (still running, or a wrong xid); `walvault wal-inspect` lists transactions"
+                ))
+            }),
+        Target::Name(n) => sums
+            .iter()
+            .flat_map(|s| s.restore_points.iter())
+            .rfind(|r| &r.name == n)
+            .map(|r| found(r.lsn, r.end))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "no restore point named {n:?} in the archived WAL after the first backup"
+                ))
+            }),
+        _ => Ok(ResolvedTarget {
+            record_lsn: None,
+            end_lsn: None,
+        }),
+    }
 }
 
 /// Everything restore-pitr will do.
@@ -116,9 +178,8 @@ fn refuse(msg: String) -> ArchiveError {
     ArchiveError::Permanent(msg)
 }
 
-/// Plan a recovery to `target`. `resolved` carries what the summaries say
-/// about a time, xid or name target (`None` for the others).
-#[allow(clippy::too_many_arguments)]
+/// Plan a recovery to `target` (time, xid and name targets are located in
+/// the archived WAL through the segment summaries).
 pub async fn plan(
     repo: &Repository,
     stanza: &str,
@@ -126,7 +187,6 @@ pub async fn plan(
     exclusive: bool,
     timeline: TimelineChoice,
     backup_id: Option<&str>,
-    resolved: Option<&ResolvedTarget>,
 ) -> Result<PitrPlan, ArchiveError> {
     let paths = StanzaPaths::new(stanza);
     let backups = Manifest::load_all(repo, &paths).await?;
@@ -165,10 +225,18 @@ pub async fn plan(
     let (need_until, stop_before): (Option<Lsn>, Option<Lsn>) = match target {
         Target::Lsn(l) => (Some(*l), Some(*l)),
         Target::Immediate | Target::Latest => (None, None),
-        Target::Time(_) | Target::Xid(_) | Target::Name(_) => match resolved {
-            Some(r) => (r.end_lsn, r.record_lsn),
-            None => (None, None),
-        },
+        Target::Time(_) | Target::Xid(_) | Target::Name(_) => {
+            let first = backups
+                .iter()
+                .filter(|b| on_path(b))
+                .map(|b| Lsn(b.start_lsn).segment(seg).0)
+                .min()
+                .ok_or_else(|| refuse(format!("no backup lies on the path to timeline {tli}")))?;
+            let names = segments_between(&cat, &path, first, archive_end_seg.unwrap_or(first))?;
+            let sums = crate::archive::summaries::load_path(repo, &paths, &names, 16).await?;
+            let r = locate(target, exclusive, &sums)?;
+            (r.end_lsn, r.record_lsn)
+        }
     };
     let fits = |b: &Manifest| {
         on_path(b)

@@ -84,6 +84,27 @@ impl Archived {
         out
     }
 
+    /// kill -9 the stream (no final upload), then hand the repository to
+    /// the server's OS user.
+    pub fn kill_stream(&mut self) {
+        if let Some(mut c) = self.stream.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        self.chown_repo();
+    }
+
+    fn chown_repo(&self) {
+        if nix::unistd::geteuid().is_root() {
+            let st = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&self.repo)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
+
     /// Wait until the stream made everything up to the server's current
     /// insert position durable, then stop it (SIGTERM: it uploads the rest).
     pub fn finish_stream(&mut self) {
@@ -117,14 +138,7 @@ impl Archived {
             assert!(c.wait().unwrap().success());
         }
         // the server's OS user reads the repository during recovery
-        if nix::unistd::geteuid().is_root() {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&self.repo)
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
+        self.chown_repo();
     }
 
     /// `restore-pitr … --start --json` as the server's OS user into a new
@@ -284,4 +298,247 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
         "{text}"
     );
     assert!(!Path::new("/nonexistent/x").exists());
+}
+
+/// The marker rows (`id`s) matching `pred` on the source, as a digest.
+fn expected(c: &PgCluster, pred: &str) -> String {
+    c.psql(&format!(
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(id::text, ',' ORDER BY id)), '-') FROM marker_info WHERE {pred}"
+    ))
+}
+
+fn got(r: &Recovered) -> String {
+    r.psql("SELECT count(*) || ':' || coalesce(md5(string_agg(id::text, ',' ORDER BY id)), '-') FROM marker")
+}
+
+#[test]
+fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
+    use rand::Rng;
+    let mut a = Archived::new(&[]);
+    a.c.psql("CREATE EXTENSION amcheck; CREATE TABLE marker(id bigserial PRIMARY KEY, session int, t timestamptz DEFAULT clock_timestamp())");
+    let script = a._work.path().join("marker.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO marker(session) VALUES (:client_id);\n",
+    )
+    .unwrap();
+    let _ = Command::new("chmod").arg("a+r").arg(&script).status();
+    a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b1"]);
+    // four sessions write for about 60 s; two more backups and a restore
+    // point on the way
+    let mut bench =
+        a.c.command(&a.c.client_bin("pgbench"))
+            .args([
+                "-h",
+                a.c.sockdir.to_str().unwrap(),
+                "-p",
+                &a.c.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args([
+                "-n",
+                "-c",
+                "4",
+                "-T",
+                "60",
+                "-R",
+                "150",
+                "-f",
+                script.to_str().unwrap(),
+                "postgres",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_secs(20));
+    a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b2"]);
+    std::thread::sleep(Duration::from_secs(10));
+    a.c.psql("SELECT pg_create_restore_point('walvault-mid')");
+    std::thread::sleep(Duration::from_secs(10));
+    a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b3"]);
+    assert!(bench.wait().unwrap().success());
+    // a last row, 1.5 s before the stream dies without a final upload
+    a.c.psql("INSERT INTO marker(session) VALUES (-1)");
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill_stream();
+
+    // every row with its commit time, xid and (from wal-inspect) commit LSN
+    a.c.psql(
+        "CREATE TABLE marker_info AS SELECT id, xmin::text::bigint AS xid, \
+              pg_xact_commit_timestamp(xmin) AS ts, NULL::pg_lsn AS lsn FROM marker",
+    );
+    let inspect = a.ok(&[
+        "wal-inspect",
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--json",
+    ]);
+    let mut values = Vec::new();
+    let mut rp_lsn = None;
+    for line in String::from_utf8_lossy(&inspect.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v["event"].as_str().unwrap() {
+            "COMMIT" => values.push(format!("{}\t{}", v["xid"], v["lsn"].as_str().unwrap())),
+            "RESTORE POINT" if v["name"] == "walvault-mid" => {
+                rp_lsn = Some(v["lsn"].as_str().unwrap().to_owned())
+            }
+            _ => {}
+        }
+    }
+    let rp_lsn = rp_lsn.expect("wal-inspect lists the restore point");
+    let lsns = a._work.path().join("lsns.tsv");
+    std::fs::write(&lsns, values.join("\n") + "\n").unwrap();
+    let _ = Command::new("chmod").arg("a+r").arg(&lsns).status();
+    a.c.psql(&format!(
+        "CREATE TEMP TABLE l(xid bigint, lsn pg_lsn); COPY l FROM '{}'; \
+         UPDATE marker_info m SET lsn = l.lsn FROM l WHERE l.xid = m.xid",
+        lsns.display()
+    ));
+    assert_eq!(
+        a.c.psql("SELECT count(*) FROM marker_info WHERE lsn IS NULL"),
+        "0",
+        "wal-inspect missed commits"
+    );
+    let total: u64 =
+        a.c.psql("SELECT count(*) FROM marker_info")
+            .parse()
+            .unwrap();
+    assert!(total > 5000, "only {total} rows");
+
+    let backups: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&a.ok(&["list", "--json"]).stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let id = |label: &str| {
+        backups.iter().find(|b| b["label"] == label).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let stop_time = |b: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(b["stop_time"].as_str().unwrap()).unwrap()
+    };
+
+    let mut rng = rand::rng();
+    let ts_text = |pred: &str| {
+        a.c.psql(&format!(
+            "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') FROM marker_info WHERE {pred}"
+        ))
+    };
+    // five random times: commit times exactly (the boundary), and between
+    for k in 0..5 {
+        let n: u64 = rng.random_range(1..total);
+        let exact = ts_text(&format!("id = {n}"));
+        let t = if k % 2 == 0 {
+            exact
+        } else {
+            // 0.3 ms later: between two commits
+            a.c.psql(&format!(
+                "SELECT to_char((ts + interval '300 microseconds') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') FROM marker_info WHERE id = {n}"
+            ))
+        };
+        for exclusive in [false, true] {
+            let mut args = vec!["--target-time", t.as_str()];
+            if exclusive {
+                args.push("--exclusive");
+            }
+            let (r, report) = a.pitr(&args);
+            let op = if exclusive { "<" } else { "<=" };
+            assert_eq!(
+                got(&r),
+                expected(&a.c, &format!("ts {op} '{t}'")),
+                "target time {t} exclusive={exclusive}: {report}"
+            );
+            // the newest backup consistent before the target was used
+            let at = chrono::DateTime::parse_from_rfc3339(&t).unwrap();
+            let want = backups.iter().rev().find(|b| stop_time(b) <= at).unwrap();
+            assert_eq!(report["backup"], want["id"], "{report}");
+        }
+    }
+    // a commit's LSN, inclusive and exclusive
+    let n: u64 = rng.random_range(total / 2..total);
+    let l =
+        a.c.psql(&format!("SELECT lsn FROM marker_info WHERE id = {n}"));
+    let (r, _) = a.pitr(&["--target-lsn", &l]);
+    assert_eq!(got(&r), expected(&a.c, &format!("lsn <= '{l}'")), "lsn {l}");
+    drop(r);
+    let (r, _) = a.pitr(&["--target-lsn", &l, "--exclusive"]);
+    assert_eq!(
+        got(&r),
+        expected(&a.c, &format!("lsn < '{l}'")),
+        "lsn {l} exclusive"
+    );
+    drop(r);
+    // a transaction, inclusive and exclusive
+    let n: u64 = rng.random_range(1..total);
+    let (x, xl) = {
+        let v = a.c.psql(&format!(
+            "SELECT xid || ' ' || lsn FROM marker_info WHERE id = {n}"
+        ));
+        let (x, l) = v.split_once(' ').unwrap();
+        (x.to_owned(), l.to_owned())
+    };
+    let (r, _) = a.pitr(&["--target-xid", &x]);
+    assert_eq!(
+        got(&r),
+        expected(&a.c, &format!("lsn <= '{xl}'")),
+        "xid {x}"
+    );
+    drop(r);
+    let (r, _) = a.pitr(&["--target-xid", &x, "--exclusive"]);
+    assert_eq!(
+        got(&r),
+        expected(&a.c, &format!("lsn < '{xl}'")),
+        "xid {x} exclusive"
+    );
+    drop(r);
+    // the restore point
+    let (r, report) = a.pitr(&["--target-name", "walvault-mid"]);
+    assert_eq!(
+        got(&r),
+        expected(&a.c, &format!("lsn < '{rp_lsn}'")),
+        "restore point: {report}"
+    );
+    drop(r);
+    // everything, including the last row (only in the .partial)
+    let (r, report) = a.pitr(&["--latest"]);
+    assert_eq!(got(&r), expected(&a.c, "true"), "latest: {report}");
+    assert_eq!(report["backup"], id("b3").as_str());
+    // intact: amcheck on the marker table, checksums after a clean stop
+    let out = r
+        .dst
+        .command(&r.dst.client_bin("pg_amcheck"))
+        .args([
+            "-h",
+            a.c.sockdir.to_str().unwrap(),
+            "-p",
+            &r.dst.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-d", "postgres", "-t", "marker", "--heapallindexed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_amcheck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r.stop_and_check();
+
+    // unreachable targets are refused before anything is written
+    let e = a.pitr_refused(&["--target-time", "2000-01-01 00:00:00+00"]);
+    assert!(e.contains("before the first usable backup"), "{e}");
+    let e = a.pitr_refused(&["--target-time", "2099-01-01 00:00:00+00"]);
+    assert!(e.contains("after the last archived transaction end"), "{e}");
+    let e = a.pitr_refused(&["--target-xid", "4000000000"]);
+    assert!(e.contains("no commit or abort"), "{e}");
+    let e = a.pitr_refused(&["--target-name", "no-such-point"]);
+    assert!(e.contains("no restore point named"), "{e}");
 }

@@ -97,6 +97,7 @@ fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
         tablespaces: vec![],
         wal_segment_size: 16 << 20,
         corrupt_pages: vec![],
+        relnames: vec![],
     }
 }
 
