@@ -295,6 +295,26 @@ async fn stream_survives_kill9_and_server_restart() {
         text.contains(&format!("GAP {lost} .. {lost} (1 segment(s))")),
         "{text}"
     );
+    // a segment whose record was damaged before it was archived (stored
+    // here behind wal-push's back) is reported with the record's LSN
+    let victim = &next[2];
+    {
+        let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(&repo).unwrap());
+        let r = walvault::repo::Repository::open(storage, None)
+            .await
+            .unwrap();
+        let paths = walvault::repo::StanzaPaths::new("main");
+        let mut bytes = r.load_wal(&paths, victim).await.unwrap().unwrap().to_vec();
+        bytes[(5 << 20) + 4000] ^= 0x01;
+        r.store_wal(&paths, victim, bytes).await.unwrap();
+    }
+    let out = walvault(&repo, &["wal-verify"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("DAMAGED {victim}: record at ")),
+        "{text}"
+    );
     c.stop(StopMode::Fast);
 }
 
@@ -576,20 +596,50 @@ fn wal_push_as_archive_command() {
     let copy = work.path().join(&last);
     std::fs::copy(&seg, &copy).unwrap();
     ok(walvault(&repo, &["wal-push", copy.to_str().unwrap()]));
-    // different content under that name: refused, nothing overwritten
-    let mut bytes = std::fs::read(&copy).unwrap();
-    bytes[100_000] ^= 0x55;
-    std::fs::write(&copy, &bytes).unwrap();
-    let out = walvault(&repo, &["wal-push", copy.to_str().unwrap()]);
+    // another cluster's valid segment under an archived name (split brain):
+    // refused, nothing overwritten
+    let other = PgCluster::start();
+    let name1 = "000000010000000000000001";
+    other.psql("SELECT pg_switch_wal()");
+    let theirs = work.path().join(name1);
+    std::fs::copy(other.datadir.join("pg_wal").join(name1), &theirs).unwrap();
+    let out = walvault(&repo, &["wal-push", theirs.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different content"), "{err}");
+    let back1 = work.path().join("back1");
+    ok(walvault(
+        &repo,
+        &["wal-fetch", name1, back1.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&back1).unwrap()
+            == std::fs::read(c.datadir.join("pg_wal").join(name1)).unwrap()
+    );
     let dest = work.path().join("back");
     ok(walvault(
         &repo,
         &["wal-fetch", &last, dest.to_str().unwrap()],
     ));
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(&seg).unwrap());
+    // a flipped byte inside a record of a full segment: refused, naming the
+    // record's LSN
+    let full_name = {
+        let seg_no = u64::from_str_radix(&last[16..], 16).unwrap() - 1;
+        format!("{}{seg_no:08X}", &last[..16])
+    };
+    let full = work.path().join(&full_name);
+    let mut bytes = std::fs::read(c.datadir.join("pg_wal").join(&full_name)).unwrap();
+    bytes[(5 << 20) + 4000] ^= 0x01;
+    std::fs::write(&full, &bytes).unwrap();
+    let out = walvault(&repo, &["wal-push", full.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fails its CRC check") || err.contains("malformed") || err.contains("claims"),
+        "{err}"
+    );
+    assert!(err.contains("record at "), "no LSN in: {err}");
     // a truncated segment: refused before anything is stored
     let short_name = "0000000100000000000000F0";
     let short = work.path().join(short_name);
