@@ -542,3 +542,92 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
     let e = a.pitr_refused(&["--target-name", "no-such-point"]);
     assert!(e.contains("no restore point named"), "{e}");
 }
+
+#[test]
+fn pitr_along_timelines_after_a_restore_was_promoted() {
+    let mut a = Archived::new(&[]);
+    a.c.psql("CREATE TABLE marker(id int PRIMARY KEY)");
+    a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast"]);
+    let mut after = Vec::new();
+    for i in 1..=20 {
+        a.c.psql(&format!("INSERT INTO marker VALUES ({i})"));
+        after.push(a.c.psql("SELECT pg_current_wal_insert_lsn()"));
+    }
+    a.finish_stream();
+    let rows = |r: &Recovered| r.psql("SELECT count(*) || ':' || coalesce(max(id), 0) FROM marker");
+
+    // a recovery to row 10 becomes timeline 2, and is archived into the
+    // same stanza from then on
+    let (branch, report) = a.pitr(&["--target-lsn", &after[9]]);
+    assert_eq!(rows(&branch), "10:10", "{report}");
+    let status = a._work.path().join("branch-status.json");
+    let mut stream = Command::new(&a.bin)
+        .args(["stream", "--partial-interval", "0.2", "--pg"])
+        .arg(format!(
+            "host={} port={} user=postgres dbname=postgres",
+            a.c.sockdir.display(),
+            branch.dst.port
+        ))
+        .arg("--status-file")
+        .arg(&status)
+        .arg("--repo")
+        .arg(&a.repo)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut after2 = Vec::new();
+    for i in 101..=105 {
+        branch.psql(&format!("INSERT INTO marker VALUES ({i})"));
+        after2.push(branch.psql("SELECT pg_current_wal_insert_lsn()"));
+    }
+    let end: Lsn = after2[4].parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let durable = std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v["durable_lsn"]
+                    .as_str()
+                    .and_then(|s| s.parse::<Lsn>().ok())
+            });
+        if durable.is_some_and(|d| d >= end) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the branch's WAL was not archived"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stream.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(stream.wait().unwrap().success());
+    drop(branch);
+    a.kill_stream(); // (already stopped) hand the repository to postgres again
+    assert!(a.repo.join("main/wal/00000002/00000002.history").exists());
+
+    // timeline 1, before the switch and after it (the original kept writing)
+    let (r, _) = a.pitr(&["--target-lsn", &after[4], "--target-timeline", "1"]);
+    assert_eq!(rows(&r), "5:5");
+    drop(r);
+    let (r, _) = a.pitr(&["--target-lsn", &after[14], "--target-timeline", "1"]);
+    assert_eq!(rows(&r), "15:15");
+    drop(r);
+    // timeline 2 after the switch: rows 1-10, then the branch's 101-103
+    let (r, report) = a.pitr(&["--target-lsn", &after2[2]]);
+    assert_eq!(rows(&r), "13:103", "{report}");
+    assert_eq!(report["timeline"], 2);
+    assert_eq!(
+        r.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM marker WHERE id > 100"),
+        "101,102,103"
+    );
+    // and the newest state of timeline 2
+    drop(r);
+    let (r, _) = a.pitr(&["--latest"]);
+    assert_eq!(rows(&r), "15:105");
+}
