@@ -312,7 +312,7 @@ async fn relation_names(params: &ConnParams) -> Vec<RelName> {
                  current_database() || '.' || n.nspname || '.' || c.relname AS name \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_database d \
                  WHERE d.datname = current_database() AND pg_relation_filenode(c.oid) IS NOT NULL \
-                 AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')";
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
         if let Ok(r) = c.simple_query(q).await {
             for i in 0..r.rows.len() {
                 let (Some(d), Some(f), Some(name)) =

@@ -225,6 +225,9 @@ fn demo_runs_the_whole_story() {
         "restored",
         "matches the source",
         "pg_checksums --check: all pages verified",
+        "DROPPED postgres.public.orders",
+        "orders is back with 1000 rows",
+        "RTO measured",
         "demo complete",
     ] {
         assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
