@@ -7,6 +7,8 @@
 //!
 //! Run: `cargo bench --bench wal_decode`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
