@@ -160,7 +160,6 @@ async fn session(
     stats: &mut StreamStatus,
 ) -> Result<SessionEnd, ArchiveError> {
     let mut conn = PgConnection::connect(params, true).await?;
-    let target = conn.target().to_owned();
     let sys = conn.identify_system().await?;
     super::check_system(repo, paths, sys.system_id.0).await?;
     let seg = conn.wal_segment_size().await?;
@@ -191,19 +190,11 @@ async fn session(
         repo.store_wal_once(paths, &name, content.to_vec()).await?;
     }
 
+    // continue where the repository ends (the server may still have that
+    // WAL even when the slot does not hold it); else where the slot is
     let have = repository_end(repo, paths, tli, seg).await?;
-    let start = match (have, slot_restart) {
-        (Some(h), Some(r)) if r > h => {
-            tracing::error!(
-                "WAL from {h} to {r} is not in the repository and the server no longer keeps it: \
-                 point-in-time recovery cannot cross this gap; take a new backup"
-            );
-            r
-        }
-        (Some(h), _) => h,
-        (None, Some(r)) => r,
-        (None, None) => sys.xlogpos,
-    };
+    let fallback = slot_restart.unwrap_or(sys.xlogpos);
+    let start = have.unwrap_or(fallback);
     let start = start.segment(seg).start_lsn(seg).unwrap_or(start);
     if start > sys.xlogpos {
         return Err(ArchiveError::Permanent(format!(
@@ -212,27 +203,23 @@ async fn session(
             sys.xlogpos
         )));
     }
-    conn.send_query(&format!(
-        "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {}",
-        opts.slot,
-        tli.get()
-    ))
-    .await?;
-    match conn.recv().await? {
-        Backend::CopyBothResponse => {}
-        Backend::Error(m) => {
-            return Err(PgError::Server {
-                target,
-                message: Box::new(m),
+    let start = match start_replication(&mut conn, &opts.slot, start, tli).await {
+        Ok(()) => start,
+        // the server recycled that WAL: it is lost to the archive
+        Err(e) if e.to_string().contains("has already been removed") => {
+            let f = fallback.segment(seg).start_lsn(seg).unwrap_or(fallback);
+            if f <= start {
+                return Err(e);
             }
-            .into())
+            tracing::error!(
+                "WAL from {start} to {f} is not in the repository and the server no longer has it: \
+                 point-in-time recovery cannot cross this gap; take a new backup"
+            );
+            start_replication(&mut conn, &opts.slot, f, tli).await?;
+            f
         }
-        other => {
-            return Err(ArchiveError::Protocol(format!(
-                "unexpected {other:?} after START_REPLICATION"
-            )))
-        }
-    }
+        Err(e) => return Err(e),
+    };
     tracing::info!(%start, timeline = %tli, slot = %opts.slot, "streaming");
 
     let mut asm = SegmentAssembler::new(start, tli, seg).map_err(ArchiveError::Protocol)?;
@@ -392,5 +379,39 @@ pub(super) fn write_status(path: &std::path::Path, stats: &StreamStatus) {
     let body = serde_json::to_vec_pretty(stats).unwrap_or_default();
     if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::warn!("cannot write status file {}: {e}", path.display());
+    }
+}
+
+/// START_REPLICATION at `start`; Ok once the server answered CopyBoth. On a
+/// server error the connection stays usable for another attempt.
+async fn start_replication(
+    conn: &mut PgConnection,
+    slot: &str,
+    start: Lsn,
+    tli: TimelineId,
+) -> Result<(), ArchiveError> {
+    conn.send_query(&format!(
+        "START_REPLICATION SLOT {slot} PHYSICAL {start} TIMELINE {}",
+        tli.get()
+    ))
+    .await?;
+    match conn.recv().await? {
+        Backend::CopyBothResponse => Ok(()),
+        Backend::Error(m) => {
+            // the ReadyForQuery that follows an error
+            loop {
+                if let Backend::ReadyForQuery(_) = conn.recv().await? {
+                    break;
+                }
+            }
+            Err(PgError::Server {
+                target: conn.target().to_owned(),
+                message: Box::new(m),
+            }
+            .into())
+        }
+        other => Err(ArchiveError::Protocol(format!(
+            "unexpected {other:?} after START_REPLICATION"
+        ))),
     }
 }

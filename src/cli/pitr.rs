@@ -63,6 +63,11 @@ pub struct PitrArgs {
     /// Print the plan and stop.
     #[arg(long)]
     pub dry_run: bool,
+    /// `off` turns WAL archiving off in the restored cluster (so a copy
+    /// never archives into the original's archive); `preserve` keeps the
+    /// backup's setting.
+    #[arg(long, value_enum, default_value = "preserve")]
+    pub archive_mode: ArchiveMode,
     /// Start PostgreSQL on the restored directory, wait for the target, and
     /// report (run as the database's OS user, not root).
     #[arg(long)]
@@ -79,6 +84,15 @@ pub struct PitrArgs {
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--archive-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveMode {
+    /// Keep the backup's archive settings.
+    Preserve,
+    /// archive_mode = off in postgresql.auto.conf.
+    Off,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -224,6 +238,14 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         TimelineChoice::Id(n) => n.to_string(),
     };
     let lines = recovery::settings(&target, args.exclusive, &timeline, args.target_action);
+    if args.archive_mode == ArchiveMode::Off {
+        let auto = args.pgdata.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(
+            "# added by walvault restore-pitr --archive-mode off\narchive_mode = 'off'\n",
+        );
+        std::fs::write(&auto, text).with_context(|| format!("writing {}", auto.display()))?;
+    }
     for l in recovery::write(&args.pgdata, &lines)? {
         eprintln!("walvault: warning: postgresql.conf sets `{l}`, which conflicts with the target; remove it before starting");
     }

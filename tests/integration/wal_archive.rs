@@ -659,3 +659,26 @@ fn wal_push_as_archive_command() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_started_after_a_backup_leaves_no_gap() {
+    let c = PgCluster::start();
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    ok(walvault(
+        &repo,
+        &["backup", "--pg", &c.conninfo(), "--fast"],
+    ));
+    // WAL written while nothing streams: the stream must fetch it from the
+    // server, though its new slot does not hold it
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let stream = Streamer::start(&repo, &c.conninfo(), &["--partial-interval", "0.2"]);
+    stream.wait_durable(
+        lsn(&c, "SELECT pg_current_wal_insert_lsn()"),
+        Duration::from_secs(30),
+    );
+    let out = ok(walvault(&repo, &["wal-verify"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("continuous"), "{text}");
+}

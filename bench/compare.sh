@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# End-to-end comparison on one pgbench database, in one run, on this machine:
+#   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 | pgbackrest full
+#   after churn   walvault (deduplicated) | pgbackrest incr
+#   restore       walvault restore | pgbackrest restore           (files only)
+#   PITR (RTO)    walvault restore-pitr --start | pgbackrest restore --type=time + start
+#   archive call  walvault wal-push | pgbackrest archive-push      (per call)
+# Each measured operation runs ROUNDS times, the tools alternating; the table
+# shows the median wall time, CPU (user+sys), peak RSS and bytes stored, and
+# ratios against walvault. The database is in the page cache for every tool.
+#
+# usage: bench/compare.sh [SCALE]        (pgbench scale, default 100 ≈ 1.5 GB)
+# env:   ROUNDS (default 2), PG_BIN (default /usr/lib/postgresql/15/bin),
+#        WALVAULT_BIN (default: cargo build --release), KEEP=1 keeps the work dir
+# Installs pgbackrest and GNU time with apt-get when missing. Runs as root
+# (PostgreSQL, pgbackrest and walvault then run as the postgres user) or as
+# the database's OS user.
+set -euo pipefail
+SCALE=${1:-100}
+ROUNDS=${ROUNDS:-2}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+need=()
+command -v pgbackrest >/dev/null || need+=(pgbackrest)
+[ -x /usr/bin/time ] || need+=(time)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "# installing ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+fi
+for p in initdb pg_ctl pgbench psql pg_basebackup; do
+  [ -x "$PG_BIN/$p" ] || { echo "$PG_BIN/$p not found (scripts/install-deps.sh)" >&2; exit 1; }
+done
+if [ -z "${WALVAULT_BIN:-}" ]; then
+  (cd "$root" && cargo build --release -q)
+  WALVAULT_BIN=$root/target/release/walvault
+fi
+
+tmp=$(mktemp -d -t walvault-compare.XXXXXX)
+chmod 755 "$tmp"
+as=()
+if [ "$(id -u)" = 0 ]; then
+  chown postgres: "$tmp"
+  as=(runuser -u postgres --)
+fi
+run() { (cd "$tmp" && "${as[@]}" "$@"); }
+cp "$WALVAULT_BIN" "$tmp/walvault"
+chmod 755 "$tmp/walvault"
+wv=$tmp/walvault
+data=$tmp/data
+sock=$tmp/sock
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+started=()
+cleanup() {
+  for d in "${started[@]}"; do
+    run "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
+  done
+  pkill -f -- "--slot walvault_bench" 2>/dev/null || true
+  if [ "${KEEP:-0}" = 1 ]; then echo "# kept $tmp" >&2; else rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+
+run mkdir -p "$sock" "$tmp/pgbr-repo" "$tmp/pgbr-log" "$tmp/pgbr-lock" "$tmp/pgbr-spool" "$tmp/out"
+cat >"$tmp/pgbackrest.conf" <<EOF
+[global]
+repo1-path=$tmp/pgbr-repo
+log-path=$tmp/pgbr-log
+lock-path=$tmp/pgbr-lock
+spool-path=$tmp/pgbr-spool
+compress-type=lz4
+process-max=2
+start-fast=y
+log-level-console=warn
+log-level-file=off
+repo1-retention-full=100
+
+[bench]
+pg1-path=$data
+pg1-socket-path=$sock
+pg1-port=$port
+pg1-user=postgres
+EOF
+chmod 644 "$tmp/pgbackrest.conf"
+pgbr=(pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=bench)
+
+echo "# cluster: PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench scale $SCALE" >&2
+run "$PG_BIN/initdb" -D "$data" -U postgres -A trust -k --no-sync >/dev/null
+cat >>"$data/postgresql.conf" <<EOF
+port = $port
+unix_socket_directories = '$sock'
+listen_addresses = ''
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+track_commit_timestamp = on
+shared_buffers = 256MB
+max_wal_size = 4GB
+archive_mode = on
+archive_command = 'pgbackrest --config=$tmp/pgbackrest.conf --stanza=bench archive-push %p'
+EOF
+run "$PG_BIN/pg_ctl" -D "$data" -l "$tmp/server.log" -w start >/dev/null
+started+=("$data")
+conn=(-h "$sock" -p "$port" -U postgres)
+q() { run "$PG_BIN/psql" "${conn[@]}" -X -At -c "$1" postgres; }
+run "$PG_BIN/pgbench" "${conn[@]}" -i -q -s "$SCALE" postgres >/dev/null 2>&1
+q "CHECKPOINT" >/dev/null
+db_bytes=$(q "SELECT sum(pg_database_size(datname)) FROM pg_database")
+echo "# database: $((db_bytes / 1000000)) MB" >&2
+run "${pgbr[@]}" stanza-create >/dev/null
+pgconn="host=$sock port=$port user=postgres dbname=postgres"
+
+# measure NAME OUTDIR-TO-SIZE CMD...: appends "name wall cpu rss_kib bytes" to results
+results=$tmp/results.txt
+: >"$results"
+measure() {
+  local name=$1 sized=$2
+  shift 2
+  local before=0
+  [ -e "$sized" ] && before=$(du -sb "$sized" | cut -f1)
+  run /usr/bin/time -f "%e %U %S %M" -o "$tmp/time.txt" "$@" >"$tmp/cmd.log" 2>&1 || {
+    echo "FAILED: $name: $*" >&2
+    cat "$tmp/cmd.log" >&2
+    exit 1
+  }
+  local after=0
+  [ -e "$sized" ] && after=$(du -sb "$sized" | cut -f1)
+  read -r wall user sys rss <"$tmp/time.txt"
+  echo "$name $wall $(python3 -c "print($user+$sys)") $rss $((after - before))" >>"$results"
+  echo "#   $name: ${wall}s" >&2
+}
+
+echo "# full backups (x$ROUNDS)" >&2
+for r in $(seq "$ROUNDS"); do
+  run rm -rf "$tmp/wv-repo" "$tmp/out/bb" "$tmp/out/bb-lz4"
+  run "$wv" --repo "$tmp/wv-repo" init >/dev/null
+  measure "full:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
+  measure "full:pg_basebackup" "$tmp/out/bb" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb" -Ft -X none -c fast --no-sync
+  measure "full:pg_basebackup-lz4" "$tmp/out/bb-lz4" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-lz4" -Ft -X none -c fast --no-sync --compress=client-lz4
+  measure "full:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=full backup
+done
+
+# continuous WAL for the PITR case, then churn
+run "$wv" --repo "$tmp/wv-repo" stream --pg "$pgconn" --slot walvault_bench --status-file "$tmp/stream.json" -q \
+  >"$tmp/stream.log" 2>&1 &
+sleep 2
+echo "# churn: pgbench -T 20" >&2
+run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 20 postgres >/dev/null
+q "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before the target')" >/dev/null
+sleep 1.1
+target=$(q "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US+00')")
+sleep 1.1
+q "INSERT INTO marker VALUES ('after the target')" >/dev/null
+run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 5 postgres >/dev/null
+
+echo "# incremental backups (x$ROUNDS)" >&2
+for r in $(seq "$ROUNDS"); do
+  measure "incr:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
+  measure "incr:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=incr backup
+done
+# everything archived by both before the restores
+end=$(q "SELECT pg_current_wal_insert_lsn()")
+q "SELECT pg_switch_wal()" >/dev/null
+for _ in $(seq 300); do
+  d=$(python3 -c "import json;print(json.load(open('$tmp/stream.json'))['durable_lsn'])" 2>/dev/null || echo 0/0)
+  python3 - "$d" "$end" <<'PY' && break
+import sys
+f = lambda s: (int(s.split('/')[0], 16) << 32) + int(s.split('/')[1], 16)
+sys.exit(0 if f(sys.argv[1]) >= f(sys.argv[2]) else 1)
+PY
+  sleep 0.2
+done
+run "${pgbr[@]}" check >/dev/null 2>&1 || true
+pkill -TERM -f -- "--slot walvault_bench" || true
+sleep 1
+
+echo "# restores (x$ROUNDS)" >&2
+for r in $(seq "$ROUNDS"); do
+  run rm -rf "$tmp/r-wv" "$tmp/r-pgbr"
+  measure "restore:walvault" "$tmp/r-wv" "$wv" -q --repo "$tmp/wv-repo" restore --backup latest --pgdata "$tmp/r-wv"
+  measure "restore:pgbackrest" "$tmp/r-pgbr" "${pgbr[@]}" "--pg1-path=$tmp/r-pgbr" restore
+done
+
+# PITR: restore to the target time, start, replay, promote; the RTO
+pitr_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+echo "# point-in-time recovery to $target (x$ROUNDS)" >&2
+for r in $(seq "$ROUNDS"); do
+  run rm -rf "$tmp/p-wv" "$tmp/p-pgbr"
+  measure "pitr:walvault" "$tmp/p-wv" "$wv" -q --repo "$tmp/wv-repo" restore-pitr --pgdata "$tmp/p-wv" \
+    --target-time "$target" --start --port "$pitr_port" --pg-bin "$PG_BIN" --archive-mode off --json
+  got=$(run "$PG_BIN/psql" -h "$sock" -p "$pitr_port" -U postgres -X -At -c "SELECT string_agg(t, ',') FROM marker" postgres)
+  [ "$got" = "before the target" ] || { echo "walvault PITR recovered marker=$got" >&2; exit 1; }
+  run "$PG_BIN/pg_ctl" -D "$tmp/p-wv" -m immediate -w stop >/dev/null
+  cat >"$tmp/pgbr-pitr.sh" <<EOF
+set -e
+pgbackrest --config=$tmp/pgbackrest.conf --stanza=bench --pg1-path=$tmp/p-pgbr --type=time "--target=$target" --target-action=promote --archive-mode=off restore >/dev/null
+$PG_BIN/pg_ctl -D $tmp/p-pgbr -l $tmp/p-pgbr.log -W -o "-p $pitr_port" start >/dev/null
+for i in \$(seq 1200); do
+  v=\$($PG_BIN/psql -h $sock -p $pitr_port -U postgres -X -At -c "SELECT pg_is_in_recovery()" postgres 2>/dev/null || true)
+  [ "\$v" = f ] && exit 0
+  sleep 0.1
+done
+exit 1
+EOF
+  chmod 755 "$tmp/pgbr-pitr.sh"
+  measure "pitr:pgbackrest" "$tmp/p-pgbr" bash "$tmp/pgbr-pitr.sh"
+  got=$(run "$PG_BIN/psql" -h "$sock" -p "$pitr_port" -U postgres -X -At -c "SELECT string_agg(t, ',') FROM marker" postgres)
+  [ "$got" = "before the target" ] || { echo "pgbackrest PITR recovered marker=$got" >&2; exit 1; }
+  run "$PG_BIN/pg_ctl" -D "$tmp/p-pgbr" -m immediate -w stop >/dev/null
+done
+
+# per-call cost of the archive command, on 20 real segments
+echo "# archive command, 20 calls each" >&2
+run mkdir -p "$tmp/segs"
+for i in $(seq 20); do
+  q "INSERT INTO marker VALUES ('seg $i'); SELECT pg_switch_wal()" >/dev/null
+done
+q "CHECKPOINT" >/dev/null
+ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | tail -22 | head -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs/"; done
+chown -R "$(stat -c %u "$tmp")" "$tmp/segs"
+run "$wv" --repo "$tmp/wv-push" init >/dev/null
+cat >"$tmp/push-wv.sh" <<EOF
+for f in $tmp/segs/*; do $wv -q --repo $tmp/wv-push wal-push \$f || exit 1; done
+EOF
+cat >"$tmp/push-pgbr.sh" <<EOF
+for f in $tmp/segs/*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=bench archive-push \$f >/dev/null 2>&1 || exit 1; done
+EOF
+measure "push20:walvault" "$tmp/wv-push" bash "$tmp/push-wv.sh"
+measure "push20:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv.sh"
+measure "push20:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr.sh"
+
+python3 - "$results" "$db_bytes" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, wall, cpu, rss, stored = line.split()
+    rows[name].append((float(wall), float(cpu), int(rss), int(stored)))
+db = int(sys.argv[2])
+def med(name, i):
+    return statistics.median(r[i] for r in rows[name])
+phases = collections.OrderedDict()
+for name in rows:
+    phase, tool = name.split(":")
+    phases.setdefault(phase, []).append(tool)
+titles = {"full": "Full backup", "incr": "Second backup after 20 s of pgbench churn",
+          "restore": "Restore (files only)", "pitr": "Point-in-time recovery: restore + WAL + replay + promote (RTO)",
+          "push20": "Archive command: 20 segments, one call each"}
+print(f"database: {db/1e6:.0f} MB; median of {len(rows[next(iter(rows))])} runs per tool\n")
+for phase, tools in phases.items():
+    print(f"### {titles.get(phase, phase)}\n")
+    print("| tool | wall s | CPU s | peak RSS MiB | stored MiB | MB/s | wall vs walvault |")
+    print("|---|---|---|---|---|---|---|")
+    base = med(f"{phase}:walvault", 0) if f"{phase}:walvault" in rows else None
+    for t in tools:
+        n = f"{phase}:{t}"
+        w, c, m, s = (med(n, i) for i in range(4))
+        mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "pitr") else "-"
+        ratio = f"{w/base:.2f}x" if base else "-"
+        stored = f"{s/2**20:.1f}" if phase in ("full", "incr", "push20") else "-"
+        print(f"| {t} | {w:.2f} | {c:.2f} | {m/1024:.0f} | {stored} | {mbs} | {ratio} |")
+    print()
+PY
