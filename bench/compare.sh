@@ -79,6 +79,12 @@ pg1-path=$data
 pg1-socket-path=$sock
 pg1-port=$port
 pg1-user=postgres
+
+[push]
+pg1-path=$data
+pg1-socket-path=$sock
+pg1-port=$port
+pg1-user=postgres
 EOF
 chmod 644 "$tmp/pgbackrest.conf"
 pgbr=(pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=bench)
@@ -143,6 +149,9 @@ done
 run "$wv" --repo "$tmp/wv-repo" stream --pg "$pgconn" --slot walvault_bench --status-file "$tmp/stream.json" -q \
   >"$tmp/stream.log" 2>&1 &
 sleep 2
+# the stream starts after the measured backups: a base backup it continues
+# from (not measured), so walvault's archive has no gap before the churn
+run "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast >/dev/null
 echo "# churn: pgbench -T 20" >&2
 run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 20 postgres >/dev/null
 q "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before the target')" >/dev/null
@@ -215,16 +224,21 @@ for i in $(seq 20); do
   q "INSERT INTO marker VALUES ('seg $i'); SELECT pg_switch_wal()" >/dev/null
 done
 q "CHECKPOINT" >/dev/null
-ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | tail -22 | head -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs/"; done
+cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+# the 20 complete segments before the current one (later names are recycled files)
+ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | awk -v c="$cur" '$0 < c' | tail -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs/"; done
 chown -R "$(stat -c %u "$tmp")" "$tmp/segs"
 run "$wv" --repo "$tmp/wv-push" init >/dev/null
 cat >"$tmp/push-wv.sh" <<EOF
 for f in $tmp/segs/*; do $wv -q --repo $tmp/wv-push wal-push \$f || exit 1; done
 EOF
+# a second pgBackRest stanza of the same cluster, empty: first-time pushes
+run pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=push stanza-create >/dev/null
 cat >"$tmp/push-pgbr.sh" <<EOF
-for f in $tmp/segs/*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=bench archive-push \$f >/dev/null 2>&1 || exit 1; done
+for f in $tmp/segs/*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=push archive-push \$f >/dev/null 2>&1 || exit 1; done
 EOF
 measure "push20:walvault" "$tmp/wv-push" bash "$tmp/push-wv.sh"
+measure "push20:pgbackrest" "$tmp/pgbr-repo" bash "$tmp/push-pgbr.sh"
 measure "push20:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv.sh"
 measure "push20:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr.sh"
 

@@ -35,6 +35,8 @@ pub async fn wal_push(
             source,
         })?;
     let stem = name.strip_suffix(".partial").unwrap_or(&name);
+    let paths = StanzaPaths::new(stanza);
+    let mut summary = None;
     if stem.len() == 24 {
         let seg = WalSegSize::new(data.len() as u64).map_err(|_| {
             ArchiveError::BadWal(format!(
@@ -48,13 +50,20 @@ pub async fn wal_push(
                 "{name} is not a WAL segment name for {seg} segments"
             )));
         };
-        crate::wal::verify::verify_segment(&data, f.segno, seg)
+        // page headers, then every record (decoded once: the summary)
+        crate::wal::verify::verify_pages(&data, f.segno, seg)
             .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))?;
+        let s = crate::wal::summary::summarize(&data, None, f.timeline.get(), f.segno, seg);
+        if let Some(e) = &s.error {
+            return Err(ArchiveError::BadWal(format!(
+                "{name}: {e}; refusing to archive it"
+            )));
+        }
+        summary = Some(s);
     }
-    let paths = StanzaPaths::new(stanza);
-    let stored = repo.store_wal_once(&paths, &name, data.clone()).await?;
-    if stored == WalStored::New {
-        super::summaries::store_summary(repo, &paths, &name, &data).await;
+    let stored = repo.store_wal_once(&paths, &name, data).await?;
+    if let (WalStored::New, Some(s)) = (stored, summary) {
+        super::summaries::store_computed(repo, &paths, &name, &s).await;
     }
     Ok(stored)
 }

@@ -207,7 +207,14 @@ async fn session(
         Ok(()) => start,
         // the server recycled that WAL: it is lost to the archive
         Err(e) if e.to_string().contains("has already been removed") => {
-            let f = fallback.segment(seg).start_lsn(seg).unwrap_or(fallback);
+            // the slot's restart point when it is past the lost WAL, else
+            // the server's current position (always available)
+            let f = if fallback > start {
+                fallback
+            } else {
+                sys.xlogpos
+            };
+            let f = f.segment(seg).start_lsn(seg).unwrap_or(f);
             if f <= start {
                 return Err(e);
             }
@@ -257,6 +264,10 @@ async fn session(
                             let name = s.name.to_string();
                             super::summaries::spawn_store(repo.clone(), paths.clone(), name.clone(), s.data.clone());
                             repo.store_wal_once(paths, &name, s.data).await?;
+                            // the complete segment supersedes its .partial
+                            if let Ok(k) = crate::repo::wal_key(paths, &format!("{name}.partial")) {
+                                let _ = repo.storage().delete(&k).await;
+                            }
                             stats.segments_stored += 1;
                             durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
                         }

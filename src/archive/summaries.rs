@@ -21,33 +21,35 @@ fn key(paths: &StanzaPaths, name: &str) -> String {
 /// store the summary. Errors are logged, not returned: a summary is an
 /// index, and the WAL itself is already safe.
 pub async fn store_summary(repo: &Repository, paths: &StanzaPaths, name: &str, data: &[u8]) {
-    if let Err(e) = try_store(repo, paths, name, data).await {
-        tracing::warn!("could not store the summary of {name}: {e}");
+    let (name2, data2) = (name.to_owned(), data.to_vec());
+    match tokio::task::spawn_blocking(move || compute(&name2, &data2)).await {
+        Ok(Some(s)) => store_computed(repo, paths, name, &s).await,
+        Ok(None) => {}
+        Err(e) => tracing::warn!("summary task for {name} failed: {e}"),
     }
 }
 
-async fn try_store(
+/// Store a summary computed already (logged, not returned, on failure).
+pub async fn store_computed(
     repo: &Repository,
     paths: &StanzaPaths,
     name: &str,
-    data: &[u8],
-) -> Result<(), ArchiveError> {
-    let (name2, data2) = (name.to_owned(), data.to_vec());
-    let Some(s) = tokio::task::spawn_blocking(move || compute(&name2, &data2))
-        .await
-        .map_err(|e| ArchiveError::Protocol(format!("summary task failed: {e}")))?
-    else {
-        return Ok(());
-    };
-    let body = postcard::to_stdvec(&s)
-        .map_err(|e| ArchiveError::Protocol(format!("encoding summary: {e}")))?;
-    let stem = name.trim_end_matches(".partial");
-    let k = key(paths, stem);
-    repo.storage()
-        .put(&k, repo.seal(ObjectKind::WalSummary, &k, &body))
-        .await
-        .map_err(RepoError::from)?;
-    Ok(())
+    s: &SegmentSummary,
+) {
+    let r = async {
+        let body = postcard::to_stdvec(s)
+            .map_err(|e| ArchiveError::Protocol(format!("encoding summary: {e}")))?;
+        let k = key(paths, name.trim_end_matches(".partial"));
+        repo.storage()
+            .put(&k, repo.seal(ObjectKind::WalSummary, &k, &body))
+            .await
+            .map_err(RepoError::from)?;
+        Ok::<(), ArchiveError>(())
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!("could not store the summary of {name}: {e}");
+    }
 }
 
 /// The summary of WAL file `name` from its bytes (`None` if not a segment).

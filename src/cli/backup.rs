@@ -246,15 +246,16 @@ pub struct WalFetchArgs {
 const PREFETCH_CHILD: &str = "WALVAULT_PREFETCH_CHILD";
 
 pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow::Result<bool> {
-    let repo = settings.open_repository().await?;
+    use crate::restore::fetch::{following_segments, from_spool, prefetch};
     let spool = args
         .spool
         .clone()
         .unwrap_or_else(|| crate::restore::fetch::default_spool(&args.dest));
     if let Some(seg) = std::env::var_os(PREFETCH_CHILD) {
+        let repo = settings.open_repository().await?;
         let seg: u64 = seg.to_string_lossy().parse().unwrap_or(0);
-        let names = crate::restore::fetch::following_segments(&args.name, seg, args.prefetch);
-        crate::restore::fetch::prefetch(
+        let names = following_segments(&args.name, seg, args.prefetch);
+        prefetch(
             &repo,
             &settings.stanza,
             &args.name,
@@ -265,18 +266,21 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         .await?;
         return Ok(true);
     }
-    let served = crate::restore::wal_fetch(
-        &repo,
-        &settings.stanza,
-        &args.name,
-        &args.dest,
-        Some(spool.as_path()),
-    )
-    .await?;
-    let Some(seg) = served else {
-        return Ok(false);
+    // the spool first: a rename, no repository to open
+    let seg = match from_spool(&args.name, &args.dest, &spool)? {
+        Some(seg) => seg,
+        None => {
+            let repo = settings.open_repository().await?;
+            match crate::restore::wal_fetch(&repo, &settings.stanza, &args.name, &args.dest, None)
+                .await?
+            {
+                Some(seg) => seg,
+                None => return Ok(false),
+            }
+        }
     };
-    if args.prefetch > 0 && args.name.len() == 24 {
+    let next = following_segments(&args.name, seg, args.prefetch);
+    if !next.is_empty() && !next.iter().all(|n| spool.join(n).exists()) {
         // a detached copy of this command fills the spool; PostgreSQL goes
         // on replaying meanwhile
         use std::os::unix::process::CommandExt;

@@ -48,10 +48,7 @@ pub async fn wal_fetch(
     spool: Option<&Path>,
 ) -> Result<Option<u64>, RestoreError> {
     if let Some(dir) = spool {
-        let spooled = dir.join(name);
-        if spooled.exists() {
-            let len = std::fs::metadata(&spooled).map_err(io(&spooled))?.len();
-            std::fs::rename(&spooled, dest).map_err(io(dest))?;
+        if let Some(len) = from_spool(name, dest, dir)? {
             return Ok(Some(len));
         }
     }
@@ -65,6 +62,19 @@ pub async fn wal_fetch(
     };
     write_atomic(dest, &data)?;
     Ok(Some(data.len() as u64))
+}
+
+/// Serve `name` from the spool (a rename) if it is there: the fast path,
+/// which needs no repository at all. Returns its size.
+pub fn from_spool(name: &str, dest: &Path, spool: &Path) -> Result<Option<u64>, RestoreError> {
+    let spooled = spool.join(name);
+    match std::fs::metadata(&spooled) {
+        Ok(m) => {
+            std::fs::rename(&spooled, dest).map_err(io(dest))?;
+            Ok(Some(m.len()))
+        }
+        Err(_) => Ok(None),
+    }
 }
 
 /// The `count` segments after `name` on its timeline (none when `name` is

@@ -232,7 +232,11 @@ pub async fn plan(
                 .map(|b| Lsn(b.start_lsn).segment(seg).0)
                 .min()
                 .ok_or_else(|| refuse(format!("no backup lies on the path to timeline {tli}")))?;
-            let names = segments_between(&cat, &path, first, archive_end_seg.unwrap_or(first))?;
+            // what the archive holds from there (a gap only matters if it
+            // lies between the chosen backup and the target: checked below)
+            let names: Vec<String> = (first..=archive_end_seg.unwrap_or(first))
+                .filter_map(|s| cat.stored_name(s, path.timeline_of(crate::pg::SegmentNo(s)).get()))
+                .collect();
             let sums = crate::archive::summaries::load_path(repo, &paths, &names, 16).await?;
             let r = locate(target, exclusive, &sums)?;
             (r.end_lsn, r.record_lsn)
