@@ -447,3 +447,43 @@ pub fn main_data(rec: &RawRecord, major: u32) -> Result<&[u8], DecodeError> {
     }
     Ok(&b[b.len() - main_len..])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random bytes, with or without a valid-looking first page header,
+        /// in two chunks: never a panic, and the reader stops.
+        #[test]
+        fn random_input_never_panics(
+            mut data in proptest::collection::vec(any::<u8>(), 0..40_000),
+            cut in any::<usize>(),
+            patch in any::<bool>(),
+        ) {
+            let seg = WalSegSize::new(1 << 20).unwrap();
+            if patch && data.len() >= 40 {
+                data[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+                data[2..4].copy_from_slice(&2u16.to_le_bytes());
+                data[8..16].copy_from_slice(&(3u64 << 20).to_le_bytes());
+            }
+            let at = if data.is_empty() { 0 } else { cut % data.len() };
+            let mut r = WalReader::new(Lsn(3 << 20), seg);
+            r.feed(&data[..at]);
+            let mut fed = false;
+            for _ in 0..100_000 {
+                match r.next_record() {
+                    Ok(Next::Record(rec)) => {
+                        let _ = main_data(&rec, 15);
+                    }
+                    Ok(Next::NeedMore) if !fed => {
+                        r.feed(&data[at..]);
+                        fed = true;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}

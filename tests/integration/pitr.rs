@@ -460,6 +460,31 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
             assert_eq!(report["backup"], want["id"], "{report}");
         }
     }
+    // explicitly: a time between the first and second backup uses the
+    // first; a time after the third uses the third
+    for (label, pred, want) in [
+        (
+            "between b1 and b2",
+            format!("ts < '{}'", backups[1]["start_time"].as_str().unwrap()),
+            "b1",
+        ),
+        (
+            "after b3",
+            format!(
+                // not the very last transaction: recovery needs one after the target
+                "ts > '{}' AND id < (SELECT max(id) FROM marker_info)",
+                backups[2]["stop_time"].as_str().unwrap()
+            ),
+            "b3",
+        ),
+    ] {
+        let t = ts_text(&format!(
+            "id = (SELECT max(id) FROM marker_info WHERE {pred})"
+        ));
+        let (r, report) = a.pitr(&["--target-time", &t]);
+        assert_eq!(report["backup"], id(want).as_str(), "{label}: {report}");
+        assert_eq!(got(&r), expected(&a.c, &format!("ts <= '{t}'")), "{label}");
+    }
     // a commit's LSN, inclusive and exclusive
     let n: u64 = rng.random_range(total / 2..total);
     let l =

@@ -427,6 +427,20 @@ async fn rpo_is_seconds_on_64mib_segments() {
         fetched[..ours_upto] == server[..ours_upto],
         "the fetched segment differs"
     );
+    // wal-push of a complete 64 MiB segment into another repository, and back
+    let done = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let copy = work.path().join(&done);
+    std::fs::copy(c.datadir.join("pg_wal").join(&done), &copy).unwrap();
+    let other = work.path().join("pushed");
+    ok(walvault(&other, &["init"]));
+    ok(walvault(&other, &["wal-push", copy.to_str().unwrap()]));
+    let back = work.path().join("back");
+    ok(walvault(
+        &other,
+        &["wal-fetch", &done, back.to_str().unwrap()],
+    ));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&copy).unwrap());
+    assert_eq!(std::fs::metadata(&back).unwrap().len(), 64 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -576,7 +590,7 @@ fn wal_push_as_archive_command() {
         ..Default::default()
     });
     c.pgbench(&["-i", "-s", "1", "-q"]);
-    c.pgbench(&["-T", "20", "-c", "2", "-n"]);
+    c.pgbench(&["-T", "60", "-c", "2", "-n"]);
     let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
