@@ -5,7 +5,8 @@
 # env:   PG_BIN  PostgreSQL binaries (default /usr/lib/postgresql/15/bin)
 #
 # Creates a throwaway cluster in a temp dir (unix socket only), runs
-# `pgbench -i -s 2` and `pgbench -T 10`, switches to a new segment, and
+# `pgbench -i -s 2`, switches to a new segment, runs pgbench until four more
+# segments are complete, and
 # concatenates four complete 16 MiB segments of that WAL (the first after
 # initialization, so the mix is TPC-B updates with full-page images) into
 # OUTFILE, preceded by nothing: the first byte is a segment start. The
@@ -45,12 +46,16 @@ conn=(-h "$sock" -p "$port" -U postgres)
 q() { pg "$PG_BIN/psql" "${conn[@]}" -X -At -c "$1" postgres; }
 pg "$PG_BIN/pgbench" "${conn[@]}" -i -s 2 -q postgres >/dev/null 2>&1
 first=$(q "SELECT pg_walfile_name(pg_switch_wal())")
-echo "# pgbench -T 10" >&2
-pg "$PG_BIN/pgbench" "${conn[@]}" -c 2 -j 2 -T 10 postgres >/dev/null
-q "SELECT pg_switch_wal()" >/dev/null
+n=$((16#${first:16:8} + 1))
+# TPC-B until four segments after the switch are complete
+while :; do
+  cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+  [ $((16#${cur:16:8})) -ge $((n + 4)) ] && break
+  echo "# pgbench -T 5 (at $cur)" >&2
+  pg "$PG_BIN/pgbench" "${conn[@]}" -c 2 -j 2 -T 5 postgres >/dev/null
+done
 mkdir -p "$(dirname "$out")"
 : >"$out.tmp"
-n=$((16#${first:16:8} + 1))
 for i in 0 1 2 3; do
   name=${first:0:16}$(printf '%08X' $((n + i)))
   cat "$data/pg_wal/$name" >>"$out.tmp"
