@@ -149,13 +149,7 @@ pub struct RestoreArgs {
 
 pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
     let repo = Arc::new(settings.open_repository().await?);
-    let mut map = HashMap::new();
-    for m in &args.tablespace_map {
-        let (old, new) = m
-            .split_once('=')
-            .context("--tablespace-map takes OLD=NEW")?;
-        map.insert(old.to_owned(), PathBuf::from(new));
-    }
+    let map = tablespace_map(&args.tablespace_map)?;
     let restore_command = restore_command(settings)?;
     let progress = Progress::new();
     let opts = RestoreOptions {
@@ -190,6 +184,18 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         r.bytes as f64 / secs.max(1e-3) / 1e6
     );
     Ok(())
+}
+
+/// `--tablespace-map OLD=NEW` values as a map.
+pub(super) fn tablespace_map(args: &[String]) -> anyhow::Result<HashMap<String, PathBuf>> {
+    args.iter()
+        .map(|m| {
+            let (old, new) = m
+                .split_once('=')
+                .context("--tablespace-map takes OLD=NEW")?;
+            Ok((old.to_owned(), PathBuf::from(new)))
+        })
+        .collect()
 }
 
 /// The `restore_command` line a restored server runs: this binary with the

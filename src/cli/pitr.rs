@@ -1,7 +1,6 @@
 //! `walvault restore-pitr`: plan, prove, restore, pre-stage WAL, configure
 //! recovery, and with `--start` run it and report the measured RTO.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,13 +175,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     }
 
     // restore the files
-    let mut map = HashMap::new();
-    for m in &args.tablespace_map {
-        let (old, new) = m
-            .split_once('=')
-            .context("--tablespace-map takes OLD=NEW")?;
-        map.insert(old.to_owned(), PathBuf::from(new));
-    }
+    let map = super::backup::tablespace_map(&args.tablespace_map)?;
     let progress = Progress::new();
     let opts = RestoreOptions {
         backup: Some(plan.backup.id.clone()),

@@ -353,45 +353,65 @@ pub fn parse_target_time(s: &str, default_offset: Option<&str>) -> Result<DateTi
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let norm = s.replacen('T', " ", 1);
-    for fmt in [
-        "%Y-%m-%d %H:%M:%S%.f%#z",
-        "%Y-%m-%d %H:%M:%S%.f %#z",
-        "%Y-%m-%d %H:%M%#z",
-    ] {
-        if let Ok(t) = DateTime::parse_from_str(&norm, fmt) {
-            return Ok(t.with_timezone(&Utc));
-        }
-    }
-    let zone = |z: &str| -> Result<String, String> {
-        match z {
-            "UTC" | "utc" | "Z" | "GMT" => Ok("+00:00".into()),
-            z if z.starts_with('+') || z.starts_with('-') => Ok(z.into()),
-            z => Err(format!(
-                "time zone {z:?}: give an offset like +02:00, or UTC"
-            )),
+    // ISO 8601's date/time separator (only there: "UTC" has a T too)
+    let norm = if s.as_bytes().get(10) == Some(&b'T') {
+        format!("{} {}", &s[..10], &s[11..])
+    } else {
+        s.to_owned()
+    };
+    // the zone: a trailing UTC/GMT/Z, or a sign after the time of day
+    let (base, zone) = if let Some(b) = ["UTC", "GMT", "utc", "Z"]
+        .iter()
+        .find_map(|z| norm.strip_suffix(z))
+    {
+        (b.trim_end(), Some("+00".to_owned()))
+    } else {
+        match norm.rfind(['+', '-']).filter(|&i| i > 10) {
+            Some(i) => (norm[..i].trim_end(), Some(norm[i..].to_owned())),
+            None => (norm.as_str(), None),
         }
     };
-    if let Some((base, z)) = norm.rsplit_once(' ') {
-        if let Ok(off) = zone(z) {
-            if let Ok(t) =
-                DateTime::parse_from_str(&format!("{base}{off}"), "%Y-%m-%d %H:%M:%S%.f%#z")
-            {
-                return Ok(t.with_timezone(&Utc));
-            }
+    let naive = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(base, f).ok())
+        .ok_or_else(|| format!("{s:?} is not a time (2026-11-23 14:05:00+00, or ISO 8601)"))?;
+    let zone = match (zone, default_offset) {
+        (Some(z), _) => z,
+        (None, Some(d)) if ["UTC", "GMT", "utc", "Z"].contains(&d) => "+00".to_owned(),
+        (None, Some(d)) => d.to_owned(),
+        (None, None) => {
+            return Err(format!(
+                "{s:?} has no time zone; add one (2026-11-23 14:05:00+00) or give --timezone"
+            ))
         }
+    };
+    let offset = parse_offset(&zone)
+        .ok_or_else(|| format!("time zone {zone:?}: give an offset like +02:00, or UTC"))?;
+    naive
+        .and_local_timezone(offset)
+        .single()
+        .map(|t| t.with_timezone(&Utc))
+        .ok_or_else(|| format!("{s:?} is not a valid time"))
+}
+
+/// `+hh`, `+hhmm`, `+hh:mm` (or `-`) as an offset.
+fn parse_offset(z: &str) -> Option<chrono::FixedOffset> {
+    let (sign, rest) = match z.trim().split_at_checked(1)? {
+        ("+", r) => (1, r),
+        ("-", r) => (-1, r),
+        _ => return None,
+    };
+    let digits: String = rest.chars().filter(|c| *c != ':').collect();
+    if !digits.bytes().all(|b| b.is_ascii_digit()) || !(digits.len() == 2 || digits.len() == 4) {
+        return None;
     }
-    match default_offset {
-        Some(z) => {
-            let off = zone(z)?;
-            DateTime::parse_from_str(&format!("{norm}{off}"), "%Y-%m-%d %H:%M:%S%.f%#z")
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| format!("{s:?}: {e}"))
-        }
-        None => Err(format!(
-            "{s:?} has no time zone; add one (2026-11-23 14:05:00+00) or give --timezone"
-        )),
-    }
+    let h: i32 = digits[..2].parse().ok()?;
+    let m: i32 = if digits.len() == 4 {
+        digits[2..].parse().ok()?
+    } else {
+        0
+    };
+    chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60))
 }
 
 #[cfg(test)]

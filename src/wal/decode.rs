@@ -142,6 +142,13 @@ fn maxalign(l: u64) -> u64 {
     (l + 7) & !7
 }
 
+/// What reading a page header found.
+enum PageRead {
+    Header(PageHeader),
+    NeedMore,
+    NotThisPage,
+}
+
 /// A page header as read.
 struct PageHeader {
     info: u16,
@@ -196,19 +203,22 @@ impl WalReader {
         &self.buf[at..at + len as usize]
     }
 
-    /// The header of the page at `page` (a page start); `Ok(None)` when it
-    /// is not the page expected there (end of WAL), `Err` for a page that
+    /// The header of the page at `page` (a page start): `NotThisPage` when
+    /// it is not the page expected there (end of WAL), `Err` for a page that
     /// looks like WAL of an unknown version.
-    fn page_header(&mut self, page: u64) -> Result<Option<PageHeader>, DecodeError> {
+    fn page_header(&mut self, page: u64) -> Result<PageRead, DecodeError> {
         let long = page % self.seg.bytes() == 0;
         let len = if long { LONG_HEADER } else { SHORT_HEADER };
+        if !self.have(page, len) {
+            return Ok(PageRead::NeedMore);
+        }
         let h = self.slice(page, len);
         let magic = u16_at(h, 0);
         let info = u16_at(h, 2);
         let pageaddr = u64_at(h, 8);
         let rem_len = u32_at(h, 16);
         if pageaddr != page {
-            return Ok(None);
+            return Ok(PageRead::NotThisPage);
         }
         let major = crate::wal::verify::KNOWN_PAGE_MAGICS
             .iter()
@@ -225,7 +235,7 @@ impl WalReader {
                 reason: "long header flag does not match the segment start".into(),
             });
         }
-        Ok(Some(PageHeader { info, rem_len, len }))
+        Ok(PageRead::Header(PageHeader { info, rem_len, len }))
     }
 
     /// The next record, or what stops it.
@@ -237,16 +247,10 @@ impl WalReader {
             // at a page start: its header first
             if self.pos.0 % PAGE == 0 {
                 let page = self.pos.0;
-                let hlen = if page % self.seg.bytes() == 0 {
-                    LONG_HEADER
-                } else {
-                    SHORT_HEADER
-                };
-                if !self.have(page, hlen) {
-                    return Ok(Next::NeedMore);
-                }
-                let Some(h) = self.page_header(page)? else {
-                    return Ok(self.end(page));
+                let h = match self.page_header(page)? {
+                    PageRead::Header(h) => h,
+                    PageRead::NeedMore => return Ok(Next::NeedMore),
+                    PageRead::NotThisPage => return Ok(self.end(page)),
                 };
                 self.pos = Lsn(page + h.len);
                 if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
@@ -305,17 +309,11 @@ impl WalReader {
         let mut got = first;
         let mut page = start - start % PAGE + PAGE;
         while got < u64::from(tot_len) {
-            let hlen = if page % self.seg.bytes() == 0 {
-                LONG_HEADER
-            } else {
-                SHORT_HEADER
-            };
-            if !self.have(page, hlen) {
-                return Ok(Next::NeedMore);
-            }
-            let Some(h) = self.page_header(page)? else {
+            let h = match self.page_header(page)? {
+                PageRead::Header(h) => h,
+                PageRead::NeedMore => return Ok(Next::NeedMore),
                 // WAL ends inside this record: it was never completed
-                return Ok(self.end(start));
+                PageRead::NotThisPage => return Ok(self.end(start)),
             };
             let rest = u64::from(tot_len) - got;
             if h.info & XLP_FIRST_IS_CONTRECORD == 0 || u64::from(h.rem_len) != rest {
