@@ -3,8 +3,9 @@
 //! already there), grouped into runs of neighbouring blobs of one pack so each
 //! run is one ranged read, fetched in parallel and written in place.
 //!
-//! Memory is bounded by the runs in flight ([`PARALLEL_RUNS`] ×
-//! [`MAX_RUN_BYTES`]), never by the size of a file.
+//! Memory is bounded by the runs in flight ([`PARALLEL_RUNS`] × at most
+//! [`MAX_RUN_BYTES`] read and 256 blocks decoded), never by the size of a
+//! file.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ use crate::repo::{BackupFile, Index, PackEntry, PackId, Repository, StanzaPaths}
 
 /// Largest span of one ranged read.
 pub const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Most blocks in one run: bounds the decoded bytes a run holds (2 MiB at
+/// 8 KiB blocks), whatever the compression ratio.
+const MAX_RUN_BLOCKS: usize = 256;
 /// Largest gap of unneeded bytes read through rather than starting a new read
 /// (blocks deduplicated away or already in place leave holes).
 const MAX_GAP: u64 = 256 << 10;
@@ -168,6 +172,7 @@ fn plan_runs(
                     && off >= run.end
                     && off - run.end <= MAX_GAP
                     && off + len - run.start <= MAX_RUN_BYTES
+                    && run.items.len() < MAX_RUN_BLOCKS
                 {
                     run.end = off + len;
                     run.items.push(item);
@@ -268,14 +273,33 @@ pub(super) async fn write_files(
     })
 }
 
-/// Positioned writes of decoded blocks; consecutive blocks of one file share
-/// one open file.
+/// Positioned writes of decoded blocks: consecutive blocks of one file are
+/// gathered into one write (a run holds neighbouring blocks, usually of one
+/// file in order), and consecutive writes share one open file.
 fn write_blocks(
     jobs: Vec<(PathBuf, u64, u64, Vec<u8>)>,
     progress: &Progress,
 ) -> Result<u64, RestoreError> {
     let mut open: Option<(PathBuf, std::fs::File)> = None;
+    // pending contiguous bytes: (path, offset, bytes)
+    let mut pending: Option<(PathBuf, u64, Vec<u8>)> = None;
     let mut written = 0;
+    let flush = |open: &mut Option<(PathBuf, std::fs::File)>,
+                 p: (PathBuf, u64, Vec<u8>)|
+     -> Result<(), RestoreError> {
+        let (path, offset, bytes) = p;
+        if open.as_ref().map(|(o, _)| o != &path).unwrap_or(true) {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            *open = Some((path.clone(), f));
+        }
+        if let Some((_, f)) = open.as_ref() {
+            f.write_all_at(&bytes, offset).map_err(io(&path))?;
+        }
+        Ok(())
+    };
     for (path, offset, want, data) in jobs {
         if data.len() as u64 != want {
             return Err(RestoreError::Invalid(format!(
@@ -284,18 +308,22 @@ fn write_blocks(
                 data.len()
             )));
         }
-        if open.as_ref().map(|(p, _)| p != &path).unwrap_or(true) {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io(&path))?;
-            open = Some((path.clone(), f));
-        }
-        if let Some((_, f)) = &open {
-            f.write_all_at(&data, offset).map_err(io(&path))?;
+        match &mut pending {
+            Some((p, o, buf)) if *p == path && *o + buf.len() as u64 == offset => {
+                buf.extend_from_slice(&data);
+            }
+            _ => {
+                if let Some(p) = pending.take() {
+                    flush(&mut open, p)?;
+                }
+                pending = Some((path, offset, data));
+            }
         }
         written += want;
         progress.add(want);
+    }
+    if let Some(p) = pending.take() {
+        flush(&mut open, p)?;
     }
     Ok(written)
 }
