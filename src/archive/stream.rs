@@ -185,14 +185,25 @@ async fn session(
             Err(e) => return Err(e.into()),
         }
     }
+    // where this timeline began (its parent's WAL up to there is the
+    // parent's to archive)
+    let mut tli_begin = None;
     if tli.get() > 1 {
         let (name, content) = conn.timeline_history(tli).await?;
+        tli_begin = crate::wal::history::parse_history(&String::from_utf8_lossy(&content))
+            .ok()
+            .and_then(|h| h.last().map(|e| e.end));
         repo.store_wal_once(paths, &name, content.to_vec()).await?;
     }
 
     // continue where the repository ends (the server may still have that
-    // WAL even when the slot does not hold it); else where the slot is
-    let have = repository_end(repo, paths, tli, seg).await?;
+    // WAL even when the slot does not hold it); on a timeline the
+    // repository has nothing of yet, where the timeline began; else where
+    // the slot is
+    let have = match repository_end(repo, paths, tli, seg).await? {
+        Some(h) => Some(h),
+        None => tli_begin,
+    };
     let fallback = slot_restart.unwrap_or(sys.xlogpos);
     let start = have.unwrap_or(fallback);
     let start = start.segment(seg).start_lsn(seg).unwrap_or(start);

@@ -696,3 +696,47 @@ async fn stream_started_after_a_backup_leaves_no_gap() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("continuous"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_down_during_a_promotion_resumes_where_the_new_timeline_began() {
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    let mut stream = Streamer::start(&repo, &standby.conninfo(), &["--partial-interval", "0.2"]);
+    primary.psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
+    stream.wait_durable(
+        lsn(&primary, "SELECT pg_current_wal_insert_lsn()"),
+        Duration::from_secs(30),
+    );
+    stream.kill9();
+    // promoted while nothing streams, and two segments written on timeline 2
+    standby.promote();
+    let first2 = standby.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    assert!(first2.starts_with("00000002"), "{first2}");
+    standby.psql("CREATE TABLE t2 AS SELECT g FROM generate_series(1, 1000) g");
+    standby.psql("SELECT pg_switch_wal()");
+    standby.psql("CREATE TABLE t3 AS SELECT g FROM generate_series(1, 1000) g");
+    standby.psql("SELECT pg_switch_wal()");
+    stream.spawn();
+    let stored = repo.join("main/wal/00000002").join(&first2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stored.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first segment of timeline 2 was skipped:\n{}",
+            stream.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dest = work.path().join("seg");
+    ok(walvault(
+        &repo,
+        &["wal-fetch", &first2, dest.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(standby.datadir.join("pg_wal").join(&first2)).unwrap()
+    );
+}
