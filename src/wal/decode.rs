@@ -94,7 +94,9 @@ pub struct RawRecord {
     pub info: u8,
     /// xl_rmid.
     pub rmid: u8,
-    /// The record, header first, page headers removed.
+    /// The record, header first, page headers removed (only the header for
+    /// records other than XLOG and transaction ones when the reader was
+    /// made with [`WalReader::headers_only_for_other_records`]).
     pub bytes: Vec<u8>,
 }
 
@@ -124,6 +126,9 @@ pub struct WalReader {
     /// The PostgreSQL major of the WAL, from the first page magic.
     major: Option<u32>,
     ended: Option<Lsn>,
+    /// Keep every record's bytes (else only XLOG and transaction records',
+    /// the ones walvault interprets; the others carry their header only).
+    all_bodies: bool,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -169,7 +174,16 @@ impl WalReader {
             skip_contrecord: start.0 % PAGE == 0,
             major: None,
             ended: None,
+            all_bodies: true,
         }
+    }
+
+    /// Keep the bytes of XLOG and transaction records only (others carry
+    /// just their 24-byte header): every CRC is still checked, and reading
+    /// skips copying the bulk of the WAL (heap and index changes, images).
+    pub fn headers_only_for_other_records(mut self) -> WalReader {
+        self.all_bodies = false;
+        self
     }
 
     /// The PostgreSQL major version the page magic names, once a page was read.
@@ -328,14 +342,24 @@ impl WalReader {
             got += take;
             page += PAGE;
         }
-        let mut bytes = Vec::with_capacity(tot_len as usize);
+        // the header (it may straddle pages), then the CRC over the rest of
+        // the record and the header up to xl_crc, without copying the record
+        let mut header = [0u8; RECORD_HEADER];
+        let mut filled = 0;
+        let mut crc = 0u32;
         for (at, len) in &pieces {
-            bytes.extend_from_slice(self.slice(*at, *len));
+            let sl = self.slice(*at, *len);
+            let h = (RECORD_HEADER - filled).min(sl.len());
+            header[filled..filled + h].copy_from_slice(&sl[..h]);
+            filled += h;
+            if h < sl.len() {
+                crc = crc32c::crc32c_append(crc, &sl[h..]);
+            }
         }
         let (last_at, last_len) = pieces[pieces.len() - 1];
         let end = last_at + last_len;
-        let stored = u32_at(&bytes, 20);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&bytes[RECORD_HEADER..]), &bytes[..20]);
+        let stored = u32_at(&header, 20);
+        let computed = crc32c::crc32c_append(crc, &header[..20]);
         if stored != computed {
             return Err(DecodeError::BadCrc {
                 lsn: self.pos,
@@ -343,13 +367,23 @@ impl WalReader {
                 computed,
             });
         }
+        let rmid = header[17];
+        let bytes = if self.all_bodies || rmid == RM_XLOG_ID || rmid == 1 {
+            let mut b = Vec::with_capacity(tot_len as usize);
+            for (at, len) in &pieces {
+                b.extend_from_slice(self.slice(*at, *len));
+            }
+            b
+        } else {
+            header.to_vec()
+        };
         let rec = RawRecord {
             lsn: self.pos,
             end: Lsn(end),
-            xid: u32_at(&bytes, 4),
-            prev: Lsn(u64_at(&bytes, 8)),
-            info: bytes[16],
-            rmid: bytes[17],
+            xid: u32_at(&header, 4),
+            prev: Lsn(u64_at(&header, 8)),
+            info: header[16],
+            rmid,
             bytes,
         };
         self.pos = if rec.rmid == RM_XLOG_ID && rec.info & 0xF0 == XLOG_SWITCH {

@@ -189,7 +189,7 @@ pub fn summarize(
         head: Vec::new(),
         error: None,
     };
-    let mut r = WalReader::new(start, seg);
+    let mut r = WalReader::new(start, seg).headers_only_for_other_records();
     r.feed(data);
     let mut fed_next = false;
     loop {
@@ -248,7 +248,7 @@ pub fn summarize(
 /// Check every record of a segment: the first decoding error, with its LSN.
 pub fn check_records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), DecodeError> {
     let start = segno.start_lsn(seg).unwrap_or_default();
-    let mut r = WalReader::new(start, seg);
+    let mut r = WalReader::new(start, seg).headers_only_for_other_records();
     r.feed(data);
     loop {
         match r.next_record()? {
