@@ -100,18 +100,26 @@ pub async fn run_stream(
     let paths = StanzaPaths::new(stanza);
     let mut backoff = Duration::from_secs(1);
     let mut stats = StreamStatus::default();
+    // a start position whose WAL the server reported removed
+    let mut lost: Option<Lsn> = None;
     loop {
         if *stop.borrow() {
             return Ok(());
         }
         let started = Instant::now();
-        match session(&repo, &paths, params, opts, &mut stop, &mut stats).await {
+        match session(
+            &repo, &paths, params, opts, &mut stop, &mut stats, &mut lost,
+        )
+        .await
+        {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::NextTimeline) => {
                 backoff = Duration::from_secs(1);
                 continue;
             }
             Err(e) if e.is_permanent() => return Err(e),
+            // go on at once from where the server still has WAL
+            Err(_) if lost.is_some() && started.elapsed() < Duration::from_secs(5) => continue,
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_secs(1);
@@ -130,8 +138,9 @@ pub async fn run_stream(
     }
 }
 
-/// The first LSN the repository does not hold in a complete segment of
-/// timeline `tli`, if it holds any.
+/// Where the repository's WAL of timeline `tli` ends: the start of the
+/// first segment it does not hold complete (after its newest complete
+/// segment, or the segment of a newer `.partial`), if it holds any.
 async fn repository_end(
     repo: &Repository,
     paths: &StanzaPaths,
@@ -139,16 +148,21 @@ async fn repository_end(
     seg: WalSegSize,
 ) -> Result<Option<Lsn>, ArchiveError> {
     let names = repo.list_wal(paths, &format!("{:08X}", tli.get())).await?;
-    let last = names
-        .iter()
-        .filter(|n| n.len() == 24)
-        .filter_map(|n| crate::pg::WalFileName::parse(n, seg).ok())
-        .filter_map(|n| match n {
-            crate::pg::WalFileName::Segment(f) => Some(f.segno),
-            _ => None,
-        })
-        .max();
-    Ok(last.and_then(|s| s.next().start_lsn(seg)))
+    // after the last complete segment; or at a newer .partial's segment
+    // (a backup's last segment): that one is not complete yet
+    let mut end: Option<crate::pg::SegmentNo> = None;
+    for n in &names {
+        let Ok(name) = crate::pg::WalFileName::parse(n, seg) else {
+            continue;
+        };
+        let at = match name {
+            crate::pg::WalFileName::Segment(f) => f.segno.next(),
+            crate::pg::WalFileName::Partial(f) => f.segno,
+            _ => continue,
+        };
+        end = Some(end.map_or(at, |e| e.max(at)));
+    }
+    Ok(end.and_then(|s| s.start_lsn(seg)))
 }
 
 async fn session(
@@ -158,6 +172,7 @@ async fn session(
     opts: &StreamOptions,
     stop: &mut watch::Receiver<bool>,
     stats: &mut StreamStatus,
+    lost: &mut Option<Lsn>,
 ) -> Result<SessionEnd, ArchiveError> {
     let mut conn = PgConnection::connect(params, true).await?;
     let sys = conn.identify_system().await?;
@@ -214,30 +229,31 @@ async fn session(
             sys.xlogpos
         )));
     }
-    let start = match start_replication(&mut conn, &opts.slot, start, tli).await {
-        Ok(()) => start,
-        // the server recycled that WAL: it is lost to the archive
-        Err(e) if e.to_string().contains("has already been removed") => {
-            // the slot's restart point when it is past the lost WAL, else
-            // the server's current position (always available)
-            let f = if fallback > start {
-                fallback
-            } else {
-                sys.xlogpos
-            };
-            let f = f.segment(seg).start_lsn(seg).unwrap_or(f);
-            if f <= start {
-                return Err(e);
-            }
-            tracing::error!(
-                "WAL from {start} to {f} is not in the repository and the server no longer has it: \
-                 point-in-time recovery cannot cross this gap; take a new backup"
-            );
-            start_replication(&mut conn, &opts.slot, f, tli).await?;
-            f
-        }
-        Err(e) => return Err(e),
+    let start = if *lost == Some(start) {
+        // the server recycled that WAL: it is lost to the archive; go on
+        // from the slot's restart point when past it, else from now
+        let f = if fallback > start {
+            fallback
+        } else {
+            sys.xlogpos
+        };
+        let f = f.segment(seg).start_lsn(seg).unwrap_or(f);
+        tracing::error!(
+            "WAL from {start} to {f} is not in the repository and the server no longer has it: \
+             point-in-time recovery cannot cross this gap; take a new backup"
+        );
+        *lost = None;
+        f
+    } else {
+        start
     };
+    let removed = |e: &ArchiveError| e.to_string().contains("has already been removed");
+    if let Err(e) = start_replication(&mut conn, &opts.slot, start, tli).await {
+        if removed(&e) {
+            *lost = Some(start);
+        }
+        return Err(e);
+    }
     tracing::info!(%start, timeline = %tli, slot = %opts.slot, "streaming");
 
     let mut asm = SegmentAssembler::new(start, tli, seg).map_err(ArchiveError::Protocol)?;
@@ -255,7 +271,18 @@ async fn session(
             partial_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             msg = conn.copy_data() => {
-                let Some(data) = msg? else {
+                // the server reports recycled WAL inside the stream
+                let msg = match msg {
+                    Err(e) => {
+                        let e = ArchiveError::from(e);
+                        if removed(&e) && asm.position() == start {
+                            *lost = Some(start);
+                        }
+                        return Err(e);
+                    }
+                    Ok(m) => m,
+                };
+                let Some(data) = msg else {
                     // the server ended this timeline (a promotion)
                     store_partial(repo, paths, &asm, &mut durable, stats).await?;
                     conn.send_copy_done().await?;

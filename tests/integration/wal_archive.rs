@@ -747,3 +747,62 @@ async fn stream_down_during_a_promotion_resumes_where_the_new_timeline_began() {
             == std::fs::read(standby.datadir.join("pg_wal").join(&first2)).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
+    let c = PgCluster::start_with(PgOptions {
+        conf: vec![
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '32MB'".into(),
+        ],
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    ok(walvault(
+        &repo,
+        &["backup", "--pg", &c.conninfo(), "--fast"],
+    ));
+    // WAL nobody keeps: written and checkpointed until the segment the
+    // backup ended in is gone from the server
+    // the first segment the repository lacks complete: where the stream
+    // would start
+    let names: Vec<String> = std::fs::read_dir(repo.join("main/wal/00000001"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let last_full = names.iter().filter(|n| n.len() == 24).max();
+    let gone = match last_full {
+        Some(l) => {
+            let next_no = u64::from_str_radix(&l[16..], 16).unwrap() + 1;
+            format!("{}{next_no:08X}", &l[..16])
+        }
+        None => names
+            .iter()
+            .find_map(|n| n.strip_suffix(".partial"))
+            .unwrap()
+            .to_owned(),
+    };
+    for round in 0.. {
+        assert!(round < 10, "{gone} was never recycled");
+        if !c.datadir.join("pg_wal").join(&gone).exists() {
+            break;
+        }
+        c.pgbench(&["-i", "-s", "1", "-q"]);
+        c.psql("SELECT pg_switch_wal()");
+        c.psql("CHECKPOINT");
+    }
+    let stream = Streamer::start(&repo, &c.conninfo(), &["--partial-interval", "0.2"]);
+    c.psql("CREATE TABLE after_gap AS SELECT g FROM generate_series(1, 1000) g");
+    stream.wait_durable(
+        lsn(&c, "SELECT pg_current_wal_insert_lsn()"),
+        Duration::from_secs(60),
+    );
+    let log = stream.log();
+    assert!(log.contains("the server no longer has it"), "{log}");
+    // and wal-verify names the gap
+    let out = walvault(&repo, &["wal-verify", "--names-only"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("GAP "));
+}
