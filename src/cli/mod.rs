@@ -83,7 +83,8 @@ pub enum Command {
     /// Create a repository (encrypted with --encrypt) in an empty location.
     Init(init::InitArgs),
     /// Show the whole story on a throwaway local cluster: backup, changes,
-    /// deduplicated second backup, restore, recovery, verification.
+    /// deduplicated second backup, restore, verification; then a dropped
+    /// table found with wal-inspect and recovered with restore-pitr.
     Demo(demo::DemoArgs),
     /// Take a base backup over the replication protocol, with the WAL that
     /// makes it consistent.
@@ -92,8 +93,8 @@ pub enum Command {
     List(backup::ListArgs),
     /// Show one backup in detail.
     Info(backup::InfoArgs),
-    /// Restore a backup into an empty directory, configured to recover from
-    /// the repository when started.
+    /// Restore a backup into an empty directory (or over a stopped copy with
+    /// --delta), configured to recover from the repository when started.
     Restore(backup::RestoreArgs),
     /// Point-in-time recovery: plan and prove the target reachable, restore,
     /// pre-stage the WAL, configure recovery (and with --start, run it and
