@@ -225,19 +225,29 @@ pub(super) async fn write_files(
     let reused = targets.iter().map(|t| t.file.size).sum::<u64>() - to_write;
     progress.add(reused);
     // (re)create every file at its final length: blocks land in place, and
-    // a delta restore cuts files that grew since the backup
-    for t in targets {
-        if let Some(parent) = t.path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+    // a delta restore cuts files that grew since the backup (thousands of
+    // files: on the blocking pool)
+    let files: Vec<(PathBuf, u64)> = targets
+        .iter()
+        .map(|t| (t.path.clone(), t.file.size))
+        .collect();
+    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        for (path, size) in files {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(!delta)
+                .open(&path)
+                .map_err(io(&path))?;
+            f.set_len(size).map_err(io(&path))?;
         }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(!delta)
-            .open(&t.path)
-            .map_err(io(&t.path))?;
-        f.set_len(t.file.size).map_err(io(&t.path))?;
-    }
+        Ok(())
+    })
+    .await
+    .map_err(|e| RestoreError::Invalid(format!("file creation task failed: {e}")))??;
     let runs = plan_runs(index, targets, &needed, block_size)?;
     let reads = runs.len() as u64;
     let written: u64 = futures::stream::iter(runs)

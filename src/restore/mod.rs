@@ -240,17 +240,25 @@ pub async fn restore(
     )
     .await?;
     // modes and times last: a read-only mode would stop the writes
-    for t in &targets {
-        let f = t.file;
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&t.path)
-            .map_err(io(&t.path))?;
-        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-        out.set_modified(time).map_err(io(&t.path))?;
-        std::fs::set_permissions(&t.path, std::fs::Permissions::from_mode(f.mode & 0o7777))
-            .map_err(io(&t.path))?;
-    }
+    let finish: Vec<(PathBuf, u32, i64)> = targets
+        .iter()
+        .map(|t| (t.path.clone(), t.file.mode, t.file.mtime))
+        .collect();
+    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        for (path, mode, mtime) in finish {
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.max(0) as u64);
+            out.set_modified(time).map_err(io(&path))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(io(&path))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| RestoreError::Invalid(format!("finishing task failed: {e}")))??;
 
     // The backup carries a tablespace_map naming the *source's* locations,
     // and PostgreSQL recreates pg_tblspc/<oid> from it when it starts: rewrite
@@ -283,6 +291,12 @@ pub async fn restore(
         ));
         std::fs::write(&auto, conf).map_err(io(&auto))?;
     }
+    // durable before "restored" is reported
+    let mut roots = vec![target.to_owned()];
+    roots.extend(ts_dirs.values().cloned());
+    tokio::task::spawn_blocking(move || sync_filesystems(&roots))
+        .await
+        .map_err(|e| RestoreError::Invalid(format!("sync task failed: {e}")))??;
     Ok(RestoreReport {
         files: targets.len(),
         backup: manifest,
@@ -290,4 +304,28 @@ pub async fn restore(
         stats,
         removed,
     })
+}
+
+/// Flush everything written under `roots` to stable storage: one `syncfs`
+/// per file system (the data directory's and each tablespace's) instead of
+/// an fsync per file — thousands of files, one call, the idea of
+/// PostgreSQL's `recovery_init_sync_method = syncfs`. PostgreSQL syncs the
+/// data directory again when it starts from a backup; after this, that pass
+/// finds nothing dirty.
+fn sync_filesystems(roots: &[PathBuf]) -> Result<(), RestoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut done = Vec::new();
+    for root in roots {
+        let dev = std::fs::metadata(root).map_err(io(root))?.dev();
+        if done.contains(&dev) {
+            continue;
+        }
+        let dir = std::fs::File::open(root).map_err(io(root))?;
+        nix::unistd::syncfs(&dir).map_err(|e| RestoreError::Io {
+            path: root.clone(),
+            source: e.into(),
+        })?;
+        done.push(dev);
+    }
+    Ok(())
 }

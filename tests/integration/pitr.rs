@@ -113,22 +113,7 @@ impl Archived {
             .psql("SELECT pg_current_wal_insert_lsn()")
             .parse()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let durable = std::fs::read_to_string(&self.status)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| {
-                    v["durable_lsn"]
-                        .as_str()
-                        .and_then(|s| s.parse::<Lsn>().ok())
-                });
-            if durable.is_some_and(|d| d >= target) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "stream never reached {target}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_durable(&self.status, target, "the stream");
         if let Some(mut c) = self.stream.take() {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
@@ -186,6 +171,29 @@ impl Archived {
             dir.display()
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// Wait until the status file of a `walvault stream` says `target` is durable.
+fn wait_durable(status: &Path, target: Lsn, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let durable = std::fs::read_to_string(status)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v["durable_lsn"]
+                    .as_str()
+                    .and_then(|s| s.parse::<Lsn>().ok())
+            });
+        if durable.is_some_and(|d| d >= target) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never made {target} durable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -607,25 +615,7 @@ fn pitr_along_timelines_after_a_restore_was_promoted() {
         after2.push(branch.psql("SELECT pg_current_wal_insert_lsn()"));
     }
     let end: Lsn = after2[4].parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let durable = std::fs::read_to_string(&status)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| {
-                v["durable_lsn"]
-                    .as_str()
-                    .and_then(|s| s.parse::<Lsn>().ok())
-            });
-        if durable.is_some_and(|d| d >= end) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the branch's WAL was not archived"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_durable(&status, end, "the branch's stream");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(stream.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
