@@ -11,6 +11,9 @@
 #
 # usage: bench/compare.sh [SCALE]        (pgbench scale, default 100 ≈ 1.5 GB)
 # env:   ROUNDS (default 2), PG_BIN (default /usr/lib/postgresql/15/bin),
+#        PHASES (default "full incr restore pitr push20": the phases measured;
+#        the full backups of walvault and pgBackRest always run, once when
+#        "full" is left out, since the later phases start from them),
 #        WALVAULT_BIN (default: cargo build --release), KEEP=1 keeps the work dir
 # Installs pgbackrest and GNU time with apt-get when missing. Runs as root
 # (PostgreSQL, pgbackrest and walvault then run as the postgres user) or as
@@ -18,6 +21,8 @@
 set -euo pipefail
 SCALE=${1:-100}
 ROUNDS=${ROUNDS:-2}
+PHASES=" ${PHASES:-full incr restore pitr push20} "
+want() { [[ "$PHASES" == *" $1 "* ]]; }
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -135,13 +140,17 @@ measure() {
   echo "#   $name: ${wall}s" >&2
 }
 
-echo "# full backups (x$ROUNDS)" >&2
-for r in $(seq "$ROUNDS"); do
+full_rounds=$ROUNDS
+want full || full_rounds=1
+echo "# full backups (x$full_rounds)" >&2
+for r in $(seq "$full_rounds"); do
   run rm -rf "$tmp/wv-repo" "$tmp/out/bb" "$tmp/out/bb-lz4"
   run "$wv" --repo "$tmp/wv-repo" init >/dev/null
   measure "full:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
-  measure "full:pg_basebackup" "$tmp/out/bb" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb" -Ft -X none -c fast --no-sync
-  measure "full:pg_basebackup-lz4" "$tmp/out/bb-lz4" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-lz4" -Ft -X none -c fast --no-sync --compress=client-lz4
+  if want full; then
+    measure "full:pg_basebackup" "$tmp/out/bb" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb" -Ft -X none -c fast --no-sync
+    measure "full:pg_basebackup-lz4" "$tmp/out/bb-lz4" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-lz4" -Ft -X none -c fast --no-sync --compress=client-lz4
+  fi
   measure "full:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=full backup
 done
 
@@ -161,8 +170,8 @@ sleep 1.1
 q "INSERT INTO marker VALUES ('after the target')" >/dev/null
 run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 5 postgres >/dev/null
 
-echo "# incremental backups (x$ROUNDS)" >&2
-for r in $(seq "$ROUNDS"); do
+want incr && echo "# incremental backups (x$ROUNDS)" >&2
+want incr && for r in $(seq "$ROUNDS"); do
   measure "incr:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
   measure "incr:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=incr backup
 done
@@ -182,8 +191,8 @@ run "${pgbr[@]}" check >/dev/null 2>&1 || true
 pkill -TERM -f -- "--slot walvault_bench" || true
 sleep 1
 
-echo "# restores (x$ROUNDS)" >&2
-for r in $(seq "$ROUNDS"); do
+want restore && echo "# restores (x$ROUNDS)" >&2
+want restore && for r in $(seq "$ROUNDS"); do
   run rm -rf "$tmp/r-wv" "$tmp/r-pgbr"
   measure "restore:walvault" "$tmp/r-wv" "$wv" -q --repo "$tmp/wv-repo" restore --backup latest --pgdata "$tmp/r-wv"
   measure "restore:pgbackrest" "$tmp/r-pgbr" "${pgbr[@]}" "--pg1-path=$tmp/r-pgbr" restore
@@ -191,8 +200,8 @@ done
 
 # PITR: restore to the target time, start, replay, promote; the RTO
 pitr_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-echo "# point-in-time recovery to $target (x$ROUNDS)" >&2
-for r in $(seq "$ROUNDS"); do
+want pitr && echo "# point-in-time recovery to $target (x$ROUNDS)" >&2
+want pitr && for r in $(seq "$ROUNDS"); do
   run rm -rf "$tmp/p-wv" "$tmp/p-pgbr"
   measure "pitr:walvault" "$tmp/p-wv" "$wv" -q --repo "$tmp/wv-repo" restore-pitr --pgdata "$tmp/p-wv" \
     --target-time "$target" --start --port "$pitr_port" --pg-bin "$PG_BIN" --archive-mode off --json
@@ -217,38 +226,57 @@ EOF
   run "$PG_BIN/pg_ctl" -D "$tmp/p-pgbr" -m immediate -w stop >/dev/null
 done
 
-# per-call cost of the archive command, on 20 real segments
-echo "# archive command, 20 calls each" >&2
-run mkdir -p "$tmp/segs"
-for i in $(seq 20); do
-  q "INSERT INTO marker VALUES ('seg $i'); SELECT pg_switch_wal()" >/dev/null
-done
-q "CHECKPOINT" >/dev/null
-cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
-# the 20 complete segments before the current one (later names are recycled files)
-ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | awk -v c="$cur" '$0 < c' | tail -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs/"; done
-chown -R "$(stat -c %u "$tmp")" "$tmp/segs"
-run "$wv" --repo "$tmp/wv-push" init >/dev/null
-cat >"$tmp/push-wv.sh" <<EOF
-for f in $tmp/segs/*; do $wv -q --repo $tmp/wv-push wal-push \$f || exit 1; done
+if want push20; then
+  # per-call cost of the archive command: on segments full of pgbench WAL,
+  # and on 20 segments switched after one insert each (mostly empty)
+  echo "# archive command, one call per segment" >&2
+  run mkdir -p "$tmp/segs" "$tmp/segs-full"
+  seg_lt() { ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | awk -v c="$1" '$0 < c'; }
+  first=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+  run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 6 postgres >/dev/null
+  cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+  # complete segments written by this pgbench run (none recycled: no checkpoint)
+  seg_lt "$cur" | awk -v f="$first" '$0 > f' | tail -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs-full/"; done
+  for i in $(seq 20); do
+    q "INSERT INTO marker VALUES ('seg $i'); SELECT pg_switch_wal()" >/dev/null
+  done
+  q "CHECKPOINT" >/dev/null
+  cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+  # the 20 complete segments before the current one (later names are recycled files)
+  seg_lt "$cur" | tail -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs/"; done
+  chown -R "$(stat -c %u "$tmp")" "$tmp/segs" "$tmp/segs-full"
+  echo "# $(ls "$tmp/segs-full" | wc -l) full segments, $(ls "$tmp/segs" | wc -l) switched ones" >&2
+  run "$wv" --repo "$tmp/wv-push" init >/dev/null
+  # a second pgBackRest stanza of the same cluster, empty: first-time pushes
+  run pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=push stanza-create >/dev/null
+  for set in segs-full segs; do
+    cat >"$tmp/push-wv-$set.sh" <<EOF
+for f in $tmp/$set/*; do $wv -q --repo $tmp/wv-push wal-push \$f || exit 1; done
 EOF
-# a second pgBackRest stanza of the same cluster, empty: first-time pushes
-run pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=push stanza-create >/dev/null
-cat >"$tmp/push-pgbr.sh" <<EOF
-for f in $tmp/segs/*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=push archive-push \$f >/dev/null 2>&1 || exit 1; done
+    cat >"$tmp/push-pgbr-$set.sh" <<EOF
+for f in $tmp/$set/*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=push archive-push \$f >/dev/null 2>&1 || exit 1; done
 EOF
-measure "push20:walvault" "$tmp/wv-push" bash "$tmp/push-wv.sh"
-measure "push20:pgbackrest" "$tmp/pgbr-repo" bash "$tmp/push-pgbr.sh"
-measure "push20:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv.sh"
-measure "push20:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr.sh"
+  done
+  ls "$tmp/segs-full" | wc -l >"$tmp/nfull"
+  measure "pushfull:walvault" "$tmp/wv-push" bash "$tmp/push-wv-segs-full.sh"
+  measure "pushfull:pgbackrest" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs-full.sh"
+  measure "pushfull:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv-segs-full.sh"
+  measure "pushfull:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs-full.sh"
+  measure "push20:walvault" "$tmp/wv-push" bash "$tmp/push-wv-segs.sh"
+  measure "push20:pgbackrest" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs.sh"
+  measure "push20:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv-segs.sh"
+  measure "push20:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs.sh"
+fi
 
-python3 - "$results" "$db_bytes" <<'PY'
+nfull=$(cat "$tmp/nfull" 2>/dev/null || echo 0)
+python3 - "$results" "$db_bytes" "$nfull" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     name, wall, cpu, rss, stored = line.split()
     rows[name].append((float(wall), float(cpu), int(rss), int(stored)))
 db = int(sys.argv[2])
+calls = {"push20": 20, "pushfull": int(sys.argv[3])}
 def med(name, i):
     return statistics.median(r[i] for r in rows[name])
 phases = collections.OrderedDict()
@@ -257,19 +285,23 @@ for name in rows:
     phases.setdefault(phase, []).append(tool)
 titles = {"full": "Full backup", "incr": "Second backup after 20 s of pgbench churn",
           "restore": "Restore (files only)", "pitr": "Point-in-time recovery: restore + WAL + replay + promote (RTO)",
-          "push20": "Archive command: 20 segments, one call each"}
+          "push20": "Archive command: 20 mostly empty (switched) segments, one call each",
+          "pushfull": f"Archive command: {calls['pushfull']} segments full of pgbench WAL, one call each"}
 print(f"database: {db/1e6:.0f} MB; median of {len(rows[next(iter(rows))])} runs per tool\n")
 for phase, tools in phases.items():
     print(f"### {titles.get(phase, phase)}\n")
-    print("| tool | wall s | CPU s | peak RSS MiB | stored MiB | MB/s | wall vs walvault |")
+    rate = "ms per call" if phase in calls else "MB/s"
+    print(f"| tool | wall s | CPU s | peak RSS MiB | stored MiB | {rate} | wall vs walvault |")
     print("|---|---|---|---|---|---|---|")
     base = med(f"{phase}:walvault", 0) if f"{phase}:walvault" in rows else None
     for t in tools:
         n = f"{phase}:{t}"
         w, c, m, s = (med(n, i) for i in range(4))
         mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "pitr") else "-"
+        if phase in calls and calls[phase]:
+            mbs = f"{w * 1000 / calls[phase]:.1f}"
         ratio = f"{w/base:.2f}x" if base else "-"
-        stored = f"{s/2**20:.1f}" if phase in ("full", "incr", "push20") else "-"
+        stored = f"{s/2**20:.1f}" if phase in ("full", "incr", "push20", "pushfull") else "-"
         print(f"| {t} | {w:.2f} | {c:.2f} | {m/1024:.0f} | {stored} | {mbs} | {ratio} |")
     print()
 PY

@@ -65,23 +65,9 @@ impl Repository {
         name: &str,
         data: Vec<u8>,
     ) -> Result<WalStored, RepoError> {
-        let key = wal_key(paths, name)?;
-        if !name.ends_with(".partial") {
-            match self.storage().head(&key).await {
-                Ok(_) => {
-                    let existing = self.load_wal(paths, name).await?;
-                    if existing.as_deref() == Some(&data[..]) {
-                        return Ok(WalStored::AlreadyThere);
-                    }
-                    if existing.is_some() {
-                        return Err(RepoError::WalConflict {
-                            name: name.to_owned(),
-                            stanza: paths.stanza().to_owned(),
-                        });
-                    }
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
+        if !name.ends_with(".partial") && self.has_wal(paths, name).await? {
+            if let Some(found) = self.compare_wal(paths, name, &data).await? {
+                return Ok(found);
             }
         }
         self.store_wal(paths, name, data).await?;
@@ -126,6 +112,21 @@ impl Repository {
         name: &str,
         data: Vec<u8>,
     ) -> Result<(), RepoError> {
+        let (key, sealed) = self.seal_wal(paths, name, Bytes::from(data)).await?;
+        self.storage().put(&key, sealed).await?;
+        Ok(())
+    }
+
+    /// WAL file `name` encoded as its object (LZ4, then the tag or the
+    /// encryption), on the blocking pool: the CPU half of
+    /// [`Repository::store_wal`], for callers that overlap it with other
+    /// work and store the result with `storage().put(key, sealed)`.
+    pub async fn seal_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &str,
+        data: Bytes,
+    ) -> Result<(String, Bytes), RepoError> {
         let key = wal_key(paths, name)?;
         let keys = self.keys().cloned();
         let k = key.clone();
@@ -134,8 +135,31 @@ impl Repository {
         })
         .await
         .map_err(|e| RepoError::Invalid(format!("WAL encode task failed: {e}")))?;
-        self.storage().put(&key, sealed).await?;
-        Ok(())
+        Ok((key, sealed))
+    }
+
+    /// Whether WAL file `name` is stored.
+    pub async fn has_wal(&self, paths: &StanzaPaths, name: &str) -> Result<bool, RepoError> {
+        Ok(self.storage().head(&wal_key(paths, name)?).await?.is_some())
+    }
+
+    /// Compare `data` with the stored WAL file `name` by downloading it:
+    /// [`WalStored::AlreadyThere`] when equal, [`RepoError::WalConflict`]
+    /// when not, `None` when nothing is stored under the name.
+    pub async fn compare_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &str,
+        data: &[u8],
+    ) -> Result<Option<WalStored>, RepoError> {
+        match self.load_wal(paths, name).await? {
+            Some(existing) if existing[..] == *data => Ok(Some(WalStored::AlreadyThere)),
+            Some(_) => Err(RepoError::WalConflict {
+                name: name.to_owned(),
+                stanza: paths.stanza().to_owned(),
+            }),
+            None => Ok(None),
+        }
     }
 
     /// WAL file `name`, or `None` when the repository does not have it.

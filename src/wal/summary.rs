@@ -14,7 +14,7 @@ use super::records::{interpret, RecordKind, XactEnd};
 use crate::pg::{Lsn, SegmentNo, WalSegSize};
 
 /// Format version of [`SegmentSummary`].
-pub const SUMMARY_VERSION: u32 = 1;
+pub const SUMMARY_VERSION: u32 = 2;
 /// Most WAL bytes a summary carries to decode a record that crosses into
 /// the next segment (commits, aborts and restore points are far smaller).
 pub const MAX_CARRY: usize = 1 << 20;
@@ -85,6 +85,10 @@ pub struct SegmentSummary {
     pub head: Vec<u8>,
     /// The first record that failed to decode, with why (`None`: all valid).
     pub error: Option<String>,
+    /// SHA-256 of the whole file as stored, when the writer computed it
+    /// (`wal-push` does): a second push of the same name is compared with
+    /// it instead of downloading the stored copy.
+    pub content_sha256: Option<[u8; 32]>,
 }
 
 impl SegmentSummary {
@@ -188,6 +192,7 @@ pub fn summarize(
         tail: None,
         head: Vec::new(),
         error: None,
+        content_sha256: None,
     };
     let mut r = WalReader::new(start, seg).headers_only_for_other_records();
     r.feed(data);
