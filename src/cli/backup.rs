@@ -158,6 +158,7 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         restore_command: Some(restore_command),
         delta: args.delta,
         progress: Some(progress.clone()),
+        staged_wal: false,
     };
     let t = Instant::now();
     let reporter = Reporter::start("restore", progress, !settings.quiet);
@@ -203,10 +204,21 @@ pub(super) fn tablespace_map(args: &[String]) -> anyhow::Result<HashMap<String, 
 pub(super) fn restore_command(settings: &Settings) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the walvault binary")?;
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\\\""));
+    // PostgreSQL runs restore_command in the data directory: a relative
+    // repository path must not be read from there
+    let repo = settings.repo()?;
+    let repo = if repo.contains("://") {
+        repo.to_owned()
+    } else {
+        std::path::absolute(repo)
+            .with_context(|| format!("cannot make the repository path {repo} absolute"))?
+            .display()
+            .to_string()
+    };
     let mut cmd = format!(
         "{} wal-fetch --repo {} --stanza {}",
         quote(&exe.display().to_string()),
-        quote(settings.repo()?),
+        quote(&repo),
         quote(&settings.stanza)
     );
     if let Some(k) = &settings.key_file {

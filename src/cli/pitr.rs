@@ -1,6 +1,7 @@
 //! `walvault restore-pitr`: plan, prove, restore, pre-stage WAL, configure
 //! recovery, and with `--start` run it and report the measured RTO.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +175,22 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         return Ok(());
     }
 
-    // restore the files
+    // Restore the files and, at the same time, pre-stage the WAL where
+    // wal-fetch serves it from: downloading and decoding WAL overlaps the
+    // block writes. Nothing is created before the directory is known empty.
+    if !crate::restore::is_empty_dir(&args.pgdata, false)? {
+        bail!(
+            "{} is not empty; restore into an empty or new directory",
+            args.pgdata.display()
+        );
+    }
+    let spool = args
+        .pgdata
+        .join("pg_wal")
+        .join(crate::restore::fetch::SPOOL_DIR);
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    std::fs::set_permissions(&args.pgdata, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", args.pgdata.display()))?;
     let map = super::backup::tablespace_map(&args.tablespace_map)?;
     let progress = Progress::new();
     let opts = RestoreOptions {
@@ -183,54 +199,63 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         restore_command: Some(super::backup::restore_command(settings)?),
         delta: false,
         progress: Some(progress.clone()),
+        staged_wal: true,
     };
-    let t_restore = Instant::now();
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
-    let restored =
-        crate::restore::restore(repo.clone(), &settings.stanza, &args.pgdata, &opts).await;
-    reporter.finish();
-    restored?;
-    let restore_secs = t_restore.elapsed().as_secs_f64();
-
-    // pre-stage the WAL where wal-fetch serves it from
-    let t_fetch = Instant::now();
-    let spool = args
-        .pgdata
-        .join("pg_wal")
-        .join(crate::restore::fetch::SPOOL_DIR);
-    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
     let paths = crate::repo::StanzaPaths::new(&settings.stanza);
-    let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(plan.segments.clone())
-        .map(|name| {
-            let (repo, paths, spool) = (&repo, &paths, &spool);
-            async move {
-                let data = repo
-                    .load_wal(paths, &name)
-                    .await?
-                    .with_context(|| format!("{name} vanished from the repository"))?;
-                // a .partial is served under its segment's name
-                let file = spool.join(name.trim_end_matches(".partial"));
-                let tmp = file.with_extension("walvault-tmp");
-                tokio::fs::write(&tmp, &data).await?;
-                tokio::fs::rename(&tmp, &file).await?;
-                Ok(data.len() as u64)
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let mut wal_bytes = 0;
-    for f in fetched {
-        wal_bytes += f?;
-    }
-    let fetch_secs = t_fetch.elapsed().as_secs_f64();
+    let restore_files = async {
+        let t = Instant::now();
+        crate::restore::restore(repo.clone(), &settings.stanza, &args.pgdata, &opts).await?;
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    };
+    let stage_wal = async {
+        let t = Instant::now();
+        let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(plan.segments.clone())
+            .map(|name| {
+                let (repo, paths, spool) = (&repo, &paths, &spool);
+                async move {
+                    let data = repo
+                        .load_wal(paths, &name)
+                        .await?
+                        .with_context(|| format!("{name} vanished from the repository"))?;
+                    // a .partial is served under its segment's name
+                    let file = spool.join(name.trim_end_matches(".partial"));
+                    let tmp = file.with_extension("walvault-tmp");
+                    tokio::fs::write(&tmp, &data).await?;
+                    tokio::fs::rename(&tmp, &file).await?;
+                    Ok(data.len() as u64)
+                }
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        let mut bytes = 0;
+        for f in fetched {
+            bytes += f?;
+        }
+        anyhow::Ok((bytes, t.elapsed().as_secs_f64()))
+    };
+    let done = tokio::try_join!(restore_files, stage_wal);
+    reporter.finish();
+    let (restore_secs, (wal_bytes, fetch_secs)) = done?;
 
     let timeline = match args.target_timeline {
         TimelineChoice::Latest => "latest".to_owned(),
         TimelineChoice::Current => "current".to_owned(),
         TimelineChoice::Id(n) => n.to_string(),
     };
-    let lines = recovery::settings(&target, args.exclusive, &timeline, args.target_action);
+    // with --start, "promote" is carried out as pause, then pg_ctl promote
+    // (see pitr_start): the same stop point without waiting for a full
+    // checkpoint. `--latest` has no target to pause at.
+    let promote_on_pause = args.start
+        && args.target_action == TargetAction::Promote
+        && !matches!(target, Target::Latest);
+    let written_action = if promote_on_pause {
+        TargetAction::Pause
+    } else {
+        args.target_action
+    };
+    let lines = recovery::settings(&target, args.exclusive, &timeline, written_action);
     if args.archive_mode == ArchiveMode::Off {
         let auto = args.pgdata.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
@@ -262,6 +287,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         args.port,
         args.pg_bin.as_deref(),
         args.target_action,
+        promote_on_pause,
     )
     .await?;
     let total = t0.elapsed().as_secs_f64();

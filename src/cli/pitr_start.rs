@@ -43,17 +43,33 @@ fn bindir(pgdata: &Path, given: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Start the server on `pgdata` and wait for the end of recovery.
+///
+/// With `promote_on_pause`, the recovery settings say `pause` and the
+/// server is asked to promote (`pg_ctl promote`) as soon as replay runs. A
+/// promotion ends recovery with an end-of-recovery record and checkpoints in
+/// the background, where reaching a target with `promote` makes the server
+/// wait for a full checkpoint — every dirty buffer written and synced, many
+/// seconds with large shared_buffers — before it accepts writes. Outside
+/// standby mode PostgreSQL only looks at a promote request when it pauses,
+/// so an early request changes nothing before the target; it is seen the
+/// moment the pause begins (a request sent during the pause waits up to a
+/// second for PostgreSQL's poll). This run gets `hot_standby = on` on its
+/// command line, since a pause needs it.
 pub(super) async fn start_and_wait(
     pgdata: &Path,
     plan: &PitrPlan,
     port: Option<u16>,
     pg_bin: Option<&Path>,
     action: TargetAction,
+    promote_on_pause: bool,
 ) -> anyhow::Result<Outcome> {
     let bin = bindir(pgdata, pg_bin)?;
     let log = pgdata.join("walvault-recovery.log");
     let _ = std::fs::remove_file(&log);
     let mut o = "-c lc_messages=C".to_owned();
+    if promote_on_pause {
+        o.push_str(" -c hot_standby=on");
+    }
     if let Some(p) = port {
         o.push_str(&format!(" -p {p}"));
     }
@@ -79,9 +95,32 @@ pub(super) async fn start_and_wait(
             .find(|l| l.contains(needle))
             .map(|l| l[l.find(needle).unwrap_or(0)..].to_owned())
     };
+    let mut promoted = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let paused = text.contains("pausing at the end of recovery");
+        if promote_on_pause && !promoted && (paused || text.contains("redo starts at")) {
+            let out = tokio::process::Command::new(bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(pgdata)
+                .args(["-W", "promote"])
+                .output()
+                .await
+                .context("running pg_ctl promote")?;
+            if out.status.success() {
+                promoted = true;
+            } else if paused {
+                bail!(
+                    "the server paused at the target, but pg_ctl promote failed: {}{}; it is still paused: promote it with pg_ctl promote -D {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    pgdata.display()
+                );
+            }
+            // otherwise recovery has not marked the control file yet: again
+            // on the next look
+        }
         let pid_alive = pgdata.join("postmaster.pid").exists();
         let stop_line = find(&text, "recovery stopping");
         let last_commit_time = find(&text, "last completed transaction was at log time").map(|l| {

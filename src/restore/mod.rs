@@ -4,6 +4,8 @@
 //! backup's WAL from the repository and becomes consistent with nothing else.
 
 use std::collections::HashMap;
+
+use futures::{StreamExt, TryStreamExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,6 +66,9 @@ pub struct RestoreOptions {
     pub delta: bool,
     /// Counts bytes as they are written (or found in place with `delta`).
     pub progress: Option<Arc<Progress>>,
+    /// The target may already hold `pg_wal/walvault-spool` (WAL staged by
+    /// restore-pitr at the same time).
+    pub staged_wal: bool,
 }
 
 /// What a restore did.
@@ -102,8 +107,25 @@ pub async fn choose_backup(
     Ok(Manifest::load(repo, paths, &id).await?)
 }
 
-fn is_empty_dir(dir: &Path) -> Result<bool, RestoreError> {
-    Ok(!dir.exists() || std::fs::read_dir(dir).map_err(io(dir))?.next().is_none())
+/// Whether `dir` is missing or empty. With `staged_wal`, a
+/// `pg_wal/walvault-spool` holding nothing else does not count: restore-pitr
+/// stages WAL there while the files are restored.
+pub(crate) fn is_empty_dir(dir: &Path, staged_wal: bool) -> Result<bool, RestoreError> {
+    if !dir.exists() {
+        return Ok(true);
+    }
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        if staged_wal && e.file_name() == "pg_wal" {
+            let wal = e.path();
+            let mut inside = std::fs::read_dir(&wal).map_err(io(&wal))?;
+            if inside.all(|x| x.is_ok_and(|x| x.file_name() == fetch::SPOOL_DIR)) {
+                continue;
+            }
+        }
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Restore into `target`, which must be empty or missing (or, with
@@ -122,7 +144,7 @@ pub async fn restore(
                 target.display()
             )));
         }
-    } else if !is_empty_dir(target)? {
+    } else if !is_empty_dir(target, opts.staged_wal)? {
         return Err(RestoreError::Invalid(format!(
             "{} is not empty; restore into an empty or new directory, or pass --delta to restore over a stopped server's data directory (only changed blocks are written)",
             target.display()
@@ -142,7 +164,7 @@ pub async fn restore(
             .or_else(|| opts.tablespace_map.get(&t.location))
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&t.location));
-        if !opts.delta && !is_empty_dir(&dest)? {
+        if !opts.delta && !is_empty_dir(&dest, false)? {
             return Err(RestoreError::Invalid(format!(
                 "tablespace {} would go to {}, which is not empty; map it elsewhere with --tablespace-map {}=DIR",
                 t.oid,
@@ -291,12 +313,25 @@ pub async fn restore(
         ));
         std::fs::write(&auto, conf).map_err(io(&auto))?;
     }
-    // durable before "restored" is reported
-    let mut roots = vec![target.to_owned()];
-    roots.extend(ts_dirs.values().cloned());
-    tokio::task::spawn_blocking(move || sync_filesystems(&roots))
-        .await
-        .map_err(|e| RestoreError::Invalid(format!("sync task failed: {e}")))??;
+    // durable before "restored" is reported: every file written, then
+    // every directory (their entries)
+    let mut files: Vec<PathBuf> = targets.iter().map(|t| t.path.clone()).collect();
+    for extra in ["tablespace_map", "recovery.signal", "postgresql.auto.conf"] {
+        let p = target.join(extra);
+        if p.exists() && !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    sync_all(files).await?;
+    let mut dirs: Vec<PathBuf> = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Directory)
+        .map(|f| resolve(&f.path))
+        .collect();
+    dirs.push(target.to_owned());
+    dirs.extend(ts_dirs.values().cloned());
+    sync_all(dirs).await?;
     Ok(RestoreReport {
         files: targets.len(),
         backup: manifest,
@@ -306,26 +341,25 @@ pub async fn restore(
     })
 }
 
-/// Flush everything written under `roots` to stable storage: one `syncfs`
-/// per file system (the data directory's and each tablespace's) instead of
-/// an fsync per file — thousands of files, one call, the idea of
-/// PostgreSQL's `recovery_init_sync_method = syncfs`. PostgreSQL syncs the
-/// data directory again when it starts from a backup; after this, that pass
-/// finds nothing dirty.
-fn sync_filesystems(roots: &[PathBuf]) -> Result<(), RestoreError> {
-    use std::os::unix::fs::MetadataExt;
-    let mut done = Vec::new();
-    for root in roots {
-        let dev = std::fs::metadata(root).map_err(io(root))?.dev();
-        if done.contains(&dev) {
-            continue;
-        }
-        let dir = std::fs::File::open(root).map_err(io(root))?;
-        nix::unistd::syncfs(&dir).map_err(|e| RestoreError::Io {
-            path: root.clone(),
-            source: e.into(),
-        })?;
-        done.push(dev);
-    }
+/// fsync each of `paths` (files or directories), many at once: the dirty
+/// pages of a restore are written back in parallel, and only this
+/// restore's — where one `syncfs` would also wait for everything else
+/// written to the file system (the source cluster's churn, another
+/// restore). PostgreSQL syncs the data directory again when it starts from
+/// a backup; after this, that pass finds nothing dirty.
+async fn sync_all(paths: Vec<PathBuf>) -> Result<(), RestoreError> {
+    futures::stream::iter(paths)
+        .map(|p| async move {
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(&p))
+            })
+            .await
+            .map_err(|e| RestoreError::Invalid(format!("sync task failed: {e}")))?
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(())
 }

@@ -85,10 +85,10 @@ pub struct SegmentSummary {
     pub head: Vec<u8>,
     /// The first record that failed to decode, with why (`None`: all valid).
     pub error: Option<String>,
-    /// SHA-256 of the whole file as stored, when the writer computed it
+    /// BLAKE3 of the whole file as stored, when the writer computed it
     /// (`wal-push` does): a second push of the same name is compared with
     /// it instead of downloading the stored copy.
-    pub content_sha256: Option<[u8; 32]>,
+    pub content_blake3: Option<[u8; 32]>,
 }
 
 impl SegmentSummary {
@@ -192,7 +192,7 @@ pub fn summarize(
         tail: None,
         head: Vec::new(),
         error: None,
-        content_sha256: None,
+        content_blake3: None,
     };
     let mut r = WalReader::new(start, seg).headers_only_for_other_records();
     r.feed(data);

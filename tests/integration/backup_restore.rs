@@ -232,3 +232,64 @@ fn a_server_without_replication_gets_one_clear_line() {
         "a manifest was written"
     );
 }
+
+/// Regression: a relative `--repo` went into `restore_command` as given, and
+/// PostgreSQL runs restore_command in the data directory, where the path
+/// names nothing: recovery failed at its first WAL file.
+#[test]
+fn a_relative_repo_path_reaches_the_restored_server() {
+    let src = PgCluster::start();
+    src.psql("CREATE TABLE marker(t text); INSERT INTO marker VALUES ('in the backup')");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let in_work = |args: &[&str]| {
+        let out = Command::new(&bin)
+            .args(args)
+            .current_dir(work.path())
+            .env_remove("WALVAULT_REPO")
+            .env_remove("WALVAULT_PASSPHRASE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "walvault {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    in_work(&["init", "--repo", "repo"]);
+    let conn = format!(
+        "host={} port={} user=postgres",
+        src.sockdir.display(),
+        src.port
+    );
+    in_work(&["backup", "--repo", "repo", "--pg", &conn, "--fast"]);
+    let mut dst = PgCluster::for_restore(&src.bindir);
+    in_work(&[
+        "restore",
+        "--repo",
+        "repo",
+        "--backup",
+        "latest",
+        "--pgdata",
+        dst.datadir.to_str().unwrap(),
+    ]);
+    let auto = std::fs::read_to_string(dst.datadir.join("postgresql.auto.conf")).unwrap();
+    let absolute = work.path().join("repo");
+    assert!(
+        auto.contains(&format!("--repo \"{}\"", absolute.display())),
+        "{auto}"
+    );
+    if nix::unistd::geteuid().is_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&absolute)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // recovery fetches the backup's WAL through restore_command
+    dst.start_restored();
+    assert_eq!(dst.psql("SELECT t FROM marker"), "in the backup");
+}

@@ -277,6 +277,19 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
     assert_eq!(rows(&r), "10:10", "{report}");
     assert_eq!(report["state"], "promoted");
     assert!(report["total_seconds"].as_f64().unwrap() > 0.0);
+    // promoted by a promote request at the pause: out of recovery, writable,
+    // and walvault's recovery settings (which said pause) are gone
+    assert_eq!(r.psql("SELECT pg_is_in_recovery()"), "f");
+    r.psql("INSERT INTO marker VALUES (1000)");
+    let auto = std::fs::read_to_string(r.dst.datadir.join("postgresql.auto.conf")).unwrap();
+    assert!(!auto.contains("recovery_target_action"), "{auto}");
+    assert!(
+        std::fs::read_to_string(r.dst.datadir.join("walvault-recovery.log"))
+            .unwrap()
+            .contains("received promote request"),
+        "not promoted by request"
+    );
+    r.psql("DELETE FROM marker WHERE id = 1000");
     r.stop_and_check();
     let (r, _) = a.pitr(&["--target-lsn", &after[19], "--exclusive"]);
     assert_eq!(rows(&r), "20:20");
