@@ -7,7 +7,8 @@
 #   archive call  walvault wal-push | pgbackrest archive-push      (per call)
 # Each measured operation runs ROUNDS times, the tools alternating; the table
 # shows the median wall time, CPU (user+sys), peak RSS and bytes stored, and
-# ratios against walvault. The database is in the page cache for every tool.
+# ratios against walvault. The database is in the page cache for every tool,
+# and each operation starts after a sync (nothing left to write back).
 #
 # usage: bench/compare.sh [SCALE]        (pgbench scale, default 100 ≈ 1.5 GB)
 # env:   ROUNDS (default 2), PG_BIN (default /usr/lib/postgresql/15/bin),
@@ -126,6 +127,9 @@ results=$tmp/results.txt
 measure() {
   local name=$1 sized=$2
   shift 2
+  # every operation starts on a quiet file system: no writeback (or journal
+  # commit of a deleted directory) left over from the previous one
+  sync
   local before=0
   [ -e "$sized" ] && before=$(du -sb "$sized" | cut -f1)
   run /usr/bin/time -f "%e %U %S %M" -o "$tmp/time.txt" "$@" >"$tmp/cmd.log" 2>&1 || {

@@ -253,9 +253,10 @@ pub(super) async fn write_files(
     // one writer per file at a time: buffered writes to one file serialize
     // on its inode lock in the kernel, where a waiting thread spins while
     // the owner copies (an eighth of a scale-100 restore's CPU); waiting
-    // here instead parks the thread and frees the core for decoding
-    let locks: Arc<Vec<std::sync::Mutex<()>>> =
-        Arc::new(targets.iter().map(|_| std::sync::Mutex::new(())).collect());
+    // here instead parks the thread and frees the core for decoding. The
+    // lock guards the file's bytes written since its last early sync.
+    let locks: Arc<Vec<std::sync::Mutex<u64>>> =
+        Arc::new(targets.iter().map(|_| std::sync::Mutex::new(0)).collect());
     let locks = &locks;
     let written: u64 = futures::stream::iter(runs)
         .map(|run| async move {
@@ -307,13 +308,19 @@ struct Job {
     data: Vec<u8>,
 }
 
+/// Bytes of one file written without a sync after which the writing thread
+/// syncs it: the disk writes back while the restore goes on decoding, instead
+/// of all at the end (the final sync then waits for little).
+const EARLY_SYNC_BYTES: u64 = 64 << 20;
+
 /// Positioned writes of decoded blocks: consecutive blocks of one file are
 /// gathered into one write (a run holds neighbouring blocks, usually of one
 /// file in order), and consecutive writes share one open file. A write
-/// holds its file's lock in `locks`.
+/// holds its file's lock in `locks`, which counts the bytes written since
+/// the file's last early sync.
 fn write_blocks(
     jobs: Vec<Job>,
-    locks: &[std::sync::Mutex<()>],
+    locks: &[std::sync::Mutex<u64>],
     progress: &Progress,
 ) -> Result<u64, RestoreError> {
     let mut open: Option<(PathBuf, std::fs::File)> = None;
@@ -329,8 +336,19 @@ fn write_blocks(
             *open = Some((p.path.clone(), f));
         }
         if let Some((_, f)) = open.as_ref() {
-            let _one_writer = locks[p.target].lock().unwrap_or_else(|e| e.into_inner());
-            f.write_all_at(&p.data, p.offset).map_err(io(&p.path))?;
+            let sync_now = {
+                let mut unsynced = locks[p.target].lock().unwrap_or_else(|e| e.into_inner());
+                f.write_all_at(&p.data, p.offset).map_err(io(&p.path))?;
+                *unsynced += p.data.len() as u64;
+                let due = *unsynced >= EARLY_SYNC_BYTES;
+                if due {
+                    *unsynced = 0;
+                }
+                due
+            };
+            if sync_now {
+                f.sync_data().map_err(io(&p.path))?;
+            }
         }
         Ok(())
     };
