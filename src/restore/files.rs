@@ -7,6 +7,7 @@
 //! [`MAX_RUN_BYTES`] read and 256 blocks decoded), never by the size of a
 //! file.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -144,7 +145,12 @@ fn unchanged(
     Ok(same)
 }
 
-/// Group the blocks to write into runs.
+/// Group the blocks to write into runs. Each pack has its open run, which a
+/// block extends when it lies just after it: a backup taken after churn
+/// takes most blocks from an old pack with every changed block from a new
+/// one, and extending only the newest run cut the old pack's run at every
+/// changed block (60 000 runs of 25 KiB for a scale-100 database after 20 s
+/// of pgbench, instead of a few hundred).
 fn plan_runs(
     index: &Index,
     targets: &[Target<'_>],
@@ -152,6 +158,7 @@ fn plan_runs(
     block_size: usize,
 ) -> Result<Vec<Run>, RestoreError> {
     let mut runs: Vec<Run> = Vec::new();
+    let mut open: HashMap<PackId, usize> = HashMap::new();
     for (t, (target, blocks)) in targets.iter().zip(needed).enumerate() {
         for &i in blocks {
             let id = &target.file.blocks[i];
@@ -167,9 +174,8 @@ fn plan_runs(
                 offset: i as u64 * block_size as u64,
                 entry: loc.entry,
             };
-            if let Some(run) = runs.last_mut() {
-                if run.pack == loc.pack
-                    && off >= run.end
+            if let Some(run) = open.get(&loc.pack).map(|&r| &mut runs[r]) {
+                if off >= run.end
                     && off - run.end <= MAX_GAP
                     && off + len - run.start <= MAX_RUN_BYTES
                     && run.items.len() < MAX_RUN_BLOCKS
@@ -179,6 +185,7 @@ fn plan_runs(
                     continue;
                 }
             }
+            open.insert(loc.pack, runs.len());
             runs.push(Run {
                 pack: loc.pack,
                 start: off,
@@ -315,43 +322,18 @@ const EARLY_SYNC_BYTES: u64 = 64 << 20;
 
 /// Positioned writes of decoded blocks: consecutive blocks of one file are
 /// gathered into one write (a run holds neighbouring blocks, usually of one
-/// file in order), and consecutive writes share one open file. A write
-/// holds its file's lock in `locks`, which counts the bytes written since
-/// the file's last early sync.
+/// file in order), and consecutive writes to one file share one open file
+/// and one hold of its lock in `locks` — after churn a run's blocks are
+/// scattered and a lock per write made threads hand it back and forth. The
+/// lock counts the bytes written since the file's last early sync.
 fn write_blocks(
     jobs: Vec<Job>,
     locks: &[std::sync::Mutex<u64>],
     progress: &Progress,
 ) -> Result<u64, RestoreError> {
-    let mut open: Option<(PathBuf, std::fs::File)> = None;
-    // pending contiguous bytes of one file
-    let mut pending: Option<Job> = None;
+    // validate and gather contiguous blocks
+    let mut pieces: Vec<Job> = Vec::new();
     let mut written = 0;
-    let flush = |open: &mut Option<(PathBuf, std::fs::File)>, p: Job| -> Result<(), RestoreError> {
-        if open.as_ref().map(|(o, _)| o != &p.path).unwrap_or(true) {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p.path)
-                .map_err(io(&p.path))?;
-            *open = Some((p.path.clone(), f));
-        }
-        if let Some((_, f)) = open.as_ref() {
-            let sync_now = {
-                let mut unsynced = locks[p.target].lock().unwrap_or_else(|e| e.into_inner());
-                f.write_all_at(&p.data, p.offset).map_err(io(&p.path))?;
-                *unsynced += p.data.len() as u64;
-                let due = *unsynced >= EARLY_SYNC_BYTES;
-                if due {
-                    *unsynced = 0;
-                }
-                due
-            };
-            if sync_now {
-                f.sync_data().map_err(io(&p.path))?;
-            }
-        }
-        Ok(())
-    };
     for job in jobs {
         if job.data.len() as u64 != job.want {
             return Err(RestoreError::Invalid(format!(
@@ -362,23 +344,42 @@ fn write_blocks(
                 job.want
             )));
         }
-        let want = job.want;
-        match &mut pending {
+        written += job.want;
+        match pieces.last_mut() {
             Some(p) if p.target == job.target && p.offset + p.data.len() as u64 == job.offset => {
                 p.data.extend_from_slice(&job.data);
             }
-            _ => {
-                if let Some(p) = pending.take() {
-                    flush(&mut open, p)?;
-                }
-                pending = Some(job);
-            }
+            _ => pieces.push(job),
         }
-        written += want;
-        progress.add(want);
     }
-    if let Some(p) = pending.take() {
-        flush(&mut open, p)?;
+    // write them, one file at a time
+    let mut rest = &pieces[..];
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|p| p.target == first.target).count();
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first.path)
+            .map_err(io(&first.path))?;
+        let sync_now = {
+            let mut unsynced = locks[first.target]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for p in group {
+                f.write_all_at(&p.data, p.offset).map_err(io(&p.path))?;
+                *unsynced += p.data.len() as u64;
+                progress.add(p.data.len() as u64);
+            }
+            let due = *unsynced >= EARLY_SYNC_BYTES;
+            if due {
+                *unsynced = 0;
+            }
+            due
+        };
+        if sync_now {
+            f.sync_data().map_err(io(&first.path))?;
+        }
     }
     Ok(written)
 }
