@@ -237,9 +237,14 @@ if want push20; then
   run mkdir -p "$tmp/segs" "$tmp/segs-full"
   seg_lt() { ls "$data/pg_wal" | grep -E '^[0-9A-F]{24}$' | sort | awk -v c="$1" '$0 < c'; }
   first=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
-  run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 6 postgres >/dev/null
-  cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
-  # complete segments written by this pgbench run (none recycled: no checkpoint)
+  # pgbench until at least 4 segments after the current one are complete
+  # (small scales write little WAL per second)
+  for _ in $(seq 15); do
+    run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 2 postgres >/dev/null
+    cur=$(q "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    [ "$(seg_lt "$cur" | awk -v f="$first" '$0 > f' | wc -l)" -ge 4 ] && break
+  done
+  # complete segments written by these pgbench runs (none recycled: no checkpoint)
   seg_lt "$cur" | awk -v f="$first" '$0 > f' | tail -20 | while read -r s; do cp "$data/pg_wal/$s" "$tmp/segs-full/"; done
   for i in $(seq 20); do
     q "INSERT INTO marker VALUES ('seg $i'); SELECT pg_switch_wal()" >/dev/null

@@ -220,10 +220,20 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
                         .with_context(|| format!("{name} vanished from the repository"))?;
                     // a .partial is served under its segment's name
                     let file = spool.join(name.trim_end_matches(".partial"));
-                    let tmp = file.with_extension("walvault-tmp");
-                    tokio::fs::write(&tmp, &data).await?;
-                    tokio::fs::rename(&tmp, &file).await?;
-                    Ok(data.len() as u64)
+                    let len = data.len() as u64;
+                    // synced here, while the files are still being restored:
+                    // PostgreSQL fsyncs the whole data directory (pg_wal
+                    // included) before it replays anything, one file after
+                    // the other
+                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        let tmp = file.with_extension("walvault-tmp");
+                        let mut f = std::fs::File::create(&tmp)?;
+                        std::io::Write::write_all(&mut f, &data)?;
+                        f.sync_data()?;
+                        std::fs::rename(&tmp, &file)
+                    })
+                    .await??;
+                    Ok(len)
                 }
             })
             .buffer_unordered(4)
