@@ -388,6 +388,52 @@ fn write_blocks(
 mod tests {
     use super::*;
 
+    /// Regression: a backup taken after churn takes most blocks from an old
+    /// pack and each changed block from a new one; extending only the newest
+    /// run cut the old pack's run at every changed block.
+    #[test]
+    fn runs_survive_blocks_from_another_pack() {
+        let id = |n: u8| BlockId([n; 32]);
+        let entry = |n: u8, slot: u32| PackEntry {
+            id: id(n),
+            offset: slot * 100,
+            len: 100,
+            raw_len: 8192,
+            compression: 0,
+        };
+        let (old, new) = (PackId([1; 16]), PackId([2; 16]));
+        let mut index = Index::new();
+        // the old pack holds blocks 0..10 (3 and 7 as they were)
+        index.add_pack(
+            old,
+            &(0..10).map(|n| entry(n, u32::from(n))).collect::<Vec<_>>(),
+        );
+        // the new pack holds the changed 3 and 7
+        index.add_pack(new, &[entry(103, 0), entry(107, 1)]);
+        let blocks: Vec<BlockId> = (0..10u8)
+            .map(|n| if n == 3 || n == 7 { id(100 + n) } else { id(n) })
+            .collect();
+        let file = BackupFile {
+            path: "base/5/16384".into(),
+            kind: crate::repo::FileKind::File,
+            size: 10 * 8192,
+            mode: 0o600,
+            mtime: 0,
+            blocks,
+        };
+        let targets = [Target {
+            path: PathBuf::from("/x/base/5/16384"),
+            file: &file,
+        }];
+        let runs = plan_runs(&index, &targets, &[(0..10).collect()], 8192).unwrap();
+        assert_eq!(runs.len(), 2, "one run per pack");
+        let old_run = runs.iter().find(|r| r.pack == old).unwrap();
+        let offsets: Vec<u64> = old_run.items.iter().map(|i| i.offset / 8192).collect();
+        assert_eq!(offsets, [0, 1, 2, 4, 5, 6, 8, 9]);
+        let new_run = runs.iter().find(|r| r.pack == new).unwrap();
+        assert_eq!(new_run.items.len(), 2);
+    }
+
     #[test]
     fn block_lengths_cover_the_file() {
         assert_eq!(block_len(20000, 0, 8192), 8192);
