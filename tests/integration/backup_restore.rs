@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
-use crate::support::walvault_bin;
+use crate::support::{give_to_postgres, walvault_bin};
 
 fn run(bin: &Path, args: &[&str]) -> Output {
     let out = Command::new(bin)
@@ -153,14 +153,7 @@ fn backup_under_load_restore_and_recover() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("restored backup"));
     assert!(dst.datadir.join("recovery.signal").exists());
-    if nix::unistd::geteuid().is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&new_ts)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+    give_to_postgres(&new_ts);
     dst.start_restored();
 
     // consistent: the TPC-B invariant holds, the marker shows the backup's point
@@ -281,14 +274,7 @@ fn a_relative_repo_path_reaches_the_restored_server() {
         auto.contains(&format!("--repo \"{}\"", absolute.display())),
         "{auto}"
     );
-    if nix::unistd::geteuid().is_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&absolute)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    give_to_postgres(&absolute);
     // recovery fetches the backup's WAL through restore_command
     dst.start_restored();
     assert_eq!(dst.psql("SELECT t FROM marker"), "in the backup");

@@ -95,14 +95,7 @@ impl Archived {
     }
 
     fn chown_repo(&self) {
-        if nix::unistd::geteuid().is_root() {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&self.repo)
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
+        crate::support::give_to_postgres(&self.repo);
     }
 
     /// Wait until the stream made everything up to the server's current

@@ -576,14 +576,7 @@ fn wal_push_as_archive_command() {
     std::fs::copy(walvault_bin(), &bin).unwrap();
     let repo = work.path().join("repo");
     ok(walvault(&repo, &["init"]));
-    if nix::unistd::geteuid().is_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&repo)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    crate::support::give_to_postgres(&repo);
     let c = PgCluster::start_with(PgOptions {
         conf: vec![
             "archive_mode = on".into(),

@@ -50,6 +50,20 @@ pub fn walvault_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walvault"))
 }
 
+/// Hand `path` (recursively) to the server's OS user when the tests run as
+/// root: PostgreSQL runs as `postgres` and reads repositories and
+/// tablespace directories the test created.
+pub fn give_to_postgres(path: &std::path::Path) {
+    if nix::unistd::geteuid().is_root() {
+        let st = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chown -R postgres {}", path.display());
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), fast enough for 100 MiB.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
