@@ -10,12 +10,19 @@ use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
 use crate::support::{give_to_postgres, walvault_bin};
 
 fn run(bin: &Path, args: &[&str]) -> Output {
-    let out = Command::new(bin)
-        .args(args)
+    run_in(bin, None, args)
+}
+
+/// `bin args`, in directory `cwd` when given; must succeed.
+fn run_in(bin: &Path, cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
         .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_PASSPHRASE")
-        .output()
-        .unwrap();
+        .env_remove("WALVAULT_PASSPHRASE");
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "walvault {args:?} failed:\n{}\n{}",
@@ -237,20 +244,7 @@ fn a_relative_repo_path_reaches_the_restored_server() {
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = work.path().join("walvault");
     std::fs::copy(walvault_bin(), &bin).unwrap();
-    let in_work = |args: &[&str]| {
-        let out = Command::new(&bin)
-            .args(args)
-            .current_dir(work.path())
-            .env_remove("WALVAULT_REPO")
-            .env_remove("WALVAULT_PASSPHRASE")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "walvault {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let in_work = |args: &[&str]| run_in(&bin, Some(work.path()), args);
     in_work(&["init", "--repo", "repo"]);
     let conn = format!(
         "host={} port={} user=postgres",
