@@ -176,6 +176,10 @@ run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 5 postgres >/dev/null
 
 want incr && echo "# incremental backups (x$ROUNDS)" >&2
 want incr && for r in $(seq "$ROUNDS"); do
+  # every round follows its own 20 s of churn (the first one the churn above)
+  if [ "$r" -gt 1 ]; then
+    run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 20 postgres >/dev/null
+  fi
   measure "incr:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
   measure "incr:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=incr backup
 done
