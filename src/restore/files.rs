@@ -257,14 +257,16 @@ pub(super) async fn write_files(
     .map_err(|e| RestoreError::Invalid(format!("file creation task failed: {e}")))??;
     let runs = plan_runs(index, targets, &needed, block_size)?;
     let reads = runs.len() as u64;
-    // one writer per file at a time: buffered writes to one file serialize
-    // on its inode lock in the kernel, where a waiting thread spins while
-    // the owner copies (an eighth of a scale-100 restore's CPU); waiting
-    // here instead parks the thread and frees the core for decoding. The
-    // lock guards the file's bytes written since its last early sync.
-    let locks: Arc<Vec<std::sync::Mutex<u64>>> =
-        Arc::new(targets.iter().map(|_| std::sync::Mutex::new(0)).collect());
-    let locks = &locks;
+    let slots: Arc<Vec<FileSlot>> = Arc::new(
+        targets
+            .iter()
+            .map(|t| FileSlot {
+                path: t.path.clone(),
+                unsynced: std::sync::Mutex::new(0),
+            })
+            .collect(),
+    );
+    let slots = &slots;
     let written: u64 = futures::stream::iter(runs)
         .map(|run| async move {
             let entries: Vec<PackEntry> = run.items.iter().map(|i| i.entry).collect();
@@ -282,15 +284,14 @@ pub(super) async fn write_files(
                     );
                     Job {
                         target: item.target,
-                        path: t.path.clone(),
                         offset: item.offset,
                         want,
                         data,
                     }
                 })
                 .collect();
-            let (progress, locks) = (progress.clone(), locks.clone());
-            tokio::task::spawn_blocking(move || write_blocks(jobs, &locks, &progress))
+            let (progress, slots) = (progress.clone(), slots.clone());
+            tokio::task::spawn_blocking(move || write_blocks(jobs, &slots, &progress))
                 .await
                 .map_err(|e| RestoreError::Invalid(format!("write task failed: {e}")))?
         })
@@ -304,11 +305,21 @@ pub(super) async fn write_files(
     })
 }
 
+/// A file being written. Its lock makes one writer per file at a time:
+/// buffered writes to one file serialize on its inode lock in the kernel,
+/// where a waiting thread spins while the owner copies (an eighth of a
+/// scale-100 restore's CPU); waiting here parks the thread and frees the
+/// core for decoding. The lock guards the bytes written since the file's
+/// last early sync.
+struct FileSlot {
+    path: PathBuf,
+    unsynced: std::sync::Mutex<u64>,
+}
+
 /// One decoded block and where it goes.
 struct Job {
-    /// Index of its file in the targets (and the file locks).
+    /// Index of its file in the targets (and the slots).
     target: usize,
-    path: PathBuf,
     offset: u64,
     /// Bytes the block must hold (the file's last block may be short).
     want: u64,
@@ -323,12 +334,11 @@ const EARLY_SYNC_BYTES: u64 = 64 << 20;
 /// Positioned writes of decoded blocks: consecutive blocks of one file are
 /// gathered into one write (a run holds neighbouring blocks, usually of one
 /// file in order), and consecutive writes to one file share one open file
-/// and one hold of its lock in `locks` — after churn a run's blocks are
-/// scattered and a lock per write made threads hand it back and forth. The
-/// lock counts the bytes written since the file's last early sync.
+/// and one hold of its slot's lock — after churn a run's blocks are
+/// scattered and a lock per write made threads hand it back and forth.
 fn write_blocks(
     jobs: Vec<Job>,
-    locks: &[std::sync::Mutex<u64>],
+    slots: &[FileSlot],
     progress: &Progress,
 ) -> Result<u64, RestoreError> {
     // validate and gather contiguous blocks
@@ -338,7 +348,7 @@ fn write_blocks(
         if job.data.len() as u64 != job.want {
             return Err(RestoreError::Invalid(format!(
                 "{}: the block at offset {} holds {} bytes, expected {}; the repository is damaged",
-                job.path.display(),
+                slots[job.target].path.display(),
                 job.offset,
                 job.data.len(),
                 job.want
@@ -358,16 +368,15 @@ fn write_blocks(
         let n = rest.iter().take_while(|p| p.target == first.target).count();
         let (group, tail) = rest.split_at(n);
         rest = tail;
+        let slot = &slots[first.target];
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&first.path)
-            .map_err(io(&first.path))?;
+            .open(&slot.path)
+            .map_err(io(&slot.path))?;
         let sync_now = {
-            let mut unsynced = locks[first.target]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut unsynced = slot.unsynced.lock().unwrap_or_else(|e| e.into_inner());
             for p in group {
-                f.write_all_at(&p.data, p.offset).map_err(io(&p.path))?;
+                f.write_all_at(&p.data, p.offset).map_err(io(&slot.path))?;
                 *unsynced += p.data.len() as u64;
                 progress.add(p.data.len() as u64);
             }
@@ -378,7 +387,7 @@ fn write_blocks(
             due
         };
         if sync_now {
-            f.sync_data().map_err(io(&first.path))?;
+            f.sync_data().map_err(io(&slot.path))?;
         }
     }
     Ok(written)

@@ -200,8 +200,7 @@ pub fn summarize(
     // fed a piece at a time: the reader keeps what it has not consumed, so
     // it never holds a copy of the whole segment (16 MiB of fresh memory
     // per archive call, a third of its page faults)
-    let mut fed = FEED.min(data.len());
-    r.feed(&data[..fed]);
+    let mut fed = 0;
     let mut fed_next = false;
     loop {
         let n = match r.next_record() {
@@ -226,11 +225,7 @@ pub fn summarize(
                     break;
                 }
             }
-            Next::NeedMore if fed < data.len() => {
-                let to = (fed + FEED).min(data.len());
-                r.feed(&data[fed..to]);
-                fed = to;
-            }
+            Next::NeedMore if feed_more(&mut r, data, &mut fed) => {}
             Next::NeedMore => match next {
                 Some(n) if !fed_next => {
                     r.feed(n);
@@ -261,6 +256,18 @@ pub fn summarize(
     s
 }
 
+/// Hand the reader the next [`FEED`] bytes of `data` after `fed`; false when
+/// all of it was handed over already.
+fn feed_more(r: &mut WalReader, data: &[u8], fed: &mut usize) -> bool {
+    if *fed >= data.len() {
+        return false;
+    }
+    let to = (*fed + FEED).min(data.len());
+    r.feed(&data[*fed..to]);
+    *fed = to;
+    true
+}
+
 /// Check every record of a segment: the first decoding error, with its LSN.
 pub fn check_records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), DecodeError> {
     let start = segno.start_lsn(seg).unwrap_or_default();
@@ -274,11 +281,7 @@ pub fn check_records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(
                 }
                 let _ = rec;
             }
-            Next::NeedMore if fed < data.len() => {
-                let to = (fed + FEED).min(data.len());
-                r.feed(&data[fed..to]);
-                fed = to;
-            }
+            Next::NeedMore if feed_more(&mut r, data, &mut fed) => {}
             Next::NeedMore | Next::End(_) => return Ok(()),
         }
     }
