@@ -78,6 +78,20 @@ impl Compression {
     /// must not make walvault allocate gigabytes (LZ4 expands a byte at most
     /// 255 times; zstd at most about 32 768 times, with RLE blocks).
     pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        self.decompress_into(data, raw_len, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decompress `data` into exactly `raw_len` bytes appended to `out` (as
+    /// [`Compression::decompress`], without a buffer of its own: a restore
+    /// decodes neighbouring blocks straight into the buffer it writes).
+    pub fn decompress_into(
+        self,
+        data: &[u8],
+        raw_len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
         let most = match self {
             Compression::None => data.len(),
             Compression::Lz4 => data.len().saturating_mul(255).saturating_add(64),
@@ -92,22 +106,28 @@ impl Compression {
                 data.len()
             ));
         }
-        let out = match self {
-            Compression::None => data.to_vec(),
+        let start = out.len();
+        let got = match self {
+            Compression::None => {
+                out.extend_from_slice(data);
+                data.len()
+            }
             Compression::Lz4 => {
-                lz4_flex::block::decompress(data, raw_len).map_err(|e| format!("lz4: {e}"))?
+                out.resize(start + raw_len, 0);
+                lz4_flex::block::decompress_into(data, &mut out[start..])
+                    .map_err(|e| format!("lz4: {e}"))?
             }
             Compression::Zstd(_) => {
-                zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))?
+                out.resize(start + raw_len, 0);
+                zstd::bulk::decompress_to_buffer(data, &mut out[start..])
+                    .map_err(|e| format!("zstd: {e}"))?
             }
         };
-        if out.len() != raw_len {
-            return Err(format!(
-                "decompressed to {} bytes, expected {raw_len}",
-                out.len()
-            ));
+        if got != raw_len {
+            out.truncate(start);
+            return Err(format!("decompressed to {got} bytes, expected {raw_len}"));
         }
-        Ok(out)
+        Ok(())
     }
 }
 

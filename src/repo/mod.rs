@@ -21,6 +21,7 @@ mod manifest;
 pub mod object;
 mod pack;
 mod read;
+pub use read::RunBytes;
 mod session;
 mod wal;
 

@@ -7,9 +7,9 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use super::index::Index;
-use super::pack::{decode_blob, PackEntry, PackId};
+use super::pack::{decode_blob, decode_blob_into, PackEntry, PackId};
 use super::{RepoError, Repository, StanzaPaths};
-use crate::codec::BlockId;
+use crate::codec::{BlockId, IdHasher, Keys};
 
 impl Repository {
     /// Read, verify and decode one block.
@@ -70,12 +70,36 @@ impl Repository {
         pack: &PackId,
         entries: Vec<PackEntry>,
     ) -> Result<Vec<Vec<u8>>, RepoError> {
+        let run = self.fetch_run(paths, pack, &entries).await?;
+        tokio::task::spawn_blocking(move || {
+            entries
+                .iter()
+                .map(|e| {
+                    let mut out = Vec::new();
+                    run.decode_into(e, &mut out).map(|()| out)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+    }
+
+    /// The single ranged read of [`Repository::read_run`], undecoded: the
+    /// caller decodes each blob where it wants it ([`RunBytes::decode_into`]).
+    pub async fn fetch_run(
+        &self,
+        paths: &StanzaPaths,
+        pack: &PackId,
+        entries: &[PackEntry],
+    ) -> Result<RunBytes, RepoError> {
         let name = paths.pack(pack);
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(Vec::new());
+        let (start, end) = match (entries.first(), entries.last()) {
+            (Some(first), Some(last)) => (
+                u64::from(first.offset),
+                u64::from(last.offset) + u64::from(last.len),
+            ),
+            _ => (0, 0),
         };
-        let start = u64::from(first.offset);
-        let end = u64::from(last.offset) + u64::from(last.len);
         if entries
             .windows(2)
             .any(|w| u64::from(w[0].offset) + u64::from(w[0].len) > u64::from(w[1].offset))
@@ -85,36 +109,55 @@ impl Repository {
                 "blocks of a read of {name} overlap or are out of order"
             )));
         }
-        let range = self.storage().get_range(&name, start, end - start).await?;
-        if range.len() as u64 != end - start {
+        let bytes = if end > start {
+            self.storage().get_range(&name, start, end - start).await?
+        } else {
+            Bytes::new()
+        };
+        if bytes.len() as u64 != end - start {
             return Err(RepoError::Corrupt {
                 object: name,
                 reason: format!(
                     "is truncated: {} bytes at offset {start}, expected {}",
-                    range.len(),
+                    bytes.len(),
                     end - start
                 ),
             });
         }
-        let keys = self.keys().cloned();
-        let hasher = self.hasher().clone();
-        let object = name.clone();
-        tokio::task::spawn_blocking(move || {
-            entries
-                .iter()
-                .map(|e| {
-                    let at = (u64::from(e.offset) - start) as usize;
-                    let blob = &range[at..at + e.len as usize];
-                    decode_blob(blob, e, keys.as_ref(), &hasher).map_err(|reason| {
-                        RepoError::Corrupt {
-                            object: object.clone(),
-                            reason: format!("block {}: {reason}", e.id),
-                        }
-                    })
-                })
-                .collect()
+        Ok(RunBytes {
+            object: name,
+            start,
+            bytes,
+            keys: self.keys().cloned(),
+            hasher: self.hasher().clone(),
         })
-        .await
-        .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+    }
+}
+
+/// The bytes of one ranged read of a pack, and what decoding them needs.
+pub struct RunBytes {
+    object: String,
+    start: u64,
+    bytes: Bytes,
+    keys: Option<Keys>,
+    hasher: IdHasher,
+}
+
+impl RunBytes {
+    /// Decrypt, decompress and verify blob `e` (one of the entries the run
+    /// was fetched for), appending the block's content to `out`.
+    pub fn decode_into(&self, e: &PackEntry, out: &mut Vec<u8>) -> Result<(), RepoError> {
+        let at = u64::from(e.offset)
+            .checked_sub(self.start)
+            .map(|a| a as usize)
+            .filter(|&a| a + e.len as usize <= self.bytes.len())
+            .ok_or_else(|| RepoError::Invalid(format!("block {} is not in this read", e.id)))?;
+        let blob = &self.bytes[at..at + e.len as usize];
+        decode_blob_into(blob, e, self.keys.as_ref(), &self.hasher, out).map_err(|reason| {
+            RepoError::Corrupt {
+                object: self.object.clone(),
+                reason: format!("block {}: {reason}", e.id),
+            }
+        })
     }
 }

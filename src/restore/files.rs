@@ -8,8 +8,9 @@
 //! file.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -17,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::{io, RestoreError};
 use crate::codec::BlockId;
 use crate::progress::Progress;
-use crate::repo::{BackupFile, Index, PackEntry, PackId, Repository, StanzaPaths};
+use crate::repo::{BackupFile, Index, PackEntry, PackId, Repository, RunBytes, StanzaPaths};
 
 /// Largest span of one ranged read.
 pub const MAX_RUN_BYTES: u64 = 4 << 20;
@@ -231,51 +232,36 @@ pub(super) async fn write_files(
         .sum();
     let reused = targets.iter().map(|t| t.file.size).sum::<u64>() - to_write;
     progress.add(reused);
-    // (re)create every file at its final length: blocks land in place, and
-    // a delta restore cuts files that grew since the backup (thousands of
-    // files: on the blocking pool)
-    let files: Vec<(PathBuf, u64)> = targets
-        .iter()
-        .map(|t| (t.path.clone(), t.file.size))
-        .collect();
-    tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-        for (path, size) in files {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(!delta)
-                .open(&path)
-                .map_err(io(&path))?;
-            f.set_len(size).map_err(io(&path))?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| RestoreError::Invalid(format!("file creation task failed: {e}")))??;
     let runs = plan_runs(index, targets, &needed, block_size)?;
     let reads = runs.len() as u64;
-    let slots: Arc<Vec<FileSlot>> = Arc::new(
-        targets
+    let files = Arc::new(Files {
+        slots: targets
             .iter()
             .map(|t| FileSlot {
                 path: t.path.clone(),
+                size: t.file.size,
+                created: std::sync::Mutex::new(false),
                 unsynced: std::sync::Mutex::new(0),
             })
             .collect(),
-    );
-    let slots = &slots;
+        direct: AtomicBool::new(true),
+        delta,
+    });
+    // every file is created by whichever comes first: this task, going
+    // through them in order, or the first write to it (file creation is
+    // slow and serial on one directory; it overlaps the writes)
+    let all = files.clone();
+    let creator =
+        tokio::task::spawn_blocking(move || all.slots.iter().try_for_each(|s| s.create(all.delta)));
+    let files = &files;
     let written: u64 = futures::stream::iter(runs)
         .map(|run| async move {
             let entries: Vec<PackEntry> = run.items.iter().map(|i| i.entry).collect();
-            let blocks = repo.read_run(paths, &run.pack, entries).await?;
+            let bytes = repo.fetch_run(paths, &run.pack, &entries).await?;
             let jobs: Vec<Job> = run
                 .items
                 .iter()
-                .zip(blocks)
-                .map(|(item, data)| {
+                .map(|item| {
                     let t = &targets[item.target];
                     let want = block_len(
                         t.file.size,
@@ -286,18 +272,21 @@ pub(super) async fn write_files(
                         target: item.target,
                         offset: item.offset,
                         want,
-                        data,
+                        entry: item.entry,
                     }
                 })
                 .collect();
-            let (progress, slots) = (progress.clone(), slots.clone());
-            tokio::task::spawn_blocking(move || write_blocks(jobs, &slots, &progress))
+            let (progress, files) = (progress.clone(), files.clone());
+            tokio::task::spawn_blocking(move || write_blocks(jobs, &bytes, &files, &progress))
                 .await
                 .map_err(|e| RestoreError::Invalid(format!("write task failed: {e}")))?
         })
         .buffer_unordered(PARALLEL_RUNS)
         .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
         .await?;
+    creator
+        .await
+        .map_err(|e| RestoreError::Invalid(format!("file creation task failed: {e}")))??;
     Ok(WriteStats {
         written,
         reused,
@@ -305,61 +294,155 @@ pub(super) async fn write_files(
     })
 }
 
+/// The files being written, and how.
+struct Files {
+    slots: Vec<FileSlot>,
+    /// Block-aligned pieces go to disk with `O_DIRECT` until a file system
+    /// refuses it.
+    direct: AtomicBool,
+    /// Files are written over, not recreated (`--delta`).
+    delta: bool,
+}
+
 /// A file being written. Its lock makes one writer per file at a time:
 /// buffered writes to one file serialize on its inode lock in the kernel,
 /// where a waiting thread spins while the owner copies (an eighth of a
 /// scale-100 restore's CPU); waiting here parks the thread and frees the
-/// core for decoding. The lock guards the bytes written since the file's
-/// last early sync.
+/// core for decoding. The lock guards the bytes written through the page
+/// cache since the file's last early sync.
 struct FileSlot {
     path: PathBuf,
+    size: u64,
+    /// (Re)created at its final length yet? Inode allocation is slow (a
+    /// third of a second for a thousand files after a `rm -rf`, under one
+    /// directory lock), so files are created while blocks are written: by a
+    /// task going through them in order, or by the first write to one.
+    created: std::sync::Mutex<bool>,
     unsynced: std::sync::Mutex<u64>,
 }
 
-/// One decoded block and where it goes.
+impl FileSlot {
+    /// Create the file at its final length (blocks land in place; a delta
+    /// restore cuts a file that grew since the backup), once.
+    fn create(&self, delta: bool) -> Result<(), RestoreError> {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        if *created {
+            return Ok(());
+        }
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(!delta)
+            .open(&self.path)
+            .and_then(|f| f.set_len(self.size))
+            .map_err(io(&self.path))?;
+        *created = true;
+        Ok(())
+    }
+}
+
+/// One block of a run and where it goes.
 struct Job {
     /// Index of its file in the targets (and the slots).
     target: usize,
     offset: u64,
     /// Bytes the block must hold (the file's last block may be short).
     want: u64,
-    data: Vec<u8>,
+    entry: PackEntry,
 }
 
-/// Bytes of one file written without a sync after which the writing thread
-/// syncs it: the disk writes back while the restore goes on decoding, instead
-/// of all at the end (the final sync then waits for little).
+/// Bytes of one file written through the page cache without a sync after
+/// which the writing thread syncs it: the disk writes back while the restore
+/// goes on decoding, instead of all at the end.
 const EARLY_SYNC_BYTES: u64 = 64 << 20;
 
-/// Positioned writes of decoded blocks: consecutive blocks of one file are
-/// gathered into one write (a run holds neighbouring blocks, usually of one
-/// file in order), and consecutive writes to one file share one open file
-/// and one hold of its slot's lock — after churn a run's blocks are
-/// scattered and a lock per write made threads hand it back and forth.
+/// Alignment of direct writes (offset, length and memory): the page size, a
+/// multiple of the logical block size of the disks this runs on.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Consecutive blocks of one file, gathered into one buffer whose first
+/// `aligned` bytes start at a [`DIRECT_ALIGN`]ed address (`buf[pad..]`).
+struct Piece {
+    target: usize,
+    offset: u64,
+    buf: Vec<u8>,
+    pad: usize,
+}
+
+impl Piece {
+    fn new(target: usize, offset: u64, len: usize) -> Piece {
+        let mut buf: Vec<u8> = Vec::with_capacity(len + DIRECT_ALIGN);
+        let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        buf.resize(pad, 0);
+        Piece {
+            target,
+            offset,
+            buf,
+            pad,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.pad..]
+    }
+
+    fn end(&self) -> u64 {
+        self.offset + (self.buf.len() - self.pad) as u64
+    }
+}
+
+/// Decode the blocks of one run and write them in place: consecutive blocks
+/// of one file are decoded straight into one buffer and written with one
+/// call (a run holds neighbouring blocks, usually of one file in order), and
+/// consecutive writes to one file share one open file and one hold of its
+/// slot's lock — after churn a run's blocks are scattered and a lock per
+/// write made threads hand it back and forth.
+///
+/// Block-aligned bytes are written with `O_DIRECT`: they go from this buffer
+/// to the disk, with no copy into the page cache, no page-cache memory to
+/// find (on a host whose memory is full of cache, reclaiming it cost more
+/// than the restore's own work) and nothing left to write back. Short tails
+/// (small files, a file's last partial block) go through the page cache.
 fn write_blocks(
     jobs: Vec<Job>,
-    slots: &[FileSlot],
+    bytes: &RunBytes,
+    files: &Files,
     progress: &Progress,
 ) -> Result<u64, RestoreError> {
-    // validate and gather contiguous blocks
-    let mut pieces: Vec<Job> = Vec::new();
-    let mut written = 0;
-    for job in jobs {
-        if job.data.len() as u64 != job.want {
+    // validate, and size the pieces of consecutive blocks
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut last: Option<(usize, u64)> = None;
+    for job in &jobs {
+        if u64::from(job.entry.raw_len) != job.want {
             return Err(RestoreError::Invalid(format!(
                 "{}: the block at offset {} holds {} bytes, expected {}; the repository is damaged",
-                slots[job.target].path.display(),
+                files.slots[job.target].path.display(),
                 job.offset,
-                job.data.len(),
+                job.entry.raw_len,
                 job.want
             )));
         }
-        written += job.want;
-        match pieces.last_mut() {
-            Some(p) if p.target == job.target && p.offset + p.data.len() as u64 == job.offset => {
-                p.data.extend_from_slice(&job.data);
+        match (last, sizes.last_mut()) {
+            (Some((t, end)), Some(n)) if t == job.target && end == job.offset => {
+                *n += job.want as usize
             }
-            _ => pieces.push(job),
+            _ => sizes.push(job.want as usize),
+        }
+        last = Some((job.target, job.offset + job.want));
+    }
+    let written = jobs.iter().map(|j| j.want).sum();
+    let mut pieces: Vec<Piece> = Vec::with_capacity(sizes.len());
+    let mut sizes = sizes.into_iter();
+    for job in &jobs {
+        if !matches!(pieces.last(), Some(p) if p.target == job.target && p.end() == job.offset) {
+            let len = sizes.next().unwrap_or(0);
+            pieces.push(Piece::new(job.target, job.offset, len));
+        }
+        if let Some(p) = pieces.last_mut() {
+            bytes.decode_into(&job.entry, &mut p.buf)?;
         }
     }
     // write them, one file at a time
@@ -368,29 +451,85 @@ fn write_blocks(
         let n = rest.iter().take_while(|p| p.target == first.target).count();
         let (group, tail) = rest.split_at(n);
         rest = tail;
-        let slot = &slots[first.target];
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&slot.path)
-            .map_err(io(&slot.path))?;
-        let sync_now = {
-            let mut unsynced = slot.unsynced.lock().unwrap_or_else(|e| e.into_inner());
-            for p in group {
-                f.write_all_at(&p.data, p.offset).map_err(io(&slot.path))?;
-                *unsynced += p.data.len() as u64;
-                progress.add(p.data.len() as u64);
-            }
-            let due = *unsynced >= EARLY_SYNC_BYTES;
-            if due {
-                *unsynced = 0;
-            }
-            due
-        };
-        if sync_now {
-            f.sync_data().map_err(io(&slot.path))?;
-        }
+        let slot = &files.slots[first.target];
+        slot.create(files.delta)?;
+        write_group(group, slot, &files.direct, progress)?;
     }
     Ok(written)
+}
+
+/// Write the pieces of one file: block-aligned bytes directly (the kernel
+/// orders direct writes to one file itself), what is left through the page
+/// cache under the file's lock.
+fn write_group(
+    group: &[Piece],
+    slot: &FileSlot,
+    direct: &AtomicBool,
+    progress: &Progress,
+) -> Result<(), RestoreError> {
+    let open = |flags: i32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(flags)
+            .open(&slot.path)
+    };
+    let mut direct_file: Option<std::fs::File> = None;
+    let mut tails: Vec<(&[u8], u64)> = Vec::new();
+    for p in group {
+        let data = p.data();
+        let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let mut done = 0;
+        if aligned > 0 && p.offset % DIRECT_ALIGN as u64 == 0 && direct.load(Ordering::Relaxed) {
+            if direct_file.is_none() {
+                match open(nix::libc::O_DIRECT) {
+                    Ok(f) => direct_file = Some(f),
+                    // a file system without direct I/O: the page cache it is
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        direct.store(false, Ordering::Relaxed)
+                    }
+                    Err(e) => return Err(io(&slot.path)(e)),
+                }
+            }
+            if let Some(f) = &direct_file {
+                match f.write_all_at(&data[..aligned], p.offset) {
+                    Ok(()) => {
+                        done = aligned;
+                        progress.add(aligned as u64);
+                    }
+                    // stricter alignment than a page: the page cache it is
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        direct.store(false, Ordering::Relaxed);
+                        direct_file = None;
+                    }
+                    Err(e) => return Err(io(&slot.path)(e)),
+                }
+            }
+        }
+        if done < data.len() {
+            tails.push((&data[done..], p.offset + done as u64));
+        }
+    }
+    if tails.is_empty() {
+        return Ok(());
+    }
+    let f = open(0).map_err(io(&slot.path))?;
+    let sync_now = {
+        let mut unsynced = slot.unsynced.lock().unwrap_or_else(|e| e.into_inner());
+        for (data, offset) in tails {
+            f.write_all_at(data, offset).map_err(io(&slot.path))?;
+            *unsynced += data.len() as u64;
+            progress.add(data.len() as u64);
+        }
+        let due = *unsynced >= EARLY_SYNC_BYTES;
+        if due {
+            *unsynced = 0;
+        }
+        due
+    };
+    if sync_now {
+        f.sync_data().map_err(io(&slot.path))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
