@@ -159,6 +159,7 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         delta: args.delta,
         progress: Some(progress.clone()),
         staged_wal: false,
+        page_cache: false,
     };
     let t = Instant::now();
     let reporter = Reporter::start("restore", progress, !settings.quiet);

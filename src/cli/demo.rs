@@ -271,6 +271,8 @@ async fn story(
             backup: Some(b2.id.clone()),
             tablespace_map: Default::default(),
             restore_command: Some(format!("\"{}\" wal-fetch --repo \"{}\" --stanza main %f %p", exe.display(), repo_dir.display())),
+            // the demo starts the server on it at once
+            page_cache: true,
             ..Default::default()
         };
         let t = Instant::now();

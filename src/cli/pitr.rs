@@ -200,6 +200,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         delta: false,
         progress: Some(progress.clone()),
         staged_wal: true,
+        page_cache: true,
     };
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
     let paths = crate::repo::StanzaPaths::new(&settings.stanza);

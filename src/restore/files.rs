@@ -31,6 +31,16 @@ const MAX_GAP: u64 = 256 << 10;
 /// Runs fetched at once: enough to hide object-store latency.
 pub const PARALLEL_RUNS: usize = 16;
 
+/// How blocks are written.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WriteMode {
+    pub(super) block_size: usize,
+    /// Over existing files, only the blocks that differ.
+    pub(super) delta: bool,
+    /// Block-aligned bytes with `O_DIRECT` (see [`write_blocks`]).
+    pub(super) direct: bool,
+}
+
 /// A file to write: where, how big, and its blocks.
 #[derive(Debug)]
 pub(super) struct Target<'m> {
@@ -198,17 +208,21 @@ fn plan_runs(
     Ok(runs)
 }
 
-/// Write the blocks of `targets` (files already created with their final
-/// length): all of them, or with `delta` only those that differ.
+/// Create the files of `targets` at their final length and write their
+/// blocks: all of them, or with `delta` only those that differ.
 pub(super) async fn write_files(
     repo: &Arc<Repository>,
     paths: &StanzaPaths,
     index: &Index,
     targets: &[Target<'_>],
-    block_size: usize,
-    delta: bool,
+    how: WriteMode,
     progress: &Arc<Progress>,
 ) -> Result<WriteStats, RestoreError> {
+    let WriteMode {
+        block_size,
+        delta,
+        direct,
+    } = how;
     for t in targets {
         let expect = t.file.size.div_ceil(block_size as u64);
         if t.file.blocks.len() as u64 != expect {
@@ -244,7 +258,7 @@ pub(super) async fn write_files(
                 unsynced: std::sync::Mutex::new(0),
             })
             .collect(),
-        direct: AtomicBool::new(true),
+        direct: AtomicBool::new(direct),
         delta,
     });
     // every file is created by whichever comes first: this task, going
@@ -401,7 +415,8 @@ impl Piece {
 /// slot's lock — after churn a run's blocks are scattered and a lock per
 /// write made threads hand it back and forth.
 ///
-/// Block-aligned bytes are written with `O_DIRECT`: they go from this buffer
+/// With [`WriteMode::direct`], block-aligned bytes are written with
+/// `O_DIRECT`: they go from this buffer
 /// to the disk, with no copy into the page cache, no page-cache memory to
 /// find (on a host whose memory is full of cache, reclaiming it cost more
 /// than the restore's own work) and nothing left to write back. Short tails

@@ -69,6 +69,11 @@ pub struct RestoreOptions {
     /// The target may already hold `pg_wal/walvault-spool` (WAL staged by
     /// restore-pitr at the same time).
     pub staged_wal: bool,
+    /// Write through the page cache: PostgreSQL starts replaying on the
+    /// files right away (restore-pitr, the demo) and reads what it changes
+    /// from memory. Otherwise block-aligned bytes are written with
+    /// `O_DIRECT` (see `files`).
+    pub page_cache: bool,
 }
 
 /// What a restore did.
@@ -257,10 +262,12 @@ pub async fn restore(
             manifest.id
         )));
     }
-    let stats = files::write_files(
-        &repo, &paths, &index, &targets, block_size, opts.delta, &progress,
-    )
-    .await?;
+    let how = files::WriteMode {
+        block_size,
+        delta: opts.delta,
+        direct: !opts.page_cache,
+    };
+    let stats = files::write_files(&repo, &paths, &index, &targets, how, &progress).await?;
     // modes and times last: a read-only mode would stop the writes
     let finish: Vec<(PathBuf, u32, i64)> = targets
         .iter()

@@ -235,6 +235,42 @@ async fn one_changed_page_in_1gib_file_adds_one_block(b: &Backend) {
     );
 }
 
+/// In an unencrypted repository every blob carries a checksum of its id and
+/// bytes: a changed byte in any blob fails the read, naming the pack.
+async fn flipped_blob_bytes_are_detected_unencrypted(b: &Backend) {
+    let repo = init(b, false).await;
+    let paths = StanzaPaths::new("main");
+    let (files, stats) = store(&repo, shapes()).await;
+    let blocks: Vec<Vec<BlockId>> = files.iter().map(|f| f.blocks.clone()).collect();
+    manifest(files, &stats).store(&repo, &paths).await.unwrap();
+    let (index, _) = Index::load(&repo, &paths).await.unwrap();
+    let s = b.store.as_ref();
+    let mut checked = 0;
+    for (pack, entries) in index.pack_entries() {
+        let key = paths.pack(&pack);
+        let orig = s.get(&key).await.unwrap();
+        // the first, a middle and the last blob of each pack, at each end
+        let picks = [0, entries.len() / 2, entries.len() - 1];
+        for e in picks.iter().map(|&i| entries[i]) {
+            for at in [e.offset, e.offset + e.len - 1] {
+                let mut bad = orig.to_vec();
+                bad[at as usize] ^= 0x01;
+                s.put(&key, Bytes::from(bad)).await.unwrap();
+                let err = repo.read_block(&paths, &index, &e.id).await.unwrap_err();
+                assert_names(&err, &key);
+                assert!(err.to_string().contains("checksum mismatch"), "{err}");
+                checked += 1;
+            }
+        }
+        s.put(&key, orig).await.unwrap();
+    }
+    assert!(checked >= 6, "too few blobs checked: {checked}");
+    // and the untouched repository reads back whole
+    for ((name, data), ids) in shapes().into_iter().zip(&blocks) {
+        assert_eq!(read_file(&repo, &index, ids).await, data, "{name}");
+    }
+}
+
 /// Flip one byte of `key` (in the middle), run `check`, put the original back.
 async fn with_flipped_byte<F, Fut>(store: &dyn Storage, key: &str, check: F)
 where
@@ -515,6 +551,7 @@ crate::on_every_backend!(
     second_store_adds_no_pack_bytes,
     one_changed_page_in_1gib_file_adds_one_block,
     flipped_bytes_are_detected,
+    flipped_blob_bytes_are_detected_unencrypted,
     wrong_passphrase_writes_nothing,
     keys_added_and_removed,
     index_rebuilt_from_packs_alone,
