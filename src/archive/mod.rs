@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod push;
+pub mod push_async;
 pub mod stream;
 pub mod summaries;
 pub mod verify;

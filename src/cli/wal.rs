@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::Settings;
@@ -83,17 +84,107 @@ pub(super) async fn stream(settings: &Settings, args: StreamArgs) -> anyhow::Res
 pub struct WalPushArgs {
     /// The WAL file to archive (%p).
     pub path: PathBuf,
+    /// Archive ahead: a background process pushes every file PostgreSQL has
+    /// marked ready (pg_wal/archive_status), several at once, and this call
+    /// only waits until its own file is durable — usually it already is.
+    /// For high WAL rates.
+    #[arg(long = "async")]
+    pub async_: bool,
+    /// With --async: the directory for the background process's marks, lock
+    /// and log [default: walvault-push in the WAL file's directory].
+    #[arg(long)]
+    pub spool: Option<PathBuf>,
+    /// With --async: files the background process pushes at once.
+    #[arg(long, default_value = "2")]
+    pub async_parallel: usize,
+    /// With --async: seconds to wait for the file before failing (PostgreSQL
+    /// calls again).
+    #[arg(long, default_value = "60", value_parser = parse_secs)]
+    pub async_timeout: Duration,
 }
 
+/// Set in the background process `wal-push --async` starts.
+const PUSH_WORKER: &str = "WALVAULT_PUSH_WORKER";
+
 pub(super) async fn wal_push(settings: &Settings, args: WalPushArgs) -> anyhow::Result<()> {
+    if args.async_ {
+        return wal_push_async(settings, args).await;
+    }
+    push_now(settings, &args.path).await
+}
+
+async fn push_now(settings: &Settings, path: &std::path::Path) -> anyhow::Result<()> {
     let repo = settings.open_repository().await?;
-    match crate::archive::push::wal_push(&repo, &settings.stanza, &args.path).await? {
-        WalStored::New => tracing::debug!(path = %args.path.display(), "archived"),
+    match crate::archive::push::wal_push(&repo, &settings.stanza, path).await? {
+        WalStored::New => tracing::debug!(path = %path.display(), "archived"),
         WalStored::AlreadyThere => tracing::info!(
-            path = %args.path.display(),
+            path = %path.display(),
             "already archived with the same content"
         ),
     }
+    Ok(())
+}
+
+async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Result<()> {
+    use crate::archive::push_async::{
+        default_spool, mark_error, run_worker, wait_for, WORKER_LOG,
+    };
+    let spool = args
+        .spool
+        .clone()
+        .unwrap_or_else(|| default_spool(&args.path));
+    let wal_dir = args
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_owned();
+    let name = args
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} names no file", args.path.display()))?
+        .to_owned();
+    if std::env::var_os(PUSH_WORKER).is_some() {
+        let worked = async {
+            let repo = settings.open_repository().await?;
+            run_worker(&repo, &settings.stanza, &wal_dir, &spool, args.async_parallel).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = &worked {
+            // the call that started this process is waiting for its file
+            let _ = mark_error(&spool, &name, &format!("{e:#}"));
+        }
+        return worked;
+    }
+    if !wal_dir
+        .join("archive_status")
+        .join(format!("{name}.ready"))
+        .exists()
+    {
+        // not a file PostgreSQL's archiver is waiting for (a manual push):
+        // the background process would never see it
+        return push_now(settings, &args.path).await;
+    }
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let start_worker = || -> std::io::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spool.join(WORKER_LOG))?;
+        std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(PUSH_WORKER, "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map(|_| ())
+    };
+    wait_for(&spool, &name, args.async_timeout, start_worker).await?;
     Ok(())
 }
 

@@ -674,6 +674,116 @@ fn wal_push_as_archive_command() {
     );
 }
 
+/// `wal-push --async`: a background process archives ahead; PostgreSQL's
+/// calls only wait for their file to be durable. Every archived segment
+/// equals the server's; failures reach the call that waits for the file.
+#[test]
+fn wal_push_async_as_archive_command() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let repo = work.path().join("repo");
+    ok(walvault(&repo, &["init"]));
+    crate::support::give_to_postgres(&repo);
+    let c = PgCluster::start_with(PgOptions {
+        conf: vec![
+            "archive_mode = on".into(),
+            format!(
+                "archive_command = '{} wal-push --async --repo {} %p'",
+                bin.display(),
+                repo.display()
+            ),
+            "wal_keep_size = '1GB'".into(),
+        ],
+        ..Default::default()
+    });
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    c.pgbench(&["-T", "20", "-c", "2", "-n"]);
+    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
+        assert!(
+            Instant::now() < deadline,
+            "archiving stalled: {}",
+            c.psql("SELECT * FROM pg_stat_archiver")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    // every segment PostgreSQL counts as archived is stored, byte for byte
+    let wal = c.datadir.join("pg_wal");
+    let mut done: Vec<String> = std::fs::read_dir(wal.join("archive_status"))
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            n.strip_suffix(".done")
+                .filter(|s| s.len() == 24)
+                .map(str::to_owned)
+        })
+        .collect();
+    done.sort();
+    assert!(done.len() >= 3, "{done:?}");
+    for name in &done {
+        let back = work.path().join("back");
+        ok(walvault(&repo, &["wal-fetch", name, back.to_str().unwrap()]));
+        assert!(
+            std::fs::read(&back).unwrap() == std::fs::read(wal.join(name)).unwrap(),
+            "{name} differs"
+        );
+    }
+    let spool = wal.join("walvault-push");
+    let left: Vec<String> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".ok") || n.ends_with(".error"))
+        .collect();
+    assert!(
+        left.iter().all(|n| !done.iter().any(|d| n.starts_with(d.as_str()))),
+        "marks left for archived files: {left:?}"
+    );
+
+    // a pg_wal of another cluster whose segment 1 differs (split brain):
+    // the background process's refusal reaches the waiting call
+    let other = PgCluster::start();
+    other.psql("SELECT pg_switch_wal()");
+    let name1 = "000000010000000000000001";
+    let fake = work.path().join("fake-wal");
+    std::fs::create_dir_all(fake.join("archive_status")).unwrap();
+    std::fs::copy(other.datadir.join("pg_wal").join(name1), fake.join(name1)).unwrap();
+    std::fs::write(fake.join("archive_status").join(format!("{name1}.ready")), "").unwrap();
+    let seg = fake.join(name1);
+    let out = walvault(&repo, &["wal-push", "--async", seg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different content"), "{err}");
+    assert!(
+        !fake.join("walvault-push").join(format!("{name1}.error")).exists(),
+        "the error mark was not taken"
+    );
+    // a background process that cannot open the repository: the call fails
+    // with the reason, not a success and not a minute-long wait
+    let missing = work.path().join("no-such-repo");
+    let fake2 = work.path().join("fake-wal-2");
+    std::fs::create_dir_all(fake2.join("archive_status")).unwrap();
+    std::fs::copy(&seg, fake2.join(name1)).unwrap();
+    std::fs::write(fake2.join("archive_status").join(format!("{name1}.ready")), "").unwrap();
+    let t = Instant::now();
+    let out = walvault(&missing, &["wal-push", "--async", fake2.join(name1).to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-repo"), "{err}");
+    // a file PostgreSQL is not waiting for (no .ready): pushed at once
+    let manual = work.path().join("manual");
+    std::fs::create_dir_all(&manual).unwrap();
+    std::fs::copy(wal.join(&done[0]), manual.join(&done[0])).unwrap();
+    ok(walvault(
+        &repo,
+        &["wal-push", "--async", manual.join(&done[0]).to_str().unwrap()],
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_started_after_a_backup_leaves_no_gap() {
     let c = PgCluster::start();
