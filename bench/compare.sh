@@ -4,7 +4,8 @@
 #   after churn   walvault (deduplicated) | pgbackrest incr
 #   restore       walvault restore | pgbackrest restore           (files only)
 #   PITR (RTO)    walvault restore-pitr --start | pgbackrest restore --type=time + start
-#   archive call  walvault wal-push | pgbackrest archive-push      (per call)
+#   archive call  walvault wal-push | pgbackrest archive-push      (per call,
+#                 synchronous, and both tools' asynchronous modes)
 # Each measured operation runs ROUNDS times, the tools alternating; the table
 # shows the median wall time, CPU (user+sys), peak RSS and bytes stored, and
 # ratios against walvault. The database is in the page cache for every tool,
@@ -91,6 +92,13 @@ pg1-path=$data
 pg1-socket-path=$sock
 pg1-port=$port
 pg1-user=postgres
+
+[pushasync]
+pg1-path=$data
+pg1-socket-path=$sock
+pg1-port=$port
+pg1-user=postgres
+archive-async=y
 EOF
 chmod 644 "$tmp/pgbackrest.conf"
 pgbr=(pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=bench)
@@ -279,6 +287,40 @@ EOF
   measure "push20:pgbackrest" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs.sh"
   measure "push20:walvault-again" "$tmp/wv-push" bash "$tmp/push-wv-segs.sh"
   measure "push20:pgbackrest-again" "$tmp/pgbr-repo" bash "$tmp/push-pgbr-segs.sh"
+  # asynchronous modes: each tool gets a pg_wal of its own with every file
+  # marked ready (archive_status/*.ready), as when the archiver is behind;
+  # the loop calls the archive command per file in order and marks it done,
+  # as PostgreSQL does. Only the calls are timed (and their CPU: the
+  # background processes' work is not in the CPU column).
+  run "$wv" --repo "$tmp/wv-push-async" init >/dev/null
+  run pgbackrest "--config=$tmp/pgbackrest.conf" --stanza=pushasync stanza-create >/dev/null
+  # (pgBackRest's asynchronous mode wants the WAL inside its pg1-path, with
+  # the cluster's pg_control: a data directory of its own for each set)
+  prep_wal() { # DIR SET
+    rm -rf "$1"
+    mkdir -p "$1/global" "$1/pg_wal/archive_status"
+    cp "$data/global/pg_control" "$1/global/"
+    cp "$tmp/$2"/* "$1/pg_wal/"
+    for f in "$tmp/$2"/*; do : >"$1/pg_wal/archive_status/$(basename "$f").ready"; done
+    chmod 700 "$1"
+    chown -R "$(stat -c %u "$tmp")" "$1"
+  }
+  for set in segs-full segs; do
+    cat >"$tmp/push-async-wv-$set.sh" <<EOF
+cd $tmp/aw-wv-$set/pg_wal
+for f in 0*; do $wv -q --repo $tmp/wv-push-async wal-push --async $tmp/aw-wv-$set/pg_wal/\$f || exit 1; mv archive_status/\$f.ready archive_status/\$f.done; done
+EOF
+    cat >"$tmp/push-async-pgbr-$set.sh" <<EOF
+cd $tmp/aw-pgbr-$set/pg_wal
+for f in 0*; do pgbackrest --config=$tmp/pgbackrest.conf --stanza=pushasync --pg1-path=$tmp/aw-pgbr-$set archive-push $tmp/aw-pgbr-$set/pg_wal/\$f >/dev/null 2>&1 || exit 1; mv archive_status/\$f.ready archive_status/\$f.done; done
+EOF
+    prep_wal "$tmp/aw-wv-$set" "$set"
+    prep_wal "$tmp/aw-pgbr-$set" "$set"
+  done
+  measure "pushfull:walvault-async" "$tmp/wv-push-async" bash "$tmp/push-async-wv-segs-full.sh"
+  measure "pushfull:pgbackrest-async" "$tmp/pgbr-repo" bash "$tmp/push-async-pgbr-segs-full.sh"
+  measure "push20:walvault-async" "$tmp/wv-push-async" bash "$tmp/push-async-wv-segs.sh"
+  measure "push20:pgbackrest-async" "$tmp/pgbr-repo" bash "$tmp/push-async-pgbr-segs.sh"
 fi
 
 nfull=$(cat "$tmp/nfull" 2>/dev/null || echo 0)

@@ -63,13 +63,16 @@ pub async fn wal_push(
     );
     let summary = checked?;
     let (key, sealed) = sealed?;
-    repo.storage()
-        .put(&key, sealed)
-        .await
-        .map_err(crate::repo::RepoError::from)?;
-    if let Some(s) = summary {
-        super::summaries::store_computed(repo, &paths, &name, &s).await;
-    }
+    // the summary is written beside the segment, not after it: two durable
+    // writes in the time of one. A summary whose segment did not make it is
+    // harmless (summaries are only read for segments the archive lists) and
+    // is rewritten by PostgreSQL's retry.
+    let (stored, ()) = tokio::join!(repo.storage().put(&key, sealed), async {
+        if let Some(s) = &summary {
+            super::summaries::store_computed(repo, &paths, &name, s).await;
+        }
+    });
+    stored.map_err(crate::repo::RepoError::from)?;
     Ok(WalStored::New)
 }
 

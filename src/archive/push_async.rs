@@ -149,7 +149,8 @@ pub async fn run_worker(
         let todo: Vec<String> = ready
             .iter()
             .filter(|n| {
-                !spool.join(format!("{n}.ok")).exists() && !spool.join(format!("{n}.error")).exists()
+                !spool.join(format!("{n}.ok")).exists()
+                    && !spool.join(format!("{n}.error")).exists()
             })
             .take(parallel.max(1) * 4)
             .cloned()

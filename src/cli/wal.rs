@@ -94,8 +94,9 @@ pub struct WalPushArgs {
     /// and log [default: walvault-push in the WAL file's directory].
     #[arg(long)]
     pub spool: Option<PathBuf>,
-    /// With --async: files the background process pushes at once.
-    #[arg(long, default_value = "2")]
+    /// With --async: files the background process pushes at once (small
+    /// switched segments wait on the disk or network more than the CPU).
+    #[arg(long, default_value = "4")]
     pub async_parallel: usize,
     /// With --async: seconds to wait for the file before failing (PostgreSQL
     /// calls again).
@@ -126,9 +127,7 @@ async fn push_now(settings: &Settings, path: &std::path::Path) -> anyhow::Result
 }
 
 async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Result<()> {
-    use crate::archive::push_async::{
-        default_spool, mark_error, run_worker, wait_for, WORKER_LOG,
-    };
+    use crate::archive::push_async::{default_spool, mark_error, run_worker, wait_for, WORKER_LOG};
     let spool = args
         .spool
         .clone()
@@ -148,7 +147,14 @@ async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Resul
     if std::env::var_os(PUSH_WORKER).is_some() {
         let worked = async {
             let repo = settings.open_repository().await?;
-            run_worker(&repo, &settings.stanza, &wal_dir, &spool, args.async_parallel).await?;
+            run_worker(
+                &repo,
+                &settings.stanza,
+                &wal_dir,
+                &spool,
+                args.async_parallel,
+            )
+            .await?;
             anyhow::Ok(())
         }
         .await;

@@ -726,7 +726,10 @@ fn wal_push_async_as_archive_command() {
     assert!(done.len() >= 3, "{done:?}");
     for name in &done {
         let back = work.path().join("back");
-        ok(walvault(&repo, &["wal-fetch", name, back.to_str().unwrap()]));
+        ok(walvault(
+            &repo,
+            &["wal-fetch", name, back.to_str().unwrap()],
+        ));
         assert!(
             std::fs::read(&back).unwrap() == std::fs::read(wal.join(name)).unwrap(),
             "{name} differs"
@@ -739,7 +742,8 @@ fn wal_push_async_as_archive_command() {
         .filter(|n| n.ends_with(".ok") || n.ends_with(".error"))
         .collect();
     assert!(
-        left.iter().all(|n| !done.iter().any(|d| n.starts_with(d.as_str()))),
+        left.iter()
+            .all(|n| !done.iter().any(|d| n.starts_with(d.as_str()))),
         "marks left for archived files: {left:?}"
     );
 
@@ -751,14 +755,21 @@ fn wal_push_async_as_archive_command() {
     let fake = work.path().join("fake-wal");
     std::fs::create_dir_all(fake.join("archive_status")).unwrap();
     std::fs::copy(other.datadir.join("pg_wal").join(name1), fake.join(name1)).unwrap();
-    std::fs::write(fake.join("archive_status").join(format!("{name1}.ready")), "").unwrap();
+    std::fs::write(
+        fake.join("archive_status").join(format!("{name1}.ready")),
+        "",
+    )
+    .unwrap();
     let seg = fake.join(name1);
     let out = walvault(&repo, &["wal-push", "--async", seg.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different content"), "{err}");
     assert!(
-        !fake.join("walvault-push").join(format!("{name1}.error")).exists(),
+        !fake
+            .join("walvault-push")
+            .join(format!("{name1}.error"))
+            .exists(),
         "the error mark was not taken"
     );
     // a background process that cannot open the repository: the call fails
@@ -767,9 +778,16 @@ fn wal_push_async_as_archive_command() {
     let fake2 = work.path().join("fake-wal-2");
     std::fs::create_dir_all(fake2.join("archive_status")).unwrap();
     std::fs::copy(&seg, fake2.join(name1)).unwrap();
-    std::fs::write(fake2.join("archive_status").join(format!("{name1}.ready")), "").unwrap();
+    std::fs::write(
+        fake2.join("archive_status").join(format!("{name1}.ready")),
+        "",
+    )
+    .unwrap();
     let t = Instant::now();
-    let out = walvault(&missing, &["wal-push", "--async", fake2.join(name1).to_str().unwrap()]);
+    let out = walvault(
+        &missing,
+        &["wal-push", "--async", fake2.join(name1).to_str().unwrap()],
+    );
     assert!(!out.status.success());
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -780,7 +798,11 @@ fn wal_push_async_as_archive_command() {
     std::fs::copy(wal.join(&done[0]), manual.join(&done[0])).unwrap();
     ok(walvault(
         &repo,
-        &["wal-push", "--async", manual.join(&done[0]).to_str().unwrap()],
+        &[
+            "wal-push",
+            "--async",
+            manual.join(&done[0]).to_str().unwrap(),
+        ],
     ));
 }
 
