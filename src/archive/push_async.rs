@@ -184,15 +184,18 @@ pub async fn run_worker(
     }
 }
 
-/// Remove `.ok` marks of files no longer ready: PostgreSQL archived them
-/// some other way, or removed them (a mark is only a hint).
+/// Remove marks of files no longer ready: PostgreSQL archived them some
+/// other way, or removed them (a mark is only a hint).
 fn forget_consumed(spool: &Path, ready: &[String]) {
     let Ok(entries) = std::fs::read_dir(spool) else {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
         let file = e.file_name();
-        let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".ok")) else {
+        let Some(name) = file
+            .to_str()
+            .and_then(|n| n.strip_suffix(".ok").or_else(|| n.strip_suffix(".error")))
+        else {
             continue;
         };
         if !ready.iter().any(|r| r == name) {

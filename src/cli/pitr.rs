@@ -209,46 +209,20 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         crate::restore::restore(repo.clone(), &settings.stanza, &args.pgdata, &opts).await?;
         anyhow::Ok(t.elapsed().as_secs_f64())
     };
-    let stage_wal = async {
-        let t = Instant::now();
-        let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(plan.segments.clone())
-            .map(|name| {
-                let (repo, paths, spool) = (&repo, &paths, &spool);
-                async move {
-                    let data = repo
-                        .load_wal(paths, &name)
-                        .await?
-                        .with_context(|| format!("{name} vanished from the repository"))?;
-                    // a .partial is served under its segment's name
-                    let file = spool.join(name.trim_end_matches(".partial"));
-                    let len = data.len() as u64;
-                    // synced here, while the files are still being restored:
-                    // PostgreSQL fsyncs the whole data directory (pg_wal
-                    // included) before it replays anything, one file after
-                    // the other
-                    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                        let tmp = file.with_extension("walvault-tmp");
-                        let mut f = std::fs::File::create(&tmp)?;
-                        std::io::Write::write_all(&mut f, &data)?;
-                        f.sync_data()?;
-                        std::fs::rename(&tmp, &file)
-                    })
-                    .await??;
-                    Ok(len)
-                }
-            })
-            .buffer_unordered(4)
-            .collect()
-            .await;
-        let mut bytes = 0;
-        for f in fetched {
-            bytes += f?;
-        }
-        anyhow::Ok((bytes, t.elapsed().as_secs_f64()))
+    // Only the first segments must be there when PostgreSQL starts; with
+    // --start the rest is staged while it replays (replay takes one core,
+    // staging the other) instead of competing with the restore for both
+    let t_stage = Instant::now();
+    let ahead = if args.start {
+        STAGE_AHEAD.min(plan.segments.len())
+    } else {
+        plan.segments.len()
     };
-    let done = tokio::try_join!(restore_files, stage_wal);
+    let (head, rest) = plan.segments.split_at(ahead);
+    let done = tokio::try_join!(restore_files, stage_wal(&repo, &paths, &spool, head));
     reporter.finish();
-    let (restore_secs, (wal_bytes, fetch_secs)) = done?;
+    let (restore_secs, head_bytes) = done?;
+    let mut fetch_secs = t_stage.elapsed().as_secs_f64();
 
     let timeline = match args.target_timeline {
         TimelineChoice::Latest => "latest".to_owned(),
@@ -292,15 +266,45 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         }
         return Ok(());
     }
-    let outcome = super::pitr_start::start_and_wait(
-        &args.pgdata,
-        &plan,
-        args.port,
-        args.pg_bin.as_deref(),
-        args.target_action,
-        promote_on_pause,
-    )
-    .await?;
+    // the spool's lock keeps wal-fetch's own prefetching out while the rest
+    // is staged (a segment replay reaches first is fetched by wal-fetch
+    // straight from the repository)
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join(".lock"))
+        .with_context(|| format!("creating {}", spool.join(".lock").display()))?;
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking the WAL spool: {e}"))?;
+    let (outcome, rest_bytes) = tokio::join!(
+        super::pitr_start::start_and_wait(
+            &args.pgdata,
+            &plan,
+            args.port,
+            args.pg_bin.as_deref(),
+            args.target_action,
+            promote_on_pause,
+        ),
+        async {
+            let r = stage_wal(&repo, &paths, &spool, rest).await;
+            fetch_secs = t_stage.elapsed().as_secs_f64();
+            r
+        }
+    );
+    drop(held);
+    let outcome = outcome?;
+    let wal_bytes = head_bytes
+        + rest_bytes.unwrap_or_else(|e| {
+            tracing::warn!(
+                "staging WAL ahead of replay failed ({e:#}); restore_command fetched it"
+            );
+            0
+        });
+    if outcome.state != "paused at the target" {
+        // staged files replay did not consume (beyond the target)
+        let _ = std::fs::remove_dir_all(&spool);
+    }
     let total = t0.elapsed().as_secs_f64();
     let report = serde_json::json!({
         "backup": plan.backup.id,
@@ -343,6 +347,50 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         bail!("the recovery took {total:.0} s, over the RTO budget");
     }
     Ok(())
+}
+
+/// Segments staged before PostgreSQL starts when the rest can follow during
+/// replay (`--start`).
+const STAGE_AHEAD: usize = 4;
+
+/// Download `names` into the spool (4 at once), each written beside, synced
+/// and renamed into place. Returns the bytes staged.
+async fn stage_wal(
+    repo: &crate::repo::Repository,
+    paths: &crate::repo::StanzaPaths,
+    spool: &std::path::Path,
+    names: &[String],
+) -> anyhow::Result<u64> {
+    let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(names.iter().cloned())
+        .map(|name| async move {
+            let data = repo
+                .load_wal(paths, &name)
+                .await?
+                .with_context(|| format!("{name} vanished from the repository"))?;
+            // a .partial is served under its segment's name
+            let file = spool.join(name.trim_end_matches(".partial"));
+            let len = data.len() as u64;
+            // synced here: PostgreSQL fsyncs the whole data directory
+            // (pg_wal included) before it replays anything, one file after
+            // the other; files staged later are read after a crash too
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let tmp = file.with_extension("walvault-tmp");
+                let mut f = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut f, &data)?;
+                f.sync_data()?;
+                std::fs::rename(&tmp, &file)
+            })
+            .await??;
+            Ok(len)
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    let mut bytes = 0;
+    for f in fetched {
+        bytes += f?;
+    }
+    Ok(bytes)
 }
 
 fn print_plan(plan: &PitrPlan, est: Duration, args: &PitrArgs) {

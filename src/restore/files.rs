@@ -377,6 +377,13 @@ const EARLY_SYNC_BYTES: u64 = 64 << 20;
 /// multiple of the logical block size of the disks this runs on.
 const DIRECT_ALIGN: usize = 4096;
 
+/// Smallest stretch written with `O_DIRECT`. A direct write waits for the
+/// disk; the scattered blocks of a backup taken after churn made thousands
+/// of 8 KiB direct writes (6.2 s instead of 1.7 s through the page cache, at
+/// scale 100), while a fresh restore's long runs gain from skipping the
+/// cache.
+const DIRECT_MIN: usize = 1 << 20;
+
 /// Consecutive blocks of one file, gathered into one buffer whose first
 /// `aligned` bytes start at a [`DIRECT_ALIGN`]ed address (`buf[pad..]`).
 struct Piece {
@@ -415,12 +422,13 @@ impl Piece {
 /// slot's lock — after churn a run's blocks are scattered and a lock per
 /// write made threads hand it back and forth.
 ///
-/// With [`WriteMode::direct`], block-aligned bytes are written with
-/// `O_DIRECT`: they go from this buffer
+/// With [`WriteMode::direct`], stretches of at least [`DIRECT_MIN`] are
+/// written with `O_DIRECT`: they go from this buffer
 /// to the disk, with no copy into the page cache, no page-cache memory to
 /// find (on a host whose memory is full of cache, reclaiming it cost more
-/// than the restore's own work) and nothing left to write back. Short tails
-/// (small files, a file's last partial block) go through the page cache.
+/// than the restore's own work) and nothing left to write back. Shorter
+/// stretches, and tails that are not page-aligned, go through the page
+/// cache.
 fn write_blocks(
     jobs: Vec<Job>,
     bytes: &RunBytes,
@@ -494,7 +502,10 @@ fn write_group(
         let data = p.data();
         let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         let mut done = 0;
-        if aligned > 0 && p.offset % DIRECT_ALIGN as u64 == 0 && direct.load(Ordering::Relaxed) {
+        if aligned >= DIRECT_MIN
+            && p.offset % DIRECT_ALIGN as u64 == 0
+            && direct.load(Ordering::Relaxed)
+        {
             if direct_file.is_none() {
                 match open(nix::libc::O_DIRECT) {
                     Ok(f) => direct_file = Some(f),
