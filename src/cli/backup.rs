@@ -261,11 +261,14 @@ pub struct WalFetchArgs {
     pub spool: Option<PathBuf>,
 }
 
+/// Longest wait for a segment another process is putting in the spool.
+const SPOOL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Set in the detached copy of `wal-fetch` that prefetches.
 const PREFETCH_CHILD: &str = "WALVAULT_PREFETCH_CHILD";
 
 pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow::Result<bool> {
-    use crate::restore::fetch::{following_segments, from_spool, prefetch};
+    use crate::restore::fetch::{following_segments, from_busy_spool, from_spool, prefetch};
     let spool = args
         .spool
         .clone()
@@ -285,8 +288,13 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         .await?;
         return Ok(true);
     }
-    // the spool first: a rename, no repository to open
-    let seg = match from_spool(&args.name, &args.dest, &spool)? {
+    // the spool first: a rename, no repository to open; while another
+    // process fills it, wait for the file rather than race it
+    let spooled = match from_spool(&args.name, &args.dest, &spool)? {
+        Some(seg) => Some(seg),
+        None => from_busy_spool(&args.name, &args.dest, &spool, SPOOL_PATIENCE).await?,
+    };
+    let seg = match spooled {
         Some(seg) => seg,
         None => {
             let repo = settings.open_repository().await?;

@@ -77,6 +77,43 @@ pub fn from_spool(name: &str, dest: &Path, spool: &Path) -> Result<Option<u64>, 
     }
 }
 
+/// Whether another process holds the spool's lock: a prefetcher, or
+/// restore-pitr staging the segments replay needs.
+pub fn spool_busy(spool: &Path) -> bool {
+    let Ok(lock) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(spool.join(".lock"))
+    else {
+        return false;
+    };
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+}
+
+/// Wait for segment `name` to appear in the spool while another process
+/// holds its lock (it is most likely downloading it: fetching it here too
+/// would race it for the same bytes), then serve it. `None` when the lock
+/// is free and the file is not there, or after `patience`: fetch it then.
+/// Only segments are waited for: PostgreSQL probes for history files that
+/// do not exist, and those must not wait for the whole staging.
+pub async fn from_busy_spool(
+    name: &str,
+    dest: &Path,
+    spool: &Path,
+    patience: std::time::Duration,
+) -> Result<Option<u64>, RestoreError> {
+    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let deadline = std::time::Instant::now() + patience;
+    while spool_busy(spool) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        if let Some(n) = from_spool(name, dest, spool)? {
+            return Ok(Some(n));
+        }
+    }
+    from_spool(name, dest, spool)
+}
+
 /// The `count` segments after `name` on its timeline (none when `name` is
 /// not a segment).
 pub fn following_segments(name: &str, seg_bytes: u64, count: usize) -> Vec<String> {
@@ -154,4 +191,72 @@ pub async fn prefetch(
         }
     }
     Ok(fetched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn hold_lock(spool: &Path) -> nix::fcntl::Flock<std::fs::File> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(spool.join(".lock"))
+            .unwrap();
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap()
+    }
+
+    /// A segment another process is still writing into the spool is
+    /// waited for, not fetched a second time.
+    #[tokio::test]
+    async fn a_busy_spool_is_waited_for() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, dest) = (d.path().join("spool"), d.path().join("RECOVERYXLOG"));
+        std::fs::create_dir(&spool).unwrap();
+        let name = "000000010000000000000003";
+        let held = hold_lock(&spool);
+        assert!(spool_busy(&spool));
+        let s2 = spool.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            write_atomic(&s2.join(name), b"segment").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let got = from_busy_spool(name, &dest, &spool, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got, Some(7));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"segment");
+        writer.join().unwrap();
+        assert!(!spool_busy(&spool));
+        // free lock and no file: no wait
+        let t = Instant::now();
+        let missing = from_busy_spool(name, &dest, &spool, Duration::from_secs(10));
+        assert_eq!(missing.await.unwrap(), None);
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// History files are never waited for (PostgreSQL probes for ones that
+    /// do not exist while the segments are still being staged).
+    #[tokio::test]
+    async fn history_probes_do_not_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let spool = d.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let _held = hold_lock(&spool);
+        let t = Instant::now();
+        let got = from_busy_spool(
+            "00000002.history",
+            &d.path().join("x"),
+            &spool,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, None);
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
 }
