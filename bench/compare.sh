@@ -207,24 +207,31 @@ run "${pgbr[@]}" check >/dev/null 2>&1 || true
 pkill -TERM -f -- "--slot walvault_bench" || true
 sleep 1
 
-want restore && echo "# restores (x$ROUNDS)" >&2
-want restore && for r in $(seq "$ROUNDS"); do
-  run rm -rf "$tmp/r-wv" "$tmp/r-pgbr"
+# Restores and PITR: round 0 is a warm-up, not recorded (the first
+# operation to write gigabytes into this VM's memory pays for touching it:
+# 7-8 s for either tool), and the order of the tools alternates by round.
+restore_wv() {
+  run rm -rf "$tmp/r-wv"
   measure "restore:walvault" "$tmp/r-wv" "$wv" -q --repo "$tmp/wv-repo" restore --backup latest --pgdata "$tmp/r-wv"
+}
+restore_pgbr() {
+  run rm -rf "$tmp/r-pgbr"
   measure "restore:pgbackrest" "$tmp/r-pgbr" "${pgbr[@]}" "--pg1-path=$tmp/r-pgbr" restore
-done
+}
+rounds() { # FIRST SECOND: round 0 unrecorded, then ROUNDS alternating
+  local keep=$results
+  for r in $(seq 0 "$ROUNDS"); do
+    if [ "$r" = 0 ]; then results=$tmp/warmup.txt; else results=$keep; fi
+    if [ $((r % 2)) = 1 ]; then "$1"; "$2"; else "$2"; "$1"; fi
+  done
+  results=$keep
+}
+want restore && echo "# restores (warm-up + x$ROUNDS)" >&2
+want restore && rounds restore_wv restore_pgbr
 
 # PITR: restore to the target time, start, replay, promote; the RTO
 pitr_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-want pitr && echo "# point-in-time recovery to $target (x$ROUNDS)" >&2
-want pitr && for r in $(seq "$ROUNDS"); do
-  run rm -rf "$tmp/p-wv" "$tmp/p-pgbr"
-  measure "pitr:walvault" "$tmp/p-wv" "$wv" -q --repo "$tmp/wv-repo" restore-pitr --pgdata "$tmp/p-wv" \
-    --target-time "$target" --start --port "$pitr_port" --pg-bin "$PG_BIN" --archive-mode off --json
-  got=$(run "$PG_BIN/psql" -h "$sock" -p "$pitr_port" -U postgres -X -At -c "SELECT string_agg(t, ',') FROM marker" postgres)
-  [ "$got" = "before the target" ] || { echo "walvault PITR recovered marker=$got" >&2; exit 1; }
-  run "$PG_BIN/pg_ctl" -D "$tmp/p-wv" -m immediate -w stop >/dev/null
-  cat >"$tmp/pgbr-pitr.sh" <<EOF
+cat >"$tmp/pgbr-pitr.sh" <<EOF
 set -e
 pgbackrest --config=$tmp/pgbackrest.conf --stanza=bench --pg1-path=$tmp/p-pgbr --type=time "--target=$target" --target-action=promote --archive-mode=off restore >/dev/null
 $PG_BIN/pg_ctl -D $tmp/p-pgbr -l $tmp/p-pgbr.log -W -o "-p $pitr_port" start >/dev/null
@@ -235,12 +242,24 @@ for i in \$(seq 1200); do
 done
 exit 1
 EOF
-  chmod 755 "$tmp/pgbr-pitr.sh"
-  measure "pitr:pgbackrest" "$tmp/p-pgbr" bash "$tmp/pgbr-pitr.sh"
+chmod 755 "$tmp/pgbr-pitr.sh"
+check_marker() { # DATADIR TOOL
   got=$(run "$PG_BIN/psql" -h "$sock" -p "$pitr_port" -U postgres -X -At -c "SELECT string_agg(t, ',') FROM marker" postgres)
-  [ "$got" = "before the target" ] || { echo "pgbackrest PITR recovered marker=$got" >&2; exit 1; }
-  run "$PG_BIN/pg_ctl" -D "$tmp/p-pgbr" -m immediate -w stop >/dev/null
-done
+  [ "$got" = "before the target" ] || { echo "$2 PITR recovered marker=$got" >&2; exit 1; }
+  run "$PG_BIN/pg_ctl" -D "$1" -m immediate -w stop >/dev/null
+  run rm -rf "$1"
+}
+pitr_wv() {
+  measure "pitr:walvault" "$tmp/p-wv" "$wv" -q --repo "$tmp/wv-repo" restore-pitr --pgdata "$tmp/p-wv" \
+    --target-time "$target" --start --port "$pitr_port" --pg-bin "$PG_BIN" --archive-mode off --json
+  check_marker "$tmp/p-wv" walvault
+}
+pitr_pgbr() {
+  measure "pitr:pgbackrest" "$tmp/p-pgbr" bash "$tmp/pgbr-pitr.sh"
+  check_marker "$tmp/p-pgbr" pgbackrest
+}
+want pitr && echo "# point-in-time recovery to $target (warm-up + x$ROUNDS)" >&2
+want pitr && rm -rf "$tmp/r-wv" "$tmp/r-pgbr" && rounds pitr_wv pitr_pgbr
 
 if want push20; then
   # per-call cost of the archive command: on segments full of pgbench WAL,
