@@ -14,6 +14,7 @@ mod pitr;
 mod repo;
 mod restore_matrix;
 mod storage_conformance;
+mod storage_outage;
 mod wal_archive;
 mod wal_decode;
 mod wal_stream;

@@ -3,6 +3,7 @@
 //! temporary directory and always torn down, also when a test panics.
 
 pub mod backend;
+pub mod garage_cluster;
 pub mod pg;
 pub mod s3;
 
