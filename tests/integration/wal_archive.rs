@@ -568,8 +568,18 @@ async fn stream_follows_a_promotion_to_the_next_timeline() {
     assert!(v["segments_read"].as_u64().unwrap() >= 2, "{v}");
 }
 
-#[test]
-fn wal_push_as_archive_command() {
+/// A cluster archiving into a fresh repository with `walvault wal-push
+/// OPTIONS%p` under pgbench for `seconds`, until every segment up to a
+/// final switch is archived without a failure.
+struct Archiving {
+    work: tempfile::TempDir,
+    repo: PathBuf,
+    c: PgCluster,
+    /// The segment the final switch ended.
+    last: String,
+}
+
+fn archiving_under_pgbench(options: &str, seconds: &str) -> Archiving {
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = work.path().join("walvault");
@@ -581,7 +591,7 @@ fn wal_push_as_archive_command() {
         conf: vec![
             "archive_mode = on".into(),
             format!(
-                "archive_command = '{} wal-push --repo {} %p'",
+                "archive_command = '{} wal-push {options}--repo {} %p'",
                 bin.display(),
                 repo.display()
             ),
@@ -590,7 +600,7 @@ fn wal_push_as_archive_command() {
         ..Default::default()
     });
     c.pgbench(&["-i", "-s", "1", "-q"]);
-    c.pgbench(&["-T", "60", "-c", "2", "-n"]);
+    c.pgbench(&["-T", seconds, "-c", "2", "-n"]);
     let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
     let deadline = Instant::now() + Duration::from_secs(60);
     while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
@@ -602,6 +612,22 @@ fn wal_push_as_archive_command() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    Archiving {
+        work,
+        repo,
+        c,
+        last,
+    }
+}
+
+#[test]
+fn wal_push_as_archive_command() {
+    let Archiving {
+        work,
+        repo,
+        c,
+        last,
+    } = archiving_under_pgbench("", "60");
     let archived = c.psql("SELECT archived_count FROM pg_stat_archiver");
     assert!(archived.parse::<u32>().unwrap() >= 3, "{archived}");
 
@@ -679,38 +705,12 @@ fn wal_push_as_archive_command() {
 /// equals the server's; failures reach the call that waits for the file.
 #[test]
 fn wal_push_async_as_archive_command() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
-    let repo = work.path().join("repo");
-    ok(walvault(&repo, &["init"]));
-    crate::support::give_to_postgres(&repo);
-    let c = PgCluster::start_with(PgOptions {
-        conf: vec![
-            "archive_mode = on".into(),
-            format!(
-                "archive_command = '{} wal-push --async --repo {} %p'",
-                bin.display(),
-                repo.display()
-            ),
-            "wal_keep_size = '1GB'".into(),
-        ],
-        ..Default::default()
-    });
-    c.pgbench(&["-i", "-s", "1", "-q"]);
-    c.pgbench(&["-T", "20", "-c", "2", "-n"]);
-    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
-        assert!(
-            Instant::now() < deadline,
-            "archiving stalled: {}",
-            c.psql("SELECT * FROM pg_stat_archiver")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    let Archiving {
+        work,
+        repo,
+        c,
+        last,
+    } = archiving_under_pgbench("--async ", "20");
     // every segment PostgreSQL counts as archived is stored, byte for byte
     let wal = c.datadir.join("pg_wal");
     let mut done: Vec<String> = std::fs::read_dir(wal.join("archive_status"))
@@ -724,6 +724,7 @@ fn wal_push_async_as_archive_command() {
         .collect();
     done.sort();
     assert!(done.len() >= 3, "{done:?}");
+    assert!(done.contains(&last), "{last} not archived: {done:?}");
     for name in &done {
         let back = work.path().join("back");
         ok(walvault(
