@@ -267,8 +267,8 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         return Ok(());
     }
     // the spool's lock keeps wal-fetch's own prefetching out while the rest
-    // is staged (a segment replay reaches first is fetched by wal-fetch
-    // straight from the repository)
+    // is staged, and makes wal-fetch wait for a segment replay reaches
+    // before it is staged instead of downloading it a second time
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
