@@ -336,8 +336,9 @@ struct FileSlot {
 }
 
 impl FileSlot {
-    /// Create the file at its final length (blocks land in place; a delta
-    /// restore cuts a file that grew since the backup), once.
+    /// Create the file at its final length, its blocks allocated (blocks
+    /// land in place; a delta restore cuts a file that grew since the
+    /// backup), once.
     fn create(&self, delta: bool) -> Result<(), RestoreError> {
         let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
         if *created {
@@ -351,10 +352,30 @@ impl FileSlot {
             .create(true)
             .truncate(!delta)
             .open(&self.path)
-            .and_then(|f| f.set_len(self.size))
+            .and_then(|f| {
+                f.set_len(self.size)?;
+                reserve(&f, self.size)
+            })
             .map_err(io(&self.path))?;
         *created = true;
         Ok(())
+    }
+}
+
+/// Allocate a file's blocks before they are written: blocks of a backup
+/// taken after churn arrive scattered, and writing them into holes made
+/// the file system map each one separately (a restore at scale 100 after
+/// 20 s of churn: 1.3–1.5 s instead of 1.6–1.7 s). A full disk is reported
+/// here, before gigabytes are written; a file system without `fallocate`
+/// is simply written as before.
+fn reserve(f: &std::fs::File, size: u64) -> std::io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    let len = i64::try_from(size).unwrap_or(i64::MAX);
+    match nix::fcntl::fallocate(f, nix::fcntl::FallocateFlags::empty(), 0, len) {
+        Err(nix::errno::Errno::ENOSPC) => Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+        _ => Ok(()),
     }
 }
 
