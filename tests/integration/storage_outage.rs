@@ -1,0 +1,517 @@
+//! Continuous archiving while the S3 store fails, against real servers:
+//! a single Garage server stopped for 30 s under pgbench, and a node of a
+//! 3-node Garage cluster (3 copies) killed while `walvault stream` and
+//! `walvault backup` write to it. Nothing may stop and nothing may be lost.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use walvault::pg::Lsn;
+use walvault::storage::Storage;
+
+use crate::support::garage_cluster::GarageCluster;
+use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
+use crate::support::s3::S3Server;
+use crate::support::walvault_bin;
+
+/// The walvault binary and the options that point it at one repository.
+struct Cli {
+    bin: PathBuf,
+    /// `--repo URL` or `--config FILE`.
+    global: Vec<String>,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .args(&self.global)
+            .env_remove("WALVAULT_REPO")
+            .env_remove("WALVAULT_PASSPHRASE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run walvault")
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "walvault {args:?} failed: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `wal-verify --json`: no gap and no damaged segment. Returns the report.
+    fn assert_wal_continuous(&self) -> serde_json::Value {
+        let out = self.run(&["wal-verify", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "wal-verify --json printed no JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+        assert_eq!(v["damaged"], serde_json::json!([]), "{v}");
+        assert!(out.status.success(), "{v}");
+        v
+    }
+}
+
+/// A `walvault stream` child process with a status file.
+struct Streamer {
+    child: Option<Child>,
+    status: PathBuf,
+    log: PathBuf,
+}
+
+impl Streamer {
+    fn start(cli: &Cli, conninfo: &str, dir: &Path) -> Streamer {
+        let status = dir.join("stream.status.json");
+        let log = dir.join("stream.log");
+        let child = cli
+            .command(&[
+                "stream",
+                "--pg",
+                conninfo,
+                "--status-interval",
+                "1",
+                "--partial-interval",
+                "0.2",
+                "--status-file",
+                status.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Streamer {
+            child: Some(child),
+            status,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process has not exited.
+    fn running(&mut self) -> bool {
+        matches!(
+            self.child.as_mut().map(|c| c.try_wait().unwrap()),
+            Some(None)
+        )
+    }
+
+    fn assert_running(&mut self, when: &str) {
+        assert!(self.running(), "the stream exited {when}:\n{}", self.log());
+    }
+
+    /// The durable position from the status file.
+    fn durable(&self) -> Option<Lsn> {
+        let text = std::fs::read_to_string(&self.status).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["durable_lsn"].as_str()?.parse().ok()
+    }
+
+    fn wait_durable(&self, lsn: Lsn, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.durable().is_none_or(|d| d < lsn) {
+            assert!(
+                Instant::now() < deadline,
+                "WAL up to {lsn} not durable within {within:?} (at {:?}):\n{}",
+                self.durable(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM: the stream uploads what it received and exits 0.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "stream exited with {status}:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// pgbench (TPC-B, 2 clients) writing for `secs` seconds in the background.
+fn load(c: &PgCluster, secs: u32) -> Child {
+    c.command(&c.client_bin("pgbench"))
+        .args([
+            "-h",
+            c.sockdir.to_str().unwrap(),
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+            "-T",
+            &secs.to_string(),
+            "-c",
+            "2",
+            "-n",
+            PASSWORD_USER,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn lsn(c: &PgCluster, sql: &str) -> Lsn {
+    c.psql(sql).parse().unwrap()
+}
+
+fn insert_lsn(c: &PgCluster) -> Lsn {
+    lsn(c, "SELECT pg_current_wal_insert_lsn()")
+}
+
+fn wal_file(c: &PgCluster, at: Lsn) -> String {
+    c.psql(&format!("SELECT pg_walfile_name('{at}')"))
+}
+
+/// The name of the 16 MiB segment on timeline 1 that holds the byte at
+/// `at` (`pg_walfile_name` names the one before at a segment boundary).
+fn segment_at(at: Lsn) -> String {
+    let n = at.0 >> 24;
+    format!("00000001{:08X}{:08X}", n / 0x100, n % 0x100)
+}
+
+/// Segment number of a 16 MiB segment's file name (timeline ignored).
+fn seg_no(name: &str) -> u64 {
+    let log = u64::from_str_radix(&name[8..16], 16).unwrap();
+    let seg = u64::from_str_radix(&name[16..24], 16).unwrap();
+    log * 0x100 + seg
+}
+
+/// The 16 MiB segment names from `from` through `through`, on `from`'s timeline.
+fn segments(from: &str, through: &str) -> Vec<String> {
+    (seg_no(from)..=seg_no(through))
+        .map(|n| format!("{}{:08X}{:08X}", &from[..8], n / 0x100, n % 0x100))
+        .collect()
+}
+
+/// Each of `names`, fetched from the repository with `wal-fetch`, equals
+/// the server's file in pg_wal byte for byte.
+fn assert_fetched_equal_server(cli: &Cli, c: &PgCluster, names: &[String], dir: &Path) {
+    let dest = dir.join("fetched");
+    for n in names {
+        let server = std::fs::read(c.datadir.join("pg_wal").join(n))
+            .unwrap_or_else(|e| panic!("the server no longer has {n}: {e}"));
+        cli.ok(&["wal-fetch", "--prefetch", "0", n, dest.to_str().unwrap()]);
+        let ours = std::fs::read(&dest).unwrap();
+        assert!(
+            ours == server,
+            "archived {n} differs from the server's ({} and {} bytes)",
+            ours.len(),
+            server.len()
+        );
+    }
+}
+
+/// The store is down for 30 s while pgbench writes; the slot keeps the WAL
+/// on the server, the stream retries, and once the store is back every
+/// byte reaches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_rides_out_a_30s_storage_outage() {
+    let mut s3 = S3Server::start().await;
+    // small max_wal_size and no wal_keep_size: only the slot keeps WAL that
+    // a checkpoint has passed
+    let mut c = PgCluster::start_with(PgOptions {
+        conf: vec![
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '32MB'".into(),
+        ],
+        ..Default::default()
+    });
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let work = tempfile::tempdir().unwrap();
+    let cli = Cli {
+        bin: walvault_bin(),
+        global: vec!["--repo".into(), s3.url("outage")],
+        env: s3.env(),
+    };
+    cli.ok(&["init"]);
+    let mut stream = Streamer::start(&cli, &c.conninfo(), work.path());
+    cli.ok(&["backup", "--pg", &c.conninfo(), "--fast"]);
+    stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
+
+    let mut bench = load(&c, 35);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s3.stop();
+    let outage = Instant::now();
+    // uploads in flight when the store died fail; what is durable now stays
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = stream.durable().expect("no durable position");
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    stream.assert_running("while the store was down");
+    let during = stream.durable();
+    assert!(
+        during.is_some_and(|d| d <= held),
+        "WAL became durable while the store was down: {during:?} after {held}"
+    );
+
+    // the slot held the WAL: not released past what is durable, and a
+    // checkpoint (which would recycle every segment before the current
+    // one) leaves every segment since then in pg_wal
+    c.psql("CHECKPOINT");
+    let now = insert_lsn(&c);
+    let held_seg = segment_at(held);
+    let now_seg = wal_file(&c, now);
+    assert!(
+        seg_no(&now_seg) >= seg_no(&held_seg) + 2,
+        "too little WAL during the outage to prove anything: {held} .. {now}"
+    );
+    let slot = c.psql(
+        "SELECT restart_lsn || ' ' || wal_status FROM pg_replication_slots WHERE slot_name = 'walvault'",
+    );
+    let (restart, wal_status) = slot.split_once(' ').expect("no slot 'walvault'");
+    let restart: Lsn = restart.parse().unwrap();
+    assert!(
+        restart <= held,
+        "the slot let go of WAL that is not durable: restart {restart}, durable {held}"
+    );
+    assert!(
+        wal_status == "reserved" || wal_status == "extended",
+        "slot: {slot}"
+    );
+    for n in segments(&held_seg, &now_seg) {
+        assert!(
+            c.datadir.join("pg_wal").join(&n).exists(),
+            "{n} (between the durable {held} and {now}) is gone from pg_wal"
+        );
+    }
+    // from here on keep WAL for the byte comparison below (the slot lets go
+    // of it once it is durable)
+    c.psql("ALTER SYSTEM SET wal_keep_size = '4GB'");
+    c.psql("SELECT pg_reload_conf()");
+
+    s3.start_again().await;
+    let back = Instant::now();
+    assert!(bench.wait().unwrap().success(), "pgbench failed");
+    let end = lsn(&c, "SELECT pg_switch_wal()");
+    let last_seg = wal_file(&c, end);
+    stream.wait_durable(insert_lsn(&c), Duration::from_secs(90));
+    eprintln!(
+        "outage of {:?}: durable stayed at {held} while the server wrote up to {now} \
+         ({} segments held by the slot); caught up through {last_seg} {:?} after the store came back",
+        back.duration_since(outage),
+        seg_no(&now_seg) - seg_no(&held_seg) + 1,
+        back.elapsed()
+    );
+    stream.assert_running("after the store came back");
+    let log = stream.log();
+    assert!(
+        log.contains("stream interrupted"),
+        "the stream never noticed the outage:\n{log}"
+    );
+
+    let v = cli.assert_wal_continuous();
+    let newest = v["newest"].as_str().unwrap_or_default();
+    assert!(newest >= last_seg.as_str(), "{v}");
+    assert_fetched_equal_server(&cli, &c, &segments(&held_seg, &last_seg), work.path());
+    stream.stop();
+    c.stop(StopMode::Fast);
+}
+
+/// A Garage cluster keeping 3 copies loses one node (not the one walvault
+/// talks to) while the stream and a backup write; both go on, and the
+/// backup restores and recovers through the WAL archived after the loss.
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_and_backup_survive_losing_a_garage_node() {
+    let mut garage = GarageCluster::start(3).await;
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    c.psql_db(
+        PASSWORD_USER,
+        "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
+    );
+    // ~30 MB that compress poorly (pgbench's tables shrink to almost
+    // nothing), so that the backup runs long enough to lose a node in it
+    c.psql_db(
+        PASSWORD_USER,
+        "CREATE TABLE filler AS SELECT g, md5(random()::text) || md5(random()::text) AS t \
+         FROM generate_series(1, 300000) g",
+    );
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // a copy of the binary and a config file the restored server's
+    // restore_command (run as the server's OS user) can use
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let s3 = garage.config();
+    let cfg = work.path().join("walvault.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
+            garage.url("cluster"),
+            s3.endpoint.unwrap(),
+            s3.region.unwrap(),
+            s3.access_key_id.unwrap(),
+            s3.secret_access_key.unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cli = Cli {
+        bin,
+        global: vec!["--config".into(), cfg.display().to_string()],
+        env: Vec::new(),
+    };
+    cli.ok(&["init"]);
+    let mut stream = Streamer::start(&cli, &c.conninfo(), work.path());
+    stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
+
+    let mut bench = load(&c, 15);
+    let mut backup = cli
+        .command(&[
+            "backup",
+            "--pg",
+            &c.conninfo(),
+            "--fast",
+            "--label",
+            "node lost",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // node 3 dies once the backup holds its lease on the repository (it
+    // takes it before it reads the server's files and writes its packs)
+    let store = garage.storage("cluster").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            backup.try_wait().unwrap().is_none(),
+            "the backup ended before node 3 could be killed during it"
+        );
+        assert!(Instant::now() < deadline, "the backup took no lease");
+        let leased = store
+            .list_page("main/locks/", None)
+            .await
+            .is_ok_and(|p| !p.objects.is_empty());
+        if leased {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // node 3 holds copies (3 zones, 3 copies): losing it loses a replica
+    assert!(garage.data_files(3) > 0, "node 3 holds no data blocks");
+    garage.kill(3);
+    let killed = Instant::now();
+    assert!(
+        std::net::TcpStream::connect(garage.endpoint(3).trim_start_matches("http://")).is_err(),
+        "node 3 still answers"
+    );
+    assert!(
+        backup.try_wait().unwrap().is_none(),
+        "the backup ended before node 3 was killed"
+    );
+    stream.assert_running("when node 3 was killed");
+
+    let out = backup.wait_with_output().unwrap();
+    eprintln!(
+        "the backup ran {:?} after node 3 was killed",
+        killed.elapsed()
+    );
+    assert!(
+        out.status.success(),
+        "the backup failed after node 3 was lost: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("complete"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(bench.wait().unwrap().success(), "pgbench failed");
+    // a commit after the backup: recovery must replay the WAL archived
+    // with one node gone to see it
+    c.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
+    c.psql("SELECT pg_switch_wal()");
+    stream.wait_durable(insert_lsn(&c), Duration::from_secs(60));
+    stream.assert_running("after node 3 was lost");
+    assert!(garage.is_running(1) && garage.is_running(2));
+    let want = table_hashes(&c, PASSWORD_USER);
+
+    cli.assert_wal_continuous();
+    let listed = cli.ok(&["list", "--json"]);
+    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(backups[0]["label"], "node lost");
+    assert_eq!(backups[0]["status"], "complete");
+    assert_eq!(
+        backups[0]["system_id"],
+        c.psql("SELECT system_identifier FROM pg_control_system()")
+    );
+
+    // restore with node 3 still gone, recover, compare with the source
+    let mut dst = PgCluster::for_restore(&c.bindir);
+    let out = cli.ok(&[
+        "restore",
+        "--backup",
+        "latest",
+        "--pgdata",
+        dst.datadir.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("restored backup"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    dst.start_restored();
+    assert_eq!(
+        dst.psql_db(PASSWORD_USER, "SELECT count(*) FROM pgbench_accounts"),
+        "100000"
+    );
+    assert_eq!(
+        dst.psql_db(
+            PASSWORD_USER,
+            "SELECT string_agg(t, ',' ORDER BY t) FROM marker"
+        ),
+        "after,before"
+    );
+    assert_eq!(
+        table_hashes(&dst, PASSWORD_USER),
+        want,
+        "the restored content differs from the source's"
+    );
+    stream.stop();
+    dst.stop(StopMode::Fast);
+}
