@@ -7,7 +7,6 @@
 //! Clients talk to node 1's S3 endpoint; the other nodes hold replicas.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -107,18 +106,7 @@ impl Node {
     }
 
     fn health_ok(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).contains(" 200")
+        super::s3::healthy(self.admin_port)
     }
 
     fn kill(&mut self) {

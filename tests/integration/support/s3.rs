@@ -34,6 +34,22 @@ pub struct S3Server {
     admin_port: u16,
 }
 
+/// Whether the Garage admin API on `admin_port` answers `/health` with 200.
+pub fn healthy(admin_port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin_port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).contains(" 200")
+}
+
 /// Path of the Garage binary, or a panic that says how to install it.
 pub fn garage_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WALVAULT_GARAGE_BIN") {
@@ -154,18 +170,7 @@ admin_token = "{token}"
     }
 
     fn health_ok(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).contains(" 200")
+        healthy(self.admin_port)
     }
 
     /// The connection settings of this server as walvault's `[s3]` table.
