@@ -104,6 +104,9 @@ pub struct WalPushArgs {
     pub async_timeout: Duration,
 }
 
+/// The background process's log is started afresh beyond this size.
+const WORKER_LOG_MAX: u64 = 1 << 20;
+
 /// Set in the background process `wal-push --async` starts.
 const PUSH_WORKER: &str = "WALVAULT_PUSH_WORKER";
 
@@ -176,10 +179,15 @@ async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Resul
     std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
     let start_worker = || -> std::io::Result<()> {
         use std::os::unix::process::CommandExt;
+        // the log lives in pg_wal: kept to what the last runs said
+        let log_path = spool.join(WORKER_LOG);
+        let fresh = std::fs::metadata(&log_path).is_ok_and(|m| m.len() > WORKER_LOG_MAX);
         let log = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
-            .open(spool.join(WORKER_LOG))?;
+            .append(!fresh)
+            .write(true)
+            .truncate(fresh)
+            .open(&log_path)?;
         std::process::Command::new(std::env::current_exe()?)
             .args(std::env::args_os().skip(1))
             .env(PUSH_WORKER, "1")
