@@ -85,7 +85,8 @@ impl Compression {
 
     /// Decompress `data` into exactly `raw_len` bytes appended to `out` (as
     /// [`Compression::decompress`], without a buffer of its own: a restore
-    /// decodes neighbouring blocks straight into the buffer it writes).
+    /// decodes neighbouring blocks straight into the buffer it writes). On
+    /// error `out` is left as it was.
     pub fn decompress_into(
         self,
         data: &[u8],
@@ -110,24 +111,31 @@ impl Compression {
         let got = match self {
             Compression::None => {
                 out.extend_from_slice(data);
-                data.len()
+                Ok(data.len())
             }
             Compression::Lz4 => {
                 out.resize(start + raw_len, 0);
                 lz4_flex::block::decompress_into(data, &mut out[start..])
-                    .map_err(|e| format!("lz4: {e}"))?
+                    .map_err(|e| format!("lz4: {e}"))
             }
             Compression::Zstd(_) => {
                 out.resize(start + raw_len, 0);
                 zstd::bulk::decompress_to_buffer(data, &mut out[start..])
-                    .map_err(|e| format!("zstd: {e}"))?
+                    .map_err(|e| format!("zstd: {e}"))
             }
         };
-        if got != raw_len {
-            out.truncate(start);
-            return Err(format!("decompressed to {got} bytes, expected {raw_len}"));
+        // on error `out` is left as it was
+        match got {
+            Ok(n) if n == raw_len => Ok(()),
+            Ok(n) => {
+                out.truncate(start);
+                Err(format!("decompressed to {n} bytes, expected {raw_len}"))
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
         }
-        Ok(())
     }
 }
 
@@ -236,6 +244,25 @@ mod tests {
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512), raw in 0usize..100_000, algo in 0u8..3) {
             let _ = Compression::from_id(algo).unwrap().decompress(&data, raw);
+        }
+
+        /// Appends after what `out` holds; on error leaves it as it was.
+        #[test]
+        fn decompress_into_appends_or_leaves_alone(
+            data in proptest::collection::vec(0u8..4, 1..5000),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+            algo in 0u8..3,
+        ) {
+            let c = match algo { 0 => Compression::None, 1 => Compression::Lz4, _ => Compression::Zstd(3) };
+            let (used, packed) = c.compress(&data);
+            let mut out = b"before".to_vec();
+            used.decompress_into(&packed, data.len(), &mut out).unwrap();
+            prop_assert_eq!(&out[..6], b"before");
+            prop_assert_eq!(&out[6..], &data[..]);
+            let mut out = b"before".to_vec();
+            if used.decompress_into(&junk, data.len(), &mut out).is_err() {
+                prop_assert_eq!(out, b"before".to_vec());
+            }
         }
 
         #[test]
