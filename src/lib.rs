@@ -10,6 +10,7 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod codec;
+mod flock;
 pub mod pg;
 pub mod progress;
 pub mod repo;

@@ -85,16 +85,7 @@ pub fn worker_running(spool: &Path) -> bool {
 
 /// The spool's lock, if nobody holds it (released when dropped).
 fn try_lock(spool: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(spool.join(LOCK))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(e.into()),
-    }
+    crate::flock::lock(&spool.join(LOCK), false)
 }
 
 /// The files PostgreSQL has marked ready in `wal_dir`, in the order its

@@ -269,14 +269,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     // the spool's lock keeps wal-fetch's own prefetching out while the rest
     // is staged, and makes wal-fetch wait for a segment replay reaches
     // before it is staged instead of downloading it a second time
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(spool.join(".lock"))
-        .with_context(|| format!("creating {}", spool.join(".lock").display()))?;
-    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("locking the WAL spool: {e}"))?;
+    let held = crate::restore::fetch::lock_spool(&spool, true)?;
     let (outcome, rest_bytes) = tokio::join!(
         super::pitr_start::start_and_wait(
             &args.pgdata,

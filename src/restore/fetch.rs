@@ -17,6 +17,9 @@ use super::{io, RestoreError};
 use crate::pg::{WalFileName, WalSegSize};
 use crate::repo::{Repository, StanzaPaths};
 
+/// The lock file in the spool.
+const SPOOL_LOCK: &str = ".lock";
+
 /// Name of the spool directory inside `pg_wal`.
 pub const SPOOL_DIR: &str = "walvault-spool";
 
@@ -80,13 +83,17 @@ pub fn from_spool(name: &str, dest: &Path, spool: &Path) -> Result<Option<u64>, 
 /// Whether another process holds the spool's lock: a prefetcher, or
 /// restore-pitr staging the segments replay needs.
 pub fn spool_busy(spool: &Path) -> bool {
-    let Ok(lock) = std::fs::OpenOptions::new()
-        .write(true)
-        .open(spool.join(".lock"))
-    else {
-        return false;
-    };
-    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+    matches!(crate::flock::lock(&spool.join(SPOOL_LOCK), false), Ok(None))
+}
+
+/// The spool's lock, held by whoever fills it (a prefetcher, restore-pitr's
+/// staging); `None` when another process holds it and `wait` is false.
+pub fn lock_spool(
+    spool: &Path,
+    wait: bool,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, RestoreError> {
+    let path = spool.join(SPOOL_LOCK);
+    crate::flock::lock(&path, wait).map_err(io(&path))
 }
 
 /// Wait for segment `name` to appear in the spool while another process
@@ -145,15 +152,7 @@ pub async fn prefetch(
     parallel: usize,
 ) -> Result<usize, RestoreError> {
     std::fs::create_dir_all(spool).map_err(io(spool))?;
-    let lock_path = spool.join(".lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(&lock_path))?;
-    let Ok(_guard) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-    else {
+    let Some(_guard) = lock_spool(spool, false)? else {
         return Ok(0); // another prefetcher is at work
     };
     // replay has passed these
@@ -199,13 +198,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn hold_lock(spool: &Path) -> nix::fcntl::Flock<std::fs::File> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(spool.join(".lock"))
-            .unwrap();
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap()
+        lock_spool(spool, false).unwrap().unwrap()
     }
 
     /// A segment another process is still writing into the spool is

@@ -118,22 +118,9 @@ async fn setup(major: Option<u32>, s3: bool) -> Setup {
     std::fs::copy(walvault_bin(), &bin).unwrap();
     let (repo, server) = if s3 {
         let server = S3Server::start().await;
-        let c = server.config();
         // a config file, readable by the restored servers' restore_command
         let cfg = work.path().join("walvault.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-                server.url("matrix"),
-                c.endpoint.unwrap(),
-                c.region.unwrap(),
-                c.access_key_id.unwrap(),
-                c.secret_access_key.unwrap()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+        crate::support::s3::write_config_file(&cfg, &server.url("matrix"), &server.config());
         (
             vec!["--config".to_owned(), cfg.display().to_string()],
             Some(server),

@@ -14,6 +14,7 @@ use walvault::storage::Storage;
 use crate::support::garage_cluster::GarageCluster;
 use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
 use crate::support::s3::S3Server;
+use crate::support::stream::StreamFiles;
 use crate::support::walvault_bin;
 
 /// The walvault binary and the options that point it at one repository.
@@ -71,14 +72,15 @@ impl Cli {
 /// A `walvault stream` child process with a status file.
 struct Streamer {
     child: Option<Child>,
-    status: PathBuf,
-    log: PathBuf,
+    files: StreamFiles,
 }
 
 impl Streamer {
     fn start(cli: &Cli, conninfo: &str, dir: &Path) -> Streamer {
-        let status = dir.join("stream.status.json");
-        let log = dir.join("stream.log");
+        let files = StreamFiles {
+            status: dir.join("stream.status.json"),
+            log: dir.join("stream.log"),
+        };
         let child = cli
             .command(&[
                 "stream",
@@ -89,21 +91,20 @@ impl Streamer {
                 "--partial-interval",
                 "0.2",
                 "--status-file",
-                status.to_str().unwrap(),
+                files.status.to_str().unwrap(),
             ])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&files.log).unwrap())
             .spawn()
             .unwrap();
         Streamer {
             child: Some(child),
-            status,
-            log,
+            files,
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.files.log()
     }
 
     /// The process has not exited.
@@ -118,40 +119,18 @@ impl Streamer {
         assert!(self.running(), "the stream exited {when}:\n{}", self.log());
     }
 
-    /// The durable position from the status file.
     fn durable(&self) -> Option<Lsn> {
-        let text = std::fs::read_to_string(&self.status).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["durable_lsn"].as_str()?.parse().ok()
+        self.files.durable()
     }
 
     fn wait_durable(&self, lsn: Lsn, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.durable().is_none_or(|d| d < lsn) {
-            assert!(
-                Instant::now() < deadline,
-                "WAL up to {lsn} not durable within {within:?} (at {:?}):\n{}",
-                self.durable(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.files.wait_durable(lsn, within)
     }
 
     /// SIGTERM: the stream uploads what it received and exits 0.
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let status = c.wait().unwrap();
-            assert!(
-                status.success(),
-                "stream exited with {status}:\n{}",
-                self.log()
-            );
+        if let Some(c) = self.child.take() {
+            self.files.terminate(c);
         }
     }
 }
@@ -369,21 +348,8 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
     // restore_command (run as the server's OS user) can use
     let bin = work.path().join("walvault");
     std::fs::copy(walvault_bin(), &bin).unwrap();
-    let s3 = garage.config();
     let cfg = work.path().join("walvault.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-            garage.url("cluster"),
-            s3.endpoint.unwrap(),
-            s3.region.unwrap(),
-            s3.access_key_id.unwrap(),
-            s3.secret_access_key.unwrap()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    crate::support::s3::write_config_file(&cfg, &garage.url("cluster"), &garage.config());
     let cli = Cli {
         bin,
         global: vec!["--config".into(), cfg.display().to_string()],

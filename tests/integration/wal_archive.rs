@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use walvault::pg::Lsn;
 
 use crate::support::pg::{PgCluster, PgOptions, StopMode};
+use crate::support::stream::StreamFiles;
 use crate::support::walvault_bin;
 
 fn walvault(repo: &Path, args: &[&str]) -> Output {
@@ -37,20 +38,20 @@ fn ok(out: Output) -> Output {
 struct Streamer {
     repo: PathBuf,
     conninfo: String,
-    status: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
-    log: PathBuf,
+    files: StreamFiles,
 }
 
 impl Streamer {
     fn start(repo: &Path, conninfo: &str, extra: &[&str]) -> Streamer {
-        let status = repo.with_extension("status.json");
         let mut s = Streamer {
             repo: repo.to_owned(),
             conninfo: conninfo.to_owned(),
-            log: repo.with_extension("stream.log"),
-            status,
+            files: StreamFiles {
+                status: repo.with_extension("status.json"),
+                log: repo.with_extension("stream.log"),
+            },
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -62,12 +63,12 @@ impl Streamer {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)
+            .open(&self.files.log)
             .unwrap();
         let child = Command::new(walvault_bin())
             .args(["stream", "--pg", &self.conninfo, "--status-interval", "1"])
             .arg("--status-file")
-            .arg(&self.status)
+            .arg(&self.files.status)
             .args(&self.extra)
             .arg("--repo")
             .arg(&self.repo)
@@ -88,43 +89,21 @@ impl Streamer {
 
     /// SIGTERM: the stream uploads what it received and exits 0.
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let status = c.wait().unwrap();
-            assert!(
-                status.success(),
-                "stream exited with {status}:\n{}",
-                self.log()
-            );
+        if let Some(c) = self.child.take() {
+            self.files.terminate(c);
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.files.log()
     }
 
-    /// The durable position from the status file.
     fn durable(&self) -> Option<Lsn> {
-        let text = std::fs::read_to_string(&self.status).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["durable_lsn"].as_str()?.parse().ok()
+        self.files.durable()
     }
 
     fn wait_durable(&self, lsn: Lsn, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.durable().is_none_or(|d| d < lsn) {
-            assert!(
-                Instant::now() < deadline,
-                "WAL up to {lsn} not durable within {within:?} (at {:?}):\n{}",
-                self.durable(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.files.wait_durable(lsn, within)
     }
 }
 

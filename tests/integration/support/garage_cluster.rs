@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use walvault::storage::{S3Config, Storage, S3};
+use walvault::storage::{S3Config, S3};
 
-use super::s3::{garage_bin, BUCKET};
+use super::s3::{garage_bin, garage_config, wait_for_bucket, BUCKET};
 use super::{free_port, hex, tmp_base};
 
 /// Copies Garage keeps of every block and metadata entry.
@@ -210,15 +210,7 @@ impl GarageCluster {
             }
         }
         let store = cluster.storage("").await;
-        loop {
-            match store.list_page("", None).await {
-                Ok(_) => break,
-                Err(e) if Instant::now() > deadline => {
-                    panic!("bucket not ready: {e}\n{}", cluster.nodes[0].log())
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        wait_for_bucket(&store, deadline, || cluster.nodes[0].log()).await;
         cluster
     }
 
@@ -229,14 +221,7 @@ impl GarageCluster {
 
     /// The connection settings of node 1 as walvault's `[s3]` table.
     pub fn config(&self) -> S3Config {
-        S3Config {
-            endpoint: Some(self.endpoint(1)),
-            region: Some("garage".into()),
-            access_key_id: Some(self.access_key.clone()),
-            secret_access_key: Some(self.secret_key.clone()),
-            path_style: Some(true),
-            ..S3Config::default()
-        }
+        garage_config(&self.endpoint(1), &self.access_key, &self.secret_key)
     }
 
     /// `s3://walvault-test/<prefix>`.

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod garage_cluster;
 pub mod pg;
 pub mod s3;
+pub mod stream;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

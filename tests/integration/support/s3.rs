@@ -50,6 +50,47 @@ pub fn healthy(admin_port: u16) -> bool {
     String::from_utf8_lossy(&buf[..n]).contains(" 200")
 }
 
+/// Wait until listing the bucket through `store` works (a healthy node can
+/// still refuse requests while the layout settles); panic with `log()`
+/// after `deadline`.
+pub async fn wait_for_bucket(store: &S3, deadline: Instant, log: impl Fn() -> String) {
+    loop {
+        match store.list_page("", None).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() > deadline => panic!("bucket not ready: {e}\n{}", log()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// walvault's `[s3]` settings for a Garage endpoint and key.
+pub fn garage_config(endpoint: &str, access_key: &str, secret_key: &str) -> S3Config {
+    S3Config {
+        endpoint: Some(endpoint.to_owned()),
+        region: Some("garage".into()),
+        access_key_id: Some(access_key.to_owned()),
+        secret_access_key: Some(secret_key.to_owned()),
+        path_style: Some(true),
+        ..S3Config::default()
+    }
+}
+
+/// A walvault config file at `path` for repository `repo_url` on the store
+/// `s3`, readable by every user (a restored server's restore_command runs as
+/// its OS user, without the test's environment).
+pub fn write_config_file(path: &std::path::Path, repo_url: &str, s3: &S3Config) {
+    let text = format!(
+        "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
+        repo_url,
+        s3.endpoint.as_deref().unwrap_or_default(),
+        s3.region.as_deref().unwrap_or_default(),
+        s3.access_key_id.as_deref().unwrap_or_default(),
+        s3.secret_access_key.as_deref().unwrap_or_default()
+    );
+    fs::write(path, text).expect("write config file");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod config file");
+}
+
 /// Path of the Garage binary, or a panic that says how to install it.
 pub fn garage_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WALVAULT_GARAGE_BIN") {
@@ -157,16 +198,7 @@ admin_token = "{token}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let store = self.storage("").await;
-        loop {
-            match store.list_page("", None).await {
-                Ok(_) => return,
-                Err(e) if Instant::now() > deadline => {
-                    panic!("bucket not ready: {e}\n{}", self.log())
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        wait_for_bucket(&self.storage("").await, deadline, || self.log()).await;
     }
 
     fn health_ok(&self) -> bool {
@@ -175,14 +207,7 @@ admin_token = "{token}"
 
     /// The connection settings of this server as walvault's `[s3]` table.
     pub fn config(&self) -> S3Config {
-        S3Config {
-            endpoint: Some(self.endpoint.clone()),
-            region: Some("garage".into()),
-            access_key_id: Some(self.access_key.clone()),
-            secret_access_key: Some(self.secret_key.clone()),
-            path_style: Some(true),
-            ..S3Config::default()
-        }
+        garage_config(&self.endpoint, &self.access_key, &self.secret_key)
     }
 
     /// Environment variables that point the AWS chain (and walvault) at this server.
