@@ -6,7 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
 use crate::support::s3::S3Server;
@@ -139,28 +139,6 @@ async fn setup(major: Option<u32>, s3: bool) -> Setup {
     }
 }
 
-/// pgbench writing for `secs` seconds in the background.
-fn load(src: &PgCluster, secs: u32) -> std::process::Child {
-    let mut c = src.command(&src.client_bin("pgbench"));
-    c.args([
-        "-h",
-        src.sockdir.to_str().unwrap(),
-        "-p",
-        &src.port.to_string(),
-        "-U",
-        "postgres",
-        "-T",
-        &secs.to_string(),
-        "-c",
-        "2",
-        "-n",
-        PASSWORD_USER,
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    c.spawn().unwrap()
-}
-
 fn restore(s: &Setup, dst: &PgCluster, extra: &[&str]) -> String {
     let mut args = vec![
         "restore",
@@ -199,7 +177,7 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
         PASSWORD_USER,
         "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
     );
-    let mut bench = load(&s.src, 5);
+    let mut bench = s.src.pgbench_load(5).spawn().unwrap();
     let out = walvault(
         &s.bin,
         &s.repo,

@@ -144,29 +144,6 @@ impl Drop for Streamer {
     }
 }
 
-/// pgbench (TPC-B, 2 clients) writing for `secs` seconds in the background.
-fn load(c: &PgCluster, secs: u32) -> Child {
-    c.command(&c.client_bin("pgbench"))
-        .args([
-            "-h",
-            c.sockdir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-T",
-            &secs.to_string(),
-            "-c",
-            "2",
-            "-n",
-            PASSWORD_USER,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 fn lsn(c: &PgCluster, sql: &str) -> Lsn {
     c.psql(sql).parse().unwrap()
 }
@@ -245,7 +222,7 @@ async fn stream_rides_out_a_30s_storage_outage() {
     cli.ok(&["backup", "--pg", &c.conninfo(), "--fast"]);
     stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
 
-    let mut bench = load(&c, 35);
+    let mut bench = c.pgbench_load(35).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     s3.stop();
     let outage = Instant::now();
@@ -359,7 +336,7 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
     let mut stream = Streamer::start(&cli, &c.conninfo(), work.path());
     stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
 
-    let mut bench = load(&c, 15);
+    let mut bench = c.pgbench_load(15).spawn().unwrap();
     let mut backup = cli
         .command(&[
             "backup",

@@ -172,26 +172,7 @@ async fn stream_survives_kill9_and_server_restart() {
     let start_lsn: Lsn = first["start_lsn"].as_str().unwrap().parse().unwrap();
     let first_seg = c.psql(&format!("SELECT pg_walfile_name('{start_lsn}')"));
 
-    let bench = |c: &PgCluster, secs: u32| {
-        let mut cmd = c.command(&c.client_bin("pgbench"));
-        cmd.args([
-            "-h",
-            c.sockdir.to_str().unwrap(),
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-            "-T",
-            &secs.to_string(),
-            "-c",
-            "2",
-            "-n",
-            crate::support::pg::PASSWORD_USER,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        cmd.output().unwrap()
-    };
+    let bench = |c: &PgCluster, secs: u32| c.pgbench_load(secs).output().unwrap();
     // 60 s of pgbench in four parts, with a kill -9 of the stream, a server
     // restart and another kill -9 between them
     bench(&c, 15);

@@ -591,6 +591,30 @@ impl PgCluster {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// pgbench (TPC-B, 2 clients, as the superuser over the socket, in
+    /// [`PASSWORD_USER`]'s database) for `secs` seconds, output discarded:
+    /// `.spawn()` it to write in the background, `.output()` to wait.
+    pub fn pgbench_load(&self, secs: u32) -> Command {
+        let mut c = self.command(&self.client_bin("pgbench"));
+        c.args([
+            "-h",
+            self.sockdir.to_str().expect("socket dir is UTF-8"),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-T",
+            &secs.to_string(),
+            "-c",
+            "2",
+            "-n",
+            PASSWORD_USER,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        c
+    }
+
     /// Run pgbench over TCP as [`PASSWORD_USER`] (SCRAM) in its database; returns stdout.
     pub fn pgbench(&self, args: &[&str]) -> String {
         let mut all: Vec<String> = [
