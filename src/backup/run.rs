@@ -139,9 +139,17 @@ pub async fn run_backup(
             })
         })
         .collect();
+    // the id orders the backups: after every one already committed
+    let id = loop {
+        let newest = Manifest::list_ids(&repo, &paths).await?.pop();
+        match Manifest::next_id(newest.as_deref(), chrono::Utc::now()) {
+            Ok(id) => break id,
+            Err(wait) => tokio::time::sleep(wait).await,
+        }
+    };
     let manifest = Manifest {
         version: crate::repo::MANIFEST_VERSION,
-        id: Manifest::new_id(),
+        id,
         label: opts.label.clone(),
         system_id: sys.system_id.0,
         pg_version: version,

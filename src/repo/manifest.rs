@@ -3,6 +3,9 @@
 //! [`Manifest`], whose first field is its version, so an unknown version is
 //! refused before the rest is parsed.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -136,13 +139,34 @@ pub struct PageRef {
 
 impl Manifest {
     /// A new backup id: sortable UTC time plus 4 random hex digits,
-    /// `20261123T140500Z-a1b2`.
-    pub fn new_id() -> String {
-        format!(
+    /// `20261123T140500Z-a1b2`, later in sort order than `newest` (the
+    /// stanza's newest id), since "the newest backup" is the last id.
+    ///
+    /// Two backups finishing in the same second would otherwise be ordered
+    /// by their random digits. When `newest` holds this second (or the next:
+    /// clocks of two hosts differ), the answer is `Err(wait)`: ask again
+    /// after `wait`, as the id is the backup's time. A `newest` further
+    /// ahead (the clock went back) gets the second after it.
+    pub fn next_id(newest: Option<&str>, now: DateTime<Utc>) -> Result<String, Duration> {
+        const FORMAT: &str = "%Y%m%dT%H%M%SZ";
+        let now_s = now.timestamp();
+        let newest_s = newest
+            .and_then(|n| n.split('-').next())
+            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, FORMAT).ok())
+            .map(|t| t.and_utc().timestamp());
+        let second = match newest_s {
+            Some(n) if n >= now_s && n - now_s <= 1 => {
+                let next = DateTime::<Utc>::from_timestamp(n + 1, 0).unwrap_or(now);
+                return Err((next - now).to_std().unwrap_or(Duration::from_millis(100)));
+            }
+            Some(n) if n > now_s => DateTime::<Utc>::from_timestamp(n + 1, 0).unwrap_or(now),
+            _ => now,
+        };
+        Ok(format!(
             "{}-{}",
-            chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+            second.format(FORMAT),
             crate::codec::to_hex(&rand::random::<[u8; 2]>())
-        )
+        ))
     }
 
     fn object_name(paths: &StanzaPaths, id: &str) -> String {
@@ -253,6 +277,37 @@ impl Manifest {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn next_id_sorts_after_the_newest() {
+        let at = |s: &str| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%S%.3f")
+                .unwrap()
+                .and_utc()
+        };
+        // no backup yet, or an older one: this second
+        let id = Manifest::next_id(None, at("20261123T140500.250")).unwrap();
+        assert!(id.starts_with("20261123T140500Z-"), "{id}");
+        let id =
+            Manifest::next_id(Some("20261123T140459Z-ffff"), at("20261123T140500.250")).unwrap();
+        assert!(id.starts_with("20261123T140500Z-"), "{id}");
+        assert!(id.as_str() > "20261123T140459Z-ffff");
+        // one in this second: wait for the next
+        assert_eq!(
+            Manifest::next_id(Some("20261123T140500Z-0000"), at("20261123T140500.250")),
+            Err(Duration::from_millis(750))
+        );
+        // a second ahead (another host's clock): wait for it to pass
+        assert_eq!(
+            Manifest::next_id(Some("20261123T140501Z-0000"), at("20261123T140500.250")),
+            Err(Duration::from_millis(1750))
+        );
+        // far ahead (the clock went back): the second after it, still ordered
+        let id =
+            Manifest::next_id(Some("20261123T150000Z-ffff"), at("20261123T140500.250")).unwrap();
+        assert!(id.starts_with("20261123T150001Z-"), "{id}");
+        assert!(id.as_str() > "20261123T150000Z-ffff");
+    }
 
     fn sample() -> Manifest {
         Manifest {

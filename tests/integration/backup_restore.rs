@@ -273,3 +273,62 @@ fn a_relative_repo_path_reaches_the_restored_server() {
     dst.start_restored();
     assert_eq!(dst.psql("SELECT t FROM marker"), "in the backup");
 }
+
+/// Regression: backup ids carry their second, and two backups finishing in
+/// the same second were ordered by the ids' random digits, so `restore`
+/// could take the older one as "the newest". Back-to-back backups of a
+/// small cluster are listed in the order they were taken and the default
+/// restore takes the last.
+#[test]
+fn back_to_back_backups_keep_their_order() {
+    let c = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    let bin = walvault_bin();
+    run(&bin, &["init", "--repo", r]);
+    let conn = format!("host={} port={} user=postgres", c.sockdir.display(), c.port);
+    for label in ["first", "second", "third"] {
+        run(
+            &bin,
+            &[
+                "backup", "--repo", r, "--pg", &conn, "--fast", "--label", label,
+            ],
+        );
+    }
+    let listed = run(&bin, &["list", "--repo", r, "--json"]);
+    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let labels: Vec<&str> = backups
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["first", "second", "third"]);
+    let seconds: Vec<&str> = backups
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().split('-').next().unwrap())
+        .collect();
+    assert!(
+        seconds.windows(2).all(|w| w[0] < w[1]),
+        "two backups share a second: {seconds:?}"
+    );
+    let dst = PgCluster::for_restore(&c.bindir);
+    let out = run(
+        &bin,
+        &[
+            "restore",
+            "--repo",
+            r,
+            "--pgdata",
+            dst.datadir.to_str().unwrap(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let newest = backups[2]["id"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("restored backup {newest} ")),
+        "{text}"
+    );
+}

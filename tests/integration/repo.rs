@@ -76,7 +76,7 @@ async fn store(
 fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
     Manifest {
         version: walvault::repo::MANIFEST_VERSION,
-        id: Manifest::new_id(),
+        id: Manifest::next_id(None, chrono::Utc::now()).unwrap(),
         label: "test".into(),
         system_id: 1,
         pg_version: 150000,
