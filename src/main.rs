@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     match walvault::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("walvault: error: {e:#}");
+            eprintln!("walvault: error: {}", walvault::cli::one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -154,7 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 // end recovery early. Exit codes above 125 make PostgreSQL stop
                 // recovery with an error instead.
                 Err(e) => {
-                    eprintln!("walvault: error: {e:#}");
+                    eprintln!("walvault: error: {}", one_line(&e));
                     std::process::exit(255)
                 }
             },
@@ -184,4 +184,37 @@ fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.with_target(false).try_init(),
     };
+}
+
+/// An error and its causes on one line, each cause once: errors that
+/// already quote their cause (`writing X: No space left on device`) are not
+/// followed by it again.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_names_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = anyhow::Error::new(crate::restore::RestoreError::Io {
+            path: "/data/base/1/1259".into(),
+            source: io,
+        });
+        let text = one_line(&e);
+        assert_eq!(text.matches("No space left on device").count(), 1, "{text}");
+        let e = anyhow::anyhow!("disk full").context("storing pack 1");
+        assert_eq!(one_line(&e), "storing pack 1: disk full");
+    }
 }

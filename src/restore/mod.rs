@@ -31,7 +31,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     /// Writing the target failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {source}{}", io_hint(source))]
     Io {
         /// File or directory.
         path: PathBuf,
@@ -41,6 +41,19 @@ pub enum RestoreError {
     /// The request cannot be carried out.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// What to do about a write error, where there is something to do.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            "; the target file system is full: free space there, or restore elsewhere (--pgdata, --tablespace-map); `walvault info` shows the backup's size"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; the target must be writable by the user running walvault"
+        }
+        _ => "",
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {

@@ -8,6 +8,7 @@ mod backup_restore;
 mod base_backup;
 mod cli_repo;
 mod cli_storage;
+mod full_disk;
 mod harness;
 mod pg_client;
 mod pitr;

@@ -1,0 +1,231 @@
+//! A full disk, on both sides: a repository whose file system fills up
+//! during a backup and a WAL push, and a data directory too small for a
+//! restore. Each gets one clear error naming the cause and the remedy, and
+//! leaves the repository as it was: no manifest, no half-written object, no
+//! lease; once space is freed the same commands succeed and the backup
+//! restores to the source's content.
+//!
+//! Small file systems are tmpfs mounts, so these tests need root (they are
+//! skipped, saying so, otherwise).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::support::pg::{PgCluster, StopMode, PASSWORD_USER};
+use crate::support::{give_to_postgres, tmp_base, walvault_bin};
+
+/// A tmpfs of a given size, unmounted (lazily) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("walvault-tmpfs-")
+            .tempdir_in(tmp_base())
+            .unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Take all but `leave` bytes of the free space with one file.
+    fn fill(&self, leave: u64) -> PathBuf {
+        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let filler = self.path().join("filler");
+        let f = std::fs::File::create(&filler).unwrap();
+        nix::fcntl::posix_fallocate(&f, 0, (free - leave) as i64).unwrap();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
+}
+
+fn walvault(bin: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env_remove("WALVAULT_REPO")
+        .env_remove("WALVAULT_PASSPHRASE")
+        .output()
+        .unwrap()
+}
+
+fn ok(bin: &Path, args: &[&str]) -> String {
+    let out = walvault(bin, args);
+    assert!(
+        out.status.success(),
+        "walvault {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `walvault args` fails with one message naming the full file system.
+fn fails_for_space(bin: &Path, args: &[&str], remedy: &str) {
+    let out = walvault(bin, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "walvault {args:?} succeeded: {err}");
+    eprintln!("walvault {}: {err}", args[0]);
+    assert!(
+        err.contains("No space left on device") && err.contains(remedy),
+        "walvault {args:?}: {err}"
+    );
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn accounts_hash(c: &PgCluster) -> String {
+    c.psql_db(
+        PASSWORD_USER,
+        "SELECT md5(string_agg(aid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts",
+    )
+}
+
+#[test]
+fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot mount a small file system; skipped");
+        return;
+    }
+    let src = PgCluster::start();
+    src.pgbench(&["-i", "-s", "3", "-q"]);
+    let work = tempfile::tempdir_in(tmp_base()).unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let fs = Tmpfs::mount(64);
+    let repo = fs.path().join("repo");
+    let r = repo.to_str().unwrap();
+    let conn = format!(
+        "host={} port={} user=postgres",
+        src.sockdir.display(),
+        src.port
+    );
+    ok(&bin, &["init", "--repo", r]);
+    ok(
+        &bin,
+        &[
+            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "first",
+        ],
+    );
+
+    // every page changes, so the next backup needs room the disk lacks
+    src.psql_db(
+        PASSWORD_USER,
+        "UPDATE pgbench_accounts SET abalance = abalance + 7; \
+         CREATE TABLE marker(t text); INSERT INTO marker VALUES ('second')",
+    );
+    let segment = src.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    // a copy: the next backup's checkpoint may recycle the original
+    let segment_path = work.path().join(&segment);
+    std::fs::copy(src.datadir.join("pg_wal").join(&segment), &segment_path).unwrap();
+    let filler = fs.fill(256 << 10);
+
+    let remedy = "free space on the repository's file system";
+    fails_for_space(
+        &bin,
+        &[
+            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "second",
+        ],
+        remedy,
+    );
+    fails_for_space(
+        &bin,
+        &["wal-push", "--repo", r, segment_path.to_str().unwrap()],
+        remedy,
+    );
+    // nothing committed, nothing half-written, nothing held
+    let listed = ok(&bin, &["list", "--repo", r, "--json"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains("\"first\""), "{listed}");
+    assert_eq!(entries(&repo.join(".tmp")), Vec::<String>::new());
+    assert_eq!(entries(&repo.join("main/locks")), Vec::<String>::new());
+    let spool = work.path().join("fetched");
+    let out = walvault(
+        &bin,
+        &["wal-fetch", "--repo", r, &segment, spool.to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a segment whose push failed is in the repository"
+    );
+
+    // space again: the same commands succeed
+    std::fs::remove_file(filler).unwrap();
+    ok(
+        &bin,
+        &["wal-push", "--repo", r, segment_path.to_str().unwrap()],
+    );
+    ok(
+        &bin,
+        &[
+            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "second",
+        ],
+    );
+    ok(
+        &bin,
+        &["wal-fetch", "--repo", r, &segment, spool.to_str().unwrap()],
+    );
+    assert!(std::fs::read(&spool).unwrap() == std::fs::read(&segment_path).unwrap());
+    give_to_postgres(&repo);
+
+    // a data directory too small for the backup
+    let small = Tmpfs::mount(8);
+    let pgdata = small.path().join("data");
+    fails_for_space(
+        &bin,
+        &["restore", "--repo", r, "--pgdata", pgdata.to_str().unwrap()],
+        "free space",
+    );
+
+    // and one big enough: the second backup's content
+    let mut dst = PgCluster::for_restore(&src.bindir);
+    ok(
+        &bin,
+        &[
+            "restore",
+            "--repo",
+            r,
+            "--pgdata",
+            dst.datadir.to_str().unwrap(),
+        ],
+    );
+    dst.start_restored();
+    assert_eq!(accounts_hash(&dst), accounts_hash(&src));
+    assert_eq!(dst.psql_db(PASSWORD_USER, "SELECT t FROM marker"), "second");
+    dst.stop(StopMode::Fast);
+}
