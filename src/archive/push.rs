@@ -7,22 +7,37 @@
 //! damaged file is refused.
 //!
 //! The call is on PostgreSQL's archiving path, once per segment, so its cost
-//! is measured (`bench/compare.sh`, phase push20). A new segment is checked
-//! (records decoded, summary built, BLAKE3 digest taken) on one core while it is
-//! compressed and sealed on the other; only when both are done is the object
-//! written. A second push of an archived name compares the file's BLAKE3
-//! digest with the one its summary recorded instead of downloading the stored copy.
+//! is measured (`bench/compare.sh`, phase push20). A new segment is read in
+//! 1 MiB pieces; each piece is checked (page headers, records decoded into the
+//! summary, BLAKE3 digest) on one core while the previous one is compressed
+//! and sealed on the other ([`ChunkSealer`]), so reading, checking and
+//! compressing overlap instead of following each other; only when both
+//! sides are done is the object written. A second push of an archived name
+//! compares the file's BLAKE3 digest with the one its summary recorded
+//! instead of downloading the stored copy.
 
 use bytes::Bytes;
+use std::io::Read;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
 
 use super::ArchiveError;
-use crate::pg::{WalFileName, WalSegSize};
-use crate::repo::{valid_wal_name, Repository, StanzaPaths, WalStored};
-use crate::wal::summary::SegmentSummary;
+use crate::pg::{SegmentFile, WalFileName, WalSegSize};
+use crate::repo::object::{ChunkSealer, ObjectKind};
+use crate::repo::{valid_wal_name, wal_key, Repository, StanzaPaths, WalStored};
+use crate::wal::summary::{SegmentSummary, Summarizer};
+use crate::wal::verify::PageChecker;
 
 /// What a segment file is: its size and its name's parts.
-type SegmentOf = Option<(WalSegSize, crate::pg::SegmentFile)>;
+type SegmentOf = Option<(WalSegSize, SegmentFile)>;
+
+/// Bytes read, checked and compressed at a time (a whole number of WAL
+/// pages: segment sizes are powers of two from 1 MiB).
+const PIECE: u64 = 1 << 20;
+/// Piece buffers in circulation between the reader and the sealer: reused,
+/// so a push touches 4 MiB of fresh memory instead of 16.
+const POOL: usize = 4;
 
 /// Store the WAL file at `path` under its own name.
 pub async fn wal_push(
@@ -41,28 +56,34 @@ pub async fn wal_push(
             ))
         })?
         .to_owned();
-    let data = Bytes::from(
-        tokio::fs::read(path)
-            .await
-            .map_err(|source| ArchiveError::Io {
-                path: path.to_owned(),
-                source,
-            })?,
-    );
-    let segment = segment_of(&name, data.len())?;
+    let io = |source| ArchiveError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let segment = segment_of(&name, usize::try_from(len).unwrap_or(usize::MAX))?;
     let paths = StanzaPaths::new(stanza);
     // `.partial` files are replaced as they grow; everything else is
     // written once
     let write_once = !name.ends_with(".partial");
     if write_once && repo.has_wal(&paths, &name).await? {
+        let data = read_whole(path).await?;
         return push_again(repo, &paths, &name, segment, data).await;
     }
-    let (checked, sealed) = tokio::join!(
-        check(&name, segment, data.clone(), write_once),
-        repo.seal_wal(&paths, &name, data)
-    );
-    let summary = checked?;
-    let (key, sealed) = sealed?;
+    let (key, sealed, summary) = match segment {
+        Some((seg, f)) => {
+            let (key, sealed, summary) =
+                seal_segment(repo, &paths, &name, path, file, len, seg, f, write_once).await?;
+            (key, sealed, Some(summary))
+        }
+        None => {
+            drop(file);
+            let data = read_whole(path).await?;
+            let (key, sealed) = repo.seal_wal(&paths, &name, data).await?;
+            (key, sealed, None)
+        }
+    };
     // the summary is written beside the segment, not after it: two durable
     // writes in the time of one. A summary whose segment did not make it is
     // harmless (summaries are only read for segments the archive lists) and
@@ -74,6 +95,157 @@ pub async fn wal_push(
     });
     stored.map_err(crate::repo::RepoError::from)?;
     Ok(WalStored::New)
+}
+
+async fn read_whole(path: &Path) -> Result<Bytes, ArchiveError> {
+    tokio::fs::read(path)
+        .await
+        .map(Bytes::from)
+        .map_err(|source| ArchiveError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Read segment `name` from `file` in pieces, check it and seal it at once
+/// (two blocking threads joined by a bounded channel). Returns the object
+/// key, the sealed object and the summary (with the file's digest when
+/// `digest`).
+#[allow(clippy::too_many_arguments)]
+async fn seal_segment(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    name: &str,
+    path: &Path,
+    file: std::fs::File,
+    len: u64,
+    seg: WalSegSize,
+    f: SegmentFile,
+    digest: bool,
+) -> Result<(String, Bytes, SegmentSummary), ArchiveError> {
+    let key = wal_key(paths, name)?;
+    let (pieces_tx, pieces) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
+    let (free_tx, free) = std::sync::mpsc::channel::<Arc<Vec<u8>>>();
+    let mut sealer = ChunkSealer::new(
+        ObjectKind::Wal,
+        &key,
+        len,
+        repo.keys().cloned(),
+        usize::try_from(len / 2).unwrap_or(0),
+    );
+    let sealing = tokio::task::spawn_blocking(move || {
+        for piece in pieces {
+            sealer.push(&piece);
+            // the reader may be done already
+            let _ = free_tx.send(piece);
+        }
+        sealer.finish()
+    });
+    let reading = ReadCheck {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        file,
+        len,
+        seg,
+        f,
+        digest,
+    };
+    let checking = tokio::task::spawn_blocking(move || reading.run(pieces_tx, free));
+    let (checked, sealed) = tokio::join!(checking, sealing);
+    let task =
+        |e: tokio::task::JoinError| ArchiveError::Protocol(format!("WAL push task failed: {e}"));
+    // the check's verdict first: a sealer cut short by it has nothing to add
+    let summary = checked.map_err(task)??;
+    let sealed = sealed.map_err(task)??;
+    Ok((key, sealed, summary))
+}
+
+/// The reading and checking side of [`seal_segment`].
+struct ReadCheck {
+    name: String,
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    len: u64,
+    seg: WalSegSize,
+    f: SegmentFile,
+    digest: bool,
+}
+
+impl ReadCheck {
+    /// Read every piece, hand it to the sealer (`out`), check it; reuse the
+    /// buffers the sealer hands back (`free`).
+    fn run(
+        mut self,
+        out: SyncSender<Arc<Vec<u8>>>,
+        free: Receiver<Arc<Vec<u8>>>,
+    ) -> Result<SegmentSummary, ArchiveError> {
+        let mut pages = PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e))?;
+        let mut summary = Summarizer::new(
+            usize::try_from(self.len).unwrap_or(usize::MAX),
+            self.f.timeline.get(),
+            self.f.segno,
+            self.seg,
+        );
+        let mut hash = self.digest.then(blake3::Hasher::new);
+        let mut made = 0;
+        let mut left = self.len;
+        while left > 0 {
+            let n = PIECE.min(left) as usize;
+            let reuse = |b: Arc<Vec<u8>>| Arc::try_unwrap(b).unwrap_or_default();
+            let mut buf = match free.try_recv() {
+                Ok(b) => reuse(b),
+                Err(_) if made < POOL => {
+                    made += 1;
+                    Vec::new()
+                }
+                Err(_) => free.recv().map(reuse).unwrap_or_default(),
+            };
+            buf.resize(n, 0);
+            self.file
+                .read_exact(&mut buf)
+                .map_err(|e| self.read_error(e))?;
+            left -= n as u64;
+            let piece = Arc::new(buf);
+            if out.send(Arc::clone(&piece)).is_err() {
+                return Err(ArchiveError::Protocol(
+                    "the WAL sealing task stopped early".into(),
+                ));
+            }
+            pages.check(&piece).map_err(|e| self.bad(e))?;
+            summary.push(&piece);
+            if let Some(h) = &mut hash {
+                h.update(&piece);
+            }
+        }
+        drop(out);
+        // PostgreSQL hands over a finished file: one that changes while it is
+        // read is not the file to archive
+        let mut probe = [0u8; 1];
+        if self.file.read(&mut probe).map_err(|e| self.read_error(e))? != 0 {
+            return Err(self.bad("the file grew while it was read".into()));
+        }
+        pages.finish().map_err(|e| self.bad(e))?;
+        let mut s = summary.finish(None);
+        if let Some(e) = s.error.take() {
+            return Err(self.bad(e));
+        }
+        s.content_blake3 = hash.map(|h| h.finalize().into());
+        Ok(s)
+    }
+
+    fn bad(&self, e: String) -> ArchiveError {
+        ArchiveError::BadWal(format!("{}: {e}; refusing to archive it", self.name))
+    }
+
+    fn read_error(&self, e: std::io::Error) -> ArchiveError {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            return self.bad("the file shrank while it was read".into());
+        }
+        ArchiveError::Io {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
 }
 
 /// `name` is archived already: the same content is success, other content

@@ -173,87 +173,151 @@ pub fn summarize(
     segno: SegmentNo,
     seg: WalSegSize,
 ) -> SegmentSummary {
-    let start = segno.start_lsn(seg).unwrap_or_default();
-    let seg_end = Lsn(start.0 + seg.bytes());
-    let mut s = SegmentSummary {
-        version: SUMMARY_VERSION,
-        timeline: tli,
-        segno: segno.0,
-        seg_size: seg.bytes(),
-        major: None,
-        records: 0,
-        first_lsn: None,
-        last_lsn: None,
-        end_lsn: None,
-        xacts: Vec::new(),
-        restore_points: Vec::new(),
-        checkpoints: Vec::new(),
-        switch: false,
-        end_of_recovery: Vec::new(),
-        trailing_incomplete: None,
-        tail: None,
-        head: Vec::new(),
-        error: None,
-        content_blake3: None,
-    };
-    let mut r = WalReader::new(start, seg).headers_only_for_other_records();
+    let mut s = Summarizer::new(data.len(), tli, segno, seg);
     // fed a piece at a time: the reader keeps what it has not consumed, so
     // it never holds a copy of the whole segment (16 MiB of fresh memory
     // per archive call, a third of its page faults)
-    let mut fed = 0;
-    let mut fed_next = false;
-    loop {
-        let n = match r.next_record() {
-            Ok(n) => n,
-            Err(e) => {
-                s.error = Some(e.to_string());
-                break;
-            }
-        };
-        match n {
-            Next::Record(rec) => {
-                if rec.lsn >= seg_end {
-                    break; // belongs to the next segment
-                }
-                let major = r.major().unwrap_or(15);
-                s.major = Some(major);
-                if let Err(e) = s.absorb(&rec, major) {
-                    s.error = Some(e.to_string());
-                    break;
-                }
-                if r.position() >= seg_end {
-                    break;
-                }
-            }
-            Next::NeedMore if feed_more(&mut r, data, &mut fed) => {}
-            Next::NeedMore => match next {
-                Some(n) if !fed_next => {
-                    r.feed(n);
-                    fed_next = true;
-                }
-                _ => {
-                    let at = r.position();
-                    s.trailing_incomplete = Some(at);
-                    let page = at.0 - at.0 % super::decode::PAGE;
-                    let from = (page - start.0) as usize;
-                    if from < data.len() && data.len() - from <= MAX_CARRY {
-                        s.tail = Some((Lsn(page), data[from..].to_vec()));
-                    }
-                    break;
-                }
+    for piece in data.chunks(FEED) {
+        s.push(piece);
+    }
+    s.finish(next)
+}
+
+/// [`summarize`] on a segment that arrives in pieces (as it is read: the
+/// decoding overlaps with the reading). Keeps only what a summary carries:
+/// the first and the last [`MAX_CARRY`] bytes.
+pub struct Summarizer {
+    s: SegmentSummary,
+    r: WalReader,
+    start: Lsn,
+    seg_end: Lsn,
+    /// Bytes pushed.
+    fed: usize,
+    /// Offset of the first byte kept in `tail`.
+    tail_from: usize,
+    /// The first bytes of the segment, for the summary's `head`.
+    head: Vec<u8>,
+    /// The last bytes (from `tail_from`), for the summary's `tail`.
+    tail: Vec<u8>,
+    /// No more records of this segment to decode (or an error).
+    done: bool,
+}
+
+impl Summarizer {
+    /// A summarizer for segment `segno` of `tli`, `len` bytes long.
+    pub fn new(len: usize, tli: u32, segno: SegmentNo, seg: WalSegSize) -> Summarizer {
+        let start = segno.start_lsn(seg).unwrap_or_default();
+        Summarizer {
+            s: SegmentSummary {
+                version: SUMMARY_VERSION,
+                timeline: tli,
+                segno: segno.0,
+                seg_size: seg.bytes(),
+                major: None,
+                records: 0,
+                first_lsn: None,
+                last_lsn: None,
+                end_lsn: None,
+                xacts: Vec::new(),
+                restore_points: Vec::new(),
+                checkpoints: Vec::new(),
+                switch: false,
+                end_of_recovery: Vec::new(),
+                trailing_incomplete: None,
+                tail: None,
+                head: Vec::new(),
+                error: None,
+                content_blake3: None,
             },
-            Next::End(_) => break,
+            r: WalReader::new(start, seg).headers_only_for_other_records(),
+            start,
+            seg_end: Lsn(start.0 + seg.bytes()),
+            fed: 0,
+            tail_from: len.saturating_sub(MAX_CARRY),
+            head: Vec::new(),
+            tail: Vec::new(),
+            done: false,
         }
     }
-    // the continuation this segment begins with, for the previous summary
-    let first = s
-        .first_lsn
-        .map(|l| (l.0 - start.0) as usize)
-        .unwrap_or(data.len());
-    if first <= MAX_CARRY {
-        s.head = data[..first.min(data.len())].to_vec();
+
+    /// Decode the next `piece` of the segment.
+    pub fn push(&mut self, piece: &[u8]) {
+        let at = self.fed;
+        if at < MAX_CARRY {
+            self.head
+                .extend_from_slice(&piece[..piece.len().min(MAX_CARRY - at)]);
+        }
+        if at + piece.len() > self.tail_from {
+            self.tail
+                .extend_from_slice(&piece[self.tail_from.saturating_sub(at)..]);
+        }
+        self.fed += piece.len();
+        if !self.done {
+            self.r.feed(piece);
+            self.run();
+        }
     }
-    s
+
+    /// Decode records until the reader needs more bytes (false) or the
+    /// segment's records are done (true).
+    fn run(&mut self) -> bool {
+        while !self.done {
+            match self.r.next_record() {
+                Err(e) => {
+                    self.s.error = Some(e.to_string());
+                    self.done = true;
+                }
+                Ok(Next::Record(rec)) => {
+                    if rec.lsn >= self.seg_end {
+                        self.done = true; // belongs to the next segment
+                        break;
+                    }
+                    let major = self.r.major().unwrap_or(15);
+                    self.s.major = Some(major);
+                    if let Err(e) = self.s.absorb(&rec, major) {
+                        self.s.error = Some(e.to_string());
+                        self.done = true;
+                    } else if self.r.position() >= self.seg_end {
+                        self.done = true;
+                    }
+                }
+                Ok(Next::NeedMore) => return false,
+                Ok(Next::End(_)) => self.done = true,
+            }
+        }
+        true
+    }
+
+    /// The summary, once every piece was pushed; `next` is the next
+    /// segment's bytes when available (to finish a record that crosses
+    /// into it).
+    pub fn finish(mut self, next: Option<&[u8]>) -> SegmentSummary {
+        let finished = self.run()
+            || next.is_some_and(|n| {
+                self.r.feed(n);
+                self.run()
+            });
+        if !finished {
+            let at = self.r.position();
+            self.s.trailing_incomplete = Some(at);
+            let page = at.0 - at.0 % super::decode::PAGE;
+            let from = (page - self.start.0) as usize;
+            if from < self.fed && self.fed - from <= MAX_CARRY && from >= self.tail_from {
+                self.s.tail = Some((Lsn(page), self.tail.split_off(from - self.tail_from)));
+            }
+        }
+        // the continuation this segment begins with, for the previous summary
+        let first = self
+            .s
+            .first_lsn
+            .map(|l| (l.0 - self.start.0) as usize)
+            .unwrap_or(self.fed);
+        if first <= MAX_CARRY {
+            self.head.truncate(first);
+            self.s.head = self.head;
+        }
+        self.s
+    }
 }
 
 /// Hand the reader the next [`FEED`] bytes of `data` after `fed`; false when

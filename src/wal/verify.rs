@@ -31,42 +31,98 @@ pub fn verify_pages(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<()
     if data.len() as u64 != seg.bytes() {
         return Err(format!("{} bytes, expected {seg}", data.len()));
     }
-    let base = segno
-        .start_lsn(seg)
-        .ok_or_else(|| "segment number out of range".to_owned())?;
-    for (i, page) in data.chunks_exact(WAL_PAGE).enumerate() {
-        let at = Lsn(base.0 + (i * WAL_PAGE) as u64);
-        let magic = u16::from_le_bytes([page[0], page[1]]);
-        if magic == 0 && first_nonzero(page).is_none() {
-            if i == 0 {
-                return Err(format!("no WAL at all: the first page at {at} is zeros"));
+    let mut c = PageChecker::new(segno, seg)?;
+    c.check(data)?;
+    c.finish()
+}
+
+/// [`verify_pages`] on a segment that arrives in pieces of whole pages (as
+/// it is read: the check overlaps with the reading).
+pub struct PageChecker {
+    base: Lsn,
+    seg: WalSegSize,
+    /// Bytes checked so far.
+    checked: u64,
+    /// Where the WAL ended (a page of zeros): everything after must be zeros.
+    ended: bool,
+}
+
+impl PageChecker {
+    /// A checker for segment `segno`.
+    pub fn new(segno: SegmentNo, seg: WalSegSize) -> Result<PageChecker, String> {
+        let base = segno
+            .start_lsn(seg)
+            .ok_or_else(|| "segment number out of range".to_owned())?;
+        Ok(PageChecker {
+            base,
+            seg,
+            checked: 0,
+            ended: false,
+        })
+    }
+
+    /// Check the next `data` (whole pages) of the segment.
+    pub fn check(&mut self, data: &[u8]) -> Result<(), String> {
+        if data.len() % WAL_PAGE != 0 || self.checked + data.len() as u64 > self.seg.bytes() {
+            return Err(format!(
+                "{} bytes at offset {} do not fit {} segment pages",
+                data.len(),
+                self.checked,
+                self.seg
+            ));
+        }
+        let first = Lsn(self.base.0 + self.checked);
+        self.checked += data.len() as u64;
+        if self.ended {
+            return zeros_after_end(data, first);
+        }
+        for (i, page) in data.chunks_exact(WAL_PAGE).enumerate() {
+            let at = Lsn(first.0 + (i * WAL_PAGE) as u64);
+            let magic = u16::from_le_bytes([page[0], page[1]]);
+            if magic == 0 && first_nonzero(page).is_none() {
+                if at == self.base {
+                    return Err(format!("no WAL at all: the first page at {at} is zeros"));
+                }
+                // the rest must be zeros too: WAL never resumes after a hole
+                self.ended = true;
+                return zeros_after_end(&data[i * WAL_PAGE..], at);
             }
-            // the rest must be zeros too: WAL never resumes after a hole
-            let rest = &data[i * WAL_PAGE..];
-            if let Some(p) = first_nonzero(rest) {
+            if !KNOWN_PAGE_MAGICS.iter().any(|(m, _)| *m == magic) {
                 return Err(format!(
-                    "WAL resumes after a page of zeros at {}",
-                    Lsn(at.0 + p as u64)
+                    "page at {at} has magic {magic:#06X}, not WAL of PostgreSQL 13-18"
                 ));
             }
-            return Ok(());
+            let pageaddr = u64::from_le_bytes([
+                page[8], page[9], page[10], page[11], page[12], page[13], page[14], page[15],
+            ]);
+            if pageaddr != at.0 {
+                return Err(format!(
+                    "page at {at} says it is at {}: the file is misnamed or damaged",
+                    Lsn(pageaddr)
+                ));
+            }
         }
-        if !KNOWN_PAGE_MAGICS.iter().any(|(m, _)| *m == magic) {
-            return Err(format!(
-                "page at {at} has magic {magic:#06X}, not WAL of PostgreSQL 13-18"
-            ));
-        }
-        let pageaddr = u64::from_le_bytes([
-            page[8], page[9], page[10], page[11], page[12], page[13], page[14], page[15],
-        ]);
-        if pageaddr != at.0 {
-            return Err(format!(
-                "page at {at} says it is at {}: the file is misnamed or damaged",
-                Lsn(pageaddr)
-            ));
-        }
+        Ok(())
     }
-    Ok(())
+
+    /// Every page was checked.
+    pub fn finish(&self) -> Result<(), String> {
+        if self.checked != self.seg.bytes() {
+            return Err(format!("{} bytes, expected {}", self.checked, self.seg));
+        }
+        Ok(())
+    }
+}
+
+/// `data`, starting at `at`, lies after the end of the WAL: all zeros.
+fn zeros_after_end(data: &[u8], at: Lsn) -> Result<(), String> {
+    match first_nonzero(data) {
+        Some(p) => Err(format!(
+            "WAL resumes after a page of zeros at {}",
+            Lsn(at.0 + p as u64)
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Offset of the first byte that is not zero. A segment switched early is
@@ -92,6 +148,47 @@ fn records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), String>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pages_in_pieces_check_as_whole() {
+        let seg = WalSegSize::new(1 << 20).unwrap();
+        let segno = SegmentNo(3);
+        let base = segno.start_lsn(seg).unwrap().0;
+        // five pages of WAL, then the zeros of a switched segment
+        let mut data = vec![0u8; 1 << 20];
+        for i in 0..5 {
+            let p = &mut data[i * WAL_PAGE..];
+            p[..2].copy_from_slice(&0xD110u16.to_le_bytes());
+            p[8..16].copy_from_slice(&(base + (i * WAL_PAGE) as u64).to_le_bytes());
+        }
+        let pieces = |d: &[u8], n: usize| {
+            let mut c = PageChecker::new(segno, seg)?;
+            for p in d.chunks(n) {
+                c.check(p)?;
+            }
+            c.finish()
+        };
+        assert_eq!(verify_pages(&data, segno, seg), Ok(()));
+        for n in [WAL_PAGE, 3 * WAL_PAGE, 1 << 20] {
+            assert_eq!(pieces(&data, n), Ok(()), "{n}");
+        }
+        // WAL after the zeros, in a later piece than the first zero page
+        let mut bad = data.clone();
+        bad[700_001] = 1;
+        let whole = verify_pages(&bad, segno, seg).unwrap_err();
+        assert!(whole.contains(&Lsn(base + 700_001).to_string()), "{whole}");
+        for n in [WAL_PAGE, 3 * WAL_PAGE, 1 << 20] {
+            assert_eq!(pieces(&bad, n), Err(whole.clone()), "{n}");
+        }
+        // a misaddressed page, a short segment, a piece that is not pages
+        let mut moved = data.clone();
+        moved[2 * WAL_PAGE + 8] ^= 1;
+        assert!(pieces(&moved, WAL_PAGE)
+            .unwrap_err()
+            .contains("says it is at"));
+        assert!(pieces(&data[..1 << 19], WAL_PAGE).is_err());
+        assert!(pieces(&data, 1000).is_err());
+    }
 
     proptest! {
         #[test]

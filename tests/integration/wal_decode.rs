@@ -267,6 +267,23 @@ fn check_against_waldump(opts: PgOptions) {
         ["walvault-test"]
     );
 
+    // summaries and page checks of segments arriving in pieces (as
+    // wal-push reads them) equal those of whole segments
+    for (i, d) in segs.iter().enumerate() {
+        let segno = SegmentNo(first_segno + i as u64);
+        let whole = walvault::wal::summary::summarize(d, None, 1, segno, seg);
+        for piece in [8192, 3 * 8192, 1 << 20, 3 << 20] {
+            let mut s = walvault::wal::summary::Summarizer::new(d.len(), 1, segno, seg);
+            let mut pages = walvault::wal::verify::PageChecker::new(segno, seg).unwrap();
+            for p in d.chunks(piece) {
+                s.push(p);
+                pages.check(p).unwrap();
+            }
+            pages.finish().unwrap();
+            assert_eq!(s.finish(None), whole, "segment {i} in pieces of {piece}");
+        }
+    }
+
     // any chunking decodes identically
     for chunk in [1000, 8191, 8192, 12345] {
         let again = decode_all(&segs, start, seg, chunk);
