@@ -68,8 +68,7 @@ pub async fn wal_push(
     // written once
     let write_once = !name.ends_with(".partial");
     if write_once && repo.has_wal(&paths, &name).await? {
-        let data = read_whole(path).await?;
-        return push_again(repo, &paths, &name, segment, data).await;
+        return push_again(repo, &paths, &name, segment, path, file).await;
     }
     let (key, sealed, summary) = match segment {
         Some((seg, f)) => {
@@ -257,15 +256,20 @@ async fn push_again(
     paths: &StanzaPaths,
     name: &str,
     segment: SegmentOf,
-    data: Bytes,
+    path: &Path,
+    file: std::fs::File,
 ) -> Result<WalStored, ArchiveError> {
     if segment.is_some() {
-        let d = data.clone();
         let (stored, ours) = tokio::join!(
             super::summaries::load_summary(repo, paths, name),
-            tokio::task::spawn_blocking(move || digest_of(&d))
+            tokio::task::spawn_blocking(move || digest_of_file(file))
         );
-        let ours = ours.map_err(|e| ArchiveError::Protocol(format!("hash task failed: {e}")))?;
+        let ours = ours
+            .map_err(|e| ArchiveError::Protocol(format!("hash task failed: {e}")))?
+            .map_err(|source| ArchiveError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         if let Ok(Some(SegmentSummary {
             content_blake3: Some(theirs),
             ..
@@ -275,7 +279,10 @@ async fn push_again(
                 return Ok(WalStored::AlreadyThere);
             }
         }
-        check(name, segment, data.clone(), false).await?;
+    }
+    let data = read_whole(path).await?;
+    if let Some((seg, f)) = segment {
+        check(name, seg, f, data.clone()).await?;
     }
     match repo.compare_wal(paths, name, &data).await? {
         Some(found) => Ok(found),
@@ -306,39 +313,32 @@ fn segment_of(name: &str, len: usize) -> Result<SegmentOf, ArchiveError> {
     }
 }
 
-/// Page headers, then every record (decoded once: the summary), on the
-/// blocking pool — about 20 ms of CPU per 16 MiB. With `digest`, the
-/// summary records the file's BLAKE3 digest for later pushes of the same
-/// name.
+/// Page headers, then every record of a whole segment, on the blocking
+/// pool (a re-push whose digest differs: damage is reported as damage).
 async fn check(
     name: &str,
-    segment: SegmentOf,
+    seg: WalSegSize,
+    f: SegmentFile,
     data: Bytes,
-    digest: bool,
-) -> Result<Option<SegmentSummary>, ArchiveError> {
-    let Some((seg, f)) = segment else {
-        return Ok(None);
-    };
-    let checked = tokio::task::spawn_blocking(move || {
-        crate::wal::verify::verify_pages(&data, f.segno, seg)?;
-        let mut s = crate::wal::summary::summarize(&data, None, f.timeline.get(), f.segno, seg);
-        if let Some(e) = s.error.take() {
-            return Err(e);
-        }
-        if digest {
-            s.content_blake3 = Some(digest_of(&data));
-        }
-        Ok(s)
-    })
-    .await
-    .map_err(|e| ArchiveError::Protocol(format!("WAL check task failed: {e}")))?;
-    checked
-        .map(Some)
+) -> Result<(), ArchiveError> {
+    tokio::task::spawn_blocking(move || crate::wal::verify::verify_segment(&data, f.segno, seg))
+        .await
+        .map_err(|e| ArchiveError::Protocol(format!("WAL check task failed: {e}")))?
         .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))
 }
 
-/// BLAKE3 of a whole file: about 2 ms per 16 MiB here, where SHA-256 took
-/// 8 ms on the archive command's critical path.
-fn digest_of(data: &[u8]) -> [u8; 32] {
-    blake3::hash(data).into()
+/// BLAKE3 of a whole file (about 2 ms per 16 MiB here, where SHA-256 took
+/// 8 ms on the archive command's critical path), read through one 1 MiB
+/// buffer: 16 MiB of fresh memory cost more than the hash.
+fn digest_of_file(mut file: std::fs::File) -> std::io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; PIECE as usize];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(h.finalize().into()),
+            n => {
+                h.update(&buf[..n]);
+            }
+        }
+    }
 }

@@ -101,6 +101,8 @@ pub struct ChunkSealer {
     raw_len: u64,
     pushed: u64,
     out: Vec<u8>,
+    /// End of what is written in `out`.
+    end: usize,
     /// Unencrypted: SHA-256 of the header, the name and the body so far.
     digest: Option<Sha256>,
 }
@@ -128,6 +130,7 @@ impl ChunkSealer {
             keys,
             raw_len,
             pushed: 0,
+            end: out.len(),
             out,
             digest,
         }
@@ -135,9 +138,12 @@ impl ChunkSealer {
 
     /// Compress and append the next piece of the body.
     pub fn push(&mut self, piece: &[u8]) {
-        let from = self.out.len();
+        let from = self.end;
         let most = lz4_flex::block::get_maximum_output_size(piece.len());
-        self.out.resize(from + 8 + most, 0);
+        // `out` only grows (zero-filled once), `end` marks what is written
+        if self.out.len() < from + 8 + most {
+            self.out.resize(from + 8 + most, 0);
+        }
         let stored = match lz4_flex::block::compress_into(piece, &mut self.out[from + 8..]) {
             Ok(n) if n < piece.len() => n,
             _ => {
@@ -145,11 +151,11 @@ impl ChunkSealer {
                 piece.len()
             }
         };
-        self.out.truncate(from + 8 + stored);
+        self.end = from + 8 + stored;
         self.out[from..from + 4].copy_from_slice(&(piece.len() as u32).to_le_bytes());
         self.out[from + 4..from + 8].copy_from_slice(&(stored as u32).to_le_bytes());
         if let Some(h) = &mut self.digest {
-            h.update(&self.out[from..]);
+            h.update(&self.out[from..self.end]);
         }
         self.pushed += piece.len() as u64;
     }
@@ -164,6 +170,7 @@ impl ChunkSealer {
             )));
         }
         let mut out = self.out;
+        out.truncate(self.end);
         match (self.digest, &self.keys) {
             (Some(h), _) => {
                 let d: [u8; 32] = h.finalize().into();

@@ -640,6 +640,26 @@ fn wal_push_as_archive_command() {
         "{err}"
     );
     assert!(err.contains("record at "), "no LSN in: {err}");
+    // the same damage in a first push (read, checked and sealed in pieces,
+    // the sealing ahead of the check): refused with the LSN, nothing stored
+    let out = walvault(
+        &repo,
+        &["wal-push", "--stanza", "fresh", full.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("record at "), "no LSN in: {err}");
+    let out = walvault(
+        &repo,
+        &[
+            "wal-fetch",
+            "--stanza",
+            "fresh",
+            &full_name,
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "a refused segment was stored");
     // a truncated segment: refused before anything is stored
     let short_name = "0000000100000000000000F0";
     let short = work.path().join(short_name);
@@ -891,4 +911,64 @@ async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
     let out = walvault(&repo, &["wal-verify", "--names-only"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("GAP "));
+}
+
+/// An encrypted repository: a segment pushed (sealed in pieces as it is
+/// read) comes back byte for byte with the passphrase; a wrong passphrase
+/// and a changed stored byte are errors (exit 255, never "not found").
+#[test]
+fn wal_push_and_fetch_encrypted() {
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let name = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let work = tempfile::tempdir().unwrap();
+    let seg = work.path().join(&name);
+    std::fs::copy(c.datadir.join("pg_wal").join(&name), &seg).unwrap();
+    let repo = work.path().join("repo");
+    let run = |pass: &str, args: &[&str]| {
+        Command::new(walvault_bin())
+            .args(args)
+            .arg("--repo")
+            .arg(&repo)
+            .env("WALVAULT_PASSPHRASE", pass)
+            .env_remove("WALVAULT_REPO")
+            .output()
+            .unwrap()
+    };
+    ok(run("correct horse battery", &["init", "--encrypt"]));
+    ok(run(
+        "correct horse battery",
+        &["wal-push", seg.to_str().unwrap()],
+    ));
+    let back = work.path().join("back");
+    ok(run(
+        "correct horse battery",
+        &["wal-fetch", &name, back.to_str().unwrap()],
+    ));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&seg).unwrap());
+    // nothing of the segment's plain bytes is in the stored object
+    let stored = repo.join("main/wal").join(&name[..8]).join(&name);
+    let object = std::fs::read(&stored).unwrap();
+    let page = &std::fs::read(&seg).unwrap()[8192..8192 + 64];
+    assert!(!object.windows(page.len()).any(|w| w == page));
+
+    let out = run(
+        "wrong passphrase",
+        &["wal-fetch", &name, back.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(255));
+    let mut bad = object.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    std::fs::write(&stored, &bad).unwrap();
+    let out = run(
+        "correct horse battery",
+        &["wal-fetch", &name, back.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&name),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
