@@ -252,6 +252,14 @@ check_marker() { # DATADIR TOOL
 pitr_wv() {
   measure "pitr:walvault" "$tmp/p-wv" "$wv" -q --repo "$tmp/wv-repo" restore-pitr --pgdata "$tmp/p-wv" \
     --target-time "$target" --start --port "$pitr_port" --pg-bin "$PG_BIN" --archive-mode off --json
+  # where the time went, from walvault's own report
+  python3 - "$tmp/cmd.log" >&2 <<'PY' || true
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print(f"#     restore {r['restore_seconds']:.2f}s, WAL staged {r['wal_fetch_seconds']:.2f}s, "
+      f"replay {r['replay_seconds']:.2f}s, {r['wal_files']} WAL files, "
+      f"{(r['wal_bytes_replayed'] or 0) / 2**20:.0f} MiB replayed")
+PY
   check_marker "$tmp/p-wv" walvault
 }
 pitr_pgbr() {

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use super::Settings;
 use crate::progress::{Progress, Reporter};
 use crate::restore::pitr::{parse_target_time, plan, PitrPlan, Target, TimelineChoice};
+use crate::restore::rates::RecoveryRates;
 use crate::restore::recovery::{self, TargetAction};
 use crate::restore::RestoreOptions;
 
@@ -112,22 +113,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Throughputs assumed when estimating (conservative for one 2-core host
-/// and a local or nearby store); the report shows what was measured.
-const EST_RESTORE_BPS: f64 = 150e6;
-const EST_FETCH_BPS: f64 = 150e6;
-const EST_REPLAY_BPS: f64 = 60e6;
-
-fn estimate(plan: &PitrPlan) -> Duration {
-    let wal = plan.wal_bytes() as f64;
-    Duration::from_secs_f64(
-        plan.restore_bytes as f64 / EST_RESTORE_BPS
-            + wal / EST_FETCH_BPS
-            + wal / EST_REPLAY_BPS
-            + 3.0,
-    )
-}
-
 fn target_of(args: &PitrArgs) -> anyhow::Result<Target> {
     Ok(if let Some(t) = &args.target_time {
         Target::Time(parse_target_time(t, args.timezone.as_deref()).map_err(anyhow::Error::msg)?)
@@ -160,8 +145,10 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         args.backup.as_deref(),
     )
     .await?;
-    let est = estimate(&plan);
-    print_plan(&plan, est, &args);
+    let paths = crate::repo::StanzaPaths::new(&settings.stanza);
+    let rates = RecoveryRates::load(&repo, &paths).await;
+    let est = Duration::from_secs_f64(rates.estimate(plan.restore_bytes, plan.wal_bytes()));
+    print_plan(&plan, est, &rates, &args);
     if let Some(budget) = args.rto_budget {
         if est > budget {
             eprintln!(
@@ -203,7 +190,6 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         page_cache: true,
     };
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
-    let paths = crate::repo::StanzaPaths::new(&settings.stanza);
     let restore_files = async {
         let t = Instant::now();
         crate::restore::restore(repo.clone(), &settings.stanza, &args.pgdata, &opts).await?;
@@ -299,6 +285,18 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         let _ = std::fs::remove_dir_all(&spool);
     }
     let total = t0.elapsed().as_secs_f64();
+    let replayed = outcome
+        .stop_lsn
+        .and_then(|l| l.checked_sub(crate::pg::Lsn(plan.backup.start_lsn)));
+    if let Some(measured) = RecoveryRates::measured(
+        plan.restore_bytes,
+        restore_secs,
+        replayed.unwrap_or(0),
+        outcome.replay_secs,
+        total,
+    ) {
+        measured.store(&repo, &paths).await;
+    }
     let report = serde_json::json!({
         "backup": plan.backup.id,
         "target": plan.target.to_string(),
@@ -310,7 +308,8 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         "state": outcome.state,
         "wal_files": plan.segments.len(),
         "wal_bytes_fetched": wal_bytes,
-        "wal_bytes_replayed": outcome.stop_lsn.and_then(|l| l.checked_sub(crate::pg::Lsn(plan.backup.start_lsn))),
+        "wal_bytes_replayed": replayed,
+        "restore_bytes": plan.restore_bytes,
         "restore_seconds": restore_secs,
         "wal_fetch_seconds": fetch_secs,
         "replay_seconds": outcome.replay_secs,
@@ -386,7 +385,7 @@ async fn stage_wal(
     Ok(bytes)
 }
 
-fn print_plan(plan: &PitrPlan, est: Duration, args: &PitrArgs) {
+fn print_plan(plan: &PitrPlan, est: Duration, rates: &RecoveryRates, args: &PitrArgs) {
     if args.json && !args.dry_run {
         return;
     }
@@ -400,6 +399,8 @@ fn print_plan(plan: &PitrPlan, est: Duration, args: &PitrArgs) {
             "restore_bytes": plan.restore_bytes,
             "wal_bytes": plan.wal_bytes(),
             "estimated_seconds": est.as_secs_f64(),
+            "estimate_basis": if rates.is_measured() { "measured" } else { "assumed" },
+            "rates": rates,
         });
         println!("{v}");
         return;
@@ -426,5 +427,5 @@ fn print_plan(plan: &PitrPlan, est: Duration, args: &PitrArgs) {
         ),
         _ => println!("  WAL      none"),
     }
-    println!("  estimate {:.0} s", est.as_secs_f64());
+    println!("  estimate {:.0} s ({})", est.as_secs_f64(), rates.basis());
 }

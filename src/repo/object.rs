@@ -61,6 +61,8 @@ pub enum ObjectKind {
     Wal = 8,
     /// The summary of a WAL segment's records.
     WalSummary = 9,
+    /// Throughputs of the stanza's last measured recovery.
+    RecoveryRates = 10,
 }
 
 impl ObjectKind {
@@ -75,6 +77,7 @@ impl ObjectKind {
             ObjectKind::Lease => "lease",
             ObjectKind::Wal => "WAL",
             ObjectKind::WalSummary => "WAL summary",
+            ObjectKind::RecoveryRates => "recovery rates",
         }
     }
 }

@@ -14,6 +14,7 @@ mod delta;
 pub mod fetch;
 mod files;
 pub mod pitr;
+pub mod rates;
 pub mod recovery;
 
 pub use fetch::wal_fetch;

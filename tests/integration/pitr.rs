@@ -266,6 +266,21 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
     a.finish_stream();
 
     let rows = |r: &Recovered| r.psql("SELECT count(*) || ':' || coalesce(max(id), 0) FROM marker");
+    let dry_run = |target: &str| -> serde_json::Value {
+        let out = a.ok(&[
+            "restore-pitr",
+            "--pgdata",
+            "/nonexistent/x",
+            "--target-lsn",
+            target,
+            "--dry-run",
+            "--json",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // no recovery measured yet: the estimate says its rates are assumed
+    let plan = dry_run(&after[9]);
+    assert_eq!(plan["estimate_basis"], "assumed", "{plan}");
     let (r, report) = a.pitr(&["--target-lsn", &after[9]]);
     assert_eq!(rows(&r), "10:10", "{report}");
     assert_eq!(report["state"], "promoted");
@@ -294,6 +309,21 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
     let (r, report) = a.pitr(&["--latest"]);
     assert_eq!(rows(&r), "30:30", "{report}");
     drop(r);
+    // the next plan estimates from what that recovery measured
+    let plan = dry_run(&after[19]);
+    assert_eq!(plan["estimate_basis"], "measured", "{plan}");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    let rates = &plan["rates"];
+    assert_eq!(
+        f(&rates["restore_bytes_per_s"]),
+        f(&report["restore_bytes"]) / f(&report["restore_seconds"]),
+        "{plan} {report}"
+    );
+    assert_eq!(
+        f(&rates["replay_bytes_per_s"]),
+        f(&report["wal_bytes_replayed"]) / f(&report["replay_seconds"]),
+        "{plan} {report}"
+    );
 
     let e = a.pitr_refused(&["--target-lsn", &before_backup]);
     assert!(e.contains("before the first usable backup"), "{e}");
