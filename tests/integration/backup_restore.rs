@@ -32,6 +32,15 @@ fn run_in(bin: &Path, cwd: Option<&Path>, args: &[&str]) -> Output {
     out
 }
 
+/// `walvault list --json`: one object per backup, oldest first.
+fn list(bin: &Path, repo: &str) -> Vec<serde_json::Value> {
+    let out = run(bin, &["list", "--repo", repo, "--json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// TPC-B's invariant: every transaction adds the same delta to one account,
 /// teller and branch and logs it, so in any consistent snapshot these agree.
 fn pgbench_invariant(c: &PgCluster) -> String {
@@ -130,11 +139,7 @@ fn backup_under_load_restore_and_recover() {
     assert!(load.wait().unwrap().success());
     src.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
 
-    let listed = run(&bin, &["list", "--repo", r, "--json"]);
-    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let backups = list(&bin, r);
     assert_eq!(backups.len(), 1);
     assert_eq!(backups[0]["label"], "under load");
     assert_eq!(
@@ -296,11 +301,7 @@ fn back_to_back_backups_keep_their_order() {
             ],
         );
     }
-    let listed = run(&bin, &["list", "--repo", r, "--json"]);
-    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let backups = list(&bin, r);
     let labels: Vec<&str> = backups
         .iter()
         .map(|b| b["label"].as_str().unwrap())
