@@ -649,6 +649,10 @@ fn wal_push_as_archive_command() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("record at "), "no LSN in: {err}");
+    // (a destination of its own: the fetches above prefetch into a spool
+    // beside theirs, and the spool is served before any repository)
+    let fresh = work.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
     let out = walvault(
         &repo,
         &[
@@ -656,7 +660,7 @@ fn wal_push_as_archive_command() {
             "--stanza",
             "fresh",
             &full_name,
-            dest.to_str().unwrap(),
+            fresh.join("back").to_str().unwrap(),
         ],
     );
     assert_eq!(out.status.code(), Some(1), "a refused segment was stored");
