@@ -162,10 +162,26 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         page_cache: false,
     };
     let t = Instant::now();
+    let was_empty = crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);
     let reporter = Reporter::start("restore", progress, !settings.quiet);
     let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await;
     reporter.finish();
-    let r = r?;
+    let r = r.map_err(|e| {
+        // a restore that stopped half-way leaves a directory that must
+        // not be started; say how to finish it
+        let touched = args.delta
+            || (was_empty && !crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(true));
+        let e = anyhow::Error::from(e);
+        if touched {
+            anyhow::anyhow!(
+                "{}; {} is incomplete and must not be started: once the cause is fixed, run the same restore with --delta to finish it (or remove the directory)",
+                super::one_line(&e),
+                args.pgdata.display()
+            )
+        } else {
+            e
+        }
+    })?;
     let secs = t.elapsed().as_secs_f64();
     let delta = if args.delta {
         format!(

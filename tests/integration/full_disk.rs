@@ -17,7 +17,9 @@ use crate::support::{give_to_postgres, tmp_base, walvault_bin};
 
 /// A tmpfs of a given size, unmounted (lazily) when dropped.
 struct Tmpfs {
-    dir: tempfile::TempDir,
+    path: PathBuf,
+    /// The mount point's own temporary directory, when it made one.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Tmpfs {
@@ -26,15 +28,27 @@ impl Tmpfs {
             .prefix("walvault-tmpfs-")
             .tempdir_in(tmp_base())
             .unwrap();
+        Tmpfs::run_mount(&format!("size={mib}m,mode=0755"), dir.path());
+        Tmpfs {
+            path: dir.path().to_owned(),
+            _dir: Some(dir),
+        }
+    }
+
+    /// Mount at `path` (created), mode 0700 as a data directory needs.
+    fn mount_at(path: &Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        Tmpfs::run_mount(&format!("size={mib}m,mode=0700"), path);
+        Tmpfs {
+            path: path.to_owned(),
+            _dir: None,
+        }
+    }
+
+    fn run_mount(opts: &str, path: &Path) {
         let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(path)
             .output()
             .unwrap();
         assert!(
@@ -42,11 +56,15 @@ impl Tmpfs {
             "mount tmpfs: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Tmpfs { dir }
+    }
+
+    /// Grow (or shrink) the file system, keeping its files.
+    fn resize(&self, mib: u64) {
+        Tmpfs::run_mount(&format!("remount,size={mib}m"), &self.path);
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     /// Take all but `leave` bytes of the free space with one file.
@@ -203,27 +221,23 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     assert!(std::fs::read(&spool).unwrap() == std::fs::read(&segment_path).unwrap());
     give_to_postgres(&repo);
 
-    // a data directory too small for the backup
-    let small = Tmpfs::mount(8);
-    let pgdata = small.path().join("data");
+    // a data directory on a file system too small for the backup: the
+    // error says the directory is incomplete and how to finish it
+    let mut dst = PgCluster::for_restore(&src.bindir);
+    let small = Tmpfs::mount_at(&dst.datadir, 8);
+    let pgdata = dst.datadir.to_str().unwrap().to_owned();
     fails_for_space(
         &bin,
-        &["restore", "--repo", r, "--pgdata", pgdata.to_str().unwrap()],
-        "free space",
+        &["restore", "--repo", r, "--pgdata", &pgdata],
+        "run the same restore with --delta to finish it",
     );
-
-    // and one big enough: the second backup's content
-    let mut dst = PgCluster::for_restore(&src.bindir);
-    ok(
+    // room again: --delta completes it, and it holds the second backup
+    small.resize(256);
+    let out = ok(
         &bin,
-        &[
-            "restore",
-            "--repo",
-            r,
-            "--pgdata",
-            dst.datadir.to_str().unwrap(),
-        ],
+        &["restore", "--repo", r, "--pgdata", &pgdata, "--delta"],
     );
+    assert!(out.contains("already in place"), "{out}");
     dst.start_restored();
     assert_eq!(accounts_hash(&dst), accounts_hash(&src));
     assert_eq!(dst.psql_db(PASSWORD_USER, "SELECT t FROM marker"), "second");
