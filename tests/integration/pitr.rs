@@ -682,3 +682,101 @@ fn pitr_along_timelines_after_a_restore_was_promoted() {
     let (r, _) = a.pitr(&["--latest"]);
     assert_eq!(rows(&r), "15:105");
 }
+
+/// The production shape: an S3 repository (Garage) named in a config file,
+/// `archive_command = 'walvault wal-push'` (the piece-wise sealing path over
+/// S3), a backup, then `restore-pitr --start` whose restore_command reaches
+/// the same store through the config file, as the server's OS user.
+#[tokio::test(flavor = "multi_thread")]
+async fn pitr_from_an_s3_repository_archived_by_wal_push() {
+    let s3 = crate::support::s3::S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("walvault");
+    std::fs::copy(walvault_bin(), &bin).unwrap();
+    let config = work.path().join("walvault.toml");
+    crate::support::s3::write_config_file(&config, &s3.url("pitr"), &s3.config());
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("WALVAULT_REPO")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "walvault {args:?}:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&["init"]);
+    let c = PgCluster::start_with(crate::support::pg::PgOptions {
+        conf: vec![
+            "archive_mode = on".into(),
+            format!(
+                "archive_command = '{} wal-push --config {} %p'",
+                bin.display(),
+                config.display()
+            ),
+        ],
+        ..Default::default()
+    });
+    c.psql("CREATE TABLE marker(id int PRIMARY KEY)");
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    run(&["backup", "--pg", &c.conninfo(), "--fast"]);
+    let mut after = Vec::new();
+    for i in 1..=20 {
+        c.psql(&format!("INSERT INTO marker VALUES ({i})"));
+        after.push(c.psql("SELECT pg_current_wal_insert_lsn()"));
+    }
+    // more WAL after the target, so the archive holds several segments
+    c.pgbench(&["-t", "200", "-n"]);
+    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
+        assert!(
+            Instant::now() < deadline,
+            "archiving stalled: {}",
+            c.psql("SELECT * FROM pg_stat_archiver")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    let verified = run(&["wal-verify", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+
+    let dst = PgCluster::for_restore(&c.bindir);
+    let mut cmd = c.command(&bin);
+    cmd.args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
+        .args(["--target-lsn", &after[11]])
+        .args(["--start", "--json", "--port", &dst.port.to_string()])
+        .arg("--pg-bin")
+        .arg(&c.bindir)
+        .arg("--config")
+        .arg(&config);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "restore-pitr:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state"], "promoted", "{report}");
+    let r = Recovered {
+        port: dst.port,
+        sockdir: c.sockdir.clone(),
+        dst,
+    };
+    assert_eq!(
+        r.psql("SELECT count(*) || ':' || max(id) FROM marker"),
+        "12:12",
+        "{report}"
+    );
+    assert_eq!(r.psql("SELECT pg_is_in_recovery()"), "f");
+    r.stop_and_check();
+}
