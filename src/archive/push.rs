@@ -20,6 +20,7 @@ use bytes::Bytes;
 use std::io::Read;
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::ArchiveError;
@@ -67,16 +68,42 @@ pub async fn wal_push(
     // `.partial` files are replaced as they grow; everything else is
     // written once
     let write_once = !name.ends_with(".partial");
-    if write_once && repo.has_wal(&paths, &name).await? {
-        return push_again(repo, &paths, &name, segment, path, file).await;
-    }
     let (key, sealed, summary) = match segment {
         Some((seg, f)) => {
-            let (key, sealed, summary) =
-                seal_segment(repo, &paths, &name, path, file, len, seg, f, write_once).await?;
+            // whether the name is archived already (a round trip to an
+            // object store) is asked while the segment is read and sealed:
+            // a first push is every call, a re-push rare (and an archived
+            // name stops the reading at its next piece)
+            let stop = Arc::new(AtomicBool::new(false));
+            let reading = Reading {
+                name: name.clone(),
+                path: path.to_owned(),
+                file,
+                len,
+                seg,
+                f,
+                digest: write_once,
+                stop: Arc::clone(&stop),
+            };
+            let (there, sealed) = tokio::join!(
+                async {
+                    let there = write_once && repo.has_wal(&paths, &name).await?;
+                    stop.store(there, Ordering::Relaxed);
+                    Ok::<_, ArchiveError>(there)
+                },
+                seal_segment(repo, &paths, reading)
+            );
+            if there? {
+                let file = std::fs::File::open(path).map_err(io)?;
+                return push_again(repo, &paths, &name, segment, path, file).await;
+            }
+            let (key, sealed, summary) = sealed?;
             (key, sealed, Some(summary))
         }
         None => {
+            if write_once && repo.has_wal(&paths, &name).await? {
+                return push_again(repo, &paths, &name, segment, path, file).await;
+            }
             drop(file);
             let data = read_whole(path).await?;
             let (key, sealed) = repo.seal_wal(&paths, &name, data).await?;
@@ -106,23 +133,16 @@ async fn read_whole(path: &Path) -> Result<Bytes, ArchiveError> {
         })
 }
 
-/// Read segment `name` from `file` in pieces, check it and seal it at once
-/// (two blocking threads joined by a bounded channel). Returns the object
-/// key, the sealed object and the summary (with the file's digest when
-/// `digest`).
-#[allow(clippy::too_many_arguments)]
+/// Read a segment in pieces, check it and seal it at once (two blocking
+/// threads joined by a bounded channel). Returns the object key, the sealed
+/// object and the summary (with the file's digest when asked).
 async fn seal_segment(
     repo: &Repository,
     paths: &StanzaPaths,
-    name: &str,
-    path: &Path,
-    file: std::fs::File,
-    len: u64,
-    seg: WalSegSize,
-    f: SegmentFile,
-    digest: bool,
+    reading: Reading,
 ) -> Result<(String, Bytes, SegmentSummary), ArchiveError> {
-    let key = wal_key(paths, name)?;
+    let key = wal_key(paths, &reading.name)?;
+    let len = reading.len;
     let (pieces_tx, pieces) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
     let (free_tx, free) = std::sync::mpsc::channel::<Arc<Vec<u8>>>();
     let mut sealer = ChunkSealer::new(
@@ -140,15 +160,6 @@ async fn seal_segment(
         }
         sealer.finish()
     });
-    let reading = ReadCheck {
-        name: name.to_owned(),
-        path: path.to_owned(),
-        file,
-        len,
-        seg,
-        f,
-        digest,
-    };
     let checking = tokio::task::spawn_blocking(move || reading.run(pieces_tx, free));
     let (checked, sealed) = tokio::join!(checking, sealing);
     let task =
@@ -160,17 +171,20 @@ async fn seal_segment(
 }
 
 /// The reading and checking side of [`seal_segment`].
-struct ReadCheck {
+struct Reading {
     name: String,
     path: std::path::PathBuf,
     file: std::fs::File,
     len: u64,
     seg: WalSegSize,
     f: SegmentFile,
+    /// Record the file's BLAKE3 digest in the summary.
     digest: bool,
+    /// Set when the work turned out to be unneeded: stop at the next piece.
+    stop: Arc<AtomicBool>,
 }
 
-impl ReadCheck {
+impl Reading {
     /// Read every piece, hand it to the sealer (`out`), check it; reuse the
     /// buffers the sealer hands back (`free`).
     fn run(
@@ -189,6 +203,9 @@ impl ReadCheck {
         let mut made = 0;
         let mut left = self.len;
         while left > 0 {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(ArchiveError::Protocol("reading stopped: not needed".into()));
+            }
             let n = PIECE.min(left) as usize;
             let reuse = |b: Arc<Vec<u8>>| Arc::try_unwrap(b).unwrap_or_default();
             let mut buf = match free.try_recv() {
