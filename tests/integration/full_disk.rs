@@ -248,6 +248,21 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
         &["restore", "--repo", r, "--pgdata", &pgdata],
         "run the same restore with --delta to finish it",
     );
+    // the same for restore-pitr, whose directory must start empty
+    let pitr_fs = Tmpfs::mount(8);
+    let pitr_dir = pitr_fs.path().join("data");
+    fails_for_space(
+        &bin,
+        &[
+            "restore-pitr",
+            "--repo",
+            r,
+            "--pgdata",
+            pitr_dir.to_str().unwrap(),
+            "--immediate",
+        ],
+        "remove it and run restore-pitr again",
+    );
     // room again: --delta completes it, and it holds the second backup
     small.resize(256);
     let out = ok(
