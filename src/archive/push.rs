@@ -8,11 +8,11 @@
 //!
 //! The call is on PostgreSQL's archiving path, once per segment, so its cost
 //! is measured (`bench/compare.sh`, phase push20). A new segment is read in
-//! 1 MiB pieces; each piece is checked (page headers, records decoded into the
-//! summary, BLAKE3 digest) on one core while the previous one is compressed
-//! and sealed on the other ([`ChunkSealer`]), so reading, checking and
-//! compressing overlap instead of following each other; only when both
-//! sides are done is the object written. A second push of an archived name
+//! 1 MiB pieces; each piece is handed to the sealer ([`ChunkSealer`]), which
+//! compresses it on one core while it is checked (page headers, records
+//! decoded into the summary, BLAKE3 digest) and the next one read on the
+//! other, so compression overlaps reading and checking instead of following
+//! them; only when both sides are done is the object written. A second push of an archived name
 //! compares the file's BLAKE3 digest with the one its summary recorded
 //! instead of downloading the stored copy.
 
@@ -164,9 +164,11 @@ async fn seal_segment(
     let (checked, sealed) = tokio::join!(checking, sealing);
     let task =
         |e: tokio::task::JoinError| ArchiveError::Protocol(format!("WAL push task failed: {e}"));
-    // the check's verdict first: a sealer cut short by it has nothing to add
+    // a sealer that panicked first (the reader then only saw it stop), then
+    // the check's verdict: a sealer cut short by it has nothing to add
+    let sealed = sealed.map_err(task)?;
     let summary = checked.map_err(task)??;
-    let sealed = sealed.map_err(task)??;
+    let sealed = sealed?;
     Ok((key, sealed, summary))
 }
 
@@ -338,10 +340,17 @@ async fn check(
     f: SegmentFile,
     data: Bytes,
 ) -> Result<(), ArchiveError> {
-    tokio::task::spawn_blocking(move || crate::wal::verify::verify_segment(&data, f.segno, seg))
-        .await
-        .map_err(|e| ArchiveError::Protocol(format!("WAL check task failed: {e}")))?
-        .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))
+    tokio::task::spawn_blocking(move || {
+        // pages, then every record decoded as a first push would
+        crate::wal::verify::verify_pages(&data, f.segno, seg)?;
+        match crate::wal::summary::summarize(&data, None, f.timeline.get(), f.segno, seg).error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+    .await
+    .map_err(|e| ArchiveError::Protocol(format!("WAL check task failed: {e}")))?
+    .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))
 }
 
 /// BLAKE3 of a whole file (about 2 ms per 16 MiB here, where SHA-256 took

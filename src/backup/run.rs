@@ -143,7 +143,10 @@ pub async fn run_backup(
     let id = loop {
         let newest = Manifest::list_ids(&repo, &paths).await?.pop();
         match Manifest::next_id(newest.as_deref(), chrono::Utc::now()) {
-            Ok(id) => break id,
+            // (another writer's manifest of this very second and digits
+            // is never overwritten)
+            Ok(id) if !Manifest::exists(&repo, &paths, &id).await? => break id,
+            Ok(_) => {}
             Err(wait) => tokio::time::sleep(wait).await,
         }
     };

@@ -163,13 +163,13 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     };
     let t = Instant::now();
     let was_empty = crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);
-    let reporter = Reporter::start("restore", progress, !settings.quiet);
+    let reporter = Reporter::start("restore", progress.clone(), !settings.quiet);
     let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await;
     reporter.finish();
     let r = r.map_err(|e| {
         // a restore that stopped half-way leaves a directory that must
         // not be started; say how to finish it
-        let touched = args.delta
+        let touched = progress.done() > 0
             || (was_empty && !crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(true));
         let e = anyhow::Error::from(e);
         if touched {

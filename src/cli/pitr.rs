@@ -147,7 +147,9 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     .await?;
     let paths = crate::repo::StanzaPaths::new(&settings.stanza);
     let rates = RecoveryRates::load(&repo, &paths).await;
-    let est = Duration::from_secs_f64(rates.estimate(plan.restore_bytes, plan.wal_bytes()));
+    // (whole segments: a little more than replay will cover)
+    let est = Duration::try_from_secs_f64(rates.estimate(plan.restore_bytes, plan.wal_bytes()))
+        .unwrap_or(Duration::MAX);
     print_plan(&plan, est, &rates, &args);
     if let Some(budget) = args.rto_budget {
         if est > budget {

@@ -143,7 +143,8 @@ impl Manifest {
     /// stanza's newest id), since "the newest backup" is the last id.
     ///
     /// Two backups finishing in the same second would otherwise be ordered
-    /// by their random digits. When `newest` holds this second (or the next:
+    /// by their random digits (still the case for two writers committing
+    /// at the same moment: each sees the other's id only once it exists). When `newest` holds this second (or the next:
     /// clocks of two hosts differ), the answer is `Err(wait)`: ask again
     /// after `wait`, as the id is the backup's time. A `newest` further
     /// ahead (the clock went back) gets the second after it.
@@ -207,6 +208,19 @@ impl Manifest {
             });
         }
         Ok(m)
+    }
+
+    /// Whether backup `id` has a manifest.
+    pub async fn exists(
+        repo: &Repository,
+        paths: &StanzaPaths,
+        id: &str,
+    ) -> Result<bool, RepoError> {
+        Ok(repo
+            .storage()
+            .head(&Manifest::object_name(paths, id))
+            .await?
+            .is_some())
     }
 
     /// Write the manifest: the commit point of a backup.

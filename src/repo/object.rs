@@ -139,8 +139,15 @@ impl ChunkSealer {
         }
     }
 
-    /// Compress and append the next piece of the body.
+    /// Compress and append the next piece of the body (as chunks of at
+    /// most 64 MiB, the most a reader accepts).
     pub fn push(&mut self, piece: &[u8]) {
+        if piece.len() > MAX_CHUNK {
+            for p in piece.chunks(MAX_CHUNK) {
+                self.push(p);
+            }
+            return;
+        }
         let from = self.end;
         let most = lz4_flex::block::get_maximum_output_size(piece.len());
         // `out` only grows (zero-filled once), `end` marks what is written
@@ -193,6 +200,15 @@ impl ChunkSealer {
 
 /// Decode an [`LZ4_CHUNKS`] body of exactly `raw_len` bytes.
 fn decompress_chunks(mut data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    // nothing is reserved for a length the input could never expand to:
+    // each chunk takes 8 header bytes, LZ4 expands a byte at most 255 times
+    let most = data.len().saturating_mul(264).saturating_add(64);
+    if raw_len > most {
+        return Err(format!(
+            "{} compressed bytes cannot hold {raw_len} bytes",
+            data.len()
+        ));
+    }
     let mut out = Vec::with_capacity(raw_len);
     while !data.is_empty() {
         if data.len() < 8 {
@@ -291,9 +307,11 @@ pub fn open(
     }
     let compression = match data[6] {
         LZ4_CHUNKS => None,
-        id => Some(
-            Compression::from_id(id).ok_or_else(|| corrupt(format!("unknown compression {id}")))?,
-        ),
+        id => Some(Compression::from_id(id).ok_or_else(|| {
+            corrupt(format!(
+                "unknown compression {id} (written by a newer walvault? upgrade this one)"
+            ))
+        })?),
     };
     let encrypted = data[7] & FLAG_ENCRYPTED != 0;
     if data[7] & !FLAG_ENCRYPTED != 0 {

@@ -50,6 +50,12 @@ fn io_hint(e: &std::io::Error) -> &'static str {
         std::io::ErrorKind::StorageFull => {
             "; the target file system is full: free space there, or restore elsewhere (--pgdata, --tablespace-map); `walvault info` shows the backup's size"
         }
+        std::io::ErrorKind::QuotaExceeded => {
+            "; the disk quota of the user running walvault is exhausted: raise it, or restore elsewhere"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => {
+            "; the target file system is mounted read-only"
+        }
         std::io::ErrorKind::PermissionDenied => {
             "; the target must be writable by the user running walvault"
         }

@@ -61,6 +61,16 @@ impl RecoveryRates {
         })
     }
 
+    /// Finite rates above 1 kB/s and an overhead under a day: anything
+    /// else (a damaged or forged record) is not used.
+    fn plausible(&self) -> bool {
+        let rate = |r: f64| r.is_finite() && r >= 1e3;
+        rate(self.restore_bytes_per_s)
+            && rate(self.replay_bytes_per_s)
+            && self.overhead_s.is_finite()
+            && (0.0..86_400.0).contains(&self.overhead_s)
+    }
+
     /// Whether these were measured (else assumed).
     pub fn is_measured(&self) -> bool {
         !self.measured_at.is_empty()
@@ -103,7 +113,7 @@ impl RecoveryRates {
             .read_object(ObjectKind::RecoveryRates, &key, 1 << 16)
             .await;
         match read.map(|body| serde_json::from_slice::<RecoveryRates>(&body)) {
-            Ok(Ok(r)) if r.restore_bytes_per_s > 0.0 && r.replay_bytes_per_s > 0.0 => r,
+            Ok(Ok(r)) if r.plausible() => r,
             Ok(_) => ASSUMED,
             Err(crate::repo::RepoError::Storage(e)) if e.is_not_found() => ASSUMED,
             Err(e) => {
@@ -143,6 +153,27 @@ mod tests {
         assert!(RecoveryRates::measured(0, 1.0, 1, 1.0, 2.0).is_none());
         assert!(RecoveryRates::measured(1, 1.0, 0, 1.0, 2.0).is_none());
         assert!(!ASSUMED.is_measured());
+        assert!(ASSUMED.plausible() && r.plausible());
+        for bad in [
+            RecoveryRates {
+                overhead_s: -100.0,
+                ..r.clone()
+            },
+            RecoveryRates {
+                restore_bytes_per_s: 1e-300,
+                ..r.clone()
+            },
+            RecoveryRates {
+                replay_bytes_per_s: f64::NAN,
+                ..r.clone()
+            },
+            RecoveryRates {
+                overhead_s: f64::INFINITY,
+                ..r.clone()
+            },
+        ] {
+            assert!(!bad.plausible(), "{bad:?}");
+        }
         assert!(ASSUMED.basis().starts_with("assumed"));
     }
 }
