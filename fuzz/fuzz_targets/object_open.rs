@@ -14,7 +14,7 @@ mod common;
 use libfuzzer_sys::fuzz_target;
 use walvault::repo::object::{open, ObjectKind};
 
-const KINDS: [ObjectKind; 7] = [
+const KINDS: [ObjectKind; 10] = [
     ObjectKind::Config,
     ObjectKind::Key,
     ObjectKind::PackHeader,
@@ -22,6 +22,9 @@ const KINDS: [ObjectKind; 7] = [
     ObjectKind::Manifest,
     ObjectKind::GcState,
     ObjectKind::Lease,
+    ObjectKind::Wal,
+    ObjectKind::WalSummary,
+    ObjectKind::RecoveryRates,
 ];
 const NAME: &str = "main/fuzz/object";
 /// Bound on the decoded body. Callers pass 1 MiB to 4 GiB; the decompressors
