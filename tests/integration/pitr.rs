@@ -122,30 +122,11 @@ impl Archived {
     /// `restore-pitr … --start --json` as the server's OS user into a new
     /// directory; returns the (running) cluster and the report.
     pub fn pitr(&self, target: &[&str]) -> (Recovered, serde_json::Value) {
-        let dst = PgCluster::for_restore(&self.c.bindir);
-        let mut cmd = self.c.command(&self.bin);
-        cmd.args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
-            .args(target)
-            .args(["--start", "--json", "--port", &dst.port.to_string()])
-            .arg("--pg-bin")
-            .arg(&self.c.bindir)
-            .arg("--repo")
-            .arg(&self.repo);
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "restore-pitr {target:?}:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        (
-            Recovered {
-                port: dst.port,
-                sockdir: self.c.sockdir.clone(),
-                dst,
-            },
-            report,
+        pitr_started(
+            &self.c,
+            &self.bin,
+            target,
+            &["--repo", self.repo.to_str().unwrap()],
         )
     }
 
@@ -165,6 +146,42 @@ impl Archived {
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
+}
+
+/// `bin restore-pitr TARGET --start --json REPO_ARGS` as `source`'s OS user
+/// into a new directory; returns the (running) cluster and the report.
+fn pitr_started(
+    source: &PgCluster,
+    bin: &Path,
+    target: &[&str],
+    repo_args: &[&str],
+) -> (Recovered, serde_json::Value) {
+    let dst = PgCluster::for_restore(&source.bindir);
+    let out = source
+        .command(bin)
+        .args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
+        .args(target)
+        .args(["--start", "--json", "--port", &dst.port.to_string()])
+        .arg("--pg-bin")
+        .arg(&source.bindir)
+        .args(repo_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore-pitr {target:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        Recovered {
+            port: dst.port,
+            sockdir: source.sockdir.clone(),
+            dst,
+        },
+        report,
+    )
 }
 
 /// Wait until the status file of a `walvault stream` says `target` is durable.
@@ -734,44 +751,18 @@ async fn pitr_from_an_s3_repository_archived_by_wal_push() {
     }
     // more WAL after the target, so the archive holds several segments
     c.pgbench(&["-t", "200", "-n"]);
-    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
-        assert!(
-            Instant::now() < deadline,
-            "archiving stalled: {}",
-            c.psql("SELECT * FROM pg_stat_archiver")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    c.switch_and_wait_archived();
     let verified = run(&["wal-verify", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
     assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
 
-    let dst = PgCluster::for_restore(&c.bindir);
-    let mut cmd = c.command(&bin);
-    cmd.args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
-        .args(["--target-lsn", &after[11]])
-        .args(["--start", "--json", "--port", &dst.port.to_string()])
-        .arg("--pg-bin")
-        .arg(&c.bindir)
-        .arg("--config")
-        .arg(&config);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "restore-pitr:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (r, report) = pitr_started(
+        &c,
+        &bin,
+        &["--target-lsn", &after[11]],
+        &["--config", config.to_str().unwrap()],
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["state"], "promoted", "{report}");
-    let r = Recovered {
-        port: dst.port,
-        sockdir: c.sockdir.clone(),
-        dst,
-    };
     assert_eq!(
         r.psql("SELECT count(*) || ':' || max(id) FROM marker"),
         "12:12",

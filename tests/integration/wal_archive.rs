@@ -561,17 +561,7 @@ fn archiving_under_pgbench(options: &str, seconds: &str) -> Archiving {
     });
     c.pgbench(&["-i", "-s", "1", "-q"]);
     c.pgbench(&["-T", seconds, "-c", "2", "-n"]);
-    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
-        assert!(
-            Instant::now() < deadline,
-            "archiving stalled: {}",
-            c.psql("SELECT * FROM pg_stat_archiver")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(c.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+    let last = c.switch_and_wait_archived();
     Archiving {
         work,
         repo,

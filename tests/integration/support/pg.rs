@@ -234,6 +234,24 @@ impl PgCluster {
         self.start_restored_server();
     }
 
+    /// Switch to a new WAL segment and wait (up to 60 s) until the archiver
+    /// has archived the one switched from, with no failure on record.
+    /// Returns that segment's name.
+    pub fn switch_and_wait_archived(&self) -> String {
+        let last = self.psql("SELECT pg_walfile_name(pg_switch_wal())");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
+            assert!(
+                Instant::now() < deadline,
+                "archiving stalled: {}",
+                self.psql("SELECT * FROM pg_stat_archiver")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(self.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
+        last
+    }
+
     /// Restart a delayed standby so that it replays up to `lsn` and pauses
     /// there: through the record starting at `lsn` when `inclusive`, else
     /// every record before it (`lsn` being the end of a record, the state
