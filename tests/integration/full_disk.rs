@@ -187,7 +187,9 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     // a copy: the next backup's checkpoint may recycle the original
     let segment_path = work.path().join(&segment);
     std::fs::copy(src.datadir.join("pg_wal").join(&segment), &segment_path).unwrap();
-    let filler = fs.fill(256 << 10);
+    // 16 KiB: less than any segment object (16 MiB of zeros alone make
+    // 64 KiB of LZ4), so the push fails whatever the segment holds
+    let filler = fs.fill(16 << 10);
 
     let remedy = "free space on the repository's file system";
     fails_for_space(
