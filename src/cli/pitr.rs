@@ -262,7 +262,10 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     }
     // the spool's lock keeps wal-fetch's own prefetching out while the rest
     // is staged, and makes wal-fetch wait for a segment replay reaches
-    // before it is staged instead of downloading it a second time
+    // before it is staged instead of downloading it a second time. It is
+    // released as soon as staging is done: after that nothing more will
+    // appear in the spool, and a segment beyond the archive (which recovery
+    // asks for at its end) must be "not found" at once, not after a wait.
     let held = crate::restore::fetch::lock_spool(&spool, true)?;
     let (outcome, rest_bytes) = tokio::join!(
         super::pitr_start::start_and_wait(
@@ -275,11 +278,11 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         ),
         async {
             let r = stage_wal(&repo, &paths, &spool, rest).await;
+            drop(held);
             fetch_secs = t_stage.elapsed().as_secs_f64();
             r
         }
     );
-    drop(held);
     let outcome = outcome?;
     let wal_bytes = head_bytes
         + rest_bytes.unwrap_or_else(|e| {

@@ -112,7 +112,16 @@ pub async fn from_busy_spool(
         return Ok(None);
     }
     let deadline = std::time::Instant::now() + patience;
-    while spool_busy(spool) && std::time::Instant::now() < deadline {
+    while spool_busy(spool) {
+        if std::time::Instant::now() >= deadline {
+            // (restore-pitr releases the lock once staging is done, so
+            // this is a stuck or very slow stager)
+            tracing::warn!(
+                "{name}: the spool was still being filled after {} s; fetching it from the repository",
+                patience.as_secs()
+            );
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         if let Some(n) = from_spool(name, dest, spool)? {
             return Ok(Some(n));
