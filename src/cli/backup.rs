@@ -173,10 +173,10 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
             || (was_empty && !crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(true));
         let e = anyhow::Error::from(e);
         if touched {
-            anyhow::anyhow!(
-                "{}; {} is incomplete and must not be started: once the cause is fixed, run the same restore with --delta to finish it (or remove the directory)",
-                super::one_line(&e),
-                args.pgdata.display()
+            super::incomplete(
+                &e,
+                &args.pgdata,
+                "run the same restore with --delta to finish it (or remove the directory)",
             )
         } else {
             e

@@ -201,6 +201,16 @@ pub fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
+/// `e`, then that restoring into `dir` stopped half-way and what finishes
+/// it (`remedy`): such a directory must not be started.
+pub(crate) fn incomplete(e: &anyhow::Error, dir: &std::path::Path, remedy: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}; {} is incomplete and must not be started: once the cause is fixed, {remedy}",
+        one_line(e),
+        dir.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

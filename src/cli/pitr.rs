@@ -209,13 +209,8 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     let (head, rest) = plan.segments.split_at(ahead);
     let done = tokio::try_join!(restore_files, stage_wal(&repo, &paths, &spool, head));
     reporter.finish();
-    let (restore_secs, head_bytes) = done.map_err(|e| {
-        anyhow::anyhow!(
-            "{}; {} is incomplete and must not be started: once the cause is fixed, remove it and run restore-pitr again",
-            super::one_line(&e),
-            args.pgdata.display()
-        )
-    })?;
+    let (restore_secs, head_bytes) = done
+        .map_err(|e| super::incomplete(&e, &args.pgdata, "remove it and run restore-pitr again"))?;
     let mut fetch_secs = t_stage.elapsed().as_secs_f64();
 
     let timeline = match args.target_timeline {

@@ -226,14 +226,12 @@ impl GarageCluster {
 
     /// `s3://walvault-test/<prefix>`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{BUCKET}/{prefix}")
+        super::s3::bucket_url(prefix)
     }
 
     /// The S3 backend for `prefix` of the bucket through node 1 (no retry layer).
     pub async fn storage(&self, prefix: &str) -> S3 {
-        S3::connect(BUCKET, prefix, &self.config())
-            .await
-            .expect("S3 client")
+        super::s3::bucket_storage(&self.config(), prefix).await
     }
 
     /// SIGKILL node `i` (1-based), as a crash or a lost machine; its data stays.

@@ -63,6 +63,19 @@ pub async fn wait_for_bucket(store: &S3, deadline: Instant, log: impl Fn() -> St
     }
 }
 
+/// `s3://walvault-test/<prefix>`: the test bucket, on any Garage.
+pub fn bucket_url(prefix: &str) -> String {
+    format!("s3://{BUCKET}/{prefix}")
+}
+
+/// The S3 backend for `prefix` of the test bucket through `config` (no
+/// retry layer).
+pub async fn bucket_storage(config: &S3Config, prefix: &str) -> S3 {
+    S3::connect(BUCKET, prefix, config)
+        .await
+        .expect("S3 client")
+}
+
 /// walvault's `[s3]` settings for a Garage endpoint and key.
 pub fn garage_config(endpoint: &str, access_key: &str, secret_key: &str) -> S3Config {
     S3Config {
@@ -222,14 +235,12 @@ admin_token = "{token}"
 
     /// `s3://walvault-test/<prefix>`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{BUCKET}/{prefix}")
+        bucket_url(prefix)
     }
 
     /// The S3 backend for `prefix` of the test bucket (no retry layer).
     pub async fn storage(&self, prefix: &str) -> S3 {
-        S3::connect(BUCKET, prefix, &self.config())
-            .await
-            .expect("S3 client")
+        bucket_storage(&self.config(), prefix).await
     }
 
     /// Stop the server the hard way (SIGKILL, as a crash or a lost node),
