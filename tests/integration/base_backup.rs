@@ -245,6 +245,12 @@ mod into_repository {
                 sent += d.len() as u64;
                 if sent > 24 << 20 && !killed {
                     killed = true;
+                    // the children first: a walsender outlives a killed
+                    // postmaster until it notices, and could finish the
+                    // backup meanwhile
+                    let _ = std::process::Command::new("pkill")
+                        .args(["-KILL", "-P", &pid.to_string()])
+                        .status();
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,

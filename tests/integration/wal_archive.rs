@@ -560,7 +560,21 @@ fn archiving_under_pgbench(options: &str, seconds: &str) -> Archiving {
         ..Default::default()
     });
     c.pgbench(&["-i", "-s", "1", "-q"]);
+    let segment = || c.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let first = segment();
     c.pgbench(&["-T", seconds, "-c", "2", "-n"]);
+    // at least two segments filled by pgbench, however slow it was on a
+    // busy host (the tests take the one before the last as a full one)
+    let filled = |now: &str| {
+        let n = |s: &str| u64::from_str_radix(&s[8..], 16).unwrap();
+        n(now) - n(&first)
+    };
+    for _ in 0..30 {
+        if filled(&segment()) >= 2 {
+            break;
+        }
+        c.pgbench(&["-T", "2", "-c", "2", "-n"]);
+    }
     let last = c.switch_and_wait_archived();
     Archiving {
         work,
