@@ -147,7 +147,7 @@ mod into_repository {
     use walvault::repo::{FileKind, Index, Secret, StanzaPaths};
 
     use crate::support::backend::Backend;
-    use crate::support::pg::PgCluster;
+    use crate::support::pg::{crash, PgCluster};
 
     fn opts() -> BaseBackupOptions {
         BaseBackupOptions {
@@ -237,7 +237,7 @@ mod into_repository {
         let b = Backend::local();
         let repo = b.init_repo(None).await;
         let mut conn = c.replication().await;
-        let pid = c.postmaster_pid().unwrap();
+        let datadir = c.datadir.clone();
         let mut sent = 0u64;
         let mut killed = false;
         let e = store_base_backup(repo.clone(), "main", &mut conn, &opts(), |e| {
@@ -245,16 +245,10 @@ mod into_repository {
                 sent += d.len() as u64;
                 if sent > 24 << 20 && !killed {
                     killed = true;
-                    // the children first: a walsender outlives a killed
-                    // postmaster until it notices, and could finish the
-                    // backup meanwhile
-                    let _ = std::process::Command::new("pkill")
-                        .args(["-KILL", "-P", &pid.to_string()])
-                        .status();
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    // the whole server at once: a walsender outlives a
+                    // killed postmaster until it notices, and could finish
+                    // the backup meanwhile
+                    crash(&datadir);
                 }
             }
         })

@@ -3,12 +3,16 @@
 //! also when a test panics.
 
 use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
 
 use bytes::Bytes;
 use walvault::storage::Storage;
 
-use crate::support::pg::{alive, requested_majors, PgCluster, PgOptions, StopMode, PASSWORD_USER};
+use crate::support::pg::{
+    alive, processes_in, requested_majors, PgCluster, PgOptions, StopMode, PASSWORD_USER,
+};
 use crate::support::s3::S3Server;
+use crate::support::wait_until;
 
 /// Start, prove SCRAM over TCP, run pgbench, check the data pgbench wrote.
 async fn scram_and_pgbench(c: &PgCluster) {
@@ -113,6 +117,41 @@ fn teardown_after_a_panicking_test() {
     assert!(result.is_err());
     let (root, pid) = rx.recv().unwrap();
     assert_torn_down(&root, pid);
+}
+
+/// Regression (a fresh-clone suite run failed): a child killed before the
+/// postmaster made it start a crash restart and fork new children, which
+/// outlived the kill and held the shared memory, so the next start failed with
+/// "pre-existing shared memory block … is still in use".
+#[test]
+fn kill9_during_a_crash_restart_leaves_nothing_behind() {
+    let mut c = PgCluster::start();
+    let dir = std::fs::canonicalize(&c.datadir).unwrap();
+    for round in 0..5 {
+        let checkpointer: i32 = c
+            .psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(checkpointer),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // kill -9 once the postmaster has begun its crash restart (forked
+        // the startup process anew): the moment the flake hit
+        let seen = c.server_log().matches("reinitializing").count();
+        wait_until(Duration::from_secs(30), "the crash restart", || {
+            c.server_log().matches("reinitializing").count() > seen
+        });
+        c.kill9();
+        let left = processes_in(&dir);
+        assert!(
+            left.is_empty(),
+            "round {round}: processes left in the data directory: {left:?}"
+        );
+        c.start_again();
+        assert_eq!(c.psql("SELECT 1"), "1", "round {round}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,3 +156,19 @@ impl std::io::Read for SynthReader {
         Ok(avail)
     }
 }
+
+/// Poll `cond` until it holds; panics naming `what` when it still does not
+/// after `within`. The one way tests wait for something to happen: never a
+/// fixed sleep.
+pub fn wait_until(within: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    while !cond() {
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
+    }
+}

@@ -512,29 +512,18 @@ impl PgCluster {
             .ok()
     }
 
-    /// kill -9 the postmaster, as a crash would, and wait until its children are gone.
+    /// kill -9 the server, as a crash would: the postmaster first (so it cannot
+    /// start a crash restart and fork new children), then every process still
+    /// running in the data directory. Returns once none is left and no process
+    /// is attached to the server's shared memory, so the next start cannot find
+    /// "pre-existing shared memory block … still in use".
     pub fn kill9(&mut self) {
-        let pid = self.postmaster_pid().expect("server not running");
-        let children = children_of(pid);
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        // backends notice the postmaster's death and exit; the next start needs
-        // its shared memory released
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for p in std::iter::once(pid).chain(children) {
-            while alive(p) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if alive(p) {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-        }
-        // The dead postmaster may linger as a zombie until init reaps it (slowly
-        // in some containers), and the next start would take it for a running
-        // server; every process is gone, so its lock files are stale.
-        if Path::new(&format!("/proc/{pid}")).exists() && !alive(pid) {
-            let _ = fs::remove_file(self.datadir.join("postmaster.pid"));
-            let _ = fs::remove_file(self.sockdir.join(format!(".s.PGSQL.{}.lock", self.port)));
-        }
+        crash(&self.datadir);
+        // Every process is gone, so the lock files are stale; a zombie
+        // postmaster that init has not reaped yet would otherwise pass for a
+        // running server (kill(pid, 0) succeeds on zombies).
+        let _ = fs::remove_file(self.datadir.join("postmaster.pid"));
+        let _ = fs::remove_file(self.sockdir.join(format!(".s.PGSQL.{}.lock", self.port)));
         self.running = false;
     }
 
@@ -735,26 +724,6 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-fn children_of(ppid: i32) -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned))
-                })
-                .flatten()
-                .and_then(|p| p.parse::<i32>().ok())
-                == Some(ppid)
-        })
-        .collect()
-}
-
 /// Per user table of database `db`: row count and an md5 of all rows in a
 /// canonical order — equal maps mean equal content.
 pub fn table_hashes(c: &PgCluster, db: &str) -> std::collections::BTreeMap<String, String> {
@@ -776,4 +745,85 @@ pub fn table_hashes(c: &PgCluster, db: &str) -> std::collections::BTreeMap<Strin
             (t.to_owned(), h)
         })
         .collect()
+}
+
+/// kill -9 the server of `datadir` and wait until it is entirely gone: the
+/// postmaster first, then every process whose working directory is the data
+/// directory (PostgreSQL's processes all chdir there; a child forked by a
+/// postmaster that was mid crash-restart is found this way even after it was
+/// re-parented). Waits until no such process is left and no process is
+/// attached to the SysV shared memory segment named in postmaster.pid.
+/// Panics after 30 s, naming what is still there.
+pub fn crash(datadir: &Path) {
+    let pidfile = fs::read_to_string(datadir.join("postmaster.pid")).unwrap_or_default();
+    let postmaster = pidfile
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok());
+    // line 7: "<key> <shmid>"
+    let shmid = pidfile
+        .lines()
+        .nth(6)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<i64>().ok());
+    let dir = fs::canonicalize(datadir).unwrap_or_else(|_| datadir.to_path_buf());
+    // a stale postmaster.pid may name a pid that now belongs to someone else
+    if let Some(pid) = postmaster.filter(|p| runs_in(*p, &dir)) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let procs = processes_in(&dir);
+        for p in &procs {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        let attached = shmid.map_or(0, shm_attached);
+        let postmaster_alive = postmaster.is_some_and(|p| runs_in(p, &dir));
+        if procs.is_empty() && attached == 0 && !postmaster_alive {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server of {} did not go away after kill -9 within 30 s: processes {procs:?}, \
+             {attached} attached to shared memory {shmid:?}, postmaster alive: {postmaster_alive}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Live (non-zombie) processes whose working directory is `dir` (a server's
+/// processes, for a canonical data directory).
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| runs_in(*pid, dir))
+        .collect()
+}
+
+/// True while `pid` is a live (non-zombie) process working in `dir`.
+fn runs_in(pid: i32, dir: &Path) -> bool {
+    fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir) && alive(pid)
+}
+
+/// How many processes are attached to SysV shared memory segment `shmid`
+/// (0 when it no longer exists), from /proc/sysvipc/shm.
+fn shm_attached(shmid: i64) -> u64 {
+    let Ok(table) = fs::read_to_string("/proc/sysvipc/shm") else {
+        return 0;
+    };
+    // columns: key shmid perms size cpid lpid nattch ...
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(1)?.parse::<i64>().ok()? == shmid).then(|| cols.get(6)?.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0)
 }
