@@ -132,6 +132,7 @@ fn kill9_during_a_crash_restart_leaves_nothing_behind() {
             .psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
             .parse()
             .unwrap();
+        let seen = c.server_log().matches("reinitializing").count();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(checkpointer),
             nix::sys::signal::Signal::SIGKILL,
@@ -139,7 +140,6 @@ fn kill9_during_a_crash_restart_leaves_nothing_behind() {
         .unwrap();
         // kill -9 once the postmaster has begun its crash restart (forked
         // the startup process anew): the moment the flake hit
-        let seen = c.server_log().matches("reinitializing").count();
         wait_until(Duration::from_secs(30), "the crash restart", || {
             c.server_log().matches("reinitializing").count() > seen
         });
