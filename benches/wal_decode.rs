@@ -80,7 +80,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("segment_summaries", |b| {
         b.iter(|| {
             for (i, s) in data.chunks(16 << 20).enumerate() {
-                black_box(summarize(s, None, 1, SegmentNo(segno + i as u64), seg));
+                black_box(summarize(
+                    s,
+                    None,
+                    walvault::pg::TimelineId::FIRST,
+                    SegmentNo(segno + i as u64),
+                    seg,
+                ));
             }
         })
     });

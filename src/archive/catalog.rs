@@ -16,11 +16,11 @@ pub struct WalCatalog {
     /// Segment size the names were read with.
     pub seg: WalSegSize,
     /// Complete segments per timeline.
-    pub full: BTreeMap<u32, BTreeSet<u64>>,
+    pub full: BTreeMap<TimelineId, BTreeSet<SegmentNo>>,
     /// `.partial` segments per timeline.
-    pub partial: BTreeMap<u32, BTreeSet<u64>>,
+    pub partial: BTreeMap<TimelineId, BTreeSet<SegmentNo>>,
     /// History file text per timeline.
-    pub histories: BTreeMap<u32, String>,
+    pub histories: BTreeMap<TimelineId, String>,
 }
 
 impl WalCatalog {
@@ -36,29 +36,22 @@ impl WalCatalog {
             partial: BTreeMap::new(),
             histories: BTreeMap::new(),
         };
-        for dir in repo.wal_timelines(paths).await? {
-            let Ok(tli) = u32::from_str_radix(&dir, 16) else {
-                continue;
-            };
-            for name in repo.list_wal(paths, &dir).await? {
-                if name.ends_with(".history") {
-                    if let Some(h) = repo.load_wal(paths, &name).await? {
-                        c.histories
-                            .insert(tli, String::from_utf8_lossy(&h).into_owned());
+        for tli in repo.wal_timelines(paths).await? {
+            for name in repo.list_wal(paths, tli, seg).await? {
+                match name {
+                    WalFileName::History(_) => {
+                        if let Some(h) = repo.load_wal(paths, &name).await? {
+                            c.histories
+                                .insert(tli, String::from_utf8_lossy(&h).into_owned());
+                        }
                     }
-                    continue;
-                }
-                let (stem, is_partial) = match name.strip_suffix(".partial") {
-                    Some(s) => (s, true),
-                    None => (name.as_str(), false),
-                };
-                if let Ok(WalFileName::Segment(f)) = WalFileName::parse(stem, seg) {
-                    let set = if is_partial {
-                        &mut c.partial
-                    } else {
-                        &mut c.full
-                    };
-                    set.entry(tli).or_default().insert(f.segno.0);
+                    WalFileName::Segment(f) => {
+                        c.full.entry(tli).or_default().insert(f.segno);
+                    }
+                    WalFileName::Partial(f) => {
+                        c.partial.entry(tli).or_default().insert(f.segno);
+                    }
+                    WalFileName::Backup { .. } => {}
                 }
             }
         }
@@ -66,37 +59,33 @@ impl WalCatalog {
     }
 
     /// The newest timeline with any WAL or history.
-    pub fn newest_timeline(&self) -> u32 {
+    pub fn newest_timeline(&self) -> TimelineId {
         self.full
             .keys()
             .chain(self.partial.keys())
             .chain(self.histories.keys())
             .copied()
             .max()
-            .unwrap_or(1)
+            .unwrap_or(TimelineId::FIRST)
     }
 
     /// The path of timelines leading to `tli`.
-    pub fn path_to(&self, tli: u32) -> Result<TimelinePath, ArchiveError> {
+    pub fn path_to(&self, tli: TimelineId) -> Result<TimelinePath, ArchiveError> {
         let history = match self.histories.get(&tli) {
-            Some(h) => parse_history(h)
-                .map_err(|e| ArchiveError::BadWal(format!("{tli:08X}.history: {e}")))?,
-            None if tli > 1 => {
-                return Err(ArchiveError::BadWal(format!(
-                    "timeline {tli} has no {tli:08X}.history in the repository: its ancestry is unknown"
-                )))
+            Some(h) => parse_history(h).map_err(|e| ArchiveError::BadHistory {
+                timeline: tli,
+                reason: e.to_string(),
+            })?,
+            None if tli != TimelineId::FIRST => {
+                return Err(ArchiveError::MissingHistory { timeline: tli })
             }
             None => Vec::new(),
         };
-        Ok(TimelinePath::new(
-            TimelineId::new(tli).unwrap_or(TimelineId::FIRST),
-            &history,
-            self.seg,
-        ))
+        Ok(TimelinePath::new(tli, &history, self.seg))
     }
 
     /// The newest segment on `tli`, complete or partial.
-    pub fn newest_segment(&self, tli: u32) -> Option<u64> {
+    pub fn newest_segment(&self, tli: TimelineId) -> Option<SegmentNo> {
         self.full
             .get(&tli)
             .and_then(|s| s.last())
@@ -106,23 +95,22 @@ impl WalCatalog {
 
     /// How segment `s` of timeline `tli` is stored: the complete file, or a
     /// `.partial` past the timeline's last complete segment (its open end).
-    pub fn stored_name(&self, s: u64, tli: u32) -> Option<String> {
-        let name = self.name(s, tli);
+    pub fn stored_name(&self, s: SegmentNo, tli: TimelineId) -> Option<WalFileName> {
+        let file = self.segment(s, tli);
         if self.full.get(&tli).is_some_and(|f| f.contains(&s)) {
-            return Some(name);
+            return Some(WalFileName::Segment(file));
         }
         let last_full = self.full.get(&tli).and_then(|f| f.last()).copied();
         (self.partial.get(&tli).is_some_and(|p| p.contains(&s)) && last_full.is_none_or(|l| s > l))
-            .then(|| format!("{name}.partial"))
+            .then_some(WalFileName::Partial(file))
     }
 
-    /// The file name of segment `s` on `tli`.
-    pub fn name(&self, s: u64, tli: u32) -> String {
+    /// Segment `s` on `tli`.
+    pub fn segment(&self, s: SegmentNo, tli: TimelineId) -> SegmentFile {
         SegmentFile {
-            timeline: TimelineId::new(tli).unwrap_or(TimelineId::FIRST),
-            segno: SegmentNo(s),
+            timeline: tli,
+            segno: s,
             seg_size: self.seg,
         }
-        .to_string()
     }
 }

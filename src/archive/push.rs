@@ -26,7 +26,7 @@ use std::sync::Arc;
 use super::ArchiveError;
 use crate::pg::{SegmentFile, WalFileName, WalSegSize};
 use crate::repo::object::{ChunkSealer, ObjectKind};
-use crate::repo::{valid_wal_name, wal_key, Repository, StanzaPaths, WalStored};
+use crate::repo::{wal_key, Repository, StanzaPaths, WalStored};
 use crate::wal::summary::{SegmentSummary, Summarizer};
 use crate::wal::verify::PageChecker;
 
@@ -46,28 +46,23 @@ pub async fn wal_push(
     stanza: &str,
     path: &Path,
 ) -> Result<WalStored, ArchiveError> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| valid_wal_name(n))
-        .ok_or_else(|| {
-            ArchiveError::BadWal(format!(
-                "{} is not a WAL file name (segment, .partial, .history or .backup)",
-                path.display()
-            ))
-        })?
-        .to_owned();
     let io = |source| ArchiveError::Io {
         path: path.to_owned(),
         source,
     };
+    let file_name =
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| ArchiveError::NotAWalFile {
+                path: path.to_owned(),
+            })?;
     let file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    let segment = segment_of(&name, usize::try_from(len).unwrap_or(usize::MAX))?;
+    let (name, segment) = classify(file_name, path, len)?;
     let paths = StanzaPaths::new(stanza);
     // `.partial` files are replaced as they grow; everything else is
     // written once
-    let write_once = !name.ends_with(".partial");
+    let write_once = !matches!(name, WalFileName::Partial(_));
     let (key, sealed, summary) = match segment {
         Some((seg, f)) => {
             // whether the name is archived already (a round trip to an
@@ -76,7 +71,7 @@ pub async fn wal_push(
             // name stops the reading at its next piece)
             let stop = Arc::new(AtomicBool::new(false));
             let reading = Reading {
-                name: name.clone(),
+                name,
                 path: path.to_owned(),
                 file,
                 len,
@@ -141,7 +136,7 @@ async fn seal_segment(
     paths: &StanzaPaths,
     reading: Reading,
 ) -> Result<(String, Bytes, SegmentSummary), ArchiveError> {
-    let key = wal_key(paths, &reading.name)?;
+    let key = wal_key(paths, &reading.name);
     let len = reading.len;
     let (pieces_tx, pieces) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
     let (free_tx, free) = std::sync::mpsc::channel::<Arc<Vec<u8>>>();
@@ -162,8 +157,7 @@ async fn seal_segment(
     });
     let checking = tokio::task::spawn_blocking(move || reading.run(pieces_tx, free));
     let (checked, sealed) = tokio::join!(checking, sealing);
-    let task =
-        |e: tokio::task::JoinError| ArchiveError::Protocol(format!("WAL push task failed: {e}"));
+    let task = ArchiveError::task("WAL push");
     // a sealer that panicked first (the reader then only saw it stop), then
     // the check's verdict: a sealer cut short by it has nothing to add
     let sealed = sealed.map_err(task)?;
@@ -174,7 +168,7 @@ async fn seal_segment(
 
 /// The reading and checking side of [`seal_segment`].
 struct Reading {
-    name: String,
+    name: WalFileName,
     path: std::path::PathBuf,
     file: std::fs::File,
     len: u64,
@@ -197,7 +191,7 @@ impl Reading {
         let mut pages = PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e))?;
         let mut summary = Summarizer::new(
             usize::try_from(self.len).unwrap_or(usize::MAX),
-            self.f.timeline.get(),
+            self.f.timeline,
             self.f.segno,
             self.seg,
         );
@@ -240,7 +234,7 @@ impl Reading {
         // read is not the file to archive
         let mut probe = [0u8; 1];
         if self.file.read(&mut probe).map_err(|e| self.read_error(e))? != 0 {
-            return Err(self.bad("the file grew while it was read".into()));
+            return Err(self.bad("the file grew while it was read"));
         }
         pages.finish().map_err(|e| self.bad(e))?;
         let mut s = summary.finish(None);
@@ -251,13 +245,16 @@ impl Reading {
         Ok(s)
     }
 
-    fn bad(&self, e: String) -> ArchiveError {
-        ArchiveError::BadWal(format!("{}: {e}; refusing to archive it", self.name))
+    fn bad(&self, e: impl std::fmt::Display) -> ArchiveError {
+        ArchiveError::BadWal {
+            name: self.name.to_string(),
+            reason: e.to_string(),
+        }
     }
 
     fn read_error(&self, e: std::io::Error) -> ArchiveError {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            return self.bad("the file shrank while it was read".into());
+            return self.bad("the file shrank while it was read");
         }
         ArchiveError::Io {
             path: self.path.clone(),
@@ -273,18 +270,18 @@ impl Reading {
 async fn push_again(
     repo: &Repository,
     paths: &StanzaPaths,
-    name: &str,
+    name: &WalFileName,
     segment: SegmentOf,
     path: &Path,
     file: std::fs::File,
 ) -> Result<WalStored, ArchiveError> {
-    if segment.is_some() {
+    if let Some((_, f)) = segment {
         let (stored, ours) = tokio::join!(
-            super::summaries::load_summary(repo, paths, name),
+            super::summaries::load_summary(repo, paths, &f),
             tokio::task::spawn_blocking(move || digest_of_file(file))
         );
         let ours = ours
-            .map_err(|e| ArchiveError::Protocol(format!("hash task failed: {e}")))?
+            .map_err(ArchiveError::task("hash"))?
             .map_err(|source| ArchiveError::Io {
                 path: path.to_owned(),
                 source,
@@ -313,44 +310,55 @@ async fn push_again(
     }
 }
 
-/// Size and name of a segment file; `None` for history and backup files.
-fn segment_of(name: &str, len: usize) -> Result<SegmentOf, ArchiveError> {
-    let stem = name.strip_suffix(".partial").unwrap_or(name);
-    if stem.len() != 24 {
-        return Ok(None);
-    }
-    let seg = WalSegSize::new(len as u64).map_err(|_| {
-        ArchiveError::BadWal(format!(
-            "{name} is {len} bytes, not a WAL segment size (a truncated copy?); refusing to archive it"
-        ))
+/// The typed name of the file `file_name` at `path`, `len` bytes long, and
+/// for a segment (or `.partial`) its size and name parts (`None` for
+/// history and backup files). A segment's size is its length.
+fn classify(
+    file_name: &str,
+    path: &Path,
+    len: u64,
+) -> Result<(WalFileName, SegmentOf), ArchiveError> {
+    let loose = WalFileName::parse_any_size(file_name).map_err(|_| ArchiveError::NotAWalFile {
+        path: path.to_owned(),
     })?;
-    match WalFileName::parse(name, seg) {
-        Ok(WalFileName::Segment(f) | WalFileName::Partial(f)) => Ok(Some((seg, f))),
-        _ => Err(ArchiveError::BadWal(format!(
-            "{name} is not a WAL segment name for {seg} segments"
-        ))),
+    if !matches!(loose, WalFileName::Segment(_) | WalFileName::Partial(_)) {
+        return Ok((loose, None));
+    }
+    let seg = WalSegSize::new(len).map_err(|_| ArchiveError::NotASegmentSize {
+        name: file_name.to_owned(),
+        len,
+    })?;
+    match WalFileName::parse(file_name, seg) {
+        Ok(n @ (WalFileName::Segment(f) | WalFileName::Partial(f))) => Ok((n, Some((seg, f)))),
+        _ => Err(ArchiveError::BadWal {
+            name: file_name.to_owned(),
+            reason: format!("not a WAL segment name for {seg} segments"),
+        }),
     }
 }
 
 /// Page headers, then every record of a whole segment, on the blocking
 /// pool (a re-push whose digest differs: damage is reported as damage).
 async fn check(
-    name: &str,
+    name: &WalFileName,
     seg: WalSegSize,
     f: SegmentFile,
     data: Bytes,
 ) -> Result<(), ArchiveError> {
     tokio::task::spawn_blocking(move || {
         // pages, then every record decoded as a first push would
-        crate::wal::verify::verify_pages(&data, f.segno, seg)?;
-        match crate::wal::summary::summarize(&data, None, f.timeline.get(), f.segno, seg).error {
+        crate::wal::verify::verify_pages(&data, f.segno, seg).map_err(|e| e.to_string())?;
+        match crate::wal::summary::summarize(&data, None, f.timeline, f.segno, seg).error {
             Some(e) => Err(e),
             None => Ok(()),
         }
     })
     .await
-    .map_err(|e| ArchiveError::Protocol(format!("WAL check task failed: {e}")))?
-    .map_err(|e| ArchiveError::BadWal(format!("{name}: {e}; refusing to archive it")))
+    .map_err(ArchiveError::task("WAL check"))?
+    .map_err(|reason| ArchiveError::BadWal {
+        name: name.to_string(),
+        reason,
+    })
 }
 
 /// BLAKE3 of a whole file (about 2 ms per 16 MiB here, where SHA-256 took

@@ -210,15 +210,20 @@ pub async fn wait_for(
     loop {
         match take_mark(spool, name)? {
             Mark::Ok => return Ok(()),
-            Mark::Error(msg) => return Err(ArchiveError::BadWal(msg)),
+            Mark::Error(message) => {
+                return Err(ArchiveError::BackgroundPush {
+                    name: name.to_owned(),
+                    message,
+                })
+            }
             Mark::None => {}
         }
         if Instant::now() >= deadline {
-            return Err(ArchiveError::Permanent(format!(
-                "{name} was not archived within {} s by the background process (its log: {}); PostgreSQL will call again",
-                timeout.as_secs(),
-                spool.join(WORKER_LOG).display()
-            )));
+            return Err(ArchiveError::NotArchivedInTime {
+                name: name.to_owned(),
+                waited: timeout,
+                log: spool.join(WORKER_LOG),
+            });
         }
         if started.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) && !worker_running(spool) {
             start_worker().map_err(|source| ArchiveError::Io {

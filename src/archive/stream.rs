@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::ArchiveError;
 use crate::pg::wire::Backend;
-use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
+use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalFileName, WalSegSize};
 use crate::repo::{Repository, StanzaPaths};
 use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
 
@@ -57,16 +57,16 @@ impl Default for StreamOptions {
 }
 
 /// Where the stream stands (written to the status file).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StreamStatus {
-    /// Timeline streamed.
-    pub timeline: u32,
+    /// Timeline streamed (`None` before the first connection).
+    pub timeline: Option<TimelineId>,
     /// Received up to (exclusive).
-    pub received_lsn: String,
+    pub received_lsn: Lsn,
     /// Durable in the repository up to (exclusive): the RPO point.
-    pub durable_lsn: String,
+    pub durable_lsn: Lsn,
     /// The server's end of WAL, as last reported.
-    pub server_lsn: String,
+    pub server_lsn: Lsn,
     /// Bytes between the server's end and the durable point.
     pub lag_bytes: u64,
     /// Seconds since the durable point last caught up with the server.
@@ -147,14 +147,11 @@ async fn repository_end(
     tli: TimelineId,
     seg: WalSegSize,
 ) -> Result<Option<Lsn>, ArchiveError> {
-    let names = repo.list_wal(paths, &format!("{:08X}", tli.get())).await?;
+    let names = repo.list_wal(paths, tli, seg).await?;
     // after the last complete segment; or at a newer .partial's segment
     // (a backup's last segment): that one is not complete yet
     let mut end: Option<crate::pg::SegmentNo> = None;
-    for n in &names {
-        let Ok(name) = crate::pg::WalFileName::parse(n, seg) else {
-            continue;
-        };
+    for name in names {
         let at = match name {
             crate::pg::WalFileName::Segment(f) => f.segno.next(),
             crate::pg::WalFileName::Partial(f) => f.segno,
@@ -176,7 +173,7 @@ async fn session(
 ) -> Result<SessionEnd, ArchiveError> {
     let mut conn = PgConnection::connect(params, true).await?;
     let sys = conn.identify_system().await?;
-    super::check_system(repo, paths, sys.system_id.0).await?;
+    super::check_system(repo, paths, sys.system_id).await?;
     let seg = conn.wal_segment_size().await?;
     let tli = sys.timeline;
     let version = conn.server_version_num().unwrap_or(0);
@@ -208,6 +205,9 @@ async fn session(
         tli_begin = crate::wal::history::parse_history(&String::from_utf8_lossy(&content))
             .ok()
             .and_then(|h| h.last().map(|e| e.end));
+        let name = WalFileName::parse(&name, seg).map_err(|e| {
+            ArchiveError::Protocol(format!("TIMELINE_HISTORY sent file name {name:?}: {e}"))
+        })?;
         repo.store_wal_once(paths, &name, content.to_vec()).await?;
     }
 
@@ -223,11 +223,11 @@ async fn session(
     let start = have.unwrap_or(fallback);
     let start = start.segment(seg).start_lsn(seg).unwrap_or(start);
     if start > sys.xlogpos {
-        return Err(ArchiveError::Permanent(format!(
-            "the repository holds WAL up to {start} on timeline {tli}, past the server's end of WAL {}: \
-             this stanza belongs to another server or history; use another stanza",
-            sys.xlogpos
-        )));
+        return Err(ArchiveError::AheadOfServer {
+            have: start,
+            timeline: tli,
+            server_end: sys.xlogpos,
+        });
     }
     let start = if *lost == Some(start) {
         // the server recycled that WAL: it is lost to the archive; go on
@@ -264,7 +264,7 @@ async fn session(
     let mut partial_due: Option<tokio::time::Instant> = None;
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
-    stats.timeline = tli.get();
+    stats.timeline = Some(tli);
 
     loop {
         let partial_at =
@@ -299,11 +299,12 @@ async fn session(
                     WalMessage::XLogData { start, wal_end, data } => {
                         server_end = server_end.max(wal_end);
                         for s in asm.push(start, &data).map_err(ArchiveError::Protocol)? {
-                            let name = s.name.to_string();
-                            super::summaries::spawn_store(repo.clone(), paths.clone(), name.clone(), s.data.clone());
+                            let name = s.name;
+                            super::summaries::spawn_store(repo.clone(), paths.clone(), name, s.data.clone());
                             repo.store_wal_once(paths, &name, s.data).await?;
                             // the complete segment supersedes its .partial
-                            if let Ok(k) = crate::repo::wal_key(paths, &format!("{name}.partial")) {
+                            if let Some(f) = name.segment_file() {
+                                let k = crate::repo::wal_key(paths, &WalFileName::Partial(f));
                                 let _ = repo.storage().delete(&k).await;
                             }
                             stats.segments_stored += 1;
@@ -372,7 +373,7 @@ async fn store_partial(
         return Ok(());
     }
     if let Some(p) = asm.partial() {
-        repo.store_wal(paths, &p.name.to_string(), p.data).await?;
+        repo.store_wal(paths, &p.name, p.data).await?;
         stats.partial_uploads += 1;
     }
     *durable = asm.position();
@@ -402,9 +403,9 @@ fn report(
     } else {
         caught_up_at.elapsed().as_secs_f64()
     };
-    stats.received_lsn = asm.position().to_string();
-    stats.durable_lsn = durable.to_string();
-    stats.server_lsn = server_end.to_string();
+    stats.received_lsn = asm.position();
+    stats.durable_lsn = durable;
+    stats.server_lsn = server_end;
     stats.lag_bytes = lag_bytes;
     stats.lag_seconds = lag_seconds;
     stats.updated_at = chrono::Utc::now().to_rfc3339();

@@ -8,20 +8,27 @@
 use futures::StreamExt;
 
 use super::ArchiveError;
-use crate::pg::{WalFileName, WalSegSize};
+use crate::pg::{SegmentFile, WalFileName};
 use crate::repo::object::ObjectKind;
+use crate::repo::timeline_dir;
 use crate::repo::{RepoError, Repository, StanzaPaths};
-use crate::wal::summary::{summarize, SegmentSummary, SUMMARY_VERSION};
+use crate::wal::summary::{summarize, SegmentSummary, SUMMARY_OLDEST, SUMMARY_VERSION};
 
-fn key(paths: &StanzaPaths, name: &str) -> String {
-    format!("{}{}/{name}", paths.wal_summaries(), &name[..8])
+/// The object key of segment `f`'s summary.
+fn key(paths: &StanzaPaths, f: &SegmentFile) -> String {
+    format!("{}{}/{f}", paths.wal_summaries(), timeline_dir(f.timeline))
 }
 
 /// Summarize WAL file `name` (a segment or `.partial`) from its bytes and
 /// store the summary. Errors are logged, not returned: a summary is an
 /// index, and the WAL itself is already safe.
-pub async fn store_summary(repo: &Repository, paths: &StanzaPaths, name: &str, data: &[u8]) {
-    let (name2, data2) = (name.to_owned(), data.to_vec());
+pub async fn store_summary(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    name: &WalFileName,
+    data: &[u8],
+) {
+    let (name2, data2) = (*name, data.to_vec());
     match tokio::task::spawn_blocking(move || compute(&name2, &data2)).await {
         Ok(Some(s)) => store_computed(repo, paths, name, &s).await,
         Ok(None) => {}
@@ -33,13 +40,16 @@ pub async fn store_summary(repo: &Repository, paths: &StanzaPaths, name: &str, d
 pub async fn store_computed(
     repo: &Repository,
     paths: &StanzaPaths,
-    name: &str,
+    name: &WalFileName,
     s: &SegmentSummary,
 ) {
+    let Some(f) = name.segment_file() else {
+        return;
+    };
     let r = async {
         let body = postcard::to_stdvec(s)
-            .map_err(|e| ArchiveError::Protocol(format!("encoding summary: {e}")))?;
-        let k = key(paths, name.trim_end_matches(".partial"));
+            .map_err(|e| RepoError::Invalid(format!("encoding the summary: {e}")))?;
+        let k = key(paths, &f);
         repo.storage()
             .put(&k, repo.seal(ObjectKind::WalSummary, &k, &body))
             .await
@@ -52,27 +62,33 @@ pub async fn store_computed(
     }
 }
 
-/// The summary of WAL file `name` from its bytes (`None` if not a segment).
-pub fn compute(name: &str, data: &[u8]) -> Option<SegmentSummary> {
-    let stem = name.trim_end_matches(".partial");
-    let seg = WalSegSize::new(data.len() as u64).ok()?;
-    let Ok(WalFileName::Segment(f)) = WalFileName::parse(stem, seg) else {
+/// The summary of WAL file `name` from its bytes (`None` if not a segment
+/// or `.partial`, or when `data` is not a whole segment of the name's size).
+pub fn compute(name: &WalFileName, data: &[u8]) -> Option<SegmentSummary> {
+    let (WalFileName::Segment(f) | WalFileName::Partial(f)) = *name else {
         return None;
     };
-    Some(summarize(data, None, f.timeline.get(), f.segno, seg))
+    (data.len() as u64 == f.seg_size.bytes())
+        .then(|| summarize(data, None, f.timeline, f.segno, f.seg_size))
 }
 
-/// The stored summary of segment `name`, if any (and of this version).
+/// The stored summary of segment `f`, if any (of a version this build
+/// reads, and about that segment: anything else is recomputed by callers).
 pub async fn load_summary(
     repo: &Repository,
     paths: &StanzaPaths,
-    name: &str,
+    f: &SegmentFile,
 ) -> Result<Option<SegmentSummary>, ArchiveError> {
-    let k = key(paths, name);
+    let k = key(paths, f);
     match repo.read_object(ObjectKind::WalSummary, &k, 64 << 20).await {
         Ok(body) => Ok(postcard::from_bytes::<SegmentSummary>(&body)
             .ok()
-            .filter(|s| s.version == SUMMARY_VERSION)),
+            .filter(|s| {
+                (SUMMARY_OLDEST..=SUMMARY_VERSION).contains(&s.version)
+                    && s.timeline == f.timeline
+                    && s.segno == f.segno
+                    && s.seg_size == f.seg_size
+            })),
         Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -84,25 +100,24 @@ pub async fn load_summary(
 pub async fn load_path(
     repo: &Repository,
     paths: &StanzaPaths,
-    names: &[String],
+    names: &[WalFileName],
     parallel: usize,
 ) -> Result<Vec<SegmentSummary>, ArchiveError> {
     let loaded: Vec<Result<Option<SegmentSummary>, ArchiveError>> =
         futures::stream::iter(names.iter())
             .map(|name| async move {
-                let stem = name.trim_end_matches(".partial");
-                if !name.ends_with(".partial") {
-                    if let Some(s) = load_summary(repo, paths, stem).await? {
+                if let WalFileName::Segment(f) = name {
+                    if let Some(s) = load_summary(repo, paths, f).await? {
                         return Ok(Some(s));
                     }
                 }
                 let Some(data) = repo.load_wal(paths, name).await? else {
                     return Ok(None);
                 };
-                let name = name.clone();
+                let name = *name;
                 tokio::task::spawn_blocking(move || compute(&name, &data))
                     .await
-                    .map_err(|e| ArchiveError::Protocol(format!("summary task failed: {e}")))
+                    .map_err(ArchiveError::task("summary"))
             })
             .buffered(parallel.max(1))
             .collect()
@@ -114,7 +129,7 @@ pub async fn load_path(
         }
     }
     for i in 0..out.len().saturating_sub(1) {
-        if out[i + 1].segno == out[i].segno + 1 {
+        if out[i + 1].segno == out[i].segno.next() {
             let next = out[i + 1].clone();
             out[i].complete_with(&next);
         }
@@ -126,7 +141,7 @@ pub async fn load_path(
 pub fn spawn_store(
     repo: std::sync::Arc<Repository>,
     paths: StanzaPaths,
-    name: String,
+    name: WalFileName,
     data: Vec<u8>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {

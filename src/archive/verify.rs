@@ -10,16 +10,16 @@ use serde::Serialize;
 
 use super::catalog::WalCatalog;
 use super::ArchiveError;
-use crate::pg::{Lsn, SegmentNo, TimelineId, WalSegSize};
+use crate::pg::{SegmentNo, TimelineId, WalFileName};
 use crate::repo::{Manifest, Repository, StanzaPaths};
 
 /// Missing segments, first to last inclusive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Gap {
     /// First missing file.
-    pub from: String,
+    pub from: WalFileName,
     /// Last missing file.
-    pub to: String,
+    pub to: WalFileName,
     /// How many.
     pub segments: u64,
     /// Backups whose recovery path crosses it.
@@ -30,7 +30,7 @@ pub struct Gap {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Damaged {
     /// The file.
-    pub name: String,
+    pub name: WalFileName,
     /// What is wrong, with the LSN.
     pub error: String,
 }
@@ -45,7 +45,7 @@ pub struct VerifyReport {
     /// Segments whose content was read and checked.
     pub segments_read: u64,
     /// The newest WAL file of the newest timeline.
-    pub newest: Option<String>,
+    pub newest: Option<WalFileName>,
     /// Missing ranges.
     pub gaps: Vec<Gap>,
     /// Damaged segments.
@@ -73,33 +73,32 @@ pub async fn wal_verify(
         backups: backups.len(),
         ..VerifyReport::default()
     };
-    let Some(seg_bytes) = backups.iter().map(|b| b.wal_segment_size).max() else {
+    let Some(seg) = backups.iter().map(|b| b.wal_segment_size).max() else {
         return Ok(report);
     };
-    let seg = WalSegSize::new(u64::from(seg_bytes))
-        .map_err(|e| ArchiveError::Permanent(format!("backup manifests: {e}")))?;
 
     let cat = WalCatalog::load(repo, &paths, seg).await?;
     let newest_path = cat.path_to(cat.newest_timeline())?;
 
     // segment → (timeline, backups needing it); missing → backups
-    let mut needed: BTreeMap<(u64, u32), Vec<String>> = BTreeMap::new();
+    let mut needed: BTreeMap<(SegmentNo, TimelineId), Vec<String>> = BTreeMap::new();
     for b in &backups {
-        let btli = TimelineId::new(b.timeline).unwrap_or(TimelineId::FIRST);
-        let path = if newest_path.contains(btli, Lsn(b.start_lsn)) {
+        let path = if newest_path.contains(b.timeline, b.start_lsn) {
             newest_path.clone()
         } else {
             cat.path_to(b.timeline)?
         };
-        let newest_seg = cat.newest_segment(path.last().get()).unwrap_or(0);
-        let first = Lsn(b.start_lsn).segment(seg).0;
-        for s in first..=newest_seg.max(Lsn(b.stop_lsn).segment(seg).0) {
-            let t = path.timeline_of(SegmentNo(s)).get();
-            needed.entry((s, t)).or_default().push(b.id.clone());
+        let newest_seg = cat.newest_segment(path.last()).unwrap_or(SegmentNo(0));
+        let first = b.start_lsn.segment(seg).0;
+        for s in first..=newest_seg.0.max(b.stop_lsn.segment(seg).0) {
+            let s = SegmentNo(s);
+            needed
+                .entry((s, path.timeline_of(s)))
+                .or_default()
+                .push(b.id.clone());
         }
     }
     report.segments_needed = needed.len() as u64;
-    let name_of = |s: u64, t: u32| cat.name(s, t);
     let mut present = Vec::new();
     let mut open_gap: Option<Gap> = None;
     for ((s, t), ids) in &needed {
@@ -108,14 +107,14 @@ pub async fn wal_verify(
             if let Some(g) = open_gap.take() {
                 report.gaps.push(g);
             }
-            present.push((stored, SegmentNo(*s)));
-            report.newest = Some(name_of(*s, *t));
+            present.push((stored, *s));
+            report.newest = Some(WalFileName::Segment(cat.segment(*s, *t)));
             continue;
         }
-        let name = name_of(*s, *t);
+        let file = cat.segment(*s, *t);
         match &mut open_gap {
-            Some(g) if g.to == name_of(s - 1, *t) => {
-                g.to = name;
+            Some(g) if g.to.segment_file().map(|f| f.next()) == Some(file) => {
+                g.to = WalFileName::Segment(file);
                 g.segments += 1;
                 for id in ids {
                     if !g.backups.contains(id) {
@@ -128,8 +127,8 @@ pub async fn wal_verify(
                     report.gaps.push(g);
                 }
                 open_gap = Some(Gap {
-                    from: name.clone(),
-                    to: name,
+                    from: WalFileName::Segment(file),
+                    to: WalFileName::Segment(file),
                     segments: 1,
                     backups: ids.clone(),
                 });
@@ -155,8 +154,11 @@ pub async fn wal_verify(
                         crate::wal::verify::verify_segment(&data, segno, seg)
                     })
                     .await
-                    .map_err(|e| ArchiveError::Protocol(format!("verify task failed: {e}")))?;
-                    Ok(r.err().map(|error| Damaged { name, error }))
+                    .map_err(ArchiveError::task("verify"))?;
+                    Ok(r.err().map(|e| Damaged {
+                        name,
+                        error: e.to_string(),
+                    }))
                 }
             })
             .buffered(parallel.max(1))

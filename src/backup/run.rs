@@ -75,6 +75,12 @@ pub async fn run_backup(
     wal_conn.create_temporary_physical_slot(&slot).await?;
     if sys.timeline.get() > 1 {
         let (name, content) = wal_conn.timeline_history(sys.timeline).await?;
+        let name = crate::pg::WalFileName::parse(&name, seg).map_err(|e| {
+            protocol(
+                &target,
+                format!("TIMELINE_HISTORY sent file name {name:?}: {e}"),
+            )
+        })?;
         repo.store_wal(&paths, &name, content.to_vec()).await?;
     }
     let (stop_tx, stop_rx) = watch::channel(None);
@@ -154,18 +160,18 @@ pub async fn run_backup(
         version: crate::repo::MANIFEST_VERSION,
         id,
         label: opts.label.clone(),
-        system_id: sys.system_id.0,
+        system_id: sys.system_id,
         pg_version: version,
-        timeline: stored.start.timeline.get(),
-        start_lsn: stored.start.start_lsn.0,
-        stop_lsn: stop_lsn.0,
+        timeline: stored.start.timeline,
+        start_lsn: stored.start.start_lsn,
+        stop_lsn,
         start_time: started.timestamp_micros(),
         stop_time: chrono::Utc::now().timestamp_micros(),
         block_size: repo.config().block_size,
         files: stored.files,
         tablespaces,
         totals,
-        wal_segment_size: seg.bytes() as u32,
+        wal_segment_size: seg,
         corrupt_pages: stored
             .corrupt_pages
             .iter()
@@ -255,7 +261,7 @@ async fn stream_wal(
                 match parse_message(data).map_err(|r| protocol(&target, r))? {
                     WalMessage::XLogData { start, data, .. } => {
                         for s in asm.push(start, &data).map_err(|r| protocol(&target, r))? {
-                            let name = s.name.to_string();
+                            let name = s.name;
                             crate::archive::summaries::store_summary(&repo, &paths, &name, &s.data).await;
                             repo.store_wal(&paths, &name, s.data).await?;
                             stored += 1;
@@ -278,7 +284,7 @@ async fn stream_wal(
         }
     }
     if let Some(p) = asm.partial() {
-        repo.store_wal(&paths, &p.name.to_string(), p.data).await?;
+        repo.store_wal(&paths, &p.name, p.data).await?;
         stored += 1;
     }
     // the temporary slot goes with the connection

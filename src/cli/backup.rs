@@ -74,8 +74,8 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         m.totals.logical_bytes as f64 / secs.max(1e-3) / 1e6,
         human(m.totals.new_raw_bytes),
         human(m.totals.new_stored_bytes),
-        crate::pg::Lsn(m.start_lsn),
-        crate::pg::Lsn(m.stop_lsn),
+        m.start_lsn,
+        m.stop_lsn,
     );
     Ok(())
 }
@@ -102,8 +102,8 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
         if args.json {
             let v = serde_json::json!({
                 "id": m.id, "label": m.label, "system_id": m.system_id.to_string(), "pg_version": m.pg_version,
-                "timeline": m.timeline, "start_lsn": crate::pg::Lsn(m.start_lsn).to_string(),
-                "stop_lsn": crate::pg::Lsn(m.stop_lsn).to_string(),
+                "timeline": m.timeline, "start_lsn": m.start_lsn.to_string(),
+                "stop_lsn": m.stop_lsn.to_string(),
                 "start_time": chrono::DateTime::from_timestamp_micros(m.start_time).map(|t| t.to_rfc3339()),
                 "stop_time": chrono::DateTime::from_timestamp_micros(m.stop_time).map(|t| t.to_rfc3339()),
                 "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
@@ -119,8 +119,8 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 human(m.totals.logical_bytes),
                 human(m.totals.new_stored_bytes),
                 dedup,
-                crate::pg::Lsn(m.start_lsn).to_string(),
-                crate::pg::Lsn(m.stop_lsn).to_string(),
+                m.start_lsn.to_string(),
+                m.stop_lsn.to_string(),
                 m.timeline
             );
         }
@@ -284,7 +284,13 @@ const SPOOL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 const PREFETCH_CHILD: &str = "WALVAULT_PREFETCH_CHILD";
 
 pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow::Result<bool> {
-    use crate::restore::fetch::{following_segments, from_busy_spool, from_spool, prefetch};
+    use crate::restore::fetch::{
+        following_segments, from_busy_spool, from_spool, prefetch, with_segment_size,
+    };
+    // the segment size is not known before a segment is served: the name
+    // is exact, its segment arithmetic waits for the served size
+    let name = crate::pg::WalFileName::parse_any_size(&args.name)
+        .with_context(|| format!("PostgreSQL asked for {:?}", args.name))?;
     let spool = args
         .spool
         .clone()
@@ -292,11 +298,14 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
     if let Some(seg) = std::env::var_os(PREFETCH_CHILD) {
         let repo = settings.open_repository().await?;
         let seg: u64 = seg.to_string_lossy().parse().unwrap_or(0);
-        let names = following_segments(&args.name, seg, args.prefetch);
+        let Some(after) = with_segment_size(&name, seg) else {
+            return Ok(true);
+        };
+        let names = following_segments(&after, args.prefetch);
         prefetch(
             &repo,
             &settings.stanza,
-            &args.name,
+            &after,
             &names,
             &spool,
             args.prefetch,
@@ -306,15 +315,15 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
     }
     // the spool first: a rename, no repository to open; while another
     // process fills it, wait for the file rather than race it
-    let spooled = match from_spool(&args.name, &args.dest, &spool)? {
+    let spooled = match from_spool(&name, &args.dest, &spool)? {
         Some(seg) => Some(seg),
-        None => from_busy_spool(&args.name, &args.dest, &spool, SPOOL_PATIENCE).await?,
+        None => from_busy_spool(&name, &args.dest, &spool, SPOOL_PATIENCE).await?,
     };
     let seg = match spooled {
         Some(seg) => seg,
         None => {
             let repo = settings.open_repository().await?;
-            match crate::restore::wal_fetch(&repo, &settings.stanza, &args.name, &args.dest, None)
+            match crate::restore::wal_fetch(&repo, &settings.stanza, &name, &args.dest, None)
                 .await?
             {
                 Some(seg) => seg,
@@ -322,8 +331,10 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
             }
         }
     };
-    let next = following_segments(&args.name, seg, args.prefetch);
-    if !next.is_empty() && !next.iter().all(|n| spool.join(n).exists()) {
+    let next = with_segment_size(&name, seg)
+        .map(|n| following_segments(&n, args.prefetch))
+        .unwrap_or_default();
+    if !next.is_empty() && !next.iter().all(|n| spool.join(n.to_string()).exists()) {
         // a detached copy of this command fills the spool; PostgreSQL goes
         // on replaying meanwhile
         use std::os::unix::process::CommandExt;
@@ -380,7 +391,7 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
     let v = serde_json::json!({
         "id": m.id, "label": m.label, "status": "complete",
         "system_id": m.system_id.to_string(), "pg_version": m.pg_version, "timeline": m.timeline,
-        "start_lsn": crate::pg::Lsn(m.start_lsn).to_string(), "stop_lsn": crate::pg::Lsn(m.stop_lsn).to_string(),
+        "start_lsn": m.start_lsn.to_string(), "stop_lsn": m.stop_lsn.to_string(),
         "start_time": time(m.start_time), "stop_time": time(m.stop_time),
         "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
         "files": seg_files, "blocks": m.totals.blocks, "new_blocks": m.totals.new_blocks,

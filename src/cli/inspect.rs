@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::Settings;
 use crate::archive::catalog::WalCatalog;
-use crate::pg::{SegmentNo, WalSegSize};
+use crate::pg::{SegmentNo, TimelineId, WalFileName};
 use crate::repo::{Manifest, StanzaPaths};
 use crate::restore::pitr::parse_target_time;
 use crate::wal::records::{pg_time, XactKind};
@@ -39,7 +39,7 @@ pub struct InspectArgs {
     pub timezone: Option<String>,
     /// Timeline to read along (default: the newest).
     #[arg(long)]
-    pub timeline: Option<u32>,
+    pub timeline: Option<TimelineId>,
     /// One JSON object per event.
     #[arg(long)]
     pub json: bool,
@@ -78,7 +78,7 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
     let Some(newest) = backups.last() else {
         bail!("stanza {} has no backups", settings.stanza);
     };
-    let seg = WalSegSize::new(u64::from(newest.wal_segment_size))?;
+    let seg = newest.wal_segment_size;
     let cat = WalCatalog::load(&repo, &paths, seg).await?;
     let tli = args.timeline.unwrap_or_else(|| cat.newest_timeline());
     let path = cat.path_to(tli)?;
@@ -87,20 +87,20 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
         .steps
         .iter()
         .filter_map(|(t, _, _)| {
-            let t = t.get();
             cat.full
-                .get(&t)
+                .get(t)
                 .and_then(|s| s.first())
                 .into_iter()
-                .chain(cat.partial.get(&t).and_then(|s| s.first()))
+                .chain(cat.partial.get(t).and_then(|s| s.first()))
                 .min()
                 .copied()
         })
         .min()
-        .unwrap_or(0);
-    let last = cat.newest_segment(path.last().get()).unwrap_or(first);
-    let names: Vec<String> = (first..=last)
-        .filter_map(|s| cat.stored_name(s, path.timeline_of(SegmentNo(s)).get()))
+        .unwrap_or(SegmentNo(0));
+    let last = cat.newest_segment(path.last()).unwrap_or(first);
+    let names: Vec<WalFileName> = (first.0..=last.0)
+        .map(SegmentNo)
+        .filter_map(|s| cat.stored_name(s, path.timeline_of(s)))
         .collect();
     let sums = crate::archive::summaries::load_path(&repo, &paths, &names, 16).await?;
 

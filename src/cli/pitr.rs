@@ -293,7 +293,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     let total = t0.elapsed().as_secs_f64();
     let replayed = outcome
         .stop_lsn
-        .and_then(|l| l.checked_sub(crate::pg::Lsn(plan.backup.start_lsn)));
+        .and_then(|l| l.checked_sub(plan.backup.start_lsn));
     if let Some(measured) = RecoveryRates::measured(
         plan.restore_bytes,
         restore_secs,
@@ -357,16 +357,21 @@ async fn stage_wal(
     repo: &crate::repo::Repository,
     paths: &crate::repo::StanzaPaths,
     spool: &std::path::Path,
-    names: &[String],
+    names: &[crate::pg::WalFileName],
 ) -> anyhow::Result<u64> {
-    let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(names.iter().cloned())
+    use crate::pg::WalFileName;
+    let fetched: Vec<anyhow::Result<u64>> = futures::stream::iter(names.iter().copied())
         .map(|name| async move {
             let data = repo
                 .load_wal(paths, &name)
                 .await?
                 .with_context(|| format!("{name} vanished from the repository"))?;
             // a .partial is served under its segment's name
-            let file = spool.join(name.trim_end_matches(".partial"));
+            let served = match name {
+                WalFileName::Partial(f) => WalFileName::Segment(f),
+                other => other,
+            };
+            let file = spool.join(served.to_string());
             let len = data.len() as u64;
             // synced here: PostgreSQL fsyncs the whole data directory
             // (pg_wal included) before it replays anything, one file after
@@ -398,7 +403,7 @@ fn print_plan(plan: &PitrPlan, est: Duration, rates: &RecoveryRates, args: &Pitr
     if args.json {
         let v = serde_json::json!({
             "backup": plan.backup.id,
-            "backup_consistent_at": crate::pg::Lsn(plan.backup.stop_lsn).to_string(),
+            "backup_consistent_at": plan.backup.stop_lsn.to_string(),
             "target": plan.target.to_string(),
             "timeline": plan.timeline,
             "segments": plan.segments,
@@ -418,7 +423,7 @@ fn print_plan(plan: &PitrPlan, est: Duration, rates: &RecoveryRates, args: &Pitr
     println!(
         "  backup   {} (consistent at {}, {})",
         plan.backup.id,
-        crate::pg::Lsn(plan.backup.stop_lsn),
+        plan.backup.stop_lsn,
         crate::restore::pitr::micros_to_text(plan.backup.stop_time)
     );
     println!(

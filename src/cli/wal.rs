@@ -233,7 +233,7 @@ pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyh
             r.backups,
             r.segments_needed,
             r.segments_read,
-            r.newest.as_deref().unwrap_or("-")
+            r.newest.map_or_else(|| "-".to_owned(), |n| n.to_string())
         );
         for g in &r.gaps {
             println!(

@@ -12,25 +12,25 @@ use super::ParseError;
 ///
 /// Mirrors `XLogRecPtr`. Displayed and parsed as PostgreSQL does: two hexadecimal
 /// halves of at most eight digits each, `16/B374D848`.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(transparent)]
+///
+/// Serialized as that text in human-readable formats (JSON, TOML) and as the
+/// plain number in binary ones (postcard: the repository's stored formats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
 impl Lsn {
     /// `InvalidXLogRecPtr`.
     pub const INVALID: Lsn = Lsn(0);
+
+    /// The position `bytes` from the beginning of the log.
+    pub const fn new(bytes: u64) -> Lsn {
+        Lsn(bytes)
+    }
+
+    /// Bytes from the beginning of the log (the `XLogRecPtr` value).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
 
     /// True for `0/0`, which PostgreSQL uses for "no position".
     pub fn is_valid(self) -> bool {
@@ -78,6 +78,27 @@ impl fmt::Display for Lsn {
     }
 }
 
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+        if d.is_human_readable() {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            u64::deserialize(d).map(Lsn)
+        }
+    }
+}
+
 impl FromStr for Lsn {
     type Err = ParseError;
 
@@ -98,8 +119,27 @@ impl FromStr for Lsn {
 }
 
 /// A timeline, mirrors `TimeLineID`. Timeline 0 does not exist; the first is 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Serialized as its number; deserializing 0 is an error.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct TimelineId(u32);
+
+impl TryFrom<u32> for TimelineId {
+    type Error = ParseError;
+    fn try_from(n: u32) -> Result<TimelineId, ParseError> {
+        TimelineId::new(n)
+            .ok_or_else(|| ParseError::new("timeline", "0", "timeline 0 does not exist"))
+    }
+}
+
+impl From<TimelineId> for u32 {
+    fn from(t: TimelineId) -> u32 {
+        t.0
+    }
+}
 
 impl TimelineId {
     /// The timeline every cluster starts on.
@@ -138,7 +178,10 @@ impl FromStr for TimelineId {
 ///
 /// Its meaning depends on the segment size: segment 3 of a 16 MiB cluster starts
 /// at `0/3000000`, of a 64 MiB cluster at `0/C000000`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct SegmentNo(pub u64);
 
 impl SegmentNo {
@@ -163,8 +206,26 @@ impl fmt::Display for SegmentNo {
 ///
 /// Always a power of two from 1 MiB to 1 GiB, as `IsValidWalSegSize` demands. It is
 /// read from the server or from a segment's long page header, never assumed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Serialized as its size in bytes; deserializing an invalid size is an error.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct WalSegSize(u32);
+
+impl TryFrom<u64> for WalSegSize {
+    type Error = ParseError;
+    fn try_from(bytes: u64) -> Result<WalSegSize, ParseError> {
+        WalSegSize::new(bytes)
+    }
+}
+
+impl From<WalSegSize> for u64 {
+    fn from(s: WalSegSize) -> u64 {
+        s.bytes()
+    }
+}
 
 impl WalSegSize {
     /// The default of `initdb`: 16 MiB.
@@ -235,8 +296,32 @@ impl FromStr for WalSegSize {
 ///
 /// A backup or WAL segment of one cluster must never be applied to another: this
 /// is the value that tells them apart.
+///
+/// Serialized as decimal text in human-readable formats (a JSON number would
+/// lose digits in JavaScript), as the number in binary ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SystemId(pub u64);
+
+impl serde::Serialize for SystemId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SystemId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SystemId, D::Error> {
+        if d.is_human_readable() {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            u64::deserialize(d).map(SystemId)
+        }
+    }
+}
 
 impl fmt::Display for SystemId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -326,6 +411,39 @@ mod tests {
         assert!(TimelineId::new(0).is_none());
         assert!("0".parse::<TimelineId>().is_err());
         assert_eq!("7".parse::<TimelineId>().unwrap().get(), 7);
+    }
+
+    #[test]
+    fn serde_text_in_json_numbers_in_postcard() {
+        let lsn = Lsn(0x16_B374_D848);
+        assert_eq!(serde_json::to_string(&lsn).unwrap(), "\"16/B374D848\"");
+        assert_eq!(serde_json::from_str::<Lsn>("\"16/B374D848\"").unwrap(), lsn);
+        assert!(serde_json::from_str::<Lsn>("\"16\"").is_err());
+        // the stored formats keep the number: a u64 written by an older
+        // build reads as the same Lsn
+        let old = postcard::to_stdvec(&0x16_B374_D848u64).unwrap();
+        assert_eq!(postcard::to_stdvec(&lsn).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Lsn>(&old).unwrap(), lsn);
+
+        let tli = TimelineId::new(3).unwrap();
+        assert_eq!(
+            postcard::to_stdvec(&tli).unwrap(),
+            postcard::to_stdvec(&3u32).unwrap()
+        );
+        assert!(postcard::from_bytes::<TimelineId>(&postcard::to_stdvec(&0u32).unwrap()).is_err());
+        let seg = WalSegSize::DEFAULT;
+        assert_eq!(
+            postcard::from_bytes::<WalSegSize>(&postcard::to_stdvec(&(16u32 << 20)).unwrap())
+                .unwrap(),
+            seg
+        );
+        assert!(
+            postcard::from_bytes::<WalSegSize>(&postcard::to_stdvec(&12345u32).unwrap()).is_err()
+        );
+        assert_eq!(
+            serde_json::to_string(&SystemId(7_400_000_000_000_000_001)).unwrap(),
+            "\"7400000000000000001\""
+        );
     }
 
     proptest! {

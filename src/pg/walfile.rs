@@ -132,6 +132,36 @@ impl WalFileName {
         SegmentFile::parse24(name, seg_size, name).map(WalFileName::Segment)
     }
 
+    /// Parse a file name whose cluster's segment size is not known here
+    /// (`%f` of `archive_command` / `restore_command` before the file is
+    /// read): the segment size in the result is the first under which the
+    /// name is valid, 16 MiB first, then 1 MiB up to 1 GiB. The name, its
+    /// timeline and its object key are exact; segment arithmetic (LSNs,
+    /// the next segment) is not: re-parse with the real size for that.
+    pub fn parse_any_size(name: &str) -> Result<WalFileName, ParseError> {
+        let first = WalFileName::parse(name, WalSegSize::DEFAULT);
+        if first.is_ok() {
+            return first;
+        }
+        (20..=30)
+            .filter_map(|shift| WalSegSize::new(1 << shift).ok())
+            .find_map(|seg| WalFileName::parse(name, seg).ok())
+            .ok_or_else(|| {
+                first.err().unwrap_or_else(|| {
+                    ParseError::new("WAL file name", name, "not a WAL file name")
+                })
+            })
+    }
+
+    /// The segment file this name is about (`None` for a history file).
+    pub fn segment_file(&self) -> Option<SegmentFile> {
+        match self {
+            WalFileName::Segment(s) | WalFileName::Partial(s) => Some(*s),
+            WalFileName::Backup { segment, .. } => Some(*segment),
+            WalFileName::History(_) => None,
+        }
+    }
+
     /// The segment for the byte at `lsn` on timeline `tli`.
     pub fn segment_of(tli: TimelineId, lsn: Lsn, seg_size: WalSegSize) -> WalFileName {
         WalFileName::Segment(SegmentFile {
@@ -159,6 +189,13 @@ impl fmt::Display for WalFileName {
             WalFileName::Backup { segment, offset } => write!(f, "{segment}.{offset:08X}.backup"),
             WalFileName::History(t) => write!(f, "{:08X}.history", t.get()),
         }
+    }
+}
+
+/// Serialized as the file name (text); read back with [`WalFileName::parse`].
+impl serde::Serialize for WalFileName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -217,6 +254,25 @@ mod tests {
                 .to_string(),
             "00000001000000020000003F"
         );
+    }
+
+    #[test]
+    fn names_of_unknown_segment_size_round_trip() {
+        for name in [
+            "000000010000000000000003",
+            "0000000100000002000000FF.partial",
+            "00000003.history",
+            "000000010000000000000002.03000028.backup",
+        ] {
+            let n = WalFileName::parse_any_size(name).unwrap();
+            assert_eq!(n.to_string(), name);
+        }
+        // valid only for 1 MiB segments (4096 per log id)
+        let n = WalFileName::parse_any_size("000000010000000000000FFF").unwrap();
+        assert_eq!(n.to_string(), "000000010000000000000FFF");
+        assert!(WalFileName::parse_any_size("00000001000000000000FFFF").is_err());
+        assert!(WalFileName::parse_any_size("../../etc/passwd").is_err());
+        assert!(WalFileName::parse_any_size("00000001000000000000000é").is_err());
     }
 
     #[test]

@@ -12,12 +12,18 @@ use serde::{Deserialize, Serialize};
 use super::object::ObjectKind;
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::BlockId;
+use crate::pg::{Lsn, SystemId, TimelineId, WalSegSize};
 use crate::storage::list_all;
 
 /// The manifest version this build writes and the newest it reads.
 /// Version 2 added `wal_segment_size`, `corrupt_pages` and `relnames`
-/// (version 1 was never released and is not read).
-pub const MANIFEST_VERSION: u32 = 2;
+/// (version 1 was never released and is not read). Version 3 stores the
+/// same bytes with PostgreSQL types (timeline, LSNs, system id, segment
+/// size) that are checked when read: a timeline 0 or an impossible segment
+/// size is refused as corrupt instead of being carried along.
+pub const MANIFEST_VERSION: u32 = 3;
+/// The oldest manifest version this build reads.
+pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
 const MAX_MANIFEST: u64 = 4 << 30;
 
@@ -85,15 +91,15 @@ pub struct Manifest {
     /// Operator's label.
     pub label: String,
     /// PostgreSQL system identifier.
-    pub system_id: u64,
+    pub system_id: SystemId,
     /// `server_version_num` of the source.
     pub pg_version: u32,
     /// Timeline the backup started on.
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// LSN where the backup started (redo point of its checkpoint).
-    pub start_lsn: u64,
+    pub start_lsn: Lsn,
     /// LSN where the backup became consistent.
-    pub stop_lsn: u64,
+    pub stop_lsn: Lsn,
     /// Unix microseconds at start.
     pub start_time: i64,
     /// Unix microseconds at stop.
@@ -106,8 +112,8 @@ pub struct Manifest {
     pub tablespaces: Vec<Tablespace>,
     /// Sizes.
     pub totals: ManifestTotals,
-    /// WAL segment size of the cluster, bytes.
-    pub wal_segment_size: u32,
+    /// WAL segment size of the cluster.
+    pub wal_segment_size: WalSegSize,
     /// Pages whose checksum failed while the backup was taken (kept only with
     /// `--allow-checksum-failures`; otherwise such a backup is refused).
     pub corrupt_pages: Vec<PageRef>,
@@ -186,7 +192,8 @@ impl Manifest {
                 object: object.to_owned(),
                 reason: format!("no version: {e}"),
             })?;
-        if version != MANIFEST_VERSION {
+        // versions 2 and 3 share one layout (3 checks the typed fields)
+        if !(MANIFEST_OLDEST..=MANIFEST_VERSION).contains(&version) {
             return Err(RepoError::UnsupportedVersion {
                 object: object.to_owned(),
                 found: version,
@@ -328,11 +335,11 @@ mod tests {
             version: MANIFEST_VERSION,
             id: "20261123T140500Z-a1b2".into(),
             label: "nightly".into(),
-            system_id: 7_000_000_000_000_000_001,
+            system_id: SystemId(7_000_000_000_000_000_001),
             pg_version: 150018,
-            timeline: 1,
-            start_lsn: 0x300_0028,
-            stop_lsn: 0x300_0100,
+            timeline: TimelineId::FIRST,
+            start_lsn: Lsn::new(0x300_0028),
+            stop_lsn: Lsn::new(0x300_0100),
             start_time: 1,
             stop_time: 2,
             block_size: 131072,
@@ -353,7 +360,7 @@ mod tests {
                 blocks: 1,
                 ..Default::default()
             },
-            wal_segment_size: 16 << 20,
+            wal_segment_size: WalSegSize::DEFAULT,
             corrupt_pages: vec![PageRef {
                 file: "base/5/16384".into(),
                 block: 0,
@@ -384,6 +391,27 @@ mod tests {
                 "truncated at {n} accepted"
             );
         }
+    }
+
+    /// Version 2 stored the same layout with plain integers: it still reads,
+    /// and a timeline 0 (never valid) is refused as corrupt.
+    #[test]
+    fn version_2_still_reads_and_typed_fields_are_checked() {
+        let mut m = sample();
+        m.version = 2;
+        let body = m.encode().unwrap();
+        assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
+        // version 1 was never released
+        m.version = MANIFEST_OLDEST - 1;
+        assert!(matches!(
+            Manifest::decode(&m.encode().unwrap(), "m"),
+            Err(RepoError::UnsupportedVersion { .. })
+        ));
+        // the timeline follows version, id, label, system id and PostgreSQL
+        // version: the same layout written with timeline 0 is corrupt
+        let raw = (MANIFEST_VERSION, "id", "", 7u64, 150018u32, 0u32);
+        let e = Manifest::decode(&postcard::to_stdvec(&raw).unwrap(), "m").unwrap_err();
+        assert!(matches!(e, RepoError::Corrupt { .. }), "{e}");
     }
 
     proptest! {

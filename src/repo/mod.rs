@@ -37,7 +37,7 @@ pub use manifest::{
 };
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
-pub use wal::{valid_wal_name, wal_key, WalStored};
+pub use wal::{timeline_dir, wal_key, WalStored};
 
 use crate::codec::{IdHasher, Keys, MasterKey};
 use crate::storage::{list_all, Storage, StorageError};
@@ -107,7 +107,7 @@ pub enum RepoError {
     #[error("the repository already has WAL file {name} with different content: two servers are archiving into stanza {stanza} (split brain, or a restored copy archiving as the original); nothing was overwritten — give the other server its own stanza")]
     WalConflict {
         /// The WAL file name.
-        name: String,
+        name: crate::pg::WalFileName,
         /// The stanza.
         stanza: String,
     },

@@ -8,41 +8,20 @@ use bytes::Bytes;
 use super::object::{self, ObjectKind};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::Compression;
+use crate::pg::{TimelineId, WalFileName, WalSegSize};
 
 /// Largest WAL object body accepted: a 1 GiB segment.
 const MAX_WAL: u64 = 1 << 30;
 
-/// Whether `name` looks like a file PostgreSQL archives: 24 upper-case hex
-/// digits, optionally `.partial` or `.XXXXXXXX.backup`, or 8 hex + `.history`.
-/// (The segment size is not needed to store or fetch by name.)
-pub fn valid_wal_name(name: &str) -> bool {
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-    };
-    if let Some(t) = name.strip_suffix(".history") {
-        return hex(t, 8);
-    }
-    if let Some(s) = name.strip_suffix(".partial") {
-        return hex(s, 24);
-    }
-    if let Some(rest) = name.strip_suffix(".backup") {
-        return rest
-            .split_once('.')
-            .is_some_and(|(s, o)| hex(s, 24) && hex(o, 8));
-    }
-    hex(name, 24)
+/// The object key of WAL file `name`: its timeline's directory, then the
+/// name as PostgreSQL writes it.
+pub fn wal_key(paths: &StanzaPaths, name: &WalFileName) -> String {
+    format!("{}{}/{name}", paths.wal(), timeline_dir(name.timeline()))
 }
 
-/// The object key of WAL file `name` (its timeline is its first 8 digits).
-pub fn wal_key(paths: &StanzaPaths, name: &str) -> Result<String, RepoError> {
-    if !valid_wal_name(name) {
-        return Err(RepoError::Invalid(format!(
-            "{name:?} is not a WAL file name"
-        )));
-    }
-    Ok(format!("{}{}/{name}", paths.wal(), &name[..8]))
+/// The directory of a timeline under `wal/` and `wal-summary/`: 8 hex digits.
+pub fn timeline_dir(tli: TimelineId) -> String {
+    format!("{:08X}", tli.get())
 }
 
 /// What [`Repository::store_wal_once`] did.
@@ -62,10 +41,10 @@ impl Repository {
     pub async fn store_wal_once(
         &self,
         paths: &StanzaPaths,
-        name: &str,
+        name: &WalFileName,
         data: Vec<u8>,
     ) -> Result<WalStored, RepoError> {
-        if !name.ends_with(".partial") && self.has_wal(paths, name).await? {
+        if !matches!(name, WalFileName::Partial(_)) && self.has_wal(paths, name).await? {
             if let Some(found) = self.compare_wal(paths, name, &data).await? {
                 return Ok(found);
             }
@@ -74,30 +53,42 @@ impl Repository {
         Ok(WalStored::New)
     }
 
-    /// Names of the WAL files stored for timeline directory `tli` (8 hex
-    /// digits), sorted.
-    pub async fn list_wal(&self, paths: &StanzaPaths, tli: &str) -> Result<Vec<String>, RepoError> {
-        let prefix = format!("{}{tli}/", paths.wal());
-        let mut names: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
+    /// The WAL files stored for timeline `tli`, sorted by name; names are
+    /// read for segments of `seg` bytes (objects whose name is not a WAL file
+    /// name of that size are left out).
+    pub async fn list_wal(
+        &self,
+        paths: &StanzaPaths,
+        tli: TimelineId,
+        seg: WalSegSize,
+    ) -> Result<Vec<WalFileName>, RepoError> {
+        let prefix = format!("{}{}/", paths.wal(), timeline_dir(tli));
+        let mut keys: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
             .await?
             .into_iter()
             .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
-            .filter(|n| valid_wal_name(n))
             .collect();
-        names.sort();
-        Ok(names)
+        keys.sort();
+        Ok(keys
+            .iter()
+            .filter_map(|k| WalFileName::parse(k, seg).ok())
+            .filter(|n| n.timeline() == tli)
+            .collect())
     }
 
-    /// Timeline directories present under `<stanza>/wal/`, sorted.
-    pub async fn wal_timelines(&self, paths: &StanzaPaths) -> Result<Vec<String>, RepoError> {
+    /// Timelines with a directory under `<stanza>/wal/`, sorted.
+    pub async fn wal_timelines(&self, paths: &StanzaPaths) -> Result<Vec<TimelineId>, RepoError> {
         let prefix = paths.wal();
-        let mut tlis: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
+        let mut tlis: Vec<TimelineId> = crate::storage::list_all(self.storage().as_ref(), &prefix)
             .await?
             .into_iter()
             .filter_map(|o| {
                 let rest = o.key.strip_prefix(&prefix)?;
                 let (t, _) = rest.split_once('/')?;
-                (t.len() == 8).then(|| t.to_owned())
+                if t.len() != 8 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                TimelineId::new(u32::from_str_radix(t, 16).ok()?)
             })
             .collect();
         tlis.sort();
@@ -109,7 +100,7 @@ impl Repository {
     pub async fn store_wal(
         &self,
         paths: &StanzaPaths,
-        name: &str,
+        name: &WalFileName,
         data: Vec<u8>,
     ) -> Result<(), RepoError> {
         let (key, sealed) = self.seal_wal(paths, name, Bytes::from(data)).await?;
@@ -124,10 +115,10 @@ impl Repository {
     pub async fn seal_wal(
         &self,
         paths: &StanzaPaths,
-        name: &str,
+        name: &WalFileName,
         data: Bytes,
     ) -> Result<(String, Bytes), RepoError> {
-        let key = wal_key(paths, name)?;
+        let key = wal_key(paths, name);
         let keys = self.keys().cloned();
         let k = key.clone();
         let sealed = tokio::task::spawn_blocking(move || {
@@ -139,8 +130,12 @@ impl Repository {
     }
 
     /// Whether WAL file `name` is stored.
-    pub async fn has_wal(&self, paths: &StanzaPaths, name: &str) -> Result<bool, RepoError> {
-        Ok(self.storage().head(&wal_key(paths, name)?).await?.is_some())
+    pub async fn has_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &WalFileName,
+    ) -> Result<bool, RepoError> {
+        Ok(self.storage().head(&wal_key(paths, name)).await?.is_some())
     }
 
     /// Compare `data` with the stored WAL file `name` by downloading it:
@@ -149,13 +144,13 @@ impl Repository {
     pub async fn compare_wal(
         &self,
         paths: &StanzaPaths,
-        name: &str,
+        name: &WalFileName,
         data: &[u8],
     ) -> Result<Option<WalStored>, RepoError> {
         match self.load_wal(paths, name).await? {
             Some(existing) if existing[..] == *data => Ok(Some(WalStored::AlreadyThere)),
             Some(_) => Err(RepoError::WalConflict {
-                name: name.to_owned(),
+                name: *name,
                 stanza: paths.stanza().to_owned(),
             }),
             None => Ok(None),
@@ -166,9 +161,9 @@ impl Repository {
     pub async fn load_wal(
         &self,
         paths: &StanzaPaths,
-        name: &str,
+        name: &WalFileName,
     ) -> Result<Option<Bytes>, RepoError> {
-        let key = wal_key(paths, name)?;
+        let key = wal_key(paths, name);
         match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
             Ok(body) => Ok(Some(Bytes::from(body))),
             Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
@@ -182,28 +177,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names() {
-        for ok in [
-            "000000010000000000000003",
-            "00000002.history",
-            "000000010000000000000003.partial",
-            "000000010000000000000002.00000028.backup",
-        ] {
-            assert!(valid_wal_name(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "../x",
-            "00000001000000000000000",
-            "0000000100000000000000g3",
-            "00000002.history.x",
-            "000000010000000000000003.backup",
-        ] {
-            assert!(!valid_wal_name(bad), "{bad}");
-        }
+    fn keys() {
+        let n = WalFileName::parse("000000020000000000000003", WalSegSize::DEFAULT).unwrap();
         assert_eq!(
-            wal_key(&StanzaPaths::new("main"), "000000020000000000000003").unwrap(),
+            wal_key(&StanzaPaths::new("main"), &n),
             "main/wal/00000002/000000020000000000000003"
+        );
+        let h = WalFileName::parse("0000000A.history", WalSegSize::DEFAULT).unwrap();
+        assert_eq!(
+            wal_key(&StanzaPaths::new("s"), &h),
+            "s/wal/0000000A/0000000A.history"
         );
     }
 }

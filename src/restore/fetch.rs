@@ -46,7 +46,7 @@ fn write_atomic(dest: &Path, data: &[u8]) -> Result<(), RestoreError> {
 pub async fn wal_fetch(
     repo: &Repository,
     stanza: &str,
-    name: &str,
+    name: &WalFileName,
     dest: &Path,
     spool: Option<&Path>,
 ) -> Result<Option<u64>, RestoreError> {
@@ -57,8 +57,8 @@ pub async fn wal_fetch(
     }
     let paths = StanzaPaths::new(stanza);
     let mut data = repo.load_wal(&paths, name).await?;
-    if data.is_none() && name.len() == 24 {
-        data = repo.load_wal(&paths, &format!("{name}.partial")).await?;
+    if let (None, WalFileName::Segment(f)) = (&data, name) {
+        data = repo.load_wal(&paths, &WalFileName::Partial(*f)).await?;
     }
     let Some(data) = data else {
         return Ok(None);
@@ -69,8 +69,12 @@ pub async fn wal_fetch(
 
 /// Serve `name` from the spool (a rename) if it is there: the fast path,
 /// which needs no repository at all. Returns its size.
-pub fn from_spool(name: &str, dest: &Path, spool: &Path) -> Result<Option<u64>, RestoreError> {
-    let spooled = spool.join(name);
+pub fn from_spool(
+    name: &WalFileName,
+    dest: &Path,
+    spool: &Path,
+) -> Result<Option<u64>, RestoreError> {
+    let spooled = spool.join(name.to_string());
     match std::fs::metadata(&spooled) {
         Ok(m) => {
             std::fs::rename(&spooled, dest).map_err(io(dest))?;
@@ -103,12 +107,12 @@ pub fn lock_spool(
 /// Only segments are waited for: PostgreSQL probes for history files that
 /// do not exist, and those must not wait for the whole staging.
 pub async fn from_busy_spool(
-    name: &str,
+    name: &WalFileName,
     dest: &Path,
     spool: &Path,
     patience: std::time::Duration,
 ) -> Result<Option<u64>, RestoreError> {
-    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !matches!(name, WalFileName::Segment(_)) {
         return Ok(None);
     }
     let deadline = std::time::Instant::now() + patience;
@@ -130,19 +134,24 @@ pub async fn from_busy_spool(
     from_spool(name, dest, spool)
 }
 
+/// `name` read for segments of `seg_bytes` bytes (the size of a served
+/// segment), when that is a segment size and the name a segment of it.
+pub fn with_segment_size(name: &WalFileName, seg_bytes: u64) -> Option<WalFileName> {
+    let seg = WalSegSize::new(seg_bytes).ok()?;
+    WalFileName::parse(&name.to_string(), seg).ok()
+}
+
 /// The `count` segments after `name` on its timeline (none when `name` is
-/// not a segment).
-pub fn following_segments(name: &str, seg_bytes: u64, count: usize) -> Vec<String> {
-    let Ok(seg) = WalSegSize::new(seg_bytes) else {
-        return Vec::new();
-    };
-    let Ok(WalFileName::Segment(mut f)) = WalFileName::parse(name, seg) else {
+/// not a segment). `name` must carry the cluster's real segment size
+/// ([`with_segment_size`]).
+pub fn following_segments(name: &WalFileName, count: usize) -> Vec<WalFileName> {
+    let WalFileName::Segment(mut f) = *name else {
         return Vec::new();
     };
     (0..count)
         .map(|_| {
             f = f.next();
-            f.to_string()
+            WalFileName::Segment(f)
         })
         .collect()
 }
@@ -155,8 +164,8 @@ pub fn following_segments(name: &str, seg_bytes: u64, count: usize) -> Vec<Strin
 pub async fn prefetch(
     repo: &Repository,
     stanza: &str,
-    after: &str,
-    names: &[String],
+    after: &WalFileName,
+    names: &[WalFileName],
     spool: &Path,
     parallel: usize,
 ) -> Result<usize, RestoreError> {
@@ -164,24 +173,32 @@ pub async fn prefetch(
     let Some(_guard) = lock_spool(spool, false)? else {
         return Ok(0); // another prefetcher is at work
     };
-    // replay has passed these
-    if let Ok(entries) = std::fs::read_dir(spool) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.len() == 24 && n[..8] == after[..8.min(after.len())] && n.as_str() <= after {
-                let _ = std::fs::remove_file(e.path());
+    // replay has passed these: segments of the same timeline up to `after`
+    if let WalFileName::Segment(last) = after {
+        if let Ok(entries) = std::fs::read_dir(spool) {
+            for e in entries.flatten() {
+                let passed = e.file_name().to_str().is_some_and(|n| {
+                    matches!(WalFileName::parse(n, last.seg_size),
+                        Ok(WalFileName::Segment(f)) if f.timeline == last.timeline && f.segno <= last.segno)
+                });
+                if passed {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }
     let paths = StanzaPaths::new(stanza);
-    let wanted: Vec<&String> = names.iter().filter(|n| !spool.join(n).exists()).collect();
+    let wanted: Vec<&WalFileName> = names
+        .iter()
+        .filter(|n| !spool.join(n.to_string()).exists())
+        .collect();
     let results: Vec<Result<bool, RestoreError>> = futures::stream::iter(wanted)
         .map(|n| {
             let paths = &paths;
             async move {
                 match repo.load_wal(paths, n).await? {
                     Some(data) => {
-                        write_atomic(&spool.join(n), &data)?;
+                        write_atomic(&spool.join(n.to_string()), &data)?;
                         Ok(true)
                     }
                     None => Ok(false),
@@ -217,17 +234,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (spool, dest) = (d.path().join("spool"), d.path().join("RECOVERYXLOG"));
         std::fs::create_dir(&spool).unwrap();
-        let name = "000000010000000000000003";
+        let name = WalFileName::parse_any_size("000000010000000000000003").unwrap();
         let held = hold_lock(&spool);
         assert!(spool_busy(&spool));
         let s2 = spool.clone();
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            write_atomic(&s2.join(name), b"segment").unwrap();
+            write_atomic(&s2.join(name.to_string()), b"segment").unwrap();
             std::thread::sleep(Duration::from_millis(100));
             drop(held);
         });
-        let got = from_busy_spool(name, &dest, &spool, Duration::from_secs(10))
+        let got = from_busy_spool(&name, &dest, &spool, Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(got, Some(7));
@@ -236,7 +253,7 @@ mod tests {
         assert!(!spool_busy(&spool));
         // free lock and no file: no wait
         let t = Instant::now();
-        let missing = from_busy_spool(name, &dest, &spool, Duration::from_secs(10));
+        let missing = from_busy_spool(&name, &dest, &spool, Duration::from_secs(10));
         assert_eq!(missing.await.unwrap(), None);
         assert!(t.elapsed() < Duration::from_secs(5));
     }
@@ -251,7 +268,7 @@ mod tests {
         let _held = hold_lock(&spool);
         let t = Instant::now();
         let got = from_busy_spool(
-            "00000002.history",
+            &WalFileName::parse_any_size("00000002.history").unwrap(),
             &d.path().join("x"),
             &spool,
             Duration::from_secs(10),

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 
 use crate::archive::catalog::WalCatalog;
 use crate::archive::ArchiveError;
-use crate::pg::{Lsn, TimelineId, WalSegSize};
-use crate::repo::{Manifest, Repository, StanzaPaths};
+use crate::pg::{Lsn, ParseError, SegmentNo, TimelineId, WalFileName, WalSegSize};
+use crate::repo::{Manifest, RepoError, Repository, StanzaPaths};
 use crate::wal::history::TimelinePath;
 
 /// Where recovery should stop.
@@ -54,23 +54,142 @@ pub enum TimelineChoice {
     /// The chosen backup's timeline.
     Current,
     /// This timeline.
-    Id(u32),
+    Id(TimelineId),
 }
 
 impl std::str::FromStr for TimelineChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<TimelineChoice, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<TimelineChoice, ParseError> {
         match s {
             "latest" => Ok(TimelineChoice::Latest),
             "current" => Ok(TimelineChoice::Current),
-            n => n
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .map(TimelineChoice::Id)
-                .ok_or_else(|| format!("{s:?}: expected latest, current or a timeline number")),
+            n => n.parse().map(TimelineChoice::Id).map_err(|_| {
+                ParseError::new(
+                    "timeline",
+                    s,
+                    "expected latest, current or a timeline number from 1",
+                )
+            }),
         }
     }
+}
+
+/// Why a recovery cannot be planned: refused before anything is written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// Reading the archive failed.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// Reading the repository failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// The stanza has no backup.
+    #[error("stanza {stanza} has no backups: nothing to recover from")]
+    NoBackups {
+        /// The stanza.
+        stanza: String,
+    },
+    /// `--backup` names no backup of the stanza.
+    #[error("no backup {id} in stanza {stanza}")]
+    NoSuchBackup {
+        /// The id asked for.
+        id: String,
+        /// The stanza.
+        stanza: String,
+    },
+    /// No backup lies on the timeline path to the target's timeline.
+    #[error("no backup lies on the path to timeline {timeline}")]
+    NoBackupOnPath {
+        /// The target timeline.
+        timeline: TimelineId,
+    },
+    /// A time target after the last archived transaction end.
+    #[error(
+        "target {} is after the last archived transaction end at {} — the archive ends there; \
+         use --latest or an earlier target", target.to_rfc3339(), last.to_rfc3339()
+    )]
+    AfterLastTransaction {
+        /// The target time.
+        target: DateTime<Utc>,
+        /// The last transaction end in the archive.
+        last: DateTime<Utc>,
+    },
+    /// A time target, but the archive holds no transaction end at all.
+    #[error(
+        "the archived WAL holds no transaction after the backups; use --latest or --immediate"
+    )]
+    NoTransactions,
+    /// An xid target with no commit or abort in the archive.
+    #[error(
+        "transaction {xid} has no commit or abort in the archived WAL after the first backup \
+         (still running, or a wrong xid); `walvault wal-inspect` lists transactions"
+    )]
+    UnknownXid {
+        /// The transaction.
+        xid: u32,
+    },
+    /// A name target with no such restore point in the archive.
+    #[error("no restore point named {name:?} in the archived WAL after the first backup")]
+    UnknownRestorePoint {
+        /// The name.
+        name: String,
+    },
+    /// The backup asked for cannot reach the target.
+    #[error(
+        "backup {id} cannot reach {target}: it becomes consistent at {stop_lsn} ({stop_time}) \
+         on timeline {timeline}, which is {why}"
+    )]
+    BackupCannotReach {
+        /// The backup.
+        id: String,
+        /// The target.
+        target: Target,
+        /// Where the backup becomes consistent.
+        stop_lsn: Lsn,
+        /// When (RFC 3339).
+        stop_time: String,
+        /// Its timeline.
+        timeline: TimelineId,
+        /// "after the target" or "not on the path to timeline N".
+        why: String,
+    },
+    /// The target lies before every usable backup's consistency point.
+    #[error(
+        "{target} is before the first usable backup {id} became consistent ({stop_time} at {stop_lsn}): \
+         no backup can restore to it"
+    )]
+    BeforeFirstBackup {
+        /// The target.
+        target: Target,
+        /// The first backup on the path.
+        id: String,
+        /// When it became consistent (RFC 3339).
+        stop_time: String,
+        /// Where.
+        stop_lsn: Lsn,
+    },
+    /// The target lies past the newest archived WAL.
+    #[error(
+        "{target} is beyond the archive: the newest WAL on the path to timeline {timeline} is {} — \
+         use --latest or an earlier target", newest.map(|n| n.to_string()).unwrap_or_else(|| "nothing".into())
+    )]
+    BeyondArchive {
+        /// The target.
+        target: Target,
+        /// The target timeline.
+        timeline: TimelineId,
+        /// The newest WAL file on the path, if any.
+        newest: Option<WalFileName>,
+    },
+    /// A segment recovery must replay is missing.
+    #[error(
+        "WAL segment {segment} is not in the repository, and recovery must pass through it; \
+         `walvault wal-verify` lists every gap — choose a target before it or a backup after it"
+    )]
+    MissingSegment {
+        /// The missing segment.
+        segment: WalFileName,
+    },
 }
 
 /// Where a time, xid or name target lies in the archived WAL.
@@ -89,7 +208,7 @@ pub fn locate(
     target: &Target,
     exclusive: bool,
     sums: &[crate::wal::summary::SegmentSummary],
-) -> Result<ResolvedTarget, ArchiveError> {
+) -> Result<ResolvedTarget, PlanError> {
     let xacts = || sums.iter().flat_map(|s| s.xacts.iter());
     let found = |lsn: Lsn, end: Lsn| ResolvedTarget {
         record_lsn: Some(lsn),
@@ -109,37 +228,28 @@ pub fn locate(
             });
             match stop {
                 Some(x) => Ok(found(x.lsn, x.end)),
-                None => {
-                    let last = xacts().map(|x| x.xact.time).max();
-                    Err(refuse(match last {
-                        Some(l) => format!(
-                            "target {} is after the last archived transaction end at {} — the archive ends there; use --latest or an earlier target",
-                            t.to_rfc3339(),
-                            crate::wal::records::pg_time(l).map(|t| t.to_rfc3339()).unwrap_or_default()
-                        ),
-                        None => "the archived WAL holds no transaction after the backups; use --latest or --immediate".into(),
-                    }))
-                }
+                None => Err(
+                    match xacts()
+                        .map(|x| x.xact.time)
+                        .max()
+                        .and_then(crate::wal::records::pg_time)
+                    {
+                        Some(last) => PlanError::AfterLastTransaction { target: *t, last },
+                        None => PlanError::NoTransactions,
+                    },
+                ),
             }
         }
         Target::Xid(x) => xacts()
             .find(|e| e.xact.xid == *x)
             .map(|e| found(e.lsn, e.end))
-            .ok_or_else(|| {
-                refuse(format!(
-                    "transaction {x} has no commit or abort in the archived WAL after the first backup (still running, or a wrong xid); `walvault wal-inspect` lists transactions"
-                ))
-            }),
+            .ok_or(PlanError::UnknownXid { xid: *x }),
         Target::Name(n) => sums
             .iter()
             .flat_map(|s| s.restore_points.iter())
             .rfind(|r| &r.name == n)
             .map(|r| found(r.lsn, r.end))
-            .ok_or_else(|| {
-                refuse(format!(
-                    "no restore point named {n:?} in the archived WAL after the first backup"
-                ))
-            }),
+            .ok_or_else(|| PlanError::UnknownRestorePoint { name: n.clone() }),
         _ => Ok(ResolvedTarget {
             record_lsn: None,
             end_lsn: None,
@@ -157,9 +267,9 @@ pub struct PitrPlan {
     /// Stop just before the target instead of just after.
     pub exclusive: bool,
     /// Timeline recovery follows.
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// WAL files to fetch, in replay order (the last may be a `.partial`).
-    pub segments: Vec<String>,
+    pub segments: Vec<WalFileName>,
     /// Segment size.
     pub seg: WalSegSize,
     /// Bytes of the backup's files.
@@ -173,11 +283,6 @@ impl PitrPlan {
     }
 }
 
-/// Why a target cannot be reached (refused before anything is written).
-fn refuse(msg: String) -> ArchiveError {
-    ArchiveError::Permanent(msg)
-}
-
 /// Plan a recovery to `target` (time, xid and name targets are located in
 /// the archived WAL through the segment summaries).
 pub async fn plan(
@@ -187,24 +292,23 @@ pub async fn plan(
     exclusive: bool,
     timeline: TimelineChoice,
     backup_id: Option<&str>,
-) -> Result<PitrPlan, ArchiveError> {
+) -> Result<PitrPlan, PlanError> {
     let paths = StanzaPaths::new(stanza);
     let backups = Manifest::load_all(repo, &paths).await?;
     let Some(newest) = backups.last() else {
-        return Err(refuse(format!(
-            "stanza {stanza} has no backups: nothing to recover from"
-        )));
+        return Err(PlanError::NoBackups {
+            stanza: stanza.to_owned(),
+        });
     };
-    let seg = WalSegSize::new(u64::from(newest.wal_segment_size))
-        .map_err(|e| refuse(format!("backup {}: {e}", newest.id)))?;
+    let seg = newest.wal_segment_size;
     let cat = WalCatalog::load(repo, &paths, seg).await?;
     let requested: Option<&Manifest> = match backup_id {
-        Some(id) if id != "latest" => Some(
-            backups
-                .iter()
-                .find(|b| b.id == id)
-                .ok_or_else(|| refuse(format!("no backup {id} in stanza {stanza}")))?,
-        ),
+        Some(id) if id != "latest" => Some(backups.iter().find(|b| b.id == id).ok_or_else(
+            || PlanError::NoSuchBackup {
+                id: id.to_owned(),
+                stanza: stanza.to_owned(),
+            },
+        )?),
         _ => None,
     };
     let tli = match timeline {
@@ -213,15 +317,10 @@ pub async fn plan(
         TimelineChoice::Id(n) => n,
     };
     let path = cat.path_to(tli)?;
-    let on_path = |b: &Manifest| {
-        path.contains(
-            TimelineId::new(b.timeline).unwrap_or(TimelineId::FIRST),
-            Lsn(b.start_lsn),
-        )
-    };
+    let on_path = |b: &Manifest| path.contains(b.timeline, b.start_lsn);
 
     // the LSN the WAL must reach, and the latest consistency point allowed
-    let archive_end_seg = cat.newest_segment(path.last().get());
+    let archive_end_seg = cat.newest_segment(path.last());
     let (need_until, stop_before): (Option<Lsn>, Option<Lsn>) = match target {
         Target::Lsn(l) => (Some(*l), Some(*l)),
         Target::Immediate | Target::Latest => (None, None),
@@ -229,13 +328,14 @@ pub async fn plan(
             let first = backups
                 .iter()
                 .filter(|b| on_path(b))
-                .map(|b| Lsn(b.start_lsn).segment(seg).0)
+                .map(|b| b.start_lsn.segment(seg))
                 .min()
-                .ok_or_else(|| refuse(format!("no backup lies on the path to timeline {tli}")))?;
+                .ok_or(PlanError::NoBackupOnPath { timeline: tli })?;
             // what the archive holds from there (a gap only matters if it
             // lies between the chosen backup and the target: checked below)
-            let names: Vec<String> = (first..=archive_end_seg.unwrap_or(first))
-                .filter_map(|s| cat.stored_name(s, path.timeline_of(crate::pg::SegmentNo(s)).get()))
+            let names: Vec<WalFileName> = (first.0..=archive_end_seg.unwrap_or(first).0)
+                .map(SegmentNo)
+                .filter_map(|s| cat.stored_name(s, path.timeline_of(s)))
                 .collect();
             let sums = crate::archive::summaries::load_path(repo, &paths, &names, 16).await?;
             let r = locate(target, exclusive, &sums)?;
@@ -246,54 +346,58 @@ pub async fn plan(
         on_path(b)
             && match (target, stop_before) {
                 (Target::Time(t), _) => b.stop_time <= t.timestamp_micros(),
-                (_, Some(l)) => Lsn(b.stop_lsn) <= l,
+                (_, Some(l)) => b.stop_lsn <= l,
                 _ => true,
             }
     };
     let backup = match requested {
         Some(b) => {
             if !fits(b) {
-                return Err(refuse(format!(
-                    "backup {} cannot reach {target}: it becomes consistent at {} ({}) on timeline {}, which is {}",
-                    b.id,
-                    Lsn(b.stop_lsn),
-                    micros_to_text(b.stop_time),
-                    b.timeline,
-                    if on_path(b) { "after the target".to_owned() } else { format!("not on the path to timeline {tli}") }
-                )));
+                return Err(PlanError::BackupCannotReach {
+                    id: b.id.clone(),
+                    target: target.clone(),
+                    stop_lsn: b.stop_lsn,
+                    stop_time: micros_to_text(b.stop_time),
+                    timeline: b.timeline,
+                    why: if on_path(b) {
+                        "after the target".to_owned()
+                    } else {
+                        format!("not on the path to timeline {tli}")
+                    },
+                });
             }
             b.clone()
         }
         None => match backups.iter().rev().find(|b| fits(b)) {
             Some(b) => b.clone(),
             None => {
-                let first = backups.iter().find(|b| on_path(b));
-                return Err(refuse(match first {
-                    Some(f) => format!(
-                        "{target} is before the first usable backup {} became consistent ({} at {}): no backup can restore to it",
-                        f.id,
-                        micros_to_text(f.stop_time),
-                        Lsn(f.stop_lsn)
-                    ),
-                    None => format!("no backup lies on the path to timeline {tli}"),
-                }));
+                return Err(match backups.iter().find(|b| on_path(b)) {
+                    Some(f) => PlanError::BeforeFirstBackup {
+                        target: target.clone(),
+                        id: f.id.clone(),
+                        stop_time: micros_to_text(f.stop_time),
+                        stop_lsn: f.stop_lsn,
+                    },
+                    None => PlanError::NoBackupOnPath { timeline: tli },
+                });
             }
         },
     };
 
     // the segments, from the backup's start through the target (or the end)
-    let first = Lsn(backup.start_lsn).segment(seg).0;
+    let first = backup.start_lsn.segment(seg);
     let last = match (target, need_until) {
-        (Target::Immediate, _) => Lsn(backup.stop_lsn).segment(seg).0,
-        (_, Some(l)) => l.segment(seg).0,
+        (Target::Immediate, _) => backup.stop_lsn.segment(seg),
+        (_, Some(l)) => l.segment(seg),
         _ => archive_end_seg.unwrap_or(first),
     };
-    let end_seg = archive_end_seg.unwrap_or(0);
+    let end_seg = archive_end_seg.unwrap_or(SegmentNo(0));
     if last > end_seg && !matches!(target, Target::Immediate) {
-        return Err(refuse(format!(
-            "{target} is beyond the archive: the newest WAL on the path to timeline {tli} is {} — use --latest or an earlier target",
-            archive_end_seg.map(|s| cat.name(s, path.last().get())).unwrap_or_else(|| "nothing".into())
-        )));
+        return Err(PlanError::BeyondArchive {
+            target: target.clone(),
+            timeline: tli,
+            newest: archive_end_seg.map(|s| WalFileName::Segment(cat.segment(s, path.last()))),
+        });
     }
     let segments = segments_between(&cat, &path, first, last)?;
     Ok(PitrPlan {
@@ -317,24 +421,18 @@ pub async fn plan(
 fn segments_between(
     cat: &WalCatalog,
     path: &TimelinePath,
-    first: u64,
-    last: u64,
-) -> Result<Vec<String>, ArchiveError> {
-    let mut out = Vec::new();
-    for s in first..=last {
-        let t = path.timeline_of(crate::pg::SegmentNo(s)).get();
-        match cat.stored_name(s, t) {
-            Some(n) => out.push(n),
-            None => {
-                return Err(refuse(format!(
-                    "WAL segment {} is not in the repository, and recovery must pass through it; \
-                     `walvault wal-verify` lists every gap — choose a target before it or a backup after it",
-                    cat.name(s, t)
-                )))
-            }
-        }
-    }
-    Ok(out)
+    first: SegmentNo,
+    last: SegmentNo,
+) -> Result<Vec<WalFileName>, PlanError> {
+    (first.0..=last.0)
+        .map(SegmentNo)
+        .map(|s| {
+            let t = path.timeline_of(s);
+            cat.stored_name(s, t).ok_or(PlanError::MissingSegment {
+                segment: WalFileName::Segment(cat.segment(s, t)),
+            })
+        })
+        .collect()
 }
 
 /// A backup time (µs since the Unix epoch) as RFC 3339.
@@ -443,7 +541,7 @@ mod tests {
         assert!("latest".parse::<TimelineChoice>().is_ok());
         assert_eq!(
             "3".parse::<TimelineChoice>().unwrap(),
-            TimelineChoice::Id(3)
+            TimelineChoice::Id(TimelineId::new(3).unwrap())
         );
         assert!("0".parse::<TimelineChoice>().is_err());
     }

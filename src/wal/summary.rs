@@ -11,10 +11,15 @@ use serde::{Deserialize, Serialize};
 
 use super::decode::{DecodeError, Next, WalReader};
 use super::records::{interpret, RecordKind, XactEnd};
-use crate::pg::{Lsn, SegmentNo, WalSegSize};
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalSegSize};
 
-/// Format version of [`SegmentSummary`].
-pub const SUMMARY_VERSION: u32 = 2;
+/// Format version of [`SegmentSummary`] this build writes. Version 3 has
+/// version 2's layout with PostgreSQL types (timeline, segment number and
+/// size) checked when read.
+pub const SUMMARY_VERSION: u32 = 3;
+/// The oldest summary version this build reads (older ones are recomputed
+/// from the WAL).
+pub const SUMMARY_OLDEST: u32 = 2;
 /// Most WAL bytes a summary carries to decode a record that crosses into
 /// the next segment (commits, aborts and restore points are far smaller).
 pub const MAX_CARRY: usize = 1 << 20;
@@ -51,11 +56,11 @@ pub struct SegmentSummary {
     /// [`SUMMARY_VERSION`].
     pub version: u32,
     /// Timeline.
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Segment number.
-    pub segno: u64,
-    /// Segment size, bytes.
-    pub seg_size: u64,
+    pub segno: SegmentNo,
+    /// Segment size.
+    pub seg_size: WalSegSize,
     /// PostgreSQL major of the WAL (from the page magic).
     pub major: Option<u32>,
     /// Records that start here.
@@ -75,7 +80,7 @@ pub struct SegmentSummary {
     /// Ends with XLOG_SWITCH.
     pub switch: bool,
     /// End-of-recovery records: (LSN, new timeline).
-    pub end_of_recovery: Vec<(Lsn, u32)>,
+    pub end_of_recovery: Vec<(Lsn, TimelineId)>,
     /// A record starts here but its end was not given.
     pub trailing_incomplete: Option<Lsn>,
     /// When a record continues into the next segment: the WAL from the start
@@ -115,7 +120,11 @@ impl SegmentSummary {
             RecordKind::Checkpoint { .. } => self.checkpoints.push(rec.lsn),
             RecordKind::Switch => self.switch = true,
             RecordKind::EndOfRecovery { timeline, .. } => {
-                self.end_of_recovery.push((rec.lsn, timeline))
+                let tli = TimelineId::new(timeline).ok_or_else(|| DecodeError::Malformed {
+                    lsn: rec.lsn,
+                    reason: "end-of-recovery record names timeline 0".to_owned(),
+                })?;
+                self.end_of_recovery.push((rec.lsn, tli))
             }
             _ => {}
         }
@@ -129,9 +138,7 @@ impl SegmentSummary {
         let (Some(at), Some((page, tail))) = (self.trailing_incomplete, self.tail.clone()) else {
             return;
         };
-        let Ok(seg) = WalSegSize::new(self.seg_size) else {
-            return;
-        };
+        let seg = self.seg_size;
         // the reader starts on the record; its buffer starts at `page`
         debug_assert_eq!(page.0, at.0 - at.0 % super::decode::PAGE);
         let mut r = WalReader::new(at, seg);
@@ -169,7 +176,7 @@ impl SegmentSummary {
 pub fn summarize(
     data: &[u8],
     next: Option<&[u8]>,
-    tli: u32,
+    tli: TimelineId,
     segno: SegmentNo,
     seg: WalSegSize,
 ) -> SegmentSummary {
@@ -205,14 +212,14 @@ pub struct Summarizer {
 
 impl Summarizer {
     /// A summarizer for segment `segno` of `tli`, `len` bytes long.
-    pub fn new(len: usize, tli: u32, segno: SegmentNo, seg: WalSegSize) -> Summarizer {
+    pub fn new(len: usize, tli: TimelineId, segno: SegmentNo, seg: WalSegSize) -> Summarizer {
         let start = segno.start_lsn(seg).unwrap_or_default();
         Summarizer {
             s: SegmentSummary {
                 version: SUMMARY_VERSION,
                 timeline: tli,
-                segno: segno.0,
-                seg_size: seg.bytes(),
+                segno,
+                seg_size: seg,
                 major: None,
                 records: 0,
                 first_lsn: None,

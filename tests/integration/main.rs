@@ -10,6 +10,7 @@ mod cli_repo;
 mod cli_storage;
 mod full_disk;
 mod harness;
+mod old_format;
 mod pg_client;
 mod pitr;
 mod repo;

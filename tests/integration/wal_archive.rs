@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use walvault::pg::Lsn;
+use walvault::pg::{Lsn, WalFileName, WalSegSize};
 
 use crate::support::pg::{PgCluster, PgOptions, StopMode};
 use crate::support::stream::StreamFiles;
@@ -113,6 +113,11 @@ impl Drop for Streamer {
     }
 }
 
+/// A WAL file name of a 16 MiB-segment cluster.
+fn wal_name(name: &str) -> WalFileName {
+    WalFileName::parse(name, WalSegSize::DEFAULT).unwrap()
+}
+
 fn lsn(c: &PgCluster, sql: &str) -> Lsn {
     c.psql(sql).parse().unwrap()
 }
@@ -125,12 +130,15 @@ async fn assert_repo_matches_server(repo_dir: &Path, c: &PgCluster, from: &str, 
         .await
         .unwrap();
     let paths = walvault::repo::StanzaPaths::new("main");
+    let tli = wal_name(from).timeline();
     let names: Vec<String> = repo
-        .list_wal(&paths, &from[..8])
+        .list_wal(&paths, tli, WalSegSize::DEFAULT)
         .await
         .unwrap()
         .into_iter()
-        .filter(|n| n.len() == 24 && n.as_str() >= from && n.as_str() <= through)
+        .filter(|n| matches!(n, WalFileName::Segment(_)))
+        .map(|n| n.to_string())
+        .filter(|n| n.as_str() >= from && n.as_str() <= through)
         .collect();
     let expected: Vec<String> = {
         let first = u64::from_str_radix(&from[8..], 16).unwrap();
@@ -143,7 +151,7 @@ async fn assert_repo_matches_server(repo_dir: &Path, c: &PgCluster, from: &str, 
     };
     assert_eq!(names, expected, "the repository's segments have a gap");
     for n in &names {
-        let ours = repo.load_wal(&paths, n).await.unwrap().unwrap();
+        let ours = repo.load_wal(&paths, &wal_name(n)).await.unwrap().unwrap();
         let theirs = std::fs::read(c.datadir.join("pg_wal").join(n)).unwrap();
         assert!(
             ours[..] == theirs[..],
@@ -223,7 +231,10 @@ async fn stream_survives_kill9_and_server_restart() {
             dest.to_str().unwrap(),
         ],
     ));
-    let next: Vec<String> = walvault::restore::fetch::following_segments(&first_seg, 16 << 20, 3);
+    let next: Vec<String> = walvault::restore::fetch::following_segments(&wal_name(&first_seg), 3)
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
     let spool = pg_wal.join("walvault-spool");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !next.iter().all(|n| spool.join(n).exists()) {
@@ -271,9 +282,10 @@ async fn stream_survives_kill9_and_server_restart() {
             .await
             .unwrap();
         let paths = walvault::repo::StanzaPaths::new("main");
-        let mut bytes = r.load_wal(&paths, victim).await.unwrap().unwrap().to_vec();
+        let victim = wal_name(victim);
+        let mut bytes = r.load_wal(&paths, &victim).await.unwrap().unwrap().to_vec();
         bytes[(5 << 20) + 4000] ^= 0x01;
-        r.store_wal(&paths, victim, bytes).await.unwrap();
+        r.store_wal(&paths, &victim, bytes).await.unwrap();
     }
     let out = walvault(&repo, &["wal-verify"]);
     assert!(!out.status.success());
@@ -440,10 +452,13 @@ async fn synchronous_stream_holds_every_acknowledged_commit() {
             .await
             .unwrap();
         let paths = walvault::repo::StanzaPaths::new("main");
-        let name = c.psql(&format!("SELECT pg_walfile_name('{acked}')"));
+        let name = wal_name(&c.psql(&format!("SELECT pg_walfile_name('{acked}')")));
         let off = (acked.0 % (16 << 20)) as usize;
+        let WalFileName::Segment(file) = name else {
+            panic!("{name} is not a segment")
+        };
         let stored = match repo_h
-            .load_wal(&paths, &format!("{name}.partial"))
+            .load_wal(&paths, &WalFileName::Partial(file))
             .await
             .unwrap()
         {
@@ -454,7 +469,7 @@ async fn synchronous_stream_holds_every_acknowledged_commit() {
                 .unwrap()
                 .expect("no WAL for the commit"),
         };
-        let server = std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
+        let server = std::fs::read(c.datadir.join("pg_wal").join(name.to_string())).unwrap();
         assert!(
             stored[..off] == server[..off],
             "commit {i}: WAL up to the acknowledged {acked} is not in the repository"

@@ -231,7 +231,13 @@ fn check_against_waldump(opts: PgOptions) {
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            walvault::wal::summary::summarize(d, None, 1, SegmentNo(first_segno + i as u64), seg)
+            walvault::wal::summary::summarize(
+                d,
+                None,
+                walvault::pg::TimelineId::FIRST,
+                SegmentNo(first_segno + i as u64),
+                seg,
+            )
         })
         .collect();
     for i in 0..sums.len().saturating_sub(1) {
@@ -271,9 +277,15 @@ fn check_against_waldump(opts: PgOptions) {
     // wal-push reads them) equal those of whole segments
     for (i, d) in segs.iter().enumerate() {
         let segno = SegmentNo(first_segno + i as u64);
-        let whole = walvault::wal::summary::summarize(d, None, 1, segno, seg);
+        let whole =
+            walvault::wal::summary::summarize(d, None, walvault::pg::TimelineId::FIRST, segno, seg);
         for piece in [8192, 3 * 8192, 1 << 20, 3 << 20] {
-            let mut s = walvault::wal::summary::Summarizer::new(d.len(), 1, segno, seg);
+            let mut s = walvault::wal::summary::Summarizer::new(
+                d.len(),
+                walvault::pg::TimelineId::FIRST,
+                segno,
+                seg,
+            );
             let mut pages = walvault::wal::verify::PageChecker::new(segno, seg).unwrap();
             for p in d.chunks(piece) {
                 s.push(p);
