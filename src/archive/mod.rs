@@ -1,5 +1,10 @@
-//! Continuous WAL archiving: `walvault stream` (replication protocol, RPO of
-//! seconds or zero) and `walvault wal-push` (`archive_command`).
+//! Continuous WAL archiving: `walvault stream` ([`stream`]: replication
+//! protocol through a slot, RPO of seconds or zero), `walvault wal-push`
+//! ([`push`], [`push_async`]: `archive_command`) and `walvault wal-verify`
+//! ([`verify`]: the archive is continuous and intact). Also the stanza's WAL
+//! as data, which backup and restore use too: [`catalog`] (what segments and
+//! histories are stored) and [`summaries`] (segment summaries in the
+//! repository).
 
 pub mod catalog;
 pub mod push;

@@ -1,5 +1,7 @@
-//! Base backups: the BASE_BACKUP tar streams, parsed into files and fed to
-//! the repository's block pipeline.
+//! Base backups: BASE_BACKUP's tar streams ([`stream`], [`tar`]) parsed into
+//! files and fed to the repository's block pipeline ([`files`],
+//! [`store_base_backup`]); [`run_backup`] adds the backup's own WAL, streamed
+//! through a temporary slot, and writes the manifest last.
 
 pub mod files;
 mod run;

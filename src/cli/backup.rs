@@ -1,4 +1,5 @@
-//! `walvault backup`, `walvault list`, `walvault restore`, `walvault wal-fetch`.
+//! `walvault backup`, `walvault list`, `walvault info`, `walvault restore`,
+//! `walvault wal-fetch`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

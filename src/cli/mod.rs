@@ -1,6 +1,13 @@
 //! The `walvault` command line: global options, the config file, logging, and
-//! one module per command. Commands are thin: they parse options, call the
-//! library, and print.
+//! one module per command or close group of commands.
+//!
+//! Most commands are options → one library call → printing. Exceptions, to
+//! move into the library: `restore-pitr` still orchestrates restore, WAL
+//! staging, recovery settings and the server run here (`pitr.rs`,
+//! `pitr_start.rs`; planned to move into `restore/`), `wal-inspect` searches
+//! the summaries in `inspect.rs`, and `wal-push --async` and `wal-fetch`
+//! spawn their background processes here. The library never prints; this
+//! module (and `main.rs`) does.
 
 mod backup;
 mod config;

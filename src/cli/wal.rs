@@ -1,4 +1,5 @@
-//! `walvault stream`, `walvault wal-push`.
+//! `walvault stream`, `walvault wal-push` (and the `--async` background
+//! process), `walvault wal-verify`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

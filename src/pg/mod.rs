@@ -1,13 +1,18 @@
-//! PostgreSQL quantities and (in later layers) the replication protocol.
-//!
-//! The replication client lives here too: connection parameters
-//! ([`ConnParams`]), the sans-IO backend message parser ([`wire`]), the async
-//! connection ([`PgConnection`]) and the replication commands.
+//! PostgreSQL quantities and the replication client.
 //!
 //! Every number PostgreSQL gives walvault gets a newtype here so that a byte
 //! offset can never be mistaken for a segment number or a timeline: [`Lsn`],
 //! [`TimelineId`], [`SegmentNo`], [`WalSegSize`], [`SystemId`] and the parsed
 //! WAL file names in [`WalFileName`].
+//!
+//! The client speaks the protocol itself (no libpq): connection parameters
+//! ([`ConnParams`]: conninfo, URL, `PG*` environment, `~/.pgpass`), the
+//! sans-IO backend message parser ([`wire`]), the async connection
+//! ([`PgConnection`]: TLS per `sslmode`, password/MD5/SCRAM authentication,
+//! simple queries, COPY streams) and the replication commands
+//! (IDENTIFY_SYSTEM, slots, timeline history). [`checksum`] computes data
+//! page checksums as the server does. Nothing here depends on another
+//! walvault module.
 
 pub mod checksum;
 mod conn;

@@ -11,7 +11,8 @@
 //!   unreferenced data, never a manifest pointing at a missing block;
 //! - packs are immutable; names are random or content-derived, never reused,
 //!   so nothing depends on conditional writes;
-//! - every read is verified (AEAD tag, or hash in unencrypted repositories).
+//! - every read is verified: AEAD tag when encrypted; otherwise a SHA-256
+//!   digest (objects) or a CRC-32C of id and bytes (blobs).
 
 mod config;
 pub mod gc;

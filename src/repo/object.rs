@@ -4,7 +4,7 @@
 //! 0   magic "WVLT"
 //! 4   format version (u8, currently 1)
 //! 5   kind (u8, ObjectKind)
-//! 6   compression of the body (u8: 0 none, 1 lz4, 2 zstd)
+//! 6   compression of the body (u8: 0 none, 1 lz4, 2 zstd, 3 lz4 chunks)
 //! 7   flags (u8: bit 0 = encrypted)
 //! 8   body length before compression (u64 LE)
 //! 16  payload

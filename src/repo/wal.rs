@@ -1,7 +1,8 @@
 //! WAL files in the repository: `<stanza>/wal/<timeline>/<file name>`, one
-//! envelope (kind 8, LZ4, encrypted when the repository is) per segment,
-//! `.partial` segment, or `.history` file. The object name is bound into the
-//! tag or checksum, so a segment stored under another name never verifies.
+//! envelope (kind 8; LZ4, or LZ4 chunks from `wal-push`; encrypted when the
+//! repository is) per segment, `.partial` segment, or `.history` file. The
+//! object name is bound into the tag or checksum, so a segment stored under
+//! another name never verifies.
 
 use bytes::Bytes;
 

@@ -1,7 +1,13 @@
-//! Restoring a backup into a data directory: files in parallel, every block
-//! verified on read; directories, modes, modification times and tablespace
-//! links recreated; recovery configured so the directory starts, fetches the
-//! backup's WAL from the repository and becomes consistent with nothing else.
+//! Restoring a backup into a data directory ([`restore`]): files in parallel,
+//! every block verified on read; directories, modes, modification times and
+//! tablespace links recreated; recovery configured so the directory starts,
+//! fetches the backup's WAL from the repository and becomes consistent with
+//! nothing else.
+//!
+//! Also what recovery needs afterwards: [`fetch`] (`wal-fetch` and its
+//! spool), [`pitr`] (point-in-time recovery planning), [`recovery`] (the
+//! settings in `postgresql.auto.conf`) and [`rates`] (measured recovery
+//! rates for estimates).
 
 use std::collections::HashMap;
 
