@@ -45,8 +45,10 @@ pub struct Cli {
 }
 
 /// Options every command takes; each can also come from the environment and,
-/// under the same name, from walvault.toml.
+/// under the same name, from walvault.toml. `--help` lists them under their
+/// own heading, after the command's own options.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Repository location: a directory, file:///path, or s3://bucket/prefix.
     #[arg(long, env = "WALVAULT_REPO", global = true)]
@@ -186,11 +188,19 @@ fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
         .unwrap_or_else(|| EnvFilter::new(format!("warn,walvault={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     let _ = match settings.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.with_target(false).try_init(),
     };
+}
+
+/// Whether log lines may carry ANSI colours: only on a terminal, and never
+/// when `NO_COLOR` is set to anything but the empty string (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// An error and its causes on one line, each cause once: errors that
@@ -221,6 +231,25 @@ pub(crate) fn incomplete(e: &anyhow::Error, dir: &std::path::Path, remedy: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    /// `CMD --help` lists the command's own options first and the global
+    /// ones under their own heading after them.
+    #[test]
+    fn global_options_have_their_own_heading_after_the_commands() {
+        let mut cli = Cli::command();
+        cli.build();
+        let help = cli
+            .find_subcommand_mut("restore-pitr")
+            .expect("restore-pitr")
+            .render_long_help()
+            .to_string();
+        let at = |s: &str| help.find(s).unwrap_or_else(|| panic!("{s} not in:\n{help}"));
+        assert!(at("--target-time") < at("Global options:"), "{help}");
+        assert!(at("--json") < at("Global options:"), "{help}");
+        assert!(at("Global options:") < at("--repo"), "{help}");
+        assert!(at("Global options:") < at("--key-file"), "{help}");
+    }
 
     #[test]
     fn one_line_names_each_cause_once() {
