@@ -47,8 +47,7 @@ pub async fn store_computed(
         return;
     };
     let r = async {
-        let body = postcard::to_stdvec(s)
-            .map_err(|e| RepoError::Invalid(format!("encoding the summary: {e}")))?;
+        let body = postcard::to_stdvec(s).map_err(RepoError::encode("a WAL summary"))?;
         let k = key(paths, &f);
         repo.storage()
             .put(&k, repo.seal(ObjectKind::WalSummary, &k, &body))

@@ -105,7 +105,7 @@ impl<'s> FileAssembler<'s> {
     fn queue(&mut self, block: Bytes) -> Result<(), RepoError> {
         let file = self
             .current
-            .ok_or_else(|| RepoError::Invalid("archive data outside of any file".into()))?;
+            .ok_or_else(|| RepoError::MalformedInput("archive data outside of any file"))?;
         let slot = self.pending_ids[file].len();
         self.pending_ids[file].push(None);
         self.batch.push((file, slot, block));
@@ -130,14 +130,14 @@ impl<'s> FileAssembler<'s> {
     /// Store what is left and return the files, in archive order.
     pub fn finish(mut self) -> Result<Vec<BackupFile>, RepoError> {
         if self.current.is_some() {
-            return Err(RepoError::Invalid("the archive ended inside a file".into()));
+            return Err(RepoError::MalformedInput("the archive ended inside a file"));
         }
         self.flush()?;
         for (f, ids) in self.files.iter_mut().zip(self.pending_ids) {
             f.blocks = ids
                 .into_iter()
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| RepoError::Invalid("a block of a file was never stored".into()))?;
+                .ok_or_else(|| RepoError::MalformedInput("a block of a file was never stored"))?;
         }
         Ok(self.files)
     }

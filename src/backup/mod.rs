@@ -27,6 +27,9 @@ pub enum BackupError {
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// The backup's lease on the repository lapsed before it could commit.
+    #[error("the backup's lease on the repository expired (the store was unreachable too long); nothing was committed, run the backup again")]
+    LeaseExpired,
     /// The server found pages whose checksum does not match.
     #[error("{} corrupt page(s) in the source cluster: {}{}; restore those relations from an earlier backup or repair them, then back up again",
         pages.len(),
@@ -176,9 +179,7 @@ pub async fn store_base_backup(
     }
     .await;
     drop(tx);
-    let (files, session) = worker
-        .await
-        .map_err(|e| RepoError::Invalid(format!("backup worker failed: {e}")))?;
+    let (files, session) = worker.await.map_err(RepoError::task("backup worker"))?;
     let (finished, lease) = session.finish_keep_lease().await;
     // The server verifies page checksums (retrying torn reads) and names each
     // failure in a warning before its final error.
@@ -205,7 +206,7 @@ pub async fn store_base_backup(
     };
     let Some((start, end)) = positions else {
         lease.release().await;
-        return Err(RepoError::Invalid("the block pipeline stopped early".into()).into());
+        return Err(RepoError::SessionClosed("the block pipeline stopped early").into());
     };
     Ok(StoredFiles {
         files,

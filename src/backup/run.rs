@@ -186,9 +186,7 @@ pub async fn run_backup(
     // this backup deduplicated against once a writer's lease has lapsed
     if !stored.lease.valid() {
         stored.lease.release().await;
-        return Err(BackupError::Repo(crate::repo::RepoError::Invalid(
-            "the backup's lease on the repository expired (the store was unreachable too long); nothing was committed, run the backup again".into(),
-        )));
+        return Err(BackupError::LeaseExpired);
     }
     let committed = manifest.store(&repo, &paths).await;
     stored.lease.release().await;

@@ -244,7 +244,10 @@ mod tests {
             .expect("restore-pitr")
             .render_long_help()
             .to_string();
-        let at = |s: &str| help.find(s).unwrap_or_else(|| panic!("{s} not in:\n{help}"));
+        let at = |s: &str| {
+            help.find(s)
+                .unwrap_or_else(|| panic!("{s} not in:\n{help}"))
+        };
         assert!(at("--target-time") < at("Global options:"), "{help}");
         assert!(at("--json") < at("Global options:"), "{help}");
         assert!(at("Global options:") < at("--repo"), "{help}");

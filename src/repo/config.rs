@@ -69,16 +69,18 @@ impl RepoConfig {
         encrypted: bool,
     ) -> Result<RepoConfig, RepoError> {
         if params.block_size % 8192 != 0 || !(8192..=16 << 20).contains(&params.block_size) {
-            return Err(RepoError::Invalid(format!(
-                "block size {} must be a multiple of 8192 from 8 KiB to 16 MiB",
-                params.block_size
-            )));
+            return Err(RepoError::OutOfRange {
+                what: "block size",
+                value: u64::from(params.block_size),
+                rule: "must be a multiple of 8192 from 8 KiB to 16 MiB",
+            });
         }
         if !(1 << 20..=1 << 30).contains(&params.pack_size) {
-            return Err(RepoError::Invalid(format!(
-                "pack size {} must be from 1 MiB to 1 GiB",
-                params.pack_size
-            )));
+            return Err(RepoError::OutOfRange {
+                what: "pack size",
+                value: u64::from(params.pack_size),
+                rule: "must be from 1 MiB to 1 GiB",
+            });
         }
         Ok(RepoConfig {
             format: "walvault-repository".into(),
@@ -105,8 +107,7 @@ impl RepoConfig {
     }
 
     pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
-        let body =
-            serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(self).map_err(RepoError::encode("the config"))?;
         Ok(object::seal(
             ObjectKind::Config,
             CONFIG_KEY,

@@ -145,7 +145,7 @@ impl Drop for Lease {
 }
 
 async fn write_lease(repo: &Repository, name: &str, rec: &LeaseRecord) -> Result<(), RepoError> {
-    let body = serde_json::to_vec(rec).map_err(|e| RepoError::Invalid(e.to_string()))?;
+    let body = serde_json::to_vec(rec).map_err(RepoError::encode("a lease"))?;
     repo.storage()
         .put(name, repo.seal(ObjectKind::Lease, name, &body))
         .await?;
@@ -221,7 +221,7 @@ impl GcState {
 
     async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
         let name = GcState::name(paths);
-        let body = serde_json::to_vec(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec(self).map_err(RepoError::encode("the GC state"))?;
         repo.storage()
             .put(&name, repo.seal(ObjectKind::GcState, &name, &body))
             .await?;
@@ -317,12 +317,10 @@ pub async fn collect(
         }
     }
     if !p.missing.is_empty() {
-        return Err(RepoError::Invalid(format!(
-            "{} block(s) referenced by manifests are missing from the index (first: {}); \
-             refusing to collect garbage in a damaged repository",
-            p.missing.len(),
-            p.missing[0]
-        )));
+        return Err(RepoError::DamagedForGc {
+            count: p.missing.len(),
+            first: p.missing[0],
+        });
     }
     let mut report = GcReport::default();
     let before = state.pending.len();

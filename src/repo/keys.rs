@@ -82,10 +82,10 @@ fn wrapping_key(secret: &Secret, salt: &[u8], kdf: Option<KdfCost>) -> Result<[u
         Secret::Passphrase(p) => {
             let c = kdf.unwrap_or_default();
             let params = argon2::Params::new(c.m_cost_kib, c.t_cost, c.p_cost, Some(32))
-                .map_err(|e| RepoError::Invalid(format!("argon2 parameters: {e}")))?;
+                .map_err(|e| RepoError::KeyDerivation(format!("parameters: {e}")))?;
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
                 .hash_password_into(p.as_bytes(), salt, &mut out)
-                .map_err(|e| RepoError::Invalid(format!("argon2: {e}")))?;
+                .map_err(|e| RepoError::KeyDerivation(e.to_string()))?;
         }
         Secret::KeyFile(bytes) => {
             let hk = hkdf::Hkdf::<Sha256>::new(Some(salt), bytes);
@@ -102,11 +102,11 @@ fn slot_aad(slot_id: &str, repo_id: &str) -> Vec<u8> {
 /// Check a secret before it protects a repository.
 pub fn validate_secret(secret: &Secret) -> Result<(), RepoError> {
     match secret {
-        Secret::Passphrase(p) if p.chars().count() < 8 => Err(RepoError::Invalid(
-            "the passphrase is shorter than 8 characters; choose a longer one".into(),
+        Secret::Passphrase(p) if p.chars().count() < 8 => Err(RepoError::WeakSecret(
+            "the passphrase is shorter than 8 characters; choose a longer one",
         )),
-        Secret::KeyFile(k) if k.len() < 32 => Err(RepoError::Invalid(
-            "the key file holds fewer than 32 bytes; make one with: head -c 32 /dev/urandom | base64 > FILE".into(),
+        Secret::KeyFile(k) if k.len() < 32 => Err(RepoError::WeakSecret(
+            "the key file holds fewer than 32 bytes; make one with: head -c 32 /dev/urandom | base64 > FILE",
         )),
         _ => Ok(()),
     }
@@ -181,8 +181,7 @@ impl KeySlot {
     }
 
     pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
-        let body =
-            serde_json::to_vec_pretty(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(self).map_err(RepoError::encode("a key slot"))?;
         Ok(object::seal(
             ObjectKind::Key,
             &self.object_name(),

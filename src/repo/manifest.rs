@@ -182,7 +182,7 @@ impl Manifest {
 
     /// Encode as an object body.
     pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
-        postcard::to_stdvec(self).map_err(|e| RepoError::Invalid(format!("encoding manifest: {e}")))
+        postcard::to_stdvec(self).map_err(RepoError::encode("a manifest"))
     }
 
     /// Decode an object body; `object` names it in errors.

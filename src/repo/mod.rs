@@ -100,9 +100,95 @@ pub enum RepoError {
         /// Slots tried.
         slots: usize,
     },
-    /// A request that cannot be carried out as asked.
+    /// A block a manifest or a read names is not in the index.
+    #[error("block {id} is not in the index{}", context.map(|c| format!(" ({c})")).unwrap_or_default())]
+    MissingBlock {
+        /// The block.
+        id: crate::codec::BlockId,
+        /// Where it was looked up, when that is not the index itself.
+        context: Option<&'static str>,
+    },
+    /// Manifests reference blocks the index lacks: garbage collection refuses to run.
+    #[error(
+        "{count} block(s) referenced by manifests are missing from the index (first: {first}); \
+         refusing to collect garbage in a damaged repository"
+    )]
+    DamagedForGc {
+        /// How many blocks are missing.
+        count: usize,
+        /// The first of them.
+        first: crate::codec::BlockId,
+    },
+    /// A parameter of the repository or of a call is out of range.
+    #[error("{what} {value} {rule}")]
+    OutOfRange {
+        /// What the parameter is ("block size").
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// What it must be ("must be a multiple of 8192 from 8 KiB to 16 MiB").
+        rule: &'static str,
+    },
+    /// A passphrase or key file too weak to protect the repository key.
     #[error("{0}")]
-    Invalid(String),
+    WeakSecret(&'static str),
+    /// The key derivation (argon2) refused its parameters or input.
+    #[error("key derivation (argon2): {0}")]
+    KeyDerivation(String),
+    /// A key operation on a repository that has no keys.
+    #[error("the repository is not encrypted: it has no keys")]
+    NotEncrypted,
+    /// `key remove` of a slot that does not exist.
+    #[error("no key slot {id}; `walvault key list` shows them")]
+    NoSuchKeySlot {
+        /// The slot id given.
+        id: String,
+    },
+    /// `key remove` of the last slot.
+    #[error("refusing to remove the only key slot: the repository could never be opened again; add another first")]
+    LastKeySlot,
+    /// A structure could not be encoded (a bug, or out of memory).
+    #[error("encoding {what}: {reason}")]
+    Encode {
+        /// What was encoded.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A background task (encoding, decoding, uploading) panicked or was cancelled.
+    #[error("{what} task failed: {reason}")]
+    Task {
+        /// What the task did.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The data handed to a writer changed while it was read.
+    #[error("{object}: {sealed} bytes were sealed, {declared} declared (the source changed while it was read?)")]
+    SourceChanged {
+        /// The object being written.
+        object: String,
+        /// Bytes actually pushed.
+        sealed: u64,
+        /// Bytes declared up front.
+        declared: u64,
+    },
+    /// Reading the input of a backup session failed.
+    #[error("reading input: {0}")]
+    Input(std::io::Error),
+    /// A session used after it finished or after an upload failed.
+    #[error("{0}")]
+    SessionClosed(&'static str),
+    /// Input handed to a writer does not have the structure it must have
+    /// (a base backup stream with data outside any file, or ending inside one).
+    #[error("malformed input: {0}")]
+    MalformedInput(&'static str),
+    /// The blocks asked of one ranged read overlap or are out of order (a bug).
+    #[error("blocks of a read of {object} overlap or are out of order")]
+    BadRead {
+        /// The pack read.
+        object: String,
+    },
     /// A WAL file already stored under this name has other content: two
     /// clusters (or two histories of one) archive into the same stanza.
     #[error("the repository already has WAL file {name} with different content: two servers are archiving into stanza {stanza} (split brain, or a restored copy archiving as the original); nothing was overwritten — give the other server its own stanza")]
@@ -112,6 +198,24 @@ pub enum RepoError {
         /// The stanza.
         stanza: String,
     },
+}
+
+impl RepoError {
+    /// A failed background task.
+    pub(crate) fn task(what: &'static str) -> impl Fn(tokio::task::JoinError) -> RepoError + Copy {
+        move |e| RepoError::Task {
+            what,
+            reason: e.to_string(),
+        }
+    }
+
+    /// A structure that could not be encoded.
+    pub(crate) fn encode<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RepoError {
+        move |e| RepoError::Encode {
+            what,
+            reason: e.to_string(),
+        }
+    }
 }
 
 /// Where one stanza's objects live.
@@ -305,9 +409,10 @@ impl Repository {
         label: &str,
         cost: KdfCost,
     ) -> Result<KeySlot, RepoError> {
-        let master = self.master.as_ref().ok_or_else(|| {
-            RepoError::Invalid("the repository is not encrypted: it has no keys".into())
-        })?;
+        let master = self
+            .master
+            .as_ref()
+            .ok_or_else(|| RepoError::NotEncrypted)?;
         let slot = KeySlot::create(master, secret, &self.config.repo_id, label, cost)?;
         self.storage
             .put(&slot.object_name(), slot.encode()?)
@@ -319,15 +424,10 @@ impl Repository {
     pub async fn remove_key(&self, id: &str) -> Result<(), RepoError> {
         let slots = self.list_keys().await?;
         if !slots.iter().any(|s| s.id == id) {
-            return Err(RepoError::Invalid(format!(
-                "no key slot {id}; `walvault key list` shows them"
-            )));
+            return Err(RepoError::NoSuchKeySlot { id: id.to_owned() });
         }
         if slots.len() == 1 {
-            return Err(RepoError::Invalid(
-                "refusing to remove the only key slot: the repository could never be opened again"
-                    .into(),
-            ));
+            return Err(RepoError::LastKeySlot);
         }
         self.storage.delete(&format!("{KEYS_PREFIX}{id}")).await?;
         Ok(())
@@ -365,7 +465,7 @@ impl Repository {
             )
         })
         .await
-        .map_err(|e| RepoError::Invalid(format!("encode task failed: {e}")))
+        .map_err(RepoError::task("encode"))
     }
 
     /// Read and verify object `name`.
@@ -382,7 +482,7 @@ impl Repository {
             object::open(kind, &name, &data, keys.as_ref(), max_len)
         })
         .await
-        .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+        .map_err(RepoError::task("decode"))?
     }
 }
 

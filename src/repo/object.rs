@@ -174,10 +174,11 @@ impl ChunkSealer {
     /// declared length.
     pub fn finish(self) -> Result<Bytes, RepoError> {
         if self.pushed != self.raw_len {
-            return Err(RepoError::Invalid(format!(
-                "{}: {} bytes were sealed, {} declared (the source changed while it was read?)",
-                self.name, self.pushed, self.raw_len
-            )));
+            return Err(RepoError::SourceChanged {
+                object: self.name,
+                sealed: self.pushed as u64,
+                declared: self.raw_len as u64,
+            });
         }
         let mut out = self.out;
         out.truncate(self.end);

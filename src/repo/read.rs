@@ -19,9 +19,10 @@ impl Repository {
         index: &Index,
         id: &BlockId,
     ) -> Result<Bytes, RepoError> {
-        let loc = index
-            .get(id)
-            .ok_or_else(|| RepoError::Invalid(format!("block {id} is not in the index")))?;
+        let loc = index.get(id).ok_or(RepoError::MissingBlock {
+            id: *id,
+            context: None,
+        })?;
         let name = paths.pack(&loc.pack);
         let blob = self
             .storage()
@@ -38,7 +39,7 @@ impl Repository {
         let entry = loc.entry;
         tokio::task::spawn_blocking(move || decode_blob(&blob, &entry, keys.as_ref(), &hasher))
             .await
-            .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+            .map_err(RepoError::task("decode"))?
             .map(Bytes::from)
             .map_err(|reason| RepoError::Corrupt {
                 object: name,
@@ -81,7 +82,7 @@ impl Repository {
                 .collect()
         })
         .await
-        .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+        .map_err(RepoError::task("decode"))?
     }
 
     /// The single ranged read of [`Repository::read_run`], undecoded: the
@@ -105,9 +106,9 @@ impl Repository {
             .any(|w| u64::from(w[0].offset) + u64::from(w[0].len) > u64::from(w[1].offset))
             || end < start
         {
-            return Err(RepoError::Invalid(format!(
-                "blocks of a read of {name} overlap or are out of order"
-            )));
+            return Err(RepoError::BadRead {
+                object: name.to_owned(),
+            });
         }
         let bytes = if end > start {
             self.storage().get_range(&name, start, end - start).await?
@@ -151,7 +152,10 @@ impl RunBytes {
             .checked_sub(self.start)
             .map(|a| a as usize)
             .filter(|&a| a + e.len as usize <= self.bytes.len())
-            .ok_or_else(|| RepoError::Invalid(format!("block {} is not in this read", e.id)))?;
+            .ok_or(RepoError::MissingBlock {
+                id: e.id,
+                context: Some("not in this read"),
+            })?;
         let blob = &self.bytes[at..at + e.len as usize];
         decode_blob_into(blob, e, self.keys.as_ref(), &self.hasher, out).map_err(|reason| {
             RepoError::Corrupt {

@@ -238,8 +238,7 @@ impl Session {
             let mut eof = false;
             while batch.len() < self.batch_blocks {
                 let mut buf = vec![0u8; bs];
-                let n = read_full(reader, &mut buf)
-                    .map_err(|e| RepoError::Invalid(format!("reading input: {e}")))?;
+                let n = read_full(reader, &mut buf).map_err(RepoError::Input)?;
                 if n == 0 {
                     eof = true;
                     break;
@@ -273,7 +272,7 @@ impl Session {
     fn send_pack(&self, pack: PackBuilder) -> Result<(), RepoError> {
         let fp = self.prepare(pack);
         let tx = lock(&self.tx).clone();
-        let tx = tx.ok_or_else(|| RepoError::Invalid("session already finished".into()))?;
+        let tx = tx.ok_or_else(|| RepoError::SessionClosed("session already finished"))?;
         tx.blocking_send(fp).map_err(|_| uploads_stopped())
     }
 
@@ -303,14 +302,12 @@ impl Session {
                 .send(self.prepare(last))
                 .await
                 .map_err(|_| uploads_stopped()),
-            (false, None) => Err(RepoError::Invalid("session already finished".into())),
+            (false, None) => Err(RepoError::SessionClosed("session already finished")),
         };
         let handle = lock(&self.uploader).take();
         let uploaded = match handle {
-            Some(h) => h
-                .await
-                .map_err(|e| RepoError::Invalid(format!("upload task failed: {e}")))?,
-            None => Err(RepoError::Invalid("session already finished".into())),
+            Some(h) => h.await.map_err(RepoError::task("upload"))?,
+            None => Err(RepoError::SessionClosed("session already finished")),
         };
         sent?;
         let u = uploaded?;
@@ -387,7 +384,7 @@ async fn upload_loop(
 }
 
 fn uploads_stopped() -> RepoError {
-    RepoError::Invalid("uploads stopped after an error (finish the session to see it)".into())
+    RepoError::SessionClosed("uploads stopped after an error (finish the session to see it)")
 }
 
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {

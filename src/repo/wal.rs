@@ -126,7 +126,7 @@ impl Repository {
             object::seal(ObjectKind::Wal, &k, &data, Compression::Lz4, keys.as_ref())
         })
         .await
-        .map_err(|e| RepoError::Invalid(format!("WAL encode task failed: {e}")))?;
+        .map_err(RepoError::task("WAL encode"))?;
         Ok((key, sealed))
     }
 
