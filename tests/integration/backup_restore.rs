@@ -3,42 +3,13 @@
 //! the data and the checksums.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Output};
 
 use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
-use crate::support::{give_to_postgres, walvault_bin};
-
-fn run(bin: &Path, args: &[&str]) -> Output {
-    run_in(bin, None, args)
-}
-
-/// `bin args`, in directory `cwd` when given; must succeed.
-fn run_in(bin: &Path, cwd: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_PASSPHRASE");
-    if let Some(d) = cwd {
-        cmd.current_dir(d);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "walvault {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use crate::support::{give_to_postgres, Walvault};
 
 /// `walvault list --json`: one object per backup, oldest first.
-fn list(bin: &Path, repo: &str) -> Vec<serde_json::Value> {
-    let out = run(bin, &["list", "--repo", repo, "--json"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+fn list(wv: &Walvault) -> Vec<serde_json::Value> {
+    wv.args(["list", "--json"]).ok().json_lines()
 }
 
 /// TPC-B's invariant: every transaction adds the same delta to one account,
@@ -56,12 +27,10 @@ fn backup_under_load_restore_and_recover() {
     let src = PgCluster::start();
     src.pgbench(&["-i", "-s", "2", "-q"]);
     let work = tempfile::tempdir().unwrap();
+    // the restored server's restore_command (as its OS user) reaches the repository
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    // a copy of the binary the server's OS user can run as restore_command
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
     let repo = work.path().join("repo");
-    let r = repo.to_str().unwrap();
+    let wv = Walvault::new().repo(&repo);
 
     // a tablespace with a static table, and a marker committed before the backup
     let ts = src.root.join("ts");
@@ -84,7 +53,7 @@ fn backup_under_load_restore_and_recover() {
     };
     let ts_before = ts_hash(&src);
 
-    run(&bin, &["init", "--repo", r]);
+    wv.args(["init"]).ok();
     // pgbench writes during the whole backup
     let load = {
         let (sock, port) = (src.sockdir.clone(), src.port);
@@ -112,12 +81,9 @@ fn backup_under_load_restore_and_recover() {
         "host=127.0.0.1 port={} user={PASSWORD_USER} password={PASSWORD}",
         src.port
     );
-    let out = run(
-        &bin,
-        &[
+    let text = wv
+        .args([
             "backup",
-            "--repo",
-            r,
             "--pg",
             &conn,
             "--fast",
@@ -125,9 +91,9 @@ fn backup_under_load_restore_and_recover() {
             "under load",
             "--compress",
             "zstd:3",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+        ])
+        .ok()
+        .stdout;
     assert!(text.contains("complete"), "{text}");
     // the backup's lease was held until the manifest was written, then released
     let locks = repo.join("main/locks");
@@ -139,7 +105,7 @@ fn backup_under_load_restore_and_recover() {
     assert!(load.wait().unwrap().success());
     src.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
 
-    let backups = list(&bin, r);
+    let backups = list(&wv);
     assert_eq!(backups.len(), 1);
     assert_eq!(backups[0]["label"], "under load");
     assert_eq!(
@@ -151,19 +117,12 @@ fn backup_under_load_restore_and_recover() {
     let mut dst = PgCluster::for_restore(&src.bindir);
     let new_ts = dst.root.join("ts-restored");
     let oid = src.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
-    let out = run(
-        &bin,
-        &[
-            "restore",
-            "--repo",
-            r,
-            "--pgdata",
-            dst.datadir.to_str().unwrap(),
-            "--tablespace-map",
-            &format!("{oid}={}", new_ts.display()),
-        ],
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("restored backup"));
+    let out = wv
+        .args(["restore", "--pgdata"])
+        .arg(&dst.datadir)
+        .args(["--tablespace-map", &format!("{oid}={}", new_ts.display())])
+        .ok();
+    assert!(out.stdout.contains("restored backup"), "{}", out.stdout);
     assert!(dst.datadir.join("recovery.signal").exists());
     give_to_postgres(&new_ts);
     dst.start_restored();
@@ -190,18 +149,11 @@ fn backup_under_load_restore_and_recover() {
 
     // the restored cluster's page checksums, after a clean shutdown
     dst.stop(crate::support::pg::StopMode::Fast);
-    let out = dst
-        .command(&dst.client_bin("pg_checksums"))
-        .args(["--check", "-D", dst.datadir.to_str().unwrap()])
-        .output()
-        .unwrap();
     assert!(
-        out.status.success(),
-        "pg_checksums: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        dst.pg_checksums_clean(),
+        "no pg_checksums for {}",
+        dst.major
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Bad checksums:  0"));
 }
 
 #[test]
@@ -212,20 +164,16 @@ fn a_server_without_replication_gets_one_clear_line() {
     });
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    let r = repo.to_str().unwrap();
-    run(&walvault_bin(), &["init", "--repo", r]);
-    let out = Command::new(walvault_bin())
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    let err = wv
         .args([
             "backup",
-            "--repo",
-            r,
             "--pg",
             &format!("host={} port={} user=postgres", c.sockdir.display(), c.port),
         ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+        .fails_with(1)
+        .stderr;
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("max_wal_senders = 10") && err.contains("wal_level = replica"),
@@ -246,10 +194,9 @@ fn a_relative_repo_path_reaches_the_restored_server() {
     let src = PgCluster::start();
     src.psql("CREATE TABLE marker(t text); INSERT INTO marker VALUES ('in the backup')");
     let work = tempfile::tempdir().unwrap();
+    // the restored server's restore_command (as its OS user) reaches the repository
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
-    let in_work = |args: &[&str]| run_in(&bin, Some(work.path()), args);
+    let in_work = |args: &[&str]| Walvault::new().current_dir(work.path()).args(args).ok();
     in_work(&["init", "--repo", "repo"]);
     let conn = format!(
         "host={} port={} user=postgres",
@@ -288,20 +235,14 @@ fn a_relative_repo_path_reaches_the_restored_server() {
 fn back_to_back_backups_keep_their_order() {
     let c = PgCluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    let r = repo.to_str().unwrap();
-    let bin = walvault_bin();
-    run(&bin, &["init", "--repo", r]);
+    let wv = Walvault::new().repo(dir.path().join("repo"));
+    wv.args(["init"]).ok();
     let conn = format!("host={} port={} user=postgres", c.sockdir.display(), c.port);
     for label in ["first", "second", "third"] {
-        run(
-            &bin,
-            &[
-                "backup", "--repo", r, "--pg", &conn, "--fast", "--label", label,
-            ],
-        );
+        wv.args(["backup", "--pg", &conn, "--fast", "--label", label])
+            .ok();
     }
-    let backups = list(&bin, r);
+    let backups = list(&wv);
     let labels: Vec<&str> = backups
         .iter()
         .map(|b| b["label"].as_str().unwrap())
@@ -316,17 +257,11 @@ fn back_to_back_backups_keep_their_order() {
         "two backups share a second: {seconds:?}"
     );
     let dst = PgCluster::for_restore(&c.bindir);
-    let out = run(
-        &bin,
-        &[
-            "restore",
-            "--repo",
-            r,
-            "--pgdata",
-            dst.datadir.to_str().unwrap(),
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = wv
+        .args(["restore", "--pgdata"])
+        .arg(&dst.datadir)
+        .ok()
+        .stdout;
     let newest = backups[2]["id"].as_str().unwrap();
     assert!(
         text.contains(&format!("restored backup {newest} ")),

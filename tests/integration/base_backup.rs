@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use walvault::backup::stream::{ArchiveEvent, BaseBackupOptions, BaseBackupStream};
 use walvault::backup::tar::{EntryKind, TarEvent};
 
-use crate::support::pg::{requested_majors, PgCluster, PgOptions};
+use crate::support::pg::{other_majors_or_skip, PgCluster};
 
 type Archive = BTreeMap<String, (EntryKind, Vec<u8>)>;
 
@@ -119,19 +119,11 @@ async fn base_backup_pg15() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_backup_other_majors() {
-    let majors: Vec<u32> = requested_majors()
-        .into_iter()
-        .filter(|&m| m != 15)
-        .collect();
-    if majors.is_empty() {
-        eprintln!("SKIPPED: WALVAULT_PG_VERSIONS asks for no major other than 15");
+    let Some(majors) = other_majors_or_skip(&[15]) else {
         return;
-    }
+    };
     for major in majors {
-        let c = PgCluster::start_with(PgOptions {
-            major: Some(major),
-            ..PgOptions::default()
-        });
+        let c = PgCluster::start_major(major);
         base_backup_of(&c).await;
     }
 }

@@ -4,14 +4,14 @@
 
 use std::process::Command;
 
-use crate::support::walvault_bin;
+use crate::support::Walvault;
 
 /// `walvault ARGS` with stderr on a pipe, or on a pseudo-terminal through
 /// `script(1)` (util-linux); returns what stderr (for `script`, the
 /// terminal) received.
 fn stderr_of(args: &[&str], tty: bool, no_color: Option<&str>) -> String {
     let mut cmd = if tty {
-        let line = std::iter::once(walvault_bin().display().to_string())
+        let line = std::iter::once(Walvault::bin().display().to_string())
             .chain(args.iter().map(|a| format!("'{a}'")))
             .collect::<Vec<_>>()
             .join(" ");
@@ -19,9 +19,7 @@ fn stderr_of(args: &[&str], tty: bool, no_color: Option<&str>) -> String {
         c.args(["-qec", &line, "/dev/null"]);
         c
     } else {
-        let mut c = Command::new(walvault_bin());
-        c.args(args);
-        c
+        Walvault::new().args(args).command()
     };
     cmd.env_remove("WALVAULT_REPO").env_remove("NO_COLOR");
     if let Some(v) = no_color {
@@ -47,12 +45,7 @@ fn log_lines_are_coloured_only_on_a_terminal_without_no_color() {
     let history = dir.path().join("00000002.history");
     std::fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();
     let history = history.to_str().unwrap();
-    let st = Command::new(walvault_bin())
-        .args(["init", "--repo", repo])
-        .env_remove("WALVAULT_REPO")
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    Walvault::new().args(["init", "--repo", repo]).ok();
     // a second push of the same file logs at info level that it is there
     let push = ["wal-push", history, "--repo", repo];
     stderr_of(&push, false, None);

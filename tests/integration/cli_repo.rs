@@ -1,43 +1,13 @@
 //! `walvault init` and `walvault key` end to end, through the binary.
 
-use std::process::{Command, Output};
-
 use walvault::storage::{list_all, LocalDir, Storage};
 
 use crate::support::s3::S3Server;
-use crate::support::walvault_bin;
+use crate::support::Walvault;
 
-fn walvault(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(walvault_bin());
-    c.args(args);
-    for k in [
-        "WALVAULT_REPO",
-        "WALVAULT_PASSPHRASE",
-        "WALVAULT_KEY_FILE",
-        "WALVAULT_PASSPHRASE_FILE",
-        "WALVAULT_NEW_PASSPHRASE",
-    ] {
-        c.env_remove(k);
-    }
-    c.envs(env.iter().copied());
-    c.output().expect("run walvault")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn one_line_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+/// `walvault ARGS` with the environment variables `env`.
+fn walvault(args: &[&str], env: &[(&str, &str)]) -> Walvault {
+    Walvault::new().args(args).envs(env.iter().copied())
 }
 
 async fn keys(store: &dyn Storage) -> usize {
@@ -51,38 +21,34 @@ async fn init_and_keys_on_a_local_directory() {
     let r = repo.to_str().unwrap();
     let pass = [("WALVAULT_PASSPHRASE", "first passphrase")];
 
-    one_line_error(
-        &walvault(&["init", "--repo", r, "--encrypt"], &[]),
-        "--encrypt needs a passphrase",
-    );
-    one_line_error(
-        &walvault(&["init", "--repo", r], &pass),
-        "--encrypt was not",
-    );
-    let out = ok(&walvault(&["init", "--repo", r, "--encrypt"], &pass));
+    walvault(&["init", "--repo", r, "--encrypt"], &[])
+        .fails_with_one_line(&["--encrypt needs a passphrase"]);
+    walvault(&["init", "--repo", r], &pass).fails_with_one_line(&["--encrypt was not"]);
+    let out = walvault(&["init", "--repo", r, "--encrypt"], &pass)
+        .ok()
+        .stdout;
     assert!(
         out.contains("encryption aes-256-gcm, block size 8192"),
         "{out}"
     );
-    one_line_error(
-        &walvault(&["init", "--repo", r, "--encrypt"], &pass),
-        "already there",
-    );
+    walvault(&["init", "--repo", r, "--encrypt"], &pass).fails_with_one_line(&["already there"]);
 
     let store = LocalDir::open(&repo).unwrap();
     assert_eq!(keys(&store).await, 1);
-    let listing = ok(&walvault(&["key", "list", "--repo", r], &pass));
+    let listing = walvault(&["key", "list", "--repo", r], &pass).ok().stdout;
     assert_eq!(listing.lines().count(), 2, "{listing}");
 
     // a second passphrase, and a key file
-    let added = ok(&walvault(
+    let added = walvault(
         &["key", "add", "--repo", r, "--label", "dba on call"],
         &[pass[0], ("WALVAULT_NEW_PASSPHRASE", "second passphrase")],
-    ));
+    )
+    .ok()
+    .stdout;
     let second_id = added.split_whitespace().nth(3).unwrap().to_owned();
     let key_file = dir.path().join("walvault.key");
     std::fs::write(&key_file, format!("{}\n", "k".repeat(44))).unwrap();
-    ok(&walvault(
+    walvault(
         &[
             "key",
             "add",
@@ -92,9 +58,10 @@ async fn init_and_keys_on_a_local_directory() {
             key_file.to_str().unwrap(),
         ],
         &[("WALVAULT_PASSPHRASE", "second passphrase")],
-    ));
+    )
+    .ok();
     assert_eq!(keys(&store).await, 3);
-    let by_file = ok(&walvault(
+    let by_file = walvault(
         &[
             "key",
             "list",
@@ -104,7 +71,9 @@ async fn init_and_keys_on_a_local_directory() {
             key_file.to_str().unwrap(),
         ],
         &[],
-    ));
+    )
+    .ok()
+    .stdout;
     assert!(
         by_file.contains("dba on call") && by_file.contains("keyfile"),
         "{by_file}"
@@ -113,39 +82,28 @@ async fn init_and_keys_on_a_local_directory() {
     // a wrong passphrase: one clear line, non-zero, nothing written
     let before = list_all(&store, "").await.unwrap();
     let wrong = [("WALVAULT_PASSPHRASE", "not it at all")];
-    one_line_error(
-        &walvault(&["key", "list", "--repo", r], &wrong),
-        "wrong passphrase or key file",
-    );
-    one_line_error(
-        &walvault(
-            &["key", "add", "--repo", r],
-            &[
-                wrong[0],
-                ("WALVAULT_NEW_PASSPHRASE", "attacker's passphrase"),
-            ],
-        ),
-        "wrong passphrase or key file",
-    );
-    one_line_error(
-        &walvault(&["key", "list", "--repo", r], &[]),
-        "the repository is encrypted",
-    );
+    walvault(&["key", "list", "--repo", r], &wrong)
+        .fails_with_one_line(&["wrong passphrase or key file"]);
+    walvault(
+        &["key", "add", "--repo", r],
+        &[
+            wrong[0],
+            ("WALVAULT_NEW_PASSPHRASE", "attacker's passphrase"),
+        ],
+    )
+    .fails_with_one_line(&["wrong passphrase or key file"]);
+    walvault(&["key", "list", "--repo", r], &[])
+        .fails_with_one_line(&["the repository is encrypted"]);
     assert_eq!(list_all(&store, "").await.unwrap(), before);
 
     // remove the second passphrase: it no longer opens, the others still do
-    ok(&walvault(
-        &["key", "remove", &second_id, "--repo", r],
-        &pass,
-    ));
-    one_line_error(
-        &walvault(
-            &["key", "list", "--repo", r],
-            &[("WALVAULT_PASSPHRASE", "second passphrase")],
-        ),
-        "wrong passphrase or key file",
-    );
-    ok(&walvault(&["key", "list", "--repo", r], &pass));
+    walvault(&["key", "remove", &second_id, "--repo", r], &pass).ok();
+    walvault(
+        &["key", "list", "--repo", r],
+        &[("WALVAULT_PASSPHRASE", "second passphrase")],
+    )
+    .fails_with_one_line(&["wrong passphrase or key file"]);
+    walvault(&["key", "list", "--repo", r], &pass).ok();
     assert_eq!(keys(&store).await, 2);
 }
 
@@ -156,20 +114,14 @@ async fn init_refuses_a_non_empty_location_and_bad_sizes() {
     std::fs::create_dir(&repo).unwrap();
     std::fs::write(repo.join("something-else"), "x").unwrap();
     let r = repo.to_str().unwrap();
-    one_line_error(&walvault(&["init", "--repo", r], &[]), "not empty");
+    walvault(&["init", "--repo", r], &[]).fails_with_one_line(&["not empty"]);
     let empty = dir.path().join("empty");
     let e = empty.to_str().unwrap();
-    one_line_error(
-        &walvault(&["init", "--repo", e, "--block-size", "12KiB"], &[]),
-        "multiple of 8192",
-    );
-    let out = walvault(&["init", "--repo", e, "--compression", "gzip"], &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a bad option value is a usage error"
-    );
-    ok(&walvault(
+    walvault(&["init", "--repo", e, "--block-size", "12KiB"], &[])
+        .fails_with_one_line(&["multiple of 8192"]);
+    // a bad option value is a usage error
+    walvault(&["init", "--repo", e, "--compression", "gzip"], &[]).fails_with(2);
+    walvault(
         &[
             "init",
             "--repo",
@@ -180,21 +132,19 @@ async fn init_refuses_a_non_empty_location_and_bad_sizes() {
             "zstd:6",
         ],
         &[],
-    ));
-    let out = walvault(&["key", "list", "--repo", e], &[]);
-    one_line_error(&out, "not encrypted");
-    one_line_error(
-        &walvault(
-            &[
-                "key",
-                "list",
-                "--repo",
-                dir.path().join("nothing").to_str().unwrap(),
-            ],
-            &[],
-        ),
-        "run `walvault init` first",
-    );
+    )
+    .ok();
+    walvault(&["key", "list", "--repo", e], &[]).fails_with_one_line(&["not encrypted"]);
+    walvault(
+        &[
+            "key",
+            "list",
+            "--repo",
+            dir.path().join("nothing").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .fails_with_one_line(&["run `walvault init` first"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,21 +154,25 @@ async fn init_encrypted_on_s3() {
     env.push(("WALVAULT_PASSPHRASE", "s3 passphrase".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let url = server.url("prod/walvault");
-    let out = ok(&walvault(&["init", "--repo", &url, "--encrypt"], &env));
+    let out = walvault(&["init", "--repo", &url, "--encrypt"], &env)
+        .ok()
+        .stdout;
     assert!(out.contains("s3://walvault-test/prod/walvault/"), "{out}");
     let store = server.storage("prod/walvault").await;
     assert!(store.head("config").await.unwrap().is_some());
     assert_eq!(keys(&store).await, 1);
-    one_line_error(
-        &walvault(&["init", "--repo", &url, "--encrypt"], &env),
-        "already there",
-    );
+    walvault(&["init", "--repo", &url, "--encrypt"], &env).fails_with_one_line(&["already there"]);
 }
 
 #[test]
 fn demo_runs_the_whole_story() {
-    let out = walvault(&["demo", "--scale", "1"], &[]);
-    let stdout = ok(&out);
+    // the demo finds the server binaries the tests use
+    let bindir = crate::support::pg::bindir(None);
+    let stdout = Walvault::new()
+        .args(["demo", "--scale", "1"])
+        .env("WALVAULT_PG_BINDIR", &bindir)
+        .ok()
+        .stdout;
     for step in [
         "backup",
         "only",

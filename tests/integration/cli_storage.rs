@@ -1,42 +1,14 @@
 //! `walvault storage-check` end to end, and the errors an operator gets for a
 //! wrong repository location: one clear line naming what to fix, never a panic.
 
-use std::process::{Command, Output};
-
 use walvault::storage::{list_all, LocalDir};
 
 use crate::support::s3::{S3Server, BUCKET};
-use crate::support::{free_port, walvault_bin};
+use crate::support::{free_port, Walvault};
 
-fn walvault(args: &[&str], env: &[(&str, String)]) -> Output {
-    let mut c = Command::new(walvault_bin());
-    c.args(args)
-        .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_CONFIG");
-    for k in [
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-    ] {
-        c.env_remove(k);
-    }
-    c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    c.output().expect("run walvault")
-}
-
-/// The command failed with exit code 1 and exactly one line on stderr that
-/// contains every one of `needles`.
-fn assert_one_line_error(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
-    }
+/// `walvault storage-check ARGS`.
+fn storage_check(args: &[&str]) -> Walvault {
+    Walvault::new().arg("storage-check").args(args)
 }
 
 fn write_config(dir: &std::path::Path, text: &str) -> String {
@@ -49,16 +21,7 @@ fn write_config(dir: &std::path::Path, text: &str) -> String {
 async fn storage_check_local_dir_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    let out = walvault(
-        &["storage-check", "--repo", repo.to_str().unwrap(), "-q"],
-        &[],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = storage_check(&["-q"]).repo(&repo).ok().stdout;
     for step in ["put", "get", "list", "delete"] {
         assert!(
             stdout
@@ -78,16 +41,14 @@ async fn storage_check_local_dir_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_check_s3_from_env_and_from_config() {
     let server = S3Server::start().await;
-    let out = walvault(
-        &["storage-check", "--repo", &server.url("envprefix")],
-        &server.env(),
-    );
+    let out = storage_check(&["--repo", &server.url("envprefix")])
+        .envs(server.env())
+        .ok();
     assert!(
-        out.status.success(),
+        out.stdout.contains(&format!("s3://{BUCKET}/envprefix/")),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stdout
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("s3://{BUCKET}/envprefix/")));
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
@@ -100,12 +61,7 @@ async fn storage_check_s3_from_env_and_from_config() {
             server.secret_key
         ),
     );
-    let out = walvault(&["storage-check", "--config", &cfg], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    storage_check(&["--config", &cfg]).ok();
     let store = server.storage("").await;
     assert!(
         list_all(&store, "").await.unwrap().is_empty(),
@@ -115,14 +71,13 @@ async fn storage_check_s3_from_env_and_from_config() {
 
 #[test]
 fn s3_url_without_bucket() {
-    let out = walvault(&["storage-check", "--repo", "s3:///backups"], &[]);
-    assert_one_line_error(&out, &["no bucket name", "s3://BUCKET"]);
+    storage_check(&["--repo", "s3:///backups"])
+        .fails_with_one_line(&["no bucket name", "s3://BUCKET"]);
 }
 
 #[test]
 fn no_repository_given() {
-    let out = walvault(&["storage-check"], &[]);
-    assert_one_line_error(&out, &["no repository given", "--repo", "WALVAULT_REPO"]);
+    storage_check(&[]).fails_with_one_line(&["no repository given", "--repo", "WALVAULT_REPO"]);
 }
 
 #[test]
@@ -140,24 +95,12 @@ fn unreachable_endpoint() {
         ("AWS_REGION", "garage".into()),
     ];
     // -qq: only the error itself; the retries are logged as warnings
-    let out = walvault(
-        &[
-            "storage-check",
-            "--repo",
-            "s3://some-bucket/x",
-            "--config",
-            &cfg,
-            "-qq",
-        ],
-        &env,
-    );
-    assert_one_line_error(
-        &out,
-        &[
+    storage_check(&["--repo", "s3://some-bucket/x", "--config", &cfg, "-qq"])
+        .envs(env)
+        .fails_with_one_line(&[
             &format!("cannot reach the S3 endpoint http://127.0.0.1:{port}: Connection refused"),
             "gave up after 2 attempts",
-        ],
-    );
+        ]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,16 +113,16 @@ async fn wrong_credentials() {
         }
     }
     let started = std::time::Instant::now();
-    let out = walvault(&["storage-check", "--repo", &server.url("x")], &env);
-    assert_one_line_error(&out, &["access denied", BUCKET, "AWS_SECRET_ACCESS_KEY"]);
-    // permanent: not retried through the whole back-off schedule
+    storage_check(&["--repo", &server.url("x")])
+        .envs(env)
+        .fails_with_one_line(&["access denied", BUCKET, "AWS_SECRET_ACCESS_KEY"]);
+    // permanent: not retried through the whole back-off schedule (the
+    // generous bound only tells one from the other)
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 
-    let out = walvault(
-        &["storage-check", "--repo", "s3://no-such-bucket/x"],
-        &server.env(),
-    );
-    assert_one_line_error(&out, &["no-such-bucket"]);
+    storage_check(&["--repo", "s3://no-such-bucket/x"])
+        .envs(server.env())
+        .fails_with_one_line(&["no-such-bucket"]);
 }
 
 #[test]
@@ -187,8 +130,9 @@ fn local_path_is_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, "x").unwrap();
-    let out = walvault(&["storage-check", "--repo", file.to_str().unwrap()], &[]);
-    assert_one_line_error(&out, &["not-a-dir", "is a file, not a directory"]);
+    storage_check(&[])
+        .repo(&file)
+        .fails_with_one_line(&["not-a-dir", "is a file, not a directory"]);
 }
 
 #[test]
@@ -199,29 +143,16 @@ fn read_only_directory() {
     std::fs::create_dir(&repo).unwrap();
     std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = if nix::unistd::geteuid().is_root() {
-        // root writes anywhere: run as an unprivileged user, as a DBA would,
-        // from a copy of the binary that user can reach
-        let bin = dir.path().join("walvault");
-        std::fs::copy(walvault_bin(), &bin).unwrap();
-        Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(&bin)
-            .args(["storage-check", "--repo", repo.to_str().unwrap()])
-            .env_remove("WALVAULT_REPO")
-            .output()
-            .unwrap()
-    } else {
-        walvault(&["storage-check", "--repo", repo.to_str().unwrap()], &[])
-    };
-    assert_one_line_error(&out, &["ro", "ermission denied", "must be writable"]);
+    // root writes anywhere: run as an unprivileged user, as a DBA would
+    storage_check(&[])
+        .repo(&repo)
+        .as_user("postgres")
+        .fails_with_one_line(&["ro", "ermission denied", "must be writable"]);
 }
 
 #[test]
 fn help_lists_only_working_commands() {
-    let out = walvault(&["--help"], &[]);
-    let help = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let help = Walvault::new().arg("--help").ok().stdout;
     for cmd in ["storage-check", "init", "key"] {
         assert!(help.contains(cmd), "{cmd} missing from --help");
     }
@@ -235,9 +166,9 @@ fn help_lists_only_working_commands() {
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
-    let out = walvault(&["--version"], &[]);
+    let out = Walvault::new().arg("--version").ok();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        out.stdout.trim(),
         format!("walvault {}", env!("CARGO_PKG_VERSION"))
     );
 }

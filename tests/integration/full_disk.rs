@@ -8,12 +8,11 @@
 //! Small file systems are tmpfs mounts, so these tests need root and the
 //! right to mount (they are skipped, saying so, otherwise).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::support::pg::{PgCluster, StopMode, PASSWORD_USER};
-use crate::support::{give_to_postgres, tmp_base, walvault_bin};
+use crate::support::{give_to_postgres, skip, tmp_base, Walvault};
 
 /// A tmpfs of a given size, unmounted (lazily) when dropped.
 struct Tmpfs {
@@ -101,35 +100,14 @@ impl Drop for Tmpfs {
     }
 }
 
-fn walvault(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin)
-        .args(args)
-        .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_PASSPHRASE")
-        .output()
-        .unwrap()
-}
-
-fn ok(bin: &Path, args: &[&str]) -> String {
-    let out = walvault(bin, args);
-    assert!(
-        out.status.success(),
-        "walvault {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `walvault args` fails with one message naming the full file system.
-fn fails_for_space(bin: &Path, args: &[&str], remedy: &str) {
-    let out = walvault(bin, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "walvault {args:?} succeeded: {err}");
-    eprintln!("walvault {}: {err}", args[0]);
+/// `wv` fails with one message naming the full file system and `remedy`.
+fn fails_for_space(wv: &Walvault, remedy: &str) {
+    let err = wv.fails().stderr;
+    eprintln!("{}: {err}", wv.describe());
     assert!(
         err.contains("No space left on device") && err.contains(remedy),
-        "walvault {args:?}: {err}"
+        "{}: {err}",
+        wv.describe()
     );
 }
 
@@ -152,30 +130,23 @@ fn accounts_hash(c: &PgCluster) -> String {
 #[test]
 fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     if !Tmpfs::can_mount() {
-        eprintln!("cannot mount a small file system here (not root, or no CAP_SYS_ADMIN); skipped");
+        skip("cannot mount a small file system here (not root, or no CAP_SYS_ADMIN)");
         return;
     }
     let src = PgCluster::start();
     src.pgbench(&["-i", "-s", "3", "-q"]);
     let work = tempfile::tempdir_in(tmp_base()).unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
     let fs = Tmpfs::mount(64);
     let repo = fs.path().join("repo");
-    let r = repo.to_str().unwrap();
+    let wv = Walvault::new().repo(&repo);
     let conn = format!(
         "host={} port={} user=postgres",
         src.sockdir.display(),
         src.port
     );
-    ok(&bin, &["init", "--repo", r]);
-    ok(
-        &bin,
-        &[
-            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "first",
-        ],
-    );
+    let backup = |label: &str| wv.args(["backup", "--pg", &conn, "--fast", "--label", label]);
+    wv.args(["init"]).ok();
+    backup("first").ok();
 
     // every page changes, so the next backup needs room the disk lacks
     src.psql_db(
@@ -192,51 +163,25 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     let filler = fs.fill(16 << 10);
 
     let remedy = "free space on the repository's file system";
-    fails_for_space(
-        &bin,
-        &[
-            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "second",
-        ],
-        remedy,
-    );
-    fails_for_space(
-        &bin,
-        &["wal-push", "--repo", r, segment_path.to_str().unwrap()],
-        remedy,
-    );
+    let push = wv.args(["wal-push"]).arg(&segment_path);
+    fails_for_space(&backup("second"), remedy);
+    fails_for_space(&push, remedy);
     // nothing committed, nothing half-written, nothing held
-    let listed = ok(&bin, &["list", "--repo", r, "--json"]);
+    let listed = wv.args(["list", "--json"]).ok().stdout;
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert!(listed.contains("\"first\""), "{listed}");
     assert_eq!(entries(&repo.join(".tmp")), Vec::<String>::new());
     assert_eq!(entries(&repo.join("main/locks")), Vec::<String>::new());
     let spool = work.path().join("fetched");
-    let out = walvault(
-        &bin,
-        &["wal-fetch", "--repo", r, &segment, spool.to_str().unwrap()],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a segment whose push failed is in the repository"
-    );
+    let fetch = wv.args(["wal-fetch", &segment]).arg(&spool);
+    // exit 1 is "not found": a segment whose push failed is not in the repository
+    fetch.fails_with(1);
 
     // space again: the same commands succeed
     std::fs::remove_file(filler).unwrap();
-    ok(
-        &bin,
-        &["wal-push", "--repo", r, segment_path.to_str().unwrap()],
-    );
-    ok(
-        &bin,
-        &[
-            "backup", "--repo", r, "--pg", &conn, "--fast", "--label", "second",
-        ],
-    );
-    ok(
-        &bin,
-        &["wal-fetch", "--repo", r, &segment, spool.to_str().unwrap()],
-    );
+    push.ok();
+    backup("second").ok();
+    fetch.ok();
     assert!(std::fs::read(&spool).unwrap() == std::fs::read(&segment_path).unwrap());
     give_to_postgres(&repo);
 
@@ -244,33 +189,20 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     // error says the directory is incomplete and how to finish it
     let mut dst = PgCluster::for_restore(&src.bindir);
     let small = Tmpfs::mount_at(&dst.datadir, 8);
-    let pgdata = dst.datadir.to_str().unwrap().to_owned();
-    fails_for_space(
-        &bin,
-        &["restore", "--repo", r, "--pgdata", &pgdata],
-        "run the same restore with --delta to finish it",
-    );
+    let restore = wv.args(["restore", "--pgdata"]).arg(&dst.datadir);
+    fails_for_space(&restore, "run the same restore with --delta to finish it");
     // the same for restore-pitr, whose directory must start empty
     let pitr_fs = Tmpfs::mount(8);
     let pitr_dir = pitr_fs.path().join("data");
     fails_for_space(
-        &bin,
-        &[
-            "restore-pitr",
-            "--repo",
-            r,
-            "--pgdata",
-            pitr_dir.to_str().unwrap(),
-            "--immediate",
-        ],
+        &wv.args(["restore-pitr", "--pgdata"])
+            .arg(&pitr_dir)
+            .arg("--immediate"),
         "remove it and run restore-pitr again",
     );
     // room again: --delta completes it, and it holds the second backup
     small.resize(256);
-    let out = ok(
-        &bin,
-        &["restore", "--repo", r, "--pgdata", &pgdata, "--delta"],
-    );
+    let out = restore.arg("--delta").ok().stdout;
     assert!(out.contains("already in place"), "{out}");
     dst.start_restored();
     assert_eq!(accounts_hash(&dst), accounts_hash(&src));

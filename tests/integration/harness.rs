@@ -9,7 +9,7 @@ use bytes::Bytes;
 use walvault::storage::Storage;
 
 use crate::support::pg::{
-    alive, processes_in, requested_majors, PgCluster, PgOptions, StopMode, PASSWORD_USER,
+    alive, other_majors_or_skip, processes_in, PgCluster, PgOptions, StopMode, PASSWORD_USER,
 };
 use crate::support::s3::S3Server;
 use crate::support::wait_until;
@@ -86,19 +86,11 @@ async fn pg15_scram_pgbench_teardown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_majors_scram_pgbench() {
-    let majors: Vec<u32> = requested_majors()
-        .into_iter()
-        .filter(|&m| m != 15)
-        .collect();
-    if majors.is_empty() {
-        eprintln!("SKIPPED: WALVAULT_PG_VERSIONS asks for no major other than 15 (e.g. WALVAULT_PG_VERSIONS='13 17')");
+    let Some(majors) = other_majors_or_skip(&[15]) else {
         return;
-    }
+    };
     for major in majors {
-        let c = PgCluster::start_with(PgOptions {
-            major: Some(major),
-            ..PgOptions::default()
-        });
+        let c = PgCluster::start_major(major);
         assert_eq!(c.major, major);
         scram_and_pgbench(&c).await;
     }

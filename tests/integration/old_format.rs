@@ -7,10 +7,10 @@
 //! and 250 rows more.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use crate::support::pg::{bindir, PgCluster};
-use crate::support::{give_to_postgres, walvault_bin};
+use crate::support::{give_to_postgres, Walvault};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -19,8 +19,8 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// The fixture repository unpacked into a fresh directory the server's OS
-/// user can read, with a copy of its passphrase file.
-fn unpack(dir: &Path) -> (PathBuf, PathBuf) {
+/// user can read, and walvault pointed at it with a copy of its passphrase.
+fn unpack(dir: &Path) -> Walvault {
     let repo = dir.join("repo");
     std::fs::create_dir(&repo).unwrap();
     let st = Command::new("tar")
@@ -34,27 +34,9 @@ fn unpack(dir: &Path) -> (PathBuf, PathBuf) {
     let pass = dir.join("passphrase");
     std::fs::copy(fixture("fixture-passphrase"), &pass).unwrap();
     give_to_postgres(dir);
-    (repo, pass)
-}
-
-fn walvault(repo: &Path, pass: &Path, args: &[&str]) -> Output {
-    let out = Command::new(walvault_bin())
-        .args(args)
-        .arg("--repo")
-        .arg(repo)
-        .arg("--passphrase-file")
-        .arg(pass)
-        .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_PASSPHRASE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "walvault {args:?}:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    Walvault::new()
+        .repo(&repo)
+        .global([std::ffi::OsStr::new("--passphrase-file"), pass.as_os_str()])
 }
 
 #[test]
@@ -65,11 +47,10 @@ fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let (repo, pass) = unpack(work.path());
+    let wv = unpack(work.path());
 
     // the version-2 manifest reads, with its typed fields
-    let info: serde_json::Value =
-        serde_json::from_slice(&walvault(&repo, &pass, &["info", "--json"]).stdout).unwrap();
+    let info = wv.args(["info", "--json"]).ok().json();
     assert_eq!(info["label"], "fixture", "{info}");
     assert_eq!(info["timeline"], 1, "{info}");
     let start: walvault::pg::Lsn = info["start_lsn"].as_str().unwrap().parse().unwrap();
@@ -77,31 +58,17 @@ fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
     assert!(start.is_valid() && start < stop, "{info}");
 
     // WAL objects and version-2 summaries: continuous and intact
-    let verify: serde_json::Value =
-        serde_json::from_slice(&walvault(&repo, &pass, &["wal-verify", "--json"]).stdout).unwrap();
+    let verify = wv.args(["wal-verify", "--json"]).ok().json();
     assert_eq!(verify["gaps"], serde_json::json!([]), "{verify}");
     assert_eq!(verify["damaged"], serde_json::json!([]), "{verify}");
     assert!(verify["segments_read"].as_u64() >= Some(2), "{verify}");
 
     // and a recovery to the restore point written by the old build
     let mut dst = PgCluster::for_restore(&bindir(None));
-    let out = dst
-        .command(&walvault_bin())
+    wv.as_server_user(&dst)
         .args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
         .args(["--target-name", "fixture-rp"])
-        .arg("--repo")
-        .arg(&repo)
-        .arg("--passphrase-file")
-        .arg(&pass)
-        .env_remove("WALVAULT_REPO")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "restore-pitr:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .ok();
     dst.start_restored();
     assert_eq!(
         dst.psql("SELECT count(*), max(i) FROM fixture"),

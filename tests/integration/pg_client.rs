@@ -81,8 +81,7 @@ async fn md5_cleartext_and_pgpass() {
             "host all md5user 127.0.0.1/32 md5\nhost all plainuser 127.0.0.1/32 password\n{hba}"
         ),
     );
-    c.psql("SELECT pg_reload_conf()");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    c.reload_conf();
     for (user, pw) in [("md5user", "md5-pass"), ("plainuser", "plain-pass")] {
         let p = params(&format!(
             "host=127.0.0.1 port={} user={user} password={pw} dbname=postgres",

@@ -4,23 +4,23 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-use walvault::pg::Lsn;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::support::pg::PgCluster;
-use crate::support::walvault_bin;
+use crate::support::stream::Streamer;
+use crate::support::walvault::Outcome;
+use crate::support::{wait_until, Walvault};
 
-/// A cluster archived by `walvault stream`, with a copy of the binary the
-/// server's OS user can run.
+/// A cluster archived by `walvault stream` into a repository its OS user
+/// can read.
 pub struct Archived {
     pub c: PgCluster,
-    pub bin: PathBuf,
+    /// `walvault … --repo REPO`.
+    pub wv: Walvault,
     pub repo: PathBuf,
-    pub _work: tempfile::TempDir,
-    stream: Option<std::process::Child>,
-    status: PathBuf,
+    pub work: tempfile::TempDir,
+    stream: Option<Streamer>,
 }
 
 impl Archived {
@@ -30,66 +30,39 @@ impl Archived {
             ..Default::default()
         });
         let work = tempfile::tempdir().unwrap();
+        // the server's OS user reaches the repository inside
         std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let bin = work.path().join("walvault");
-        std::fs::copy(walvault_bin(), &bin).unwrap();
         let repo = work.path().join("repo");
-        let mut a = Archived {
+        let wv = Walvault::new().repo(&repo);
+        wv.args(["init"]).ok();
+        let stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
+        Archived {
             c,
-            bin,
-            status: work.path().join("status.json"),
+            wv,
             repo,
-            _work: work,
-            stream: None,
-        };
-        a.ok(&["init"]);
-        let child = Command::new(&a.bin)
-            .args([
-                "stream",
-                "--pg",
-                &a.c.conninfo(),
-                "--partial-interval",
-                "0.2",
-            ])
-            .arg("--status-file")
-            .arg(&a.status)
-            .arg("--repo")
-            .arg(&a.repo)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        a.stream = Some(child);
-        a
+            work,
+            stream: Some(stream),
+        }
     }
 
-    pub fn walvault(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .args(args)
-            .arg("--repo")
-            .arg(&self.repo)
-            .env_remove("WALVAULT_REPO")
-            .output()
-            .unwrap()
+    /// `walvault ARGS --repo REPO`, which must succeed.
+    pub fn ok(&self, args: &[&str]) -> Outcome {
+        self.wv.args(args).ok()
     }
 
-    pub fn ok(&self, args: &[&str]) -> Output {
-        let out = self.walvault(args);
-        assert!(
-            out.status.success(),
-            "walvault {args:?}:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+    /// Wait until the stream made everything up to the server's current
+    /// insert position durable.
+    pub fn wait_stream_durable(&self) {
+        let target = self.c.insert_lsn();
+        let stream = self.stream.as_ref().expect("the stream runs");
+        stream.wait_durable(target, Duration::from_secs(30));
     }
 
     /// kill -9 the stream (no final upload), then hand the repository to
     /// the server's OS user.
     pub fn kill_stream(&mut self) {
-        if let Some(mut c) = self.stream.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
+        if let Some(mut s) = self.stream.take() {
+            s.kill9();
         }
         self.chown_repo();
     }
@@ -101,19 +74,9 @@ impl Archived {
     /// Wait until the stream made everything up to the server's current
     /// insert position durable, then stop it (SIGTERM: it uploads the rest).
     pub fn finish_stream(&mut self) {
-        let target: Lsn = self
-            .c
-            .psql("SELECT pg_current_wal_insert_lsn()")
-            .parse()
-            .unwrap();
-        wait_durable(&self.status, target, "the stream");
-        if let Some(mut c) = self.stream.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            assert!(c.wait().unwrap().success());
+        self.wait_stream_durable();
+        if let Some(mut s) = self.stream.take() {
+            s.stop();
         }
         // the server's OS user reads the repository during recovery
         self.chown_repo();
@@ -122,58 +85,60 @@ impl Archived {
     /// `restore-pitr … --start --json` as the server's OS user into a new
     /// directory; returns the (running) cluster and the report.
     pub fn pitr(&self, target: &[&str]) -> (Recovered, serde_json::Value) {
-        pitr_started(
-            &self.c,
-            &self.bin,
-            target,
-            &["--repo", self.repo.to_str().unwrap()],
-        )
+        pitr_started(&self.c, &self.wv, target)
     }
 
     /// `restore-pitr` expected to refuse: returns stderr; nothing may be written.
     pub fn pitr_refused(&self, target: &[&str]) -> String {
-        let dir = self._work.path().join("refused");
-        let out =
-            self.walvault(&[&["restore-pitr", "--pgdata", dir.to_str().unwrap()], target].concat());
-        assert!(
-            !out.status.success(),
-            "restore-pitr {target:?} was not refused"
-        );
+        let dir = self.work.path().join("refused");
+        let out = self
+            .wv
+            .args(["restore-pitr", "--pgdata"])
+            .arg(&dir)
+            .args(target)
+            .fails();
         assert!(
             !dir.exists(),
             "a refused restore-pitr wrote {}",
             dir.display()
         );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        out.stderr
     }
 }
 
-/// `bin restore-pitr TARGET --start --json REPO_ARGS` as `source`'s OS user
-/// into a new directory; returns the (running) cluster and the report.
+/// Insert rows `ids` into table `marker` through `psql`, one commit each;
+/// returns the insert position after each commit. With one writer, the
+/// position after commit i lies between commit i and anything of the next
+/// row.
+fn insert_markers(
+    psql: impl Fn(&str) -> String,
+    ids: std::ops::RangeInclusive<i32>,
+) -> Vec<String> {
+    ids.map(|i| {
+        psql(&format!("INSERT INTO marker VALUES ({i})"));
+        psql("SELECT pg_current_wal_insert_lsn()")
+    })
+    .collect()
+}
+
+/// `wv restore-pitr TARGET --start --json` as `source`'s OS user into a new
+/// directory; returns the (running) cluster and the report.
 fn pitr_started(
     source: &PgCluster,
-    bin: &Path,
+    wv: &Walvault,
     target: &[&str],
-    repo_args: &[&str],
 ) -> (Recovered, serde_json::Value) {
     let dst = PgCluster::for_restore(&source.bindir);
-    let out = source
-        .command(bin)
-        .args(["restore-pitr", "--pgdata", dst.datadir.to_str().unwrap()])
+    let out = wv
+        .as_server_user(source)
+        .args(["restore-pitr", "--pgdata"])
+        .arg(&dst.datadir)
         .args(target)
         .args(["--start", "--json", "--port", &dst.port.to_string()])
         .arg("--pg-bin")
         .arg(&source.bindir)
-        .args(repo_args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "restore-pitr {target:?}:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        .ok();
+    let report = out.json();
     (
         Recovered {
             port: dst.port,
@@ -182,29 +147,6 @@ fn pitr_started(
         },
         report,
     )
-}
-
-/// Wait until the status file of a `walvault stream` says `target` is durable.
-fn wait_durable(status: &Path, target: Lsn, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let durable = std::fs::read_to_string(status)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| {
-                v["durable_lsn"]
-                    .as_str()
-                    .and_then(|s| s.parse::<Lsn>().ok())
-            });
-        if durable.is_some_and(|d| d >= target) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never made {target} durable"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A server restore-pitr started (it uses the source's socket directory
@@ -236,18 +178,7 @@ impl Recovered {
     /// Stop cleanly, then check every page checksum.
     pub fn stop_and_check(&self) {
         stop(&self.dst, &self.dst.datadir);
-        let out = self
-            .dst
-            .command(&self.dst.client_bin("pg_checksums"))
-            .args(["--check", "-D", self.dst.datadir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_checksums: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(self.dst.pg_checksums_clean(), "no pg_checksums");
     }
 }
 
@@ -273,18 +204,12 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
     let before_backup: String = a.c.psql("SELECT pg_current_wal_insert_lsn()");
     a.c.psql("SELECT pg_switch_wal()");
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast"]);
-    // one writer: after commit i, the insert position lies between commit i
-    // and anything of row i + 1
-    let mut after = Vec::new();
-    for i in 1..=30 {
-        a.c.psql(&format!("INSERT INTO marker VALUES ({i})"));
-        after.push(a.c.psql("SELECT pg_current_wal_insert_lsn()"));
-    }
+    let after = insert_markers(|q| a.c.psql(q), 1..=30);
     a.finish_stream();
 
     let rows = |r: &Recovered| r.psql("SELECT count(*) || ':' || coalesce(max(id), 0) FROM marker");
     let dry_run = |target: &str| -> serde_json::Value {
-        let out = a.ok(&[
+        a.ok(&[
             "restore-pitr",
             "--pgdata",
             "/nonexistent/x",
@@ -292,8 +217,8 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
             target,
             "--dry-run",
             "--json",
-        ]);
-        serde_json::from_slice(&out.stdout).unwrap()
+        ])
+        .json()
     };
     // no recovery measured yet: the estimate says its rates are assumed
     let plan = dry_run(&after[9]);
@@ -364,10 +289,11 @@ fn pitr_to_lsns_immediate_latest_and_refusals() {
         "--latest",
         "--dry-run",
     ]);
-    let text = String::from_utf8_lossy(&dry.stdout);
     assert!(
-        text.contains("plan: recover to the end of the archive"),
-        "{text}"
+        dry.stdout
+            .contains("plan: recover to the end of the archive"),
+        "{}",
+        dry.stdout
     );
     assert!(!Path::new("/nonexistent/x").exists());
 }
@@ -386,9 +312,10 @@ fn got(r: &Recovered) -> String {
 #[test]
 fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
     use rand::Rng;
+    let mut rng = crate::support::seeded_rng();
     let mut a = Archived::new(&[]);
     a.c.psql("CREATE EXTENSION amcheck; CREATE TABLE marker(id bigserial PRIMARY KEY, session int, t timestamptz DEFAULT clock_timestamp())");
-    let script = a._work.path().join("marker.sql");
+    let script = a.work.path().join("marker.sql");
     std::fs::write(
         &script,
         "INSERT INTO marker(session) VALUES (:client_id);\n",
@@ -396,8 +323,10 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
     .unwrap();
     let _ = Command::new("chmod").arg("a+r").arg(&script).status();
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b1"]);
-    // four sessions write for about 60 s; two more backups and a restore
-    // point on the way
+    // four sessions write 150 rows a second for 60 s (the load's length is
+    // the subject: about 9000 commits to aim at); two more backups and a
+    // restore point on the way, at row counts that leave thousands of
+    // commits between them however a busy machine stretches the timing
     let mut bench =
         a.c.command(&a.c.client_bin("pgbench"))
             .args([
@@ -424,16 +353,25 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-    std::thread::sleep(Duration::from_secs(20));
+    let rows = || -> u64 { a.c.psql("SELECT count(*) FROM marker").parse().unwrap() };
+    let wait_rows = |n: u64| {
+        wait_until(Duration::from_secs(60), &format!("{n} marker rows"), || {
+            rows() >= n
+        })
+    };
+    wait_rows(3000);
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b2"]);
-    std::thread::sleep(Duration::from_secs(10));
+    wait_rows(4500);
     a.c.psql("SELECT pg_create_restore_point('walvault-mid')");
-    std::thread::sleep(Duration::from_secs(10));
+    wait_rows(6000);
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--label", "b3"]);
+    // commits after the last backup, for the targets after it
+    wait_rows(rows() + 500);
     assert!(bench.wait().unwrap().success());
-    // a last row, 1.5 s before the stream dies without a final upload
+    // a last row, durable (only in a .partial) when the stream dies without
+    // a final upload
     a.c.psql("INSERT INTO marker(session) VALUES (-1)");
-    std::thread::sleep(Duration::from_millis(1500));
+    a.wait_stream_durable();
     a.kill_stream();
 
     // every row with its commit time, xid and (from wal-inspect) commit LSN
@@ -451,8 +389,7 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
     ]);
     let mut values = Vec::new();
     let mut rp_lsn = None;
-    for line in String::from_utf8_lossy(&inspect.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for v in inspect.json_lines() {
         match v["event"].as_str().unwrap() {
             "COMMIT" => values.push(format!("{}\t{}", v["xid"], v["lsn"].as_str().unwrap())),
             "RESTORE POINT" if v["name"] == "walvault-mid" => {
@@ -462,7 +399,7 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
         }
     }
     let rp_lsn = rp_lsn.expect("wal-inspect lists the restore point");
-    let lsns = a._work.path().join("lsns.tsv");
+    let lsns = a.work.path().join("lsns.tsv");
     std::fs::write(&lsns, values.join("\n") + "\n").unwrap();
     let _ = Command::new("chmod").arg("a+r").arg(&lsns).status();
     a.c.psql(&format!(
@@ -481,11 +418,7 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
             .unwrap();
     assert!(total > 5000, "only {total} rows");
 
-    let backups: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&a.ok(&["list", "--json"]).stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let backups = a.ok(&["list", "--json"]).json_lines();
     let id = |label: &str| {
         backups.iter().find(|b| b["label"] == label).unwrap()["id"]
             .as_str()
@@ -496,7 +429,6 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
         chrono::DateTime::parse_from_rfc3339(b["stop_time"].as_str().unwrap()).unwrap()
     };
 
-    let mut rng = rand::rng();
     let ts_text = |pred: &str| {
         a.c.psql(&format!(
             "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"') FROM marker_info WHERE {pred}"
@@ -645,11 +577,7 @@ fn pitr_along_timelines_after_a_restore_was_promoted() {
     let mut a = Archived::new(&[]);
     a.c.psql("CREATE TABLE marker(id int PRIMARY KEY)");
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast"]);
-    let mut after = Vec::new();
-    for i in 1..=20 {
-        a.c.psql(&format!("INSERT INTO marker VALUES ({i})"));
-        after.push(a.c.psql("SELECT pg_current_wal_insert_lsn()"));
-    }
+    let after = insert_markers(|q| a.c.psql(q), 1..=20);
     a.finish_stream();
     let rows = |r: &Recovered| r.psql("SELECT count(*) || ':' || coalesce(max(id), 0) FROM marker");
 
@@ -657,35 +585,15 @@ fn pitr_along_timelines_after_a_restore_was_promoted() {
     // same stanza from then on
     let (branch, report) = a.pitr(&["--target-lsn", &after[9]]);
     assert_eq!(rows(&branch), "10:10", "{report}");
-    let status = a._work.path().join("branch-status.json");
-    let mut stream = Command::new(&a.bin)
-        .args(["stream", "--partial-interval", "0.2", "--pg"])
-        .arg(format!(
-            "host={} port={} user=postgres dbname=postgres",
-            a.c.sockdir.display(),
-            branch.dst.port
-        ))
-        .arg("--status-file")
-        .arg(&status)
-        .arg("--repo")
-        .arg(&a.repo)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut after2 = Vec::new();
-    for i in 101..=105 {
-        branch.psql(&format!("INSERT INTO marker VALUES ({i})"));
-        after2.push(branch.psql("SELECT pg_current_wal_insert_lsn()"));
-    }
-    let end: Lsn = after2[4].parse().unwrap();
-    wait_durable(&status, end, "the branch's stream");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(stream.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(stream.wait().unwrap().success());
+    let branch_conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        a.c.sockdir.display(),
+        branch.dst.port
+    );
+    let mut stream = Streamer::start(&a.wv, &branch_conninfo, &["--partial-interval", "0.2"]);
+    let after2 = insert_markers(|q| branch.psql(q), 101..=105);
+    stream.wait_durable(after2[4].parse().unwrap(), Duration::from_secs(30));
+    stream.stop();
     drop(branch);
     a.kill_stream(); // (already stopped) hand the repository to postgres again
     assert!(a.repo.join("main/wal/00000002/00000002.history").exists());
@@ -720,33 +628,14 @@ async fn pitr_from_an_s3_repository_archived_by_wal_push() {
     let s3 = crate::support::s3::S3Server::start().await;
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
-    let config = work.path().join("walvault.toml");
-    crate::support::s3::write_config_file(&config, &s3.url("pitr"), &s3.config());
-    let run = |args: &[&str]| {
-        let out = Command::new(&bin)
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("WALVAULT_REPO")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "walvault {args:?}:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    };
-    run(&["init"]);
+    let (config, wv) = crate::support::s3::config_repo(work.path(), &s3.url("pitr"), &s3.config());
+    wv.args(["init"]).ok();
     let c = PgCluster::start_with(crate::support::pg::PgOptions {
         conf: vec![
             "archive_mode = on".into(),
             format!(
                 "archive_command = '{} wal-push --config {} %p'",
-                bin.display(),
+                Walvault::bin().display(),
                 config.display()
             ),
         ],
@@ -754,25 +643,15 @@ async fn pitr_from_an_s3_repository_archived_by_wal_push() {
     });
     c.psql("CREATE TABLE marker(id int PRIMARY KEY)");
     c.pgbench(&["-i", "-s", "1", "-q"]);
-    run(&["backup", "--pg", &c.conninfo(), "--fast"]);
-    let mut after = Vec::new();
-    for i in 1..=20 {
-        c.psql(&format!("INSERT INTO marker VALUES ({i})"));
-        after.push(c.psql("SELECT pg_current_wal_insert_lsn()"));
-    }
+    wv.args(["backup", "--pg", &c.conninfo(), "--fast"]).ok();
+    let after = insert_markers(|q| c.psql(q), 1..=20);
     // more WAL after the target, so the archive holds several segments
     c.pgbench(&["-t", "200", "-n"]);
     c.switch_and_wait_archived();
-    let verified = run(&["wal-verify", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    let v = wv.args(["wal-verify", "--json"]).ok().json();
     assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
 
-    let (r, report) = pitr_started(
-        &c,
-        &bin,
-        &["--target-lsn", &after[11]],
-        &["--config", config.to_str().unwrap()],
-    );
+    let (r, report) = pitr_started(&c, &wv, &["--target-lsn", &after[11]]);
     assert_eq!(report["state"], "promoted", "{report}");
     assert_eq!(
         r.psql("SELECT count(*) || ':' || max(id) FROM marker"),

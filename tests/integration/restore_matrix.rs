@@ -5,29 +5,11 @@
 //! Also `restore --delta` over a changed copy.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
 use crate::support::s3::S3Server;
-use crate::support::walvault_bin;
-
-fn walvault(bin: &Path, repo: &[String], args: &[&str]) -> Output {
-    let out = Command::new(bin)
-        .args(args)
-        .args(repo)
-        .env_remove("WALVAULT_REPO")
-        .env_remove("WALVAULT_PASSPHRASE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "walvault {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use crate::support::Walvault;
 
 /// Where the timeline of a promoted restore branched off: the end of the
 /// last record recovery replayed.
@@ -48,21 +30,7 @@ fn assert_checksums_clean(dst: &PgCluster) {
     assert!(check.pages > 100, "too few pages checked: {check:?}");
     assert!(check.bad.is_empty(), "bad pages: {:?}", check.bad);
     // the server's own tool too, where the matching one is installed
-    let tool = dst.bindir.join("pg_checksums");
-    if tool.exists() {
-        let out = dst
-            .command(&tool)
-            .args(["--check", "-D", dst.datadir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_checksums: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Bad checksums:  0"));
-    }
+    dst.pg_checksums_clean();
 }
 
 /// "12.5 MiB" → bytes.
@@ -99,8 +67,8 @@ fn delta_summary(text: &str) -> (u64, u64) {
 
 struct Setup {
     src: PgCluster,
-    bin: PathBuf,
-    repo: Vec<String>,
+    /// `walvault … --repo DIR` or `… --config FILE` (an S3 repository).
+    wv: Walvault,
     _work: tempfile::TempDir,
     _s3: Option<S3Server>,
 }
@@ -112,28 +80,22 @@ async fn setup(major: Option<u32>, s3: bool) -> Setup {
     });
     src.pgbench(&["-i", "-s", "2", "-q"]);
     let work = tempfile::tempdir().unwrap();
+    // the restored servers' restore_command (as their OS user) reaches the
+    // repository or the config file inside
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    // a copy of the binary the server's OS user can run as restore_command
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
-    let (repo, server) = if s3 {
+    let (wv, server) = if s3 {
         let server = S3Server::start().await;
         // a config file, readable by the restored servers' restore_command
-        let cfg = work.path().join("walvault.toml");
-        crate::support::s3::write_config_file(&cfg, &server.url("matrix"), &server.config());
-        (
-            vec!["--config".to_owned(), cfg.display().to_string()],
-            Some(server),
-        )
+        let (_, wv) =
+            crate::support::s3::config_repo(work.path(), &server.url("matrix"), &server.config());
+        (wv, Some(server))
     } else {
-        let dir = work.path().join("repo");
-        (vec!["--repo".to_owned(), dir.display().to_string()], None)
+        (Walvault::new().repo(work.path().join("repo")), None)
     };
-    walvault(&bin, &repo, &["init"]);
+    wv.args(["init"]).ok();
     Setup {
         src,
-        bin,
-        repo,
+        wv,
         _work: work,
         _s3: server,
     }
@@ -148,8 +110,7 @@ fn restore(s: &Setup, dst: &PgCluster, extra: &[&str]) -> String {
         dst.datadir.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let out = walvault(&s.bin, &s.repo, &args);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    s.wv.args(args).ok().stdout
 }
 
 /// Backup under load, restore, recover; the content equals the source's at
@@ -157,18 +118,15 @@ fn restore(s: &Setup, dst: &PgCluster, extra: &[&str]) -> String {
 async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster, PgCluster) {
     let s = setup(major, s3).await;
     // the reference: an earlier backup, restored as a delayed standby
-    walvault(
-        &s.bin,
-        &s.repo,
-        &[
-            "backup",
-            "--pg",
-            &s.src.conninfo(),
-            "--fast",
-            "--label",
-            "reference",
-        ],
-    );
+    s.wv.args([
+        "backup",
+        "--pg",
+        &s.src.conninfo(),
+        "--fast",
+        "--label",
+        "reference",
+    ])
+    .ok();
     let mut reference = PgCluster::for_restore(&s.src.bindir);
     restore(&s, &reference, &[]);
     reference.start_delayed_standby(&s.src);
@@ -178,12 +136,10 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
         "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
     );
     let mut bench = s.src.pgbench_load(5).spawn().unwrap();
-    let out = walvault(
-        &s.bin,
-        &s.repo,
-        &["backup", "--pg", &s.src.conninfo(), "--fast"],
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("complete"));
+    let out =
+        s.wv.args(["backup", "--pg", &s.src.conninfo(), "--fast"])
+            .ok();
+    assert!(out.stdout.contains("complete"), "{}", out.stdout);
     assert!(bench.wait().unwrap().success());
     // WAL after the backup, so the reference can see past its end
     s.src
@@ -230,18 +186,11 @@ async fn pg15_on_s3_exact_content_then_delta_restore() {
 
     // a running server is refused
     dst.start_again();
-    let out = Command::new(&s.bin)
-        .args([
-            "restore",
-            "--delta",
-            "--pgdata",
-            dst.datadir.to_str().unwrap(),
-        ])
-        .args(&s.repo)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err =
+        s.wv.args(["restore", "--delta", "--pgdata"])
+            .arg(&dst.datadir)
+            .fails()
+            .stderr;
     assert!(err.contains("postmaster.pid"), "{err}");
     // nothing was written, so nothing is called incomplete
     assert!(!err.contains("incomplete"), "{err}");
@@ -275,18 +224,10 @@ async fn pg15_on_s3_exact_content_then_delta_restore() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn other_majors_exact_content() {
-    let majors = crate::support::pg::requested_majors();
-    if majors.is_empty() {
-        eprintln!("WALVAULT_PG_VERSIONS not set: only PostgreSQL 15 is tested");
+    let Some(majors) = crate::support::pg::other_majors_or_skip(&[]) else {
         return;
-    }
+    };
     for major in majors {
-        if !crate::support::pg::bindir(Some(major))
-            .join("postgres")
-            .exists()
-        {
-            panic!("PostgreSQL {major} was requested but is not installed (scripts/install-pg-versions.sh)");
-        }
         let (_s, dst, _reference) = backup_restore_exact(Some(major), false).await;
         assert_eq!(dst.major, major);
     }

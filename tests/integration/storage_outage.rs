@@ -4,8 +4,8 @@
 //! `walvault backup` write to it. Nothing may stop and nothing may be lost.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use walvault::pg::Lsn;
@@ -14,146 +14,16 @@ use walvault::storage::Storage;
 use crate::support::garage_cluster::GarageCluster;
 use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
 use crate::support::s3::S3Server;
-use crate::support::stream::StreamFiles;
-use crate::support::walvault_bin;
+use crate::support::stream::Streamer;
+use crate::support::{hold, wait_for, wait_until, wait_until_async, Walvault};
 
-/// The walvault binary and the options that point it at one repository.
-struct Cli {
-    bin: PathBuf,
-    /// `--repo URL` or `--config FILE`.
-    global: Vec<String>,
-    env: Vec<(&'static str, String)>,
-}
-
-impl Cli {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args)
-            .args(&self.global)
-            .env_remove("WALVAULT_REPO")
-            .env_remove("WALVAULT_PASSPHRASE")
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run walvault")
-    }
-
-    fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "walvault {args:?} failed: {}\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// `wal-verify --json`: no gap and no damaged segment. Returns the report.
-    fn assert_wal_continuous(&self) -> serde_json::Value {
-        let out = self.run(&["wal-verify", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "wal-verify --json printed no JSON ({e}): {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
-        assert_eq!(v["damaged"], serde_json::json!([]), "{v}");
-        assert!(out.status.success(), "{v}");
-        v
-    }
-}
-
-/// A `walvault stream` child process with a status file.
-struct Streamer {
-    child: Option<Child>,
-    files: StreamFiles,
-}
-
-impl Streamer {
-    fn start(cli: &Cli, conninfo: &str, dir: &Path) -> Streamer {
-        let files = StreamFiles {
-            status: dir.join("stream.status.json"),
-            log: dir.join("stream.log"),
-        };
-        let child = cli
-            .command(&[
-                "stream",
-                "--pg",
-                conninfo,
-                "--status-interval",
-                "1",
-                "--partial-interval",
-                "0.2",
-                "--status-file",
-                files.status.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&files.log).unwrap())
-            .spawn()
-            .unwrap();
-        Streamer {
-            child: Some(child),
-            files,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.files.log()
-    }
-
-    /// The process has not exited.
-    fn running(&mut self) -> bool {
-        matches!(
-            self.child.as_mut().map(|c| c.try_wait().unwrap()),
-            Some(None)
-        )
-    }
-
-    fn assert_running(&mut self, when: &str) {
-        assert!(self.running(), "the stream exited {when}:\n{}", self.log());
-    }
-
-    fn durable(&self) -> Option<Lsn> {
-        self.files.durable()
-    }
-
-    fn wait_durable(&self, lsn: Lsn, within: Duration) {
-        self.files.wait_durable(lsn, within)
-    }
-
-    /// SIGTERM: the stream uploads what it received and exits 0.
-    fn stop(&mut self) {
-        if let Some(c) = self.child.take() {
-            self.files.terminate(c);
-        }
-    }
-}
-
-impl Drop for Streamer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn lsn(c: &PgCluster, sql: &str) -> Lsn {
-    c.psql(sql).parse().unwrap()
-}
-
-fn insert_lsn(c: &PgCluster) -> Lsn {
-    lsn(c, "SELECT pg_current_wal_insert_lsn()")
-}
-
-fn wal_file(c: &PgCluster, at: Lsn) -> String {
-    c.psql(&format!("SELECT pg_walfile_name('{at}')"))
+/// `wal-verify --json` through `wv`: no gap and no damaged segment.
+/// Returns the report.
+fn assert_wal_continuous(wv: &Walvault) -> serde_json::Value {
+    let v = wv.args(["wal-verify", "--json"]).ok().json();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+    assert_eq!(v["damaged"], serde_json::json!([]), "{v}");
+    v
 }
 
 /// The name of the 16 MiB segment on timeline 1 that holds the byte at
@@ -179,12 +49,12 @@ fn segments(from: &str, through: &str) -> Vec<String> {
 
 /// Each of `names`, fetched from the repository with `wal-fetch`, equals
 /// the server's file in pg_wal byte for byte.
-fn assert_fetched_equal_server(cli: &Cli, c: &PgCluster, names: &[String], dir: &Path) {
+fn assert_fetched_equal_server(wv: &Walvault, c: &PgCluster, names: &[String], dir: &Path) {
     let dest = dir.join("fetched");
     for n in names {
         let server = std::fs::read(c.datadir.join("pg_wal").join(n))
             .unwrap_or_else(|e| panic!("the server no longer has {n}: {e}"));
-        cli.ok(&["wal-fetch", "--prefetch", "0", n, dest.to_str().unwrap()]);
+        wv.args(["wal-fetch", "--prefetch", "0", n]).arg(&dest).ok();
         let ours = std::fs::read(&dest).unwrap();
         assert!(
             ours == server,
@@ -212,38 +82,57 @@ async fn stream_rides_out_a_30s_storage_outage() {
     });
     c.pgbench(&["-i", "-s", "1", "-q"]);
     let work = tempfile::tempdir().unwrap();
-    let cli = Cli {
-        bin: walvault_bin(),
-        global: vec!["--repo".into(), s3.url("outage")],
-        env: s3.env(),
-    };
-    cli.ok(&["init"]);
-    let mut stream = Streamer::start(&cli, &c.conninfo(), work.path());
-    cli.ok(&["backup", "--pg", &c.conninfo(), "--fast"]);
-    stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
+    let wv = Walvault::new().repo(s3.url("outage")).envs(s3.env());
+    wv.args(["init"]).ok();
+    let mut stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
+    wv.args(["backup", "--pg", &c.conninfo(), "--fast"]).ok();
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(30));
 
+    let before = c.insert_lsn();
     let mut bench = c.pgbench_load(35).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // the store dies while the stream uploads pgbench's WAL
+    let loaded = wait_for(Duration::from_secs(30), "pgbench to write WAL", || {
+        let now = c.insert_lsn();
+        if now > before {
+            Ok(now)
+        } else {
+            Err(format!("WAL ends at {now}"))
+        }
+    });
+    stream.wait_durable(loaded, Duration::from_secs(30));
     s3.stop();
     let outage = Instant::now();
-    // uploads in flight when the store died fail; what is durable now stays
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // uploads in flight when the store died fail; the stream says so, and
+    // what is durable then stays
+    wait_until(
+        Duration::from_secs(30),
+        "the stream to notice the outage",
+        || stream.log().contains("stream interrupted"),
+    );
     let held = stream.durable().expect("no durable position");
-    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
-    stream.assert_running("while the store was down");
-    let during = stream.durable();
-    assert!(
-        during.is_some_and(|d| d <= held),
-        "WAL became durable while the store was down: {during:?} after {held}"
+    // the store stays down for 30 s (the subject of the test): all along,
+    // the stream runs and nothing more becomes durable
+    hold(
+        Duration::from_secs(30).saturating_sub(outage.elapsed()),
+        "the stream running with nothing more durable while the store is down",
+        || {
+            if !stream.running() {
+                return Err(format!("the stream exited:\n{}", stream.log()));
+            }
+            match stream.durable() {
+                Some(d) if d <= held => Ok(()),
+                d => Err(format!("durable at {d:?} after {held}")),
+            }
+        },
     );
 
     // the slot held the WAL: not released past what is durable, and a
     // checkpoint (which would recycle every segment before the current
     // one) leaves every segment since then in pg_wal
     c.psql("CHECKPOINT");
-    let now = insert_lsn(&c);
+    let now = c.insert_lsn();
     let held_seg = segment_at(held);
-    let now_seg = wal_file(&c, now);
+    let now_seg = c.walfile_name(now);
     assert!(
         seg_no(&now_seg) >= seg_no(&held_seg) + 2,
         "too little WAL during the outage to prove anything: {held} .. {now}"
@@ -268,16 +157,18 @@ async fn stream_rides_out_a_30s_storage_outage() {
         );
     }
     // from here on keep WAL for the byte comparison below (the slot lets go
-    // of it once it is durable)
+    // of it once it is durable); the checkpoint after the reload is the
+    // first one that runs with the new setting, so none recycles it
     c.psql("ALTER SYSTEM SET wal_keep_size = '4GB'");
-    c.psql("SELECT pg_reload_conf()");
+    c.reload_conf();
+    c.psql("CHECKPOINT");
 
     s3.start_again().await;
     let back = Instant::now();
     assert!(bench.wait().unwrap().success(), "pgbench failed");
-    let end = lsn(&c, "SELECT pg_switch_wal()");
-    let last_seg = wal_file(&c, end);
-    stream.wait_durable(insert_lsn(&c), Duration::from_secs(90));
+    let end = c.lsn("SELECT pg_switch_wal()");
+    let last_seg = c.walfile_name(end);
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(90));
     eprintln!(
         "outage of {:?}: durable stayed at {held} while the server wrote up to {now} \
          ({} segments held by the slot); caught up through {last_seg} {:?} after the store came back",
@@ -292,10 +183,10 @@ async fn stream_rides_out_a_30s_storage_outage() {
         "the stream never noticed the outage:\n{log}"
     );
 
-    let v = cli.assert_wal_continuous();
+    let v = assert_wal_continuous(&wv);
     let newest = v["newest"].as_str().unwrap_or_default();
     assert!(newest >= last_seg.as_str(), "{v}");
-    assert_fetched_equal_server(&cli, &c, &segments(&held_seg, &last_seg), work.path());
+    assert_fetched_equal_server(&wv, &c, &segments(&held_seg, &last_seg), work.path());
     stream.stop();
     c.stop(StopMode::Fast);
 }
@@ -320,25 +211,18 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
          FROM generate_series(1, 300000) g",
     );
     let work = tempfile::tempdir().unwrap();
+    // a config file the restored server's restore_command (run as the
+    // server's OS user) can read
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    // a copy of the binary and a config file the restored server's
-    // restore_command (run as the server's OS user) can use
-    let bin = work.path().join("walvault");
-    std::fs::copy(walvault_bin(), &bin).unwrap();
-    let cfg = work.path().join("walvault.toml");
-    crate::support::s3::write_config_file(&cfg, &garage.url("cluster"), &garage.config());
-    let cli = Cli {
-        bin,
-        global: vec!["--config".into(), cfg.display().to_string()],
-        env: Vec::new(),
-    };
-    cli.ok(&["init"]);
-    let mut stream = Streamer::start(&cli, &c.conninfo(), work.path());
-    stream.wait_durable(insert_lsn(&c), Duration::from_secs(30));
+    let (_, wv) =
+        crate::support::s3::config_repo(work.path(), &garage.url("cluster"), &garage.config());
+    wv.args(["init"]).ok();
+    let mut stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(30));
 
     let mut bench = c.pgbench_load(15).spawn().unwrap();
-    let mut backup = cli
-        .command(&[
+    let mut backup = wv
+        .args([
             "backup",
             "--pg",
             &c.conninfo(),
@@ -346,6 +230,7 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
             "--label",
             "node lost",
         ])
+        .command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -353,22 +238,21 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
     // node 3 dies once the backup holds its lease on the repository (it
     // takes it before it reads the server's files and writes its packs)
     let store = garage.storage("cluster").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            backup.try_wait().unwrap().is_none(),
-            "the backup ended before node 3 could be killed during it"
-        );
-        assert!(Instant::now() < deadline, "the backup took no lease");
-        let leased = store
-            .list_page("main/locks/", None)
-            .await
-            .is_ok_and(|p| !p.objects.is_empty());
-        if leased {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_async(
+        Duration::from_secs(60),
+        "the backup to take its lease",
+        async || {
+            assert!(
+                backup.try_wait().unwrap().is_none(),
+                "the backup ended before node 3 could be killed during it"
+            );
+            store
+                .list_page("main/locks/", None)
+                .await
+                .is_ok_and(|p| !p.objects.is_empty())
+        },
+    )
+    .await;
     // node 3 holds copies (3 zones, 3 copies): losing it loses a replica
     assert!(garage.data_files(3) > 0, "node 3 holds no data blocks");
     garage.kill(3);
@@ -405,17 +289,13 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
     // with one node gone to see it
     c.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
     c.psql("SELECT pg_switch_wal()");
-    stream.wait_durable(insert_lsn(&c), Duration::from_secs(60));
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(60));
     stream.assert_running("after node 3 was lost");
     assert!(garage.is_running(1) && garage.is_running(2));
     let want = table_hashes(&c, PASSWORD_USER);
 
-    cli.assert_wal_continuous();
-    let listed = cli.ok(&["list", "--json"]);
-    let backups: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert_wal_continuous(&wv);
+    let backups = wv.args(["list", "--json"]).ok().json_lines();
     assert_eq!(backups.len(), 1, "{backups:?}");
     assert_eq!(backups[0]["label"], "node lost");
     assert_eq!(backups[0]["status"], "complete");
@@ -426,18 +306,11 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
 
     // restore with node 3 still gone, recover, compare with the source
     let mut dst = PgCluster::for_restore(&c.bindir);
-    let out = cli.ok(&[
-        "restore",
-        "--backup",
-        "latest",
-        "--pgdata",
-        dst.datadir.to_str().unwrap(),
-    ]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("restored backup"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = wv
+        .args(["restore", "--backup", "latest", "--pgdata"])
+        .arg(&dst.datadir)
+        .ok();
+    assert!(out.stdout.contains("restored backup"), "{}", out.stdout);
     dst.start_restored();
     assert_eq!(
         dst.psql_db(PASSWORD_USER, "SELECT count(*) FROM pgbench_accounts"),

@@ -5,18 +5,22 @@
 //! play a lost node; everything is stopped and deleted when dropped.
 //!
 //! Clients talk to node 1's S3 endpoint; the other nodes hold replicas.
+//! A node that finds a port taken between [`super::free_port`] and the bind starts
+//! over on new ports, before the nodes are connected.
 
 use std::fs;
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Output};
+use std::time::Duration;
 
 use walvault::storage::{S3Config, S3};
 
-use super::s3::{garage_bin, garage_config, wait_for_bucket, BUCKET};
-use super::{free_port, hex, tmp_base};
+use super::s3::{
+    configure_node, file_len, garage, garage_config, port_taken, spawn_logged, wait_for_bucket,
+    Ports, BUCKET, START_ATTEMPTS,
+};
+use super::{hex, tmp_base, wait_for_async, wait_until_async};
 
 /// Copies Garage keeps of every block and metadata entry.
 pub const REPLICATION_FACTOR: usize = 3;
@@ -26,47 +30,60 @@ pub const REPLICATION_FACTOR: usize = 3;
 struct Node {
     dir: PathBuf,
     child: Option<Child>,
-    s3_port: u16,
-    rpc_port: u16,
-    admin_port: u16,
+    ports: Ports,
+    rpc_secret: String,
+    /// Where the log of the latest start begins.
+    log_from: u64,
 }
 
 impl Node {
+    /// A node in `dir` (created), not configured yet.
+    fn new(dir: PathBuf, rpc_secret: &str) -> Node {
+        fs::create_dir(&dir).expect("node dir");
+        Node {
+            dir,
+            child: None,
+            ports: Ports::default(),
+            rpc_secret: rpc_secret.to_owned(),
+            log_from: 0,
+        }
+    }
+
+    /// New free ports in a new config, on empty metadata and data
+    /// directories (nothing of a start that failed stays).
+    fn configure(&mut self) {
+        let settings = format!(
+            "replication_factor = {REPLICATION_FACTOR}\n\
+             consistency_mode = \"consistent\"\n\
+             bootstrap_peers = []"
+        );
+        self.ports = configure_node(&self.dir, &settings, &self.rpc_secret);
+    }
+
     fn config(&self) -> PathBuf {
         self.dir.join("garage.toml")
     }
 
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("garage.log")
+    }
+
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("garage.log"))
-            .expect("garage log");
-        let child = Command::new(garage_bin())
-            .arg("-c")
-            .arg(self.config())
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start garage");
-        self.child = Some(child);
+        self.log_from = file_len(&self.log_path());
+        let mut cmd = garage(&self.config());
+        cmd.arg("server");
+        self.child = Some(spawn_logged(cmd, &self.log_path()));
     }
 
     /// `garage -c <this node's config> args...`: the CLI talks to this node
     /// over RPC.
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(garage_bin())
-            .arg("-c")
-            .arg(self.config())
+        garage(&self.config())
             .args(args)
-            .env("RUST_LOG", "warn")
             .output()
             .expect("run the garage CLI")
     }
@@ -85,28 +102,47 @@ impl Node {
 
     /// `<node id>@127.0.0.1:<rpc port>`, once the node listens for RPC
     /// (the CLI reads the id from the node's key file, which is written
-    /// before the node listens).
-    async fn wait_id(&mut self, deadline: Instant) -> String {
-        loop {
+    /// before the node listens); a node that found a port taken is started
+    /// again on new ports.
+    async fn wait_started(&mut self) -> String {
+        for attempt in 1..=START_ATTEMPTS {
+            if let Some(id) = self.wait_id().await {
+                return id;
+            }
+            self.kill();
+            assert!(
+                attempt < START_ATTEMPTS,
+                "garage node in {} found a port taken {START_ATTEMPTS} times:\n{}",
+                self.dir.display(),
+                self.log()
+            );
+            self.configure();
+            self.spawn();
+        }
+        unreachable!("every attempt returns or panics")
+    }
+
+    /// The node's id once it listens for RPC; `None` when it found a port taken.
+    async fn wait_id(&mut self) -> Option<String> {
+        let what = format!("garage node in {} to start", self.dir.display());
+        wait_for_async(Duration::from_secs(120), &what, async || {
+            if port_taken(&self.log_path(), self.log_from) {
+                return Ok(None);
+            }
             let out = self.cli(&["node", "id", "-q"]);
-            if out.status.success() && TcpStream::connect(("127.0.0.1", self.rpc_port)).is_ok() {
-                return String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if out.status.success() && TcpStream::connect(("127.0.0.1", self.ports.rpc)).is_ok() {
+                return Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()));
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("garage exited ({status}):\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "garage node in {} did not start:\n{}",
-                self.dir.display(),
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Err(String::new())
+        })
+        .await
     }
 
     fn health_ok(&self) -> bool {
-        super::s3::healthy(self.admin_port)
+        super::s3::healthy(self.ports.admin)
     }
 
     fn kill(&mut self) {
@@ -147,24 +183,17 @@ impl GarageCluster {
             dir,
         };
         for i in 1..=n {
-            let node = Node {
-                dir: cluster.dir.join(format!("n{i}")),
-                child: None,
-                s3_port: free_port(),
-                rpc_port: free_port(),
-                admin_port: free_port(),
-            };
-            fs::create_dir(&node.dir).expect("node dir");
-            write_config(&node, &rpc_secret);
+            let mut node = Node::new(cluster.dir.join(format!("n{i}")), &rpc_secret);
+            node.configure();
             cluster.nodes.push(node);
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
         let mut ids = Vec::with_capacity(n);
+        // every node starts at once; each is waited for in turn
         for node in &mut cluster.nodes {
             node.spawn();
         }
         for node in &mut cluster.nodes {
-            ids.push(node.wait_id(deadline).await);
+            ids.push(node.wait_started().await);
         }
         let first = &cluster.nodes[0];
         for id in &ids[1..] {
@@ -175,7 +204,7 @@ impl GarageCluster {
         for (i, id) in ids.iter().enumerate() {
             let short = id.split('@').next().expect("node id");
             let zone = format!("dc{}", i + 1);
-            assign_when_known(first, &zone, short, deadline).await;
+            assign_when_known(first, &zone, short).await;
         }
         first.cli_ok(&["layout", "apply", "--version", "1"]);
         first.cli_ok(&[
@@ -199,24 +228,25 @@ impl GarageCluster {
             &cluster.access_key,
         ]);
         for (i, node) in cluster.nodes.iter().enumerate() {
-            while !node.health_ok() {
+            let what = format!("garage node {} to become healthy", i + 1);
+            wait_until_async(Duration::from_secs(120), &what, async || {
+                // (the cluster's logs are printed if this panics)
                 assert!(
-                    Instant::now() < deadline,
-                    "garage node {} did not become healthy:\n{}",
-                    i + 1,
-                    node.log()
+                    !port_taken(&node.log_path(), node.log_from),
+                    "garage node {} found a port taken after it started",
+                    i + 1
                 );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                node.health_ok()
+            })
+            .await;
         }
-        let store = cluster.storage("").await;
-        wait_for_bucket(&store, deadline, || cluster.nodes[0].log()).await;
+        wait_for_bucket(&cluster.storage("").await).await;
         cluster
     }
 
     /// `http://127.0.0.1:PORT` of node `i` (1-based).
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.nodes[i - 1].s3_port)
+        format!("http://127.0.0.1:{}", self.nodes[i - 1].ports.s3)
     }
 
     /// The connection settings of node 1 as walvault's `[s3]` table.
@@ -284,53 +314,17 @@ impl Drop for GarageCluster {
     }
 }
 
-fn write_config(node: &Node, rpc_secret: &str) {
-    let d = node.dir.display();
-    let config = format!(
-        r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-metadata_fsync = false
-data_fsync = false
-replication_factor = {REPLICATION_FACTOR}
-consistency_mode = "consistent"
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{rpc_secret}"
-bootstrap_peers = []
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-
-[admin]
-api_bind_addr = "127.0.0.1:{admin}"
-admin_token = "{token}"
-"#,
-        rpc = node.rpc_port,
-        s3 = node.s3_port,
-        admin = node.admin_port,
-        token = hex(32),
-    );
-    let path = node.config();
-    fs::write(&path, config).expect("write garage.toml");
-    // garage refuses a config holding secrets that others can read
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-}
-
 /// `layout assign` of node `id` to `zone`, retried until node 1 has heard of
 /// the node (right after `node connect` its peer list may still lag).
-async fn assign_when_known(first: &Node, zone: &str, id: &str, deadline: Instant) {
-    loop {
+async fn assign_when_known(first: &Node, zone: &str, id: &str) {
+    let what = format!("garage layout assign {zone} {id} to succeed");
+    wait_for_async(Duration::from_secs(60), &what, async || {
         let out = first.cli(&["layout", "assign", "-z", zone, "-c", "1G", id]);
         if out.status.success() {
-            return;
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
-        assert!(
-            Instant::now() < deadline,
-            "garage layout assign {zone} {id} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }

@@ -7,6 +7,11 @@ pub mod garage_cluster;
 pub mod pg;
 pub mod s3;
 pub mod stream;
+pub mod wait;
+pub mod walvault;
+
+pub use wait::{hold, wait_for, wait_for_async, wait_until, wait_until_async};
+pub use walvault::Walvault;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -45,11 +50,6 @@ pub fn hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
-}
-
-/// The walvault binary built for these tests.
-pub fn walvault_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_walvault"))
 }
 
 /// Hand `path` (recursively) to the server's OS user when the tests run as
@@ -157,18 +157,29 @@ impl std::io::Read for SynthReader {
     }
 }
 
-/// Poll `cond` until it holds; panics naming `what` when it still does not
-/// after `within`. The one way tests wait for something to happen: never a
-/// fixed sleep.
-pub fn wait_until(within: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(5);
-    while !cond() {
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_millis(100));
-    }
+/// Say that the running test is skipped, and why, in one line on standard
+/// error (`SKIPPED: <test>: <reason>`); the test then returns. The nextest
+/// profiles show the output of the tests that can skip even when they pass.
+pub fn skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_owned();
+    eprintln!("SKIPPED: {test}: {reason}");
+}
+
+/// A random number generator for a randomized test, from the seed in
+/// `WALVAULT_TEST_SEED` (to replay a run) or a fresh one. The seed is
+/// printed first, so a failure's output tells how to replay it.
+pub fn seeded_rng() -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = match std::env::var("WALVAULT_TEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("WALVAULT_TEST_SEED={s:?} is not a u64: {e}")),
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("seed {seed} (replay with WALVAULT_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
 }

@@ -17,12 +17,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, User};
+use walvault::pg::Lsn;
 
-use super::{cache_root, free_port, tmp_base};
+use super::{cache_root, free_port, tmp_base, wait_for, wait_until};
 
 /// Login role authenticated by password (SCRAM-SHA-256) over TCP.
 pub const PASSWORD_USER: &str = "walvault_test";
@@ -79,6 +80,34 @@ pub fn requested_majors() -> Vec<u32> {
         .collect()
 }
 
+/// The majors `WALVAULT_PG_VERSIONS` asks for, but those in `tested`
+/// (covered by other tests); when that leaves none, says the running test
+/// is skipped and returns `None`. A major asked for but not installed is
+/// an error, not a skip.
+pub fn other_majors_or_skip(tested: &[u32]) -> Option<Vec<u32>> {
+    let majors: Vec<u32> = requested_majors()
+        .into_iter()
+        .filter(|m| !tested.contains(m))
+        .collect();
+    if majors.is_empty() {
+        let others = match tested {
+            [] => String::new(),
+            _ => format!(" other than {tested:?}"),
+        };
+        super::skip(&format!(
+            "WALVAULT_PG_VERSIONS asks for no major{others} (e.g. WALVAULT_PG_VERSIONS='13 17')"
+        ));
+        return None;
+    }
+    for m in &majors {
+        assert!(
+            bindir(Some(*m)).join("postgres").exists(),
+            "PostgreSQL {m} was requested but is not installed (scripts/install-pg-versions.sh)"
+        );
+    }
+    Some(majors)
+}
+
 /// The OS user server programs run as, when the tests run as root.
 #[derive(Debug, Clone)]
 struct OsUser {
@@ -126,6 +155,14 @@ impl PgCluster {
     /// initdb + start a cluster with the default options.
     pub fn start() -> PgCluster {
         PgCluster::start_with(PgOptions::default())
+    }
+
+    /// initdb + start a cluster of PostgreSQL `major`.
+    pub fn start_major(major: u32) -> PgCluster {
+        PgCluster::start_with(PgOptions {
+            major: Some(major),
+            ..PgOptions::default()
+        })
     }
 
     /// initdb + start a cluster.
@@ -205,15 +242,10 @@ impl PgCluster {
         self.start_restored_server();
         // pg_ctl returns once read-only connections are accepted (consistent),
         // which may be before recovery has replayed everything and promoted
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.psql("SELECT pg_is_in_recovery()") == "t" {
-            assert!(
-                Instant::now() < deadline,
-                "recovery did not finish:\n{}",
-                self.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // (the server log is printed if the wait panics)
+        wait_until(Duration::from_secs(120), "the end of recovery", || {
+            self.psql("SELECT pg_is_in_recovery()") == "f"
+        });
     }
 
     /// Start a data directory restored into `self.datadir` as a streaming
@@ -239,15 +271,19 @@ impl PgCluster {
     /// Returns that segment's name.
     pub fn switch_and_wait_archived(&self) -> String {
         let last = self.psql("SELECT pg_walfile_name(pg_switch_wal())");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last {
-            assert!(
-                Instant::now() < deadline,
-                "archiving stalled: {}",
-                self.psql("SELECT * FROM pg_stat_archiver")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(
+            Duration::from_secs(60),
+            &format!("the archiver to archive {last}"),
+            || {
+                let archived =
+                    self.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+                if archived >= last {
+                    Ok(())
+                } else {
+                    Err(self.psql("SELECT * FROM pg_stat_archiver"))
+                }
+            },
+        );
         assert_eq!(self.psql("SELECT failed_count FROM pg_stat_archiver"), "0");
         last
     }
@@ -265,15 +301,11 @@ impl PgCluster {
         ));
         self.write_file("postgresql.auto.conf", &text);
         self.start_server();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.psql("SELECT pg_is_wal_replay_paused()") != "t" {
-            assert!(
-                Instant::now() < deadline,
-                "the standby did not reach {lsn}:\n{}",
-                self.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            Duration::from_secs(120),
+            &format!("the standby to pause replay at {lsn}"),
+            || self.psql("SELECT pg_is_wal_replay_paused()") == "t",
+        );
     }
 
     /// Give a restored data directory to the server's OS user, this
@@ -412,6 +444,11 @@ impl PgCluster {
         }
     }
 
+    /// The OS user the server runs as (`None`: the test's own user).
+    pub fn os_user(&self) -> Option<&str> {
+        self.user.as_ref().map(|u| u.name.as_str())
+    }
+
     /// A command that runs `program` as the server's OS user.
     pub fn command(&self, program: &Path) -> Command {
         match &self.user {
@@ -525,6 +562,41 @@ impl PgCluster {
         let _ = fs::remove_file(self.datadir.join("postmaster.pid"));
         let _ = fs::remove_file(self.sockdir.join(format!(".s.PGSQL.{}.lock", self.port)));
         self.running = false;
+    }
+
+    /// Reload the configuration files (`pg_reload_conf()`) and return once
+    /// the postmaster has reloaded them: a new session sees a later
+    /// `pg_conf_load_time()`, so every connection made from now on is
+    /// checked against the new pg_hba.conf and starts with the new settings.
+    /// Background processes (the checkpointer, walsenders) apply them at
+    /// their next loop; a `CHECKPOINT` after this one runs with them.
+    pub fn reload_conf(&self) {
+        let before = self.psql("SELECT pg_conf_load_time()");
+        self.psql("SELECT pg_reload_conf()");
+        // psql opens a new session (a new backend, forked by the postmaster
+        // after it finished the reload once it shows the new time)
+        wait_until(Duration::from_secs(30), "the configuration reload", || {
+            self.psql(&format!(
+                "SELECT pg_conf_load_time() > '{before}'::timestamptz"
+            )) == "t"
+        });
+    }
+
+    /// The LSN a query returns.
+    pub fn lsn(&self, sql: &str) -> Lsn {
+        let text = self.psql(sql);
+        text.parse()
+            .unwrap_or_else(|e| panic!("{sql} returned {text:?}, not an LSN: {e}"))
+    }
+
+    /// `pg_current_wal_insert_lsn()`: the end of the WAL written so far.
+    pub fn insert_lsn(&self) -> Lsn {
+        self.lsn("SELECT pg_current_wal_insert_lsn()")
+    }
+
+    /// `pg_walfile_name(at)`: the WAL file holding the byte before `at`.
+    pub fn walfile_name(&self, at: Lsn) -> String {
+        self.psql(&format!("SELECT pg_walfile_name('{at}')"))
     }
 
     /// Promote a standby and wait until it accepts writes.
@@ -670,6 +742,29 @@ impl PgCluster {
         Ok(client)
     }
 
+    /// `pg_checksums --check` of the (stopped) data directory with the
+    /// server's own major, when installed: every page checksum verifies.
+    /// Returns whether the tool ran.
+    pub fn pg_checksums_clean(&self) -> bool {
+        let tool = self.bin("pg_checksums");
+        if !tool.exists() {
+            return false;
+        }
+        let out = self
+            .command(&tool)
+            .args(["--check", "-D"])
+            .arg(&self.datadir)
+            .output()
+            .expect("pg_checksums");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("Bad checksums:  0"),
+            "pg_checksums: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        true
+    }
+
     /// The server log so far.
     pub fn server_log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
@@ -771,8 +866,9 @@ pub fn crash(datadir: &Path) {
     if let Some(pid) = postmaster.filter(|p| runs_in(*p, &dir)) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = format!("the server of {} to go away after kill -9", dir.display());
+    wait_for(Duration::from_secs(30), &what, || {
+        // a process forked meanwhile is killed on the next round
         let procs = processes_in(&dir);
         for p in &procs {
             let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
@@ -780,16 +876,14 @@ pub fn crash(datadir: &Path) {
         let attached = shmid.map_or(0, shm_attached);
         let postmaster_alive = postmaster.is_some_and(|p| runs_in(p, &dir));
         if procs.is_empty() && attached == 0 && !postmaster_alive {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "processes {procs:?}, {attached} attached to shared memory {shmid:?}, \
+                 postmaster alive: {postmaster_alive}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the server of {} did not go away after kill -9 within 30 s: processes {procs:?}, \
-             {attached} attached to shared memory {shmid:?}, postmaster alive: {postmaster_alive}",
-            dir.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    });
 }
 
 /// Live (non-zombie) processes whose working directory is `dir` (a server's

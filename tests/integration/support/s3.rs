@@ -2,6 +2,10 @@
 //! free ports, a temp dir, a fresh key and a fresh bucket. Stopped and deleted
 //! when dropped.
 //!
+//! Garage does not exit when one of its ports is taken (it logs "Address
+//! already in use" and serves the others): a start that finds a port taken
+//! between [`free_port`] and the bind starts over on new ports.
+//!
 //! The binary: `WALVAULT_GARAGE_BIN`, else `<cache>/garage/bin/garage` (installed
 //! by `scripts/install-garage.sh`), else `garage` on the PATH.
 
@@ -9,13 +13,19 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walvault::storage::{S3Config, Storage, S3};
 
-use super::{cache_root, free_port, hex, tmp_base};
+use super::{cache_root, free_port, hex, tmp_base, wait_for_async, Walvault};
+
+/// How often a start is tried on new ports when one was taken.
+pub const START_ATTEMPTS: u32 = 3;
+
+/// What Garage logs when a port it binds is taken.
+const PORT_TAKEN: &str = "Address already in use";
 
 /// Bucket every test server creates.
 pub const BUCKET: &str = "walvault-test";
@@ -50,17 +60,34 @@ pub fn healthy(admin_port: u16) -> bool {
     String::from_utf8_lossy(&buf[..n]).contains(" 200")
 }
 
-/// Wait until listing the bucket through `store` works (a healthy node can
-/// still refuse requests while the layout settles); panic with `log()`
-/// after `deadline`.
-pub async fn wait_for_bucket(store: &S3, deadline: Instant, log: impl Fn() -> String) {
-    loop {
-        match store.list_page("", None).await {
-            Ok(_) => return,
-            Err(e) if Instant::now() > deadline => panic!("bucket not ready: {e}\n{}", log()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+/// Wait (up to a minute) until listing the bucket through `store` works (a
+/// healthy node can still refuse requests while the layout settles).
+pub async fn wait_for_bucket(store: &S3) {
+    wait_for_async(
+        Duration::from_secs(60),
+        "the bucket to answer",
+        async || {
+            store
+                .list_page("", None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await
+}
+
+/// Whether Garage's log, from byte `from` on, says a port was taken.
+pub fn port_taken(log: &Path, from: u64) -> bool {
+    fs::read(log).is_ok_and(|text| {
+        text.get(from as usize..)
+            .is_some_and(|new| String::from_utf8_lossy(new).contains(PORT_TAKEN))
+    })
+}
+
+/// The length of file `path` (0 when missing): where its next lines start.
+pub fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// `s3://walvault-test/<prefix>`: the test bucket, on any Garage.
@@ -91,7 +118,7 @@ pub fn garage_config(endpoint: &str, access_key: &str, secret_key: &str) -> S3Co
 /// A walvault config file at `path` for repository `repo_url` on the store
 /// `s3`, readable by every user (a restored server's restore_command runs as
 /// its OS user, without the test's environment).
-pub fn write_config_file(path: &std::path::Path, repo_url: &str, s3: &S3Config) {
+pub fn write_config_file(path: &Path, repo_url: &str, s3: &S3Config) {
     let text = format!(
         "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
         repo_url,
@@ -102,6 +129,15 @@ pub fn write_config_file(path: &std::path::Path, repo_url: &str, s3: &S3Config) 
     );
     fs::write(path, text).expect("write config file");
     fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod config file");
+}
+
+/// A config file `DIR/walvault.toml` written by [`write_config_file`] for
+/// repository `repo_url` on the store `s3`, and `walvault … --config FILE`.
+pub fn config_repo(dir: &Path, repo_url: &str, s3: &S3Config) -> (PathBuf, Walvault) {
+    let file = dir.join("walvault.toml");
+    write_config_file(&file, repo_url, s3);
+    let wv = Walvault::new().config(&file);
+    (file, wv)
 }
 
 /// Path of the Garage binary, or a panic that says how to install it.
@@ -125,93 +161,155 @@ pub fn garage_bin() -> PathBuf {
     })
 }
 
+/// The ports of one Garage node on 127.0.0.1.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ports {
+    pub s3: u16,
+    pub rpc: u16,
+    pub admin: u16,
+}
+
+/// Write `DIR/garage.toml` for a node on new free ports, with `settings`
+/// (lines of the top-level table: replication), on empty metadata and data
+/// directories (nothing of a start that failed stays).
+pub fn configure_node(dir: &Path, settings: &str, rpc_secret: &str) -> Ports {
+    for d in ["meta", "data"] {
+        let _ = fs::remove_dir_all(dir.join(d));
+    }
+    let ports = Ports {
+        s3: free_port(),
+        rpc: free_port(),
+        admin: free_port(),
+    };
+    let config = format!(
+        r#"metadata_dir = "{d}/meta"
+data_dir = "{d}/data"
+db_engine = "sqlite"
+metadata_fsync = false
+data_fsync = false
+{settings}
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{rpc_secret}"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:{s3}"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+admin_token = "{token}"
+"#,
+        d = dir.display(),
+        rpc = ports.rpc,
+        s3 = ports.s3,
+        admin = ports.admin,
+        token = hex(32),
+    );
+    let path = dir.join("garage.toml");
+    fs::write(&path, config).expect("write garage.toml");
+    // garage refuses a config holding secrets that others can read
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+    ports
+}
+
+/// `garage -c CONFIG`, logging warnings and errors only.
+pub fn garage(config: &Path) -> Command {
+    let mut c = Command::new(garage_bin());
+    c.arg("-c").arg(config).env("RUST_LOG", "warn");
+    c
+}
+
+/// Spawn a Garage server, its output appended to `log`.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("garage log");
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("start garage")
+}
+
 impl S3Server {
-    /// Start a fresh single-node server and wait until its bucket answers.
+    /// Start a fresh single-node server and wait until its bucket answers;
+    /// on new ports when one was taken meanwhile.
     pub async fn start() -> S3Server {
         let dir = tempfile::Builder::new()
             .prefix("walvault-garage-")
             .tempdir_in(tmp_base())
             .expect("temp dir")
             .keep();
-        let s3_port = free_port();
-        let rpc_port = free_port();
-        let admin_port = free_port();
-        let config = format!(
-            r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-metadata_fsync = false
-data_fsync = false
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc_port}"
-rpc_public_addr = "127.0.0.1:{rpc_port}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3_port}"
-
-[admin]
-api_bind_addr = "127.0.0.1:{admin_port}"
-admin_token = "{token}"
-"#,
-            d = dir.display(),
-            secret = hex(32),
-            token = hex(32),
-        );
-        let cfg_path = dir.join("garage.toml");
-        fs::write(&cfg_path, config).expect("write garage.toml");
-        // garage refuses a config holding secrets that others can read
-        fs::set_permissions(&cfg_path, fs::Permissions::from_mode(0o600)).expect("chmod");
         let mut server = S3Server {
             dir,
             child: None,
-            endpoint: format!("http://127.0.0.1:{s3_port}"),
+            endpoint: String::new(),
             access_key: format!("GK{}", hex(12)),
             secret_key: hex(32),
-            admin_port,
+            admin_port: 0,
         };
-        server.spawn();
-        server.wait_ready().await;
-        server
+        for attempt in 1..=START_ATTEMPTS {
+            server.configure();
+            let log_from = file_len(&server.log_path());
+            server.spawn();
+            if server.wait_healthy(log_from).await {
+                wait_for_bucket(&server.storage("").await).await;
+                return server;
+            }
+            server.stop();
+            assert!(
+                attempt < START_ATTEMPTS,
+                "garage found a port taken {START_ATTEMPTS} times:\n{}",
+                server.log()
+            );
+        }
+        unreachable!("every attempt returns or panics")
+    }
+
+    /// A config on new free ports (nothing of an attempt that failed stays).
+    fn configure(&mut self) {
+        let ports = configure_node(&self.dir, "replication_factor = 1", &hex(32));
+        self.endpoint = format!("http://127.0.0.1:{}", ports.s3);
+        self.admin_port = ports.admin;
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("garage.log")
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("garage.log"))
-            .expect("garage log");
-        let child = Command::new(garage_bin())
-            .arg("-c")
-            .arg(self.dir.join("garage.toml"))
-            .args(["server", "--single-node", "--default-bucket"])
+        let mut cmd = garage(&self.dir.join("garage.toml"));
+        cmd.args(["server", "--single-node", "--default-bucket"])
             .env("GARAGE_DEFAULT_ACCESS_KEY", &self.access_key)
             .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret_key)
-            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start garage");
-        self.child = Some(child);
+            .env("GARAGE_DEFAULT_BUCKET", BUCKET);
+        self.child = Some(spawn_logged(cmd, &self.log_path()));
     }
 
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !self.health_ok() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("garage exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "garage did not become healthy:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        wait_for_bucket(&self.storage("").await, deadline, || self.log()).await;
+    /// Wait (up to two minutes) until the server answers `/health`: true;
+    /// false when its log (from byte `log_from` on) says a port was taken.
+    async fn wait_healthy(&mut self, log_from: u64) -> bool {
+        wait_for_async(
+            Duration::from_secs(120),
+            "garage to become healthy",
+            async || {
+                if port_taken(&self.log_path(), log_from) {
+                    return Ok(false);
+                }
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    panic!("garage exited ({status}):\n{}", self.log());
+                }
+                if self.health_ok() {
+                    Ok(true)
+                } else {
+                    Err(String::new())
+                }
+            },
+        )
+        .await
     }
 
     fn health_ok(&self) -> bool {
@@ -253,14 +351,21 @@ admin_token = "{token}"
         }
     }
 
-    /// Start a stopped server again with the same data and keys.
+    /// Start a stopped server again with the same data, keys and ports
+    /// (clients know its endpoint: a port taken meanwhile is an error).
     pub async fn start_again(&mut self) {
+        let log_from = file_len(&self.log_path());
         self.spawn();
-        self.wait_ready().await;
+        assert!(
+            self.wait_healthy(log_from).await,
+            "garage's port was taken while it was stopped:\n{}",
+            self.log()
+        );
+        wait_for_bucket(&self.storage("").await).await;
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 }
 

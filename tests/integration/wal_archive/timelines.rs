@@ -1,0 +1,119 @@
+//! `walvault stream` across a timeline switch: a standby it streams from
+//! is promoted while it runs, and while it is down.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::support::pg::PgCluster;
+use crate::support::stream::Streamer;
+use crate::support::{wait_until, Walvault};
+
+/// A primary, a streaming standby of it, and `walvault stream` from the
+/// standby into a fresh repository.
+struct FromStandby {
+    primary: PgCluster,
+    standby: PgCluster,
+    work: tempfile::TempDir,
+    repo: PathBuf,
+    /// `walvault … --repo REPO`.
+    wv: Walvault,
+    stream: Streamer,
+}
+
+fn stream_from_a_standby() -> FromStandby {
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    let stream = Streamer::start(&wv, &standby.conninfo(), &["--partial-interval", "0.2"]);
+    FromStandby {
+        primary,
+        standby,
+        work,
+        repo,
+        wv,
+        stream,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_follows_a_promotion_to_the_next_timeline() {
+    let s = stream_from_a_standby();
+    // a backup taken from the standby, on timeline 1
+    s.wv.args(["backup", "--pg", &s.standby.conninfo(), "--fast"])
+        .ok();
+    s.primary
+        .psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
+    wait_until(
+        Duration::from_secs(30),
+        "the stream's first durable position",
+        || s.stream.durable().is_some(),
+    );
+    s.standby.promote();
+    s.standby
+        .psql("CREATE TABLE t2 AS SELECT g FROM generate_series(1, 1000) g");
+    let end = s.standby.lsn("SELECT pg_switch_wal()");
+    let tli2_seg = s.standby.walfile_name(end);
+    assert!(tli2_seg.starts_with("00000002"), "{tli2_seg}");
+    let stored = s.repo.join("main/wal/00000002").join(&tli2_seg);
+    wait_until(
+        Duration::from_secs(30),
+        &format!("timeline 2 to be followed ({tli2_seg} stored)"),
+        || stored.exists(),
+    );
+    assert!(s.repo.join("main/wal/00000002/00000002.history").exists());
+    assert!(
+        s.stream.log().contains("following timeline 2"),
+        "{}",
+        s.stream.log()
+    );
+    // byte for byte the promoted server's segment
+    let dest = s.work.path().join("seg");
+    s.wv.args(["wal-fetch", &tli2_seg]).arg(&dest).ok();
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(s.standby.datadir.join("pg_wal").join(&tli2_seg)).unwrap()
+    );
+    // continuous from the backup on timeline 1 through the switch to 2
+    let v = s.wv.args(["wal-verify", "--json"]).ok().json();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+    assert_eq!(v["newest"], tli2_seg.as_str(), "{v}");
+    assert!(v["segments_read"].as_u64().unwrap() >= 2, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_down_during_a_promotion_resumes_where_the_new_timeline_began() {
+    let mut s = stream_from_a_standby();
+    s.primary
+        .psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
+    s.stream
+        .wait_durable(s.primary.insert_lsn(), Duration::from_secs(30));
+    s.stream.kill9();
+    // promoted while nothing streams, and two segments written on timeline 2
+    s.standby.promote();
+    let first2 = s
+        .standby
+        .psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    assert!(first2.starts_with("00000002"), "{first2}");
+    s.standby
+        .psql("CREATE TABLE t2 AS SELECT g FROM generate_series(1, 1000) g");
+    s.standby.psql("SELECT pg_switch_wal()");
+    s.standby
+        .psql("CREATE TABLE t3 AS SELECT g FROM generate_series(1, 1000) g");
+    s.standby.psql("SELECT pg_switch_wal()");
+    s.stream.spawn();
+    let stored = s.repo.join("main/wal/00000002").join(&first2);
+    wait_until(
+        Duration::from_secs(30),
+        &format!("the first segment of timeline 2 ({first2}) to be stored, not skipped"),
+        || stored.exists(),
+    );
+    let dest = s.work.path().join("seg");
+    s.wv.args(["wal-fetch", &first2]).arg(&dest).ok();
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(s.standby.datadir.join("pg_wal").join(&first2)).unwrap()
+    );
+}
