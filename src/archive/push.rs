@@ -194,7 +194,8 @@ impl Reading {
         out: SyncSender<Arc<Vec<u8>>>,
         free: Receiver<Arc<Vec<u8>>>,
     ) -> Result<SegmentSummary, ArchiveError> {
-        let mut pages = PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e))?;
+        let mut pages =
+            PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e.to_string()))?;
         let mut summary = Summarizer::new(
             usize::try_from(self.len).unwrap_or(usize::MAX),
             self.f.timeline.get(),
@@ -229,7 +230,7 @@ impl Reading {
                     "the WAL sealing task stopped early".into(),
                 ));
             }
-            pages.check(&piece).map_err(|e| self.bad(e))?;
+            pages.check(&piece).map_err(|e| self.bad(e.to_string()))?;
             summary.push(&piece);
             if let Some(h) = &mut hash {
                 h.update(&piece);
@@ -242,7 +243,7 @@ impl Reading {
         if self.file.read(&mut probe).map_err(|e| self.read_error(e))? != 0 {
             return Err(self.bad("the file grew while it was read".into()));
         }
-        pages.finish().map_err(|e| self.bad(e))?;
+        pages.finish().map_err(|e| self.bad(e.to_string()))?;
         let mut s = summary.finish(None);
         if let Some(e) = s.error.take() {
             return Err(self.bad(e));
@@ -342,7 +343,7 @@ async fn check(
 ) -> Result<(), ArchiveError> {
     tokio::task::spawn_blocking(move || {
         // pages, then every record decoded as a first push would
-        crate::wal::verify::verify_pages(&data, f.segno, seg)?;
+        crate::wal::verify::verify_pages(&data, f.segno, seg).map_err(|e| e.to_string())?;
         match crate::wal::summary::summarize(&data, None, f.timeline.get(), f.segno, seg).error {
             Some(e) => Err(e),
             None => Ok(()),

@@ -156,7 +156,10 @@ pub async fn wal_verify(
                     })
                     .await
                     .map_err(|e| ArchiveError::Protocol(format!("verify task failed: {e}")))?;
-                    Ok(r.err().map(|error| Damaged { name, error }))
+                    Ok(r.err().map(|e| Damaged {
+                        name,
+                        error: e.to_string(),
+                    }))
                 }
             })
             .buffered(parallel.max(1))
