@@ -27,6 +27,7 @@ pub mod codec;
 mod flock;
 pub mod pg;
 pub mod progress;
+pub mod reader;
 pub mod repo;
 pub mod restore;
 pub mod storage;

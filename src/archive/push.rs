@@ -188,7 +188,8 @@ impl Reading {
         out: SyncSender<Arc<Vec<u8>>>,
         free: Receiver<Arc<Vec<u8>>>,
     ) -> Result<SegmentSummary, ArchiveError> {
-        let mut pages = PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e))?;
+        let mut pages =
+            PageChecker::new(self.f.segno, self.seg).map_err(|e| self.bad(e.to_string()))?;
         let mut summary = Summarizer::new(
             usize::try_from(self.len).unwrap_or(usize::MAX),
             self.f.timeline,
@@ -223,7 +224,7 @@ impl Reading {
                     "the WAL sealing task stopped early".into(),
                 ));
             }
-            pages.check(&piece).map_err(|e| self.bad(e))?;
+            pages.check(&piece).map_err(|e| self.bad(e.to_string()))?;
             summary.push(&piece);
             if let Some(h) = &mut hash {
                 h.update(&piece);
@@ -236,7 +237,7 @@ impl Reading {
         if self.file.read(&mut probe).map_err(|e| self.read_error(e))? != 0 {
             return Err(self.bad("the file grew while it was read"));
         }
-        pages.finish().map_err(|e| self.bad(e))?;
+        pages.finish().map_err(|e| self.bad(e.to_string()))?;
         let mut s = summary.finish(None);
         if let Some(e) = s.error.take() {
             return Err(self.bad(e));

@@ -256,7 +256,8 @@ async fn session(
     }
     tracing::info!(%start, timeline = %tli, slot = %opts.slot, "streaming");
 
-    let mut asm = SegmentAssembler::new(start, tli, seg).map_err(ArchiveError::Protocol)?;
+    let mut asm = SegmentAssembler::new(start, tli, seg)
+        .map_err(|e| ArchiveError::Protocol(e.to_string()))?;
     let mut durable = start;
     let mut server_end = sys.xlogpos;
     let mut caught_up_at = Instant::now();
@@ -295,10 +296,10 @@ async fn session(
                     conn.close().await;
                     return Ok(SessionEnd::NextTimeline);
                 };
-                match parse_message(data).map_err(ArchiveError::Protocol)? {
+                match parse_message(data).map_err(|e| ArchiveError::Protocol(e.to_string()))? {
                     WalMessage::XLogData { start, wal_end, data } => {
                         server_end = server_end.max(wal_end);
-                        for s in asm.push(start, &data).map_err(ArchiveError::Protocol)? {
+                        for s in asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))? {
                             let name = s.name;
                             super::summaries::spawn_store(repo.clone(), paths.clone(), name, s.data.clone());
                             repo.store_wal_once(paths, &name, s.data).await?;

@@ -238,7 +238,8 @@ async fn stream_wal(
             ))
         }
     }
-    let mut asm = SegmentAssembler::new(start, tli, seg).map_err(|r| protocol(&target, r))?;
+    let mut asm =
+        SegmentAssembler::new(start, tli, seg).map_err(|r| protocol(&target, r.to_string()))?;
     let mut durable = start;
     let mut stored = 0;
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -256,9 +257,9 @@ async fn stream_wal(
                 let Some(data) = msg? else {
                     return Err(protocol(&target, format!("the server ended the WAL stream at {}", asm.position())));
                 };
-                match parse_message(data).map_err(|r| protocol(&target, r))? {
+                match parse_message(data).map_err(|r| protocol(&target, r.to_string()))? {
                     WalMessage::XLogData { start, data, .. } => {
-                        for s in asm.push(start, &data).map_err(|r| protocol(&target, r))? {
+                        for s in asm.push(start, &data).map_err(|r| protocol(&target, r.to_string()))? {
                             let name = s.name;
                             crate::archive::summaries::store_summary(&repo, &paths, &name, &s.data).await;
                             repo.store_wal(&paths, &name, s.data).await?;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::output::outln;
 use super::Settings;
 use crate::backup::stream::BaseBackupOptions;
 use crate::pg::ConnParams;
@@ -68,7 +69,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
             m.corrupt_pages.len()
         );
     }
-    println!(
+    outln!(
         "backup {} complete: {} in {secs:.1} s ({:.0} MB/s), {} new ({} stored), WAL {}..{}",
         m.id,
         human(m.totals.logical_bytes),
@@ -77,7 +78,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         human(m.totals.new_stored_bytes),
         m.start_lsn,
         m.stop_lsn,
-    );
+    )?;
     Ok(())
 }
 
@@ -93,10 +94,16 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     let repo = settings.open_repository().await?;
     let manifests = Manifest::load_all(&repo, &StanzaPaths::new(&settings.stanza)).await?;
     if !args.json {
-        println!(
+        outln!(
             "{:<22}  {:<16}  {:>10}  {:>10}  {:>6}  {:<12}  {:<12}  tli",
-            "id", "label", "size", "new", "dedup", "start lsn", "stop lsn"
-        );
+            "id",
+            "label",
+            "size",
+            "new",
+            "dedup",
+            "start lsn",
+            "stop lsn"
+        )?;
     }
     for m in manifests {
         let dedup = m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64;
@@ -111,9 +118,9 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
                 "new_stored_bytes": m.totals.new_stored_bytes, "dedup_ratio": dedup, "status": "complete",
             });
-            println!("{v}");
+            outln!("{v}")?;
         } else {
-            println!(
+            outln!(
                 "{:<22}  {:<16}  {:>10}  {:>10}  {:>5.0}x  {:<12}  {:<12}  {}",
                 m.id,
                 m.label,
@@ -123,7 +130,7 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 m.start_lsn.to_string(),
                 m.stop_lsn.to_string(),
                 m.timeline
-            );
+            )?;
         }
     }
     Ok(())
@@ -194,14 +201,14 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s){delta}; start PostgreSQL on it to recover",
         r.backup.id,
         args.pgdata.display(),
         r.files,
         human(r.bytes),
         r.bytes as f64 / secs.max(1e-3) / 1e6
-    );
+    )?;
     Ok(())
 }
 
@@ -404,17 +411,17 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
         "tablespaces": m.tablespaces.iter().map(|t| serde_json::json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>(),
     });
     if args.json {
-        println!("{v}");
+        outln!("{v}")?;
         return Ok(());
     }
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
-            println!(
+            outln!(
                 "{k:<18} {}",
                 val.as_str()
                     .map(str::to_owned)
                     .unwrap_or_else(|| val.to_string())
-            );
+            )?;
         }
     }
     Ok(())

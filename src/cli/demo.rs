@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use tokio::process::Command;
 
+use super::output::outln;
 use super::Settings;
 use crate::backup::stream::BaseBackupOptions;
 use crate::pg::ConnParams;
@@ -177,7 +178,7 @@ pub(super) async fn run(_settings: &Settings, args: DemoArgs) -> anyhow::Result<
     let result = story(&bin, &root, user, &args).await;
     if args.keep {
         let kept = work.keep();
-        println!("work directory kept: {}", kept.display());
+        outln!("work directory kept: {}", kept.display())?;
     }
     result
 }
@@ -201,7 +202,7 @@ async fn story(
     src.chown(&sock).await?;
     src.chown(root).await?;
     let result = async {
-        println!("1. a throwaway PostgreSQL cluster from {} (data checksums on)", bin.display());
+        outln!("1. a throwaway PostgreSQL cluster from {} (data checksums on)", bin.display())?;
         let d = src.data.display().to_string();
         src.run("initdb", &["-D", &d, "-U", "postgres", "-A", "trust", "-k", "--no-sync"]).await?;
         src.conf(&[
@@ -216,15 +217,15 @@ async fn story(
         src.run("pgbench", &["-h", &s, "-p", &p, "-U", "postgres", "-i", "-q", "-s", &args.scale.to_string(), "postgres"]).await?;
         src.sql("CREATE TABLE orders AS SELECT g AS id, 'order ' || g AS item FROM generate_series(1, 1000) g").await?;
         let db_size: u64 = src.sql("SELECT pg_database_size('postgres')").await?.parse()?;
-        println!("   pgbench scale {}: {:.0} MB", args.scale, mb(db_size));
+        outln!("   pgbench scale {}: {:.0} MB", args.scale, mb(db_size))?;
 
-        println!("2. a local repository");
+        outln!("2. a local repository")?;
         let repo_dir = root.join("repo");
         let storage = Arc::new(LocalDir::open(&repo_dir)?);
         let repo = Arc::new(Repository::init(storage, &InitParams::default(), None, KdfCost::default()).await?);
         let params = ConnParams::parse(&format!("host={s} port={p} user=postgres"))?;
         let opts = BaseBackupOptions { label: "demo".into(), fast_checkpoint: true, ..Default::default() };
-        println!("   continuous archiving on: walvault stream, through a replication slot");
+        outln!("   continuous archiving on: walvault stream, through a replication slot")?;
         let status = root.join("stream-status.json");
         let sopts = crate::archive::stream::StreamOptions {
             partial_interval: Duration::from_millis(500),
@@ -240,23 +241,23 @@ async fn story(
         let t = Instant::now();
         let b1 = crate::backup::run_backup(repo.clone(), "main", &params, &opts).await?;
         let t1 = t.elapsed();
-        println!("3. backup {}: {:.0} MB in {:.1} s ({:.0} MB/s), {:.0} MB stored", b1.id, mb(b1.totals.logical_bytes), t1.as_secs_f64(), mb(b1.totals.logical_bytes) / t1.as_secs_f64(), mb(b1.totals.new_stored_bytes));
+        outln!("3. backup {}: {:.0} MB in {:.1} s ({:.0} MB/s), {:.0} MB stored", b1.id, mb(b1.totals.logical_bytes), t1.as_secs_f64(), mb(b1.totals.logical_bytes) / t1.as_secs_f64(), mb(b1.totals.new_stored_bytes))?;
 
         src.run("pgbench", &["-h", &s, "-p", &p, "-U", "postgres", "-n", "-t", "1000", "-c", "2", "postgres"]).await?;
         let t = Instant::now();
         let b2 = crate::backup::run_backup(repo.clone(), "main", &params, &opts).await?;
         let t2 = t.elapsed();
-        println!(
+        outln!(
             "4. 2000 pgbench transactions later, backup {}: {:.0} MB, only {:.1} MB new ({:.0}x dedup) in {:.1} s",
             b2.id,
             mb(b2.totals.logical_bytes),
             mb(b2.totals.new_stored_bytes),
             b2.totals.logical_bytes as f64 / b2.totals.new_stored_bytes.max(1) as f64,
             t2.as_secs_f64()
-        );
+        )?;
         let want = src.sql("SELECT count(*) || ' ' || sum(abalance) FROM pgbench_accounts").await?;
 
-        println!("5. restore the second backup into a new directory and start it");
+        outln!("5. restore the second backup into a new directory and start it")?;
         let exe = root.join("walvault");
         std::fs::copy(std::env::current_exe()?, &exe)?;
         let mut dst = Cluster {
@@ -288,20 +289,20 @@ async fn story(
         }
         let got = dst.sql("SELECT count(*) || ' ' || sum(abalance) FROM pgbench_accounts").await?;
         ensure!(got == want, "restored data differs: {got} rows/balance, the source has {want}");
-        println!("   restored {:.0} MB in {:.1} s ({:.0} MB/s); recovered, promoted; pgbench_accounts matches the source ({want})", mb(r.bytes), tr.as_secs_f64(), mb(r.bytes) / tr.as_secs_f64());
+        outln!("   restored {:.0} MB in {:.1} s ({:.0} MB/s); recovered, promoted; pgbench_accounts matches the source ({want})", mb(r.bytes), tr.as_secs_f64(), mb(r.bytes) / tr.as_secs_f64())?;
         dst.stop().await;
         let dd = dst.data.display().to_string();
         dst.run("pg_checksums", &["--check", "-D", &dd]).await?;
-        println!("   pg_checksums --check: all pages verified");
+        outln!("   pg_checksums --check: all pages verified")?;
 
         // the incident: continuous archiving, a mistake, and recovery to
         // just before it
-        println!("6. a marker row is committed");
+        outln!("6. a marker row is committed")?;
         src.sql("CREATE TABLE marker(t text); INSERT INTO marker VALUES ('committed before the mistake')").await?;
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let mistake_at = chrono::Utc::now();
         src.sql("DROP TABLE orders").await?;
-        println!("7. the mistake, at {}: DROP TABLE orders", mistake_at.format("%H:%M:%S%.3f"));
+        outln!("7. the mistake, at {}: DROP TABLE orders", mistake_at.format("%H:%M:%S%.3f"))?;
         let end: crate::pg::Lsn = src.sql("SELECT pg_current_wal_insert_lsn()").await?.parse()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -331,7 +332,7 @@ async fn story(
             c
         };
         let around = mistake_at.to_rfc3339();
-        println!("8. walvault wal-inspect --around {around} --window 3s");
+        outln!("8. walvault wal-inspect --around {around} --window 3s")?;
         let out = as_user(&exe)
             .args(["wal-inspect", "--around", &around, "--window", "3s"])
             .output()
@@ -339,7 +340,7 @@ async fn story(
         ensure!(out.status.success(), "wal-inspect failed: {}", String::from_utf8_lossy(&out.stderr));
         let listing = String::from_utf8_lossy(&out.stdout).into_owned();
         for l in listing.lines() {
-            println!("   {l}");
+            outln!("   {l}")?;
         }
         let drop_line = listing
             .lines()
@@ -351,9 +352,9 @@ async fn story(
             .and_then(|r| r.split_whitespace().next())
             .context("no xid in the wal-inspect line")?
             .to_owned();
-        println!("   found it: transaction {xid} dropped orders");
+        outln!("   found it: transaction {xid} dropped orders")?;
 
-        println!("9. walvault restore-pitr --target-xid {xid} --exclusive --start");
+        outln!("9. walvault restore-pitr --target-xid {xid} --exclusive --start")?;
         let pitr_dir = root.join("pitr");
         let pitr_port = free_port()?;
         let out = as_user(&exe)
@@ -378,18 +379,18 @@ async fn story(
         pitr.stop().await;
         ensure!(orders == "1000", "orders has {orders} rows after the recovery, expected 1000");
         ensure!(marker == "committed before the mistake", "marker is {marker:?}");
-        println!(
+        outln!(
             "   recovered from backup {} to just before transaction {xid}: orders is back with {orders} rows, the marker row is there",
             report["backup"].as_str().unwrap_or("?")
-        );
-        println!(
+        )?;
+        outln!(
             "   RTO measured: {:.1} s (files {:.1} s, WAL fetch {:.1} s, replay {:.1} s)",
             report["total_seconds"].as_f64().unwrap_or(0.0),
             report["restore_seconds"].as_f64().unwrap_or(0.0),
             report["wal_fetch_seconds"].as_f64().unwrap_or(0.0),
             report["replay_seconds"].as_f64().unwrap_or(0.0)
-        );
-        println!("demo complete: two full backups stored as {:.0} MB + {:.1} MB; a dropped table recovered to the transaction before the mistake", mb(b1.totals.new_stored_bytes), mb(b2.totals.new_stored_bytes));
+        )?;
+        outln!("demo complete: two full backups stored as {:.0} MB + {:.1} MB; a dropped table recovered to the transaction before the mistake", mb(b1.totals.new_stored_bytes), mb(b2.totals.new_stored_bytes))?;
         Ok(())
     }
     .await;

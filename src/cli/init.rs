@@ -3,6 +3,7 @@
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::output::outln;
 use super::Settings;
 use crate::codec::Compression;
 use crate::repo::{InitParams, KdfCost, Repository};
@@ -44,17 +45,20 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
     let storage = settings.storage().await?;
     let repo = Repository::init(storage, &params, secret.as_ref(), KdfCost::default()).await?;
     let c = repo.config();
-    println!(
+    outln!(
         "created repository {} at {}",
         c.repo_id,
         repo.storage().location()
-    );
-    println!(
+    )?;
+    outln!(
         "encryption {}, block size {} bytes, compression {}, pack size {} bytes",
-        c.encryption, c.block_size, c.compression, c.pack_size
-    );
+        c.encryption,
+        c.block_size,
+        c.compression,
+        c.pack_size
+    )?;
     if repo.keys().is_some() {
-        println!("keep the passphrase or key file safe: without it nothing in this repository can be restored");
+        outln!("keep the passphrase or key file safe: without it nothing in this repository can be restored")?;
     }
     Ok(())
 }

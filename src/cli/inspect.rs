@@ -9,6 +9,8 @@ use anyhow::bail;
 use chrono::{DateTime, Utc};
 use clap::Args;
 
+use super::duration::parse_duration;
+use super::output::outln;
 use super::Settings;
 use crate::archive::catalog::WalCatalog;
 use crate::pg::{SegmentNo, TimelineId, WalFileName};
@@ -23,8 +25,8 @@ pub struct InspectArgs {
     #[arg(long, conflicts_with_all = ["from", "xid"])]
     pub around: Option<String>,
     /// Half-width of the --around window (e.g. 5m, 30s, 1h).
-    #[arg(long, default_value = "5m")]
-    pub window: String,
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub window: Duration,
     /// Start of the interval.
     #[arg(long, requires = "to")]
     pub from: Option<String>,
@@ -45,17 +47,19 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-fn window(s: &str) -> anyhow::Result<Duration> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--window {s:?}: e.g. 5m, 30s, 1h"))?;
-    Ok(Duration::from_secs(match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => bail!("--window {s:?}: unit s, m or h"),
-    }))
+/// `t` ± `window`; a window that reaches past the representable times is
+/// an error, not a panic in the date arithmetic.
+fn around(t: DateTime<Utc>, window: Duration) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
+    let too_wide = || {
+        anyhow::anyhow!(
+            "--window {window:?} reaches past the times walvault can represent: give a shorter one"
+        )
+    };
+    let w = chrono::Duration::from_std(window).map_err(|_| too_wide())?;
+    Ok((
+        t.checked_sub_signed(w).ok_or_else(too_wide)?,
+        t.checked_add_signed(w).ok_or_else(too_wide)?,
+    ))
 }
 
 pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Result<()> {
@@ -65,8 +69,8 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
         match (&args.around, &args.from, &args.to) {
             (Some(a), _, _) => {
                 let t = time(a)?;
-                let w = chrono::Duration::from_std(window(&args.window)?)?;
-                (Some(t - w), Some(t + w))
+                let (from, to) = around(t, args.window)?;
+                (Some(from), Some(to))
             }
             (None, Some(f), Some(t)) => (Some(time(f)?), Some(time(t)?)),
             _ if args.xid.is_some() => (None, None),
@@ -147,14 +151,14 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
                 .map(|t| t.to_rfc3339())
                 .unwrap_or_default();
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "event": kind, "time": t, "xid": x.xact.xid, "lsn": x.lsn.to_string(),
                         "end_lsn": x.end.to_string(), "database_oid": x.xact.db, "dropped": dropped,
                         "subtransactions": x.xact.subxacts.len(), "timeline": s.timeline,
                     })
-                );
+                )?;
             } else {
                 let mut line = format!(
                     "{t}  {kind:<15} xid {:<10} lsn {:<12}",
@@ -167,7 +171,7 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
                 if !dropped.is_empty() {
                     line.push_str(&format!("  DROPPED {}", dropped.join(", ")));
                 }
-                println!("{line}");
+                outln!("{line}")?;
             }
         }
         for r in &s.restore_points {
@@ -177,12 +181,12 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
             shown += 1;
             let t = pg_time(r.time).map(|t| t.to_rfc3339()).unwrap_or_default();
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"event": "RESTORE POINT", "time": t, "name": r.name, "lsn": r.lsn.to_string(), "timeline": s.timeline})
-                );
+                )?;
             } else {
-                println!("{t}  RESTORE POINT   {:?} lsn {}", r.name, r.lsn);
+                outln!("{t}  RESTORE POINT   {:?} lsn {}", r.name, r.lsn)?;
             }
         }
     }
@@ -193,4 +197,27 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Regression: `--window` with a huge value overflowed a u64 multiply,
+    /// and a window past chrono's range panicked in `t - w`.
+    #[test]
+    fn huge_windows_are_errors_not_panics() {
+        let t = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for w in ["18446744073709551615m", "106751991167d", "9999999999w"] {
+            match parse_duration(w) {
+                Ok(d) => assert!(around(t, d).is_err(), "{w}"),
+                Err(e) => assert!(e.to_string().contains("too long"), "{w}: {e}"),
+            }
+        }
+        let (from, to) = around(t, parse_duration("5m").unwrap()).unwrap();
+        assert_eq!((to - from).num_seconds(), 600);
+    }
 }

@@ -7,6 +7,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::config::read_secret;
+use super::output::outln;
 use super::Settings;
 use crate::repo::KdfCost;
 
@@ -48,12 +49,15 @@ pub(super) async fn run(settings: &Settings, cmd: KeyCommand) -> anyhow::Result<
     }
     match cmd {
         KeyCommand::List => {
-            println!("{:<16}  {:<10}  {:<25}  label", "id", "kind", "created");
+            outln!("{:<16}  {:<10}  {:<25}  label", "id", "kind", "created")?;
             for s in repo.list_keys().await? {
-                println!(
+                outln!(
                     "{:<16}  {:<10}  {:<25}  {}",
-                    s.id, s.kind, s.created, s.label
-                );
+                    s.id,
+                    s.kind,
+                    s.created,
+                    s.label
+                )?;
             }
         }
         KeyCommand::Add(a) => {
@@ -66,11 +70,11 @@ pub(super) async fn run(settings: &Settings, cmd: KeyCommand) -> anyhow::Result<
                 bail!("give the new secret: --new-passphrase-file, --new-key-file, or env WALVAULT_NEW_PASSPHRASE");
             };
             let slot = repo.add_key(&new, &a.label, KdfCost::default()).await?;
-            println!("added key slot {} ({})", slot.id, slot.kind);
+            outln!("added key slot {} ({})", slot.id, slot.kind)?;
         }
         KeyCommand::Remove { id } => {
             repo.remove_key(&id).await?;
-            println!("removed key slot {id}");
+            outln!("removed key slot {id}")?;
         }
     }
     Ok(())

@@ -12,9 +12,11 @@
 mod backup;
 mod config;
 mod demo;
+pub mod duration;
 mod init;
 mod inspect;
 mod key;
+pub mod output;
 mod pitr;
 mod pitr_start;
 mod storage_check;

@@ -10,6 +10,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
 
+use super::duration::parse_duration;
+use super::output::outln;
 use super::Settings;
 use crate::progress::{Progress, Reporter};
 use crate::restore::pitr::{parse_target_time, plan, PitrPlan, Target, TimelineChoice};
@@ -96,23 +98,6 @@ pub enum ArchiveMode {
     Off,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(
-        s.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len()),
-    );
-    let v: f64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 90s, 15m, 1h"))?;
-    let secs = match unit {
-        "" | "s" => v,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("{s:?}: unit s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn target_of(args: &PitrArgs) -> anyhow::Result<Target> {
     Ok(if let Some(t) = &args.target_time {
         Target::Time(parse_target_time(t, args.timezone.as_deref()).map_err(anyhow::Error::msg)?)
@@ -150,7 +135,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     // (whole segments: a little more than replay will cover)
     let est = Duration::try_from_secs_f64(rates.estimate(plan.restore_bytes, plan.wal_bytes()))
         .unwrap_or(Duration::MAX);
-    print_plan(&plan, est, &rates, &args);
+    print_plan(&plan, est, &rates, &args)?;
     if let Some(budget) = args.rto_budget {
         if est > budget {
             eprintln!(
@@ -243,7 +228,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     }
     if !args.start {
         if !args.json {
-            println!(
+            outln!(
                 "restored {} ({:.1} s) and staged {} WAL file(s) ({:.1} s); start PostgreSQL on {} to recover to {}",
                 plan.backup.id,
                 restore_secs,
@@ -251,7 +236,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
                 fetch_secs,
                 args.pgdata.display(),
                 plan.target
-            );
+            )?;
         }
         return Ok(());
     }
@@ -325,18 +310,18 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         "budget_held": args.rto_budget.map(|b| total <= b.as_secs_f64()),
     });
     if args.json {
-        println!("{report}");
+        outln!("{report}")?;
     } else {
-        println!("recovery report");
+        outln!("recovery report")?;
         if let Some(obj) = report.as_object() {
             for (k, v) in obj {
                 if !v.is_null() {
-                    println!(
+                    outln!(
                         "  {k:<26} {}",
                         v.as_str()
                             .map(str::to_owned)
                             .unwrap_or_else(|| v.to_string())
-                    );
+                    )?;
                 }
             }
         }
@@ -396,9 +381,14 @@ async fn stage_wal(
     Ok(bytes)
 }
 
-fn print_plan(plan: &PitrPlan, est: Duration, rates: &RecoveryRates, args: &PitrArgs) {
+fn print_plan(
+    plan: &PitrPlan,
+    est: Duration,
+    rates: &RecoveryRates,
+    args: &PitrArgs,
+) -> anyhow::Result<()> {
     if args.json && !args.dry_run {
-        return;
+        return Ok(());
     }
     if args.json {
         let v = serde_json::json!({
@@ -413,30 +403,73 @@ fn print_plan(plan: &PitrPlan, est: Duration, rates: &RecoveryRates, args: &Pitr
             "estimate_basis": if rates.is_measured() { "measured" } else { "assumed" },
             "rates": rates,
         });
-        println!("{v}");
-        return;
+        outln!("{v}")?;
+        return Ok(());
     }
-    println!(
+    outln!(
         "plan: recover to {} on timeline {}",
-        plan.target, plan.timeline
-    );
-    println!(
+        plan.target,
+        plan.timeline
+    )?;
+    outln!(
         "  backup   {} (consistent at {}, {})",
         plan.backup.id,
         plan.backup.stop_lsn,
         crate::restore::pitr::micros_to_text(plan.backup.stop_time)
-    );
-    println!(
+    )?;
+    outln!(
         "  restore  {:.1} MiB of files",
         plan.restore_bytes as f64 / (1 << 20) as f64
-    );
+    )?;
     match (plan.segments.first(), plan.segments.last()) {
-        (Some(f), Some(l)) => println!(
+        (Some(f), Some(l)) => outln!(
             "  WAL      {} file(s), {f} .. {l} ({:.1} MiB)",
             plan.segments.len(),
             plan.wal_bytes() as f64 / (1 << 20) as f64
-        ),
-        _ => println!("  WAL      none"),
+        )?,
+        _ => outln!("  WAL      none")?,
     }
-    println!("  estimate {:.0} s ({})", est.as_secs_f64(), rates.basis());
+    outln!("  estimate {:.0} s ({})", est.as_secs_f64(), rates.basis())?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn rto_budget(v: &str) -> Result<Option<std::time::Duration>, String> {
+        let cli = Cli::try_parse_from([
+            "walvault",
+            "restore-pitr",
+            "--pgdata",
+            "/nonexistent",
+            "--latest",
+            &format!("--rto-budget={v}"),
+        ])
+        .map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::RestorePitr(a) => Ok(a.rto_budget),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// Regression: `--rto-budget 1e30` (and other values past what a
+    /// `Duration` holds) panicked in `Duration::from_secs_f64`.
+    #[test]
+    fn huge_or_odd_rto_budgets_are_clear_errors() {
+        for v in ["1e30", "-5m", "NaN", "inf", "1000000000000000000000h"] {
+            let e = rto_budget(v).unwrap_err();
+            assert!(e.contains("--rto-budget"), "{v}: {e}");
+        }
+        assert!(rto_budget("1000000000000000000000h")
+            .unwrap_err()
+            .contains("too long"));
+        assert_eq!(
+            rto_budget("1.5m").unwrap(),
+            Some(std::time::Duration::from_secs(90))
+        );
+    }
 }

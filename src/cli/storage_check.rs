@@ -8,6 +8,7 @@ use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::Args;
 
+use super::output::outln;
 use super::Settings;
 use crate::storage;
 
@@ -31,13 +32,13 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
         .map(|_| rand::random::<u8>())
         .collect::<Vec<u8>>()
         .into();
-    let step = |name: &str, t: Instant| {
-        println!("{name:<8} ok  {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3)
+    let step = |name: &str, t: Instant| -> anyhow::Result<()> {
+        outln!("{name:<8} ok  {:>8.1} ms", t.elapsed().as_secs_f64() * 1e3)
     };
 
     let t = Instant::now();
     store.put(&key, data.clone()).await?;
-    step("put", t);
+    step("put", t)?;
 
     let result = async {
         let t = Instant::now();
@@ -48,7 +49,7 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
             back.len(),
             data.len()
         );
-        step("get", t);
+        step("get", t)?;
 
         let t = Instant::now();
         let listed = storage::list_all(store.as_ref(), &key).await?;
@@ -58,7 +59,7 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
                 .any(|o| o.key == key && o.size == data.len() as u64),
             "the probe object {key} is missing from the listing"
         );
-        step("list", t);
+        step("list", t)?;
         Ok(())
     }
     .await;
@@ -74,7 +75,7 @@ pub(super) async fn run(settings: &Settings, args: StorageCheckArgs) -> anyhow::
         store.head(&key).await?.is_none(),
         "the probe object {key} is still there after delete"
     );
-    step("delete", t);
-    println!("storage at {} works", store.location());
+    step("delete", t)?;
+    outln!("storage at {} works", store.location())?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use super::output::outln;
 use super::Settings;
 use crate::archive::stream::{run_stream, StreamOptions};
 use crate::pg::ConnParams;
@@ -41,14 +42,10 @@ pub struct StreamArgs {
     pub status_file: Option<PathBuf>,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.0..=86400.0).contains(&v) {
-        return Err(format!("{s} s is out of range (0 to 86400)"));
-    }
-    Ok(Duration::from_secs_f64(v))
+/// A duration of at most a day (plain seconds, fractions allowed, or with a
+/// unit: 0.2, 10s, 1m).
+fn parse_secs(s: &str) -> Result<Duration, super::duration::DurationError> {
+    super::duration::parse_duration_within(s, 0, 86_400)
 }
 
 pub(super) async fn stream(settings: &Settings, args: StreamArgs) -> anyhow::Result<()> {
@@ -227,29 +224,29 @@ pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyh
     )
     .await?;
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        outln!("{}", serde_json::to_string(&r)?)?;
     } else {
-        println!(
+        outln!(
             "{} backup(s); {} segment(s) needed, {} read; newest {}",
             r.backups,
             r.segments_needed,
             r.segments_read,
             r.newest.map_or_else(|| "-".to_owned(), |n| n.to_string())
-        );
+        )?;
         for g in &r.gaps {
-            println!(
+            outln!(
                 "GAP {} .. {} ({} segment(s)), needed by backup(s) {}",
                 g.from,
                 g.to,
                 g.segments,
                 g.backups.join(", ")
-            );
+            )?;
         }
         for d in &r.damaged {
-            println!("DAMAGED {}: {}", d.name, d.error);
+            outln!("DAMAGED {}: {}", d.name, d.error)?;
         }
         if r.ok() {
-            println!("WAL is continuous from every backup to the newest segment");
+            outln!("WAL is continuous from every backup to the newest segment")?;
         }
     }
     if !r.ok() {

@@ -5,7 +5,11 @@
 //! Own parsing (rather than `postgres_protocol::message::backend`) because
 //! replication needs CopyBothResponse ('W'), which that parser does not know.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use bytes::{Buf, Bytes, BytesMut};
+
+use crate::reader::{ByteReader, Truncated};
 
 /// Largest message accepted (1 GiB, PostgreSQL's own limit for a field).
 pub const MAX_MESSAGE: usize = 1 << 30;
@@ -105,27 +109,43 @@ pub enum Backend {
 
 /// What is wrong with received bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("protocol error in a {tag:?} message: {reason}")]
-pub struct WireError {
-    /// The message tag.
-    pub tag: char,
-    /// What is wrong.
-    pub reason: String,
+pub enum WireError {
+    /// A length word outside 4 bytes..[`MAX_MESSAGE`].
+    #[error("protocol error: a {tag:?} message announces an invalid length {len} (4 to 1 GiB)")]
+    BadLength {
+        /// The message tag.
+        tag: char,
+        /// The length word.
+        len: usize,
+    },
+    /// A message whose body ends inside one of its fields.
+    #[error(
+        "protocol error in a {tag:?} message of {len} bytes: its {field} is cut short ({source})"
+    )]
+    Truncated {
+        /// The message tag.
+        tag: char,
+        /// Length of the body, bytes.
+        len: usize,
+        /// The field being read.
+        field: &'static str,
+        /// Where in the body (offsets from its first byte).
+        source: Truncated,
+    },
 }
 
 /// Take one whole message off the front of `buf`, if it holds one.
 pub fn parse(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
-    if buf.len() < 5 {
+    let Some(header) = buf.first_chunk::<5>() else {
         return Ok(None);
-    }
-    let tag = buf[0];
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    let err = |reason: String| WireError {
-        tag: tag as char,
-        reason,
     };
+    let [tag, l0, l1, l2, l3] = *header;
+    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
     if !(4..=MAX_MESSAGE).contains(&len) {
-        return Err(err(format!("invalid length {len}")));
+        return Err(WireError::BadLength {
+            tag: tag as char,
+            len,
+        });
     }
     if buf.len() < len + 1 {
         // no reserve(len): a hostile length must not allocate a gigabyte up
@@ -134,102 +154,118 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
     }
     buf.advance(5);
     let body = buf.split_to(len - 4).freeze();
-    decode(tag, body).map(Some).map_err(err)
+    decode(tag, &body).map(Some)
 }
 
-fn decode(tag: u8, mut b: Bytes) -> Result<Backend, String> {
+/// A reader over a message body that names the field it fails in.
+struct Body<'a> {
+    bytes: &'a Bytes,
+    r: ByteReader<'a>,
+    tag: u8,
+}
+
+impl<'a> Body<'a> {
+    fn err(&self, field: &'static str) -> impl FnOnce(Truncated) -> WireError {
+        let (tag, len) = (self.tag as char, self.bytes.len());
+        move |source| WireError::Truncated {
+            tag,
+            len,
+            field,
+            source,
+        }
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
+        self.r.u8().map_err(self.err(field))
+    }
+
+    fn i16(&mut self, field: &'static str) -> Result<i16, WireError> {
+        self.r.i16_be().map_err(self.err(field))
+    }
+
+    fn i32(&mut self, field: &'static str) -> Result<i32, WireError> {
+        self.r.i32_be().map_err(self.err(field))
+    }
+
+    fn skip(&mut self, n: usize, field: &'static str) -> Result<(), WireError> {
+        self.r.skip(n).map_err(self.err(field))
+    }
+
+    /// The next `n` bytes, zero-copy.
+    fn bytes(&mut self, n: usize, field: &'static str) -> Result<Bytes, WireError> {
+        let b = self.r.bytes(n).map_err(self.err(field))?;
+        Ok(self.bytes.slice_ref(b))
+    }
+
+    /// The rest of the body, zero-copy.
+    fn rest(&mut self) -> Bytes {
+        self.bytes.slice_ref(self.r.rest())
+    }
+
+    fn cstr(&mut self, field: &'static str) -> Result<String, WireError> {
+        let s = self.r.cstr().map_err(self.err(field))?;
+        Ok(String::from_utf8_lossy(s).into_owned())
+    }
+}
+
+fn decode(tag: u8, b: &Bytes) -> Result<Backend, WireError> {
+    let mut b = Body {
+        bytes: b,
+        r: ByteReader::new(b),
+        tag,
+    };
     Ok(match tag {
         b'R' => Backend::Authentication(auth(&mut b)?),
         b'S' => Backend::ParameterStatus {
-            name: cstr(&mut b)?,
-            value: cstr(&mut b)?,
+            name: b.cstr("parameter name")?,
+            value: b.cstr("parameter value")?,
         },
         b'K' => Backend::BackendKeyData,
-        b'Z' => Backend::ReadyForQuery(u8_(&mut b)?),
+        b'Z' => Backend::ReadyForQuery(b.u8("transaction status")?),
         b'T' => {
-            let n = i16_(&mut b)?;
+            let n = b.i16("column count")?;
             let mut cols = Vec::with_capacity(n.clamp(0, 1024) as usize);
             for _ in 0..n {
-                cols.push(cstr(&mut b)?);
-                need(&b, 18)?;
-                b.advance(18);
+                cols.push(b.cstr("column name")?);
+                b.skip(18, "column description")?;
             }
             Backend::RowDescription(cols)
         }
         b'D' => {
-            let n = i16_(&mut b)?;
+            let n = b.i16("column count")?;
             let mut vals = Vec::with_capacity(n.clamp(0, 1024) as usize);
             for _ in 0..n {
-                let len = i32_(&mut b)?;
+                let len = b.i32("value length")?;
                 if len < 0 {
                     vals.push(None);
                 } else {
-                    need(&b, len as usize)?;
-                    vals.push(Some(b.split_to(len as usize)));
+                    vals.push(Some(b.bytes(len as usize, "column value")?));
                 }
             }
             Backend::DataRow(vals)
         }
-        b'C' => Backend::CommandComplete(cstr(&mut b)?),
+        b'C' => Backend::CommandComplete(b.cstr("command tag")?),
         b'I' => Backend::EmptyQueryResponse,
         b'E' => Backend::Error(fields(&mut b)?),
         b'N' => Backend::Notice(fields(&mut b)?),
         b'H' => Backend::CopyOutResponse,
         b'W' => Backend::CopyBothResponse,
         b'G' => Backend::CopyInResponse,
-        b'd' => Backend::CopyData(b),
+        b'd' => Backend::CopyData(b.rest()),
         b'c' => Backend::CopyDone,
         other => Backend::Other(other),
     })
 }
 
-fn need(b: &Bytes, n: usize) -> Result<(), String> {
-    if b.len() < n {
-        Err(format!("truncated: {n} bytes needed, {} left", b.len()))
-    } else {
-        Ok(())
-    }
-}
-
-fn u8_(b: &mut Bytes) -> Result<u8, String> {
-    need(b, 1)?;
-    Ok(b.get_u8())
-}
-
-fn i16_(b: &mut Bytes) -> Result<i16, String> {
-    need(b, 2)?;
-    Ok(b.get_i16())
-}
-
-fn i32_(b: &mut Bytes) -> Result<i32, String> {
-    need(b, 4)?;
-    Ok(b.get_i32())
-}
-
-fn cstr(b: &mut Bytes) -> Result<String, String> {
-    let end = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or("string without terminator")?;
-    let s = String::from_utf8_lossy(&b[..end]).into_owned();
-    b.advance(end + 1);
-    Ok(s)
-}
-
-fn auth(b: &mut Bytes) -> Result<Auth, String> {
-    Ok(match i32_(b)? {
+fn auth(b: &mut Body<'_>) -> Result<Auth, WireError> {
+    Ok(match b.i32("authentication type")? {
         0 => Auth::Ok,
         3 => Auth::Cleartext,
-        5 => {
-            need(b, 4)?;
-            let mut salt = [0u8; 4];
-            b.copy_to_slice(&mut salt);
-            Auth::Md5(salt)
-        }
+        5 => Auth::Md5(b.r.array().map_err(b.err("MD5 salt"))?),
         10 => {
             let mut mechs = Vec::new();
             loop {
-                let m = cstr(b)?;
+                let m = b.cstr("SASL mechanism")?;
                 if m.is_empty() {
                     break;
                 }
@@ -237,20 +273,20 @@ fn auth(b: &mut Bytes) -> Result<Auth, String> {
             }
             Auth::Sasl(mechs)
         }
-        11 => Auth::SaslContinue(b.split_off(0)),
-        12 => Auth::SaslFinal(b.split_off(0)),
+        11 => Auth::SaslContinue(b.rest()),
+        12 => Auth::SaslFinal(b.rest()),
         other => Auth::Unsupported(other),
     })
 }
 
-fn fields(b: &mut Bytes) -> Result<ServerMessage, String> {
+fn fields(b: &mut Body<'_>) -> Result<ServerMessage, WireError> {
     let mut m = ServerMessage::default();
     loop {
-        let code = u8_(b)?;
+        let code = b.u8("field type")?;
         if code == 0 {
             return Ok(m);
         }
-        let v = cstr(b)?;
+        let v = b.cstr("field value")?;
         match code {
             b'V' => m.severity = v,
             b'S' if m.severity.is_empty() => m.severity = v,
@@ -264,6 +300,7 @@ fn fields(b: &mut Bytes) -> Result<ServerMessage, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -312,6 +349,35 @@ mod tests {
             buf.capacity() < 1 << 20,
             "reserved {} bytes",
             buf.capacity()
+        );
+    }
+
+    #[test]
+    fn a_cut_field_says_which_and_where() {
+        let mut buf = BytesMut::from(&frame(b'D', &[0, 1, 0, 0, 0, 9, b'x'])[..]);
+        let e = parse(&mut buf).unwrap_err();
+        assert_eq!(
+            e,
+            WireError::Truncated {
+                tag: 'D',
+                len: 7,
+                field: "column value",
+                source: Truncated {
+                    at: 6,
+                    need: 9,
+                    end: 7
+                }
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "protocol error in a 'D' message of 7 bytes: its column value is cut short \
+             (input ends at byte 7: 9 byte(s) needed at byte 6)"
+        );
+        let mut buf = BytesMut::from(&[b'Z', 0, 0, 0, 3][..]);
+        assert_eq!(
+            parse(&mut buf),
+            Err(WireError::BadLength { tag: 'Z', len: 3 })
         );
     }
 

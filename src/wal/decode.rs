@@ -14,7 +14,10 @@
 //! End of WAL (not an error): a zero `xl_tot_len`, or a page whose header is
 //! not the page expected (zeros of a `.partial`, recycled old WAL).
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use crate::pg::{Lsn, WalSegSize};
+use crate::reader::{ByteReader, Truncated};
 
 /// XLOG_BLCKSZ: the WAL page size of every build walvault supports.
 pub const PAGE: u64 = 8192;
@@ -68,6 +71,16 @@ pub enum DecodeError {
         lsn: Lsn,
         /// What is wrong.
         reason: String,
+    },
+    /// A record, or the page header before it, ends inside a field.
+    #[error("record at {lsn} is cut short in its {what}: {source}")]
+    Truncated {
+        /// Start of the record.
+        lsn: Lsn,
+        /// What was being read.
+        what: &'static str,
+        /// Where (offsets in the record, header included).
+        source: Truncated,
     },
     /// A record's block headers or data do not add up.
     #[error("record at {lsn} is malformed: {reason}")]
@@ -131,18 +144,6 @@ pub struct WalReader {
     all_bodies: bool,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 fn maxalign(l: u64) -> u64 {
     (l + 7) & !7
 }
@@ -154,11 +155,47 @@ enum PageRead {
     NotThisPage,
 }
 
-/// A page header as read.
+/// A page header as read (XLogPageHeaderData).
 struct PageHeader {
+    /// xlp_info.
     info: u16,
+    /// xlp_rem_len.
     rem_len: u32,
+    /// Its size: SizeOfXLogShortPHD or SizeOfXLogLongPHD.
     len: u64,
+    /// The PostgreSQL major its xlp_magic names.
+    major: u32,
+}
+
+/// The fields of an XLogRecord header.
+struct RecordHeader {
+    xid: u32,
+    prev: u64,
+    info: u8,
+    rmid: u8,
+    crc: u32,
+}
+
+impl RecordHeader {
+    /// Parse the 24 bytes of an XLogRecord (xl_tot_len, checked by the
+    /// caller, is skipped).
+    fn parse(h: &[u8; RECORD_HEADER]) -> Result<RecordHeader, Truncated> {
+        let mut r = ByteReader::new(h);
+        r.skip(4)?; // xl_tot_len
+        let xid = r.u32_le()?;
+        let prev = r.u64_le()?;
+        let info = r.u8()?;
+        let rmid = r.u8()?;
+        r.skip(2)?; // padding
+        let crc = r.u32_le()?;
+        Ok(RecordHeader {
+            xid,
+            prev,
+            info,
+            rmid,
+            crc,
+        })
+    }
 }
 
 impl WalReader {
@@ -208,29 +245,33 @@ impl WalReader {
         self.buf.extend_from_slice(data);
     }
 
-    fn have(&self, lsn: u64, len: u64) -> bool {
-        lsn >= self.buf_start.0 && lsn + len <= self.buf_start.0 + self.buf.len() as u64
-    }
-
-    fn slice(&self, lsn: u64, len: u64) -> &[u8] {
-        let at = (lsn - self.buf_start.0) as usize;
-        &self.buf[at..at + len as usize]
+    /// The `len` bytes at `lsn`, when they were fed.
+    fn slice(&self, lsn: u64, len: u64) -> Option<&[u8]> {
+        let at = usize::try_from(lsn.checked_sub(self.buf_start.0)?).ok()?;
+        let end = at.checked_add(usize::try_from(len).ok()?)?;
+        self.buf.get(at..end)
     }
 
     /// The header of the page at `page` (a page start): `NotThisPage` when
     /// it is not the page expected there (end of WAL), `Err` for a page that
     /// looks like WAL of an unknown version.
-    fn page_header(&mut self, page: u64) -> Result<PageRead, DecodeError> {
+    fn page_header(&self, page: u64) -> Result<PageRead, DecodeError> {
         let long = page % self.seg.bytes() == 0;
         let len = if long { LONG_HEADER } else { SHORT_HEADER };
-        if !self.have(page, len) {
+        let Some(h) = self.slice(page, len) else {
             return Ok(PageRead::NeedMore);
-        }
-        let h = self.slice(page, len);
-        let magic = u16_at(h, 0);
-        let info = u16_at(h, 2);
-        let pageaddr = u64_at(h, 8);
-        let rem_len = u32_at(h, 16);
+        };
+        let cut = |source| DecodeError::Truncated {
+            lsn: Lsn(page),
+            what: "page header",
+            source,
+        };
+        let mut r = ByteReader::new(h);
+        let magic = r.u16_le().map_err(cut)?;
+        let info = r.u16_le().map_err(cut)?;
+        r.skip(4).map_err(cut)?; // xlp_tli
+        let pageaddr = r.u64_le().map_err(cut)?;
+        let rem_len = r.u32_le().map_err(cut)?;
         if pageaddr != page {
             return Ok(PageRead::NotThisPage);
         }
@@ -242,14 +283,18 @@ impl WalReader {
                 lsn: Lsn(page),
                 magic,
             })?;
-        self.major.get_or_insert(major);
         if long != (info & XLP_LONG_HEADER != 0) {
             return Err(DecodeError::BadContinuation {
                 lsn: Lsn(page),
                 reason: "long header flag does not match the segment start".into(),
             });
         }
-        Ok(PageRead::Header(PageHeader { info, rem_len, len }))
+        Ok(PageRead::Header(PageHeader {
+            info,
+            rem_len,
+            len,
+            major,
+        }))
     }
 
     /// The next record, or what stops it.
@@ -266,6 +311,7 @@ impl WalReader {
                     PageRead::NeedMore => return Ok(Next::NeedMore),
                     PageRead::NotThisPage => return Ok(self.end(page)),
                 };
+                self.major.get_or_insert(h.major);
                 self.pos = Lsn(page + h.len);
                 if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
                     if !self.skip_contrecord {
@@ -300,10 +346,17 @@ impl WalReader {
     fn read_record(&mut self) -> Result<Next, DecodeError> {
         let start = self.pos.0;
         let on_page = PAGE - start % PAGE;
-        if !self.have(start, 4) {
+        let Some(len_word) = self.slice(start, 4) else {
             return Ok(Next::NeedMore);
-        }
-        let tot_len = u32_at(self.slice(start, 4), 0);
+        };
+        let tot_len =
+            ByteReader::new(len_word)
+                .u32_le()
+                .map_err(|source| DecodeError::Truncated {
+                    lsn: self.pos,
+                    what: "length",
+                    source,
+                })?;
         if tot_len == 0 {
             return Ok(self.end(start));
         }
@@ -314,14 +367,16 @@ impl WalReader {
             });
         }
         // gather the record across pages (without copying until it is whole)
-        let mut pieces: Vec<(u64, u64)> = Vec::new();
         let first = u64::from(tot_len).min(on_page);
-        if !self.have(start, first) {
+        let Some(piece) = self.slice(start, first) else {
             return Ok(Next::NeedMore);
-        }
-        pieces.push((start, first));
+        };
+        let mut pieces: Vec<&[u8]> = vec![piece];
         let mut got = first;
+        // first byte after the record
+        let mut end = start + first;
         let mut page = start - start % PAGE + PAGE;
+        let mut major = None;
         while got < u64::from(tot_len) {
             let h = match self.page_header(page)? {
                 PageRead::Header(h) => h,
@@ -329,17 +384,19 @@ impl WalReader {
                 // WAL ends inside this record: it was never completed
                 PageRead::NotThisPage => return Ok(self.end(start)),
             };
+            major.get_or_insert(h.major);
             let rest = u64::from(tot_len) - got;
             if h.info & XLP_FIRST_IS_CONTRECORD == 0 || u64::from(h.rem_len) != rest {
                 // an overwritten (aborted) continuation ends the valid WAL
                 return Ok(self.end(start));
             }
             let take = rest.min(PAGE - h.len);
-            if !self.have(page + h.len, take) {
+            let Some(piece) = self.slice(page + h.len, take) else {
                 return Ok(Next::NeedMore);
-            }
-            pieces.push((page + h.len, take));
+            };
+            pieces.push(piece);
             got += take;
+            end = page + h.len + take;
             page += PAGE;
         }
         // the header (it may straddle pages), then the CRC over the rest of
@@ -347,31 +404,37 @@ impl WalReader {
         let mut header = [0u8; RECORD_HEADER];
         let mut filled = 0;
         let mut crc = 0u32;
-        for (at, len) in &pieces {
-            let sl = self.slice(*at, *len);
-            let h = (RECORD_HEADER - filled).min(sl.len());
-            header[filled..filled + h].copy_from_slice(&sl[..h]);
-            filled += h;
-            if h < sl.len() {
-                crc = crc32c::crc32c_append(crc, &sl[h..]);
+        for sl in &pieces {
+            let want = RECORD_HEADER - filled;
+            let (head, body) = sl.split_at_checked(want).unwrap_or((sl, &[]));
+            if let Some(dst) = header.get_mut(filled..filled + head.len()) {
+                dst.copy_from_slice(head);
+            }
+            filled += head.len();
+            if !body.is_empty() {
+                crc = crc32c::crc32c_append(crc, body);
             }
         }
-        let (last_at, last_len) = pieces[pieces.len() - 1];
-        let end = last_at + last_len;
-        let stored = u32_at(&header, 20);
-        let computed = crc32c::crc32c_append(crc, &header[..20]);
-        if stored != computed {
+        let head = RecordHeader::parse(&header).map_err(|source| DecodeError::Truncated {
+            lsn: self.pos,
+            what: "header",
+            source,
+        })?;
+        let computed = match header.get(..20) {
+            Some(upto_crc) => crc32c::crc32c_append(crc, upto_crc),
+            None => crc,
+        };
+        if head.crc != computed {
             return Err(DecodeError::BadCrc {
                 lsn: self.pos,
-                stored,
+                stored: head.crc,
                 computed,
             });
         }
-        let rmid = header[17];
-        let bytes = if self.all_bodies || rmid == RM_XLOG_ID || rmid == 1 {
+        let bytes = if self.all_bodies || head.rmid == RM_XLOG_ID || head.rmid == 1 {
             let mut b = Vec::with_capacity(tot_len as usize);
-            for (at, len) in &pieces {
-                b.extend_from_slice(self.slice(*at, *len));
+            for p in &pieces {
+                b.extend_from_slice(p);
             }
             b
         } else {
@@ -380,12 +443,15 @@ impl WalReader {
         let rec = RawRecord {
             lsn: self.pos,
             end: Lsn(end),
-            xid: u32_at(&header, 4),
-            prev: Lsn(u64_at(&header, 8)),
-            info: header[16],
-            rmid,
+            xid: head.xid,
+            prev: Lsn(head.prev),
+            info: head.info,
+            rmid: head.rmid,
             bytes,
         };
+        if let Some(m) = major {
+            self.major.get_or_insert(m);
+        }
         self.pos = if rec.rmid == RM_XLOG_ID && rec.info & 0xF0 == XLOG_SWITCH {
             // the rest of the segment is unused
             let s = self.seg.bytes();
@@ -401,89 +467,114 @@ impl WalReader {
 /// data), found by walking the block headers as `DecodeXLogRecord` does.
 /// `major` decides the image-compression flag layout (13–14 vs 15+).
 pub fn main_data(rec: &RawRecord, major: u32) -> Result<&[u8], DecodeError> {
-    let b = &rec.bytes;
     let bad = |reason: &str| DecodeError::Malformed {
         lsn: rec.lsn,
         reason: reason.to_owned(),
     };
-    let mut at = RECORD_HEADER;
+    let cut = |source| DecodeError::Truncated {
+        lsn: rec.lsn,
+        what: "block headers",
+        source,
+    };
+    let mut r = ByteReader::new(&rec.bytes);
+    r.skip(RECORD_HEADER).map_err(cut)?;
+    // bytes of block data and main data after the headers, as they claim
     let mut data_total: usize = 0;
     let mut main_len: usize = 0;
-    let need = |at: usize, n: usize| -> Result<(), DecodeError> {
-        if at + n > b.len() {
-            Err(bad("block headers run past the record"))
-        } else {
-            Ok(())
-        }
-    };
-    while b.len() - at > data_total {
-        need(at, 1)?;
-        let id = b[at];
-        at += 1;
+    while r.remaining() > data_total {
+        let id = r.u8().map_err(cut)?;
         match id {
+            // XLR_BLOCK_ID_DATA_SHORT
             255 => {
-                need(at, 1)?;
-                main_len = usize::from(b[at]);
-                at += 1;
-                data_total += main_len;
+                main_len = usize::from(r.u8().map_err(cut)?);
+                data_total = data_total.saturating_add(main_len);
             }
+            // XLR_BLOCK_ID_DATA_LONG
             254 => {
-                need(at, 4)?;
-                main_len = u32_at(b, at) as usize;
-                at += 4;
-                data_total += main_len;
+                main_len = r.u32_le().map_err(cut)? as usize;
+                data_total = data_total.saturating_add(main_len);
             }
-            253 => {
-                need(at, 2)?;
-                at += 2; // replication origin
-            }
-            252 => {
-                need(at, 4)?;
-                at += 4; // top-level xid
-            }
+            // XLR_BLOCK_ID_ORIGIN: replication origin
+            253 => r.skip(2).map_err(cut)?,
+            // XLR_BLOCK_ID_TOPLEVEL_XID
+            252 => r.skip(4).map_err(cut)?,
+            // XLogRecordBlockHeader
             0..=32 => {
-                need(at, 3)?;
-                let flags = b[at];
-                data_total += usize::from(u16_at(b, at + 1));
-                at += 3;
+                let flags = r.u8().map_err(cut)?;
+                data_total = data_total.saturating_add(usize::from(r.u16_le().map_err(cut)?));
                 if flags & 0x10 != 0 {
-                    // image: length, hole offset, info (+ hole length when
-                    // compressed with a hole)
-                    need(at, 5)?;
-                    let len = usize::from(u16_at(b, at));
-                    let bimg_info = b[at + 4];
-                    at += 5;
+                    // XLogRecordBlockImageHeader: length, hole offset, info
+                    // (+ hole length when compressed with a hole)
+                    let len = usize::from(r.u16_le().map_err(cut)?);
+                    r.skip(2).map_err(cut)?;
+                    let bimg_info = r.u8().map_err(cut)?;
                     let compressed = if major >= 15 {
                         bimg_info & 0x1C != 0
                     } else {
                         bimg_info & 0x02 != 0
                     };
                     if bimg_info & 0x01 != 0 && compressed {
-                        need(at, 2)?;
-                        at += 2;
+                        r.skip(2).map_err(cut)?;
                     }
-                    data_total += len;
+                    data_total = data_total.saturating_add(len);
                 }
                 if flags & 0x80 == 0 {
-                    need(at, 12)?;
-                    at += 12; // RelFileLocator
+                    r.skip(12).map_err(cut)?; // RelFileLocator
                 }
-                need(at, 4)?;
-                at += 4; // block number
+                r.skip(4).map_err(cut)?; // block number
             }
             _ => return Err(bad(&format!("unknown block id {id}"))),
         }
     }
-    if b.len() - at != data_total {
+    let data = r.peek_rest();
+    if data.len() != data_total {
         return Err(bad("block data lengths do not add up"));
     }
-    Ok(&b[b.len() - main_len..])
+    // main data comes last; its length is counted in data_total
+    data.len()
+        .checked_sub(main_len)
+        .and_then(|from| data.get(from..))
+        .ok_or_else(|| bad("block data lengths do not add up"))
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_cut_block_header_says_where() {
+        let mut bytes = vec![0u8; RECORD_HEADER];
+        bytes.extend_from_slice(&[0, 0x00]); // block 0, flags, then nothing
+        let rec = RawRecord {
+            lsn: Lsn(0x0100_0028),
+            end: Lsn(0x0100_0042),
+            xid: 0,
+            prev: Lsn(0),
+            info: 0,
+            rmid: 10,
+            bytes,
+        };
+        let e = main_data(&rec, 15).unwrap_err();
+        assert_eq!(
+            e,
+            DecodeError::Truncated {
+                lsn: Lsn(0x0100_0028),
+                what: "block headers",
+                source: Truncated {
+                    at: 26,
+                    need: 2,
+                    end: 26
+                }
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "record at 0/1000028 is cut short in its block headers: \
+             input ends at byte 26: 2 byte(s) needed at byte 26"
+        );
+    }
 
     proptest! {
         /// Random bytes, with or without a valid-looking first page header,

@@ -7,9 +7,47 @@
 //! Protocol"): all integers big-endian; times are microseconds since
 //! 2000-01-01 00:00 UTC.
 
-use bytes::{Buf, Bytes};
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
+use bytes::Bytes;
 
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
+use crate::reader::{ByteReader, Truncated};
+
+/// What is wrong with the replication stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveError {
+    /// A CopyData message without even a type byte.
+    #[error("empty replication message")]
+    Empty,
+    /// A message shorter than its fixed header.
+    #[error("replication message {kind:?} ({name}) is cut short: {source}")]
+    Truncated {
+        /// Its type byte.
+        kind: char,
+        /// What the type means.
+        name: &'static str,
+        /// Where (offsets after the type byte).
+        source: Truncated,
+    },
+    /// A type byte other than 'w' and 'k'.
+    #[error("unknown replication message type {0:?}")]
+    UnknownType(char),
+    /// Streaming asked to begin inside a segment.
+    #[error("streaming must start at a segment boundary, not {start}")]
+    NotSegmentStart {
+        /// The LSN asked for.
+        start: Lsn,
+    },
+    /// Bytes that do not follow those received before.
+    #[error("WAL gap or overlap: expected {expected}, the server sent {sent}")]
+    Gap {
+        /// The next LSN expected.
+        expected: Lsn,
+        /// Where the server's bytes start.
+        sent: Lsn,
+    },
+}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -36,36 +74,40 @@ pub enum WalMessage {
 }
 
 /// Parse one CopyData payload of a START_REPLICATION stream.
-pub fn parse_message(mut b: Bytes) -> Result<WalMessage, String> {
-    if b.is_empty() {
-        return Err("empty replication message".into());
-    }
-    match b.get_u8() {
+pub fn parse_message(b: Bytes) -> Result<WalMessage, ReceiveError> {
+    let (&kind, body) = b.split_first().ok_or(ReceiveError::Empty)?;
+    let mut r = ByteReader::new(body);
+    let cut = |name: &'static str| {
+        move |source| ReceiveError::Truncated {
+            kind: kind as char,
+            name,
+            source,
+        }
+    };
+    match kind {
         b'w' => {
-            if b.len() < 24 {
-                return Err(format!("XLogData header truncated ({} bytes)", b.len()));
-            }
-            let start = Lsn(b.get_u64());
-            let wal_end = Lsn(b.get_u64());
-            let _send_time = b.get_i64();
+            let cut = cut("XLogData");
+            let start = Lsn(r.u64_be().map_err(cut)?);
+            let wal_end = Lsn(r.u64_be().map_err(cut)?);
+            let _send_time = r.i64_be().map_err(cut)?;
+            let data = b.slice_ref(r.rest());
             Ok(WalMessage::XLogData {
                 start,
                 wal_end,
-                data: b,
+                data,
             })
         }
         b'k' => {
-            if b.len() < 17 {
-                return Err(format!("keepalive truncated ({} bytes)", b.len()));
-            }
-            let wal_end = Lsn(b.get_u64());
-            let _send_time = b.get_i64();
+            let cut = cut("keepalive");
+            let wal_end = Lsn(r.u64_be().map_err(cut)?);
+            let _send_time = r.i64_be().map_err(cut)?;
+            let reply_requested = r.u8().map_err(cut)? != 0;
             Ok(WalMessage::Keepalive {
                 wal_end,
-                reply_requested: b.get_u8() != 0,
+                reply_requested,
             })
         }
-        t => Err(format!("unknown replication message type {:?}", t as char)),
+        t => Err(ReceiveError::UnknownType(t as char)),
     }
 }
 
@@ -112,11 +154,9 @@ impl SegmentAssembler {
         start: Lsn,
         timeline: TimelineId,
         seg_size: WalSegSize,
-    ) -> Result<SegmentAssembler, String> {
+    ) -> Result<SegmentAssembler, ReceiveError> {
         if !start.is_segment_start(seg_size) {
-            return Err(format!(
-                "streaming must start at a segment boundary, not {start}"
-            ));
+            return Err(ReceiveError::NotSegmentStart { start });
         }
         Ok(SegmentAssembler {
             seg_size,
@@ -132,19 +172,21 @@ impl SegmentAssembler {
     }
 
     /// Add bytes that start at `start`; returns the segments they completed.
-    pub fn push(&mut self, start: Lsn, mut data: &[u8]) -> Result<Vec<Segment>, String> {
+    pub fn push(&mut self, start: Lsn, mut data: &[u8]) -> Result<Vec<Segment>, ReceiveError> {
         if start != self.next {
-            return Err(format!(
-                "WAL gap or overlap: expected {}, the server sent {start}",
-                self.next
-            ));
+            return Err(ReceiveError::Gap {
+                expected: self.next,
+                sent: start,
+            });
         }
         let seg = self.seg_size.bytes() as usize;
         let mut done = Vec::new();
         while !data.is_empty() {
-            let take = (seg - self.current.len()).min(data.len());
-            self.current.extend_from_slice(&data[..take]);
-            data = &data[take..];
+            let room = seg - self.current.len();
+            let (head, tail) = data.split_at_checked(room).unwrap_or((data, &[]));
+            let take = head.len();
+            self.current.extend_from_slice(head);
+            data = tail;
             self.next = Lsn(self.next.0 + take as u64);
             if self.current.len() == seg {
                 let segno = SegmentNo(self.next.0 / self.seg_size.bytes() - 1);
@@ -193,6 +235,7 @@ impl SegmentAssembler {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -218,7 +261,13 @@ mod tests {
         assert_eq!(&p.data[..100], &wal[2 << 20..]);
         assert!(p.data[100..].iter().all(|&b| b == 0));
         assert_eq!(a.partial_len(), 100);
-        assert!(a.push(Lsn(5), b"x").unwrap_err().contains("gap"));
+        assert_eq!(
+            a.push(Lsn(5), b"x").unwrap_err(),
+            ReceiveError::Gap {
+                expected: Lsn((2 << 20) + 100),
+                sent: Lsn(5)
+            }
+        );
         assert!(SegmentAssembler::new(Lsn(1), TimelineId::FIRST, size).is_err());
     }
 
@@ -240,6 +289,24 @@ mod tests {
         let r = status_update(Lsn(1), Lsn(2), Lsn(3), PG_EPOCH_OFFSET_US + 5, true);
         assert_eq!(r.len(), 34);
         assert_eq!(&r[25..33], &5i64.to_be_bytes());
+    }
+
+    #[test]
+    fn short_messages_say_where_they_end() {
+        assert_eq!(parse_message(Bytes::new()), Err(ReceiveError::Empty));
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&7u64.to_be_bytes());
+        k.extend_from_slice(&1i64.to_be_bytes());
+        let e = parse_message(Bytes::from(k)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "replication message 'k' (keepalive) is cut short: \
+             input ends at byte 16: 1 byte(s) needed at byte 16"
+        );
+        assert_eq!(
+            parse_message(Bytes::from_static(b"q")),
+            Err(ReceiveError::UnknownType('q'))
+        );
     }
 
     proptest! {

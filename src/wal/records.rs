@@ -3,11 +3,14 @@
 //! sections, xl_xact_prepare), restore points, checkpoints, XLOG_SWITCH,
 //! end of recovery (`catalog/pg_control.h`).
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::decode::{main_data, DecodeError, RawRecord};
 use crate::pg::Lsn;
+use crate::reader::ByteReader;
 
 const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
@@ -107,37 +110,42 @@ pub enum RecordKind {
     Other,
 }
 
+/// The main data of a record, read field by field; a field past its end
+/// is [`DecodeError::Truncated`] at the record's LSN.
 struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
+    r: ByteReader<'a>,
     lsn: Lsn,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.at + n > self.b.len() {
-            return Err(DecodeError::Malformed {
-                lsn: self.lsn,
-                reason: "main data shorter than its contents".into(),
-            });
+    fn new(main: &'a [u8], lsn: Lsn) -> Cursor<'a> {
+        Cursor {
+            r: ByteReader::new(main),
+            lsn,
         }
-        let s = &self.b[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
+    }
+    fn cut(&self) -> impl FnOnce(crate::reader::Truncated) -> DecodeError {
+        let lsn = self.lsn;
+        move |source| DecodeError::Truncated {
+            lsn,
+            what: "main data",
+            source,
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        self.r.bytes(n).map_err(self.cut())
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        let s = self.take(4)?;
-        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        self.r.u32_le().map_err(self.cut())
     }
     fn i64(&mut self) -> Result<i64, DecodeError> {
-        let s = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(s);
-        Ok(i64::from_le_bytes(a))
+        self.r.i64_le().map_err(self.cut())
     }
+    /// A count of items of `each` bytes that follow; refused when they
+    /// cannot fit (a corrupt count must not make a huge allocation).
     fn count(&mut self, each: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
-        if n.saturating_mul(each) > self.b.len() {
+        if n.saturating_mul(each) > self.r.remaining() {
             return Err(DecodeError::Malformed {
                 lsn: self.lsn,
                 reason: format!("a count of {n} does not fit the record"),
@@ -152,12 +160,7 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
     let info = rec.info & 0xF0;
     match rec.rmid {
         RM_XLOG_ID => {
-            let d = main_data(rec, major)?;
-            let mut c = Cursor {
-                b: d,
-                at: 0,
-                lsn: rec.lsn,
-            };
+            let mut c = Cursor::new(main_data(rec, major)?, rec.lsn);
             Ok(match info {
                 0x00 | 0x10 => {
                     let redo = Lsn(c.i64()? as u64);
@@ -172,10 +175,11 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
                 0x50 => RecordKind::BackupEnd,
                 0x70 => {
                     let time = c.i64()?;
+                    // rp_name: char[MAXFNAMELEN], NUL-terminated
                     let raw = c.take(64)?;
-                    let len = raw.iter().position(|&b| b == 0).unwrap_or(64);
+                    let name = raw.split(|&b| b == 0).next().unwrap_or(raw);
                     RecordKind::RestorePoint {
-                        name: String::from_utf8_lossy(&raw[..len]).into_owned(),
+                        name: String::from_utf8_lossy(name).into_owned(),
                         time,
                     }
                 }
@@ -201,12 +205,7 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
                 0x40 => XactKind::AbortPrepared,
                 0x10 => {
                     // xl_xact_prepare: magic, total_len, xid, database, prepared_at
-                    let d = main_data(rec, major)?;
-                    let mut c = Cursor {
-                        b: d,
-                        at: 0,
-                        lsn: rec.lsn,
-                    };
+                    let mut c = Cursor::new(main_data(rec, major)?, rec.lsn);
                     c.take(8)?;
                     let xid = c.u32()?;
                     c.take(4)?;
@@ -225,11 +224,7 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
 /// Parse xl_xact_commit / xl_xact_abort and their xinfo sections, in the
 /// order ParseCommitRecord / ParseAbortRecord read them.
 fn xact_end(rec: &RawRecord, kind: XactKind, d: &[u8], major: u32) -> Result<XactEnd, DecodeError> {
-    let mut c = Cursor {
-        b: d,
-        at: 0,
-        lsn: rec.lsn,
-    };
+    let mut c = Cursor::new(d, rec.lsn);
     let time = c.i64()?;
     let xinfo = if rec.info & 0x80 != 0 { c.u32()? } else { 0 };
     let mut x = XactEnd {
@@ -278,6 +273,7 @@ fn xact_end(rec: &RawRecord, kind: XactKind, d: &[u8], major: u32) -> Result<Xac
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -4,7 +4,73 @@
 //! ends the WAL: the unwritten tail of a `.partial`), and every record must
 //! pass its CRC-32C.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use crate::pg::{Lsn, SegmentNo, WalSegSize};
+use crate::reader::ByteReader;
+use crate::wal::decode::DecodeError;
+
+/// What is wrong with a WAL segment; every variant says where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Not the segment size.
+    #[error("{len} bytes, expected {expected}")]
+    WrongSize {
+        /// Bytes found.
+        len: u64,
+        /// The segment size.
+        expected: WalSegSize,
+    },
+    /// A segment number whose LSN does not fit 64 bits.
+    #[error("segment number {segno:?} is out of range for {seg} segments")]
+    SegmentOutOfRange {
+        /// The segment.
+        segno: SegmentNo,
+        /// The segment size.
+        seg: WalSegSize,
+    },
+    /// A piece that is not whole pages, or runs past the segment.
+    #[error("{len} bytes at offset {offset} do not fit {seg} segment pages")]
+    NotPages {
+        /// Bytes in the piece.
+        len: usize,
+        /// Offset of the piece in the segment.
+        offset: u64,
+        /// The segment size.
+        seg: WalSegSize,
+    },
+    /// The first page is zeros.
+    #[error("no WAL at all: the first page at {at} is zeros")]
+    NoWal {
+        /// The first page.
+        at: Lsn,
+    },
+    /// A page with an unknown magic.
+    #[error("page at {at} has magic {magic:#06X}, not WAL of PostgreSQL 13-18")]
+    BadMagic {
+        /// The page.
+        at: Lsn,
+        /// xlp_magic.
+        magic: u16,
+    },
+    /// A page whose xlp_pageaddr is not its position.
+    #[error("page at {at} says it is at {says}: the file is misnamed or damaged")]
+    Misplaced {
+        /// Where the page is.
+        at: Lsn,
+        /// Its xlp_pageaddr.
+        says: Lsn,
+    },
+    /// Non-zero bytes after a page of zeros.
+    #[error("WAL resumes after a page of zeros at {at}")]
+    ResumesAfterZeros {
+        /// The first non-zero byte.
+        at: Lsn,
+    },
+    /// A record fails to decode.
+    #[error(transparent)]
+    Record(#[from] DecodeError),
+}
 
 /// XLOG_PAGE_MAGIC of PostgreSQL 13 to 18.
 pub const KNOWN_PAGE_MAGICS: [(u16, u32); 6] = [
@@ -21,15 +87,18 @@ pub const WAL_PAGE: usize = 8192;
 
 /// Check the page headers and every record of segment `segno` (`data` is
 /// the whole segment).
-pub fn verify_segment(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), String> {
+pub fn verify_segment(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), VerifyError> {
     verify_pages(data, segno, seg)?;
     records(data, segno, seg)
 }
 
 /// Check the page headers of segment `segno` only.
-pub fn verify_pages(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), String> {
+pub fn verify_pages(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), VerifyError> {
     if data.len() as u64 != seg.bytes() {
-        return Err(format!("{} bytes, expected {seg}", data.len()));
+        return Err(VerifyError::WrongSize {
+            len: data.len() as u64,
+            expected: seg,
+        });
     }
     let mut c = PageChecker::new(segno, seg)?;
     c.check(data)?;
@@ -49,10 +118,10 @@ pub struct PageChecker {
 
 impl PageChecker {
     /// A checker for segment `segno`.
-    pub fn new(segno: SegmentNo, seg: WalSegSize) -> Result<PageChecker, String> {
+    pub fn new(segno: SegmentNo, seg: WalSegSize) -> Result<PageChecker, VerifyError> {
         let base = segno
             .start_lsn(seg)
-            .ok_or_else(|| "segment number out of range".to_owned())?;
+            .ok_or(VerifyError::SegmentOutOfRange { segno, seg })?;
         Ok(PageChecker {
             base,
             seg,
@@ -62,14 +131,13 @@ impl PageChecker {
     }
 
     /// Check the next `data` (whole pages) of the segment.
-    pub fn check(&mut self, data: &[u8]) -> Result<(), String> {
+    pub fn check(&mut self, data: &[u8]) -> Result<(), VerifyError> {
         if data.len() % WAL_PAGE != 0 || self.checked + data.len() as u64 > self.seg.bytes() {
-            return Err(format!(
-                "{} bytes at offset {} do not fit {} segment pages",
-                data.len(),
-                self.checked,
-                self.seg
-            ));
+            return Err(VerifyError::NotPages {
+                len: data.len(),
+                offset: self.checked,
+                seg: self.seg,
+            });
         }
         let first = Lsn(self.base.0 + self.checked);
         self.checked += data.len() as u64;
@@ -78,49 +146,59 @@ impl PageChecker {
         }
         for (i, page) in data.chunks_exact(WAL_PAGE).enumerate() {
             let at = Lsn(first.0 + (i * WAL_PAGE) as u64);
-            let magic = u16::from_le_bytes([page[0], page[1]]);
+            // XLogPageHeaderData: xlp_magic, xlp_info, xlp_tli, xlp_pageaddr
+            let mut r = ByteReader::new(page);
+            let (magic, pageaddr) = match (r.u16_le(), r.skip(6), r.u64_le()) {
+                (Ok(m), Ok(()), Ok(a)) => (m, a),
+                // chunks_exact: every page is WAL_PAGE bytes
+                _ => {
+                    return Err(VerifyError::NotPages {
+                        len: page.len(),
+                        offset: at.0 - self.base.0,
+                        seg: self.seg,
+                    })
+                }
+            };
             if magic == 0 && first_nonzero(page).is_none() {
                 if at == self.base {
-                    return Err(format!("no WAL at all: the first page at {at} is zeros"));
+                    return Err(VerifyError::NoWal { at });
                 }
                 // the rest must be zeros too: WAL never resumes after a hole
                 self.ended = true;
-                return zeros_after_end(&data[i * WAL_PAGE..], at);
+                let rest = data.get(i * WAL_PAGE..).unwrap_or_default();
+                return zeros_after_end(rest, at);
             }
             if !KNOWN_PAGE_MAGICS.iter().any(|(m, _)| *m == magic) {
-                return Err(format!(
-                    "page at {at} has magic {magic:#06X}, not WAL of PostgreSQL 13-18"
-                ));
+                return Err(VerifyError::BadMagic { at, magic });
             }
-            let pageaddr = u64::from_le_bytes([
-                page[8], page[9], page[10], page[11], page[12], page[13], page[14], page[15],
-            ]);
             if pageaddr != at.0 {
-                return Err(format!(
-                    "page at {at} says it is at {}: the file is misnamed or damaged",
-                    Lsn(pageaddr)
-                ));
+                return Err(VerifyError::Misplaced {
+                    at,
+                    says: Lsn(pageaddr),
+                });
             }
         }
         Ok(())
     }
 
     /// Every page was checked.
-    pub fn finish(&self) -> Result<(), String> {
+    pub fn finish(&self) -> Result<(), VerifyError> {
         if self.checked != self.seg.bytes() {
-            return Err(format!("{} bytes, expected {}", self.checked, self.seg));
+            return Err(VerifyError::WrongSize {
+                len: self.checked,
+                expected: self.seg,
+            });
         }
         Ok(())
     }
 }
 
 /// `data`, starting at `at`, lies after the end of the WAL: all zeros.
-fn zeros_after_end(data: &[u8], at: Lsn) -> Result<(), String> {
+fn zeros_after_end(data: &[u8], at: Lsn) -> Result<(), VerifyError> {
     match first_nonzero(data) {
-        Some(p) => Err(format!(
-            "WAL resumes after a page of zeros at {}",
-            Lsn(at.0 + p as u64)
-        )),
+        Some(p) => Err(VerifyError::ResumesAfterZeros {
+            at: Lsn(at.0 + p as u64),
+        }),
         None => Ok(()),
     }
 }
@@ -140,11 +218,12 @@ fn first_nonzero(data: &[u8]) -> Option<usize> {
 }
 
 /// Every record's CRC and structure.
-fn records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), String> {
-    crate::wal::summary::check_records(data, segno, seg).map_err(|e| e.to_string())
+fn records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(), VerifyError> {
+    Ok(crate::wal::summary::check_records(data, segno, seg)?)
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -176,16 +255,22 @@ mod tests {
         let mut bad = data.clone();
         bad[700_001] = 1;
         let whole = verify_pages(&bad, segno, seg).unwrap_err();
-        assert!(whole.contains(&Lsn(base + 700_001).to_string()), "{whole}");
+        assert_eq!(
+            whole,
+            VerifyError::ResumesAfterZeros {
+                at: Lsn(base + 700_001)
+            }
+        );
         for n in [WAL_PAGE, 3 * WAL_PAGE, 1 << 20] {
             assert_eq!(pieces(&bad, n), Err(whole.clone()), "{n}");
         }
         // a misaddressed page, a short segment, a piece that is not pages
         let mut moved = data.clone();
         moved[2 * WAL_PAGE + 8] ^= 1;
-        assert!(pieces(&moved, WAL_PAGE)
-            .unwrap_err()
-            .contains("says it is at"));
+        assert!(matches!(
+            pieces(&moved, WAL_PAGE).unwrap_err(),
+            VerifyError::Misplaced { .. }
+        ));
         assert!(pieces(&data[..1 << 19], WAL_PAGE).is_err());
         assert!(pieces(&data, 1000).is_err());
     }
