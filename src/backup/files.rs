@@ -103,9 +103,9 @@ impl<'s> FileAssembler<'s> {
     }
 
     fn queue(&mut self, block: Bytes) -> Result<(), RepoError> {
-        let file = self
-            .current
-            .ok_or_else(|| RepoError::MalformedInput("archive data outside of any file"))?;
+        let file = self.current.ok_or(RepoError::MalformedInput(
+            "archive data outside of any file",
+        ))?;
         let slot = self.pending_ids[file].len();
         self.pending_ids[file].push(None);
         self.batch.push((file, slot, block));
@@ -134,10 +134,12 @@ impl<'s> FileAssembler<'s> {
         }
         self.flush()?;
         for (f, ids) in self.files.iter_mut().zip(self.pending_ids) {
-            f.blocks = ids
-                .into_iter()
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| RepoError::MalformedInput("a block of a file was never stored"))?;
+            f.blocks =
+                ids.into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(RepoError::MalformedInput(
+                        "a block of a file was never stored",
+                    ))?;
         }
         Ok(self.files)
     }

@@ -409,10 +409,7 @@ impl Repository {
         label: &str,
         cost: KdfCost,
     ) -> Result<KeySlot, RepoError> {
-        let master = self
-            .master
-            .as_ref()
-            .ok_or_else(|| RepoError::NotEncrypted)?;
+        let master = self.master.as_ref().ok_or(RepoError::NotEncrypted)?;
         let slot = KeySlot::create(master, secret, &self.config.repo_id, label, cost)?;
         self.storage
             .put(&slot.object_name(), slot.encode()?)

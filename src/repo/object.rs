@@ -176,8 +176,8 @@ impl ChunkSealer {
         if self.pushed != self.raw_len {
             return Err(RepoError::SourceChanged {
                 object: self.name,
-                sealed: self.pushed as u64,
-                declared: self.raw_len as u64,
+                sealed: self.pushed,
+                declared: self.raw_len,
             });
         }
         let mut out = self.out;

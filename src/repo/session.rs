@@ -272,7 +272,7 @@ impl Session {
     fn send_pack(&self, pack: PackBuilder) -> Result<(), RepoError> {
         let fp = self.prepare(pack);
         let tx = lock(&self.tx).clone();
-        let tx = tx.ok_or_else(|| RepoError::SessionClosed("session already finished"))?;
+        let tx = tx.ok_or(RepoError::SessionClosed("session already finished"))?;
         tx.blocking_send(fp).map_err(|_| uploads_stopped())
     }
 
