@@ -64,7 +64,7 @@ fn around(t: DateTime<Utc>, window: Duration) -> anyhow::Result<(DateTime<Utc>, 
 
 pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Result<()> {
     let tz = args.timezone.as_deref();
-    let time = |s: &str| parse_target_time(s, tz).map_err(anyhow::Error::msg);
+    let time = |s: &str| parse_target_time(s, tz);
     let (from, to): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
         match (&args.around, &args.from, &args.to) {
             (Some(a), _, _) => {

@@ -100,7 +100,7 @@ pub enum ArchiveMode {
 
 fn target_of(args: &PitrArgs) -> anyhow::Result<Target> {
     Ok(if let Some(t) = &args.target_time {
-        Target::Time(parse_target_time(t, args.timezone.as_deref()).map_err(anyhow::Error::msg)?)
+        Target::Time(parse_target_time(t, args.timezone.as_deref())?)
     } else if let Some(l) = args.target_lsn {
         Target::Lsn(l)
     } else if let Some(x) = args.target_xid {

@@ -75,6 +75,9 @@ pub enum PgError {
         /// What failed and what to do.
         reason: String,
     },
+    /// A value PostgreSQL would refuse (a slot name), refused before sending.
+    #[error(transparent)]
+    BadInput(super::ParseError),
     /// The exchange did not go as the protocol says, or a feature is missing.
     #[error("PostgreSQL at {target}: {reason}")]
     Protocol {

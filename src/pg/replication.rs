@@ -28,19 +28,16 @@ pub struct SlotInfo {
 }
 
 /// Check a slot name as PostgreSQL does (`ReplicationSlotValidateName`).
-pub fn validate_slot_name(name: &str) -> Result<(), String> {
+pub fn validate_slot_name(name: &str) -> Result<(), super::ParseError> {
+    let bad = |why: &str| super::ParseError::new("replication slot name", name, why);
     if name.is_empty() || name.len() > 63 {
-        return Err(format!(
-            "replication slot name {name:?} must be 1 to 63 characters"
-        ));
+        return Err(bad("must be 1 to 63 characters"));
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(format!(
-            "replication slot name {name:?} may contain only a-z, 0-9 and '_'"
-        ));
+        return Err(bad("may contain only a-z, 0-9 and '_'"));
     }
     Ok(())
 }
@@ -117,10 +114,7 @@ impl PgConnection {
         name: &str,
         reserve_wal: bool,
     ) -> Result<Option<Lsn>, PgError> {
-        validate_slot_name(name).map_err(|reason| PgError::Protocol {
-            target: self.target().to_owned(),
-            reason,
-        })?;
+        validate_slot_name(name).map_err(PgError::BadInput)?;
         let sql = format!(
             "CREATE_REPLICATION_SLOT {name} PHYSICAL{}",
             if reserve_wal { " RESERVE_WAL" } else { "" }
@@ -133,10 +127,7 @@ impl PgConnection {
     /// holds WAL for this connection only and vanishes with it (what a base
     /// backup's WAL stream uses, so no WAL it needs is recycled meanwhile).
     pub async fn create_temporary_physical_slot(&mut self, name: &str) -> Result<(), PgError> {
-        validate_slot_name(name).map_err(|reason| PgError::Protocol {
-            target: self.target().to_owned(),
-            reason,
-        })?;
+        validate_slot_name(name).map_err(PgError::BadInput)?;
         self.simple_query(&format!(
             "CREATE_REPLICATION_SLOT {name} TEMPORARY PHYSICAL RESERVE_WAL"
         ))
@@ -146,10 +137,7 @@ impl PgConnection {
 
     /// DROP_REPLICATION_SLOT.
     pub async fn drop_slot(&mut self, name: &str) -> Result<(), PgError> {
-        validate_slot_name(name).map_err(|reason| PgError::Protocol {
-            target: self.target().to_owned(),
-            reason,
-        })?;
+        validate_slot_name(name).map_err(PgError::BadInput)?;
         self.simple_query(&format!("DROP_REPLICATION_SLOT {name}"))
             .await
             .map(|_| ())
@@ -157,10 +145,7 @@ impl PgConnection {
 
     /// READ_REPLICATION_SLOT (PostgreSQL 15+): `None` when the slot does not exist.
     pub async fn read_replication_slot(&mut self, name: &str) -> Result<Option<SlotInfo>, PgError> {
-        validate_slot_name(name).map_err(|reason| PgError::Protocol {
-            target: self.target().to_owned(),
-            reason,
-        })?;
+        validate_slot_name(name).map_err(PgError::BadInput)?;
         let r = self
             .simple_query(&format!("READ_REPLICATION_SLOT {name}"))
             .await?;

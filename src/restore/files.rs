@@ -99,7 +99,7 @@ async fn needed_blocks(
             async move {
                 tokio::task::spawn_blocking(move || unchanged(&path, &ids, block_size, &hasher))
                     .await
-                    .map_err(|e| RestoreError::Invalid(format!("delta task failed: {e}")))?
+                    .map_err(RestoreError::task("delta"))?
             }
         })
         .buffered(2)
@@ -173,11 +173,9 @@ fn plan_runs(
     for (t, (target, blocks)) in targets.iter().zip(needed).enumerate() {
         for &i in blocks {
             let id = &target.file.blocks[i];
-            let loc = index.get(id).ok_or_else(|| {
-                RestoreError::Invalid(format!(
-                    "{}: block {id} is not in the repository's index (the repository is damaged; run `walvault verify`, or restore another backup)",
-                    target.file.path
-                ))
+            let loc = index.get(id).ok_or_else(|| RestoreError::MissingBlock {
+                file: target.file.path.clone(),
+                id: *id,
             })?;
             let (off, len) = (u64::from(loc.entry.offset), u64::from(loc.entry.len));
             let item = Item {
@@ -223,17 +221,6 @@ pub(super) async fn write_files(
         delta,
         direct,
     } = how;
-    for t in targets {
-        let expect = t.file.size.div_ceil(block_size as u64);
-        if t.file.blocks.len() as u64 != expect {
-            return Err(RestoreError::Invalid(format!(
-                "the manifest lists {} blocks for {} ({} bytes), expected {expect}; the manifest is damaged",
-                t.file.blocks.len(),
-                t.file.path,
-                t.file.size
-            )));
-        }
-    }
     let needed = needed_blocks(repo, targets, block_size, delta).await?;
     let to_write: u64 = targets
         .iter()
@@ -293,14 +280,14 @@ pub(super) async fn write_files(
             let (progress, files) = (progress.clone(), files.clone());
             tokio::task::spawn_blocking(move || write_blocks(jobs, &bytes, &files, &progress))
                 .await
-                .map_err(|e| RestoreError::Invalid(format!("write task failed: {e}")))?
+                .map_err(RestoreError::task("write"))?
         })
         .buffer_unordered(PARALLEL_RUNS)
         .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
         .await?;
     creator
         .await
-        .map_err(|e| RestoreError::Invalid(format!("file creation task failed: {e}")))??;
+        .map_err(RestoreError::task("file creation"))??;
     Ok(WriteStats {
         written,
         reused,
@@ -461,13 +448,12 @@ fn write_blocks(
     let mut last: Option<(usize, u64)> = None;
     for job in &jobs {
         if u64::from(job.entry.raw_len) != job.want {
-            return Err(RestoreError::Invalid(format!(
-                "{}: the block at offset {} holds {} bytes, expected {}; the repository is damaged",
-                files.slots[job.target].path.display(),
-                job.offset,
-                job.entry.raw_len,
-                job.want
-            )));
+            return Err(RestoreError::BadBlockLength {
+                file: files.slots[job.target].path.clone(),
+                offset: job.offset,
+                found: u64::from(job.entry.raw_len),
+                expected: job.want,
+            });
         }
         match (last, sizes.last_mut()) {
             (Some((t, end)), Some(n)) if t == job.target && end == job.offset => {

@@ -45,9 +45,73 @@ pub enum RestoreError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The request cannot be carried out.
-    #[error("{0}")]
-    Invalid(String),
+    /// The stanza has no backup to restore.
+    #[error("the stanza has no backups yet; take one with `walvault backup`")]
+    NoBackups,
+    /// `--delta` over a directory a server may be running on.
+    #[error("{dir} has a postmaster.pid: a server may be running on it; stop it cleanly first (pg_ctl stop -D {dir}), or remove the stale postmaster.pid if it crashed", dir = .0.display())]
+    ServerRunning(PathBuf),
+    /// A restore into a directory that holds files, without `--delta`.
+    #[error("{} is not empty; restore into an empty or new directory, or pass --delta to restore over a stopped server's data directory (only changed blocks are written)", .0.display())]
+    NotEmpty(PathBuf),
+    /// A tablespace whose destination holds files.
+    #[error("tablespace {oid} would go to {}, which is not empty; map it elsewhere with --tablespace-map {location}=DIR", dest.display())]
+    TablespaceNotEmpty {
+        /// The tablespace's OID.
+        oid: u32,
+        /// Where it would be restored.
+        dest: PathBuf,
+        /// Its location on the source server.
+        location: String,
+    },
+    /// A manifest whose content contradicts itself.
+    #[error("backup {backup}: {reason}; its manifest is damaged")]
+    DamagedManifest {
+        /// The backup.
+        backup: String,
+        /// What does not add up.
+        reason: String,
+    },
+    /// A block a manifest names is missing from the index.
+    #[error("{file}: block {id} is not in the repository's index (the repository is damaged; run `walvault verify`, or restore another backup)")]
+    MissingBlock {
+        /// The file (relative to the data directory) the block belongs to.
+        file: String,
+        /// The block.
+        id: crate::codec::BlockId,
+    },
+    /// A stored block of the wrong length.
+    #[error("{}: the block at offset {offset} holds {found} bytes, expected {expected}; the repository is damaged", file.display())]
+    BadBlockLength {
+        /// The file being written.
+        file: PathBuf,
+        /// Byte offset of the block in the file.
+        offset: u64,
+        /// Length stored.
+        found: u64,
+        /// Length the manifest implies.
+        expected: u64,
+    },
+    /// A background task (writing, syncing, comparing) panicked or was cancelled.
+    #[error("{what} task failed: {reason}")]
+    Task {
+        /// What the task did.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+impl RestoreError {
+    /// A failed background task.
+    pub(crate) fn task(
+        what: &'static str,
+    ) -> impl Fn(tokio::task::JoinError) -> RestoreError + Copy {
+        move |e| RestoreError::Task {
+            what,
+            reason: e.to_string(),
+        }
+    }
 }
 
 /// What to do about a write error, where there is something to do.
@@ -129,11 +193,7 @@ pub async fn choose_backup(
         _ => Manifest::list_ids(repo, paths)
             .await?
             .pop()
-            .ok_or_else(|| {
-                RestoreError::Invalid(
-                    "the stanza has no backups yet; take one with `walvault backup`".into(),
-                )
-            })?,
+            .ok_or(RestoreError::NoBackups)?,
     };
     Ok(Manifest::load(repo, paths, &id).await?)
 }
@@ -170,16 +230,10 @@ pub async fn restore(
     let paths = StanzaPaths::new(stanza);
     if opts.delta {
         if target.join("postmaster.pid").exists() {
-            return Err(RestoreError::Invalid(format!(
-                "{} has a postmaster.pid: a server may be running on it; stop it cleanly first (pg_ctl stop -D {0}), or remove the stale postmaster.pid if it crashed",
-                target.display()
-            )));
+            return Err(RestoreError::ServerRunning(target.to_owned()));
         }
     } else if !is_empty_dir(target, opts.staged_wal)? {
-        return Err(RestoreError::Invalid(format!(
-            "{} is not empty; restore into an empty or new directory, or pass --delta to restore over a stopped server's data directory (only changed blocks are written)",
-            target.display()
-        )));
+        return Err(RestoreError::NotEmpty(target.to_owned()));
     }
     let manifest = choose_backup(&repo, &paths, opts.backup.as_deref()).await?;
     let (index, _) = Index::load(&repo, &paths).await?;
@@ -196,12 +250,11 @@ pub async fn restore(
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&t.location));
         if !opts.delta && !is_empty_dir(&dest, false)? {
-            return Err(RestoreError::Invalid(format!(
-                "tablespace {} would go to {}, which is not empty; map it elsewhere with --tablespace-map {}=DIR",
-                t.oid,
-                dest.display(),
-                t.location
-            )));
+            return Err(RestoreError::TablespaceNotEmpty {
+                oid: t.oid,
+                dest,
+                location: t.location.clone(),
+            });
         }
         std::fs::create_dir_all(&dest).map_err(io(&dest))?;
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))
@@ -283,10 +336,24 @@ pub async fn restore(
     progress.set_total(bytes);
     let block_size = manifest.block_size as usize;
     if block_size == 0 {
-        return Err(RestoreError::Invalid(format!(
-            "backup {} has block size 0; its manifest is damaged",
-            manifest.id
-        )));
+        return Err(RestoreError::DamagedManifest {
+            backup: manifest.id.clone(),
+            reason: "block size 0".into(),
+        });
+    }
+    for f in manifest.files.iter().filter(|f| f.kind == FileKind::File) {
+        let expect = f.size.div_ceil(block_size as u64);
+        if f.blocks.len() as u64 != expect {
+            return Err(RestoreError::DamagedManifest {
+                backup: manifest.id.clone(),
+                reason: format!(
+                    "it lists {} blocks for {} ({} bytes), expected {expect}",
+                    f.blocks.len(),
+                    f.path,
+                    f.size
+                ),
+            });
+        }
     }
     let how = files::WriteMode {
         block_size,
@@ -313,7 +380,7 @@ pub async fn restore(
         Ok(())
     })
     .await
-    .map_err(|e| RestoreError::Invalid(format!("finishing task failed: {e}")))??;
+    .map_err(RestoreError::task("finishing"))??;
 
     // The backup carries a tablespace_map naming the *source's* locations,
     // and PostgreSQL recreates pg_tblspc/<oid> from it when it starts: rewrite
@@ -389,7 +456,7 @@ async fn sync_all(paths: Vec<PathBuf>) -> Result<(), RestoreError> {
                     .map_err(io(&p))
             })
             .await
-            .map_err(|e| RestoreError::Invalid(format!("sync task failed: {e}")))?
+            .map_err(RestoreError::task("sync"))?
         })
         .buffer_unordered(16)
         .try_collect::<Vec<()>>()

@@ -446,8 +446,12 @@ pub fn micros_to_text(us: i64) -> String {
 /// text (`2026-11-23 14:05:00+00`, `2026-11-23 14:05:00.5 +01:00`). A time
 /// without a zone needs `default_offset` (`--timezone`, e.g. `+02:00` or
 /// `UTC`).
-pub fn parse_target_time(s: &str, default_offset: Option<&str>) -> Result<DateTime<Utc>, String> {
+pub fn parse_target_time(
+    s: &str,
+    default_offset: Option<&str>,
+) -> Result<DateTime<Utc>, ParseError> {
     let s = s.trim();
+    let bad = |why: &str| ParseError::new("target time", s, why);
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -472,24 +476,24 @@ pub fn parse_target_time(s: &str, default_offset: Option<&str>) -> Result<DateTi
     let naive = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M"]
         .iter()
         .find_map(|f| chrono::NaiveDateTime::parse_from_str(base, f).ok())
-        .ok_or_else(|| format!("{s:?} is not a time (2026-11-23 14:05:00+00, or ISO 8601)"))?;
+        .ok_or_else(|| bad("expected 2026-11-23 14:05:00+00, or ISO 8601"))?;
     let zone = match (zone, default_offset) {
         (Some(z), _) => z,
         (None, Some(d)) if ["UTC", "GMT", "utc", "Z"].contains(&d) => "+00".to_owned(),
         (None, Some(d)) => d.to_owned(),
         (None, None) => {
-            return Err(format!(
-                "{s:?} has no time zone; add one (2026-11-23 14:05:00+00) or give --timezone"
+            return Err(bad(
+                "it has no time zone; add one (2026-11-23 14:05:00+00) or give --timezone",
             ))
         }
     };
     let offset = parse_offset(&zone)
-        .ok_or_else(|| format!("time zone {zone:?}: give an offset like +02:00, or UTC"))?;
+        .ok_or_else(|| ParseError::new("time zone", &zone, "give an offset like +02:00, or UTC"))?;
     naive
         .and_local_timezone(offset)
         .single()
         .map(|t| t.with_timezone(&Utc))
-        .ok_or_else(|| format!("{s:?} is not a valid time"))
+        .ok_or_else(|| bad("not a valid time"))
 }
 
 /// `+hh`, `+hhmm`, `+hh:mm` (or `-`) as an offset.
@@ -535,6 +539,7 @@ mod tests {
         );
         assert!(parse_target_time("2026-11-23 14:05:00", None)
             .unwrap_err()
+            .to_string()
             .contains("no time zone"));
         let frac = parse_target_time("2026-11-23 14:05:00.123456+00", None).unwrap();
         assert_eq!(frac.timestamp_subsec_micros(), 123456);

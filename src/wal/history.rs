@@ -3,37 +3,44 @@
 //! comments and blank lines are ignored. Timeline N's history lists every
 //! timeline before it with the LSN where it ended.
 
-use crate::pg::{Lsn, SegmentNo, TimelineId, WalSegSize};
+use crate::pg::{Lsn, ParseError, SegmentNo, TimelineId, WalSegSize};
 
 /// One ancestor: timeline `tli` ended at `end` (the next timeline begins
 /// there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryEntry {
     /// The ancestor timeline.
-    pub tli: u32,
+    pub tli: TimelineId,
     /// Where it ended: the first LSN of its successor.
     pub end: Lsn,
 }
 
-/// Parse a history file's text.
-pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, String> {
+/// Parse a history file's text; an error names the line that is wrong.
+pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, ParseError> {
     let mut out: Vec<HistoryEntry> = Vec::new();
     for (no, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let bad = |why: &str| {
+            ParseError::new(
+                "timeline history line",
+                line,
+                format!("line {}: {why}", no + 1),
+            )
+        };
         let mut f = line.split_whitespace();
         let tli = f
             .next()
-            .and_then(|t| t.parse::<u32>().ok())
-            .ok_or_else(|| format!("line {}: no timeline id", no + 1))?;
+            .and_then(|t| t.parse::<TimelineId>().ok())
+            .ok_or_else(|| bad("no timeline id"))?;
         let end = f
             .next()
             .and_then(|l| l.parse::<Lsn>().ok())
-            .ok_or_else(|| format!("line {}: no switch LSN", no + 1))?;
+            .ok_or_else(|| bad("no switch LSN"))?;
         if out.last().is_some_and(|p| p.tli >= tli || p.end > end) {
-            return Err(format!("line {}: timelines out of order", no + 1));
+            return Err(bad("timelines out of order"));
         }
         out.push(HistoryEntry { tli, end });
     }
@@ -56,9 +63,7 @@ impl TimelinePath {
         let mut steps = Vec::new();
         let mut begin = SegmentNo(0);
         for h in history {
-            if let Some(t) = TimelineId::new(h.tli) {
-                steps.push((t, begin, Some(h.end)));
-            }
+            steps.push((h.tli, begin, Some(h.end)));
             begin = h.end.segment(seg);
         }
         steps.push((tli, begin, None));
