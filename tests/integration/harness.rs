@@ -12,7 +12,7 @@ use crate::support::pg::{
     alive, other_majors_or_skip, processes_in, PgCluster, PgOptions, StopMode, PASSWORD_USER,
 };
 use crate::support::s3::S3Server;
-use crate::support::wait_until;
+use crate::support::{wait_until, Walvault};
 
 /// Start, prove SCRAM over TCP, run pgbench, check the data pgbench wrote.
 async fn scram_and_pgbench(c: &PgCluster) {
@@ -209,4 +209,58 @@ async fn s3_server_restart_keeps_data() {
     );
     server.start_again().await;
     assert_eq!(&store.get("k").await.unwrap()[..], b"kept");
+}
+
+/// The command builder runs a private copy of the binary that every user
+/// can run, gives the child none of the test's `WALVAULT_*` and `AWS_*`
+/// variables (only its own), and a failure names the command and shows
+/// its output.
+#[test]
+fn walvault_builder_copies_the_binary_clears_the_environment_and_reports_failures() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_walvault"));
+    let bin = Walvault::bin();
+    assert_ne!(bin, built);
+    let meta = std::fs::metadata(bin).unwrap();
+    assert_eq!(meta.len(), std::fs::metadata(built).unwrap().len());
+    assert_eq!(
+        meta.permissions().mode() & 0o755,
+        0o755,
+        "{}",
+        bin.display()
+    );
+
+    let wv = Walvault::new()
+        .args(["storage-check"])
+        .env("WALVAULT_STANZA", "given");
+    let envs: Vec<(String, Option<String>)> = wv
+        .command()
+        .get_envs()
+        .map(|(k, v)| {
+            let text = |s: &std::ffi::OsStr| s.to_string_lossy().into_owned();
+            (text(k), v.map(text))
+        })
+        .collect();
+    for (k, _) in std::env::vars() {
+        if (k.starts_with("WALVAULT_") || k.starts_with("AWS_")) && k != "WALVAULT_STANZA" {
+            assert!(
+                envs.contains(&(k.clone(), None)),
+                "{k} not cleared: {envs:?}"
+            );
+        }
+    }
+    assert!(envs.contains(&("WALVAULT_STANZA".into(), Some("given".into()))));
+
+    let line = wv.fails_with_one_line(&["no repository given"]);
+    let failure = std::panic::catch_unwind(|| wv.ok()).unwrap_err();
+    let message = failure.downcast_ref::<String>().unwrap();
+    for part in [
+        "walvault storage-check [with WALVAULT_STANZA] ended with exit status: 1, expected success",
+        "--- stdout ---",
+        "--- stderr ---",
+        &line,
+    ] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
 }

@@ -92,7 +92,10 @@ pub fn other_majors_or_skip(tested: &[u32]) -> Option<Vec<u32>> {
     if majors.is_empty() {
         let others = match tested {
             [] => String::new(),
-            _ => format!(" other than {tested:?}"),
+            _ => {
+                let list: Vec<String> = tested.iter().map(u32::to_string).collect();
+                format!(" other than {}", list.join(", "))
+            }
         };
         super::skip(&format!(
             "WALVAULT_PG_VERSIONS asks for no major{others} (e.g. WALVAULT_PG_VERSIONS='13 17')"

@@ -324,18 +324,30 @@ fn copy_of_the_binary() -> PathBuf {
         if fs::metadata(&dest).is_ok_and(|m| m.len() == meta.size()) {
             return dest;
         }
-        // copied under a name of its own and renamed into place, so another
-        // process sees either no copy or a whole one
+        // copied under a name of its own and linked into place, so another
+        // process sees either no copy or a whole one; never replaced, as a
+        // running walvault starts its helpers from its own path
+        // (current_exe), which must go on naming the same file
         let partial = dir.join(format!("walvault.{}.partial", std::process::id()));
         fs::copy(src, &partial).expect("copy the walvault binary");
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).expect("chmod");
         // a build that replaced the binary during the copy: start again
-        if fs::metadata(src).is_ok_and(|m| identity(&m) == key) {
-            fs::rename(&partial, &dest).expect("rename the binary's copy");
+        let unchanged = fs::metadata(src).is_ok_and(|m| identity(&m) == key);
+        if unchanged {
+            // (another process that linked its copy first: that one serves)
+            if let Err(e) = fs::hard_link(&partial, &dest) {
+                assert!(
+                    e.kind() == std::io::ErrorKind::AlreadyExists,
+                    "link the binary's copy to {}: {e}",
+                    dest.display()
+                );
+            }
+        }
+        let _ = fs::remove_file(&partial);
+        if unchanged {
             remove_stale_copies(&dir);
             return dest;
         }
-        let _ = fs::remove_file(&partial);
     }
     panic!(
         "{} kept changing while it was copied (a build running?)",
