@@ -9,7 +9,11 @@
 //! Input arrives as arbitrary chunks (CopyData payloads); file contents are
 //! handed out as zero-copy slices of those chunks.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use bytes::Bytes;
+
+use crate::reader::ByteReader;
 
 const BLOCK: usize = 512;
 
@@ -54,12 +58,80 @@ pub enum TarEvent {
 
 /// Malformed or truncated tar input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("tar stream is malformed at byte {offset}: {reason}")]
+#[error("tar stream is malformed at byte {offset}: {kind}")]
 pub struct TarError {
     /// Offset in the stream where the problem was found.
     pub offset: u64,
     /// What is wrong.
-    pub reason: String,
+    pub kind: TarErrorKind,
+}
+
+/// What is wrong with a tar stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TarErrorKind {
+    /// A header after the first zero block of the trailer.
+    #[error("a zero block followed by a header")]
+    HeaderAfterZeroBlock,
+    /// Padding after file content that is not zeros.
+    #[error("non-zero padding after file content")]
+    NonZeroPadding,
+    /// Bytes after the trailer.
+    #[error("data after the end of the archive")]
+    DataAfterEnd,
+    /// The stream ends inside a file's content.
+    #[error("truncated: {left} bytes of a file missing")]
+    TruncatedFile {
+        /// Bytes of content missing.
+        left: u64,
+    },
+    /// The stream ends inside the padding after a file.
+    #[error("truncated: {left} bytes of padding missing")]
+    TruncatedPadding {
+        /// Bytes of padding missing.
+        left: usize,
+    },
+    /// The stream ends inside a header.
+    #[error("truncated inside a header")]
+    TruncatedHeader,
+    /// A header whose checksum does not match.
+    #[error("header checksum {stored} does not match {computed}")]
+    Checksum {
+        /// chksum, as stored.
+        stored: u64,
+        /// The sum of the header's bytes.
+        computed: u64,
+    },
+    /// A name that is not UTF-8.
+    #[error("the {field} is not UTF-8")]
+    NotUtf8 {
+        /// The header field.
+        field: &'static str,
+    },
+    /// A number field that is not octal.
+    #[error("{field} {text:?} is not octal")]
+    NotOctal {
+        /// The header field.
+        field: &'static str,
+        /// Its text.
+        text: String,
+    },
+    /// A base-256 number past 64 bits.
+    #[error("{field} overflows")]
+    Overflow {
+        /// The header field.
+        field: &'static str,
+    },
+    /// A path that could escape the target directory.
+    #[error("unsafe path {0:?}")]
+    UnsafePath(String),
+    /// An entry type walvault does not restore.
+    #[error("unsupported entry type {kind:?} for {path}")]
+    UnsupportedType {
+        /// The path.
+        path: String,
+        /// The typeflag.
+        kind: char,
+    },
 }
 
 #[derive(Debug)]
@@ -101,8 +173,8 @@ impl TarParser {
             match &mut self.state {
                 State::Header | State::Trailer => {
                     let take = (BLOCK - self.header.len()).min(chunk.len());
-                    self.header.extend_from_slice(&chunk[..take]);
-                    let _ = chunk.split_to(take);
+                    let head = chunk.split_to(take);
+                    self.header.extend_from_slice(&head);
                     self.offset += take as u64;
                     if self.header.len() < BLOCK {
                         continue;
@@ -115,11 +187,11 @@ impl TarParser {
                             out.push(TarEvent::End);
                         }
                         (State::Trailer, false) => {
-                            return Err(self.err("a zero block followed by a header"))
+                            return Err(self.err(TarErrorKind::HeaderAfterZeroBlock))
                         }
                         (_, true) => self.state = State::Trailer,
                         (_, false) => {
-                            let h = parse_header(&block).map_err(|r| self.err(&r))?;
+                            let h = parse_header(&block).map_err(|k| self.err(k))?;
                             let size = h.size;
                             out.push(TarEvent::Entry(h));
                             if size == 0 {
@@ -146,17 +218,18 @@ impl TarParser {
                 }
                 State::Padding(n) => {
                     let take = (*n).min(chunk.len());
-                    if chunk[..take].iter().any(|&b| b != 0) {
-                        return Err(self.err("non-zero padding after file content"));
+                    let pad = chunk.split_to(take);
+                    if pad.iter().any(|&b| b != 0) {
+                        self.offset += pad.iter().position(|&b| b != 0).unwrap_or(0) as u64;
+                        return Err(self.err(TarErrorKind::NonZeroPadding));
                     }
-                    let _ = chunk.split_to(take);
                     self.offset += take as u64;
                     *n -= take;
                     if *n == 0 {
                         self.state = State::Header;
                     }
                 }
-                State::Done => return Err(self.err("data after the end of the archive")),
+                State::Done => return Err(self.err(TarErrorKind::DataAfterEnd)),
             }
         }
         if let State::Padding(0) = self.state {
@@ -172,37 +245,37 @@ impl TarParser {
             (State::Done, _) | (State::Header, true) | (State::Padding(0), _) => Ok(()),
             (State::Trailer, true) => Ok(()),
             (State::Data { left, .. }, _) => {
-                Err(self.err(&format!("truncated: {left} bytes of a file missing")))
+                Err(self.err(TarErrorKind::TruncatedFile { left: *left }))
             }
-            (State::Padding(n), _) => {
-                Err(self.err(&format!("truncated: {n} bytes of padding missing")))
-            }
-            _ => Err(self.err("truncated inside a header")),
+            (State::Padding(n), _) => Err(self.err(TarErrorKind::TruncatedPadding { left: *n })),
+            _ => Err(self.err(TarErrorKind::TruncatedHeader)),
         }
     }
 
-    fn err(&self, reason: &str) -> TarError {
+    fn err(&self, kind: TarErrorKind) -> TarError {
         TarError {
             offset: self.offset,
-            reason: reason.to_owned(),
+            kind,
         }
     }
 }
 
-fn field_str(b: &[u8]) -> Result<String, String> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8(b[..end].to_vec()).map_err(|_| "a name is not UTF-8".to_owned())
+/// A NUL-terminated (or full-width) text field.
+fn field_str(b: &[u8], field: &'static str) -> Result<String, TarErrorKind> {
+    let text = b.split(|&c| c == 0).next().unwrap_or(b);
+    String::from_utf8(text.to_vec()).map_err(|_| TarErrorKind::NotUtf8 { field })
 }
 
-fn octal(b: &[u8], what: &str) -> Result<u64, String> {
-    if b.first().is_some_and(|&c| c & 0x80 != 0) {
+/// A number field: octal text, or base-256 when the high bit is set.
+fn octal(b: &[u8], field: &'static str) -> Result<u64, TarErrorKind> {
+    if let Some((&first, rest)) = b.split_first().filter(|(&c, _)| c & 0x80 != 0) {
         // base-256 (GNU / PostgreSQL for sizes of 8 GiB and more)
-        let mut v: u64 = u64::from(b[0] & 0x7f);
-        for &c in &b[1..] {
+        let mut v: u64 = u64::from(first & 0x7f);
+        for &c in rest {
             v = v
                 .checked_mul(256)
                 .and_then(|v| v.checked_add(u64::from(c)))
-                .ok_or_else(|| format!("{what} overflows"))?;
+                .ok_or(TarErrorKind::Overflow { field })?;
         }
         return Ok(v);
     }
@@ -216,28 +289,68 @@ fn octal(b: &[u8], what: &str) -> Result<u64, String> {
     if s.is_empty() {
         return Ok(0);
     }
-    u64::from_str_radix(&s, 8).map_err(|_| format!("{what} {s:?} is not octal"))
+    u64::from_str_radix(&s, 8).map_err(|_| TarErrorKind::NotOctal { field, text: s })
 }
 
-fn parse_header(h: &[u8]) -> Result<TarHeader, String> {
-    let stored = octal(&h[148..156], "checksum")?;
-    let sum: u64 = h
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                u64::from(b' ')
-            } else {
-                u64::from(b)
-            }
+/// The fields of a ustar header (POSIX.1-1988, `src/port/tar.c`), in order.
+struct RawHeader<'a> {
+    name: &'a [u8],
+    mode: &'a [u8],
+    size: &'a [u8],
+    mtime: &'a [u8],
+    chksum: &'a [u8],
+    typeflag: u8,
+    linkname: &'a [u8],
+    magic: &'a [u8],
+    prefix: &'a [u8],
+}
+
+impl<'a> RawHeader<'a> {
+    fn split(h: &'a [u8; BLOCK]) -> Option<RawHeader<'a>> {
+        let mut r = ByteReader::new(h);
+        let name = r.bytes(100).ok()?;
+        let mode = r.bytes(8).ok()?;
+        r.skip(16).ok()?; // uid, gid
+        let size = r.bytes(12).ok()?;
+        let mtime = r.bytes(12).ok()?;
+        let chksum = r.bytes(8).ok()?;
+        let typeflag = r.u8().ok()?;
+        let linkname = r.bytes(100).ok()?;
+        let magic = r.bytes(6).ok()?;
+        r.skip(2 + 32 + 32 + 8 + 8).ok()?; // version, uname, gname, devmajor, devminor
+        let prefix = r.bytes(155).ok()?;
+        Some(RawHeader {
+            name,
+            mode,
+            size,
+            mtime,
+            chksum,
+            typeflag,
+            linkname,
+            magic,
+            prefix,
         })
-        .sum();
-    if sum != stored {
-        return Err(format!("header checksum {stored} does not match {sum}"));
     }
-    let mut path = field_str(&h[0..100])?;
-    if &h[257..262] == b"ustar" {
-        let prefix = field_str(&h[345..500])?;
+}
+
+fn parse_header(block: &[u8]) -> Result<TarHeader, TarErrorKind> {
+    let h: &[u8; BLOCK] = block
+        .try_into()
+        .map_err(|_| TarErrorKind::TruncatedHeader)?;
+    let f = RawHeader::split(h).ok_or(TarErrorKind::TruncatedHeader)?;
+    let stored = octal(f.chksum, "checksum")?;
+    // the sum of the header's bytes, the checksum field counted as spaces
+    let sum_of = |b: &[u8]| b.iter().map(|&c| u64::from(c)).sum::<u64>();
+    let sum = sum_of(h) - sum_of(f.chksum) + 8 * u64::from(b' ');
+    if sum != stored {
+        return Err(TarErrorKind::Checksum {
+            stored,
+            computed: sum,
+        });
+    }
+    let mut path = field_str(f.name, "name")?;
+    if f.magic.starts_with(b"ustar") {
+        let prefix = field_str(f.prefix, "name prefix")?;
         if !prefix.is_empty() {
             path = format!("{prefix}/{path}");
         }
@@ -247,57 +360,76 @@ fn parse_header(h: &[u8]) -> Result<TarHeader, String> {
         .trim_end_matches('/')
         .to_owned();
     if path.is_empty() || path.split('/').any(|s| s == "..") || path.starts_with('/') {
-        return Err(format!("unsafe path {path:?}"));
+        return Err(TarErrorKind::UnsafePath(path));
     }
-    let size = octal(&h[124..136], "size")?;
-    let kind = match h[156] {
+    let size = octal(f.size, "size")?;
+    let kind = match f.typeflag {
         b'0' | 0 => EntryKind::File,
         b'5' => EntryKind::Directory,
-        b'2' => EntryKind::Symlink(field_str(&h[157..257])?),
-        t => return Err(format!("unsupported entry type {:?} for {path}", t as char)),
+        b'2' => EntryKind::Symlink(field_str(f.linkname, "link target")?),
+        t => {
+            return Err(TarErrorKind::UnsupportedType {
+                path,
+                kind: t as char,
+            })
+        }
     };
     let size = if kind == EntryKind::File { size } else { 0 };
     Ok(TarHeader {
         path,
         kind,
         size,
-        mode: (octal(&h[100..108], "mode")? & 0o7777) as u32,
-        mtime: octal(&h[136..148], "mtime")? as i64,
+        mode: (octal(f.mode, "mode")? & 0o7777) as u32,
+        mtime: octal(f.mtime, "mtime")? as i64,
     })
 }
 
 /// Build a ustar header (tests and fuzzing use it to make archives).
 pub fn make_header(path: &str, kind: &EntryKind, size: u64, mode: u32, mtime: i64) -> [u8; BLOCK] {
-    let mut h = [0u8; BLOCK];
-    let name = path.as_bytes();
-    h[..name.len().min(99)].copy_from_slice(&name[..name.len().min(99)]);
-    let put = |h: &mut [u8; BLOCK], at: usize, len: usize, v: u64| {
+    /// `b` cut to `len - 1` bytes and NUL-padded to `len`.
+    fn text(h: &mut Vec<u8>, b: &[u8], len: usize) {
+        h.extend(b.iter().take(len - 1));
+        h.resize(h.len() + (len - b.len().min(len - 1)), 0);
+    }
+    /// `v` in octal, `len - 1` digits (the low ones), then a NUL.
+    fn number(h: &mut Vec<u8>, v: u64, len: usize) {
         let s = format!("{v:0width$o}", width = len - 1);
-        h[at..at + len - 1].copy_from_slice(&s.as_bytes()[s.len() - (len - 1)..]);
+        h.extend(s.bytes().skip(s.len() - (len - 1)));
+        h.push(0);
+    }
+    let mut h = Vec::with_capacity(BLOCK);
+    text(&mut h, path.as_bytes(), 100);
+    number(&mut h, u64::from(mode), 8);
+    number(&mut h, 0, 8); // uid
+    number(&mut h, 0, 8); // gid
+    number(&mut h, size, 12);
+    number(&mut h, mtime.max(0) as u64, 12);
+    let chksum_at = h.len();
+    h.extend_from_slice(b"        ");
+    let (typeflag, link) = match kind {
+        EntryKind::File => (b'0', ""),
+        EntryKind::Directory => (b'5', ""),
+        EntryKind::Symlink(t) => (b'2', t.as_str()),
     };
-    put(&mut h, 100, 8, u64::from(mode));
-    put(&mut h, 108, 8, 0);
-    put(&mut h, 116, 8, 0);
-    put(&mut h, 124, 12, size);
-    put(&mut h, 136, 12, mtime.max(0) as u64);
-    h[156] = match kind {
-        EntryKind::File => b'0',
-        EntryKind::Directory => b'5',
-        EntryKind::Symlink(t) => {
-            h[157..157 + t.len().min(99)].copy_from_slice(&t.as_bytes()[..t.len().min(99)]);
-            b'2'
-        }
-    };
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
+    h.push(typeflag);
+    text(&mut h, link.as_bytes(), 100);
+    h.extend_from_slice(b"ustar\0");
+    h.extend_from_slice(b"00");
+    h.resize(BLOCK, 0);
     let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
     let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
-    h
+    for (d, c) in h.iter_mut().skip(chksum_at).zip(s.bytes()) {
+        *d = c;
+    }
+    let mut out = [0u8; BLOCK];
+    for (d, c) in out.iter_mut().zip(h) {
+        *d = c;
+    }
+    out
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -405,12 +537,18 @@ mod tests {
     fn bad_checksum_and_unsafe_paths() {
         let mut data = archive(&sample(), true);
         data[10] ^= 1;
-        assert!(parse_all(&data, &[])
-            .unwrap_err()
-            .reason
-            .contains("checksum"));
+        assert!(matches!(
+            parse_all(&data, &[]).unwrap_err().kind,
+            TarErrorKind::Checksum { .. }
+        ));
         let evil = archive(&[("../etc/passwd", EntryKind::File, vec![1])], true);
-        assert!(parse_all(&evil, &[]).unwrap_err().reason.contains("unsafe"));
+        assert_eq!(
+            parse_all(&evil, &[]).unwrap_err(),
+            TarError {
+                offset: 512,
+                kind: TarErrorKind::UnsafePath("../etc/passwd".into())
+            }
+        );
     }
 
     #[test]

@@ -440,7 +440,8 @@ mod tests {
 
     use crate::cli::{Cli, Command};
 
-    fn rto_budget(v: &str) -> Result<Option<std::time::Duration>, String> {
+    /// `--rto-budget=v` as clap parses it; a refusal as its message.
+    fn rto_budget(v: &str) -> Result<Option<std::time::Duration>, Box<str>> {
         let cli = Cli::try_parse_from([
             "walvault",
             "restore-pitr",
@@ -449,7 +450,7 @@ mod tests {
             "--latest",
             &format!("--rto-budget={v}"),
         ])
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string().into_boxed_str())?;
         match cli.command {
             Command::RestorePitr(a) => Ok(a.rto_budget),
             other => panic!("parsed as {other:?}"),

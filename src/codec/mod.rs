@@ -21,6 +21,40 @@ pub fn crypto_open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>,
 use std::fmt;
 use std::str::FromStr;
 
+/// Why compressed bytes do not decompress to the length expected.
+#[derive(Debug, thiserror::Error)]
+pub enum DecompressError {
+    /// A length the input could never expand to (refused before allocating).
+    #[error("{stored} compressed bytes cannot hold {raw_len} bytes ({algo})")]
+    CannotHold {
+        /// Compressed bytes given.
+        stored: usize,
+        /// Length claimed.
+        raw_len: usize,
+        /// The algorithm.
+        algo: Compression,
+    },
+    /// LZ4 refused the bytes.
+    #[error("lz4: {0}")]
+    Lz4(#[source] lz4_flex::block::DecompressError),
+    /// Zstandard refused the bytes.
+    #[error("zstd: {0}")]
+    Zstd(#[source] std::io::Error),
+    /// The bytes decompressed to another length.
+    #[error("decompressed to {got} bytes, expected {expected}")]
+    WrongLength {
+        /// Bytes produced.
+        got: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
+}
+
+/// A compression name that is not one walvault knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown compression {0:?}: use lz4, zstd, zstd:LEVEL (1-22) or none")]
+pub struct UnknownCompression(pub String);
+
 /// How a blob's bytes are compressed. Stored as one byte next to the blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
@@ -77,7 +111,7 @@ impl Compression {
     /// that the input could never expand to is refused first: a 50-byte object
     /// must not make walvault allocate gigabytes (LZ4 expands a byte at most
     /// 255 times; zstd at most about 32 768 times, with RLE blocks).
-    pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    pub fn decompress(self, data: &[u8], raw_len: usize) -> Result<Vec<u8>, DecompressError> {
         let mut out = Vec::new();
         self.decompress_into(data, raw_len, &mut out)?;
         Ok(out)
@@ -92,7 +126,7 @@ impl Compression {
         data: &[u8],
         raw_len: usize,
         out: &mut Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DecompressError> {
         let most = match self {
             Compression::None => data.len(),
             Compression::Lz4 => data.len().saturating_mul(255).saturating_add(64),
@@ -102,10 +136,11 @@ impl Compression {
                 .saturating_add(128 * 1024),
         };
         if raw_len > most {
-            return Err(format!(
-                "{} compressed bytes cannot hold {raw_len} bytes",
-                data.len()
-            ));
+            return Err(DecompressError::CannotHold {
+                stored: data.len(),
+                raw_len,
+                algo: self,
+            });
         }
         let start = out.len();
         let got = match self {
@@ -115,13 +150,13 @@ impl Compression {
             }
             Compression::Lz4 => {
                 out.resize(start + raw_len, 0);
-                lz4_flex::block::decompress_into(data, &mut out[start..])
-                    .map_err(|e| format!("lz4: {e}"))
+                let dst = out.get_mut(start..).unwrap_or_default();
+                lz4_flex::block::decompress_into(data, dst).map_err(DecompressError::Lz4)
             }
             Compression::Zstd(_) => {
                 out.resize(start + raw_len, 0);
-                zstd::bulk::decompress_to_buffer(data, &mut out[start..])
-                    .map_err(|e| format!("zstd: {e}"))
+                let dst = out.get_mut(start..).unwrap_or_default();
+                zstd::bulk::decompress_to_buffer(data, dst).map_err(DecompressError::Zstd)
             }
         };
         // on error `out` is left as it was
@@ -129,7 +164,10 @@ impl Compression {
             Ok(n) if n == raw_len => Ok(()),
             Ok(n) => {
                 out.truncate(start);
-                Err(format!("decompressed to {n} bytes, expected {raw_len}"))
+                Err(DecompressError::WrongLength {
+                    got: n,
+                    expected: raw_len,
+                })
             }
             Err(e) => {
                 out.truncate(start);
@@ -150,18 +188,16 @@ impl fmt::Display for Compression {
 }
 
 impl FromStr for Compression {
-    type Err = String;
+    type Err = UnknownCompression;
     /// `none`, `lz4`, `zstd` (level 3) or `zstd:LEVEL` (1-22).
-    fn from_str(s: &str) -> Result<Compression, String> {
+    fn from_str(s: &str) -> Result<Compression, UnknownCompression> {
         match s {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "zstd" => Ok(Compression::Zstd(3)),
             _ => match s.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
                 Some(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
-                _ => Err(format!(
-                    "unknown compression {s:?}: use lz4, zstd, zstd:LEVEL (1-22) or none"
-                )),
+                _ => Err(UnknownCompression(s.to_owned())),
             },
         }
     }
@@ -212,7 +248,11 @@ mod tests {
     fn impossible_lengths_are_refused_before_allocating() {
         for c in [Compression::Lz4, Compression::Zstd(3)] {
             let e = c.decompress(&[0u8; 50], 1 << 40).unwrap_err();
-            assert!(e.contains("cannot hold"), "{e}");
+            assert!(
+                matches!(e, DecompressError::CannotHold { stored: 50, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("cannot hold"), "{e}");
         }
         // the real extremes still decode: a zero block at each algorithm's best ratio
         for c in [Compression::Lz4, Compression::Zstd(19)] {

@@ -22,11 +22,14 @@
 //! stored length (u32 LE) ‖ stored bytes`, an LZ4 block when the stored
 //! length is smaller than the raw one, the raw bytes when equal.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::RepoError;
-use crate::codec::{Compression, Keys};
+use crate::codec::{Compression, DecompressError, Keys};
+use crate::reader::{ByteReader, Truncated};
 
 /// Magic bytes at the start of every object.
 pub const MAGIC: &[u8; 4] = b"WVLT";
@@ -83,15 +86,56 @@ impl ObjectKind {
 }
 
 /// The 16-byte header.
-fn header(kind: ObjectKind, compression: u8, encrypted: bool, raw_len: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN);
-    out.extend_from_slice(MAGIC);
-    out.push(FORMAT_VERSION);
-    out.push(kind as u8);
-    out.push(compression);
-    out.push(if encrypted { FLAG_ENCRYPTED } else { 0 });
-    out.extend_from_slice(&raw_len.to_le_bytes());
-    out
+fn header(kind: ObjectKind, compression: u8, encrypted: bool, raw_len: u64) -> [u8; HEADER_LEN] {
+    let [m0, m1, m2, m3] = *MAGIC;
+    let [l0, l1, l2, l3, l4, l5, l6, l7] = raw_len.to_le_bytes();
+    let flags = if encrypted { FLAG_ENCRYPTED } else { 0 };
+    [
+        m0,
+        m1,
+        m2,
+        m3,
+        FORMAT_VERSION,
+        kind as u8,
+        compression,
+        flags,
+        l0,
+        l1,
+        l2,
+        l3,
+        l4,
+        l5,
+        l6,
+        l7,
+    ]
+}
+
+/// Why an [`LZ4_CHUNKS`] body does not decode; offsets are in the body
+/// after decompression (bytes produced before the failing chunk).
+#[derive(Debug, thiserror::Error)]
+enum ChunkError {
+    /// A length the input could never expand to.
+    #[error("{stored} compressed bytes cannot hold {raw_len} bytes")]
+    CannotHold { stored: usize, raw_len: usize },
+    /// The input ends inside a chunk's header or its stored bytes.
+    #[error("a chunk cut short at body offset {offset}: {source}")]
+    Cut { offset: usize, source: Truncated },
+    /// A chunk whose lengths cannot be.
+    #[error("bad chunk at body offset {offset}: {raw} bytes stored in {stored}")]
+    Bad {
+        offset: usize,
+        raw: usize,
+        stored: usize,
+    },
+    /// A chunk that does not decompress.
+    #[error("chunk at body offset {offset}: {source}")]
+    Decompress {
+        offset: usize,
+        source: DecompressError,
+    },
+    /// Chunks that add up to another length than the header's.
+    #[error("chunks hold {got} bytes, expected {expected}")]
+    WrongLength { got: usize, expected: usize },
 }
 
 /// Seals an object whose body arrives in pieces ([`LZ4_CHUNKS`]): each
@@ -120,8 +164,8 @@ impl ChunkSealer {
         keys: Option<Keys>,
         expect: usize,
     ) -> ChunkSealer {
-        let mut out = header(kind, LZ4_CHUNKS, keys.is_some(), raw_len);
-        out.reserve(expect + 64);
+        let mut out = Vec::with_capacity(HEADER_LEN + expect + 64);
+        out.extend_from_slice(&header(kind, LZ4_CHUNKS, keys.is_some(), raw_len));
         let digest = keys.is_none().then(|| {
             let mut h = Sha256::new();
             h.update(&out);
@@ -154,18 +198,37 @@ impl ChunkSealer {
         if self.out.len() < from + 8 + most {
             self.out.resize(from + 8 + most, 0);
         }
-        let stored = match lz4_flex::block::compress_into(piece, &mut self.out[from + 8..]) {
-            Ok(n) if n < piece.len() => n,
-            _ => {
-                self.out[from + 8..from + 8 + piece.len()].copy_from_slice(piece);
-                piece.len()
-            }
+        // the buffer was sized above, so the splits below always succeed;
+        // were one to fail, the piece would not count and `finish` would
+        // refuse the object (never a silently short body)
+        let Some((chunk_header, room)) = self
+            .out
+            .get_mut(from..)
+            .and_then(|o| o.split_at_mut_checked(8))
+        else {
+            return;
         };
+        let stored = match lz4_flex::block::compress_into(piece, room) {
+            Ok(n) if n < piece.len() => n,
+            _ => match room.get_mut(..piece.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(piece);
+                    piece.len()
+                }
+                None => return,
+            },
+        };
+        for (d, s) in chunk_header.iter_mut().zip(
+            (piece.len() as u32)
+                .to_le_bytes()
+                .into_iter()
+                .chain((stored as u32).to_le_bytes()),
+        ) {
+            *d = s;
+        }
         self.end = from + 8 + stored;
-        self.out[from..from + 4].copy_from_slice(&(piece.len() as u32).to_le_bytes());
-        self.out[from + 4..from + 8].copy_from_slice(&(stored as u32).to_le_bytes());
-        if let Some(h) = &mut self.digest {
-            h.update(&self.out[from..self.end]);
+        if let (Some(h), Some(written)) = (&mut self.digest, self.out.get(from..self.end)) {
+            h.update(written);
         }
         self.pushed += piece.len() as u64;
     }
@@ -188,8 +251,8 @@ impl ChunkSealer {
                 out.extend_from_slice(&d);
             }
             (None, Some(k)) => {
-                let aad = aad(&out[..HEADER_LEN], &self.name);
-                let sealed = k.seal(&aad, &out[HEADER_LEN..]);
+                let (header, body) = out.split_at_checked(HEADER_LEN).unwrap_or((&out, &[]));
+                let sealed = k.seal(&aad(header, &self.name), body);
                 out.truncate(HEADER_LEN);
                 out.extend_from_slice(&sealed);
             }
@@ -200,46 +263,44 @@ impl ChunkSealer {
 }
 
 /// Decode an [`LZ4_CHUNKS`] body of exactly `raw_len` bytes.
-fn decompress_chunks(mut data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+fn decompress_chunks(data: &[u8], raw_len: usize) -> Result<Vec<u8>, ChunkError> {
     // nothing is reserved for a length the input could never expand to:
     // each chunk takes 8 header bytes, LZ4 expands a byte at most 255 times
     let most = data.len().saturating_mul(264).saturating_add(64);
     if raw_len > most {
-        return Err(format!(
-            "{} compressed bytes cannot hold {raw_len} bytes",
-            data.len()
-        ));
+        return Err(ChunkError::CannotHold {
+            stored: data.len(),
+            raw_len,
+        });
     }
     let mut out = Vec::with_capacity(raw_len);
-    while !data.is_empty() {
-        if data.len() < 8 {
-            return Err(format!(
-                "a chunk header cut short at body offset {}",
-                out.len()
-            ));
+    let mut r = ByteReader::new(data);
+    while !r.is_empty() {
+        let offset = out.len();
+        let cut = |source| ChunkError::Cut { offset, source };
+        let raw = r.u32_le().map_err(cut)? as usize;
+        let stored = r.u32_le().map_err(cut)? as usize;
+        if raw > MAX_CHUNK || stored > raw || offset + raw > raw_len {
+            return Err(ChunkError::Bad {
+                offset,
+                raw,
+                stored,
+            });
         }
-        let raw = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-        let stored = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
-        data = &data[8..];
-        if raw > MAX_CHUNK || stored > raw || stored > data.len() || out.len() + raw > raw_len {
-            return Err(format!(
-                "bad chunk at body offset {}: {raw} bytes stored in {stored}",
-                out.len()
-            ));
-        }
+        let bytes = r.bytes(stored).map_err(cut)?;
         let c = if stored == raw {
             Compression::None
         } else {
             Compression::Lz4
         };
-        c.decompress_into(&data[..stored], raw, &mut out)?;
-        data = &data[stored..];
+        c.decompress_into(bytes, raw, &mut out)
+            .map_err(|source| ChunkError::Decompress { offset, source })?;
     }
     if out.len() != raw_len {
-        return Err(format!(
-            "chunks hold {} bytes, expected {raw_len}",
-            out.len()
-        ));
+        return Err(ChunkError::WrongLength {
+            got: out.len(),
+            expected: raw_len,
+        });
     }
     Ok(out)
 }
@@ -253,16 +314,16 @@ pub fn seal(
     keys: Option<&Keys>,
 ) -> Bytes {
     let (used, compressed) = compression.compress(body);
-    let mut out = header(kind, used.id(), keys.is_some(), body.len() as u64);
-    out.reserve(compressed.len() + 32);
+    let header = header(kind, used.id(), keys.is_some(), body.len() as u64);
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 32);
+    out.extend_from_slice(&header);
     match keys {
         Some(k) => {
-            let aad = aad(&out[..HEADER_LEN], name);
-            let sealed = k.seal(&aad, &compressed);
+            let sealed = k.seal(&aad(&header, name), &compressed);
             out.extend_from_slice(&sealed);
         }
         None => {
-            let digest = plain_digest(&out[..HEADER_LEN], name, &compressed);
+            let digest = plain_digest(&header, name, &compressed);
             out.extend_from_slice(&compressed);
             out.extend_from_slice(&digest);
         }
@@ -283,30 +344,36 @@ pub fn open(
         object: name.to_owned(),
         reason,
     };
-    if data.len() < HEADER_LEN {
-        return Err(corrupt(format!(
+    let short = || {
+        corrupt(format!(
             "truncated: {} bytes, shorter than the 16-byte header",
             data.len()
-        )));
-    }
-    if &data[..4] != MAGIC {
+        ))
+    };
+    let (header, payload) = data.split_at_checked(HEADER_LEN).ok_or_else(short)?;
+    let mut r = ByteReader::new(header);
+    let (Ok(magic), Ok(version), Ok(found_kind), Ok(compression), Ok(flags), Ok(raw_len)) =
+        (r.array::<4>(), r.u8(), r.u8(), r.u8(), r.u8(), r.u64_le())
+    else {
+        return Err(short());
+    };
+    if &magic != MAGIC {
         return Err(corrupt("not a walvault object (bad magic)".into()));
     }
-    if data[4] > FORMAT_VERSION || data[4] == 0 {
+    if version > FORMAT_VERSION || version == 0 {
         return Err(RepoError::UnsupportedVersion {
             object: name.to_owned(),
-            found: u32::from(data[4]),
+            found: u32::from(version),
             supported: u32::from(FORMAT_VERSION),
         });
     }
-    if data[5] != kind as u8 {
+    if found_kind != kind as u8 {
         return Err(corrupt(format!(
-            "expected a {} object, found kind {}",
+            "expected a {} object, found kind {found_kind}",
             kind.name(),
-            data[5]
         )));
     }
-    let compression = match data[6] {
+    let compression = match compression {
         LZ4_CHUNKS => None,
         id => Some(Compression::from_id(id).ok_or_else(|| {
             corrupt(format!(
@@ -314,30 +381,24 @@ pub fn open(
             ))
         })?),
     };
-    let encrypted = data[7] & FLAG_ENCRYPTED != 0;
-    if data[7] & !FLAG_ENCRYPTED != 0 {
-        return Err(corrupt(format!("unknown flags {:#x}", data[7])));
+    let encrypted = flags & FLAG_ENCRYPTED != 0;
+    if flags & !FLAG_ENCRYPTED != 0 {
+        return Err(corrupt(format!("unknown flags {flags:#x}")));
     }
-    let mut len = [0u8; 8];
-    len.copy_from_slice(&data[8..16]);
-    let raw_len = u64::from_le_bytes(len);
     if raw_len > max_len {
         return Err(corrupt(format!(
             "body of {raw_len} bytes exceeds the limit of {max_len}"
         )));
     }
-    let header = &data[..HEADER_LEN];
-    let payload = &data[HEADER_LEN..];
     let compressed = match (encrypted, keys) {
         (true, Some(k)) => k
             .open(&aad(header, name), payload)
             .map_err(|e| corrupt(e.to_string()))?,
         (false, None) => {
-            if payload.len() < 32 {
-                return Err(corrupt("truncated: no room for the checksum".into()));
-            }
-            let (body, digest) = payload.split_at(payload.len() - 32);
-            if plain_digest(header, name, body)[..] != digest[..] {
+            let (body, digest) = payload
+                .split_last_chunk::<32>()
+                .ok_or_else(|| corrupt("truncated: no room for the checksum".into()))?;
+            if &plain_digest(header, name, body) != digest {
                 return Err(corrupt(
                     "checksum mismatch (the object was changed, truncated or moved)".into(),
                 ));
@@ -351,9 +412,13 @@ pub fn open(
             ));
         }
     };
+    // raw_len <= max_len, a bound the caller chose to allocate
+    let raw_len = usize::try_from(raw_len).unwrap_or(usize::MAX);
     match compression {
-        Some(c) => c.decompress(&compressed, raw_len as usize),
-        None => decompress_chunks(&compressed, raw_len as usize),
+        Some(c) => c
+            .decompress(&compressed, raw_len)
+            .map_err(|e| e.to_string()),
+        None => decompress_chunks(&compressed, raw_len).map_err(|e| e.to_string()),
     }
     .map_err(corrupt)
 }
@@ -374,6 +439,7 @@ fn plain_digest(header: &[u8], name: &str, body: &[u8]) -> [u8; 32] {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::codec::MasterKey;
@@ -493,7 +559,7 @@ mod tests {
         // an unencrypted object's checksum is recomputed over forged bytes,
         // so only the chunk decoder stands between them and the output
         let forge = |body: &[u8], raw_len: u64| {
-            let mut out = header(ObjectKind::Wal, LZ4_CHUNKS, false, raw_len);
+            let mut out = header(ObjectKind::Wal, LZ4_CHUNKS, false, raw_len).to_vec();
             let d = plain_digest(&out, "w", body);
             out.extend_from_slice(body);
             out.extend_from_slice(&d);
@@ -524,7 +590,7 @@ mod tests {
         #[test]
         fn random_chunk_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400), len in 0u64..2000) {
             // checksummed, so only the chunk decoder judges the bytes
-            let mut out = header(ObjectKind::Wal, LZ4_CHUNKS, false, len);
+            let mut out = header(ObjectKind::Wal, LZ4_CHUNKS, false, len).to_vec();
             let d = plain_digest(&out, "w", &body);
             out.extend_from_slice(&body);
             out.extend_from_slice(&d);

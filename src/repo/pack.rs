@@ -16,13 +16,16 @@
 //! block again. Blobs written before the checksum existed (bit 7 clear) are
 //! verified by recomputing the SHA-256 id of the decompressed block.
 
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use std::fmt;
 
 use bytes::Bytes;
 
 use super::object::{self, ObjectKind};
 use super::RepoError;
-use crate::codec::{to_hex, BlockId, Compression, IdHasher, Keys};
+use crate::codec::{to_hex, BlockId, Compression, CryptoError, DecompressError, IdHasher, Keys};
+use crate::reader::ByteReader;
 use crate::storage::Storage;
 
 const TRAILER_MAGIC: &[u8; 4] = b"WVPK";
@@ -31,6 +34,33 @@ pub(crate) const ENTRY_LEN: usize = 45;
 /// Bit of an entry's compression byte: the blob ends with CRC-32C(id || rest).
 pub const BLOB_CRC: u8 = 0x80;
 const CRC_LEN: usize = 4;
+
+/// Why a blob does not give back its block. The caller names the pack and
+/// the block.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// An encrypted blob fails authentication (changed, or not this block's).
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    /// A checksummed blob too short to hold its checksum.
+    #[error("blob of {len} bytes is shorter than its checksum")]
+    ShorterThanChecksum {
+        /// The blob's length.
+        len: usize,
+    },
+    /// A checksummed blob whose CRC does not match.
+    #[error("checksum mismatch (the blob was changed, or is not this block's)")]
+    ChecksumMismatch,
+    /// A compression byte walvault does not know.
+    #[error("unknown compression {0}")]
+    UnknownCompression(u8),
+    /// The compressed bytes do not decompress to the block's length.
+    #[error(transparent)]
+    Decompress(#[from] DecompressError),
+    /// A legacy blob whose content hashes to another id.
+    #[error("content does not match its block id")]
+    WrongContent,
+}
 
 /// A pack's random 128-bit name.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,39 +126,47 @@ pub(crate) fn decode_entries<'a>(
         object: object.to_owned(),
         reason,
     };
-    let count = read_u32(body, 0).ok_or_else(|| corrupt("truncated entry count".into()))? as usize;
-    let need = count
+    let cut = |t: crate::reader::Truncated| corrupt(format!("pack entries are cut short: {t}"));
+    let mut r = ByteReader::new(body);
+    let count = r
+        .u32_le()
+        .map_err(|t| corrupt(format!("truncated entry count: {t}")))? as usize;
+    if count
         .checked_mul(ENTRY_LEN)
-        .and_then(|n| n.checked_add(4))
-        .filter(|&n| n <= body.len())
-        .ok_or_else(|| {
-            corrupt(format!(
-                "{count} entries do not fit in {} bytes",
-                body.len()
-            ))
-        })?;
+        .is_none_or(|n| n > r.remaining())
+    {
+        return Err(corrupt(format!(
+            "{count} entries do not fit in {} bytes",
+            body.len()
+        )));
+    }
     let mut entries = Vec::with_capacity(count);
-    for rec in body[4..need].chunks_exact(ENTRY_LEN) {
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&rec[..32]);
-        let compression = rec[44];
+    for _ in 0..count {
+        let id = r.array::<32>().map_err(cut)?;
+        let offset = r.u32_le().map_err(cut)?;
+        let len = r.u32_le().map_err(cut)?;
+        let raw_len = r.u32_le().map_err(cut)?;
+        let compression = r.u8().map_err(cut)?;
         if Compression::from_id(compression & !BLOB_CRC).is_none() {
-            return Err(corrupt(format!("unknown compression {compression}")));
+            return Err(corrupt(format!(
+                "unknown compression {compression} in the entry at byte {}",
+                r.position() - ENTRY_LEN
+            )));
         }
         entries.push(PackEntry {
             id: BlockId(id),
-            offset: read_u32(rec, 32).unwrap_or(0),
-            len: read_u32(rec, 36).unwrap_or(0),
-            raw_len: read_u32(rec, 40).unwrap_or(0),
+            offset,
+            len,
+            raw_len,
             compression,
         });
     }
-    Ok((entries, &body[need..]))
+    Ok((entries, r.rest()))
 }
 
 pub(crate) fn read_u32(b: &[u8], at: usize) -> Option<u32> {
-    let s = b.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    let mut r = ByteReader::new(b.get(at..)?);
+    r.u32_le().ok()
 }
 
 /// Compress (and encrypt, or checksum) one block into its blob. Returns the
@@ -160,7 +198,7 @@ pub fn decode_blob(
     loc: &PackEntry,
     keys: Option<&Keys>,
     hasher: &IdHasher,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, BlobError> {
     let mut out = Vec::new();
     decode_blob_into(blob, loc, keys, hasher, &mut out)?;
     Ok(out)
@@ -174,46 +212,43 @@ pub fn decode_blob_into(
     keys: Option<&Keys>,
     hasher: &IdHasher,
     out: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), BlobError> {
     let opened;
     let checked = loc.compression & BLOB_CRC != 0;
     let compressed = match keys {
         Some(k) => {
-            opened = k
-                .open(&blob_aad(&loc.id), blob)
-                .map_err(|e| e.to_string())?;
-            &opened[..]
+            opened = k.open(&blob_aad(&loc.id), blob)?;
+            opened.as_slice()
         }
         None if checked => {
             let (body, crc) = blob
                 .split_last_chunk::<CRC_LEN>()
-                .ok_or("blob is shorter than its checksum")?;
+                .ok_or(BlobError::ShorterThanChecksum { len: blob.len() })?;
             if blob_crc(&loc.id, body) != u32::from_le_bytes(*crc) {
-                return Err(
-                    "checksum mismatch (the blob was changed, or is not this block's)".into(),
-                );
+                return Err(BlobError::ChecksumMismatch);
             }
             body
         }
         None => blob,
     };
-    let compression =
-        Compression::from_id(loc.compression & !BLOB_CRC).ok_or("unknown compression")?;
+    let compression = Compression::from_id(loc.compression & !BLOB_CRC)
+        .ok_or(BlobError::UnknownCompression(loc.compression))?;
     let start = out.len();
     compression.decompress_into(compressed, loc.raw_len as usize, out)?;
     // Encrypted blobs are authenticated and checksummed ones checked;
     // older plain ones are verified by content.
-    if keys.is_none() && !checked && hasher.id(&out[start..]) != loc.id {
+    if keys.is_none() && !checked && hasher.id(out.get(start..).unwrap_or_default()) != loc.id {
         out.truncate(start);
-        return Err("content does not match its block id".into());
+        return Err(BlobError::WrongContent);
     }
     Ok(())
 }
 
 fn blob_aad(id: &BlockId) -> [u8; 37] {
     let mut a = [0u8; 37];
-    a[..5].copy_from_slice(b"block");
-    a[5..].copy_from_slice(&id.0);
+    for (d, s) in a.iter_mut().zip(b"block".iter().chain(&id.0)) {
+        *d = *s;
+    }
     a
 }
 
@@ -292,10 +327,14 @@ pub async fn read_pack_header(
     let trailer = storage
         .get_range(name, size - TRAILER_LEN, TRAILER_LEN)
         .await?;
-    if trailer.len() as u64 != TRAILER_LEN || &trailer[4..] != TRAILER_MAGIC {
+    let mut r = ByteReader::new(&trailer);
+    let (Ok(header_len), Ok(magic), true) = (r.u32_le(), r.array::<4>(), r.is_empty()) else {
+        return Err(corrupt("no pack trailer (truncated or not a pack)".into()));
+    };
+    if &magic != TRAILER_MAGIC {
         return Err(corrupt("no pack trailer (truncated or not a pack)".into()));
     }
-    let header_len = u64::from(read_u32(&trailer, 0).unwrap_or(0));
+    let header_len = u64::from(header_len);
     let blobs_end = size.checked_sub(TRAILER_LEN + header_len).ok_or_else(|| {
         corrupt(format!(
             "header length {header_len} exceeds the pack size {size}"
@@ -319,6 +358,7 @@ pub async fn read_pack_header(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -384,6 +424,6 @@ mod tests {
             ..entry
         };
         let err = decode_blob(legacy, &other, None, &hasher).unwrap_err();
-        assert!(err.contains("does not match its block id"), "{err}");
+        assert!(matches!(err, BlobError::WrongContent), "{err}");
     }
 }
