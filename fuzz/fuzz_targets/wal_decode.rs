@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         page[8..16].copy_from_slice(&(base + (i * PAGE) as u64).to_le_bytes());
     }
     let at = usize::from(*cut) * wal.len() / 256;
-    let mut r = WalReader::new(Lsn(base), seg);
+    let mut r = WalReader::new(Lsn::new(base), seg);
     r.feed(&wal[..at]);
     let mut fed = false;
     for _ in 0..10_000 {
@@ -50,10 +50,10 @@ fuzz_target!(|data: &[u8]| {
     // record bodies without the CRC gate
     if rest.len() >= 24 {
         let rec = RawRecord {
-            lsn: Lsn(base + 40),
-            end: Lsn(base + 40 + rest.len() as u64),
+            lsn: Lsn::new(base + 40),
+            end: Lsn::new(base + 40 + rest.len() as u64),
             xid: 1,
-            prev: Lsn(0),
+            prev: Lsn::new(0),
             info: rest[16],
             rmid: rest[17] % 2,
             bytes: rest.to_vec(),

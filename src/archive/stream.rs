@@ -385,7 +385,7 @@ async fn send_status(conn: &mut PgConnection, durable: Lsn, reply: bool) -> Resu
     let now = chrono::Utc::now().timestamp_micros();
     // write = flush = durable: the server may recycle only what is safe;
     // nothing is applied here
-    conn.send_copy_data(&status_update(durable, durable, Lsn(0), now, reply))
+    conn.send_copy_data(&status_update(durable, durable, Lsn::new(0), now, reply))
         .await
 }
 

@@ -16,7 +16,7 @@ use super::ParseError;
 /// Serialized as that text in human-readable formats (JSON, TOML) and as the
 /// plain number in binary ones (postcard: the repository's stored formats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
+pub struct Lsn(u64);
 
 impl Lsn {
     /// `InvalidXLogRecPtr`.

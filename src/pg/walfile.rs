@@ -26,7 +26,7 @@ impl SegmentFile {
     pub fn start_lsn(&self) -> Lsn {
         // segno came from a name whose parts are bounded (32 + 32 bits minus the
         // segment-size bits), so the product always fits in 64 bits.
-        Lsn(self.segno.0.wrapping_mul(self.seg_size.bytes()))
+        Lsn::new(self.segno.0.wrapping_mul(self.seg_size.bytes()))
     }
 
     /// The segment after this one on the same timeline.

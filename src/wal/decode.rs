@@ -202,13 +202,13 @@ impl WalReader {
     /// Read WAL from `start`, a page boundary (usually a segment start);
     /// a record continuing into that page from before is skipped.
     pub fn new(start: Lsn, seg: WalSegSize) -> WalReader {
-        let page_start = Lsn(start.0 - start.0 % PAGE);
+        let page_start = Lsn::new(start.get() - start.get() % PAGE);
         WalReader {
             seg,
             buf_start: page_start,
             buf: Vec::new(),
             pos: start,
-            skip_contrecord: start.0 % PAGE == 0,
+            skip_contrecord: start.get() % PAGE == 0,
             major: None,
             ended: None,
             all_bodies: true,
@@ -236,18 +236,18 @@ impl WalReader {
     /// Add the bytes that follow those fed before.
     pub fn feed(&mut self, data: &[u8]) {
         // drop whole pages before the current position
-        let keep_from = (self.pos.0 - self.pos.0 % PAGE).max(self.buf_start.0);
-        let drop = (keep_from - self.buf_start.0) as usize;
+        let keep_from = (self.pos.get() - self.pos.get() % PAGE).max(self.buf_start.get());
+        let drop = (keep_from - self.buf_start.get()) as usize;
         if drop > 0 && drop <= self.buf.len() {
             self.buf.drain(..drop);
-            self.buf_start = Lsn(keep_from);
+            self.buf_start = Lsn::new(keep_from);
         }
         self.buf.extend_from_slice(data);
     }
 
     /// The `len` bytes at `lsn`, when they were fed.
     fn slice(&self, lsn: u64, len: u64) -> Option<&[u8]> {
-        let at = usize::try_from(lsn.checked_sub(self.buf_start.0)?).ok()?;
+        let at = usize::try_from(lsn.checked_sub(self.buf_start.get())?).ok()?;
         let end = at.checked_add(usize::try_from(len).ok()?)?;
         self.buf.get(at..end)
     }
@@ -262,7 +262,7 @@ impl WalReader {
             return Ok(PageRead::NeedMore);
         };
         let cut = |source| DecodeError::Truncated {
-            lsn: Lsn(page),
+            lsn: Lsn::new(page),
             what: "page header",
             source,
         };
@@ -280,12 +280,12 @@ impl WalReader {
             .find(|(m, _)| *m == magic)
             .map(|(_, v)| *v)
             .ok_or(DecodeError::BadMagic {
-                lsn: Lsn(page),
+                lsn: Lsn::new(page),
                 magic,
             })?;
         if long != (info & XLP_LONG_HEADER != 0) {
             return Err(DecodeError::BadContinuation {
-                lsn: Lsn(page),
+                lsn: Lsn::new(page),
                 reason: "long header flag does not match the segment start".into(),
             });
         }
@@ -304,32 +304,32 @@ impl WalReader {
         }
         loop {
             // at a page start: its header first
-            if self.pos.0 % PAGE == 0 {
-                let page = self.pos.0;
+            if self.pos.get() % PAGE == 0 {
+                let page = self.pos.get();
                 let h = match self.page_header(page)? {
                     PageRead::Header(h) => h,
                     PageRead::NeedMore => return Ok(Next::NeedMore),
                     PageRead::NotThisPage => return Ok(self.end(page)),
                 };
                 self.major.get_or_insert(h.major);
-                self.pos = Lsn(page + h.len);
+                self.pos = Lsn::new(page + h.len);
                 if h.info & XLP_FIRST_IS_CONTRECORD != 0 {
                     if !self.skip_contrecord {
                         return Err(DecodeError::BadContinuation {
-                            lsn: Lsn(page),
+                            lsn: Lsn::new(page),
                             reason: "a continuation where a new record should start".into(),
                         });
                     }
                     // the tail of a record that began before us: skip it
                     let room = PAGE - h.len;
                     if u64::from(h.rem_len) >= room {
-                        self.pos = Lsn(page + PAGE);
+                        self.pos = Lsn::new(page + PAGE);
                         continue;
                     }
-                    self.pos = Lsn(maxalign(page + h.len + u64::from(h.rem_len)));
+                    self.pos = Lsn::new(maxalign(page + h.len + u64::from(h.rem_len)));
                 }
                 self.skip_contrecord = false;
-                if self.pos.0 % PAGE == 0 {
+                if self.pos.get() % PAGE == 0 {
                     continue;
                 }
             }
@@ -339,12 +339,12 @@ impl WalReader {
     }
 
     fn end(&mut self, at: u64) -> Next {
-        self.ended = Some(Lsn(at));
-        Next::End(Lsn(at))
+        self.ended = Some(Lsn::new(at));
+        Next::End(Lsn::new(at))
     }
 
     fn read_record(&mut self) -> Result<Next, DecodeError> {
-        let start = self.pos.0;
+        let start = self.pos.get();
         let on_page = PAGE - start % PAGE;
         let Some(len_word) = self.slice(start, 4) else {
             return Ok(Next::NeedMore);
@@ -442,9 +442,9 @@ impl WalReader {
         };
         let rec = RawRecord {
             lsn: self.pos,
-            end: Lsn(end),
+            end: Lsn::new(end),
             xid: head.xid,
-            prev: Lsn(head.prev),
+            prev: Lsn::new(head.prev),
             info: head.info,
             rmid: head.rmid,
             bytes,
@@ -455,9 +455,9 @@ impl WalReader {
         self.pos = if rec.rmid == RM_XLOG_ID && rec.info & 0xF0 == XLOG_SWITCH {
             // the rest of the segment is unused
             let s = self.seg.bytes();
-            Lsn((end.div_ceil(s)) * s)
+            Lsn::new((end.div_ceil(s)) * s)
         } else {
-            Lsn(maxalign(end))
+            Lsn::new(maxalign(end))
         };
         Ok(Next::Record(rec))
     }
@@ -548,10 +548,10 @@ mod tests {
         let mut bytes = vec![0u8; RECORD_HEADER];
         bytes.extend_from_slice(&[0, 0x00]); // block 0, flags, then nothing
         let rec = RawRecord {
-            lsn: Lsn(0x0100_0028),
-            end: Lsn(0x0100_0042),
+            lsn: Lsn::new(0x0100_0028),
+            end: Lsn::new(0x0100_0042),
             xid: 0,
-            prev: Lsn(0),
+            prev: Lsn::new(0),
             info: 0,
             rmid: 10,
             bytes,
@@ -560,7 +560,7 @@ mod tests {
         assert_eq!(
             e,
             DecodeError::Truncated {
-                lsn: Lsn(0x0100_0028),
+                lsn: Lsn::new(0x0100_0028),
                 what: "block headers",
                 source: Truncated {
                     at: 26,
@@ -592,7 +592,7 @@ mod tests {
                 data[8..16].copy_from_slice(&(3u64 << 20).to_le_bytes());
             }
             let at = if data.is_empty() { 0 } else { cut % data.len() };
-            let mut r = WalReader::new(Lsn(3 << 20), seg);
+            let mut r = WalReader::new(Lsn::new(3 << 20), seg);
             r.feed(&data[..at]);
             let mut fed = false;
             for _ in 0..100_000 {

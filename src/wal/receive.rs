@@ -87,8 +87,8 @@ pub fn parse_message(b: Bytes) -> Result<WalMessage, ReceiveError> {
     match kind {
         b'w' => {
             let cut = cut("XLogData");
-            let start = Lsn(r.u64_be().map_err(cut)?);
-            let wal_end = Lsn(r.u64_be().map_err(cut)?);
+            let start = Lsn::new(r.u64_be().map_err(cut)?);
+            let wal_end = Lsn::new(r.u64_be().map_err(cut)?);
             let _send_time = r.i64_be().map_err(cut)?;
             let data = b.slice_ref(r.rest());
             Ok(WalMessage::XLogData {
@@ -99,7 +99,7 @@ pub fn parse_message(b: Bytes) -> Result<WalMessage, ReceiveError> {
         }
         b'k' => {
             let cut = cut("keepalive");
-            let wal_end = Lsn(r.u64_be().map_err(cut)?);
+            let wal_end = Lsn::new(r.u64_be().map_err(cut)?);
             let _send_time = r.i64_be().map_err(cut)?;
             let reply_requested = r.u8().map_err(cut)? != 0;
             Ok(WalMessage::Keepalive {
@@ -122,9 +122,9 @@ pub fn status_update(
 ) -> Vec<u8> {
     let mut v = Vec::with_capacity(34);
     v.push(b'r');
-    v.extend_from_slice(&write.0.to_be_bytes());
-    v.extend_from_slice(&flush.0.to_be_bytes());
-    v.extend_from_slice(&apply.0.to_be_bytes());
+    v.extend_from_slice(&write.get().to_be_bytes());
+    v.extend_from_slice(&flush.get().to_be_bytes());
+    v.extend_from_slice(&apply.get().to_be_bytes());
     v.extend_from_slice(&(now_unix_us - PG_EPOCH_OFFSET_US).to_be_bytes());
     v.push(u8::from(reply_requested));
     v
@@ -187,9 +187,9 @@ impl SegmentAssembler {
             let take = head.len();
             self.current.extend_from_slice(head);
             data = tail;
-            self.next = Lsn(self.next.0 + take as u64);
+            self.next = Lsn::new(self.next.get() + take as u64);
             if self.current.len() == seg {
-                let segno = SegmentNo(self.next.0 / self.seg_size.bytes() - 1);
+                let segno = SegmentNo(self.next.get() / self.seg_size.bytes() - 1);
                 done.push(Segment {
                     name: self.name(segno, false),
                     data: std::mem::replace(&mut self.current, Vec::with_capacity(seg)),
@@ -243,12 +243,12 @@ mod tests {
     #[test]
     fn segments_complete_across_messages() {
         let size = WalSegSize::new(1 << 20).unwrap();
-        let mut a = SegmentAssembler::new(Lsn(0), TimelineId::FIRST, size).unwrap();
+        let mut a = SegmentAssembler::new(Lsn::new(0), TimelineId::FIRST, size).unwrap();
         let wal: Vec<u8> = (0..(2 << 20) + 100).map(|i| (i % 251) as u8).collect();
         let mut segs = Vec::new();
         let mut at = 0;
         for chunk in wal.chunks(70_000) {
-            segs.extend(a.push(Lsn(at), chunk).unwrap());
+            segs.extend(a.push(Lsn::new(at), chunk).unwrap());
             at += chunk.len() as u64;
         }
         assert_eq!(segs.len(), 2);
@@ -262,13 +262,13 @@ mod tests {
         assert!(p.data[100..].iter().all(|&b| b == 0));
         assert_eq!(a.partial_len(), 100);
         assert_eq!(
-            a.push(Lsn(5), b"x").unwrap_err(),
+            a.push(Lsn::new(5), b"x").unwrap_err(),
             ReceiveError::Gap {
-                expected: Lsn((2 << 20) + 100),
-                sent: Lsn(5)
+                expected: Lsn::new((2 << 20) + 100),
+                sent: Lsn::new(5)
             }
         );
-        assert!(SegmentAssembler::new(Lsn(1), TimelineId::FIRST, size).is_err());
+        assert!(SegmentAssembler::new(Lsn::new(1), TimelineId::FIRST, size).is_err());
     }
 
     #[test]
@@ -281,12 +281,18 @@ mod tests {
         assert_eq!(
             parse_message(Bytes::from(w)).unwrap(),
             WalMessage::XLogData {
-                start: Lsn(0x0100_0028),
-                wal_end: Lsn(0x0200_0000),
+                start: Lsn::new(0x0100_0028),
+                wal_end: Lsn::new(0x0200_0000),
                 data: Bytes::from_static(b"wal")
             }
         );
-        let r = status_update(Lsn(1), Lsn(2), Lsn(3), PG_EPOCH_OFFSET_US + 5, true);
+        let r = status_update(
+            Lsn::new(1),
+            Lsn::new(2),
+            Lsn::new(3),
+            PG_EPOCH_OFFSET_US + 5,
+            true,
+        );
         assert_eq!(r.len(), 34);
         assert_eq!(&r[25..33], &5i64.to_be_bytes());
     }

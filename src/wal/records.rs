@@ -163,7 +163,7 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
             let mut c = Cursor::new(main_data(rec, major)?, rec.lsn);
             Ok(match info {
                 0x00 | 0x10 => {
-                    let redo = Lsn(c.i64()? as u64);
+                    let redo = Lsn::new(c.i64()? as u64);
                     let timeline = c.u32()?;
                     RecordKind::Checkpoint {
                         shutdown: info == 0x00,

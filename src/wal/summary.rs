@@ -140,7 +140,7 @@ impl SegmentSummary {
         };
         let seg = self.seg_size;
         // the reader starts on the record; its buffer starts at `page`
-        debug_assert_eq!(page.0, at.0 - at.0 % super::decode::PAGE);
+        debug_assert_eq!(page.get(), at.get() - at.get() % super::decode::PAGE);
         let mut r = WalReader::new(at, seg);
         r.feed(&tail);
         r.feed(&next.head);
@@ -238,7 +238,7 @@ impl Summarizer {
             },
             r: WalReader::new(start, seg).headers_only_for_other_records(),
             start,
-            seg_end: Lsn(start.0 + seg.bytes()),
+            seg_end: Lsn::new(start.get() + seg.bytes()),
             fed: 0,
             tail_from: len.saturating_sub(MAX_CARRY),
             head: Vec::new(),
@@ -307,17 +307,17 @@ impl Summarizer {
         if !finished {
             let at = self.r.position();
             self.s.trailing_incomplete = Some(at);
-            let page = at.0 - at.0 % super::decode::PAGE;
-            let from = (page - self.start.0) as usize;
+            let page = at.get() - at.get() % super::decode::PAGE;
+            let from = (page - self.start.get()) as usize;
             if from < self.fed && self.fed - from <= MAX_CARRY && from >= self.tail_from {
-                self.s.tail = Some((Lsn(page), self.tail.split_off(from - self.tail_from)));
+                self.s.tail = Some((Lsn::new(page), self.tail.split_off(from - self.tail_from)));
             }
         }
         // the continuation this segment begins with, for the previous summary
         let first = self
             .s
             .first_lsn
-            .map(|l| (l.0 - self.start.0) as usize)
+            .map(|l| (l.get() - self.start.get()) as usize)
             .unwrap_or(self.fed);
         if first <= MAX_CARRY {
             self.head.truncate(first);
@@ -347,7 +347,7 @@ pub fn check_records(data: &[u8], segno: SegmentNo, seg: WalSegSize) -> Result<(
     loop {
         match r.next_record()? {
             Next::Record(rec) => {
-                if r.position().0 >= start.0 + seg.bytes() {
+                if r.position().get() >= start.get() + seg.bytes() {
                     return Ok(());
                 }
                 let _ = rec;

@@ -139,13 +139,13 @@ impl PageChecker {
                 seg: self.seg,
             });
         }
-        let first = Lsn(self.base.0 + self.checked);
+        let first = Lsn::new(self.base.get() + self.checked);
         self.checked += data.len() as u64;
         if self.ended {
             return zeros_after_end(data, first);
         }
         for (i, page) in data.chunks_exact(WAL_PAGE).enumerate() {
-            let at = Lsn(first.0 + (i * WAL_PAGE) as u64);
+            let at = Lsn::new(first.get() + (i * WAL_PAGE) as u64);
             // XLogPageHeaderData: xlp_magic, xlp_info, xlp_tli, xlp_pageaddr
             let mut r = ByteReader::new(page);
             let (magic, pageaddr) = match (r.u16_le(), r.skip(6), r.u64_le()) {
@@ -154,7 +154,7 @@ impl PageChecker {
                 _ => {
                     return Err(VerifyError::NotPages {
                         len: page.len(),
-                        offset: at.0 - self.base.0,
+                        offset: at.get() - self.base.get(),
                         seg: self.seg,
                     })
                 }
@@ -171,10 +171,10 @@ impl PageChecker {
             if !KNOWN_PAGE_MAGICS.iter().any(|(m, _)| *m == magic) {
                 return Err(VerifyError::BadMagic { at, magic });
             }
-            if pageaddr != at.0 {
+            if pageaddr != at.get() {
                 return Err(VerifyError::Misplaced {
                     at,
-                    says: Lsn(pageaddr),
+                    says: Lsn::new(pageaddr),
                 });
             }
         }
@@ -197,7 +197,7 @@ impl PageChecker {
 fn zeros_after_end(data: &[u8], at: Lsn) -> Result<(), VerifyError> {
     match first_nonzero(data) {
         Some(p) => Err(VerifyError::ResumesAfterZeros {
-            at: Lsn(at.0 + p as u64),
+            at: Lsn::new(at.get() + p as u64),
         }),
         None => Ok(()),
     }
@@ -232,7 +232,7 @@ mod tests {
     fn pages_in_pieces_check_as_whole() {
         let seg = WalSegSize::new(1 << 20).unwrap();
         let segno = SegmentNo(3);
-        let base = segno.start_lsn(seg).unwrap().0;
+        let base = segno.start_lsn(seg).unwrap().get();
         // five pages of WAL, then the zeros of a switched segment
         let mut data = vec![0u8; 1 << 20];
         for i in 0..5 {
@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(
             whole,
             VerifyError::ResumesAfterZeros {
-                at: Lsn(base + 700_001)
+                at: Lsn::new(base + 700_001)
             }
         );
         for n in [WAL_PAGE, 3 * WAL_PAGE, 1 << 20] {

@@ -29,7 +29,7 @@ fn assert_wal_continuous(wv: &Walvault) -> serde_json::Value {
 /// The name of the 16 MiB segment on timeline 1 that holds the byte at
 /// `at` (`pg_walfile_name` names the one before at a segment boundary).
 fn segment_at(at: Lsn) -> String {
-    let n = at.0 >> 24;
+    let n = at.get() >> 24;
     format!("00000001{:08X}{:08X}", n / 0x100, n % 0x100)
 }
 

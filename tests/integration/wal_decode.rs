@@ -141,7 +141,7 @@ fn check_against_waldump(opts: PgOptions) {
     // pg_waldump stops at the end of the last segment it was given; so do we
     let ours_lsns: Vec<String> = ours
         .iter()
-        .map(|r| format!("{:X}/{:08X}", r.lsn.0 >> 32, r.lsn.0 as u32))
+        .map(|r| format!("{:X}/{:08X}", r.lsn.get() >> 32, r.lsn.get() as u32))
         .collect();
     let theirs_lsns: Vec<String> = theirs.iter().map(|t| t.0.clone()).collect();
     assert_eq!(ours_lsns.len(), theirs_lsns.len(), "record counts differ");
@@ -339,10 +339,10 @@ fn check_against_waldump(opts: PgOptions) {
     // which the CRC covers but nothing else reads)
     let victim = ours[ours.len() / 2..]
         .iter()
-        .find(|r| r.lsn.0 % 8192 + 24 <= 8192)
+        .find(|r| r.lsn.get() % 8192 + 24 <= 8192)
         .unwrap();
-    let i = ((victim.lsn.0 - start.0) / seg.bytes()) as usize;
-    let off = (victim.lsn.0 % seg.bytes()) as usize + 18;
+    let i = ((victim.lsn.get() - start.get()) / seg.bytes()) as usize;
+    let off = (victim.lsn.get() % seg.bytes()) as usize + 18;
     let mut bad = segs[i].clone();
     bad[off] ^= 0x40;
     let segno = SegmentNo(first_segno + i as u64);

@@ -251,7 +251,7 @@ async fn rpo_is_seconds_on_64mib_segments() {
     wv.args(["wal-fetch", &name]).arg(&dest).ok();
     let fetched = std::fs::read(&dest).unwrap();
     assert_eq!(fetched.len(), 64 << 20);
-    let ours_upto = (d.0 % (64 << 20)) as usize;
+    let ours_upto = (d.get() % (64 << 20)) as usize;
     let server = std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
     assert!(
         fetched[..ours_upto] == server[..ours_upto],
@@ -303,7 +303,7 @@ async fn synchronous_stream_holds_every_acknowledged_commit() {
             .unwrap();
         let paths = walvault::repo::StanzaPaths::new("main");
         let name = wal_name(&c.walfile_name(acked));
-        let off = (acked.0 % (16 << 20)) as usize;
+        let off = (acked.get() % (16 << 20)) as usize;
         let WalFileName::Segment(file) = name else {
             panic!("{name} is not a segment")
         };
