@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use super::ArchiveError;
+use crate::pg::WalFileName;
 use crate::repo::Repository;
 
 /// Name of the default spool directory, in `pg_wal`.
@@ -56,7 +57,7 @@ pub enum Mark {
 }
 
 /// Take (read and remove) the mark of `name`.
-pub fn take_mark(spool: &Path, name: &str) -> Result<Mark, ArchiveError> {
+pub fn take_mark(spool: &Path, name: &WalFileName) -> Result<Mark, ArchiveError> {
     let ok = spool.join(format!("{name}.ok"));
     match std::fs::remove_file(&ok) {
         Ok(()) => return Ok(Mark::Ok),
@@ -89,29 +90,30 @@ fn try_lock(spool: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::F
 }
 
 /// The files PostgreSQL has marked ready in `wal_dir`, in the order its
-/// archiver takes them: timeline history files first, then by name.
-fn ready_files(wal_dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut names: Vec<String> = std::fs::read_dir(wal_dir.join("archive_status"))?
+/// archiver takes them: timeline history files first, then by name. A
+/// status file that names no WAL file is left to PostgreSQL's own call.
+fn ready_files(wal_dir: &Path) -> std::io::Result<Vec<WalFileName>> {
+    let mut names: Vec<WalFileName> = std::fs::read_dir(wal_dir.join("archive_status"))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
                 .to_str()
                 .and_then(|n| n.strip_suffix(".ready"))
-                .map(str::to_owned)
+                .and_then(|n| WalFileName::parse_any_size(n).ok())
         })
         .collect();
-    names.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
+    names.sort_by_key(|n| (!matches!(n, WalFileName::History(_)), n.to_string()));
     Ok(names)
 }
 
 /// Leave `msg` as the error of `name`, for the call waiting for it (the
 /// background process could not run at all).
-pub fn mark_error(spool: &Path, name: &str, msg: &str) -> std::io::Result<()> {
+pub fn mark_error(spool: &Path, name: &WalFileName, msg: &str) -> std::io::Result<()> {
     mark(spool, name, "error", msg)
 }
 
 /// Write `<spool>/<name>.<kind>` whole (beside, then renamed).
-fn mark(spool: &Path, name: &str, kind: &str, body: &str) -> std::io::Result<()> {
+fn mark(spool: &Path, name: &WalFileName, kind: &str, body: &str) -> std::io::Result<()> {
     let tmp = spool.join(format!(".{name}.{kind}.tmp"));
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, spool.join(format!("{name}.{kind}")))
@@ -137,7 +139,7 @@ pub async fn run_worker(
     let mut idle_since = Instant::now();
     loop {
         let ready = ready_files(wal_dir).map_err(io(wal_dir))?;
-        let todo: Vec<String> = ready
+        let todo: Vec<WalFileName> = ready
             .iter()
             .filter(|n| {
                 !spool.join(format!("{n}.ok")).exists()
@@ -156,7 +158,7 @@ pub async fn run_worker(
         }
         futures::stream::iter(todo)
             .map(|name| async move {
-                let r = super::push::wal_push(repo, stanza, &wal_dir.join(&name)).await;
+                let r = super::push::wal_push(repo, stanza, &wal_dir.join(name.to_string())).await;
                 let written = match &r {
                     Ok(_) => mark(spool, &name, "ok", ""),
                     Err(e) => {
@@ -177,7 +179,7 @@ pub async fn run_worker(
 
 /// Remove marks of files no longer ready: PostgreSQL archived them some
 /// other way, or removed them (a mark is only a hint).
-fn forget_consumed(spool: &Path, ready: &[String]) {
+fn forget_consumed(spool: &Path, ready: &[WalFileName]) {
     let Ok(entries) = std::fs::read_dir(spool) else {
         return;
     };
@@ -189,7 +191,7 @@ fn forget_consumed(spool: &Path, ready: &[String]) {
         else {
             continue;
         };
-        if !ready.iter().any(|r| r == name) {
+        if !ready.iter().any(|r| r.to_string() == name) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -200,7 +202,7 @@ fn forget_consumed(spool: &Path, ready: &[String]) {
 /// second).
 pub async fn wait_for(
     spool: &Path,
-    name: &str,
+    name: &WalFileName,
     timeout: Duration,
     mut start_worker: impl FnMut() -> std::io::Result<()>,
 ) -> Result<(), ArchiveError> {
@@ -212,7 +214,7 @@ pub async fn wait_for(
             Mark::Ok => return Ok(()),
             Mark::Error(message) => {
                 return Err(ArchiveError::BackgroundPush {
-                    name: name.to_owned(),
+                    name: name.to_string(),
                     message,
                 })
             }
@@ -220,7 +222,7 @@ pub async fn wait_for(
         }
         if Instant::now() >= deadline {
             return Err(ArchiveError::NotArchivedInTime {
-                name: name.to_owned(),
+                name: name.to_string(),
                 waited: timeout,
                 log: spool.join(WORKER_LOG),
             });
@@ -245,13 +247,15 @@ mod tests {
     fn marks_are_taken_once() {
         let d = tempfile::tempdir().unwrap();
         let s = d.path();
-        assert_eq!(take_mark(s, "A").unwrap(), Mark::None);
-        mark(s, "A", "ok", "").unwrap();
-        mark(s, "B", "error", "it broke\n").unwrap();
-        assert_eq!(take_mark(s, "A").unwrap(), Mark::Ok);
-        assert_eq!(take_mark(s, "A").unwrap(), Mark::None);
-        assert_eq!(take_mark(s, "B").unwrap(), Mark::Error("it broke".into()));
-        assert_eq!(take_mark(s, "B").unwrap(), Mark::None);
+        let a = WalFileName::parse_any_size("000000010000000000000001").unwrap();
+        let b = WalFileName::parse_any_size("00000002.history").unwrap();
+        assert_eq!(take_mark(s, &a).unwrap(), Mark::None);
+        mark(s, &a, "ok", "").unwrap();
+        mark(s, &b, "error", "it broke\n").unwrap();
+        assert_eq!(take_mark(s, &a).unwrap(), Mark::Ok);
+        assert_eq!(take_mark(s, &a).unwrap(), Mark::None);
+        assert_eq!(take_mark(s, &b).unwrap(), Mark::Error("it broke".into()));
+        assert_eq!(take_mark(s, &b).unwrap(), Mark::None);
     }
 
     #[test]
@@ -268,7 +272,11 @@ mod tests {
             std::fs::write(st.join(n), "").unwrap();
         }
         assert_eq!(
-            ready_files(d.path()).unwrap(),
+            ready_files(d.path())
+                .unwrap()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
             [
                 "00000002.history",
                 "000000010000000000000002",

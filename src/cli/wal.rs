@@ -139,12 +139,17 @@ async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Resul
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_owned();
-    let name = args
+    let file_name = args
         .path
         .file_name()
         .and_then(|n| n.to_str())
-        .with_context(|| format!("{} names no file", args.path.display()))?
-        .to_owned();
+        .with_context(|| format!("{} names no file", args.path.display()))?;
+    let name = crate::pg::WalFileName::parse_any_size(file_name).with_context(|| {
+        format!(
+            "{} is not a WAL file name (segment, .partial, .history or .backup)",
+            args.path.display()
+        )
+    })?;
     if std::env::var_os(PUSH_WORKER).is_some() {
         let worked = async {
             let repo = settings.open_repository().await?;
