@@ -269,3 +269,28 @@ fn wal_push_and_fetch_encrypted() {
         .stderr;
     assert!(err.contains(&name), "{err}");
 }
+
+/// Regression: names that are no WAL file name (non-ASCII ones included:
+/// the spool cleanup sliced the name's first 8 bytes and panicked inside a
+/// character) are refused with exit 255 and one line, never a panic; a
+/// missing segment is exit 1 (recovery ends cleanly).
+#[test]
+fn wal_fetch_refuses_names_that_are_no_wal_file() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    let dest = work.path().join("RECOVERYXLOG");
+    for bad in ["0000000ä0000000000000001", "ééééééééééé", "../x", "00000001.history.x"] {
+        let out = wv.args(["wal-fetch", bad]).arg(&dest).fails_with(255);
+        assert!(
+            out.stderr.contains("invalid WAL file name") && !out.stderr.contains("panicked"),
+            "{bad}: {}",
+            out.stderr
+        );
+        assert!(!dest.exists());
+    }
+    wv.args(["wal-fetch", "000000010000000000000001"])
+        .arg(&dest)
+        .fails_with(1);
+}
