@@ -124,6 +124,9 @@ fn kill9_during_a_crash_restart_leaves_nothing_behind() {
             .psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
             .parse()
             .unwrap();
+        // (counted before the kill: the postmaster may log its restart
+        // before this thread reads the log again)
+        let seen = c.server_log().matches("reinitializing").count();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(checkpointer),
             nix::sys::signal::Signal::SIGKILL,
@@ -131,7 +134,6 @@ fn kill9_during_a_crash_restart_leaves_nothing_behind() {
         .unwrap();
         // kill -9 once the postmaster has begun its crash restart (forked
         // the startup process anew): the moment the flake hit
-        let seen = c.server_log().matches("reinitializing").count();
         wait_until(Duration::from_secs(30), "the crash restart", || {
             c.server_log().matches("reinitializing").count() > seen
         });
