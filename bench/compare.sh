@@ -6,6 +6,8 @@
 #   PITR (RTO)    walvault restore-pitr --start | pgbackrest restore --type=time + start
 #   archive call  walvault wal-push | pgbackrest archive-push      (per call,
 #                 synchronous, and both tools' asynchronous modes)
+# (The RPO of `walvault stream`, commit to durable under pgbench, is
+# bench/rpo.sh.)
 # Each measured operation runs ROUNDS times, the tools alternating; the table
 # shows the median wall time, CPU (user+sys), peak RSS and bytes stored, and
 # ratios against walvault. The database is in the page cache for every tool,

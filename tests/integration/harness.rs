@@ -124,6 +124,8 @@ fn kill9_during_a_crash_restart_leaves_nothing_behind() {
             .psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
             .parse()
             .unwrap();
+        // (counted before the kill: the postmaster may log its restart
+        // before this thread reads the log again)
         let seen = c.server_log().matches("reinitializing").count();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(checkpointer),
@@ -263,4 +265,31 @@ fn walvault_builder_copies_the_binary_clears_the_environment_and_reports_failure
     ] {
         assert!(message.contains(part), "{part:?} missing from: {message}");
     }
+}
+
+/// Garage does not exit when a port is taken between `free_port()` and its
+/// bind (it logs "Address already in use" and serves the other ports): the
+/// harness starts it over on new ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_starts_over_when_a_port_was_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut first = true;
+    let server = S3Server::start_on(|| {
+        if std::mem::take(&mut first) {
+            port
+        } else {
+            crate::support::free_port()
+        }
+    })
+    .await;
+    assert_ne!(server.endpoint, format!("http://127.0.0.1:{port}"));
+    assert!(
+        server.log().contains("Address already in use"),
+        "{}",
+        server.log()
+    );
+    let store = server.storage("p").await;
+    store.put("k", Bytes::from_static(b"served")).await.unwrap();
+    assert_eq!(&store.get("k").await.unwrap()[..], b"served");
 }

@@ -36,7 +36,7 @@ fn unpack(dir: &Path) -> Walvault {
     give_to_postgres(dir);
     Walvault::new()
         .repo(&repo)
-        .global([std::ffi::OsStr::new("--passphrase-file"), pass.as_os_str()])
+        .env("WALVAULT_PASSPHRASE_FILE", &pass)
 }
 
 #[test]

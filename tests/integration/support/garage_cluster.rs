@@ -5,7 +5,7 @@
 //! play a lost node; everything is stopped and deleted when dropped.
 //!
 //! Clients talk to node 1's S3 endpoint; the other nodes hold replicas.
-//! A node that finds a port taken between [`super::free_port`] and the bind starts
+//! A node that finds a port taken between [`free_port`] and the bind starts
 //! over on new ports, before the nodes are connected.
 
 use std::fs;
@@ -20,7 +20,7 @@ use super::s3::{
     configure_node, file_len, garage, garage_config, port_taken, spawn_logged, wait_for_bucket,
     Ports, BUCKET, START_ATTEMPTS,
 };
-use super::{hex, tmp_base, wait_for_async, wait_until_async};
+use super::{free_port, hex, tmp_base, wait_for_async, wait_until_async};
 
 /// Copies Garage keeps of every block and metadata entry.
 pub const REPLICATION_FACTOR: usize = 3;
@@ -57,7 +57,7 @@ impl Node {
              consistency_mode = \"consistent\"\n\
              bootstrap_peers = []"
         );
-        self.ports = configure_node(&self.dir, &settings, &self.rpc_secret);
+        self.ports = configure_node(&self.dir, &settings, &self.rpc_secret, &mut free_port);
     }
 
     fn config(&self) -> PathBuf {

@@ -169,17 +169,23 @@ pub struct Ports {
     pub admin: u16,
 }
 
-/// Write `DIR/garage.toml` for a node on new free ports, with `settings`
-/// (lines of the top-level table: replication), on empty metadata and data
-/// directories (nothing of a start that failed stays).
-pub fn configure_node(dir: &Path, settings: &str, rpc_secret: &str) -> Ports {
+/// Write `DIR/garage.toml` for a node on ports from `port` (the S3 port,
+/// then RPC, then admin), with `settings` (lines of the top-level table:
+/// replication), on empty metadata and data directories (nothing of a
+/// start that failed stays).
+pub fn configure_node(
+    dir: &Path,
+    settings: &str,
+    rpc_secret: &str,
+    port: &mut impl FnMut() -> u16,
+) -> Ports {
     for d in ["meta", "data"] {
         let _ = fs::remove_dir_all(dir.join(d));
     }
     let ports = Ports {
-        s3: free_port(),
-        rpc: free_port(),
-        admin: free_port(),
+        s3: port(),
+        rpc: port(),
+        admin: port(),
     };
     let config = format!(
         r#"metadata_dir = "{d}/meta"
@@ -238,6 +244,12 @@ impl S3Server {
     /// Start a fresh single-node server and wait until its bucket answers;
     /// on new ports when one was taken meanwhile.
     pub async fn start() -> S3Server {
+        S3Server::start_on(free_port).await
+    }
+
+    /// [`S3Server::start`] on ports from `port` (to test the retry with a
+    /// port that is taken).
+    pub async fn start_on(mut port: impl FnMut() -> u16) -> S3Server {
         let dir = tempfile::Builder::new()
             .prefix("walvault-garage-")
             .tempdir_in(tmp_base())
@@ -252,7 +264,7 @@ impl S3Server {
             admin_port: 0,
         };
         for attempt in 1..=START_ATTEMPTS {
-            server.configure();
+            server.configure(&mut port);
             let log_from = file_len(&server.log_path());
             server.spawn();
             if server.wait_healthy(log_from).await {
@@ -270,8 +282,8 @@ impl S3Server {
     }
 
     /// A config on new free ports (nothing of an attempt that failed stays).
-    fn configure(&mut self) {
-        let ports = configure_node(&self.dir, "replication_factor = 1", &hex(32));
+    fn configure(&mut self, port: &mut impl FnMut() -> u16) {
+        let ports = configure_node(&self.dir, "replication_factor = 1", &hex(32), port);
         self.endpoint = format!("http://127.0.0.1:{}", ports.s3);
         self.admin_port = ports.admin;
     }
@@ -364,7 +376,8 @@ impl S3Server {
         wait_for_bucket(&self.storage("").await).await;
     }
 
-    fn log(&self) -> String {
+    /// Garage's log so far.
+    pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 }

@@ -26,10 +26,11 @@ use super::tmp_base;
 const STALE_COPY: Duration = Duration::from_secs(2 * 3600);
 
 /// A walvault command line: program arguments, global options (appended
-/// after the arguments), environment, working directory, OS user (its
-/// standard input is empty: walvault reads nothing from it). Every method takes `&self` and returns a changed copy, so one
-/// value can serve as a template (`let wv = Walvault::new().repo(&repo);`
-/// then `wv.args(["init"]).ok()`).
+/// after the arguments), environment, working directory and OS user; its
+/// standard input is empty (walvault reads nothing from it). Every method
+/// takes `&self` and returns a changed copy, so one value can serve as a
+/// template (`let wv = Walvault::new().repo(&repo);` then
+/// `wv.args(["init"]).ok()`).
 #[derive(Debug, Clone, Default)]
 pub struct Walvault {
     args: Vec<OsString>,
@@ -105,7 +106,7 @@ impl Walvault {
     }
 
     /// Global options, placed after every argument (`--repo X`, `--config F`).
-    pub fn global<I, S>(&self, opts: I) -> Walvault
+    fn global<I, S>(&self, opts: I) -> Walvault
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,

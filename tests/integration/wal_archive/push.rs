@@ -281,7 +281,12 @@ fn wal_fetch_refuses_names_that_are_no_wal_file() {
     let wv = Walvault::new().repo(&repo);
     wv.args(["init"]).ok();
     let dest = work.path().join("RECOVERYXLOG");
-    for bad in ["0000000ä0000000000000001", "ééééééééééé", "../x", "00000001.history.x"] {
+    for bad in [
+        "0000000ä0000000000000001",
+        "ééééééééééé",
+        "../x",
+        "00000001.history.x",
+    ] {
         let out = wv.args(["wal-fetch", bad]).arg(&dest).fails_with(255);
         assert!(
             out.stderr.contains("invalid WAL file name") && !out.stderr.contains("panicked"),

@@ -19,18 +19,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::{Pid, User};
+use nix::unistd::User;
 use walvault::pg::Lsn;
 
-use super::{cache_root, free_port, tmp_base, wait_for, wait_until};
+use super::{free_port, tmp_base, wait_for, wait_until};
+
+mod crash;
+mod majors;
+
+pub use crash::{alive, crash, processes_in};
+use majors::DEBIAN_BINDIR;
+pub use majors::{bindir, other_majors_or_skip, server_major};
 
 /// Login role authenticated by password (SCRAM-SHA-256) over TCP.
 pub const PASSWORD_USER: &str = "walvault_test";
 /// Its password.
 pub const PASSWORD: &str = "pw-0f-the-test-user";
-
-const DEBIAN_BINDIR: &str = "/usr/lib/postgresql/15/bin";
 
 /// How to shut a server down (`pg_ctl stop -m`).
 #[derive(Debug, Clone, Copy)]
@@ -50,65 +54,6 @@ pub struct PgOptions {
     pub wal_segsize_mb: Option<u32>,
     /// Lines appended to postgresql.conf.
     pub conf: Vec<String>,
-}
-
-/// The binary directory for a major version.
-pub fn bindir(major: Option<u32>) -> PathBuf {
-    match major {
-        None => std::env::var_os("WALVAULT_PG_BINDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEBIAN_BINDIR)),
-        Some(m) => {
-            if let Some(p) = std::env::var_os(format!("WALVAULT_PG{m}_BINDIR")) {
-                return PathBuf::from(p);
-            }
-            let cached = cache_root().join(format!("pg/{m}/bin"));
-            if cached.join("postgres").exists() {
-                return cached;
-            }
-            PathBuf::from(format!("/usr/lib/postgresql/{m}/bin"))
-        }
-    }
-}
-
-/// The majors `WALVAULT_PG_VERSIONS` asks for ("13 17" or "13,17").
-pub fn requested_majors() -> Vec<u32> {
-    std::env::var("WALVAULT_PG_VERSIONS")
-        .unwrap_or_default()
-        .split([' ', ','])
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
-/// The majors `WALVAULT_PG_VERSIONS` asks for, but those in `tested`
-/// (covered by other tests); when that leaves none, says the running test
-/// is skipped and returns `None`. A major asked for but not installed is
-/// an error, not a skip.
-pub fn other_majors_or_skip(tested: &[u32]) -> Option<Vec<u32>> {
-    let majors: Vec<u32> = requested_majors()
-        .into_iter()
-        .filter(|m| !tested.contains(m))
-        .collect();
-    if majors.is_empty() {
-        let others = match tested {
-            [] => String::new(),
-            _ => {
-                let list: Vec<String> = tested.iter().map(u32::to_string).collect();
-                format!(" other than {}", list.join(", "))
-            }
-        };
-        super::skip(&format!(
-            "WALVAULT_PG_VERSIONS asks for no major{others} (e.g. WALVAULT_PG_VERSIONS='13 17')"
-        ));
-        return None;
-    }
-    for m in &majors {
-        assert!(
-            bindir(Some(*m)).join("postgres").exists(),
-            "PostgreSQL {m} was requested but is not installed (scripts/install-pg-versions.sh)"
-        );
-    }
-    Some(majors)
 }
 
 /// The OS user server programs run as, when the tests run as root.
@@ -796,32 +741,6 @@ impl Drop for PgCluster {
     }
 }
 
-/// Major version of the server binaries in `bindir`.
-pub fn server_major(bindir: &Path) -> u32 {
-    let out = Command::new(bindir.join("postgres"))
-        .arg("--version")
-        .output()
-        .expect("postgres --version");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
-    text.split_whitespace()
-        .nth(2)
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read the version from {text:?}"))
-}
-
-/// True while process `pid` exists (and is not a zombie).
-pub fn alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
-
 /// Per user table of database `db`: row count and an md5 of all rows in a
 /// canonical order — equal maps mean equal content.
 pub fn table_hashes(c: &PgCluster, db: &str) -> std::collections::BTreeMap<String, String> {
@@ -843,84 +762,4 @@ pub fn table_hashes(c: &PgCluster, db: &str) -> std::collections::BTreeMap<Strin
             (t.to_owned(), h)
         })
         .collect()
-}
-
-/// kill -9 the server of `datadir` and wait until it is entirely gone: the
-/// postmaster first, then every process whose working directory is the data
-/// directory (PostgreSQL's processes all chdir there; a child forked by a
-/// postmaster that was mid crash-restart is found this way even after it was
-/// re-parented). Waits until no such process is left and no process is
-/// attached to the SysV shared memory segment named in postmaster.pid.
-/// Panics after 30 s, naming what is still there.
-pub fn crash(datadir: &Path) {
-    let pidfile = fs::read_to_string(datadir.join("postmaster.pid")).unwrap_or_default();
-    let postmaster = pidfile
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok());
-    // line 7: "<key> <shmid>"
-    let shmid = pidfile
-        .lines()
-        .nth(6)
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<i64>().ok());
-    let dir = fs::canonicalize(datadir).unwrap_or_else(|_| datadir.to_path_buf());
-    // a stale postmaster.pid may name a pid that now belongs to someone else
-    if let Some(pid) = postmaster.filter(|p| runs_in(*p, &dir)) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    let what = format!("the server of {} to go away after kill -9", dir.display());
-    wait_for(Duration::from_secs(30), &what, || {
-        // a process forked meanwhile is killed on the next round
-        let procs = processes_in(&dir);
-        for p in &procs {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
-        }
-        let attached = shmid.map_or(0, shm_attached);
-        let postmaster_alive = postmaster.is_some_and(|p| runs_in(p, &dir));
-        if procs.is_empty() && attached == 0 && !postmaster_alive {
-            Ok(())
-        } else {
-            Err(format!(
-                "processes {procs:?}, {attached} attached to shared memory {shmid:?}, \
-                 postmaster alive: {postmaster_alive}"
-            ))
-        }
-    });
-}
-
-/// Live (non-zombie) processes whose working directory is `dir` (a server's
-/// processes, for a canonical data directory).
-pub fn processes_in(dir: &Path) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| runs_in(*pid, dir))
-        .collect()
-}
-
-/// True while `pid` is a live (non-zombie) process working in `dir`.
-fn runs_in(pid: i32, dir: &Path) -> bool {
-    fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir) && alive(pid)
-}
-
-/// How many processes are attached to SysV shared memory segment `shmid`
-/// (0 when it no longer exists), from /proc/sysvipc/shm.
-fn shm_attached(shmid: i64) -> u64 {
-    let Ok(table) = fs::read_to_string("/proc/sysvipc/shm") else {
-        return 0;
-    };
-    // columns: key shmid perms size cpid lpid nattch ...
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.get(1)?.parse::<i64>().ok()? == shmid).then(|| cols.get(6)?.parse().ok())?
-        })
-        .next()
-        .unwrap_or(0)
 }
