@@ -346,7 +346,7 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         // a detached copy of this command fills the spool; PostgreSQL goes
         // on replaying meanwhile
         use std::os::unix::process::CommandExt;
-        let spawned = std::process::Command::new(std::env::current_exe()?)
+        let spawned = std::process::Command::new(super::own_program()?)
             .args(std::env::args_os().skip(1))
             .env(PREFETCH_CHILD, seg.to_string())
             .stdin(std::process::Stdio::null())

@@ -259,7 +259,7 @@ async fn story(
 
         outln!("5. restore the second backup into a new directory and start it")?;
         let exe = root.join("walvault");
-        std::fs::copy(std::env::current_exe()?, &exe)?;
+        std::fs::copy(super::own_program()?, &exe)?;
         let mut dst = Cluster {
             bin: bin.to_owned(),
             data: root.join("restored"),

@@ -198,6 +198,18 @@ fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
     };
 }
 
+/// This program, to start a copy of itself (the `wal-push --async` worker,
+/// the `wal-fetch` prefetcher): `/proc/self/exe`, which still runs this
+/// binary after a package upgrade replaced the file, where
+/// `current_exe()` names a path that is gone ("… (deleted)").
+pub(crate) fn own_program() -> std::io::Result<std::path::PathBuf> {
+    let proc_self = std::path::PathBuf::from("/proc/self/exe");
+    if proc_self.exists() {
+        return Ok(proc_self);
+    }
+    std::env::current_exe()
+}
+
 /// Whether log lines may carry ANSI colours: only on a terminal, and never
 /// when `NO_COLOR` is set to anything but the empty string (no-color.org).
 fn colour_on_stderr() -> bool {

@@ -191,7 +191,7 @@ async fn wal_push_async(settings: &Settings, args: WalPushArgs) -> anyhow::Resul
             .write(true)
             .truncate(fresh)
             .open(&log_path)?;
-        std::process::Command::new(std::env::current_exe()?)
+        std::process::Command::new(super::own_program()?)
             .args(std::env::args_os().skip(1))
             .env(PUSH_WORKER, "1")
             .stdin(std::process::Stdio::null())
