@@ -7,6 +7,7 @@ mod support;
 mod backup_restore;
 mod base_backup;
 mod cli_logs;
+mod cli_output;
 mod cli_repo;
 mod cli_storage;
 mod full_disk;
