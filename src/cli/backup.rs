@@ -85,7 +85,8 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
 /// Options of `walvault list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// One JSON object per backup.
+    /// As one JSON document: an array of backups, oldest first (`[]` when
+    /// the stanza has none).
     #[arg(long)]
     pub json: bool,
 }
@@ -105,10 +106,11 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
             "stop lsn"
         )?;
     }
+    let mut listed = Vec::new();
     for m in manifests {
         let dedup = m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64;
         if args.json {
-            let v = serde_json::json!({
+            listed.push(serde_json::json!({
                 "id": m.id, "label": m.label, "system_id": m.system_id.to_string(), "pg_version": m.pg_version,
                 "timeline": m.timeline, "start_lsn": m.start_lsn.to_string(),
                 "stop_lsn": m.stop_lsn.to_string(),
@@ -117,8 +119,7 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
                 "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
                 "new_stored_bytes": m.totals.new_stored_bytes, "dedup_ratio": dedup, "status": "complete",
-            });
-            outln!("{v}")?;
+            }));
         } else {
             outln!(
                 "{:<22}  {:<16}  {:>10}  {:>10}  {:>5.0}x  {:<12}  {:<12}  {}",
@@ -132,6 +133,9 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 m.timeline
             )?;
         }
+    }
+    if args.json {
+        outln!("{}", serde_json::Value::Array(listed))?;
     }
     Ok(())
 }

@@ -78,26 +78,34 @@ impl fmt::Display for Lsn {
     }
 }
 
-impl serde::Serialize for Lsn {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            s.collect_str(self)
-        } else {
-            s.serialize_u64(self.0)
+/// serde for a `u64` newtype that has text in human-readable formats (its
+/// `Display` / `FromStr`) and the number in binary ones.
+macro_rules! text_or_number_serde {
+    ($t:ident) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.collect_str(self)
+                } else {
+                    s.serialize_u64(self.0)
+                }
+            }
         }
-    }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                if d.is_human_readable() {
+                    let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                    text.parse().map_err(serde::de::Error::custom)
+                } else {
+                    u64::deserialize(d).map($t)
+                }
+            }
+        }
+    };
 }
 
-impl<'de> serde::Deserialize<'de> for Lsn {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
-        if d.is_human_readable() {
-            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            text.parse().map_err(serde::de::Error::custom)
-        } else {
-            u64::deserialize(d).map(Lsn)
-        }
-    }
-}
+text_or_number_serde!(Lsn);
 
 impl FromStr for Lsn {
     type Err = ParseError;
@@ -302,26 +310,7 @@ impl FromStr for WalSegSize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SystemId(pub u64);
 
-impl serde::Serialize for SystemId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() {
-            s.collect_str(self)
-        } else {
-            s.serialize_u64(self.0)
-        }
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for SystemId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SystemId, D::Error> {
-        if d.is_human_readable() {
-            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            text.parse().map_err(serde::de::Error::custom)
-        } else {
-            u64::deserialize(d).map(SystemId)
-        }
-    }
-}
+text_or_number_serde!(SystemId);
 
 impl fmt::Display for SystemId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -7,9 +7,12 @@ use std::os::unix::fs::PermissionsExt;
 use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
 use crate::support::{give_to_postgres, Walvault};
 
-/// `walvault list --json`: one object per backup, oldest first.
+/// `walvault list --json`: one array, a backup per element, oldest first.
 fn list(wv: &Walvault) -> Vec<serde_json::Value> {
-    wv.args(["list", "--json"]).ok().json_lines()
+    let doc = wv.args(["list", "--json"]).ok().json();
+    doc.as_array()
+        .unwrap_or_else(|| panic!("list --json is not an array: {doc}"))
+        .clone()
 }
 
 /// TPC-B's invariant: every transaction adds the same delta to one account,

@@ -187,3 +187,20 @@ fn demo_runs_the_whole_story() {
         assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
     }
 }
+
+/// A monitor reads `list --json` as one document: an empty stanza is `[]`,
+/// not nothing (it printed nothing at all before).
+#[test]
+fn list_json_of_an_empty_stanza_is_an_empty_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let wv = Walvault::new().repo(dir.path().join("repo"));
+    wv.args(["init"]).ok();
+    assert_eq!(
+        wv.args(["list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        wv.args(["list", "--json", "--stanza", "other"]).ok().json(),
+        serde_json::json!([])
+    );
+}

@@ -167,9 +167,9 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
     fails_for_space(&backup("second"), remedy);
     fails_for_space(&push, remedy);
     // nothing committed, nothing half-written, nothing held
-    let listed = wv.args(["list", "--json"]).ok().stdout;
-    assert_eq!(listed.lines().count(), 1, "{listed}");
-    assert!(listed.contains("\"first\""), "{listed}");
+    let listed = wv.args(["list", "--json"]).ok().json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["label"], "first", "{listed}");
     assert_eq!(entries(&repo.join(".tmp")), Vec::<String>::new());
     assert_eq!(entries(&repo.join("main/locks")), Vec::<String>::new());
     let spool = work.path().join("fetched");

@@ -418,7 +418,8 @@ fn randomized_pitr_by_time_lsn_xid_name_immediate_latest() {
             .unwrap();
     assert!(total > 5000, "only {total} rows");
 
-    let backups = a.ok(&["list", "--json"]).json_lines();
+    let backups = a.ok(&["list", "--json"]).json();
+    let backups = backups.as_array().unwrap();
     let id = |label: &str| {
         backups.iter().find(|b| b["label"] == label).unwrap()["id"]
             .as_str()

@@ -295,7 +295,8 @@ async fn stream_and_backup_survive_losing_a_garage_node() {
     let want = table_hashes(&c, PASSWORD_USER);
 
     assert_wal_continuous(&wv);
-    let backups = wv.args(["list", "--json"]).ok().json_lines();
+    let backups = wv.args(["list", "--json"]).ok().json();
+    let backups = backups.as_array().unwrap();
     assert_eq!(backups.len(), 1, "{backups:?}");
     assert_eq!(backups[0]["label"], "node lost");
     assert_eq!(backups[0]["status"], "complete");
