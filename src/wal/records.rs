@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::decode::{main_data, DecodeError, RawRecord};
-use crate::pg::Lsn;
+use crate::pg::{Lsn, TimelineId};
 use crate::reader::ByteReader;
 
 const RM_XLOG_ID: u8 = 0;
@@ -91,16 +91,16 @@ pub enum RecordKind {
         /// Its redo point.
         redo: Lsn,
         /// Its timeline.
-        timeline: u32,
+        timeline: TimelineId,
     },
     /// XLOG_SWITCH: the rest of the segment is unused.
     Switch,
     /// End of recovery: a new timeline began.
     EndOfRecovery {
         /// The new timeline.
-        timeline: u32,
+        timeline: TimelineId,
         /// The one before.
-        prev_timeline: u32,
+        prev_timeline: TimelineId,
         /// When, µs since 2000-01-01.
         time: i64,
     },
@@ -138,6 +138,14 @@ impl<'a> Cursor<'a> {
     fn u32(&mut self) -> Result<u32, DecodeError> {
         self.r.u32_le().map_err(self.cut())
     }
+    /// A `TimeLineID`: 0 never names a timeline, so it makes the record malformed.
+    fn timeline(&mut self) -> Result<TimelineId, DecodeError> {
+        let n = self.u32()?;
+        TimelineId::new(n).ok_or_else(|| DecodeError::Malformed {
+            lsn: self.lsn,
+            reason: "timeline 0".to_owned(),
+        })
+    }
     fn i64(&mut self) -> Result<i64, DecodeError> {
         self.r.i64_le().map_err(self.cut())
     }
@@ -164,7 +172,7 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
             Ok(match info {
                 0x00 | 0x10 => {
                     let redo = Lsn::new(c.i64()? as u64);
-                    let timeline = c.u32()?;
+                    let timeline = c.timeline()?;
                     RecordKind::Checkpoint {
                         shutdown: info == 0x00,
                         redo,
@@ -185,8 +193,8 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
                 }
                 0x90 => {
                     let time = c.i64()?;
-                    let timeline = c.u32()?;
-                    let prev_timeline = c.u32()?;
+                    let timeline = c.timeline()?;
+                    let prev_timeline = c.timeline()?;
                     RecordKind::EndOfRecovery {
                         timeline,
                         prev_timeline,

@@ -120,11 +120,7 @@ impl SegmentSummary {
             RecordKind::Checkpoint { .. } => self.checkpoints.push(rec.lsn),
             RecordKind::Switch => self.switch = true,
             RecordKind::EndOfRecovery { timeline, .. } => {
-                let tli = TimelineId::new(timeline).ok_or_else(|| DecodeError::Malformed {
-                    lsn: rec.lsn,
-                    reason: "end-of-recovery record names timeline 0".to_owned(),
-                })?;
-                self.end_of_recovery.push((rec.lsn, tli))
+                self.end_of_recovery.push((rec.lsn, timeline))
             }
             _ => {}
         }
