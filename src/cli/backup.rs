@@ -195,6 +195,11 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         }
     })?;
     let secs = t.elapsed().as_secs_f64();
+    for l in &r.replication_disabled {
+        eprintln!(
+            "walvault: note: the backup was taken on a standby; `{l}` is commented out in postgresql.auto.conf so this copy does not connect to that primary"
+        );
+    }
     let delta = if args.delta {
         format!(
             " ({} written, {} already in place, {} stale entries removed)",

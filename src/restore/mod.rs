@@ -180,6 +180,10 @@ pub struct RestoreReport {
     /// Files and directories removed because the backup does not have them
     /// (`delta`).
     pub removed: usize,
+    /// Replication settings of the backup's source that were commented out
+    /// (`primary_conninfo`, `primary_slot_name`: the backup was taken on a
+    /// standby).
+    pub replication_disabled: Vec<String>,
 }
 
 /// Choose the backup: `id`, or the newest one.
@@ -401,6 +405,8 @@ pub async fn restore(
         std::fs::write(&path, map).map_err(io(&path))?;
     }
 
+    // a copy of a standby must not become a standby of the live primary
+    let replication_disabled = recovery::forget_replication(target)?;
     if let Some(cmd) = &opts.restore_command {
         let signal = target.join("recovery.signal");
         std::fs::write(&signal, "").map_err(io(&signal))?;
@@ -415,7 +421,16 @@ pub async fn restore(
     }
     // durable before "restored" is reported: every file written, then
     // every directory (their entries)
-    let mut files: Vec<PathBuf> = targets.iter().map(|t| t.path.clone()).collect();
+    // (the source's signal files are gone unless restore wrote its own)
+    let signals = [
+        target.join("standby.signal"),
+        target.join("recovery.signal"),
+    ];
+    let mut files: Vec<PathBuf> = targets
+        .iter()
+        .map(|t| t.path.clone())
+        .filter(|p| !signals.contains(p) || p.exists())
+        .collect();
     for extra in ["tablespace_map", "recovery.signal", "postgresql.auto.conf"] {
         let p = target.join(extra);
         if p.exists() && !files.contains(&p) {
@@ -438,6 +453,7 @@ pub async fn restore(
         bytes,
         stats,
         removed,
+        replication_disabled,
     })
 }
 

@@ -4,8 +4,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use crate::support::pg::{PgCluster, PASSWORD, PASSWORD_USER};
-use crate::support::{give_to_postgres, Walvault};
+use crate::support::pg::{table_hashes, PgCluster, PASSWORD, PASSWORD_USER};
+use crate::support::{give_to_postgres, wait_until, Walvault};
 
 /// `walvault list --json`: one array, a backup per element, oldest first.
 fn list(wv: &Walvault) -> Vec<serde_json::Value> {
@@ -269,5 +269,78 @@ fn back_to_back_backups_keep_their_order() {
     assert!(
         text.contains(&format!("restored backup {newest} ")),
         "{text}"
+    );
+}
+
+/// Regression (found by trying it as a new user): a backup taken on a
+/// streaming standby carried `standby.signal` and the standby's
+/// `primary_conninfo`, so the restored server streamed from the live
+/// primary and never promoted. The restore now removes the signal files of
+/// the source, comments the replication settings out under a note, and the
+/// copy recovers from the repository, promotes, and never connects to the
+/// primary.
+#[test]
+fn a_backup_taken_on_a_standby_restores_into_a_server_of_its_own() {
+    let primary = PgCluster::start();
+    primary.pgbench(&["-i", "-s", "2", "-q"]);
+    let standby = PgCluster::standby_of(&primary);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the standby to replay everything the primary wrote",
+        || {
+            let at = primary.psql("SELECT pg_current_wal_lsn()");
+            standby.psql(&format!(
+                "SELECT pg_last_wal_replay_lsn() >= '{at}'::pg_lsn"
+            )) == "t"
+        },
+    );
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    wv.args(["backup", "--fast", "--pg", &standby.conninfo()])
+        .ok();
+    give_to_postgres(&repo);
+
+    let mut dst = PgCluster::for_restore(&primary.bindir);
+    let out = wv.args(["restore", "--pgdata"]).arg(&dst.datadir).ok();
+    assert!(
+        out.stderr.contains("primary_conninfo"),
+        "the restore does not say what it disabled: {}",
+        out.stderr
+    );
+    assert!(!dst.datadir.join("standby.signal").exists());
+    assert!(dst.datadir.join("recovery.signal").exists());
+    let auto = std::fs::read_to_string(dst.datadir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("# disabled by walvault restore") && auto.contains("#primary_conninfo"),
+        "{auto}"
+    );
+    assert!(
+        !auto
+            .lines()
+            .any(|l| l.trim_start().starts_with("primary_conninfo")),
+        "an active primary_conninfo is left: {auto}"
+    );
+
+    // recovers from the repository and promotes (start_restored waits for it)
+    dst.start_restored();
+    assert_eq!(dst.psql("SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(
+        table_hashes(&dst, "postgres"),
+        table_hashes(&primary, "postgres"),
+        "the restored content differs from the primary's (no writes since the backup)"
+    );
+    // never a replication connection to the primary: only the real standby
+    assert_eq!(
+        primary.psql("SELECT count(*) FROM pg_stat_replication"),
+        "1"
+    );
+    let log = dst.server_log();
+    assert!(
+        !log.contains("started streaming WAL"),
+        "the restored server streamed from a primary:\n{log}"
     );
 }
