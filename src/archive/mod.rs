@@ -13,7 +13,7 @@ pub mod stream;
 pub mod summaries;
 pub mod verify;
 
-use crate::pg::{Lsn, PgError, SystemId, TimelineId};
+use crate::pg::{Lsn, PgError, SystemId, TimelineId, WalFileName};
 use crate::repo::{Manifest, RepoError, Repository, StanzaPaths};
 
 /// Why archiving failed.
@@ -32,7 +32,7 @@ pub enum ArchiveError {
     #[error("{name}: {reason}; refusing to archive it")]
     BadWal {
         /// The file's name.
-        name: String,
+        name: WalFileName,
         /// What is wrong (the first bad page or record, with its LSN).
         reason: String,
     },
@@ -48,7 +48,7 @@ pub enum ArchiveError {
     )]
     NotASegmentSize {
         /// The file's name.
-        name: String,
+        name: WalFileName,
         /// Its length in bytes.
         len: u64,
     },
@@ -96,7 +96,7 @@ pub enum ArchiveError {
     #[error("{name}: the background push failed: {message}")]
     BackgroundPush {
         /// The WAL file.
-        name: String,
+        name: WalFileName,
         /// Its error, as it recorded it.
         message: String,
     },
@@ -104,7 +104,7 @@ pub enum ArchiveError {
     #[error("{name} was not archived within {} s by the background process (its log: {}); PostgreSQL will call again", waited.as_secs(), log.display())]
     NotArchivedInTime {
         /// The WAL file.
-        name: String,
+        name: WalFileName,
         /// How long it waited.
         waited: std::time::Duration,
         /// The background process's log file.

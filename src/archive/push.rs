@@ -248,7 +248,7 @@ impl Reading {
 
     fn bad(&self, e: impl std::fmt::Display) -> ArchiveError {
         ArchiveError::BadWal {
-            name: self.name.to_string(),
+            name: self.name,
             reason: e.to_string(),
         }
     }
@@ -325,14 +325,12 @@ fn classify(
     if !matches!(loose, WalFileName::Segment(_) | WalFileName::Partial(_)) {
         return Ok((loose, None));
     }
-    let seg = WalSegSize::new(len).map_err(|_| ArchiveError::NotASegmentSize {
-        name: file_name.to_owned(),
-        len,
-    })?;
+    let seg =
+        WalSegSize::new(len).map_err(|_| ArchiveError::NotASegmentSize { name: loose, len })?;
     match WalFileName::parse(file_name, seg) {
         Ok(n @ (WalFileName::Segment(f) | WalFileName::Partial(f))) => Ok((n, Some((seg, f)))),
         _ => Err(ArchiveError::BadWal {
-            name: file_name.to_owned(),
+            name: loose,
             reason: format!("not a WAL segment name for {seg} segments"),
         }),
     }
@@ -357,7 +355,7 @@ async fn check(
     .await
     .map_err(ArchiveError::task("WAL check"))?
     .map_err(|reason| ArchiveError::BadWal {
-        name: name.to_string(),
+        name: *name,
         reason,
     })
 }

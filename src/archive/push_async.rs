@@ -214,7 +214,7 @@ pub async fn wait_for(
             Mark::Ok => return Ok(()),
             Mark::Error(message) => {
                 return Err(ArchiveError::BackgroundPush {
-                    name: name.to_string(),
+                    name: *name,
                     message,
                 })
             }
@@ -222,7 +222,7 @@ pub async fn wait_for(
         }
         if Instant::now() >= deadline {
             return Err(ArchiveError::NotArchivedInTime {
-                name: name.to_string(),
+                name: *name,
                 waited: timeout,
                 log: spool.join(WORKER_LOG),
             });
