@@ -64,20 +64,20 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
 }
 
 /// Parse `8192`, `8KiB`, `8K`, `32MiB`, `1GiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, crate::pg::ParseError> {
+    let bad = |why: &str| crate::pg::ParseError::new("size", s, why);
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 8KiB, 32MiB)"))?;
+        .map_err(|_| bad("expected a number of bytes, KiB, MiB or GiB (e.g. 8KiB, 32MiB)"))?;
     let mult = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "kB" | "KB" => 1 << 10,
         "M" | "MiB" | "MB" => 1 << 20,
         "G" | "GiB" | "GB" => 1 << 30,
-        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB or GiB)")),
+        _ => return Err(bad("unknown unit (use KiB, MiB or GiB)")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| bad("too large"))
 }

@@ -85,7 +85,7 @@ pub(super) async fn negotiate(
     };
     // build the configuration first: a missing sslrootcert is the user's
     // mistake, whatever the server would have answered
-    let config = build_config(p).map_err(fail)?;
+    let config = build_config(p).map_err(|e| fail(e.to_string()))?;
     let server_name = ServerName::try_from(host.to_owned())
         .map_err(|e| fail(format!("{host:?} is not a valid host name for TLS: {e}")))?;
     let io = |source| PgError::Io {
@@ -166,28 +166,61 @@ fn root_cert_path(p: &ConnParams) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt")))
 }
 
+/// Why no TLS configuration could be built; the `reason` of [`PgError::Tls`].
+#[derive(Debug, thiserror::Error)]
+enum TlsSetupError {
+    /// rustls refused the protocol versions or the verifier.
+    #[error("cannot set up TLS: {0}")]
+    Rustls(rustls::Error),
+    /// `sslrootcert=system`.
+    #[error("sslrootcert=system is not supported by walvault; give the path of a PEM file holding the CA certificate")]
+    SystemRoots,
+    /// verify-ca/verify-full with a root file that is not there.
+    #[error("the root certificate file {} does not exist; set sslrootcert to the CA certificate that signed the server's certificate, or use sslmode=require", .0.display())]
+    MissingRootFile(std::path::PathBuf),
+    /// verify-ca/verify-full without any root file.
+    #[error("no root certificate file: set sslrootcert to the CA certificate that signed the server's certificate, or use sslmode=require")]
+    NoRootFile,
+    /// The root file cannot be read as PEM.
+    #[error("cannot read sslrootcert {}: {reason}", file.display())]
+    UnreadableRoots {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The root file holds no certificate rustls can use.
+    #[error("sslrootcert {} holds no usable PEM certificate", .0.display())]
+    NoUsableRoot(std::path::PathBuf),
+    /// The verifier refused the roots.
+    #[error("cannot use {}: {reason}", file.display())]
+    BadRoots {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// The rustls configuration for `p.sslmode` (a fresh `ring` provider, no
-/// process-wide default); the error is a reason for [`PgError::Tls`].
-fn build_config(p: &ConnParams) -> Result<Arc<ClientConfig>, String> {
+/// process-wide default).
+fn build_config(p: &ConnParams) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let algs = provider.signature_verification_algorithms;
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+        .map_err(TlsSetupError::Rustls)?;
     let root = root_cert_path(p);
     if p.sslrootcert.as_deref() == Some(Path::new("system")) {
-        return Err("sslrootcert=system is not supported by walvault; give the path of a PEM file holding the CA certificate".into());
+        return Err(TlsSetupError::SystemRoots);
     }
     let verify_name = p.sslmode == SslMode::VerifyFull;
     let verify_chain = match p.sslmode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
             match &root {
                 Some(f) if f.exists() => {}
-                Some(f) => return Err(format!(
-                    "the root certificate file {} does not exist; set sslrootcert to the CA certificate that signed the server's certificate, or use sslmode=require",
-                    f.display()
-                )),
-                None => return Err("no root certificate file: set sslrootcert to the CA certificate that signed the server's certificate, or use sslmode=require".into()),
+                Some(f) => return Err(TlsSetupError::MissingRootFile(f.clone())),
+                None => return Err(TlsSetupError::NoRootFile),
             }
             true
         }
@@ -199,7 +232,10 @@ fn build_config(p: &ConnParams) -> Result<Arc<ClientConfig>, String> {
         let roots = load_roots(&file)?;
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
-            .map_err(|e| format!("cannot use {}: {e}", file.display()))?;
+            .map_err(|e| TlsSetupError::BadRoots {
+                file: file.clone(),
+                reason: e.to_string(),
+            })?;
         let verifier: Arc<dyn ServerCertVerifier> = if verify_name {
             webpki
         } else {
@@ -220,18 +256,19 @@ fn build_config(p: &ConnParams) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
-fn load_roots(file: &Path) -> Result<RootCertStore, String> {
+fn load_roots(file: &Path) -> Result<RootCertStore, TlsSetupError> {
+    let unreadable = |e: rustls::pki_types::pem::Error| TlsSetupError::UnreadableRoots {
+        file: file.to_owned(),
+        reason: e.to_string(),
+    };
     let certs = CertificateDer::pem_file_iter(file)
-        .map_err(|e| format!("cannot read sslrootcert {}: {e}", file.display()))?
+        .map_err(unreadable)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("cannot read sslrootcert {}: {e}", file.display()))?;
+        .map_err(unreadable)?;
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!(
-            "sslrootcert {} holds no usable PEM certificate",
-            file.display()
-        ));
+        return Err(TlsSetupError::NoUsableRoot(file.to_owned()));
     }
     Ok(roots)
 }
@@ -482,7 +519,11 @@ mod tests {
         )
         .unwrap();
         let e = build_config(&p).unwrap_err();
-        assert!(e.contains("/nonexistent/root.crt does not exist"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/nonexistent/root.crt does not exist"),
+            "{e}"
+        );
         // require does not verify when the file is missing, as in libpq
         p.sslmode = SslMode::Require;
         assert!(build_config(&p).is_ok());

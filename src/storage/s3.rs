@@ -505,13 +505,17 @@ impl Storage for S3 {
 }
 
 impl S3 {
-    fn body_error(&self, key: &str, message: String) -> StorageError {
+    fn body_error(
+        &self,
+        key: &str,
+        e: aws_smithy_types::byte_stream::error::Error,
+    ) -> StorageError {
         StorageError::Backend {
             op: "get",
             location: self.location(),
             key: key.to_owned(),
             transient: true,
-            message: format!("reading the response body: {message}"),
+            message: format!("reading the response body: {}", DisplayErrorContext(&e)),
         }
     }
 }
@@ -526,9 +530,6 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-async fn read_body(body: ByteStream) -> Result<Bytes, String> {
-    body.collect()
-        .await
-        .map(|b| b.into_bytes())
-        .map_err(|e| DisplayErrorContext(&e).to_string())
+async fn read_body(body: ByteStream) -> Result<Bytes, aws_smithy_types::byte_stream::error::Error> {
+    body.collect().await.map(|b| b.into_bytes())
 }
