@@ -63,6 +63,6 @@ fuzz_target!(|data: &[u8]| {
     if wal.len() >= PAGE {
         let mut segment = wal.clone();
         segment.resize(1 << 20, 0);
-        let _ = walvault::wal::summary::summarize(&segment, Some(&wal), 1, SegmentNo(7), seg);
+        let _ = walvault::wal::summary::summarize(&segment, Some(&wal), walvault::pg::TimelineId::FIRST, SegmentNo(7), seg);
     }
 });
