@@ -37,24 +37,10 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "# installing ${need[*]}" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
-for p in initdb pg_ctl pgbench psql pg_basebackup; do
-  [ -x "$PG_BIN/$p" ] || { echo "$PG_BIN/$p not found (scripts/install-deps.sh)" >&2; exit 1; }
-done
-if [ -z "${WALVAULT_BIN:-}" ]; then
-  (cd "$root" && cargo build --release -q)
-  WALVAULT_BIN=$root/target/release/walvault
-fi
-
-tmp=$(mktemp -d -t walvault-compare.XXXXXX)
-chmod 755 "$tmp"
-as=()
-if [ "$(id -u)" = 0 ]; then
-  chown postgres: "$tmp"
-  as=(runuser -u postgres --)
-fi
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+bench_setup compare initdb pg_ctl pgbench psql pg_basebackup
 run() { (cd "$tmp" && "${as[@]}" "$@"); }
-cp "$WALVAULT_BIN" "$tmp/walvault"
-chmod 755 "$tmp/walvault"
 wv=$tmp/walvault
 data=$tmp/data
 sock=$tmp/sock

@@ -25,23 +25,9 @@ WAL_SEGSIZE=${WAL_SEGSIZE:-64}
 SCALE=${SCALE:-10}
 LOAD=${LOAD:-2}
 root=$(cd "$(dirname "$0")/.." && pwd)
-for p in initdb pg_ctl pgbench psql; do
-  [ -x "$PG_BIN/$p" ] || { echo "$PG_BIN/$p not found (scripts/install-deps.sh)" >&2; exit 1; }
-done
-if [ -z "${WALVAULT_BIN:-}" ]; then
-  (cd "$root" && cargo build --release -q)
-  WALVAULT_BIN=$root/target/release/walvault
-fi
-
-tmp=$(mktemp -d -t walvault-rpo.XXXXXX)
-chmod 755 "$tmp"
-as=()
-if [ "$(id -u)" = 0 ]; then
-  chown postgres: "$tmp"
-  as=(runuser -u postgres --)
-fi
-cp "$WALVAULT_BIN" "$tmp/walvault"
-chmod 755 "$tmp/walvault"
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+bench_setup rpo initdb pg_ctl pgbench psql
 data=$tmp/data
 sock=$tmp/sock
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
