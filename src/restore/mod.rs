@@ -73,7 +73,7 @@ pub enum RestoreError {
         reason: String,
     },
     /// A block a manifest names is missing from the index.
-    #[error("{file}: block {id} is not in the repository's index (the repository is damaged; run `walvault verify`, or restore another backup)")]
+    #[error("{file}: block {id} is not in the repository's index (the repository is damaged: restore another backup)")]
     MissingBlock {
         /// The file (relative to the data directory) the block belongs to.
         file: String,
