@@ -298,4 +298,18 @@ fn wal_fetch_refuses_names_that_are_no_wal_file() {
     wv.args(["wal-fetch", "000000010000000000000001"])
         .arg(&dest)
         .fails_with(1);
+    // the prefetching copy of wal-fetch (what a served segment starts)
+    // cleaned its spool by slicing the name's first 8 bytes: inside the 'ä'
+    // here, a panic as soon as the spool held a segment-long name
+    let spool = work.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::write(spool.join("000000010000000000000001"), b"x").unwrap();
+    let out = wv
+        .args(["wal-fetch", "--spool"])
+        .arg(&spool)
+        .arg("0000000ä0000000000000001")
+        .arg(&dest)
+        .env("WALVAULT_PREFETCH_CHILD", "16777216")
+        .fails_with(255);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
