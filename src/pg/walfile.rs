@@ -139,18 +139,14 @@ impl WalFileName {
     /// timeline and its object key are exact; segment arithmetic (LSNs,
     /// the next segment) is not: re-parse with the real size for that.
     pub fn parse_any_size(name: &str) -> Result<WalFileName, ParseError> {
-        let first = WalFileName::parse(name, WalSegSize::DEFAULT);
-        if first.is_ok() {
-            return first;
-        }
+        let first = match WalFileName::parse(name, WalSegSize::DEFAULT) {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
         (20..=30)
             .filter_map(|shift| WalSegSize::new(1 << shift).ok())
             .find_map(|seg| WalFileName::parse(name, seg).ok())
-            .ok_or_else(|| {
-                first.err().unwrap_or_else(|| {
-                    ParseError::new("WAL file name", name, "not a WAL file name")
-                })
-            })
+            .ok_or(first)
     }
 
     /// The segment file this name is about (`None` for a history file).
