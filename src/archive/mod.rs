@@ -7,6 +7,7 @@
 //! repository).
 
 pub mod catalog;
+pub mod inspect;
 pub mod push;
 pub mod push_async;
 pub mod stream;

@@ -319,53 +319,50 @@ async fn story(
         let _ = stop_tx.send(true);
         stream.await??;
 
-        let as_user = |program: &Path| {
-            let mut c = match &user {
-                Some(u) => {
-                    let mut c = Command::new("runuser");
-                    c.args(["-u", u, "--"]).arg(program);
-                    c
-                }
-                None => Command::new(program),
-            };
-            c.arg("--repo").arg(&repo_dir);
-            c
-        };
         let around = mistake_at.to_rfc3339();
         outln!("8. walvault wal-inspect --around {around} --window 3s")?;
-        let out = as_user(&exe)
-            .args(["wal-inspect", "--around", &around, "--window", "3s"])
-            .output()
-            .await?;
-        ensure!(out.status.success(), "wal-inspect failed: {}", String::from_utf8_lossy(&out.stderr));
-        let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-        for l in listing.lines() {
-            outln!("   {l}")?;
+        let window = chrono::Duration::seconds(3);
+        let query = crate::archive::inspect::Query {
+            from: Some(mistake_at - window),
+            to: Some(mistake_at + window),
+            ..Default::default()
+        };
+        let found = crate::archive::inspect::inspect(&repo, "main", &query).await?;
+        for e in &found.events {
+            outln!("   {}", super::inspect::event_line(e))?;
         }
-        let drop_line = listing
-            .lines()
-            .find(|l| l.contains("DROPPED") && l.contains("orders"))
+        let xid = found
+            .events
+            .iter()
+            .find_map(|e| match e {
+                crate::archive::inspect::Event::Xact { xid, dropped, .. }
+                    if dropped.iter().any(|d| d.contains("orders")) =>
+                {
+                    Some(*xid)
+                }
+                _ => None,
+            })
             .context("wal-inspect did not show the DROP TABLE orders")?;
-        let xid = drop_line
-            .split("xid ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .context("no xid in the wal-inspect line")?
-            .to_owned();
         outln!("   found it: transaction {xid} dropped orders")?;
 
         outln!("9. walvault restore-pitr --target-xid {xid} --exclusive --start")?;
+        let t0 = Instant::now();
         let pitr_dir = root.join("pitr");
         let pitr_port = free_port()?;
-        let out = as_user(&exe)
-            .args(["restore-pitr", "--pgdata"])
-            .arg(&pitr_dir)
-            .args(["--target-xid", &xid, "--exclusive", "--start", "--json", "--port", &pitr_port.to_string(), "--pg-bin"])
-            .arg(bin)
-            .output()
-            .await?;
-        ensure!(out.status.success(), "restore-pitr failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let target = crate::restore::pitr::Target::Xid(xid);
+        let rp = crate::restore::plan_recovery(&repo, "main", &target, true, Default::default(), None).await?;
+        let ropts = crate::restore::RecoverOptions {
+            pgdata: pitr_dir.clone(),
+            restore_command: format!("\"{}\" wal-fetch --repo \"{}\" --stanza main %f %p", exe.display(), repo_dir.display()),
+            server: Some(crate::restore::server::ServerOptions {
+                port: Some(pitr_port),
+                pg_bin: Some(bin.to_owned()),
+                run_as: user.clone(),
+                settings: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let report = crate::restore::recover(repo.clone(), "main", &rp, &ropts, t0).await?;
         let mut pitr = Cluster {
             bin: bin.to_owned(),
             data: pitr_dir.clone(),
@@ -381,14 +378,14 @@ async fn story(
         ensure!(marker == "committed before the mistake", "marker is {marker:?}");
         outln!(
             "   recovered from backup {} to just before transaction {xid}: orders is back with {orders} rows, the marker row is there",
-            report["backup"].as_str().unwrap_or("?")
+            report.backup
         )?;
         outln!(
             "   RTO measured: {:.1} s (files {:.1} s, WAL fetch {:.1} s, replay {:.1} s)",
-            report["total_seconds"].as_f64().unwrap_or(0.0),
-            report["restore_seconds"].as_f64().unwrap_or(0.0),
-            report["wal_fetch_seconds"].as_f64().unwrap_or(0.0),
-            report["replay_seconds"].as_f64().unwrap_or(0.0)
+            report.total_seconds,
+            report.phases.restore_seconds,
+            report.phases.wal_fetch_seconds,
+            report.phases.replay_seconds.unwrap_or(0.0)
         )?;
         outln!("demo complete: two full backups stored as {:.0} MB + {:.1} MB; a dropped table recovered to the transaction before the mistake", mb(b1.totals.new_stored_bytes), mb(b2.totals.new_stored_bytes))?;
         Ok(())

@@ -1,8 +1,6 @@
-//! `walvault wal-inspect`: what happened around a time, from the segment
-//! summaries — transaction ends with their times, xids, LSNs, databases and
-//! dropped tables (named from the backups' catalogs), and restore points.
+//! `walvault wal-inspect`: the options and the printing; the search is
+//! `archive::inspect`.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -12,11 +10,9 @@ use clap::Args;
 use super::duration::parse_duration;
 use super::output::outln;
 use super::Settings;
-use crate::archive::catalog::WalCatalog;
-use crate::pg::{SegmentNo, TimelineId, WalFileName};
-use crate::repo::{Manifest, StanzaPaths};
+use crate::archive::inspect::{inspect, Event, Query};
+use crate::pg::TimelineId;
 use crate::restore::pitr::parse_target_time;
-use crate::wal::records::{pg_time, XactKind};
 
 /// Options of `walvault wal-inspect`.
 #[derive(Debug, Args)]
@@ -77,126 +73,86 @@ pub(super) async fn run(settings: &Settings, args: InspectArgs) -> anyhow::Resul
             _ => bail!("give --around TIME, --from TIME --to TIME, or --xid XID"),
         };
     let repo = settings.open_repository().await?;
-    let paths = StanzaPaths::new(&settings.stanza);
-    let backups = Manifest::load_all(&repo, &paths).await?;
-    let Some(newest) = backups.last() else {
-        bail!("stanza {} has no backups", settings.stanza);
+    let query = Query {
+        from,
+        to,
+        xid: args.xid,
+        timeline: args.timeline,
     };
-    let seg = newest.wal_segment_size;
-    let cat = WalCatalog::load(&repo, &paths, seg).await?;
-    let tli = args.timeline.unwrap_or_else(|| cat.newest_timeline());
-    let path = cat.path_to(tli)?;
-    // every segment on the path that the repository holds
-    let first = path
-        .steps
-        .iter()
-        .filter_map(|(t, _, _)| {
-            cat.full
-                .get(t)
-                .and_then(|s| s.first())
-                .into_iter()
-                .chain(cat.partial.get(t).and_then(|s| s.first()))
-                .min()
-                .copied()
-        })
-        .min()
-        .unwrap_or(SegmentNo(0));
-    let last = cat.newest_segment(path.last()).unwrap_or(first);
-    let names: Vec<WalFileName> = (first.0..=last.0)
-        .map(SegmentNo)
-        .filter_map(|s| cat.stored_name(s, path.timeline_of(s)))
-        .collect();
-    let sums = crate::archive::summaries::load_path(&repo, &paths, &names, 16).await?;
-
-    // relfilenode → name, newest backup first
-    let mut names_by_file: HashMap<(u32, u32), String> = HashMap::new();
-    for b in backups.iter().rev() {
-        for r in &b.relnames {
-            names_by_file
-                .entry((r.db, r.relfilenode))
-                .or_insert_with(|| r.name.clone());
+    let found = inspect(&repo, &settings.stanza, &query).await?;
+    for e in &found.events {
+        if args.json {
+            outln!("{}", event_json(e))?;
+        } else {
+            outln!("{}", event_line(e))?;
         }
     }
-    let in_window = |us: i64| {
-        let Some(t) = pg_time(us) else { return false };
-        from.is_none_or(|f| t >= f) && to.is_none_or(|e| t <= e)
-    };
-    let mut shown = 0;
-    for s in &sums {
-        for x in &s.xacts {
-            if args.xid.is_some_and(|id| id != x.xact.xid)
-                || (args.xid.is_none() && !in_window(x.xact.time))
-            {
-                continue;
-            }
-            shown += 1;
-            let kind = match x.xact.kind {
-                XactKind::Commit => "COMMIT",
-                XactKind::Abort => "ABORT",
-                XactKind::CommitPrepared => "COMMIT PREPARED",
-                XactKind::AbortPrepared => "ABORT PREPARED",
-            };
-            let dropped: Vec<String> = x
-                .xact
-                .dropped
-                .iter()
-                .map(|d| {
-                    names_by_file
-                        .get(&(d.db, d.rel))
-                        .cloned()
-                        .unwrap_or_else(|| format!("relfilenode {} (db {})", d.rel, d.db))
-                })
-                .collect();
-            let t = pg_time(x.xact.time)
-                .map(|t| t.to_rfc3339())
-                .unwrap_or_default();
-            if args.json {
-                outln!(
-                    "{}",
-                    serde_json::json!({
-                        "event": kind, "time": t, "xid": x.xact.xid, "lsn": x.lsn.to_string(),
-                        "end_lsn": x.end.to_string(), "database_oid": x.xact.db, "dropped": dropped,
-                        "subtransactions": x.xact.subxacts.len(), "timeline": s.timeline,
-                    })
-                )?;
-            } else {
-                let mut line = format!(
-                    "{t}  {kind:<15} xid {:<10} lsn {:<12}",
-                    x.xact.xid,
-                    x.lsn.to_string()
-                );
-                if let Some(db) = x.xact.db {
-                    line.push_str(&format!(" db {db}"));
-                }
-                if !dropped.is_empty() {
-                    line.push_str(&format!("  DROPPED {}", dropped.join(", ")));
-                }
-                outln!("{line}")?;
-            }
-        }
-        for r in &s.restore_points {
-            if args.xid.is_some() || !in_window(r.time) {
-                continue;
-            }
-            shown += 1;
-            let t = pg_time(r.time).map(|t| t.to_rfc3339()).unwrap_or_default();
-            if args.json {
-                outln!(
-                    "{}",
-                    serde_json::json!({"event": "RESTORE POINT", "time": t, "name": r.name, "lsn": r.lsn.to_string(), "timeline": s.timeline})
-                )?;
-            } else {
-                outln!("{t}  RESTORE POINT   {:?} lsn {}", r.name, r.lsn)?;
-            }
-        }
-    }
-    if shown == 0 && !args.json {
+    if found.events.is_empty() && !args.json {
         eprintln!(
-            "nothing archived matches (the archive spans {} segment(s) on timeline {tli})",
-            names.len()
+            "nothing archived matches (the archive spans {} segment(s) on timeline {})",
+            found.segments, found.timeline
         );
     }
     Ok(())
+}
+
+/// One event as a JSON object (`event` is COMMIT, ABORT, … or RESTORE POINT).
+pub(super) fn event_json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::Xact {
+            kind,
+            time,
+            xid,
+            lsn,
+            end_lsn,
+            database_oid,
+            dropped,
+            subtransactions,
+            timeline,
+        } => serde_json::json!({
+            "event": kind, "time": time, "xid": xid, "lsn": lsn.to_string(),
+            "end_lsn": end_lsn.to_string(), "database_oid": database_oid, "dropped": dropped,
+            "subtransactions": subtransactions, "timeline": timeline,
+        }),
+        Event::RestorePoint {
+            time,
+            name,
+            lsn,
+            timeline,
+        } => serde_json::json!({
+            "event": "RESTORE POINT", "time": time, "name": name, "lsn": lsn.to_string(), "timeline": timeline,
+        }),
+    }
+}
+
+/// One event as a line of text.
+pub(super) fn event_line(e: &Event) -> String {
+    match e {
+        Event::Xact {
+            kind,
+            time,
+            xid,
+            lsn,
+            database_oid,
+            dropped,
+            ..
+        } => {
+            let mut line = format!(
+                "{time}  {kind:<15} xid {xid:<10} lsn {:<12}",
+                lsn.to_string()
+            );
+            if let Some(db) = database_oid {
+                line.push_str(&format!(" db {db}"));
+            }
+            if !dropped.is_empty() {
+                line.push_str(&format!("  DROPPED {}", dropped.join(", ")));
+            }
+            line
+        }
+        Event::RestorePoint {
+            time, name, lsn, ..
+        } => format!("{time}  RESTORE POINT   {name:?} lsn {lsn}"),
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,11 @@
 //! The `walvault` command line: global options, the config file, logging, and
 //! one module per command or close group of commands.
 //!
-//! Most commands are options → one library call → printing. Exceptions, to
-//! move into the library: `restore-pitr` still orchestrates restore, WAL
-//! staging, recovery settings and the server run here (`pitr.rs`,
-//! `pitr_start.rs`; planned to move into `restore/`), `wal-inspect` searches
-//! the summaries in `inspect.rs`, and `wal-push --async` and `wal-fetch`
-//! spawn their background processes here. The library never prints; this
-//! module (and `main.rs`) does.
+//! Commands are options → library calls → printing (`restore-pitr` and the
+//! demo call `restore::recover`, `wal-inspect` calls `archive::inspect`).
+//! The one exception: `wal-push --async` and `wal-fetch` spawn their
+//! background processes here. The library never prints; this module (and
+//! `main.rs`) does.
 
 mod backup;
 mod config;
@@ -18,7 +16,6 @@ mod inspect;
 mod key;
 pub mod output;
 mod pitr;
-mod pitr_start;
 mod storage_check;
 mod wal;
 

@@ -156,6 +156,132 @@ pub fn following_segments(name: &WalFileName, count: usize) -> Vec<WalFileName> 
         .collect()
 }
 
+/// Who owns the files written into a spool (a recovery run by root for the
+/// database's OS user): PostgreSQL renames, recycles and rewrites the
+/// segments it is served.
+pub type Owner = (nix::unistd::Uid, nix::unistd::Gid);
+
+/// The one writer of a spool, for both wal-fetch's prefetch and
+/// restore-pitr's staging: each file is written beside its final name
+/// (optionally synced and given to `owner`), then renamed into place, so a
+/// reader only ever sees complete files with the repository's content.
+#[derive(Debug, Clone)]
+pub struct SpoolWriter {
+    dir: PathBuf,
+    sync: bool,
+    owner: Option<Owner>,
+}
+
+/// What [`SpoolWriter::fill`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filled {
+    /// Files written.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The first name the repository did not have (nothing after it was
+    /// written).
+    pub missing: Option<WalFileName>,
+}
+
+impl SpoolWriter {
+    /// A writer into `dir` (created when missing). `sync`: each file is
+    /// fsynced before its rename (staging for a recovery that may crash and
+    /// read it again; a prefetch is only a cache).
+    pub fn new(dir: &Path, sync: bool, owner: Option<Owner>) -> Result<SpoolWriter, RestoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw()))
+                .map_err(io(dir))?;
+        }
+        Ok(SpoolWriter {
+            dir: dir.to_owned(),
+            sync,
+            owner,
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where `name` is served from: a `.partial` under its segment's name
+    /// (the last segment of a backup or a stream, which recovery asks for
+    /// by the segment's name).
+    pub fn path_of(&self, name: &WalFileName) -> PathBuf {
+        let served = match *name {
+            WalFileName::Partial(f) => WalFileName::Segment(f),
+            other => other,
+        };
+        self.dir.join(served.to_string())
+    }
+
+    /// Write `data` as `name`.
+    pub fn write(&self, name: &WalFileName, data: &[u8]) -> Result<(), RestoreError> {
+        let file = self.path_of(name);
+        let tmp = file.with_extension("walvault-tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        std::io::Write::write_all(&mut f, data).map_err(io(&tmp))?;
+        if self.sync {
+            f.sync_data().map_err(io(&tmp))?;
+        }
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(&f, Some(uid.as_raw()), Some(gid.as_raw()))
+                .map_err(io(&tmp))?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, &file).map_err(io(&file))
+    }
+
+    /// Download `names` from the repository into the spool, `parallel` at
+    /// a time, skipping those already there; stops at the first name the
+    /// repository does not have (reported in [`Filled::missing`]).
+    pub async fn fill(
+        &self,
+        repo: &Repository,
+        paths: &StanzaPaths,
+        names: &[WalFileName],
+        parallel: usize,
+    ) -> Result<Filled, RestoreError> {
+        let wanted: Vec<WalFileName> = names
+            .iter()
+            .filter(|n| !self.path_of(n).exists())
+            .copied()
+            .collect();
+        let mut results = futures::stream::iter(wanted)
+            .map(|n| async move {
+                let Some(data) = repo.load_wal(paths, &n).await? else {
+                    return Ok((n, None));
+                };
+                let len = data.len() as u64;
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.write(&n, &data))
+                    .await
+                    .map_err(|e| RestoreError::Task {
+                        what: "spool write",
+                        reason: e.to_string(),
+                    })??;
+                Ok::<_, RestoreError>((n, Some(len)))
+            })
+            .buffered(parallel.max(1));
+        let mut filled = Filled::default();
+        while let Some(r) = results.next().await {
+            match r? {
+                (_, Some(len)) => {
+                    filled.files += 1;
+                    filled.bytes += len;
+                }
+                (n, None) => {
+                    filled.missing = Some(n);
+                    break;
+                }
+            }
+        }
+        Ok(filled)
+    }
+}
+
 /// Download `names` (in order; stop at the first the repository does not
 /// have) into `spool`, `parallel` at a time, skipping those already there;
 /// also remove spooled segments of the same timeline older than `after`
@@ -169,7 +295,7 @@ pub async fn prefetch(
     spool: &Path,
     parallel: usize,
 ) -> Result<usize, RestoreError> {
-    std::fs::create_dir_all(spool).map_err(io(spool))?;
+    let writer = SpoolWriter::new(spool, false, None)?;
     let Some(_guard) = lock_spool(spool, false)? else {
         return Ok(0); // another prefetcher is at work
     };
@@ -188,34 +314,7 @@ pub async fn prefetch(
         }
     }
     let paths = StanzaPaths::new(stanza);
-    let wanted: Vec<&WalFileName> = names
-        .iter()
-        .filter(|n| !spool.join(n.to_string()).exists())
-        .collect();
-    let results: Vec<Result<bool, RestoreError>> = futures::stream::iter(wanted)
-        .map(|n| {
-            let paths = &paths;
-            async move {
-                match repo.load_wal(paths, n).await? {
-                    Some(data) => {
-                        write_atomic(&spool.join(n.to_string()), &data)?;
-                        Ok(true)
-                    }
-                    None => Ok(false),
-                }
-            }
-        })
-        .buffered(parallel.max(1))
-        .collect()
-        .await;
-    let mut fetched = 0;
-    for r in results {
-        match r? {
-            true => fetched += 1,
-            false => break,
-        }
-    }
-    Ok(fetched)
+    Ok(writer.fill(repo, &paths, names, parallel).await?.files)
 }
 
 #[cfg(test)]

@@ -21,9 +21,14 @@ pub mod fetch;
 mod files;
 pub mod pitr;
 pub mod rates;
+pub mod recover;
 pub mod recovery;
+pub mod server;
 
 pub use fetch::wal_fetch;
+pub use recover::{
+    plan_recovery, recover, RecoverError, RecoverOptions, RecoveryPlan, RecoveryReport,
+};
 
 use files::Target;
 pub use files::WriteStats;
@@ -92,6 +97,9 @@ pub enum RestoreError {
         /// Length the manifest implies.
         expected: u64,
     },
+    /// A WAL file the plan proved present is gone.
+    #[error("{0} vanished from the repository after the recovery was planned (did `expire` remove it meanwhile?); plan again")]
+    WalVanished(crate::pg::WalFileName),
     /// A background task (writing, syncing, comparing) panicked or was cancelled.
     #[error("{what} task failed: {reason}")]
     Task {
