@@ -26,6 +26,7 @@ pub mod cli;
 pub mod codec;
 mod flock;
 pub mod pg;
+pub mod ops;
 pub mod progress;
 pub mod reader;
 pub mod repo;

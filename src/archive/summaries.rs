@@ -19,6 +19,20 @@ fn key(paths: &StanzaPaths, f: &SegmentFile) -> String {
     format!("{}{}/{f}", paths.wal_summaries(), timeline_dir(f.timeline))
 }
 
+/// Delete the summary of segment `f` (retention removed the segment); a
+/// missing one is not an error.
+pub async fn delete_summary(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    f: &SegmentFile,
+) -> Result<(), RepoError> {
+    match repo.storage().delete(&key(paths, f)).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Summarize WAL file `name` (a segment or `.partial`) from its bytes and
 /// store the summary. Errors are logged, not returned: a summary is an
 /// index, and the WAL itself is already safe.

@@ -60,12 +60,16 @@ impl VerifyReport {
 }
 
 /// Check the stanza's WAL; `read_content` also downloads and checks every
-/// needed segment (`parallel` at a time).
+/// needed segment (`parallel` at a time). Backups in `points` (restore
+/// points retention keeps without the WAL after them) need only their own
+/// consistency range; every other backup needs all WAL from its start to
+/// the newest segment of its timeline path.
 pub async fn wal_verify(
     repo: &Repository,
     stanza: &str,
     read_content: bool,
     parallel: usize,
+    points: &std::collections::BTreeSet<String>,
 ) -> Result<VerifyReport, ArchiveError> {
     let paths = StanzaPaths::new(stanza);
     let backups = Manifest::load_all(repo, &paths).await?;
@@ -90,7 +94,13 @@ pub async fn wal_verify(
         };
         let newest_seg = cat.newest_segment(path.last()).unwrap_or(SegmentNo(0));
         let first = b.start_lsn.segment(seg).0;
-        for s in first..=newest_seg.0.max(b.stop_lsn.segment(seg).0) {
+        let own_end = b.stop_lsn.segment(seg).0;
+        let last = if points.contains(&b.id) {
+            own_end
+        } else {
+            newest_seg.0.max(own_end)
+        };
+        for s in first..=last {
             let s = SegmentNo(s);
             needed
                 .entry((s, path.timeline_of(s)))

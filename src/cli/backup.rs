@@ -41,6 +41,10 @@ pub struct BackupArgs {
     /// are logged and listed by `info`) instead of failing it.
     #[arg(long)]
     pub allow_checksum_failures: bool,
+    /// Do not run `expire` after the backup (it runs when walvault.toml has
+    /// a [retention] policy).
+    #[arg(long)]
+    pub no_expire: bool,
 }
 
 pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
@@ -58,7 +62,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
     };
     let t = Instant::now();
     let reporter = Reporter::start("backup", progress, !settings.quiet);
-    let m = crate::backup::run_backup(repo, &settings.stanza, &params, &opts).await;
+    let m = crate::backup::run_backup(repo.clone(), &settings.stanza, &params, &opts).await;
     reporter.finish();
     let m = m?;
     let secs = t.elapsed().as_secs_f64();
@@ -79,6 +83,13 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         m.start_lsn,
         m.stop_lsn,
     )?;
+    if !args.no_expire {
+        // the backup is safe whatever happens here: a failed expire is an
+        // error of its own, reported after the backup's success
+        super::retention::after_backup(settings, &repo)
+            .await
+            .context("the backup is complete, but expire after it failed")?;
+    }
     Ok(())
 }
 
@@ -370,7 +381,7 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
     Ok(true)
 }
 
-fn human(b: u64) -> String {
+pub(super) fn human(b: u64) -> String {
     let (v, u) = match b {
         b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
         b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),

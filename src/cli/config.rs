@@ -28,6 +28,9 @@ pub struct Config {
     /// Retry policy for storage operations.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// The retention policy of `expire` (and of `backup`'s expire after it).
+    #[serde(default)]
+    pub retention: super::retention::RetentionConfig,
 }
 
 impl Config {
@@ -59,6 +62,8 @@ pub struct Settings {
     pub config_path: Option<std::path::PathBuf>,
     /// `-q` given: no progress bar.
     pub quiet: bool,
+    /// `[retention]`.
+    pub retention: super::retention::RetentionConfig,
 }
 
 impl Settings {
@@ -93,6 +98,7 @@ impl Settings {
                 s3: file.s3,
                 retry: file.retry,
             },
+            retention: file.retention,
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),

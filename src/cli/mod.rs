@@ -16,6 +16,7 @@ mod inspect;
 mod key;
 pub mod output;
 mod pitr;
+mod retention;
 mod storage_check;
 mod wal;
 
@@ -125,6 +126,14 @@ pub enum Command {
     /// Copy a WAL file from the repository (for restore_command: %f %p).
     /// Exits 1 when the repository does not have it, 255 on any other error.
     WalFetch(backup::WalFetchArgs),
+    /// Apply the retention policy: expire backups no rule keeps, the WAL
+    /// only they needed, and (after a grace period) their data.
+    Expire(retention::ExpireArgs),
+    /// Keep a backup whatever the retention policy says (until a date, or
+    /// until released).
+    Hold(retention::HoldArgs),
+    /// End the holds on a backup.
+    Release(retention::ReleaseArgs),
     /// Manage the passphrases and key files that open an encrypted repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -154,6 +163,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalInspect(args) => inspect::run(&settings, args).await,
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
+            Command::Expire(args) => retention::run_expire(&settings, args).await,
+            Command::Hold(args) => retention::run_hold(&settings, args).await,
+            Command::Release(args) => retention::run_release(&settings, args).await,
             Command::WalFetch(args) => match backup::wal_fetch(&settings, args).await {
                 Ok(true) => Ok(()),
                 // "not found" (exit 1) is how recovery learns the archive ends

@@ -221,11 +221,14 @@ pub struct WalVerifyArgs {
 
 pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyhow::Result<()> {
     let repo = settings.open_repository().await?;
+    let paths = crate::repo::StanzaPaths::new(&settings.stanza);
+    let points = crate::ops::records::restore_points(&repo, &paths).await?;
     let r = crate::archive::verify::wal_verify(
         &repo,
         &settings.stanza,
         !args.names_only,
         args.parallel,
+        &points,
     )
     .await?;
     if args.json {
@@ -250,8 +253,13 @@ pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyh
         for d in &r.damaged {
             outln!("DAMAGED {}: {}", d.name, d.error)?;
         }
-        if r.ok() {
+        if r.ok() && points.is_empty() {
             outln!("WAL is continuous from every backup to the newest segment")?;
+        } else if r.ok() {
+            outln!(
+                "WAL is continuous from every recovery base to the newest segment; {} restore point(s) kept by retention have their own WAL",
+                points.len()
+            )?;
         }
     }
     if !r.ok() {

@@ -27,7 +27,7 @@
 //! Clocks: writers and collectors compare wall-clock times; `grace` (default
 //! one hour) must exceed the clock skew between hosts by a wide margin.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,31 +286,47 @@ pub fn plan(index: &Index, manifests: &[Manifest]) -> GcPlan {
 pub struct GcReport {
     /// Packs marked in this run.
     pub marked: usize,
+    /// Their bytes (freed by a later run, once the grace period has passed).
+    pub marked_bytes: u64,
     /// Marks removed because the pack is needed again.
     pub unmarked: usize,
     /// Packs deleted.
     pub deleted: usize,
+    /// Their bytes.
+    pub deleted_bytes: u64,
     /// Marked packs kept because their grace period has not passed or a
     /// writer older than the mark still runs.
     pub waiting: usize,
 }
 
-/// One garbage-collection run on a stanza (see the module docs).
-pub async fn collect(
+/// What a collection would find, computed without changing anything.
+struct Assessment {
+    state: GcState,
+    index: Index,
+    index_objects: Vec<String>,
+    report: GcReport,
+    doomed: Vec<PackId>,
+}
+
+/// Which packs `manifests` leave unreferenced, which of those a run marks
+/// and which it may delete now (see the module docs).
+async fn assess(
     repo: &Repository,
     paths: &StanzaPaths,
+    manifests: &[Manifest],
     grace: Duration,
-) -> Result<GcReport, RepoError> {
-    let now = now_secs();
+    now: i64,
+) -> Result<Assessment, RepoError> {
     let mut state = GcState::load(repo, paths).await?;
     let leases = live_leases(repo, paths).await?;
     let (index, index_objects) = Index::load(repo, paths).await?;
-    let manifests = Manifest::load_all(repo, paths).await?;
-    let mut p = plan(&index, &manifests);
+    let mut p = plan(&index, manifests);
     // packs no index object names: left by a crashed writer, or still being
     // written by a live one (whose lease protects them below)
+    let mut sizes: HashMap<PackId, u64> = HashMap::new();
     for o in list_all(repo.storage().as_ref(), &paths.packs()).await? {
         if let Some(id) = o.key.rsplit('/').next().and_then(PackId::parse) {
+            sizes.insert(id, o.size);
             if !p.live.contains(&id) {
                 p.unreferenced.insert(id);
             }
@@ -331,22 +347,64 @@ pub async fn collect(
     let mut doomed = Vec::new();
     for id in &p.unreferenced {
         let key = id.to_string();
+        let size = sizes.get(id).copied().unwrap_or(0);
         match state.pending.get(&key) {
             None => {
                 state.pending.insert(key, now);
                 report.marked += 1;
+                report.marked_bytes += size;
             }
             Some(&marked) => {
                 let old_enough = now - marked >= grace.as_secs() as i64;
                 let no_older_writer = leases.iter().all(|l| l.started > marked);
                 if old_enough && no_older_writer {
                     doomed.push(*id);
+                    report.deleted_bytes += size;
                 } else {
                     report.waiting += 1;
                 }
             }
         }
     }
+    Ok(Assessment {
+        state,
+        index,
+        index_objects,
+        report,
+        doomed,
+    })
+}
+
+/// What a collection run would do if the stanza's backups were `manifests`:
+/// nothing is written. `deleted` and `deleted_bytes` are what it would
+/// delete now, `marked` what it would mark for a later run.
+pub async fn preview(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    manifests: &[Manifest],
+    grace: Duration,
+) -> Result<GcReport, RepoError> {
+    let a = assess(repo, paths, manifests, grace, now_secs()).await?;
+    Ok(GcReport {
+        deleted: a.doomed.len(),
+        ..a.report
+    })
+}
+
+/// One garbage-collection run on a stanza (see the module docs).
+pub async fn collect(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    grace: Duration,
+) -> Result<GcReport, RepoError> {
+    let manifests = Manifest::load_all(repo, paths).await?;
+    let Assessment {
+        mut state,
+        index,
+        index_objects,
+        mut report,
+        doomed,
+    } = assess(repo, paths, &manifests, grace, now_secs()).await?;
     // marks are durable before anything is deleted
     state.store(repo, paths).await?;
     if doomed.is_empty() {

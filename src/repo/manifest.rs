@@ -230,6 +230,16 @@ impl Manifest {
             .is_some())
     }
 
+    /// Delete backup `id`'s manifest (retention); the blocks only it
+    /// referenced become garbage for `gc::collect`.
+    pub async fn delete(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result<(), RepoError> {
+        match repo.storage().delete(&Manifest::object_name(paths, id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Write the manifest: the commit point of a backup.
     pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
         let name = Manifest::object_name(paths, &self.id);

@@ -268,6 +268,15 @@ impl StanzaPaths {
     pub fn catalog(&self) -> String {
         format!("{}catalog/", self.root)
     }
+    /// `<stanza>/holds/`: one object per hold, `<backup id>/<random>`.
+    pub fn holds(&self) -> String {
+        format!("{}holds/", self.root)
+    }
+    /// `<stanza>/records/<kind>/`: results of verify runs and drills, one
+    /// new object per result (never rewritten).
+    pub fn records(&self, kind: &str) -> String {
+        format!("{}records/{kind}/", self.root)
+    }
 }
 
 /// An open repository.
@@ -463,6 +472,61 @@ impl Repository {
         })
         .await
         .map_err(RepoError::task("encode"))
+    }
+
+    /// Store `value` as a small sealed JSON object `name`.
+    pub async fn put_json<T: serde::Serialize>(
+        &self,
+        kind: object::ObjectKind,
+        name: &str,
+        value: &T,
+    ) -> Result<(), RepoError> {
+        let body = serde_json::to_vec(value).map_err(RepoError::encode(kind.label()))?;
+        self.storage.put(name, self.seal(kind, name, &body)).await?;
+        Ok(())
+    }
+
+    /// The sealed JSON object `name`; `None` when there is none.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: object::ObjectKind,
+        name: &str,
+    ) -> Result<Option<T>, RepoError> {
+        let body = match self.read_object(kind, name, 64 << 20).await {
+            Ok(b) => b,
+            Err(RepoError::Storage(e)) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| RepoError::Corrupt {
+                object: name.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every sealed JSON object under `prefix`, oldest name first; objects
+    /// removed while listing are skipped.
+    pub async fn list_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: object::ObjectKind,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, RepoError> {
+        let mut out = Vec::new();
+        for o in list_all(self.storage.as_ref(), prefix).await? {
+            let body = match self.read_object(kind, &o.key, 64 << 20).await {
+                Ok(b) => b,
+                Err(RepoError::Storage(e)) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let v = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
+                object: o.key.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push((o.key, v));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// Read and verify object `name`.

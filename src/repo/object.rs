@@ -66,9 +66,18 @@ pub enum ObjectKind {
     WalSummary = 9,
     /// Throughputs of the stanza's last measured recovery.
     RecoveryRates = 10,
+    /// A hold on a backup (`walvault hold`).
+    Hold = 11,
+    /// The result of a verify or a drill.
+    Record = 12,
 }
 
 impl ObjectKind {
+    /// What the object is, in words.
+    pub fn label(self) -> &'static str {
+        self.name()
+    }
+
     fn name(self) -> &'static str {
         match self {
             ObjectKind::Config => "config",
@@ -81,6 +90,8 @@ impl ObjectKind {
             ObjectKind::Wal => "WAL",
             ObjectKind::WalSummary => "WAL summary",
             ObjectKind::RecoveryRates => "recovery rates",
+            ObjectKind::Hold => "hold",
+            ObjectKind::Record => "record",
         }
     }
 }

@@ -63,18 +63,42 @@ impl Repository {
         tli: TimelineId,
         seg: WalSegSize,
     ) -> Result<Vec<WalFileName>, RepoError> {
-        let prefix = format!("{}{}/", paths.wal(), timeline_dir(tli));
-        let mut keys: Vec<String> = crate::storage::list_all(self.storage().as_ref(), &prefix)
+        Ok(self
+            .list_wal_sized(paths, tli, seg)
             .await?
             .into_iter()
-            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
-            .collect();
-        keys.sort();
-        Ok(keys
-            .iter()
-            .filter_map(|k| WalFileName::parse(k, seg).ok())
-            .filter(|n| n.timeline() == tli)
+            .map(|(n, _)| n)
             .collect())
+    }
+
+    /// [`Repository::list_wal`] with each object's stored size.
+    pub async fn list_wal_sized(
+        &self,
+        paths: &StanzaPaths,
+        tli: TimelineId,
+        seg: WalSegSize,
+    ) -> Result<Vec<(WalFileName, u64)>, RepoError> {
+        let prefix = format!("{}{}/", paths.wal(), timeline_dir(tli));
+        let mut found: Vec<(WalFileName, u64)> =
+            crate::storage::list_all(self.storage().as_ref(), &prefix)
+                .await?
+                .into_iter()
+                .filter_map(|o| {
+                    let name = WalFileName::parse(o.key.strip_prefix(&prefix)?, seg).ok()?;
+                    (name.timeline() == tli).then_some((name, o.size))
+                })
+                .collect();
+        found.sort_by_key(|(n, _)| n.to_string());
+        Ok(found)
+    }
+
+    /// Delete WAL file `name` (retention); a missing one is not an error.
+    pub async fn delete_wal(&self, paths: &StanzaPaths, name: &WalFileName) -> Result<(), RepoError> {
+        match self.storage().delete(&wal_key(paths, name)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Timelines with a directory under `<stanza>/wal/`, sorted.

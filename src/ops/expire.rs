@@ -1,0 +1,376 @@
+//! `walvault expire`: apply the retention policy ([`super::retention`]) to
+//! a stanza — backups, the WAL only they needed, and (through the delayed
+//! two-phase collection of `repo::gc`) the packs only they referenced.
+//!
+//! Safety, in the order it is applied:
+//! 1. The decision: the newest backup and held ones are always kept;
+//!    backups still being taken have no manifest yet and are not
+//!    candidates.
+//! 2. WAL to keep: from each recovery base's start to the end of every
+//!    timeline that passes through it (the timeline history decides), and
+//!    each restore point's own consistency range. While a backup lease is
+//!    live (a backup in progress, whose start is not known yet), no WAL is
+//!    deleted.
+//! 3. Apply: the record of the decision first (so `wal-verify` knows which
+//!    backups are points), then the manifests (the commit point: a crash
+//!    after it leaves only unreferenced WAL and packs, which the next run
+//!    removes), then the WAL and its summaries, then a collection run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::records::{self, ExpireRecord, KeptAs};
+use super::retention::{decide, Candidate, Policy, Reason, Role};
+use super::OpsError;
+use crate::archive::catalog::WalCatalog;
+use crate::pg::{SegmentNo, TimelineId, WalFileName, WalSegSize};
+use crate::repo::gc::{self, GcReport};
+use crate::repo::{Manifest, Repository, StanzaPaths};
+use crate::wal::history::TimelinePath;
+
+/// How to expire.
+#[derive(Debug, Clone)]
+pub struct ExpireOptions {
+    /// The policy.
+    pub policy: Policy,
+    /// Decide and report; change nothing.
+    pub dry_run: bool,
+    /// How long an unreferenced pack stays marked before it is deleted
+    /// (must exceed the clock skew between hosts by a wide margin).
+    pub pack_grace: Duration,
+    /// The time the policy is evaluated at.
+    pub now: DateTime<Utc>,
+}
+
+/// One backup's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupVerdict {
+    /// The backup.
+    pub id: String,
+    /// When it became consistent.
+    pub stop_time: DateTime<Utc>,
+    /// Kept or expired.
+    pub keep: bool,
+    /// The rules that keep it (empty: expired).
+    pub reasons: Vec<Reason>,
+    /// What its WAL is kept for.
+    pub role: Option<Role>,
+    /// Its logical size.
+    pub bytes: u64,
+}
+
+/// A run of consecutive WAL files of one timeline that goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WalRange {
+    /// The timeline.
+    pub timeline: TimelineId,
+    /// First file.
+    pub from: WalFileName,
+    /// Last file.
+    pub to: WalFileName,
+    /// Files in the run.
+    pub files: usize,
+    /// Their stored bytes.
+    pub bytes: u64,
+}
+
+/// What expire did, or would do with `dry_run`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpireReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Every backup, oldest first.
+    pub backups: Vec<BackupVerdict>,
+    /// WAL that goes: outside every kept recovery range.
+    pub wal_expired: Vec<WalRange>,
+    /// Why no WAL goes, when that is so.
+    pub wal_kept_because: Option<String>,
+    /// Packs: marked now (deleted by a later run after the grace period),
+    /// deleted now (marked by an earlier run).
+    pub packs_marked: usize,
+    /// Bytes of the packs marked.
+    pub packs_marked_bytes: u64,
+    /// Packs deleted.
+    pub packs_deleted: usize,
+    /// Marked packs still waiting (grace period, or an older writer).
+    pub packs_waiting: usize,
+    /// Bytes freed now: WAL and packs deleted.
+    pub bytes_freed: u64,
+}
+
+/// Apply (or with `dry_run`, only decide) the policy on `stanza`.
+pub async fn expire(
+    repo: &Repository,
+    stanza: &str,
+    opts: &ExpireOptions,
+) -> Result<ExpireReport, OpsError> {
+    opts.policy.validate()?;
+    let paths = StanzaPaths::new(stanza);
+    let manifests = Manifest::load_all(repo, &paths).await?;
+    let holds = super::holds::load(repo, &paths).await?;
+    let verified = super::records::verified_backups(repo, &paths).await?;
+    let candidates: Vec<Candidate> = manifests
+        .iter()
+        .map(|m| Candidate {
+            id: m.id.clone(),
+            stop_time: DateTime::from_timestamp_micros(m.stop_time).unwrap_or_default(),
+            holds: holds.get(&m.id).cloned().unwrap_or_default(),
+            verified: verified.contains(&m.id),
+        })
+        .collect();
+    let decisions = decide(&opts.policy, &candidates, opts.now)?;
+    let by_id: BTreeMap<&str, &Manifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
+    let mut report = ExpireReport {
+        dry_run: opts.dry_run,
+        backups: decisions
+            .iter()
+            .map(|d| BackupVerdict {
+                id: d.id.clone(),
+                stop_time: d.stop_time,
+                keep: d.keep(),
+                reasons: d.reasons.clone(),
+                role: d.role,
+                bytes: by_id
+                    .get(d.id.as_str())
+                    .map_or(0, |m| m.totals.logical_bytes),
+            })
+            .collect(),
+        wal_expired: Vec::new(),
+        wal_kept_because: None,
+        packs_marked: 0,
+        packs_marked_bytes: 0,
+        packs_deleted: 0,
+        packs_waiting: 0,
+        bytes_freed: 0,
+    };
+    let Some(seg) = manifests.iter().map(|m| m.wal_segment_size).max() else {
+        return Ok(report); // no backups: nothing to decide, no WAL to judge
+    };
+    let kept: Vec<(&Manifest, Role)> = decisions
+        .iter()
+        .filter_map(|d| Some((*by_id.get(d.id.as_str())?, d.role?)))
+        .collect();
+    let expired: Vec<&Manifest> = decisions
+        .iter()
+        .filter(|d| !d.keep())
+        .filter_map(|d| by_id.get(d.id.as_str()).copied())
+        .collect();
+
+    // the WAL that goes
+    let leases = gc::live_leases(repo, &paths).await?;
+    let mut doomed_wal: Vec<(WalFileName, u64)> = Vec::new();
+    if let Some(l) = leases.iter().find(|l| l.purpose == "backup") {
+        report.wal_kept_because = Some(format!(
+            "a backup is in progress ({}, lease since {}): its WAL's start is not known yet, so no WAL is expired in this run",
+            l.holder,
+            DateTime::from_timestamp(l.started, 0).unwrap_or_default().to_rfc3339()
+        ));
+    } else {
+        let cat = WalCatalog::load(repo, &paths, seg).await?;
+        let keep = WalKeep::new(&cat, &kept, seg)?;
+        for tli in repo.wal_timelines(&paths).await? {
+            for (name, size) in repo.list_wal_sized(&paths, tli, seg).await? {
+                if !keep.keeps(&name) {
+                    doomed_wal.push((name, size));
+                }
+            }
+        }
+        report.wal_expired = ranges(&doomed_wal);
+    }
+    report.bytes_freed = doomed_wal.iter().map(|(_, s)| s).sum();
+
+    let remaining: Vec<Manifest> = kept.iter().map(|(m, _)| (*m).clone()).collect();
+    if opts.dry_run {
+        let g = gc::preview(repo, &paths, &remaining, opts.pack_grace).await?;
+        add_packs(&mut report, &g);
+        return Ok(report);
+    }
+
+    // apply: the record, the manifests, the WAL, the packs
+    let record = ExpireRecord {
+        time: opts.now,
+        kept: decisions
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.id.clone(),
+                    KeptAs {
+                        role: d.role?,
+                        rules: d.reasons.iter().map(rule_text).collect(),
+                    },
+                ))
+            })
+            .collect(),
+        expired: expired.iter().map(|m| m.id.clone()).collect(),
+    };
+    records::store(repo, &paths, records::EXPIRE, &record).await?;
+    for m in &expired {
+        Manifest::delete(repo, &paths, &m.id).await?;
+        super::holds::forget(repo, &paths, &m.id).await?;
+    }
+    for (name, _) in &doomed_wal {
+        repo.delete_wal(&paths, name).await?;
+        if let Some(f) = name.segment_file() {
+            if !matches!(name, WalFileName::Backup { .. }) {
+                crate::archive::summaries::delete_summary(repo, &paths, &f).await?;
+            }
+        }
+    }
+    let g = gc::collect(repo, &paths, opts.pack_grace).await?;
+    add_packs(&mut report, &g);
+    for kind in [records::EXPIRE, records::VERIFY, records::DRILL] {
+        records::prune(repo, &paths, kind).await?;
+    }
+    Ok(report)
+}
+
+fn add_packs(report: &mut ExpireReport, g: &GcReport) {
+    report.packs_marked = g.marked;
+    report.packs_marked_bytes = g.marked_bytes;
+    report.packs_deleted = g.deleted;
+    report.packs_waiting = g.waiting;
+    report.bytes_freed += g.deleted_bytes;
+}
+
+/// A reason in words, as the expire record and `list` show it.
+pub fn rule_text(r: &Reason) -> String {
+    match r {
+        Reason::Newest => "newest".into(),
+        Reason::WindowBase => "window base".into(),
+        Reason::Window => "window".into(),
+        Reason::Last { rank } => format!("last {rank}"),
+        Reason::Hourly { bucket } => format!("hourly {bucket}"),
+        Reason::Daily { bucket } => format!("daily {bucket}"),
+        Reason::Weekly { bucket } => format!("weekly {bucket}"),
+        Reason::Monthly { bucket } => format!("monthly {bucket}"),
+        Reason::Yearly { bucket } => format!("yearly {bucket}"),
+        Reason::Held { reason, until } => match until {
+            Some(u) => format!("held until {} ({reason})", u.to_rfc3339()),
+            None => format!("held ({reason})"),
+        },
+        Reason::Unverified { protects } => {
+            format!("fallback while {protects} is unverified")
+        }
+    }
+}
+
+/// Consecutive files of one timeline, merged into ranges.
+fn ranges(files: &[(WalFileName, u64)]) -> Vec<WalRange> {
+    let mut sorted: Vec<&(WalFileName, u64)> = files.iter().collect();
+    sorted.sort_by_key(|(n, _)| (n.timeline(), n.segment_file().map(|f| f.segno), n.to_string()));
+    let mut out: Vec<WalRange> = Vec::new();
+    for (name, size) in sorted {
+        let seg = name.segment_file().map(|f| f.segno);
+        match out.last_mut() {
+            Some(r)
+                if r.timeline == name.timeline()
+                    && match (r.to.segment_file().map(|f| f.segno), seg) {
+                        (Some(a), Some(b)) => b.0 <= a.0 + 1,
+                        _ => false,
+                    } =>
+            {
+                r.to = *name;
+                r.files += 1;
+                r.bytes += size;
+            }
+            _ => out.push(WalRange {
+                timeline: name.timeline(),
+                from: *name,
+                to: *name,
+                files: 1,
+                bytes: *size,
+            }),
+        }
+    }
+    out
+}
+
+/// Which WAL files the kept backups need.
+struct WalKeep {
+    /// (timeline, first segment, last segment or open): a file of that
+    /// timeline in that range is kept.
+    ranges: BTreeSet<(TimelineId, SegmentNo, Option<SegmentNo>)>,
+}
+
+impl WalKeep {
+    fn new(
+        cat: &WalCatalog,
+        kept: &[(&Manifest, Role)],
+        seg: WalSegSize,
+    ) -> Result<WalKeep, OpsError> {
+        let timelines: BTreeSet<TimelineId> = cat
+            .full
+            .keys()
+            .chain(cat.partial.keys())
+            .chain(cat.histories.keys())
+            .copied()
+            .collect();
+        let mut paths: Vec<TimelinePath> = Vec::new();
+        for t in &timelines {
+            paths.push(cat.path_to(*t)?);
+        }
+        let mut ranges = BTreeSet::new();
+        for (m, role) in kept {
+            let first = m.start_lsn.segment(seg);
+            match role {
+                Role::Point => {
+                    let own = cat.path_to(m.timeline)?;
+                    add_path(&mut ranges, &own, first, Some(m.stop_lsn.segment(seg)));
+                }
+                Role::RecoveryBase => {
+                    // every timeline recovery from this backup can follow
+                    let mut any = false;
+                    for p in paths.iter().filter(|p| p.contains(m.timeline, m.start_lsn)) {
+                        add_path(&mut ranges, p, first, None);
+                        any = true;
+                    }
+                    if !any {
+                        // (its timeline has no WAL listed yet)
+                        ranges.insert((m.timeline, first, None));
+                    }
+                }
+            }
+        }
+        Ok(WalKeep { ranges })
+    }
+
+    fn keeps(&self, name: &WalFileName) -> bool {
+        let Some(f) = name.segment_file() else {
+            return true; // history files: tiny, and every path needs them
+        };
+        self.ranges.iter().any(|(t, from, to)| {
+            *t == f.timeline && f.segno >= *from && to.is_none_or(|to| f.segno <= to)
+        })
+    }
+}
+
+/// Add the segments `from..=to` (open when `to` is `None`) of `path`, each
+/// on the timeline the path reads it from.
+fn add_path(
+    ranges: &mut BTreeSet<(TimelineId, SegmentNo, Option<SegmentNo>)>,
+    path: &TimelinePath,
+    from: SegmentNo,
+    to: Option<SegmentNo>,
+) {
+    let steps = &path.steps;
+    for (i, (tli, begin, _)) in steps.iter().enumerate() {
+        // this step covers segments [begin, next step's begin)
+        let end = steps.get(i + 1).map(|(_, b, _)| *b);
+        let lo = from.max(*begin);
+        // a step's last segment holds the switch: read from the next
+        // timeline, but the old timeline's copy is kept too (recovery
+        // along the old timeline reads it)
+        let hi = match (end, to) {
+            (Some(e), Some(t)) => Some(e.min(t)),
+            (Some(e), None) => Some(e),
+            (None, t) => t,
+        };
+        if hi.is_some_and(|h| h < lo) {
+            continue;
+        }
+        ranges.insert((*tli, lo, hi));
+    }
+}

@@ -1,0 +1,37 @@
+//! Operating the repository: retention, verification, health checks,
+//! drills, copies.
+
+pub mod expire;
+pub mod holds;
+pub mod records;
+pub mod retention;
+
+use crate::archive::ArchiveError;
+use crate::repo::RepoError;
+use crate::storage::StorageError;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The repository failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// Reading the archived WAL failed.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// The retention policy is unusable.
+    #[error(transparent)]
+    Policy(#[from] retention::PolicyError),
+    /// No backup has this id.
+    #[error("there is no backup {0} in this stanza; `walvault list` shows the backups")]
+    UnknownBackup(String),
+    /// A hold that would end before it begins.
+    #[error("--until lies in the past: a hold must end in the future (or give no --until to hold until released)")]
+    HoldInThePast,
+}
+
+impl From<StorageError> for OpsError {
+    fn from(e: StorageError) -> OpsError {
+        OpsError::Repo(e.into())
+    }
+}
