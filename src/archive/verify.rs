@@ -3,7 +3,7 @@
 //! and that each segment's content is WAL (page headers, records), naming
 //! gaps as ranges and damage by LSN.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -50,6 +50,11 @@ pub struct VerifyReport {
     pub gaps: Vec<Gap>,
     /// Damaged segments.
     pub damaged: Vec<Damaged>,
+    /// The files whose content was read and found whole.
+    #[serde(skip)]
+    pub read_ok: Vec<WalFileName>,
+    /// Bytes read.
+    pub bytes_read: u64,
 }
 
 impl VerifyReport {
@@ -59,18 +64,30 @@ impl VerifyReport {
     }
 }
 
-/// Check the stanza's WAL; `read_content` also downloads and checks every
-/// needed segment (`parallel` at a time). Backups in `points` (restore
-/// points retention keeps without the WAL after them) need only their own
-/// consistency range; every other backup needs all WAL from its start to
-/// the newest segment of its timeline path.
+/// How to check the WAL.
+#[derive(Debug, Clone, Default)]
+pub struct WalVerifyOptions {
+    /// Download and check every needed segment's content.
+    pub read_content: bool,
+    /// Segments checked at once.
+    pub parallel: usize,
+    /// Backups retention keeps as restore points, without the WAL after
+    /// them: they need only their own consistency range. Every other
+    /// backup needs all WAL from its start to the newest segment of its
+    /// timeline path.
+    pub points: BTreeSet<String>,
+    /// WAL files whose content was checked before (a verify ledger): not
+    /// read again.
+    pub already_read: std::collections::HashSet<WalFileName>,
+}
+
+/// Check the stanza's WAL (see [`WalVerifyOptions`]).
 pub async fn wal_verify(
     repo: &Repository,
     stanza: &str,
-    read_content: bool,
-    parallel: usize,
-    points: &std::collections::BTreeSet<String>,
+    opts: &WalVerifyOptions,
 ) -> Result<VerifyReport, ArchiveError> {
+    let (read_content, parallel, points) = (opts.read_content, opts.parallel, &opts.points);
     let paths = StanzaPaths::new(stanza);
     let backups = Manifest::load_all(repo, &paths).await?;
     let mut report = VerifyReport {
@@ -150,25 +167,38 @@ pub async fn wal_verify(
     }
 
     if read_content {
-        let checked: Vec<Result<Option<Damaged>, ArchiveError>> = futures::stream::iter(present)
+        let to_read: Vec<(WalFileName, SegmentNo)> = present
+            .into_iter()
+            .filter(|(n, _)| !opts.already_read.contains(n))
+            .collect();
+        let checked: Vec<Result<(WalFileName, u64, Option<Damaged>), ArchiveError>> = futures::stream::iter(to_read)
             .map(|(name, segno)| {
                 let paths = &paths;
                 async move {
-                    let Some(data) = repo.load_wal(paths, &name).await? else {
-                        return Ok(Some(Damaged {
-                            name,
-                            error: "vanished while being verified".into(),
-                        }));
+                    let data = match repo.load_wal(paths, &name).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            return Ok((name, 0, Some(Damaged {
+                                name,
+                                error: "vanished while being verified".into(),
+                            })))
+                        }
+                        // a damaged object (authentication, checksum) is damage, not an error of the run
+                        Err(crate::repo::RepoError::Corrupt { reason, .. }) => {
+                            return Ok((name, 0, Some(Damaged { name, error: reason })))
+                        }
+                        Err(e) => return Err(e.into()),
                     };
+                    let len = data.len() as u64;
                     let r = tokio::task::spawn_blocking(move || {
                         crate::wal::verify::verify_segment(&data, segno, seg)
                     })
                     .await
                     .map_err(ArchiveError::task("verify"))?;
-                    Ok(r.err().map(|e| Damaged {
+                    Ok((name, len, r.err().map(|e| Damaged {
                         name,
                         error: e.to_string(),
-                    }))
+                    })))
                 }
             })
             .buffered(parallel.max(1))
@@ -176,8 +206,11 @@ pub async fn wal_verify(
             .await;
         for c in checked {
             report.segments_read += 1;
-            if let Some(d) = c? {
-                report.damaged.push(d);
+            let (name, len, damage) = c?;
+            report.bytes_read += len;
+            match damage {
+                Some(d) => report.damaged.push(d),
+                None => report.read_ok.push(name),
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod output;
 mod pitr;
 mod retention;
 mod storage_check;
+mod verify;
 mod wal;
 
 use std::path::PathBuf;
@@ -126,6 +127,10 @@ pub enum Command {
     /// Copy a WAL file from the repository (for restore_command: %f %p).
     /// Exits 1 when the repository does not have it, 255 on any other error.
     WalFetch(backup::WalFetchArgs),
+    /// Check the whole repository: every backup's blocks indexed, every pack
+    /// present and intact, WAL continuous over every kept recovery range;
+    /// --deep reads and authenticates every byte.
+    Verify(verify::VerifyArgs),
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
@@ -163,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalInspect(args) => inspect::run(&settings, args).await,
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
+            Command::Verify(args) => verify::run(&settings, args).await,
             Command::Expire(args) => retention::run_expire(&settings, args).await,
             Command::Hold(args) => retention::run_hold(&settings, args).await,
             Command::Release(args) => retention::run_release(&settings, args).await,

@@ -223,14 +223,13 @@ pub(super) async fn wal_verify(settings: &Settings, args: WalVerifyArgs) -> anyh
     let repo = settings.open_repository().await?;
     let paths = crate::repo::StanzaPaths::new(&settings.stanza);
     let points = crate::ops::records::restore_points(&repo, &paths).await?;
-    let r = crate::archive::verify::wal_verify(
-        &repo,
-        &settings.stanza,
-        !args.names_only,
-        args.parallel,
-        &points,
-    )
-    .await?;
+    let opts = crate::archive::verify::WalVerifyOptions {
+        read_content: !args.names_only,
+        parallel: args.parallel,
+        points: points.clone(),
+        already_read: Default::default(),
+    };
+    let r = crate::archive::verify::wal_verify(&repo, &settings.stanza, &opts).await?;
     if args.json {
         outln!("{}", serde_json::to_string(&r)?)?;
     } else {
