@@ -1,0 +1,3 @@
+//! Operating the repository: retention, verification, health checks, drills, copies.
+
+pub mod retention;
