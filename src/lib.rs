@@ -11,6 +11,7 @@
 //! - [`repo`]: the content-addressed repository (packs, index, manifests,
 //!   WAL objects, leases, garbage collection); [`wal`]: the sans-IO WAL
 //!   decoder, record meanings and segment summaries;
+//! - [`ops`]: operating the repository (retention and `expire`, holds, `verify`, the records they leave);
 //! - [`pg`]: PostgreSQL quantities and the replication client; [`codec`]:
 //!   compression, encryption, block ids; [`storage`]: object storage with one
 //!   contract (local directory, S3); [`progress`]: progress counters; and
@@ -25,8 +26,8 @@ pub mod backup;
 pub mod cli;
 pub mod codec;
 mod flock;
-pub mod pg;
 pub mod ops;
+pub mod pg;
 pub mod progress;
 pub mod reader;
 pub mod repo;
