@@ -260,7 +260,13 @@ pub fn rule_text(r: &Reason) -> String {
 /// Consecutive files of one timeline, merged into ranges.
 fn ranges(files: &[(WalFileName, u64)]) -> Vec<WalRange> {
     let mut sorted: Vec<&(WalFileName, u64)> = files.iter().collect();
-    sorted.sort_by_key(|(n, _)| (n.timeline(), n.segment_file().map(|f| f.segno), n.to_string()));
+    sorted.sort_by_key(|(n, _)| {
+        (
+            n.timeline(),
+            n.segment_file().map(|f| f.segno),
+            n.to_string(),
+        )
+    });
     let mut out: Vec<WalRange> = Vec::new();
     for (name, size) in sorted {
         let seg = name.segment_file().map(|f| f.segno);

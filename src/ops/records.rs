@@ -154,7 +154,11 @@ pub async fn verified_backups(
             last.insert(id, c.ok);
         }
     }
-    Ok(last.into_iter().filter(|(_, ok)| *ok).map(|(id, _)| id).collect())
+    Ok(last
+        .into_iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(id, _)| id)
+        .collect())
 }
 
 /// Backups the newest applied `expire` kept as restore points (only their

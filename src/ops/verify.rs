@@ -301,8 +301,16 @@ pub async fn verify(
         sample_percent: opts.sample_percent,
         passed: report.passed,
         backups,
-        packs_read: if deep { ledger_out.into_iter().collect() } else { Vec::new() },
-        wal_read: if deep { wal_out.into_iter().collect() } else { Vec::new() },
+        packs_read: if deep {
+            ledger_out.into_iter().collect()
+        } else {
+            Vec::new()
+        },
+        wal_read: if deep {
+            wal_out.into_iter().collect()
+        } else {
+            Vec::new()
+        },
         bytes_read: report.pack_bytes_read + report.wal_bytes_read,
         problems: problems.iter().map(|p| p.to_string()).collect(),
     };
@@ -358,11 +366,7 @@ async fn check_pack(
     if !read {
         return Ok(None);
     }
-    let data = repo
-        .storage()
-        .get(&name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let data = repo.storage().get(&name).await.map_err(|e| e.to_string())?;
     let len = data.len() as u64;
     let keys = repo.keys().cloned();
     let hasher = repo.hasher().clone();

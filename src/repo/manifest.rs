@@ -233,7 +233,11 @@ impl Manifest {
     /// Delete backup `id`'s manifest (retention); the blocks only it
     /// referenced become garbage for `gc::collect`.
     pub async fn delete(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result<(), RepoError> {
-        match repo.storage().delete(&Manifest::object_name(paths, id)).await {
+        match repo
+            .storage()
+            .delete(&Manifest::object_name(paths, id))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),

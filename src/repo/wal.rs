@@ -93,7 +93,11 @@ impl Repository {
     }
 
     /// Delete WAL file `name` (retention); a missing one is not an error.
-    pub async fn delete_wal(&self, paths: &StanzaPaths, name: &WalFileName) -> Result<(), RepoError> {
+    pub async fn delete_wal(
+        &self,
+        paths: &StanzaPaths,
+        name: &WalFileName,
+    ) -> Result<(), RepoError> {
         match self.storage().delete(&wal_key(paths, name)).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),

@@ -13,6 +13,7 @@ mod cli_storage;
 mod full_disk;
 mod harness;
 mod old_format;
+mod ops;
 mod pg_client;
 mod pitr;
 mod repo;
