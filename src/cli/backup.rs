@@ -104,10 +104,12 @@ pub struct ListArgs {
 
 pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<()> {
     let repo = settings.open_repository().await?;
-    let manifests = Manifest::load_all(&repo, &StanzaPaths::new(&settings.stanza)).await?;
+    let paths = StanzaPaths::new(&settings.stanza);
+    let manifests = Manifest::load_all(&repo, &paths).await?;
+    let status = crate::ops::status::backup_status(&repo, &paths).await?;
     if !args.json {
         outln!(
-            "{:<22}  {:<16}  {:>10}  {:>10}  {:>6}  {:<12}  {:<12}  tli",
+            "{:<22}  {:<16}  {:>10}  {:>10}  {:>6}  {:<12}  {:<12}  tli  notes",
             "id",
             "label",
             "size",
@@ -120,6 +122,7 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     let mut listed = Vec::new();
     for m in manifests {
         let dedup = m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64;
+        let st = status.get(&m.id).cloned().unwrap_or_default();
         if args.json {
             listed.push(serde_json::json!({
                 "id": m.id, "label": m.label, "system_id": m.system_id.to_string(), "pg_version": m.pg_version,
@@ -130,10 +133,11 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
                 "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
                 "new_stored_bytes": m.totals.new_stored_bytes, "dedup_ratio": dedup, "status": "complete",
+                "holds": st.holds, "last_verify": st.last_verify, "retention": st.retention,
             }));
         } else {
             outln!(
-                "{:<22}  {:<16}  {:>10}  {:>10}  {:>5.0}x  {:<12}  {:<12}  {}",
+                "{:<22}  {:<16}  {:>10}  {:>10}  {:>5.0}x  {:<12}  {:<12}  {:<3}  {}",
                 m.id,
                 m.label,
                 human(m.totals.logical_bytes),
@@ -141,7 +145,8 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 dedup,
                 m.start_lsn.to_string(),
                 m.stop_lsn.to_string(),
-                m.timeline
+                m.timeline,
+                notes(&st)
             )?;
         }
     }
@@ -149,6 +154,29 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
         outln!("{}", serde_json::Value::Array(listed))?;
     }
     Ok(())
+}
+
+/// The notes column of `list`: holds, the last verify, the retention rule.
+fn notes(st: &crate::ops::status::BackupStatus) -> String {
+    let mut n = Vec::new();
+    let now = chrono::Utc::now();
+    for h in st.holds.iter().filter(|h| h.until.is_none_or(|u| u > now)) {
+        n.push(match h.until {
+            Some(u) => format!("held until {}", u.format("%Y-%m-%d %H:%M")),
+            None => "held".to_owned(),
+        });
+    }
+    if let Some(v) = &st.last_verify {
+        n.push(format!(
+            "{} {}",
+            if v.ok { "verified" } else { "VERIFY FAILED" },
+            v.time.format("%Y-%m-%d %H:%M")
+        ));
+    }
+    if let Some(k) = &st.retention {
+        n.push(format!("kept: {}", k.rules.join(", ")));
+    }
+    n.join("; ")
 }
 
 /// Options of `walvault restore`.
@@ -406,6 +434,10 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
     let repo = settings.open_repository().await?;
     let paths = StanzaPaths::new(&settings.stanza);
     let m = crate::restore::choose_backup(&repo, &paths, Some(&args.backup)).await?;
+    let st = crate::ops::status::backup_status(&repo, &paths)
+        .await?
+        .remove(&m.id)
+        .unwrap_or_default();
     let seg_files = m
         .files
         .iter()
@@ -429,6 +461,7 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
         "block_size": m.block_size, "wal_segment_size": m.wal_segment_size,
         "corrupt_pages": m.corrupt_pages.iter().map(|p| serde_json::json!({"file": p.file, "block": p.block})).collect::<Vec<_>>(),
         "tablespaces": m.tablespaces.iter().map(|t| serde_json::json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>(),
+        "holds": st.holds, "last_verify": st.last_verify, "retention": st.retention,
     });
     if args.json {
         outln!("{v}")?;

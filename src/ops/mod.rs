@@ -5,6 +5,7 @@ pub mod expire;
 pub mod holds;
 pub mod records;
 pub mod retention;
+pub mod status;
 pub mod verify;
 
 use crate::archive::ArchiveError;

@@ -187,6 +187,34 @@ fn expire_keeps_the_window_and_restore_points_and_what_it_keeps_recovers() {
     // reached any more
     let refused = a.pitr_refused(&["--target-time", &after_b2.to_rfc3339()]);
     assert!(!refused.is_empty());
+
+    // list shows the rule that keeps each backup and its last verify
+    let l = listed(&a.wv);
+    let entry = |id: &str| l.iter().find(|b| b["id"] == id).unwrap().clone();
+    assert!(
+        entry(&b3)["retention"]["rules"]
+            .to_string()
+            .contains("window base"),
+        "{l:?}"
+    );
+    assert_eq!(entry(&b2)["last_verify"]["ok"], true, "{l:?}");
+    // a held backup outlives a policy that would expire it
+    a.ok(&["hold", &b2, "--reason", "audit 2026"]);
+    assert_eq!(listed(&a.wv)[0]["holds"][0]["reason"], "audit 2026");
+    a.ok(&["verify"]);
+    let r = a.ok(&["expire", "--keep-last", "1", "--json"]).json();
+    assert!(
+        verdict(&r, &b2)["reasons"].to_string().contains("held"),
+        "{r}"
+    );
+    let ids: Vec<String> = listed(&a.wv)
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, [b2.clone(), b5.clone()], "{r}");
+    a.ok(&["wal-verify"]);
+    let out = a.ok(&["release", &b2]);
+    assert!(out.stdout.contains("1 hold(s) released"), "{}", out.stdout);
 }
 
 #[test]
