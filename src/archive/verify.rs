@@ -81,6 +81,9 @@ pub struct WalVerifyOptions {
     pub already_read: std::collections::HashSet<WalFileName>,
 }
 
+/// One segment read: its name, bytes, and damage found.
+type SegmentRead = (WalFileName, u64, Option<Damaged>);
+
 /// Check the stanza's WAL (see [`WalVerifyOptions`]).
 pub async fn wal_verify(
     repo: &Repository,
@@ -171,55 +174,54 @@ pub async fn wal_verify(
             .into_iter()
             .filter(|(n, _)| !opts.already_read.contains(n))
             .collect();
-        let checked: Vec<Result<(WalFileName, u64, Option<Damaged>), ArchiveError>> =
-            futures::stream::iter(to_read)
-                .map(|(name, segno)| {
-                    let paths = &paths;
-                    async move {
-                        let data = match repo.load_wal(paths, &name).await {
-                            Ok(Some(d)) => d,
-                            Ok(None) => {
-                                return Ok((
-                                    name,
-                                    0,
-                                    Some(Damaged {
-                                        name,
-                                        error: "vanished while being verified".into(),
-                                    }),
-                                ))
-                            }
-                            // a damaged object (authentication, checksum) is damage, not an error of the run
-                            Err(crate::repo::RepoError::Corrupt { reason, .. }) => {
-                                return Ok((
-                                    name,
-                                    0,
-                                    Some(Damaged {
-                                        name,
-                                        error: reason,
-                                    }),
-                                ))
-                            }
-                            Err(e) => return Err(e.into()),
-                        };
-                        let len = data.len() as u64;
-                        let r = tokio::task::spawn_blocking(move || {
-                            crate::wal::verify::verify_segment(&data, segno, seg)
-                        })
-                        .await
-                        .map_err(ArchiveError::task("verify"))?;
-                        Ok((
-                            name,
-                            len,
-                            r.err().map(|e| Damaged {
+        let checked: Vec<Result<SegmentRead, ArchiveError>> = futures::stream::iter(to_read)
+            .map(|(name, segno)| {
+                let paths = &paths;
+                async move {
+                    let data = match repo.load_wal(paths, &name).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            return Ok((
                                 name,
-                                error: e.to_string(),
-                            }),
-                        ))
-                    }
-                })
-                .buffered(parallel.max(1))
-                .collect()
-                .await;
+                                0,
+                                Some(Damaged {
+                                    name,
+                                    error: "vanished while being verified".into(),
+                                }),
+                            ))
+                        }
+                        // a damaged object (authentication, checksum) is damage, not an error of the run
+                        Err(crate::repo::RepoError::Corrupt { reason, .. }) => {
+                            return Ok((
+                                name,
+                                0,
+                                Some(Damaged {
+                                    name,
+                                    error: reason,
+                                }),
+                            ))
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let len = data.len() as u64;
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::wal::verify::verify_segment(&data, segno, seg)
+                    })
+                    .await
+                    .map_err(ArchiveError::task("verify"))?;
+                    Ok((
+                        name,
+                        len,
+                        r.err().map(|e| Damaged {
+                            name,
+                            error: e.to_string(),
+                        }),
+                    ))
+                }
+            })
+            .buffered(parallel.max(1))
+            .collect()
+            .await;
         for c in checked {
             report.segments_read += 1;
             let (name, len, damage) = c?;

@@ -287,7 +287,7 @@ fn expire_during_a_running_backup_and_stream_loses_nothing() {
         .iter()
         .map(|b| b["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(ids, [newest.clone()]);
+    assert_eq!(ids, [newest]);
     a.ok(&["wal-verify"]);
     let want = a.c.psql("SELECT count(*) || ':' || sum(g) FROM filler")
         + "/"
