@@ -94,15 +94,18 @@ impl WalCatalog {
     }
 
     /// How segment `s` of timeline `tli` is stored: the complete file, or a
-    /// `.partial` past the timeline's last complete segment (its open end).
+    /// `.partial` that is the timeline's newest segment (its open end). A
+    /// `.partial` with anything after it (a backup's last segment whose
+    /// complete file is missing) is not the segment: the WAL after its end
+    /// is lost, and recovery cannot pass it.
     pub fn stored_name(&self, s: SegmentNo, tli: TimelineId) -> Option<WalFileName> {
         let file = self.segment(s, tli);
         if self.full.get(&tli).is_some_and(|f| f.contains(&s)) {
             return Some(WalFileName::Segment(file));
         }
-        let last_full = self.full.get(&tli).and_then(|f| f.last()).copied();
-        (self.partial.get(&tli).is_some_and(|p| p.contains(&s)) && last_full.is_none_or(|l| s > l))
-            .then_some(WalFileName::Partial(file))
+        (self.partial.get(&tli).is_some_and(|p| p.contains(&s))
+            && self.newest_segment(tli) == Some(s))
+        .then_some(WalFileName::Partial(file))
     }
 
     /// Segment `s` on `tli`.
@@ -112,5 +115,36 @@ impl WalCatalog {
             segno: s,
             seg_size: self.seg,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Regression: a backup's zero-padded `.partial` of a segment whose
+    /// complete file was lost, with newer WAL after it, counted as the
+    /// segment, so wal-verify saw no gap and a plan crossed it.
+    #[test]
+    fn only_the_newest_partial_stands_for_its_segment() {
+        let tli = TimelineId::FIRST;
+        let mut c = WalCatalog {
+            seg: WalSegSize::DEFAULT,
+            full: BTreeMap::new(),
+            partial: BTreeMap::new(),
+            histories: BTreeMap::new(),
+        };
+        c.full.insert(tli, [1, 2, 3].map(SegmentNo).into());
+        c.partial.insert(tli, [4, 5].map(SegmentNo).into());
+        assert_eq!(c.stored_name(SegmentNo(4), tli), None);
+        assert!(matches!(
+            c.stored_name(SegmentNo(5), tli),
+            Some(WalFileName::Partial(_))
+        ));
+        assert!(matches!(
+            c.stored_name(SegmentNo(3), tli),
+            Some(WalFileName::Segment(_))
+        ));
     }
 }

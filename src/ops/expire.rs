@@ -26,7 +26,7 @@ use super::records::{self, ExpireRecord, KeptAs};
 use super::retention::{decide, Candidate, Policy, Reason, Role};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
-use crate::pg::{SegmentNo, TimelineId, WalFileName, WalSegSize};
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
 use crate::repo::gc::{self, GcReport};
 use crate::repo::{Manifest, Repository, StanzaPaths};
 use crate::wal::history::TimelinePath;
@@ -170,7 +170,16 @@ pub async fn expire(
         ));
     } else {
         let cat = WalCatalog::load(repo, &paths, seg).await?;
-        let keep = WalKeep::new(&cat, &kept, seg)?;
+        let spans: Vec<Span> = kept
+            .iter()
+            .map(|(m, role)| Span {
+                timeline: m.timeline,
+                start: m.start_lsn,
+                stop: m.stop_lsn,
+                role: *role,
+            })
+            .collect();
+        let keep = WalKeep::new(&cat, &spans, seg)?;
         for tli in repo.wal_timelines(&paths).await? {
             for (name, size) in repo.list_wal_sized(&paths, tli, seg).await? {
                 if !keep.keeps(&name) {
@@ -294,6 +303,15 @@ fn ranges(files: &[(WalFileName, u64)]) -> Vec<WalRange> {
     out
 }
 
+/// A kept backup as the WAL sees it.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    timeline: TimelineId,
+    start: Lsn,
+    stop: Lsn,
+    role: Role,
+}
+
 /// Which WAL files the kept backups need.
 struct WalKeep {
     /// (timeline, first segment, last segment or open): a file of that
@@ -302,11 +320,7 @@ struct WalKeep {
 }
 
 impl WalKeep {
-    fn new(
-        cat: &WalCatalog,
-        kept: &[(&Manifest, Role)],
-        seg: WalSegSize,
-    ) -> Result<WalKeep, OpsError> {
+    fn new(cat: &WalCatalog, kept: &[Span], seg: WalSegSize) -> Result<WalKeep, OpsError> {
         let timelines: BTreeSet<TimelineId> = cat
             .full
             .keys()
@@ -319,17 +333,17 @@ impl WalKeep {
             paths.push(cat.path_to(*t)?);
         }
         let mut ranges = BTreeSet::new();
-        for (m, role) in kept {
-            let first = m.start_lsn.segment(seg);
-            match role {
+        for m in kept {
+            let first = m.start.segment(seg);
+            match m.role {
                 Role::Point => {
                     let own = cat.path_to(m.timeline)?;
-                    add_path(&mut ranges, &own, first, Some(m.stop_lsn.segment(seg)));
+                    add_path(&mut ranges, &own, first, Some(m.stop.segment(seg)));
                 }
                 Role::RecoveryBase => {
                     // every timeline recovery from this backup can follow
                     let mut any = false;
-                    for p in paths.iter().filter(|p| p.contains(m.timeline, m.start_lsn)) {
+                    for p in paths.iter().filter(|p| p.contains(m.timeline, m.start)) {
                         add_path(&mut ranges, p, first, None);
                         any = true;
                     }
@@ -378,5 +392,136 @@ fn add_path(
             continue;
         }
         ranges.insert((*tli, lo, hi));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const SEG: u64 = 16 << 20;
+
+    fn tli(n: u32) -> TimelineId {
+        TimelineId::new(n).unwrap()
+    }
+
+    /// Timeline 1 holds segments 1..=20 (its old primary went on after the
+    /// switch); timeline 2 branched at the start of segment 10 and holds
+    /// 10..=15.
+    fn catalog() -> WalCatalog {
+        let seg = WalSegSize::new(SEG).unwrap();
+        let mut full = BTreeMap::new();
+        full.insert(tli(1), (1..=20).map(SegmentNo).collect());
+        full.insert(tli(2), (10..=15).map(SegmentNo).collect());
+        let mut histories = BTreeMap::new();
+        histories.insert(
+            tli(2),
+            "1\t0/A0000000\tno recovery target specified\n".to_owned(),
+        );
+        WalCatalog {
+            seg,
+            full,
+            partial: BTreeMap::new(),
+            histories,
+        }
+    }
+
+    /// The stored segments `spans` keep, as (timeline, segment).
+    fn kept(spans: &[Span]) -> Vec<(u32, u64)> {
+        let cat = catalog();
+        let keep = WalKeep::new(&cat, spans, cat.seg).unwrap();
+        let mut out = Vec::new();
+        for (t, segs) in &cat.full {
+            for s in segs {
+                if keep.keeps(&WalFileName::Segment(cat.segment(*s, *t))) {
+                    out.push((t.get(), s.0));
+                }
+            }
+        }
+        out
+    }
+
+    fn span(t: u32, start_seg: u64, stop_seg: u64, role: Role) -> Span {
+        Span {
+            timeline: tli(t),
+            start: Lsn::new(start_seg * SEG + 40),
+            stop: Lsn::new(stop_seg * SEG + 100),
+            role,
+        }
+    }
+
+    fn range(t: u32, r: std::ops::RangeInclusive<u64>) -> Vec<(u32, u64)> {
+        r.map(|s| (t, s)).collect()
+    }
+
+    #[test]
+    fn a_recovery_base_keeps_every_timeline_through_it() {
+        // before the switch: both the old timeline and the new one
+        let got = kept(&[span(1, 5, 5, Role::RecoveryBase)]);
+        let want = [range(1, 5..=20), range(2, 10..=15)].concat();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_base_after_the_switch_does_not_keep_the_other_branch() {
+        let got = kept(&[span(1, 12, 12, Role::RecoveryBase)]);
+        assert_eq!(got, range(1, 12..=20));
+        let got = kept(&[span(2, 13, 13, Role::RecoveryBase)]);
+        assert_eq!(got, range(2, 13..=15));
+    }
+
+    #[test]
+    fn a_point_keeps_only_its_own_range() {
+        let got = kept(&[span(1, 3, 4, Role::Point)]);
+        assert_eq!(got, range(1, 3..=4));
+        // a point and a later base: the WAL between them goes
+        let got = kept(&[
+            span(1, 3, 4, Role::Point),
+            span(2, 14, 14, Role::RecoveryBase),
+        ]);
+        assert_eq!(got, [range(1, 3..=4), range(2, 14..=15)].concat());
+    }
+
+    #[test]
+    fn history_files_are_always_kept() {
+        let cat = catalog();
+        let keep = WalKeep::new(&cat, &[], cat.seg).unwrap();
+        assert!(keep.keeps(&WalFileName::History(tli(2))));
+    }
+
+    #[test]
+    fn ranges_merge_consecutive_files_per_timeline() {
+        let cat = catalog();
+        let f = |t: u32, s: u64| (WalFileName::Segment(cat.segment(SegmentNo(s), tli(t))), 10);
+        let r = ranges(&[f(1, 3), f(1, 1), f(1, 2), f(1, 7), f(2, 7)]);
+        let got: Vec<(String, String, usize, u64)> = r
+            .iter()
+            .map(|w| (w.from.to_string(), w.to.to_string(), w.files, w.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "000000010000000000000001".into(),
+                    "000000010000000000000003".into(),
+                    3,
+                    30
+                ),
+                (
+                    "000000010000000000000007".into(),
+                    "000000010000000000000007".into(),
+                    1,
+                    10
+                ),
+                (
+                    "000000020000000000000007".into(),
+                    "000000020000000000000007".into(),
+                    1,
+                    10
+                ),
+            ]
+        );
     }
 }

@@ -30,7 +30,7 @@ pub enum RecoverError {
     Plan(#[from] PlanError),
     /// Restoring the files or staging WAL failed; the directory is
     /// incomplete.
-    #[error("{source}; {} is incomplete and must not be started: once the cause is fixed, remove it and recover again", dir.display())]
+    #[error("{source}; {} is incomplete and must not be started: once the cause is fixed, remove it and run the recovery (restore-pitr) again", dir.display())]
     Incomplete {
         /// The data directory.
         dir: PathBuf,

@@ -198,7 +198,7 @@ fn a_full_disk_is_reported_and_leaves_the_repository_whole() {
         &wv.args(["restore-pitr", "--pgdata"])
             .arg(&pitr_dir)
             .arg("--immediate"),
-        "remove it and run restore-pitr again",
+        "remove it and run the recovery (restore-pitr) again",
     );
     // room again: --delta completes it, and it holds the second backup
     small.resize(256);

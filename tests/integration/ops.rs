@@ -441,6 +441,11 @@ fn verify_names_each_kind_of_damage_and_reads_only_what_is_new() {
     let r = copy_repo(&repo, work.path());
     let seg = format!("00000001{:08X}{:08X}", b2_start >> 8, b2_start & 0xff);
     std::fs::remove_file(r.join("main/wal/00000001").join(&seg)).unwrap();
+    eprintln!(
+        "removed {seg}; b2 {b2} starts in segment {b2_start:X}; left: {:?}; list: {:?}",
+        files_under(&r.join("main/wal/00000001")),
+        listed(&wv)
+    );
     let ps = problems(&r, &[]);
     assert!(named(&ps, &seg), "{ps:?}");
 
