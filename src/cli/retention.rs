@@ -150,7 +150,8 @@ pub struct ExpireArgs {
 pub struct HoldArgs {
     /// The backup to keep.
     pub backup: String,
-    /// Keep it until this time (ISO 8601; default: until released).
+    /// Keep it until this time (ISO 8601; UTC unless it names a zone;
+    /// default: until released).
     #[arg(long)]
     pub until: Option<String>,
     /// Why (shown by list and info).
@@ -271,7 +272,7 @@ pub(super) async fn run_hold(settings: &Settings, args: HoldArgs) -> anyhow::Res
     let until = args
         .until
         .as_deref()
-        .map(|t| crate::restore::pitr::parse_target_time(t, None))
+        .map(|t| crate::restore::pitr::parse_target_time(t, Some("UTC")))
         .transpose()?;
     let repo = settings.open_repository().await?;
     let paths = StanzaPaths::new(&settings.stanza);

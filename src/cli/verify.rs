@@ -19,7 +19,7 @@ pub struct VerifyArgs {
     pub since_last: bool,
     /// Also re-read this share of what earlier verifies read (scrubbing),
     /// in percent, e.g. 1.
-    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent, requires = "since_last")]
     pub sample: Option<f64>,
     /// Objects read at once.
     #[arg(long, default_value = "8")]

@@ -192,9 +192,10 @@ pub async fn expire(
     report.bytes_freed = doomed_wal.iter().map(|(_, s)| s).sum();
 
     let remaining: Vec<Manifest> = kept.iter().map(|(m, _)| (*m).clone()).collect();
+    // (also refuses a damaged repository, before anything is changed)
+    let preview = gc::preview(repo, &paths, &remaining, opts.pack_grace).await?;
     if opts.dry_run {
-        let g = gc::preview(repo, &paths, &remaining, opts.pack_grace).await?;
-        add_packs(&mut report, &g);
+        add_packs(&mut report, &preview);
         return Ok(report);
     }
 

@@ -47,7 +47,7 @@ use chrono::{DateTime, Datelike, NaiveDateTime, Offset, TimeZone, Timelike, Utc}
 use chrono_tz::Tz;
 
 /// The retention policy (flags `--keep-within 7d --keep-last N --keep-hourly N
-/// --keep-daily N --keep-weekly N --keep-monthly N --keep-yearly N --timezone
+/// --keep-daily N --keep-weekly N --keep-monthly N --keep-yearly N --retention-timezone
 /// Europe/Berlin`, or `[retention]` in walvault.toml). Missing keys
 /// deserialize as unset; `timezone` is an IANA name string.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
@@ -162,8 +162,9 @@ pub enum Reason {
 pub enum Role {
     /// The recovery window starts from it: keep all WAL from its start onward.
     RecoveryBase,
-    /// A restore point outside the window (GFS, last-N, held, newest when no
-    /// window): keep only its own consistency WAL, start to stop LSN.
+    /// A restore point outside the window (GFS, last-N, held; the newest
+    /// backup is always a recovery base): keep only its own consistency WAL,
+    /// start to stop LSN.
     Point,
 }
 

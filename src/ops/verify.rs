@@ -187,15 +187,15 @@ pub async fn verify(
     };
     let mut packs_ok: BTreeSet<String> = BTreeSet::new();
     for (id, r) in checks {
-        match r {
-            Ok(read) => {
+        match r? {
+            PackCheck::Fine(read) => {
                 if let Some(bytes) = read {
                     report.packs_read += 1;
                     report.pack_bytes_read += bytes;
                     packs_ok.insert(id.to_string());
                 }
             }
-            Err(what) => {
+            PackCheck::Damaged(what) => {
                 let (backups, breaks) = breaks_of(&id);
                 problems.push(Problem {
                     object: paths.pack(&id),
@@ -209,6 +209,7 @@ pub async fn verify(
 
     // WAL: continuity over every kept recovery range; content when deep
     let points = records::restore_points(repo, &paths).await?;
+    let w_points = points.clone();
     let seg = manifests.iter().map(|m| m.wal_segment_size).max();
     let wal_ledger: HashSet<WalFileName> = match (&ledger, seg) {
         (Some(l), Some(seg)) => l
@@ -234,7 +235,7 @@ pub async fn verify(
     report.wal_bytes_read = w.bytes_read;
     for g in &w.gaps {
         problems.push(Problem {
-            object: format!("{}{} .. {}", paths.wal(), g.from, g.to),
+            object: format!("{} .. {}", crate::repo::wal_key(&paths, &g.from), g.to),
             what: format!("{} WAL segment(s) missing", g.segments),
             backups: g.backups.clone(),
             breaks: Some(format!(
@@ -247,15 +248,18 @@ pub async fn verify(
         let needing: Vec<String> = manifests
             .iter()
             .filter(|m| {
+                let seg = m.wal_segment_size;
                 d.name.timeline() >= m.timeline
-                    && d.name
-                        .segment_file()
-                        .is_some_and(|f| f.segno >= m.start_lsn.segment(m.wal_segment_size))
+                    && d.name.segment_file().is_some_and(|f| {
+                        f.segno >= m.start_lsn.segment(seg)
+                            // a restore point needs only its own range
+                            && (!w_points.contains(&m.id) || f.segno <= m.stop_lsn.segment(seg))
+                    })
             })
             .map(|m| m.id.clone())
             .collect();
         problems.push(Problem {
-            object: format!("{}{}", paths.wal(), d.name),
+            object: crate::repo::wal_key(&paths, &d.name),
             what: d.error.clone(),
             backups: needing,
             breaks: Some(format!("recovery cannot pass {}", d.name)),
@@ -331,46 +335,69 @@ async fn newest_passing_deep(
         .find(|r| r.deep && r.passed))
 }
 
+/// What one pack's check found.
+enum PackCheck {
+    /// Whole; the bytes read when it was read.
+    Fine(Option<u64>),
+    /// Missing or damaged: what is wrong.
+    Damaged(String),
+}
+
 /// Check one pack: its header lists what the index places there; with
-/// `read`, every blob is read, authenticated and decoded. Returns the bytes
-/// read (when read), or what is wrong.
+/// `read`, every blob is read, authenticated and decoded. A storage error
+/// that is not about the pack (a timeout, a refused request) is an error of
+/// the run, not damage.
 async fn check_pack(
     repo: &Repository,
     paths: &StanzaPaths,
     id: &PackId,
     listed: &[PackEntry],
     read: bool,
-) -> Result<Option<u64>, String> {
+) -> Result<PackCheck, crate::repo::RepoError> {
+    use crate::repo::RepoError;
     let name = paths.pack(id);
     let header = match read_pack_header(repo.storage().as_ref(), &name, repo.keys()).await {
         Ok(h) => h,
-        Err(crate::repo::RepoError::Storage(e)) if e.is_not_found() => {
-            return Err("the pack is missing".into())
+        Err(RepoError::Storage(e)) if e.is_not_found() => {
+            return Ok(PackCheck::Damaged("the pack is missing".into()))
         }
-        Err(crate::repo::RepoError::Corrupt { reason, .. }) => return Err(reason),
-        Err(e) => return Err(e.to_string()),
+        Err(RepoError::Corrupt { reason, .. }) => return Ok(PackCheck::Damaged(reason)),
+        Err(e) => return Err(e),
     };
     let by_id: HashMap<BlockId, PackEntry> = header.iter().map(|e| (e.id, *e)).collect();
     for e in listed {
         match by_id.get(&e.id) {
             Some(h) if h.offset == e.offset && h.len == e.len => {}
             Some(_) => {
-                return Err(format!(
+                return Ok(PackCheck::Damaged(format!(
                     "block {} lies elsewhere in the pack than the index says",
                     e.id
-                ))
+                )))
             }
-            None => return Err(format!("the pack's header does not list block {}", e.id)),
+            None => {
+                return Ok(PackCheck::Damaged(format!(
+                    "the pack's header does not list block {}",
+                    e.id
+                )))
+            }
         }
     }
     if !read {
-        return Ok(None);
+        return Ok(PackCheck::Fine(None));
     }
-    let data = repo.storage().get(&name).await.map_err(|e| e.to_string())?;
+    let data = match repo.storage().get(&name).await {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => {
+            return Ok(PackCheck::Damaged(
+                "the pack vanished while being read".into(),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let len = data.len() as u64;
     let keys = repo.keys().cloned();
     let hasher = repo.hasher().clone();
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
         for e in &header {
             let blob = data
                 .get(e.offset as usize..(e.offset as usize).saturating_add(e.len as usize))
@@ -381,6 +408,9 @@ async fn check_pack(
         Ok(())
     })
     .await
-    .map_err(|e| e.to_string())??;
-    Ok(Some(len))
+    .map_err(RepoError::task("verify"))?;
+    Ok(match checked {
+        Ok(()) => PackCheck::Fine(Some(len)),
+        Err(why) => PackCheck::Damaged(why),
+    })
 }
