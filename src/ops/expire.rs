@@ -419,7 +419,7 @@ mod tests {
         let mut histories = BTreeMap::new();
         histories.insert(
             tli(2),
-            "1\t0/A0000000\tno recovery target specified\n".to_owned(),
+            "1\t0/A000000\tno recovery target specified\n".to_owned(),
         );
         WalCatalog {
             seg,
