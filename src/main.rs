@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
         Err(e) if walvault::cli::output::is_stdout_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("walvault: error: {}", walvault::cli::one_line(&e));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(walvault::cli::exit_code(&e))
         }
     }
 }

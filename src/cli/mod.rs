@@ -8,6 +8,7 @@
 //! `main.rs`) does.
 
 mod backup;
+mod check;
 mod config;
 mod demo;
 pub mod duration;
@@ -131,6 +132,11 @@ pub enum Command {
     /// present and intact, WAL continuous over every kept recovery range;
     /// --deep reads and authenticates every byte.
     Verify(verify::VerifyArgs),
+    /// Preflight and health in one report: the server and its WAL settings,
+    /// the slot, the repository, the newest backup, the current RPO, the
+    /// estimated RTO, the last verify. Exits 0 healthy, 1 on error, 3 when a
+    /// budget is breached.
+    Check(check::CheckArgs),
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
@@ -145,6 +151,22 @@ pub enum Command {
     /// Prove the repository location works: write, read back, list and delete a
     /// probe object, and report each step's latency.
     StorageCheck(storage_check::StorageCheckArgs),
+}
+
+/// An error that asks for its own exit code (`check`'s 3 for a breached
+/// budget); every other error exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The exit code.
+    pub code: u8,
+    /// The one line printed.
+    pub message: String,
+}
+
+/// The exit code for an error `run` returned.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.downcast_ref::<Exit>().map_or(1, |x| x.code)
 }
 
 /// Run the parsed command line. Errors are returned to `main`, which prints
@@ -169,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::Verify(args) => verify::run(&settings, args).await,
+            Command::Check(args) => check::run(&settings, args).await,
             Command::Expire(args) => retention::run_expire(&settings, args).await,
             Command::Hold(args) => retention::run_hold(&settings, args).await,
             Command::Release(args) => retention::run_release(&settings, args).await,

@@ -1,6 +1,7 @@
 //! Operating the repository: retention, verification, health checks,
 //! drills, copies.
 
+pub mod check;
 pub mod expire;
 pub mod holds;
 pub mod records;
@@ -18,6 +19,9 @@ pub enum OpsError {
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// The server failed or refused.
+    #[error(transparent)]
+    Pg(#[from] crate::pg::PgError),
     /// Reading the archived WAL failed.
     #[error(transparent)]
     Archive(#[from] ArchiveError),

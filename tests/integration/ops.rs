@@ -495,5 +495,94 @@ fn retention_bad_input_is_one_line_and_changes_nothing() {
         .fails_with_one_line(&["no backup"]);
     wv.args(["release", "20260101T000000Z-0001"])
         .fails_with_one_line(&["no backup"]);
+    wv.args(["check", "--pg", "host=127.0.0.1 port=1 user=postgres"])
+        .fails_with_one_line(&["127.0.0.1"]);
     assert_eq!(files_under(&repo), before);
+}
+
+/// `check --json` with `budgets`; the report and the exit code.
+fn check(a: &Archived, budgets: &[&str]) -> (serde_json::Value, Option<i32>) {
+    let out =
+        a.wv.args(["check", "--pg", &a.c.conninfo(), "--json"])
+            .args(budgets)
+            .output();
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {} {}", out.stdout, out.stderr));
+    (v, out.code())
+}
+
+fn level(r: &serde_json::Value, check: &str) -> String {
+    r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == check)
+        .unwrap_or_else(|| panic!("no {check} in {r}"))["level"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn check_is_healthy_then_exits_3_for_the_rto_and_the_rpo_budgets() {
+    let mut a = Archived::new(&[]);
+    a.c.psql("CREATE TABLE marker(id int)");
+    backup(&a);
+    a.ok(&["verify"]);
+    a.wait_stream_durable();
+    let (r, code) = check(
+        &a,
+        &[
+            "--max-rpo",
+            "1m",
+            "--max-rto",
+            "1h",
+            "--max-backup-age",
+            "1h",
+        ],
+    );
+    assert_eq!(code, Some(0), "{r}");
+    for c in [
+        "server",
+        "wal mode",
+        "slot",
+        "repository",
+        "newest backup",
+        "rpo",
+        "rto",
+        "last verify",
+    ] {
+        assert_eq!(level(&r, c), "ok", "{c}: {r}");
+    }
+    assert_eq!(r["rto_basis"], "assumed");
+
+    // WAL since the backup pushes the estimate of "recover to now" past a
+    // budget set just above today's estimate
+    let before = r["rto_estimate_seconds"].as_f64().unwrap();
+    let budget = format!("{:.3}s", before + 1.0);
+    a.c.psql(
+        "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS t FROM generate_series(1, 100000) g",
+    );
+    a.wait_stream_durable();
+    let (r, code) = check(&a, &["--max-rto", &budget]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(level(&r, "rto"), "breach", "{r}");
+    assert!(
+        r["rto_estimate_seconds"].as_f64().unwrap() > before + 1.0,
+        "{r}"
+    );
+
+    // the stream stops; writes go on; after longer than --max-rpo it breaches
+    a.finish_stream();
+    a.c.psql("INSERT INTO marker VALUES (1)");
+    let (r, code) = check(&a, &["--max-rpo", "1h"]);
+    assert_eq!(code, Some(3), "the WAL mode: {r}");
+    assert_eq!(level(&r, "wal mode"), "breach", "{r}");
+    assert_eq!(level(&r, "rpo"), "ok", "{r}");
+    assert!(r["rpo_bytes"].as_u64().unwrap() > 0, "{r}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (r, code) = check(&a, &["--max-rpo", "2s"]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(level(&r, "rpo"), "breach", "{r}");
+    assert!(r["rpo_seconds"].as_f64().unwrap() > 2.0, "{r}");
 }

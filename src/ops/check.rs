@@ -1,0 +1,420 @@
+//! `walvault check`: preflight and health in one report — the server as a
+//! replication role and its WAL settings, the slot, the repository, the
+//! newest backup's age, the current RPO, the estimated RTO of "recover to
+//! now", the last verify — each judged against the budgets given.
+//!
+//! The RPO: with the stream connected through its slot, the bytes between
+//! the server's flush position and the position the stream reported
+//! durable, and PostgreSQL's own `flush_lag`; otherwise (stream stopped,
+//! or `wal-push`) the bytes between the server's position and the end of
+//! the WAL in the repository, and, when any are missing, the time since the
+//! newest archived commit (or archive, per `pg_stat_archiver`): an upper
+//! bound of what a crash now would lose.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::records::{self, VerifyRecord};
+use super::OpsError;
+use crate::archive::catalog::WalCatalog;
+use crate::pg::{ConnParams, Lsn, PgConnection, WalFileName};
+use crate::repo::{Manifest, Repository, StanzaPaths};
+use crate::restore::rates::RecoveryRates;
+
+/// The budgets (none given: only reported).
+#[derive(Debug, Clone, Default)]
+pub struct Budgets {
+    /// Data a crash may lose, in time.
+    pub max_rpo: Option<Duration>,
+    /// Time to recover to now.
+    pub max_rto: Option<Duration>,
+    /// Age of the newest backup.
+    pub max_backup_age: Option<Duration>,
+}
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Fine.
+    Ok,
+    /// Works, but should be looked at.
+    Warning,
+    /// A budget is exceeded, or recovery would fail.
+    Breach,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// What was checked.
+    pub check: &'static str,
+    /// The verdict.
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// Every check.
+    pub findings: Vec<Finding>,
+    /// WAL the repository does not hold yet, bytes.
+    pub rpo_bytes: u64,
+    /// The same as time (an upper bound without a connected stream).
+    pub rpo_seconds: f64,
+    /// Estimated time to recover to now.
+    pub rto_estimate_seconds: f64,
+    /// `measured` or `assumed` rates behind it.
+    pub rto_basis: &'static str,
+    /// Age of the newest backup.
+    pub newest_backup_age_seconds: Option<f64>,
+    /// When the last verify ran and whether it passed.
+    pub last_verify: Option<(DateTime<Utc>, bool)>,
+}
+
+impl CheckReport {
+    /// Whether any budget is breached.
+    pub fn breached(&self) -> bool {
+        self.findings.iter().any(|f| f.level == Level::Breach)
+    }
+}
+
+fn verdict(over: bool) -> Level {
+    if over {
+        Level::Breach
+    } else {
+        Level::Ok
+    }
+}
+
+/// Run every check of `stanza` against the server at `params`.
+pub async fn check(
+    repo: &Repository,
+    stanza: &str,
+    params: &ConnParams,
+    slot: &str,
+    budgets: &Budgets,
+) -> Result<CheckReport, OpsError> {
+    let paths = StanzaPaths::new(stanza);
+    let mut findings = Vec::new();
+    let mut add = |check: &'static str, level: Level, detail: String| {
+        findings.push(Finding {
+            check,
+            level,
+            detail,
+        })
+    };
+
+    // the server, as a replication role
+    let mut rc = PgConnection::connect(params, true).await?;
+    let sys = rc.identify_system().await?;
+    add(
+        "server",
+        Level::Ok,
+        format!(
+            "reachable as a replication role: system {}, timeline {}, WAL at {}",
+            sys.system_id, sys.timeline, sys.xlogpos
+        ),
+    );
+    let wal_level = rc.show("wal_level").await?;
+    add(
+        "wal_level",
+        if wal_level == "minimal" {
+            Level::Breach
+        } else {
+            Level::Ok
+        },
+        format!("{wal_level} (replica or logical is needed)"),
+    );
+    let senders: u32 = rc.show("max_wal_senders").await?.parse().unwrap_or(0);
+    add(
+        "max_wal_senders",
+        if senders < 2 {
+            Level::Warning
+        } else {
+            Level::Ok
+        },
+        format!("{senders} (a stream and a backup need 2)"),
+    );
+    let slots: u32 = rc.show("max_replication_slots").await?.parse().unwrap_or(0);
+    add(
+        "max_replication_slots",
+        if slots < 1 { Level::Warning } else { Level::Ok },
+        format!("{slots}"),
+    );
+    drop(rc);
+
+    // the slot and the stream (a normal connection reads the views)
+    crate::pg::validate_slot_name(slot).map_err(crate::pg::PgError::BadInput)?;
+    let mut c = PgConnection::connect(params, false).await?;
+    let q = c
+        .simple_query(&format!(
+            "SELECT s.active::text AS active, (pg_current_wal_lsn() - s.restart_lsn)::bigint::text AS retained, \
+             s.wal_status, s.safe_wal_size::text AS safe, r.flush_lsn::text AS flush, \
+             extract(epoch from r.flush_lag)::text AS lag, current_setting('archive_mode') AS archive_mode, \
+             current_setting('archive_command') AS archive_command \
+             FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = '{slot}' \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid"
+        ))
+        .await?;
+    let text = |col: &str| q.text(0, col);
+    let slot_exists = text("active").is_some();
+    let stream_connected = text("active").as_deref() == Some("true");
+    let archive_mode = text("archive_mode").unwrap_or_default();
+    let pushes = text("archive_command").is_some_and(|c| c.contains("wal-push"));
+    if slot_exists {
+        let retained: u64 = text("retained").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = text("wal_status").unwrap_or_default();
+        let level = match status.as_str() {
+            "lost" => Level::Breach,
+            "unreserved" => Level::Warning,
+            _ => Level::Ok,
+        };
+        add(
+            "slot",
+            level,
+            format!(
+                "{slot}: {}, retains {} MiB of WAL, wal_status {status}{}",
+                if stream_connected {
+                    "stream connected"
+                } else {
+                    "no stream connected"
+                },
+                retained >> 20,
+                text("safe")
+                    .map(|s| format!(
+                        ", {} MiB left before max_slot_wal_keep_size",
+                        s.parse::<i64>().unwrap_or(0) >> 20
+                    ))
+                    .unwrap_or_default()
+            ),
+        );
+    } else {
+        add(
+            "slot",
+            if pushes { Level::Ok } else { Level::Warning },
+            format!("no slot {slot} (walvault stream creates it)"),
+        );
+    }
+    add(
+        "wal mode",
+        if stream_connected || (pushes && archive_mode != "off") {
+            Level::Ok
+        } else {
+            Level::Breach
+        },
+        match (stream_connected, pushes, archive_mode.as_str()) {
+            (true, _, _) => "walvault stream is connected".to_owned(),
+            (false, true, "off") => "archive_command runs wal-push, but archive_mode is off".to_owned(),
+            (false, true, m) => format!("archive_mode {m}, archive_command runs wal-push"),
+            (false, false, _) => "nothing archives WAL: no stream is connected to the slot and archive_command does not run walvault wal-push".to_owned(),
+        },
+    );
+
+    // the repository: writable, and its free space when it is a directory
+    let probe = format!(
+        "{}check-{}",
+        paths.locks(),
+        crate::codec::to_hex(&rand::random::<[u8; 8]>())
+    );
+    repo.storage()
+        .put(&probe, bytes::Bytes::from_static(b"walvault check"))
+        .await?;
+    repo.storage().delete(&probe).await?;
+    add(
+        "repository",
+        Level::Ok,
+        format!("{} is writable", repo.storage().location()),
+    );
+
+    // backups
+    let manifests = Manifest::load_all(repo, &paths).await?;
+    let now = Utc::now();
+    let newest = manifests.last();
+    let newest_age = newest.map(|m| (now.timestamp_micros() - m.stop_time) as f64 / 1e6);
+    match (newest, newest_age) {
+        (Some(m), Some(age)) => add(
+            "newest backup",
+            verdict(
+                budgets
+                    .max_backup_age
+                    .is_some_and(|b| age > b.as_secs_f64()),
+            ),
+            format!(
+                "{} is {:.0} s old{}",
+                m.id,
+                age,
+                budget_text(budgets.max_backup_age)
+            ),
+        ),
+        _ => add(
+            "newest backup",
+            Level::Breach,
+            "the stanza has no backup: nothing can be recovered".into(),
+        ),
+    }
+
+    // RPO
+    let (mut rpo_bytes, mut rpo_seconds) = (0u64, 0f64);
+    let flush: Option<Lsn> = text("flush").and_then(|s| s.parse().ok());
+    if let (true, Some(f)) = (stream_connected, flush) {
+        rpo_bytes = sys.xlogpos.checked_sub(f).unwrap_or(0);
+        rpo_seconds = text("lag").and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    } else if let Some(m) = newest {
+        let cat = WalCatalog::load(repo, &paths, m.wal_segment_size).await?;
+        let tli = cat.newest_timeline();
+        let end = match cat
+            .newest_segment(tli)
+            .and_then(|s| cat.stored_name(s, tli))
+        {
+            Some(WalFileName::Segment(f)) => f.next().start_lsn(),
+            Some(name @ WalFileName::Partial(f)) => {
+                crate::archive::summaries::load_path(repo, &paths, &[name], 1)
+                    .await?
+                    .first()
+                    .and_then(|s| s.end_lsn)
+                    // the next record begins at the next 8-byte boundary
+                    .map(|l| Lsn::new(l.get().div_ceil(8) * 8))
+                    .unwrap_or(f.start_lsn())
+            }
+            _ => m.stop_lsn,
+        };
+        rpo_bytes = sys.xlogpos.checked_sub(end).unwrap_or(0);
+        if rpo_bytes > 0 {
+            let newest_commit = newest_archived_commit(repo, &paths, &cat).await?;
+            let archived = if pushes {
+                last_archived(&mut c).await
+            } else {
+                None
+            };
+            let since = [
+                newest_commit,
+                archived,
+                DateTime::from_timestamp_micros(m.stop_time),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(now);
+            rpo_seconds = (now - since).as_seconds_f64().max(0.0);
+        }
+    }
+    add(
+        "rpo",
+        verdict(
+            budgets
+                .max_rpo
+                .is_some_and(|b| rpo_seconds > b.as_secs_f64()),
+        ),
+        format!(
+            "{} KiB of WAL not in the repository, {:.1} s{}",
+            rpo_bytes >> 10,
+            rpo_seconds,
+            budget_text(budgets.max_rpo)
+        ),
+    );
+
+    // RTO of "recover to now": the newest backup and all WAL since it
+    let rates = RecoveryRates::load(repo, &paths).await;
+    let (restore_bytes, wal_bytes) = newest.map_or((0, 0), |m| {
+        (
+            m.totals.logical_bytes,
+            sys.xlogpos.checked_sub(m.start_lsn).unwrap_or(0),
+        )
+    });
+    let rto = rates.estimate(restore_bytes, wal_bytes);
+    add(
+        "rto",
+        verdict(budgets.max_rto.is_some_and(|b| rto > b.as_secs_f64())),
+        format!(
+            "recovering to now: {} MiB of files and {} MiB of WAL, estimated {:.0} s ({}){}",
+            restore_bytes >> 20,
+            wal_bytes >> 20,
+            rto,
+            rates.basis(),
+            budget_text(budgets.max_rto)
+        ),
+    );
+
+    // the last verify
+    let last = records::newest::<VerifyRecord>(repo, &paths, records::VERIFY).await?;
+    match &last {
+        Some(v) => add(
+            "last verify",
+            if v.passed { Level::Ok } else { Level::Breach },
+            format!(
+                "{} at {}{}",
+                if v.passed { "passed" } else { "FAILED" },
+                v.time.to_rfc3339(),
+                if v.passed {
+                    String::new()
+                } else {
+                    format!(": {}", v.problems.join("; "))
+                }
+            ),
+        ),
+        None => add(
+            "last verify",
+            Level::Warning,
+            "never verified: run walvault verify".into(),
+        ),
+    }
+
+    Ok(CheckReport {
+        findings,
+        rpo_bytes,
+        rpo_seconds,
+        rto_estimate_seconds: rto,
+        rto_basis: if rates.is_measured() {
+            "measured"
+        } else {
+            "assumed"
+        },
+        newest_backup_age_seconds: newest_age,
+        last_verify: last.map(|v| (v.time, v.passed)),
+    })
+}
+
+fn budget_text(b: Option<Duration>) -> String {
+    b.map(|b| format!(" (budget {:.0} s)", b.as_secs_f64()))
+        .unwrap_or_default()
+}
+
+/// `pg_stat_archiver.last_archived_time`.
+async fn last_archived(c: &mut PgConnection) -> Option<DateTime<Utc>> {
+    let q = c
+        .simple_query(
+            "SELECT extract(epoch from last_archived_time)::text AS t FROM pg_stat_archiver",
+        )
+        .await
+        .ok()?;
+    let secs: f64 = q.text(0, "t")?.parse().ok()?;
+    DateTime::from_timestamp_micros((secs * 1e6) as i64)
+}
+
+/// The time of the newest commit in the newest archived segments (up to
+/// 16 looked at).
+async fn newest_archived_commit(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    cat: &WalCatalog,
+) -> Result<Option<DateTime<Utc>>, OpsError> {
+    let tli = cat.newest_timeline();
+    let Some(last) = cat.newest_segment(tli) else {
+        return Ok(None);
+    };
+    let names: Vec<WalFileName> = (last.0.saturating_sub(15)..=last.0)
+        .rev()
+        .filter_map(|s| cat.stored_name(crate::pg::SegmentNo(s), tli))
+        .collect();
+    let sums = crate::archive::summaries::load_path(repo, paths, &names, 4).await?;
+    Ok(sums
+        .iter()
+        .flat_map(|s| s.xacts.iter())
+        .filter_map(|x| crate::wal::records::pg_time(x.xact.time))
+        .max())
+}
