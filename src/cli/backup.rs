@@ -133,7 +133,7 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
                 "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,
                 "logical_bytes": m.totals.logical_bytes, "new_raw_bytes": m.totals.new_raw_bytes,
                 "new_stored_bytes": m.totals.new_stored_bytes, "dedup_ratio": dedup, "status": "complete",
-                "holds": st.holds, "last_verify": st.last_verify, "retention": st.retention,
+                "holds": st.holds, "last_verify": st.last_verify, "last_drill": st.last_drill, "retention": st.retention,
             }));
         } else {
             outln!(
@@ -156,7 +156,8 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     Ok(())
 }
 
-/// The notes column of `list`: holds, the last verify, the retention rule.
+/// The notes column of `list`: holds, the last verify and drill, the
+/// retention rule.
 fn notes(st: &crate::ops::status::BackupStatus) -> String {
     let mut n = Vec::new();
     let now = chrono::Utc::now();
@@ -171,6 +172,13 @@ fn notes(st: &crate::ops::status::BackupStatus) -> String {
             "{} {}",
             if v.ok { "verified" } else { "VERIFY FAILED" },
             v.time.format("%Y-%m-%d %H:%M")
+        ));
+    }
+    if let Some(d) = &st.last_drill {
+        n.push(format!(
+            "{} {}",
+            if d.passed { "drilled" } else { "DRILL FAILED" },
+            d.time.format("%Y-%m-%d %H:%M")
         ));
     }
     if let Some(k) = &st.retention {
@@ -461,7 +469,7 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
         "block_size": m.block_size, "wal_segment_size": m.wal_segment_size,
         "corrupt_pages": m.corrupt_pages.iter().map(|p| serde_json::json!({"file": p.file, "block": p.block})).collect::<Vec<_>>(),
         "tablespaces": m.tablespaces.iter().map(|t| serde_json::json!({"oid": t.oid, "location": t.location})).collect::<Vec<_>>(),
-        "holds": st.holds, "last_verify": st.last_verify, "retention": st.retention,
+        "holds": st.holds, "last_verify": st.last_verify, "last_drill": st.last_drill, "retention": st.retention,
     });
     if args.json {
         outln!("{v}")?;

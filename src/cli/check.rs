@@ -31,6 +31,9 @@ pub struct CheckArgs {
     /// Breach when the newest backup is older (e.g. 26h).
     #[arg(long, value_parser = parse_duration)]
     pub max_backup_age: Option<Duration>,
+    /// Breach when the newest drill is older, or failed (e.g. 8d).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_drill_age: Option<Duration>,
     /// The report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +46,7 @@ pub(super) async fn run(settings: &Settings, args: CheckArgs) -> anyhow::Result<
         max_rpo: args.max_rpo,
         max_rto: args.max_rto,
         max_backup_age: args.max_backup_age,
+        max_drill_age: args.max_drill_age,
     };
     let r = check(&repo, &settings.stanza, &params, &args.slot, &budgets).await?;
     if args.json {

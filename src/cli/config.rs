@@ -31,6 +31,9 @@ pub struct Config {
     /// The retention policy of `expire` (and of `backup`'s expire after it).
     #[serde(default)]
     pub retention: super::retention::RetentionConfig,
+    /// The checks and settings of `drill`.
+    #[serde(default)]
+    pub drill: super::drill::DrillConfig,
 }
 
 impl Config {
@@ -64,6 +67,8 @@ pub struct Settings {
     pub quiet: bool,
     /// `[retention]`.
     pub retention: super::retention::RetentionConfig,
+    /// `[drill]`.
+    pub drill: super::drill::DrillConfig,
 }
 
 impl Settings {
@@ -99,6 +104,7 @@ impl Settings {
                 retry: file.retry,
             },
             retention: file.retention,
+            drill: file.drill,
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),

@@ -11,6 +11,7 @@ mod backup;
 mod check;
 mod config;
 mod demo;
+mod drill;
 pub mod duration;
 mod init;
 mod inspect;
@@ -137,6 +138,12 @@ pub enum Command {
     /// estimated RTO, the last verify. Exits 0 healthy, 1 on error, 3 when a
     /// budget is breached.
     Check(check::CheckArgs),
+    /// Prove recovery works: recover to a moment (random inside the
+    /// recovery window by default) into a scratch directory, start
+    /// PostgreSQL, run the SQL checks, count rows, pg_amcheck and
+    /// pg_checksums, remove it, record the result. Exits 0 passed, 3 failed
+    /// (recorded), 1 on error.
+    Drill(Box<drill::DrillArgs>),
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
@@ -191,6 +198,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalPush(args) => wal::wal_push(&settings, args).await,
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::Verify(args) => verify::run(&settings, args).await,
+            Command::Drill(args) => drill::run(&settings, *args).await,
             Command::Check(args) => check::run(&settings, args).await,
             Command::Expire(args) => retention::run_expire(&settings, args).await,
             Command::Hold(args) => retention::run_hold(&settings, args).await,

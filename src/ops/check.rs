@@ -16,6 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::drill::DrillRecord;
 use super::records::{self, VerifyRecord};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
@@ -32,6 +33,8 @@ pub struct Budgets {
     pub max_rto: Option<Duration>,
     /// Age of the newest backup.
     pub max_backup_age: Option<Duration>,
+    /// Age of the newest drill (which must have passed).
+    pub max_drill_age: Option<Duration>,
 }
 
 /// How one check came out.
@@ -74,6 +77,13 @@ pub struct CheckReport {
     pub newest_backup_age_seconds: Option<f64>,
     /// When the last verify ran and whether it passed.
     pub last_verify: Option<(DateTime<Utc>, bool)>,
+    /// When the last drill ran and whether it passed.
+    pub last_drill: Option<(DateTime<Utc>, bool)>,
+    /// Free space of a directory repository's file system, bytes.
+    pub repository_free_bytes: Option<u64>,
+    /// Free space of the file system holding pg_wal, when the server's
+    /// data directory is on this host, bytes.
+    pub pg_wal_free_bytes: Option<u64>,
 }
 
 impl CheckReport {
@@ -225,11 +235,48 @@ pub async fn check(
         .put(&probe, bytes::Bytes::from_static(b"walvault check"))
         .await?;
     repo.storage().delete(&probe).await?;
+    let location = repo.storage().location();
+    let repo_space = (!location.contains("://"))
+        .then(|| free_space(std::path::Path::new(&location)))
+        .flatten();
     add(
         "repository",
-        Level::Ok,
-        format!("{} is writable", repo.storage().location()),
+        repo_space.map_or(Level::Ok, |s| s.level()),
+        match repo_space {
+            Some(s) => format!("{location} is writable; {}", s.text()),
+            None => format!("{location} is writable"),
+        },
     );
+
+    // the disk holding pg_wal, when the data directory is on this host
+    // (reading data_directory needs pg_read_all_settings or a superuser)
+    let data_dir = c
+        .simple_query("SELECT current_setting('data_directory') AS d")
+        .await
+        .ok()
+        .and_then(|q| q.text(0, "d"));
+    let wal_space = data_dir
+        .as_deref()
+        .and_then(|d| free_space(&std::path::Path::new(d).join("pg_wal")));
+    match (wal_space, &data_dir) {
+        (Some(s), _) => add(
+            "pg_wal disk",
+            s.level(),
+            format!("pg_wal's file system: {}", s.text()),
+        ),
+        (None, Some(d)) => add(
+            "pg_wal disk",
+            Level::Ok,
+            format!(
+                "not checked: the data directory {d} is not on this host (or not readable here)"
+            ),
+        ),
+        (None, None) => add(
+            "pg_wal disk",
+            Level::Ok,
+            "not checked: the role cannot read data_directory (grant pg_read_all_settings)".into(),
+        ),
+    }
 
     // backups
     let manifests = Manifest::load_all(repo, &paths).await?;
@@ -364,6 +411,42 @@ pub async fn check(
         ),
     }
 
+    // the last drill
+    let drill = records::newest::<DrillRecord>(repo, &paths, records::DRILL).await?;
+    let drill_age = drill
+        .as_ref()
+        .map(|d| (now - d.time).as_seconds_f64().max(0.0));
+    match (&drill, drill_age) {
+        (Some(d), Some(age)) => add(
+            "last drill",
+            if !d.passed || budgets.max_drill_age.is_some_and(|b| age > b.as_secs_f64()) {
+                Level::Breach
+            } else {
+                Level::Ok
+            },
+            format!(
+                "{} {:.0} s ago (to {}{}){}{}",
+                if d.passed { "passed" } else { "FAILED" },
+                age,
+                d.target,
+                d.rto_seconds
+                    .map(|r| format!(", recovered in {r:.0} s"))
+                    .unwrap_or_default(),
+                d.failure().map(|f| format!(": {f}")).unwrap_or_default(),
+                budget_text(budgets.max_drill_age)
+            ),
+        ),
+        _ => add(
+            "last drill",
+            if budgets.max_drill_age.is_some() {
+                Level::Breach
+            } else {
+                Level::Warning
+            },
+            "no drill has run: run walvault drill".into(),
+        ),
+    }
+
     Ok(CheckReport {
         findings,
         rpo_bytes,
@@ -376,6 +459,58 @@ pub async fn check(
         },
         newest_backup_age_seconds: newest_age,
         last_verify: last.map(|v| (v.time, v.passed)),
+        last_drill: drill.map(|d| (d.time, d.passed)),
+        repository_free_bytes: repo_space.map(|s| s.free),
+        pg_wal_free_bytes: wal_space.map(|s| s.free),
+    })
+}
+
+/// Free space of a file system.
+#[derive(Debug, Clone, Copy)]
+struct Space {
+    free: u64,
+    total: u64,
+}
+
+/// Below this share free, a file system is a warning.
+const LOW_SPACE: f64 = 0.10;
+
+impl Space {
+    fn share(self) -> f64 {
+        self.free as f64 / self.total.max(1) as f64
+    }
+
+    fn level(self) -> Level {
+        if self.share() < LOW_SPACE {
+            Level::Warning
+        } else {
+            Level::Ok
+        }
+    }
+
+    fn text(self) -> String {
+        format!(
+            "{} GiB free of {} GiB ({:.0} %{})",
+            self.free >> 30,
+            self.total >> 30,
+            self.share() * 100.0,
+            if self.share() < LOW_SPACE {
+                ", below 10 %: free space or the next backup or WAL may not fit"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The free space (for an unprivileged user) of the file system holding
+/// `path`, if it is on this host.
+fn free_space(path: &std::path::Path) -> Option<Space> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    let frag = s.fragment_size().max(1) as u64;
+    Some(Space {
+        free: s.blocks_available() as u64 * frag,
+        total: s.blocks() as u64 * frag,
     })
 }
 
@@ -398,7 +533,7 @@ async fn last_archived(c: &mut PgConnection) -> Option<DateTime<Utc>> {
 
 /// The time of the newest commit in the newest archived segments (up to
 /// 16 looked at).
-async fn newest_archived_commit(
+pub(crate) async fn newest_archived_commit(
     repo: &Repository,
     paths: &StanzaPaths,
     cat: &WalCatalog,

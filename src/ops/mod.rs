@@ -2,6 +2,7 @@
 //! drills, copies.
 
 pub mod check;
+pub mod drill;
 pub mod expire;
 pub mod holds;
 pub mod records;
@@ -31,6 +32,9 @@ pub enum OpsError {
     /// No backup has this id.
     #[error("there is no backup {0} in this stanza; `walvault list` shows the backups")]
     UnknownBackup(String),
+    /// A drill could not run (no backup, no scratch space, no OS user).
+    #[error("{0}")]
+    Drill(String),
     /// A hold that would end before it begins.
     #[error("--until lies in the past: a hold must end in the future (or give no --until to hold until released)")]
     HoldInThePast,

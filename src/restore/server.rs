@@ -123,16 +123,21 @@ pub fn chown_tree(dir: &Path, owner: super::fetch::Owner) -> Result<(), RecoverE
     Ok(())
 }
 
-/// A `pg_ctl` command, run as `run_as` when given.
-fn pg_ctl(bin: &Path, run_as: Option<&str>) -> tokio::process::Command {
+/// A command running `program` of the binaries in `bin`, as `run_as`
+/// when given.
+pub fn tool(bin: &Path, program: &str, run_as: Option<&str>) -> tokio::process::Command {
     match run_as {
         Some(u) => {
             let mut c = tokio::process::Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(bin.join("pg_ctl"));
+            c.args(["-u", u, "--"]).arg(bin.join(program));
             c
         }
-        None => tokio::process::Command::new(bin.join("pg_ctl")),
+        None => tokio::process::Command::new(bin.join(program)),
     }
+}
+
+fn pg_ctl(bin: &Path, run_as: Option<&str>) -> tokio::process::Command {
+    tool(bin, "pg_ctl", run_as)
 }
 
 async fn run_pg_ctl(

@@ -586,3 +586,138 @@ fn check_is_healthy_then_exits_3_for_the_rto_and_the_rpo_budgets() {
     assert_eq!(level(&r, "rpo"), "breach", "{r}");
     assert!(r["rpo_seconds"].as_f64().unwrap() > 2.0, "{r}");
 }
+
+/// `drill ARGS --json --scratch DIR` (as root when the tests are: the
+/// server then runs as `postgres`); the record and the exit code.
+fn drill(a: &Archived, scratch: &Path, args: &[&str]) -> (serde_json::Value, Option<i32>) {
+    let out =
+        a.wv.args(["drill", "--json", "--scratch"])
+            .arg(scratch)
+            .args(args)
+            .output();
+    let v = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("drill printed no JSON ({e}): {out:?}"));
+    (v, out.code())
+}
+
+fn status_of<'a>(r: &'a serde_json::Value, name: &str) -> &'a str {
+    r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().starts_with(name))
+        .unwrap_or_else(|| panic!("no check {name}: {r}"))["status"]
+        .as_str()
+        .unwrap()
+}
+
+#[test]
+fn drill_proves_recovery_and_records_failures_of_lost_wal_and_false_checks() {
+    let a = Archived::new(&[]);
+    a.c.psql("CREATE TABLE orders AS SELECT g AS id FROM generate_series(1, 100) g");
+    let b = backup(&a);
+    a.c.psql("SELECT pg_switch_wal()");
+    a.c.psql("INSERT INTO orders SELECT g FROM generate_series(101, 150) g");
+    let needed = a.c.walfile_name(a.c.insert_lsn());
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = a.c.psql("SELECT now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    a.c.psql("INSERT INTO orders VALUES (1000)");
+    a.c.psql("SELECT pg_switch_wal()");
+    a.c.psql("INSERT INTO orders VALUES (1001)");
+    a.wait_stream_durable();
+    let scratch = a.work.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let checks = a.work.path().join("checks.sql");
+    std::fs::write(
+        &checks,
+        "-- the rows of the moment\nselect count(*) = 150 from orders;\nselect max(id) = 150 from orders;\n",
+    )
+    .unwrap();
+
+    // to a time: the rows of that moment, every check run, the scratch
+    // directory gone, the result recorded and shown per backup
+    let (r, code) = drill(
+        &a,
+        &scratch,
+        &["--target-time", &t, "--sql", checks.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["passed"], true, "{r}");
+    assert_eq!(r["backup"], b.as_str(), "{r}");
+    assert_eq!(r["row_counts"]["postgres.public.orders"], 150, "{r}");
+    for c in [
+        "plan",
+        "recovery",
+        "sql: select count(*) = 150 from orders",
+        "sql: select max(id) = 150 from orders",
+        "row counts",
+        "pg_amcheck",
+        "pg_checksums",
+    ] {
+        assert_eq!(status_of(&r, c), "passed", "{c}: {r}");
+    }
+    assert!(r["rto_seconds"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["rpo_seconds"].as_f64().is_some(), "{r}");
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+    let listed_b = listed(&a.wv)
+        .into_iter()
+        .find(|x| x["id"] == b.as_str())
+        .unwrap();
+    assert_eq!(listed_b["last_drill"]["passed"], true, "{listed_b}");
+
+    // a random moment of the window (the default) recovers too
+    let (r, code) = drill(&a, &scratch, &[]);
+    assert_eq!(code, Some(0), "{r}");
+    assert!(r["target"].as_str().unwrap().starts_with("time"), "{r}");
+    let n = r["row_counts"]["postgres.public.orders"].as_i64().unwrap();
+    assert!([100, 150, 151, 152].contains(&n), "{r}");
+
+    // a user check that returns false fails the drill: exit 3, recorded
+    let wrong = a.work.path().join("wrong.sql");
+    std::fs::write(&wrong, "select count(*) > 1000000 from orders;").unwrap();
+    let (r, code) = drill(
+        &a,
+        &scratch,
+        &["--latest", "--sql", wrong.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["passed"], false, "{r}");
+    assert_eq!(
+        status_of(&r, "sql: select count(*) > 1000000"),
+        "failed",
+        "{r}"
+    );
+    assert_eq!(r["row_counts"]["postgres.public.orders"], 152, "{r}");
+    let (c, _) = check(&a, &["--max-drill-age", "1h"]);
+    assert_eq!(level(&c, "last drill"), "breach", "{c}");
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+
+    // a WAL segment the target needs is gone: the drill fails, names it,
+    // and is recorded
+    std::fs::remove_file(a.repo.join("main/wal/00000001").join(&needed)).unwrap();
+    let out =
+        a.wv.args(["drill", "--scratch"])
+            .arg(&scratch)
+            .args(["--target-time", &t])
+            .fails_with(3);
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{out:?}");
+    assert!(err.contains(&needed) && err.contains("recorded"), "{err}");
+    let listed_b = listed(&a.wv)
+        .into_iter()
+        .find(|x| x["id"] == b.as_str())
+        .unwrap();
+    assert_eq!(listed_b["last_drill"]["passed"], false, "{listed_b}");
+    let (c, code) = check(&a, &["--max-drill-age", "1h"]);
+    assert_eq!(code, Some(3), "{c}");
+    assert_eq!(level(&c, "last drill"), "breach", "{c}");
+}

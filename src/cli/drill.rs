@@ -1,0 +1,234 @@
+//! `walvault drill`: the options (flags over the `[drill]` table of
+//! walvault.toml) and the printing; the work is `ops::drill`. Exit codes:
+//! 0 the drill passed, 3 it ran and failed (recovery is not proven; the
+//! failure is recorded), 1 it could not run.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+use super::duration::parse_duration;
+use super::output::outln;
+use super::{Exit, Settings};
+use crate::ops::drill::{drill, CheckStatus, DrillOptions, DrillTarget};
+use crate::restore::pitr::parse_target_time;
+
+/// The `[drill]` table of walvault.toml (keys named after the flags).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DrillConfig {
+    /// Queries that must return true on the recovered server (added to
+    /// those of `--sql`).
+    #[serde(default)]
+    pub sql: Vec<String>,
+    /// `--database`.
+    pub database: Option<String>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `--run-as`.
+    pub run_as: Option<String>,
+    /// `--scratch`.
+    pub scratch: Option<PathBuf>,
+    /// `--pg-bin`.
+    pub pg_bin: Option<PathBuf>,
+    /// `--set`, as a table: `settings = { shared_buffers = "128MB" }`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Options of `walvault drill`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("moment").multiple(false)))]
+pub struct DrillArgs {
+    /// Recover to this time (default: a random moment inside the recovery
+    /// window).
+    #[arg(long, group = "moment")]
+    pub target_time: Option<String>,
+    /// Recover everything archived.
+    #[arg(long, group = "moment")]
+    pub latest: bool,
+    /// A random moment between the oldest backup with WAL after it and the
+    /// newest archived commit (the default).
+    #[arg(long, group = "moment")]
+    pub random: bool,
+    /// Time zone of a --target-time that has none (+02:00, UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Backup to restore (default: the newest that reaches the moment).
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// A file of checks: SQL queries separated by `;`, each of which must
+    /// return true on the recovered server (e.g. `select count(*) > 0
+    /// from orders;`).
+    #[arg(long, value_name = "FILE")]
+    pub sql: Option<PathBuf>,
+    /// Database the checks run in [default: postgres].
+    #[arg(long)]
+    pub database: Option<String>,
+    /// Role the checks connect as [default: postgres].
+    #[arg(long)]
+    pub user: Option<String>,
+    /// OS user PostgreSQL runs as when walvault runs as root [default:
+    /// postgres]; it must be able to run walvault and read the repository
+    /// (its restore_command is wal-fetch).
+    #[arg(long)]
+    pub run_as: Option<String>,
+    /// Directory for the scratch directory (needs the backup's size free)
+    /// [default: the system's temporary directory].
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+    /// Directory of the server binaries [default: /usr/lib/postgresql/<major>/bin].
+    #[arg(long)]
+    pub pg_bin: Option<PathBuf>,
+    /// A server setting for the scratch run: NAME=VALUE (e.g.
+    /// shared_buffers=128MB); repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Fail when the recovery takes longer (e.g. 15m).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_rto: Option<Duration>,
+    /// Keep the (stopped) scratch directory for inspection.
+    #[arg(long)]
+    pub keep: bool,
+    /// The result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The checks in an `--sql` file: statements separated by `;`, comments
+/// (`--` to the end of the line) dropped.
+fn sql_checks(text: &str) -> Vec<String> {
+    let without_comments: String = text
+        .lines()
+        .map(|l| match l.find("--") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<()> {
+    let cfg = &settings.drill;
+    let target = if let Some(t) = &args.target_time {
+        DrillTarget::Time(parse_target_time(t, args.timezone.as_deref())?)
+    } else if args.latest {
+        DrillTarget::Latest
+    } else {
+        DrillTarget::Random
+    };
+    let mut sql = cfg.sql.clone();
+    if let Some(f) = &args.sql {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the checks in {}", f.display()))?;
+        let checks = sql_checks(&text);
+        anyhow::ensure!(
+            !checks.is_empty(),
+            "{} holds no query: write one check per statement, each ending with ;",
+            f.display()
+        );
+        sql.extend(checks);
+    }
+    let mut set: Vec<(String, String)> = cfg
+        .settings
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for s in &args.set {
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: give NAME=VALUE"))?;
+        set.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let repo = Arc::new(settings.open_repository().await?);
+    let opts = DrillOptions {
+        target,
+        backup: args.backup.clone(),
+        scratch: args
+            .scratch
+            .clone()
+            .or_else(|| cfg.scratch.clone())
+            .unwrap_or_else(std::env::temp_dir),
+        pg_bin: args.pg_bin.clone().or_else(|| cfg.pg_bin.clone()),
+        run_as: args.run_as.clone().or_else(|| cfg.run_as.clone()),
+        user: args
+            .user
+            .clone()
+            .or_else(|| cfg.user.clone())
+            .unwrap_or_else(|| "postgres".into()),
+        database: args
+            .database
+            .clone()
+            .or_else(|| cfg.database.clone())
+            .unwrap_or_else(|| "postgres".into()),
+        sql,
+        settings: set,
+        restore_command: super::backup::restore_command(settings)?,
+        max_rto: args.max_rto,
+        keep: args.keep,
+        events: Some(Arc::new(|e| tracing::info!("drill: {e:?}"))),
+    };
+    let r = drill(repo, &settings.stanza, &opts).await?;
+    if args.json {
+        outln!("{}", serde_json::to_string(&r)?)?;
+    } else {
+        outln!(
+            "drill to {} from backup {}",
+            r.target,
+            r.backup.as_deref().unwrap_or("(none)")
+        )?;
+        for c in &r.checks {
+            let tag = match c.status {
+                CheckStatus::Passed => "ok",
+                CheckStatus::Failed => "FAILED",
+                CheckStatus::Skipped => "skipped",
+            };
+            outln!("{tag:<8} {:<14} {}", c.name, c.detail)?;
+        }
+        if let Some(rto) = r.rto_seconds {
+            outln!("measured RTO {rto:.1} s")?;
+        }
+        for (t, n) in &r.row_counts {
+            outln!("rows     {t} {n}")?;
+        }
+        if r.passed {
+            outln!("the drill passed: recovery to {} works", r.target)?;
+        }
+    }
+    if !r.passed {
+        return Err(Exit {
+            code: 3,
+            message: format!(
+                "the drill failed ({}); it is recorded",
+                r.failure().unwrap_or_else(|| "no check ran".into())
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sql_checks;
+
+    #[test]
+    fn sql_files_split_into_one_check_per_statement() {
+        let text = "-- orders must exist\nselect count(*) > 0\n  from orders;\n\nselect true; -- trailing\n  ;\n";
+        assert_eq!(
+            sql_checks(text),
+            vec!["select count(*) > 0 from orders", "select true"]
+        );
+        assert!(sql_checks("-- nothing\n").is_empty());
+    }
+}
