@@ -100,10 +100,16 @@ pub struct ListArgs {
     /// the stanza has none).
     #[arg(long)]
     pub json: bool,
+    /// List this `[[repository]]` of walvault.toml instead.
+    #[arg(long, value_name = "NAME")]
+    pub repository: Option<String>,
 }
 
 pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<()> {
-    let repo = settings.open_repository().await?;
+    let repo = match &args.repository {
+        Some(name) => settings.open_entry(settings.repository(name)?).await?,
+        None => settings.open_repository().await?,
+    };
     let paths = StanzaPaths::new(&settings.stanza);
     let manifests = Manifest::load_all(&repo, &paths).await?;
     let status = crate::ops::status::backup_status(&repo, &paths).await?;
@@ -152,8 +158,80 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     }
     if args.json {
         outln!("{}", serde_json::Value::Array(listed))?;
+    } else if args.repository.is_none() {
+        for r in &settings.repositories {
+            outln!("{}", copy_lag(settings, r, &repo, &paths).await)?;
+        }
     }
     Ok(())
+}
+
+/// The newest WAL segment stored: (timeline, segment number).
+async fn newest_segment(
+    repo: &crate::repo::Repository,
+    paths: &StanzaPaths,
+    seg: crate::pg::WalSegSize,
+) -> anyhow::Result<Option<(u32, u64)>> {
+    let mut best: Option<(u32, u64)> = None;
+    for tli in repo.wal_timelines(paths).await? {
+        for (n, _) in repo.list_wal_sized(paths, tli, seg).await? {
+            if let Some(f) = n.segment_file() {
+                best = best.max(Some((tli.get(), f.segno.0)));
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// One line on a `[[repository]]`: what it holds of the main repository's
+/// backups and how far its WAL lags.
+async fn copy_lag(
+    settings: &Settings,
+    r: &super::config::RepositoryConfig,
+    main: &crate::repo::Repository,
+    paths: &StanzaPaths,
+) -> String {
+    let lag = async {
+        let copy = settings.open_entry(r).await?;
+        let here = Manifest::list_ids(main, paths).await?;
+        let there = Manifest::list_ids(&copy, paths).await?;
+        let missing = here.iter().filter(|id| !there.contains(id)).count();
+        let seg = Manifest::load_all(main, paths)
+            .await?
+            .last()
+            .map_or(crate::pg::WalSegSize::DEFAULT, |m| m.wal_segment_size);
+        let (a, b) = (
+            newest_segment(main, paths, seg).await?,
+            newest_segment(&copy, paths, seg).await?,
+        );
+        let behind = match (a, b) {
+            (Some(a), Some(b)) => a.1.saturating_sub(b.1),
+            (Some(a), None) => a.1 + 1,
+            _ => 0,
+        };
+        Ok::<_, anyhow::Error>(format!(
+            "copy {} ({}): {} of {} backup(s){}; WAL {} segment(s) behind",
+            r.name,
+            r.repo,
+            there.iter().filter(|id| here.contains(id)).count(),
+            here.len(),
+            if missing > 0 {
+                format!(", {missing} not copied")
+            } else {
+                String::new()
+            },
+            behind
+        ))
+    }
+    .await;
+    lag.unwrap_or_else(|e| {
+        format!(
+            "copy {} ({}): cannot be read: {}",
+            r.name,
+            r.repo,
+            super::one_line(&e)
+        )
+    })
 }
 
 /// The notes column of `list`: holds, the last verify and drill, the
@@ -207,11 +285,10 @@ pub struct RestoreArgs {
 }
 
 pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
-    let repo = Arc::new(settings.open_repository().await?);
     let map = tablespace_map(&args.tablespace_map)?;
     let restore_command = restore_command(settings)?;
     let progress = Progress::new();
-    let opts = RestoreOptions {
+    let mut opts = RestoreOptions {
         backup: Some(args.backup),
         tablespace_map: map,
         restore_command: Some(restore_command),
@@ -223,7 +300,34 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     let t = Instant::now();
     let was_empty = crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);
     let reporter = Reporter::start("restore", progress.clone(), !settings.quiet);
-    let r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await;
+    // the main repository, then each [[repository]] when one cannot be
+    // read or holds damaged data; a restore that stopped half-way is
+    // finished from the next one as a delta restore
+    let sources = settings.recovery_sources();
+    let mut r = Err(crate::restore::RestoreError::NoBackups);
+    for (i, source) in sources.iter().enumerate() {
+        let last = i + 1 == sources.len();
+        let repo = match settings.open_source(*source).await {
+            Ok(repo) => Arc::new(repo),
+            Err(e) if !last => {
+                fallback_note(*source, &e, sources[i + 1]);
+                continue;
+            }
+            Err(e) => {
+                reporter.finish();
+                return Err(e);
+            }
+        };
+        r = crate::restore::restore(repo, &settings.stanza, &args.pgdata, &opts).await;
+        match &r {
+            Err(e) if e.is_repository_fault() && !last => {
+                fallback_note(*source, &anyhow::anyhow!("{e}"), sources[i + 1]);
+                opts.delta = opts.delta
+                    || !crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);
+            }
+            _ => break,
+        }
+    }
     reporter.finish();
     let r = r.map_err(|e| {
         // a restore that stopped half-way leaves a directory that must
@@ -385,15 +489,10 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
     };
     let seg = match spooled {
         Some(seg) => seg,
-        None => {
-            let repo = settings.open_repository().await?;
-            match crate::restore::wal_fetch(&repo, &settings.stanza, &name, &args.dest, None)
-                .await?
-            {
-                Some(seg) => seg,
-                None => return Ok(false),
-            }
-        }
+        None => match fetch_with_fallback(settings, &name, &args.dest).await? {
+            Some(seg) => seg,
+            None => return Ok(false),
+        },
     };
     let next = with_segment_size(&name, seg)
         .map(|n| following_segments(&n, args.prefetch))
@@ -415,6 +514,47 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         }
     }
     Ok(true)
+}
+
+/// Fetch WAL file `name` from the main repository, or from the next
+/// `[[repository]]` when one cannot be read or holds the file damaged.
+/// "Not there" in a readable repository is the answer: the next is not
+/// asked (recovery asks for files beyond the archive at its end).
+async fn fetch_with_fallback(
+    settings: &Settings,
+    name: &crate::pg::WalFileName,
+    dest: &std::path::Path,
+) -> anyhow::Result<Option<u64>> {
+    let sources = settings.recovery_sources();
+    let mut result = Ok(None);
+    for (i, source) in sources.iter().enumerate() {
+        let last = i + 1 == sources.len();
+        result = match settings.open_source(*source).await {
+            Ok(repo) => crate::restore::wal_fetch(&repo, &settings.stanza, name, dest, None)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Err(e) if !last => fallback_note(*source, e, sources[i + 1]),
+            _ => break,
+        }
+    }
+    result
+}
+
+/// Say that a recovery goes on from the next repository.
+pub(super) fn fallback_note(
+    failed: Option<&super::config::RepositoryConfig>,
+    e: &anyhow::Error,
+    next: Option<&super::config::RepositoryConfig>,
+) {
+    eprintln!(
+        "walvault: warning: {} failed ({}); going on with {}",
+        super::config::source_name(failed),
+        super::one_line(e),
+        super::config::source_name(next)
+    );
 }
 
 pub(super) fn human(b: u64) -> String {

@@ -34,6 +34,31 @@ pub struct Config {
     /// The checks and settings of `drill`.
     #[serde(default)]
     pub drill: super::drill::DrillConfig,
+    /// More repositories: `copy --to NAME` writes to them; restore,
+    /// restore-pitr and wal-fetch fall back to them in this order.
+    #[serde(default, rename = "repository")]
+    pub repositories: Vec<RepositoryConfig>,
+}
+
+/// A `[[repository]]` entry of walvault.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// The name `copy --to` and `--repository` use.
+    pub name: String,
+    /// Its location: a directory or `s3://bucket/prefix`.
+    pub repo: String,
+    /// Storage class of the objects written to an S3 repository
+    /// (`STANDARD_IA`, `GLACIER_IR`: classes read with ordinary GETs).
+    pub storage_class: Option<String>,
+    /// Its key file (when encrypted).
+    pub key_file: Option<std::path::PathBuf>,
+    /// Its passphrase file (when encrypted).
+    pub passphrase_file: Option<std::path::PathBuf>,
+    /// Its S3 settings (default: the top-level `[s3]` table).
+    pub s3: Option<S3Config>,
+    /// Its retention policy (default: the top-level `[retention]`).
+    pub retention: Option<super::retention::RetentionConfig>,
 }
 
 impl Config {
@@ -69,6 +94,8 @@ pub struct Settings {
     pub retention: super::retention::RetentionConfig,
     /// `[drill]`.
     pub drill: super::drill::DrillConfig,
+    /// `[[repository]]`.
+    pub repositories: Vec<RepositoryConfig>,
 }
 
 impl Settings {
@@ -92,6 +119,29 @@ impl Settings {
         if !valid {
             bail!("invalid stanza name {stanza:?}: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'");
         }
+        let mut names = std::collections::BTreeSet::new();
+        for r in &file.repositories {
+            let valid = !r.name.is_empty()
+                && r.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                bail!(
+                    "[[repository]] name {:?}: use letters, digits, '-' and '_'",
+                    r.name
+                );
+            }
+            if !names.insert(r.name.clone()) {
+                bail!("two [[repository]] entries are named {:?}", r.name);
+            }
+            if r.storage_class.is_some() && !r.repo.starts_with("s3://") {
+                bail!(
+                    "[[repository]] {:?}: storage_class applies to S3 repositories only, and {} is not one",
+                    r.name,
+                    r.repo
+                );
+            }
+        }
         Ok(Settings {
             repo: args.repo.clone().or(file.repo),
             stanza,
@@ -105,6 +155,7 @@ impl Settings {
             },
             retention: file.retention,
             drill: file.drill,
+            repositories: file.repositories,
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),
@@ -140,6 +191,74 @@ impl Settings {
     pub async fn open_repository(&self) -> anyhow::Result<crate::repo::Repository> {
         let storage = self.storage().await?;
         Ok(crate::repo::Repository::open(storage, self.secret()?.as_ref()).await?)
+    }
+
+    /// The `[[repository]]` entry `name`, or an error listing the names.
+    pub fn repository(&self, name: &str) -> anyhow::Result<&RepositoryConfig> {
+        self.repositories
+            .iter()
+            .find(|r| r.name == name)
+            .with_context(|| {
+                let names: Vec<&str> = self.repositories.iter().map(|r| r.name.as_str()).collect();
+                if names.is_empty() {
+                    format!("there is no repository {name:?}: walvault.toml has no [[repository]] entries")
+                } else {
+                    format!("there is no repository {name:?}: walvault.toml names {}", names.join(", "))
+                }
+            })
+    }
+
+    /// Open the `[[repository]]` entry `r` with its own secret and S3
+    /// settings.
+    pub async fn open_entry(
+        &self,
+        r: &RepositoryConfig,
+    ) -> anyhow::Result<crate::repo::Repository> {
+        let mut s3 = r.s3.clone().unwrap_or_else(|| self.storage.s3.clone());
+        if r.storage_class.is_some() {
+            s3.storage_class = r.storage_class.clone();
+        }
+        let opts = StorageOptions {
+            s3,
+            retry: self.storage.retry,
+        };
+        let storage = crate::storage::open(&r.repo, &opts)
+            .await
+            .with_context(|| format!("repository {}", r.name))?;
+        let secret = read_secret(r.key_file.as_deref(), r.passphrase_file.as_deref(), None)?;
+        crate::repo::Repository::open(storage, secret.as_ref())
+            .await
+            .with_context(|| format!("repository {} ({})", r.name, r.repo))
+    }
+
+    /// The repositories a recovery may read, in order: the main one, then
+    /// each `[[repository]]`; each with its name (`main` for the first).
+    pub fn recovery_sources(&self) -> Vec<Option<&RepositoryConfig>> {
+        let mut v: Vec<Option<&RepositoryConfig>> = Vec::new();
+        if self.repo.is_some() {
+            v.push(None);
+        }
+        v.extend(self.repositories.iter().map(Some));
+        v
+    }
+
+    /// Open a recovery source: `None` is the main repository.
+    pub async fn open_source(
+        &self,
+        source: Option<&RepositoryConfig>,
+    ) -> anyhow::Result<crate::repo::Repository> {
+        match source {
+            None => self.open_repository().await,
+            Some(r) => self.open_entry(r).await,
+        }
+    }
+}
+
+/// The name of a recovery source in messages.
+pub fn source_name(source: Option<&RepositoryConfig>) -> String {
+    match source {
+        None => "the main repository".to_owned(),
+        Some(r) => format!("repository {} ({})", r.name, r.repo),
     }
 }
 

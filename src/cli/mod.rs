@@ -10,6 +10,7 @@
 mod backup;
 mod check;
 mod config;
+mod copy;
 mod demo;
 mod drill;
 pub mod duration;
@@ -147,6 +148,10 @@ pub enum Command {
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
+    /// Copy backups and the WAL they need to another repository of
+    /// walvault.toml (`[[repository]]`): only what it lacks, re-encrypted
+    /// for its key; resumable.
+    Copy(copy::CopyArgs),
     /// Keep a backup whatever the retention policy says (until a date, or
     /// until released).
     Hold(retention::HoldArgs),
@@ -199,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::Verify(args) => verify::run(&settings, args).await,
             Command::Drill(args) => drill::run(&settings, *args).await,
+            Command::Copy(args) => copy::run(&settings, args).await,
             Command::Check(args) => check::run(&settings, args).await,
             Command::Expire(args) => retention::run_expire(&settings, args).await,
             Command::Hold(args) => retention::run_hold(&settings, args).await,

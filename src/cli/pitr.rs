@@ -119,17 +119,37 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     if args.start && nix::unistd::geteuid().is_root() {
         return Err(RecoverError::AsRoot.into());
     }
-    let repo = Arc::new(settings.open_repository().await?);
     let target = target_of(&args)?;
-    let rp = plan_recovery(
-        &repo,
-        &settings.stanza,
-        &target,
-        args.exclusive,
-        args.target_timeline,
-        args.backup.as_deref(),
-    )
-    .await?;
+    // the main repository, then each [[repository]]: one that cannot be
+    // read, or whose data turns out damaged before anything is started,
+    // hands over to the next
+    let sources = settings.recovery_sources();
+    let mut i = 0;
+    let (repo, rp) = loop {
+        let last = i + 1 >= sources.len();
+        let planned = async {
+            let repo = Arc::new(settings.open_source(sources[i]).await?);
+            let rp = plan_recovery(
+                &repo,
+                &settings.stanza,
+                &target,
+                args.exclusive,
+                args.target_timeline,
+                args.backup.as_deref(),
+            )
+            .await?;
+            Ok::<_, anyhow::Error>((repo, rp))
+        }
+        .await;
+        match planned {
+            Ok(p) => break p,
+            Err(e) if !last && is_repository_fault(&e) => {
+                super::backup::fallback_note(sources[i], &e, sources[i + 1]);
+                i += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     print_plan(&rp, &args)?;
     if let Some(budget) = args.rto_budget {
         if rp.estimate > budget {
@@ -160,7 +180,41 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         events: Some(Arc::new(|e| tracing::info!("recovery: {e:?}"))),
     };
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
-    let result = recover(repo, &settings.stanza, &rp, &opts, t0).await;
+    let mut result = recover(repo, &settings.stanza, &rp, &opts, t0).await;
+    // damaged data found while restoring: the directory (nothing outside
+    // it: no tablespaces) is emptied and the recovery starts over from the
+    // next repository that holds the same backup
+    while let Err(RecoverError::Incomplete { source, .. }) = &result {
+        let next = i + 1;
+        if next >= sources.len()
+            || !source.is_repository_fault()
+            || !rp.plan.backup.tablespaces.is_empty()
+        {
+            break;
+        }
+        let e = anyhow::anyhow!("{source}");
+        super::backup::fallback_note(sources[i], &e, sources[next]);
+        i = next;
+        std::fs::remove_dir_all(&args.pgdata)?;
+        let again = async {
+            let repo = Arc::new(settings.open_source(sources[i]).await?);
+            let rp = plan_recovery(
+                &repo,
+                &settings.stanza,
+                &target,
+                args.exclusive,
+                args.target_timeline,
+                Some(&rp.plan.backup.id),
+            )
+            .await?;
+            Ok::<_, anyhow::Error>((repo, rp))
+        }
+        .await;
+        result = match again {
+            Ok((repo, rp)) => recover(repo, &settings.stanza, &rp, &opts, t0).await,
+            Err(e) => return Err(e),
+        };
+    }
     reporter.finish();
     let (report, over) = match result {
         Ok(r) => (r, None),
@@ -192,6 +246,40 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         bail!("the recovery took {took:.0} s, over the RTO budget of {budget:.0} s");
     }
     Ok(())
+}
+
+/// Whether an error opening or planning comes from the repository (so
+/// another copy may do better), not from the target or the options.
+fn is_repository_fault(e: &anyhow::Error) -> bool {
+    use crate::restore::pitr::PlanError;
+    if let Some(p) = e.downcast_ref::<RecoverError>() {
+        return match p {
+            RecoverError::Plan(p) => plan_fault(p),
+            RecoverError::Incomplete { source, .. } => source.is_repository_fault(),
+            _ => false,
+        };
+    }
+    if let Some(p) = e.downcast_ref::<PlanError>() {
+        return plan_fault(p);
+    }
+    // opening: storage, key, configuration
+    e.downcast_ref::<crate::repo::RepoError>().is_some()
+        || e.chain().any(|c| {
+            c.downcast_ref::<crate::repo::RepoError>().is_some()
+                || c.downcast_ref::<crate::storage::StorageError>().is_some()
+        })
+}
+
+fn plan_fault(p: &crate::restore::pitr::PlanError) -> bool {
+    use crate::restore::pitr::PlanError;
+    matches!(
+        p,
+        PlanError::Repo(_)
+            | PlanError::Archive(_)
+            | PlanError::NoBackups { .. }
+            | PlanError::NoSuchBackup { .. }
+            | PlanError::MissingSegment { .. }
+    )
 }
 
 /// The report as JSON, or one `key value` line per field.

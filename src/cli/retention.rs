@@ -140,6 +140,10 @@ pub struct ExpireArgs {
     /// Show what would go, and why; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Expire in this `[[repository]]` of walvault.toml instead, with its
+    /// own `retention` table (default: the top-level `[retention]`).
+    #[arg(long, value_name = "NAME")]
+    pub repository: Option<String>,
     /// The report as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -167,11 +171,21 @@ pub struct ReleaseArgs {
 }
 
 pub(super) async fn run_expire(settings: &Settings, args: ExpireArgs) -> anyhow::Result<()> {
-    let Some((policy, pack_grace)) = args.policy.resolve(&settings.retention)? else {
+    let entry = match &args.repository {
+        Some(name) => Some(settings.repository(name)?),
+        None => None,
+    };
+    let table = entry
+        .and_then(|e| e.retention.as_ref())
+        .unwrap_or(&settings.retention);
+    let Some((policy, pack_grace)) = args.policy.resolve(table)? else {
         anyhow::bail!("no retention policy: give at least one of --keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --keep-yearly (or set them in the [retention] table of walvault.toml)");
     };
     policy.validate()?;
-    let repo = settings.open_repository().await?;
+    let repo = match entry {
+        Some(e) => settings.open_entry(e).await?,
+        None => settings.open_repository().await?,
+    };
     let opts = ExpireOptions {
         policy,
         dry_run: args.dry_run,

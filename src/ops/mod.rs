@@ -2,6 +2,7 @@
 //! drills, copies.
 
 pub mod check;
+pub mod copy;
 pub mod drill;
 pub mod expire;
 pub mod holds;
@@ -32,6 +33,9 @@ pub enum OpsError {
     /// No backup has this id.
     #[error("there is no backup {0} in this stanza; `walvault list` shows the backups")]
     UnknownBackup(String),
+    /// A copy refused or failed.
+    #[error("{0}")]
+    Copy(String),
     /// A drill could not run (no backup, no scratch space, no OS user).
     #[error("{0}")]
     Drill(String),

@@ -36,6 +36,23 @@ pub use files::WriteStats;
 use crate::progress::Progress;
 use crate::repo::{FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
 
+impl RestoreError {
+    /// Whether another copy of the repository could succeed where this
+    /// one failed: the repository was unreachable or its content damaged,
+    /// not the target directory.
+    pub fn is_repository_fault(&self) -> bool {
+        matches!(
+            self,
+            RestoreError::Repo(_)
+                | RestoreError::NoBackups
+                | RestoreError::DamagedManifest { .. }
+                | RestoreError::MissingBlock { .. }
+                | RestoreError::BadBlockLength { .. }
+                | RestoreError::WalVanished(_)
+        )
+    }
+}
+
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {

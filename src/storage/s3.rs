@@ -64,6 +64,9 @@ pub struct S3Config {
     pub connect_timeout_secs: u64,
     /// Seconds to wait for the next bytes of a response.
     pub read_timeout_secs: u64,
+    /// Storage class of every object written (`STANDARD_IA`, `GLACIER_IR`,
+    /// … : classes read with ordinary GETs); default: the bucket's.
+    pub storage_class: Option<String>,
 }
 
 impl Default for S3Config {
@@ -80,6 +83,7 @@ impl Default for S3Config {
             upload_concurrency: 4,
             connect_timeout_secs: 5,
             read_timeout_secs: 60,
+            storage_class: None,
         }
     }
 }
@@ -95,6 +99,7 @@ pub struct S3 {
     multipart_threshold: u64,
     part_size: u64,
     upload_concurrency: usize,
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
 }
 
 impl S3 {
@@ -190,6 +195,10 @@ impl S3 {
             multipart_threshold: cfg.multipart_threshold.max(cfg.part_size),
             part_size: cfg.part_size,
             upload_concurrency: cfg.upload_concurrency.max(1),
+            storage_class: cfg
+                .storage_class
+                .as_deref()
+                .map(aws_sdk_s3::types::StorageClass::from),
         })
     }
 
@@ -276,6 +285,7 @@ impl S3 {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
+            .set_storage_class(self.storage_class.clone())
             .send()
             .await
             .map_err(|e| self.classify("put", key, e))?;
@@ -363,6 +373,7 @@ impl Storage for S3 {
             .put_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
+            .set_storage_class(self.storage_class.clone())
             .body(ByteStream::from(data))
             .send()
             .await

@@ -10,6 +10,7 @@ mod cli_logs;
 mod cli_output;
 mod cli_repo;
 mod cli_storage;
+mod copy;
 mod full_disk;
 mod harness;
 mod old_format;

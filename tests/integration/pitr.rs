@@ -123,7 +123,7 @@ fn insert_markers(
 
 /// `wv restore-pitr TARGET --start --json` as `source`'s OS user into a new
 /// directory; returns the (running) cluster and the report.
-fn pitr_started(
+pub(crate) fn pitr_started(
     source: &PgCluster,
     wv: &Walvault,
     target: &[&str],

@@ -1,0 +1,211 @@
+//! `walvault copy` to a second repository (3-2-1) on a real Garage server,
+//! re-encrypted under the copy's own key; recovery from the copy once the
+//! first repository is gone, through the fallback of restore-pitr and
+//! wal-fetch; bad input.
+
+use std::path::{Path, PathBuf};
+
+use crate::pitr::{pitr_started, Archived};
+use crate::support::s3::S3Server;
+use crate::support::Walvault;
+
+/// A config file: the main repository `main`, and `[[repository]]`
+/// entries (name, location, extra lines) with the Garage settings.
+fn config(dir: &Path, main: &Path, server: &S3Server, entries: &[(&str, &str, &str)]) -> PathBuf {
+    let s3 = server.config();
+    let mut text = format!("repo = \"{}\"\n", main.display());
+    for (name, repo, extra) in entries {
+        text.push_str(&format!(
+            "\n[[repository]]\nname = \"{name}\"\nrepo = \"{repo}\"\n{extra}\n[repository.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
+            s3.endpoint.as_deref().unwrap(),
+            s3.region.as_deref().unwrap(),
+            s3.access_key_id.as_deref().unwrap(),
+            s3.secret_access_key.as_deref().unwrap(),
+        ));
+    }
+    let file = dir.join("walvault.toml");
+    std::fs::write(&file, text).unwrap();
+    // the recovered server's restore_command reads it as the server's user
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&file).unwrap().permissions(),
+        0o644,
+    );
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    file
+}
+
+fn backup(a: &Archived) -> String {
+    let out = a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--no-expire"]);
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backup ")?.split(' ').next())
+        .unwrap()
+        .to_owned()
+}
+
+fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in walkdir(dir) {
+        out.push((e.clone(), std::fs::metadata(&e).unwrap().len()));
+    }
+    out.sort();
+    out
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(walkdir(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn copy_to_an_encrypted_garage_repository_recovers_the_same_rows_once_the_first_is_gone() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3Server::start());
+    let mut a = Archived::new(&[]);
+    a.c.psql(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    );
+    let b1 = backup(&a);
+    a.c.psql("UPDATE t SET v = 'changed' WHERE id % 10 = 0");
+    let b2 = backup(&a);
+    a.c.psql("INSERT INTO t SELECT g, 'late' FROM generate_series(20001, 20500) g");
+    a.finish_stream();
+    let want =
+        a.c.psql("SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM t");
+
+    // the copy: an encrypted repository on Garage with its own key
+    let key = a.work.path().join("offsite.key");
+    std::fs::write(
+        &key,
+        "b2Zmc2l0ZSBrZXkgb2YgdGhlIGNvcHkgdGVzdCwgMzIgYnl0ZXMhIQ==\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let url = server.url("offsite");
+    Walvault::new()
+        .envs(server.env())
+        .arg("--repo")
+        .arg(&url)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["init", "--encrypt"])
+        .ok();
+    let cfg = config(
+        a.work.path(),
+        &a.repo,
+        &server,
+        &[(
+            "offsite",
+            &url,
+            &format!(
+                "key_file = \"{}\"\nstorage_class = \"STANDARD_IA\"",
+                key.display()
+            ),
+        )],
+    );
+    let wv = Walvault::new().config(&cfg);
+
+    let r = wv.args(["copy", "--to", "offsite", "--json"]).ok().json();
+    assert_eq!(r["backups_copied"], serde_json::json!([b1, b2]), "{r}");
+    assert_eq!(r["reencrypted"], true, "{r}");
+    assert!(r["blocks_new"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["wal_files"].as_u64().unwrap() >= 2, "{r}");
+    // b2 shares most blocks with b1: fewer new blocks than read
+    assert!(
+        r["blocks_new"].as_u64().unwrap() < r["blocks_read"].as_u64().unwrap(),
+        "{r}"
+    );
+
+    // a second run moves nothing
+    let again = wv.args(["copy", "--to", "offsite", "--json"]).ok().json();
+    assert_eq!(again["backups_copied"], serde_json::json!([]), "{again}");
+    assert_eq!(
+        again["backups_present"],
+        serde_json::json!([b1, b2]),
+        "{again}"
+    );
+    assert_eq!(again["bytes_moved"], 0, "{again}");
+    assert_eq!(again["blocks_read"], 0, "{again}");
+    assert_eq!(again["wal_files"], 0, "{again}");
+
+    // list shows the copy and its lag; the copy lists the same backups
+    let listed = wv.args(["list"]).ok().stdout;
+    assert!(
+        listed.contains("copy offsite (")
+            && listed.contains("2 of 2 backup(s); WAL 0 segment(s) behind"),
+        "{listed}"
+    );
+    let there = wv
+        .args(["list", "--repository", "offsite", "--json"])
+        .ok()
+        .json();
+    let ids: Vec<&str> = there
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [b1.as_str(), b2.as_str()]);
+    // the copy verifies clean, every byte read under its own key
+    let v = Walvault::new()
+        .envs(server.env())
+        .arg("--repo")
+        .arg(&url)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["verify", "--deep", "--json"])
+        .ok()
+        .json();
+    assert_eq!(v["passed"], true, "{v}");
+
+    // the first repository is lost: restore-pitr falls back to the copy,
+    // says so, and recovers the same rows (its restore_command too)
+    std::fs::remove_dir_all(&a.repo).unwrap();
+    let (rec, report) = pitr_started(&a.c, &wv, &["--latest"]);
+    assert_eq!(report["backup"], b2.as_str(), "{report}");
+    let got = rec.psql("SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM t");
+    assert_eq!(got, want);
+    rec.stop_and_check();
+    // and it said where it read from
+    let out = wv
+        .args(["restore-pitr", "--latest", "--dry-run", "--pgdata"])
+        .arg(a.work.path().join("nowhere"))
+        .ok();
+    assert!(
+        out.stderr.contains("going on with repository offsite"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn copy_bad_input_is_one_line_and_changes_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3Server::start());
+    let work = tempfile::tempdir().unwrap();
+    let main = work.path().join("repo");
+    Walvault::new().repo(&main).args(["init"]).ok();
+    let cfg = config(
+        work.path(),
+        &main,
+        &server,
+        &[("itself", main.to_str().unwrap(), "")],
+    );
+    let before = files_under(&main);
+    let wv = Walvault::new().config(&cfg);
+    wv.args(["copy", "--to", "itself", "--backups", "weekly"])
+        .fails_with_one_line(&["--backups \"weekly\"", "all, last or gfs"]);
+    wv.args(["copy", "--to", "nowhere"])
+        .fails_with_one_line(&["no repository \"nowhere\"", "itself"]);
+    wv.args(["copy", "--to", "itself"])
+        .fails_with_one_line(&["same repository"]);
+    assert_eq!(files_under(&main), before);
+}
