@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::pitr::{pitr_started, Archived};
+use crate::support::pg::PgCluster;
 use crate::support::s3::S3Server;
 use crate::support::Walvault;
 
@@ -165,6 +166,35 @@ fn copy_to_an_encrypted_garage_repository_recovers_the_same_rows_once_the_first_
         .ok()
         .json();
     assert_eq!(v["passed"], true, "{v}");
+
+    // a flipped byte in the main repository's biggest pack: the restore
+    // fails authenticating a block there, goes on from the copy (finishing
+    // the directory as a delta restore), and the server recovers every row
+    let biggest = walkdir(&a.repo.join("main/packs"))
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&biggest, bytes).unwrap();
+    let mut dst = PgCluster::for_restore(&a.c.bindir);
+    let out = wv
+        .args(["restore", "--backup", &b2, "--pgdata"])
+        .arg(&dst.datadir)
+        .ok();
+    assert!(
+        out.stderr.contains("the main repository failed")
+            && out.stderr.contains("going on with repository offsite"),
+        "{}",
+        out.stderr
+    );
+    dst.start_restored();
+    assert_eq!(
+        dst.psql("SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM t"),
+        want
+    );
+    drop(dst);
 
     // the first repository is lost: restore-pitr falls back to the copy,
     // says so, and recovers the same rows (its restore_command too)
