@@ -274,6 +274,19 @@ fn print_report(r: &ExpireReport, json: bool) -> anyhow::Result<()> {
         )
     };
     outln!("packs: {packs}")?;
+    if r.locked > 0 {
+        outln!(
+            "locked: {} WAL file(s) or pack(s) the policy lets go stay in this write-once repository, locked until {} at the latest; a later run removes them",
+            r.locked,
+            r.locked_until.map(|u| u.to_rfc3339()).unwrap_or_default()
+        )?;
+    }
+    if r.locks_extended > 0 {
+        outln!(
+            "locks: extended on {} object(s) the kept backups need",
+            r.locks_extended
+        )?;
+    }
     outln!(
         "{} {}",
         if r.dry_run { "would free" } else { "freed" },

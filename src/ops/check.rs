@@ -234,7 +234,11 @@ pub async fn check(
     repo.storage()
         .put(&probe, bytes::Bytes::from_static(b"walvault check"))
         .await?;
-    repo.storage().delete(&probe).await?;
+    match repo.storage().delete(&probe).await {
+        // a write-once repository keeps the probe until its lock ends
+        Ok(()) | Err(crate::storage::StorageError::Locked { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     let location = repo.storage().location();
     let repo_space = (!location.contains("://"))
         .then(|| free_space(std::path::Path::new(&location)))

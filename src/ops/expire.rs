@@ -99,6 +99,13 @@ pub struct ExpireReport {
     pub packs_waiting: usize,
     /// Bytes freed now: WAL and packs deleted.
     pub bytes_freed: u64,
+    /// Objects the policy lets go that a write-once repository still
+    /// locks (left for a later run), and the latest of their locks.
+    pub locked: usize,
+    /// When the last of those locks ends.
+    pub locked_until: Option<DateTime<Utc>>,
+    /// Objects whose lock this run extended (write-once repositories).
+    pub locks_extended: usize,
 }
 
 /// Apply (or with `dry_run`, only decide) the policy on `stanza`.
@@ -121,7 +128,18 @@ pub async fn expire(
             verified: verified.contains(&m.id),
         })
         .collect();
-    let decisions = decide(&opts.policy, &candidates, opts.now)?;
+    let mut decisions = decide(&opts.policy, &candidates, opts.now)?;
+    if repo.storage().lock_days().is_some() {
+        // a backup whose manifest is still locked cannot go: it stays as a
+        // restore point (its own WAL) until the lock ends
+        for d in decisions.iter_mut().filter(|d| !d.keep()) {
+            let key = Manifest::object_name(&paths, &d.id);
+            if let Some(until) = repo.storage().locked_until(&key).await? {
+                d.reasons.push(Reason::Locked { until });
+                d.role = Some(Role::Point);
+            }
+        }
+    }
     let by_id: BTreeMap<&str, &Manifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
     let mut report = ExpireReport {
         dry_run: opts.dry_run,
@@ -145,7 +163,11 @@ pub async fn expire(
         packs_deleted: 0,
         packs_waiting: 0,
         bytes_freed: 0,
+        locked: 0,
+        locked_until: None,
+        locks_extended: 0,
     };
+    let locking = repo.storage().lock_days().is_some();
     let Some(seg) = manifests.iter().map(|m| m.wal_segment_size).max() else {
         return Ok(report); // no backups: nothing to decide, no WAL to judge
     };
@@ -182,9 +204,18 @@ pub async fn expire(
         let keep = WalKeep::new(&cat, &spans, seg)?;
         for tli in repo.wal_timelines(&paths).await? {
             for (name, size) in repo.list_wal_sized(&paths, tli, seg).await? {
-                if !keep.keeps(&name) {
-                    doomed_wal.push((name, size));
+                if keep.keeps(&name) {
+                    continue;
                 }
+                if locking {
+                    let key = crate::repo::wal_key(&paths, &name);
+                    if let Some(until) = repo.storage().locked_until(&key).await? {
+                        report.locked += 1;
+                        report.locked_until = report.locked_until.max(Some(until));
+                        continue;
+                    }
+                }
+                doomed_wal.push((name, size));
             }
         }
         report.wal_expired = ranges(&doomed_wal);
@@ -231,8 +262,18 @@ pub async fn expire(
     }
     let g = gc::collect(repo, &paths, opts.pack_grace).await?;
     add_packs(&mut report, &g);
-    for kind in [records::EXPIRE, records::VERIFY, records::DRILL] {
+    report.locked += g.locked;
+    report.locked_until = report.locked_until.max(g.locked_until);
+    for kind in [
+        records::EXPIRE,
+        records::VERIFY,
+        records::DRILL,
+        super::locks::LOCKS,
+    ] {
         records::prune(repo, &paths, kind).await?;
+    }
+    if locking {
+        report.locks_extended = super::locks::extend(repo, &paths, &remaining, opts.now).await?;
     }
     Ok(report)
 }
@@ -264,6 +305,7 @@ pub fn rule_text(r: &Reason) -> String {
         Reason::Unverified { protects } => {
             format!("fallback while {protects} is unverified")
         }
+        Reason::Locked { until } => format!("locked until {}", until.to_rfc3339()),
     }
 }
 

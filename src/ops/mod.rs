@@ -6,6 +6,7 @@ pub mod copy;
 pub mod drill;
 pub mod expire;
 pub mod holds;
+pub mod locks;
 pub mod records;
 pub mod retention;
 pub mod status;

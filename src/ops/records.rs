@@ -81,10 +81,16 @@ pub async fn prune(repo: &Repository, paths: &StanzaPaths, kind: &str) -> Result
     let mut keys = list_all(repo.storage().as_ref(), &paths.records(kind)).await?;
     keys.sort_by(|a, b| a.key.cmp(&b.key));
     let excess = keys.len().saturating_sub(KEEP_RECORDS);
+    let mut deleted = 0;
     for k in keys.iter().take(excess) {
-        repo.storage().delete(&k.key).await?;
+        match repo.storage().delete(&k.key).await {
+            Ok(()) => deleted += 1,
+            // a write-once repository keeps it until its lock ends
+            Err(crate::storage::StorageError::Locked { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(excess)
+    Ok(deleted)
 }
 
 /// How `expire` left a backup: what it is kept as, and by which rules.

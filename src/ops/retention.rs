@@ -154,6 +154,12 @@ pub enum Reason {
         /// Id of the unverified oldest kept backup.
         protects: String,
     },
+    /// Expired by the policy, but its manifest is still locked in a
+    /// write-once repository: kept as a restore point until the lock ends.
+    Locked {
+        /// When the lock ends.
+        until: DateTime<Utc>,
+    },
 }
 
 /// What a kept backup is needed for, which decides the WAL kept for it.

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::index::Index;
+use super::index::{Index, PackList};
 use super::manifest::Manifest;
 use super::object::ObjectKind;
 use super::pack::PackId;
@@ -67,9 +67,13 @@ pub struct LeaseRecord {
 }
 
 /// A lease held by this process; refreshed in the background until released.
+///
+/// Each write of the lease is a new object, `locks/<id>.<n>` (the previous
+/// one is then deleted), never a rewrite in place; releasing deletes it, or
+/// where a write-once repository refuses that, writes `locks/<id>.released`.
 #[derive(Debug)]
 pub struct Lease {
-    name: String,
+    name: Arc<std::sync::Mutex<String>>,
     repo: Arc<Repository>,
     expires: Arc<AtomicI64>,
     refresher: tokio::task::JoinHandle<()>,
@@ -82,7 +86,8 @@ impl Lease {
         paths: &StanzaPaths,
         purpose: &str,
     ) -> Result<Lease, RepoError> {
-        let name = format!("{}{}", paths.locks(), to_hex(&rand::random::<[u8; 8]>()));
+        let base = format!("{}{}", paths.locks(), to_hex(&rand::random::<[u8; 8]>()));
+        let name = format!("{base}.1");
         let started = now_secs();
         let holder = format!(
             "{}:{}",
@@ -100,15 +105,28 @@ impl Lease {
         };
         write_lease(&repo, &name, &rec).await?;
         let expires = Arc::new(AtomicI64::new(rec.expires));
+        let name = Arc::new(std::sync::Mutex::new(name));
         let refresher = {
             let (repo, name, expires) = (repo.clone(), name.clone(), expires.clone());
             tokio::spawn(async move {
+                let mut n = 1u64;
                 loop {
                     tokio::time::sleep(LEASE_TTL / 3).await;
                     rec.expires = now_secs() + LEASE_TTL.as_secs() as i64;
-                    match write_lease(&repo, &name, &rec).await {
-                        Ok(()) => expires.store(rec.expires, Ordering::Relaxed),
-                        Err(e) => tracing::warn!("cannot refresh lease {name}: {e}"),
+                    let next = format!("{base}.{}", n + 1);
+                    match write_lease(&repo, &next, &rec).await {
+                        Ok(()) => {
+                            expires.store(rec.expires, Ordering::Relaxed);
+                            n += 1;
+                            let old = std::mem::replace(
+                                &mut *name.lock().unwrap_or_else(|e| e.into_inner()),
+                                next,
+                            );
+                            if let Err(e) = repo.storage().delete(&old).await {
+                                tracing::debug!("{old} stays until it lapses: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot refresh lease {next}: {e}"),
                     }
                 }
             })
@@ -126,14 +144,23 @@ impl Lease {
         now_secs() < self.expires.load(Ordering::Relaxed)
     }
 
-    /// Stop refreshing and delete the lease.
+    /// Stop refreshing and delete the lease (in a write-once repository
+    /// that keeps it: mark it released).
     pub async fn release(&self) {
         self.refresher.abort();
-        if let Err(e) = self.repo.storage().delete(&self.name).await {
-            tracing::warn!(
-                "cannot remove lease {}: {e} (it lapses by itself)",
-                self.name
-            );
+        let name = self.name.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match self.repo.storage().delete(&name).await {
+            Ok(()) => {}
+            Err(crate::storage::StorageError::Locked { .. }) => {
+                let marker = match name.rsplit_once('.') {
+                    Some((base, _)) => format!("{base}.released"),
+                    None => format!("{name}.released"),
+                };
+                if let Err(e) = self.repo.storage().put(&marker, bytes::Bytes::new()).await {
+                    tracing::warn!("cannot mark lease {name} released: {e} (it lapses by itself)");
+                }
+            }
+            Err(e) => tracing::warn!("cannot remove lease {name}: {e} (it lapses by itself)"),
         }
     }
 }
@@ -159,7 +186,16 @@ pub async fn live_leases(
 ) -> Result<Vec<LeaseRecord>, RepoError> {
     let now = now_secs();
     let mut out = Vec::new();
-    for o in list_all(repo.storage().as_ref(), &paths.locks()).await? {
+    let objects = list_all(repo.storage().as_ref(), &paths.locks()).await?;
+    let released: HashSet<&str> = objects
+        .iter()
+        .filter_map(|o| o.key.strip_suffix(".released"))
+        .collect();
+    for o in &objects {
+        let base = o.key.rsplit_once('.').map_or(o.key.as_str(), |(b, _)| b);
+        if o.key.ends_with(".released") || released.contains(base) {
+            continue;
+        }
         let body = match repo.read_object(ObjectKind::Lease, &o.key, 1 << 20).await {
             Ok(b) => b,
             Err(RepoError::Storage(e)) if e.is_not_found() => continue,
@@ -188,15 +224,28 @@ pub struct GcState {
 }
 
 impl GcState {
-    fn name(paths: &StanzaPaths) -> String {
+    /// Where versions before the series kept the single state object.
+    fn legacy_name(paths: &StanzaPaths) -> String {
         format!("{}{GC_STATE}", paths.catalog())
+    }
+
+    /// The series of state versions (`catalog/gc/<time>-<random>`).
+    fn dir(paths: &StanzaPaths) -> String {
+        format!("{}gc/", paths.catalog())
     }
 
     /// The stanza's state (empty when none was written yet).
     pub async fn load(repo: &Repository, paths: &StanzaPaths) -> Result<GcState, RepoError> {
-        let name = GcState::name(paths);
-        match repo.read_object(ObjectKind::GcState, &name, 1 << 30).await {
-            Ok(body) => {
+        match repo
+            .get_series(
+                ObjectKind::GcState,
+                &GcState::dir(paths),
+                &GcState::legacy_name(paths),
+                1 << 30,
+            )
+            .await
+        {
+            Ok(Some((name, body))) => {
                 let st: GcState =
                     serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
                         object: name.clone(),
@@ -211,7 +260,7 @@ impl GcState {
                 }
                 Ok(st)
             }
-            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(GcState {
+            Ok(None) => Ok(GcState {
                 version: STATE_VERSION,
                 pending: BTreeMap::new(),
             }),
@@ -220,11 +269,17 @@ impl GcState {
     }
 
     async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
-        let name = GcState::name(paths);
         let body = serde_json::to_vec(self).map_err(RepoError::encode("the GC state"))?;
-        repo.storage()
-            .put(&name, repo.seal(ObjectKind::GcState, &name, &body))
+        repo.put_series(ObjectKind::GcState, &GcState::dir(paths), &body)
             .await?;
+        // the single object older versions rewrote in place goes once a
+        // version of the series exists
+        let legacy = GcState::legacy_name(paths);
+        if repo.storage().head(&legacy).await?.is_some() {
+            if let Err(e) = repo.storage().delete(&legacy).await {
+                tracing::debug!("{legacy} stays for now: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -297,6 +352,89 @@ pub struct GcReport {
     /// Marked packs kept because their grace period has not passed or a
     /// writer older than the mark still runs.
     pub waiting: usize,
+    /// Packs due for deletion that a write-once repository still locks
+    /// (the pack, or an index object naming it): deleted by a later run.
+    pub locked: usize,
+    /// When the last of those locks ends.
+    pub locked_until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The deleting half of [`collect`] in a write-once repository: index
+/// objects are not compacted (new ones are always younger than the lock);
+/// only those naming doomed packs are replaced, and a doomed pack waits
+/// while it, or an index object naming it, is locked.
+async fn collect_locked(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    mut state: GcState,
+    index_objects: Vec<String>,
+    mut report: GcReport,
+    doomed: Vec<PackId>,
+) -> Result<GcReport, RepoError> {
+    let storage = repo.storage();
+    let mut doomed: HashSet<PackId> = doomed.into_iter().collect();
+    let wait = |report: &mut GcReport, until: chrono::DateTime<chrono::Utc>| {
+        report.locked += 1;
+        report.locked_until = report.locked_until.max(Some(until));
+    };
+    for id in doomed.clone() {
+        if let Some(until) = storage.locked_until(&paths.pack(&id)).await? {
+            doomed.remove(&id);
+            wait(&mut report, until);
+        }
+    }
+    // the index objects naming doomed packs, and what else they name
+    let mut affected: Vec<(String, PackList)> = Vec::new();
+    for name in &index_objects {
+        let body = match repo
+            .read_object(ObjectKind::Index, name, super::index::MAX_INDEX_BODY)
+            .await
+        {
+            Ok(b) => b,
+            Err(RepoError::Storage(e)) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        let packs = Index::decode_object(&body, name)?;
+        if !packs.iter().any(|(id, _)| doomed.contains(id)) {
+            continue;
+        }
+        if let Some(until) = storage.locked_until(name).await? {
+            for (id, _) in &packs {
+                if doomed.remove(id) {
+                    wait(&mut report, until);
+                }
+            }
+            continue;
+        }
+        affected.push((name.clone(), packs));
+    }
+    if doomed.is_empty() {
+        report.deleted_bytes = 0;
+        return Ok(report);
+    }
+    let keep: PackList = affected
+        .iter()
+        .flat_map(|(_, packs)| packs.iter())
+        .filter(|(id, _)| !doomed.contains(id))
+        .cloned()
+        .collect();
+    if !keep.is_empty() {
+        Index::store_object(repo, paths, &keep).await?;
+    }
+    for (name, _) in &affected {
+        storage.delete(name).await?;
+    }
+    let mut sizes = 0u64;
+    for id in &doomed {
+        let key = paths.pack(id);
+        sizes += storage.head(&key).await?.map_or(0, |m| m.size);
+        storage.delete(&key).await?;
+        state.pending.remove(&id.to_string());
+        report.deleted += 1;
+    }
+    report.deleted_bytes = sizes;
+    state.store(repo, paths).await?;
+    Ok(report)
 }
 
 /// What a collection would find, computed without changing anything.
@@ -409,6 +547,9 @@ pub async fn collect(
     state.store(repo, paths).await?;
     if doomed.is_empty() {
         return Ok(report);
+    }
+    if repo.storage().lock_days().is_some() {
+        return collect_locked(repo, paths, state, index_objects, report, doomed).await;
     }
     let doomed_set: HashSet<PackId> = doomed.iter().copied().collect();
     let keep: Vec<_> = index

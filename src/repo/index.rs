@@ -19,7 +19,7 @@ use crate::codec::BlockId;
 use crate::storage::list_all;
 
 /// Largest index object body accepted (about 23 M entries).
-const MAX_INDEX_BODY: u64 = 1 << 30;
+pub(crate) const MAX_INDEX_BODY: u64 = 1 << 30;
 
 /// Pass-through hasher for [`BlockId`]'s `write_u64`.
 #[derive(Default)]

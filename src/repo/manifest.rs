@@ -176,7 +176,7 @@ impl Manifest {
         ))
     }
 
-    fn object_name(paths: &StanzaPaths, id: &str) -> String {
+    pub fn object_name(paths: &StanzaPaths, id: &str) -> String {
         format!("{}{id}", paths.backups())
     }
 

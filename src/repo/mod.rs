@@ -505,6 +505,70 @@ impl Repository {
             })
     }
 
+    /// Write a new version of the catalog object series `dir` (which ends
+    /// in '/'): a new object `<dir><time>-<random>`, never a rewrite in
+    /// place (a write-once repository keeps every object), then the older
+    /// versions but the previous one are deleted where they can be (a
+    /// locked one stays until its lock ends). Returns the new key.
+    pub async fn put_series(
+        &self,
+        kind: object::ObjectKind,
+        dir: &str,
+        body: &[u8],
+    ) -> Result<String, RepoError> {
+        let key = format!(
+            "{dir}{}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+            crate::codec::to_hex(&rand::random::<[u8; 4]>())
+        );
+        self.storage.put(&key, self.seal(kind, &key, body)).await?;
+        let mut older: Vec<String> = list_all(self.storage.as_ref(), dir)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| *k < key)
+            .collect();
+        older.sort();
+        older.pop(); // the previous version stays: a reader may be on it
+        for k in older {
+            if let Err(e) = self.storage.delete(&k).await {
+                tracing::debug!("old version {k} stays for now: {e}");
+            }
+        }
+        Ok(key)
+    }
+
+    /// The body of the newest readable version of the series `dir`, else
+    /// of the single object `legacy` (where older versions kept it);
+    /// `None` when there is neither.
+    pub async fn get_series(
+        &self,
+        kind: object::ObjectKind,
+        dir: &str,
+        legacy: &str,
+        max: u64,
+    ) -> Result<Option<(String, Vec<u8>)>, RepoError> {
+        let mut keys: Vec<String> = list_all(self.storage.as_ref(), dir)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        keys.sort();
+        keys.push(legacy.to_owned());
+        // newest first, the legacy object last
+        let legacy_last = keys.pop();
+        keys.reverse();
+        keys.extend(legacy_last);
+        for k in keys {
+            match self.read_object(kind, &k, max).await {
+                Ok(body) => return Ok(Some((k, body))),
+                Err(RepoError::Storage(e)) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
     /// Every sealed JSON object under `prefix`, oldest name first; objects
     /// removed while listing are skipped.
     pub async fn list_json<T: serde::de::DeserializeOwned>(

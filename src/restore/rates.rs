@@ -100,22 +100,33 @@ impl RecoveryRates {
         }
     }
 
-    fn key(paths: &StanzaPaths) -> String {
+    /// Where versions before the series kept the single record.
+    fn legacy_key(paths: &StanzaPaths) -> String {
         format!("{}recovery-rates", paths.catalog())
+    }
+
+    /// The series of records (`catalog/rates/<time>-<random>`).
+    fn dir(paths: &StanzaPaths) -> String {
+        format!("{}rates/", paths.catalog())
     }
 
     /// The rates of the stanza's last measured recovery, else the assumed
     /// ones. A missing or unreadable record is not an error: an estimate is
     /// advice.
     pub async fn load(repo: &Repository, paths: &StanzaPaths) -> RecoveryRates {
-        let key = Self::key(paths);
         let read = repo
-            .read_object(ObjectKind::RecoveryRates, &key, 1 << 16)
+            .get_series(
+                ObjectKind::RecoveryRates,
+                &Self::dir(paths),
+                &Self::legacy_key(paths),
+                1 << 16,
+            )
             .await;
-        match read.map(|body| serde_json::from_slice::<RecoveryRates>(&body)) {
-            Ok(Ok(r)) if r.plausible() => r,
+        match read
+            .map(|found| found.map(|(_, body)| serde_json::from_slice::<RecoveryRates>(&body)))
+        {
+            Ok(Some(Ok(r))) if r.plausible() => r,
             Ok(_) => ASSUMED,
-            Err(crate::repo::RepoError::Storage(e)) if e.is_not_found() => ASSUMED,
             Err(e) => {
                 tracing::info!("recovery rates unreadable ({e}); assuming");
                 ASSUMED
@@ -126,13 +137,14 @@ impl RecoveryRates {
     /// Record these as the stanza's last measured recovery. Best effort: a
     /// repository opened with read-only credentials keeps the old record.
     pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) {
-        let key = Self::key(paths);
         let body = match serde_json::to_vec(self) {
             Ok(b) => b,
             Err(_) => return,
         };
-        let sealed = repo.seal(ObjectKind::RecoveryRates, &key, &body);
-        if let Err(e) = repo.storage().put(&key, sealed).await {
+        if let Err(e) = repo
+            .put_series(ObjectKind::RecoveryRates, &Self::dir(paths), &body)
+            .await
+        {
             tracing::info!("could not record this recovery's rates ({e})");
         }
     }

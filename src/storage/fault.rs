@@ -140,4 +140,23 @@ impl<S: Storage> Storage for FaultInjecting<S> {
         self.enter("delete", key).await?;
         self.inner.delete(key).await
     }
+
+    fn lock_days(&self) -> Option<u32> {
+        self.inner.lock_days()
+    }
+
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StorageError> {
+        self.inner.locked_until(key).await
+    }
+
+    async fn extend_lock(
+        &self,
+        key: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError> {
+        self.inner.extend_lock(key, until).await
+    }
 }

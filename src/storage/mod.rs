@@ -72,8 +72,34 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// `next` to continue.
     async fn list_page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, StorageError>;
 
-    /// Remove the object; removing a missing object succeeds.
+    /// Remove the object; removing a missing object succeeds. In a
+    /// write-once repository a locked object is [`StorageError::Locked`].
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// Days every new object stays write-once (S3 Object Lock), when this
+    /// is a write-once repository.
+    fn lock_days(&self) -> Option<u32> {
+        None
+    }
+
+    /// Until when the object cannot be deleted or overwritten; `None` when
+    /// it is not locked (or the backend has no locks).
+    async fn locked_until(
+        &self,
+        _key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StorageError> {
+        Ok(None)
+    }
+
+    /// Keep the object locked until `until` (a lock is never shortened).
+    /// Nothing to do without locks.
+    async fn extend_lock(
+        &self,
+        _key: &str,
+        _until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// A shared backend is a backend (lets wrappers hold an `Arc<dyn Storage>`).
@@ -99,6 +125,22 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         (**self).delete(key).await
+    }
+    fn lock_days(&self) -> Option<u32> {
+        (**self).lock_days()
+    }
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StorageError> {
+        (**self).locked_until(key).await
+    }
+    async fn extend_lock(
+        &self,
+        key: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError> {
+        (**self).extend_lock(key, until).await
     }
 }
 
@@ -160,6 +202,16 @@ pub enum StorageError {
         location: String,
         /// What is wrong and what to do.
         reason: String,
+    },
+    /// A write-once repository refused to delete a locked object.
+    #[error("{key} in {location} is locked{}: a write-once repository keeps it until then", until.map(|u| format!(" until {}", u.to_rfc3339())).unwrap_or_default())]
+    Locked {
+        /// Backend location.
+        location: String,
+        /// The key.
+        key: String,
+        /// Until when, if the store said.
+        until: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// The backend refused or failed the operation.
     #[error("{op} {key:?} in {location} failed: {message}")]

@@ -147,6 +147,29 @@ impl<S: Storage> Storage for Retrying<S> {
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         self.policy.run("delete", || self.inner.delete(key)).await
     }
+
+    fn lock_days(&self) -> Option<u32> {
+        self.inner.lock_days()
+    }
+
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StorageError> {
+        self.policy
+            .run("head", || self.inner.locked_until(key))
+            .await
+    }
+
+    async fn extend_lock(
+        &self,
+        key: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError> {
+        self.policy
+            .run("extend lock", || self.inner.extend_lock(key, until))
+            .await
+    }
 }
 
 #[cfg(test)]

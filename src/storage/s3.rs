@@ -67,6 +67,14 @@ pub struct S3Config {
     /// Storage class of every object written (`STANDARD_IA`, `GLACIER_IR`,
     /// … : classes read with ordinary GETs); default: the bucket's.
     pub storage_class: Option<String>,
+    /// A write-once repository: every object is written with an S3 Object
+    /// Lock retention of this many days (the bucket must have Object Lock
+    /// enabled); `expire` extends the locks of what is still needed.
+    pub object_lock_days: Option<u32>,
+    /// `compliance` (nobody can shorten or remove a lock, the root account
+    /// included) or `governance` (a principal with
+    /// s3:BypassGovernanceRetention can).
+    pub object_lock_mode: Option<String>,
 }
 
 impl Default for S3Config {
@@ -84,6 +92,8 @@ impl Default for S3Config {
             connect_timeout_secs: 5,
             read_timeout_secs: 60,
             storage_class: None,
+            object_lock_days: None,
+            object_lock_mode: None,
         }
     }
 }
@@ -100,6 +110,8 @@ pub struct S3 {
     part_size: u64,
     upload_concurrency: usize,
     storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    /// Object Lock: days and mode of every new object's retention.
+    lock: Option<(u32, aws_sdk_s3::types::ObjectLockRetentionMode)>,
 }
 
 impl S3 {
@@ -199,6 +211,34 @@ impl S3 {
                 .storage_class
                 .as_deref()
                 .map(aws_sdk_s3::types::StorageClass::from),
+            lock: match cfg.object_lock_days {
+                None => None,
+                Some(0) => {
+                    return Err(StorageError::BadLocation {
+                        location: format!("s3://{bucket}/{prefix}"),
+                        reason: "object_lock_days must be at least 1".into(),
+                    })
+                }
+                Some(d) => Some((
+                    d,
+                    match cfg.object_lock_mode.as_deref().unwrap_or("compliance") {
+                        "compliance" | "COMPLIANCE" => {
+                            aws_sdk_s3::types::ObjectLockRetentionMode::Compliance
+                        }
+                        "governance" | "GOVERNANCE" => {
+                            aws_sdk_s3::types::ObjectLockRetentionMode::Governance
+                        }
+                        other => {
+                            return Err(StorageError::BadLocation {
+                                location: format!("s3://{bucket}/{prefix}"),
+                                reason: format!(
+                                    "object_lock_mode {other:?}: give compliance or governance"
+                                ),
+                            })
+                        }
+                    },
+                )),
+            },
         })
     }
 
@@ -366,14 +406,32 @@ impl Storage for S3 {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         validate_key(key)?;
-        if data.len() as u64 >= self.multipart_threshold {
+        // a locked object goes up in one request: S3 wants a checksum with
+        // every request that sets a retention, one PUT carries it simply
+        if data.len() as u64 >= self.multipart_threshold && self.lock.is_none() {
             return self.put_multipart(key, data).await;
         }
+        let (mode, until) = match &self.lock {
+            Some((days, mode)) => (
+                Some(aws_sdk_s3::types::ObjectLockMode::from(mode.as_str())),
+                Some(aws_smithy_types::DateTime::from_secs(
+                    chrono::Utc::now().timestamp() + i64::from(*days) * 86_400,
+                )),
+            ),
+            None => (None, None),
+        };
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
             .set_storage_class(self.storage_class.clone())
+            .set_object_lock_mode(mode)
+            .set_object_lock_retain_until_date(until)
+            .set_checksum_algorithm(
+                self.lock
+                    .as_ref()
+                    .map(|_| aws_sdk_s3::types::ChecksumAlgorithm::Crc32),
+            )
             .body(ByteStream::from(data))
             .send()
             .await
@@ -445,6 +503,62 @@ impl Storage for S3 {
         }
     }
 
+    fn lock_days(&self) -> Option<u32> {
+        self.lock.as_ref().map(|(d, _)| *d)
+    }
+
+    async fn locked_until(
+        &self,
+        key: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StorageError> {
+        validate_key(key)?;
+        if self.lock.is_none() {
+            return Ok(None);
+        }
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .object_lock_retain_until_date()
+                .and_then(|d| chrono::DateTime::from_timestamp(d.secs(), d.subsec_nanos()))
+                .filter(|u| *u > chrono::Utc::now())),
+            Err(e) => match self.classify("head", key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn extend_lock(
+        &self,
+        key: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StorageError> {
+        validate_key(key)?;
+        let Some((_, mode)) = &self.lock else {
+            return Ok(());
+        };
+        let retention = aws_sdk_s3::types::ObjectLockRetention::builder()
+            .mode(mode.clone())
+            .retain_until_date(aws_smithy_types::DateTime::from_secs(until.timestamp()))
+            .build();
+        self.client
+            .put_object_retention()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .retention(retention)
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("extend lock", key, e))
+    }
+
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
         validate_key(key)?;
         match self
@@ -498,6 +612,9 @@ impl Storage for S3 {
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         validate_key(key)?;
+        if self.lock.is_some() {
+            return self.delete_versions(key).await;
+        }
         match self
             .client
             .delete_object()
@@ -516,6 +633,64 @@ impl Storage for S3 {
 }
 
 impl S3 {
+    /// In a write-once (versioned) bucket: delete every version and delete
+    /// marker of `key`, so the space is freed (a plain delete would only add
+    /// a marker and keep the data). A locked version is
+    /// [`StorageError::Locked`].
+    async fn delete_versions(&self, key: &str) -> Result<(), StorageError> {
+        let full = self.full_key(key);
+        let out = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .send()
+            .await
+            .map_err(|e| self.classify("list versions", key, e))?;
+        let ids: Vec<String> = out
+            .versions()
+            .iter()
+            .filter(|v| v.key() == Some(full.as_str()))
+            .filter_map(|v| v.version_id().map(str::to_owned))
+            .chain(
+                out.delete_markers()
+                    .iter()
+                    .filter(|m| m.key() == Some(full.as_str()))
+                    .filter_map(|m| m.version_id().map(str::to_owned)),
+            )
+            .collect();
+        for id in ids {
+            let deleted = self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .version_id(&id)
+                .send()
+                .await;
+            if let Err(e) = deleted {
+                let err = self.classify("delete", key, e);
+                if let StorageError::Backend { message, .. } = &err {
+                    if message.contains("AccessDenied")
+                        || message.contains("locked")
+                        || message.contains("retention")
+                    {
+                        return Err(StorageError::Locked {
+                            location: self.location(),
+                            key: key.to_owned(),
+                            until: self.locked_until(key).await.ok().flatten(),
+                        });
+                    }
+                }
+                match err {
+                    StorageError::NotFound { .. } => {}
+                    other => return Err(other),
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn body_error(
         &self,
         key: &str,

@@ -13,6 +13,7 @@ mod cli_storage;
 mod copy;
 mod full_disk;
 mod harness;
+mod object_lock;
 mod old_format;
 mod ops;
 mod pg_client;

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod garage_cluster;
+pub mod moto;
 pub mod pg;
 pub mod s3;
 pub mod stream;

@@ -1,0 +1,98 @@
+//! Write-once repositories (S3 Object Lock, `object_lock_days`): every
+//! object is written locked for that many days; what kept backups still
+//! need gets its lock extended before it runs out. `expire` calls
+//! [`extend`] after applying the policy, so a backup never outlives the
+//! lock of the data it needs: its manifest, the packs holding its blocks,
+//! the WAL of the kept recovery ranges and its summaries, the holds, the
+//! repository's config and key slots. Index objects are not extended: they
+//! can be rebuilt from the pack headers (`Index::rebuild_from_packs`).
+
+use chrono::{DateTime, Duration, Utc};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::records;
+use super::OpsError;
+use crate::repo::{gc, Index, Manifest, Repository, StanzaPaths, CONFIG_KEY, KEYS_PREFIX};
+use crate::storage::list_all;
+
+/// Record kind of lock extensions.
+pub const LOCKS: &str = "lock";
+
+/// One extension run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// When it ran.
+    pub time: DateTime<Utc>,
+    /// The locks now end no earlier than this.
+    pub until: DateTime<Utc>,
+    /// Objects extended.
+    pub objects: usize,
+}
+
+/// Requests at once.
+const PARALLEL: usize = 16;
+
+/// Extend the locks of everything `kept` needs to `now` + the lock period,
+/// once every third of the period (the newest [`LockRecord`] says when the
+/// last run was). Returns the objects extended (0 when not due, or not a
+/// write-once repository).
+pub async fn extend(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    kept: &[Manifest],
+    now: DateTime<Utc>,
+) -> Result<usize, OpsError> {
+    let Some(days) = repo.storage().lock_days() else {
+        return Ok(0);
+    };
+    let period = Duration::days(i64::from(days));
+    if let Some(last) = records::newest::<LockRecord>(repo, paths, LOCKS).await? {
+        if now - last.time < period / 3 {
+            return Ok(0);
+        }
+    }
+    let until = now + period;
+    let storage = repo.storage();
+    let mut keys: Vec<String> = vec![CONFIG_KEY.to_owned()];
+    for prefix in [
+        KEYS_PREFIX.to_owned(),
+        paths.holds(),
+        paths.wal(),
+        paths.wal_summaries(),
+    ] {
+        keys.extend(
+            list_all(storage.as_ref(), &prefix)
+                .await?
+                .into_iter()
+                .map(|o| o.key),
+        );
+    }
+    keys.extend(kept.iter().map(|m| Manifest::object_name(paths, &m.id)));
+    let (index, _) = Index::load(repo, paths).await?;
+    keys.extend(gc::plan(&index, kept).live.iter().map(|id| paths.pack(id)));
+    let n = keys.len();
+    futures::stream::iter(keys.into_iter().map(|k| async move {
+        match storage.extend_lock(&k, until).await {
+            Ok(()) => Ok(()),
+            // removed meanwhile (a WAL file by a concurrent expire)
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }))
+    .buffer_unordered(PARALLEL)
+    .try_collect::<Vec<()>>()
+    .await?;
+    records::store(
+        repo,
+        paths,
+        LOCKS,
+        &LockRecord {
+            time: now,
+            until,
+            objects: n,
+        },
+    )
+    .await?;
+    Ok(n)
+}
