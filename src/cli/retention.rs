@@ -152,7 +152,7 @@ pub struct ExpireArgs {
 /// Options of `walvault hold`.
 #[derive(Debug, Args)]
 pub struct HoldArgs {
-    /// The backup to keep.
+    /// The backup to keep (its id, or `latest`).
     pub backup: String,
     /// Keep it until this time (ISO 8601; UTC unless it names a zone;
     /// default: until released).
@@ -303,13 +303,19 @@ pub(super) async fn run_hold(settings: &Settings, args: HoldArgs) -> anyhow::Res
         .transpose()?;
     let repo = settings.open_repository().await?;
     let paths = StanzaPaths::new(&settings.stanza);
-    crate::ops::holds::hold(&repo, &paths, &args.backup, until, &args.reason).await?;
+    let id = if args.backup == "latest" {
+        crate::repo::Manifest::list_ids(&repo, &paths)
+            .await?
+            .into_iter()
+            .max()
+            .context("there is no backup in this stanza to hold")?
+    } else {
+        args.backup.clone()
+    };
+    crate::ops::holds::hold(&repo, &paths, &id, until, &args.reason).await?;
     match until {
-        Some(u) => outln!("backup {} is held until {}", args.backup, u.to_rfc3339())?,
-        None => outln!(
-            "backup {} is held until released (walvault release {0})",
-            args.backup
-        )?,
+        Some(u) => outln!("backup {id} is held until {}", u.to_rfc3339())?,
+        None => outln!("backup {id} is held until released (walvault release {id})")?,
     }
     Ok(())
 }

@@ -76,13 +76,26 @@ pub async fn all<T: DeserializeOwned>(
 }
 
 /// Delete all but the newest [`KEEP_RECORDS`] records of `kind`; returns
-/// how many were deleted.
+/// how many were deleted. Of `verify` records, the newest passing deep one
+/// stays whatever its age: it holds the ledger `--since-last` reads.
 pub async fn prune(repo: &Repository, paths: &StanzaPaths, kind: &str) -> Result<usize, OpsError> {
     let mut keys = list_all(repo.storage().as_ref(), &paths.records(kind)).await?;
     keys.sort_by(|a, b| a.key.cmp(&b.key));
     let excess = keys.len().saturating_sub(KEEP_RECORDS);
+    let ledger = if kind == VERIFY && excess > 0 {
+        repo.list_json::<VerifyRecord>(ObjectKind::Record, &paths.records(kind))
+            .await?
+            .into_iter()
+            .rfind(|(_, r)| r.deep && r.passed)
+            .map(|(k, _)| k)
+    } else {
+        None
+    };
     let mut deleted = 0;
     for k in keys.iter().take(excess) {
+        if ledger.as_deref() == Some(k.key.as_str()) {
+            continue;
+        }
         match repo.storage().delete(&k.key).await {
             Ok(()) => deleted += 1,
             // a write-once repository keeps it until its lock ends

@@ -493,6 +493,8 @@ fn retention_bad_input_is_one_line_and_changes_nothing() {
         .fails_with_one_line(&["no backup 20260101T000000Z-0001"]);
     wv.args(["hold", "../../config"])
         .fails_with_one_line(&["no backup"]);
+    wv.args(["hold", "latest"])
+        .fails_with_one_line(&["no backup in this stanza"]);
     wv.args(["release", "20260101T000000Z-0001"])
         .fails_with_one_line(&["no backup"]);
     wv.args(["check", "--pg", "host=127.0.0.1 port=1 user=postgres"])
@@ -669,6 +671,9 @@ fn drill_proves_recovery_and_records_failures_of_lost_wal_and_false_checks() {
         .find(|x| x["id"] == b.as_str())
         .unwrap();
     assert_eq!(listed_b["last_drill"]["passed"], true, "{listed_b}");
+    // `latest` names the newest backup for a hold
+    let held = a.ok(&["hold", "latest", "--reason", "audit"]).stdout;
+    assert!(held.contains(&format!("backup {b} is held")), "{held}");
 
     // a random moment of the window (the default) recovers too
     let (r, code) = drill(&a, &scratch, &[]);
