@@ -15,7 +15,7 @@ use crate::repo::{RepoError, Repository, StanzaPaths};
 use crate::wal::summary::{summarize, SegmentSummary, SUMMARY_OLDEST, SUMMARY_VERSION};
 
 /// The object key of segment `f`'s summary.
-fn key(paths: &StanzaPaths, f: &SegmentFile) -> String {
+pub fn key(paths: &StanzaPaths, f: &SegmentFile) -> String {
     format!("{}{}/{f}", paths.wal_summaries(), timeline_dir(f.timeline))
 }
 

@@ -305,10 +305,17 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     // finished from the next one as a delta restore
     let sources = settings.recovery_sources();
     let mut r = Err(crate::restore::RestoreError::NoBackups);
+    // the restored server's restore_command reads the first repository that
+    // could be opened (see restore-pitr)
+    let mut wal_source = None;
     for (i, source) in sources.iter().enumerate() {
         let last = i + 1 == sources.len();
         let repo = match settings.open_source(*source).await {
-            Ok(repo) => Arc::new(repo),
+            Ok(repo) => {
+                let first = *wal_source.get_or_insert(*source);
+                opts.restore_command = Some(restore_command_from(settings, first)?);
+                Arc::new(repo)
+            }
             Err(e) if !last => {
                 fallback_note(*source, &e, sources[i + 1]);
                 continue;
@@ -387,6 +394,16 @@ pub(super) fn tablespace_map(args: &[String]) -> anyhow::Result<HashMap<String, 
 /// The `restore_command` line a restored server runs: this binary with the
 /// same repository, stanza and key.
 pub(super) fn restore_command(settings: &Settings) -> anyhow::Result<String> {
+    restore_command_from(settings, None)
+}
+
+/// [`restore_command`] for a recovery restored from the `[[repository]]`
+/// `source` (`None`: the main repository): its wal-fetch reads that one
+/// first.
+pub(super) fn restore_command_from(
+    settings: &Settings,
+    source: Option<&super::config::RepositoryConfig>,
+) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find the walvault binary")?;
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\\\""));
     // PostgreSQL runs restore_command in the data directory: a relative
@@ -425,6 +442,9 @@ pub(super) fn restore_command(settings: &Settings) -> anyhow::Result<String> {
             quote(&std::fs::canonicalize(c)?.display().to_string())
         ));
     }
+    if let Some(r) = source {
+        cmd.push_str(&format!(" --repository {}", quote(&r.name)));
+    }
     Ok(cmd + " %f %p")
 }
 
@@ -443,6 +463,15 @@ pub struct WalFetchArgs {
     /// Spool directory [default: walvault-spool beside DEST, in pg_wal].
     #[arg(long)]
     pub spool: Option<PathBuf>,
+    /// Read only the first repository, never another of walvault.toml
+    /// (drills use it: they prove the main repository).
+    #[arg(long)]
+    pub no_fallback: bool,
+    /// Read this `[[repository]]` of walvault.toml first (restore and
+    /// restore-pitr set it when they restored from it): its "not there" is
+    /// the answer.
+    #[arg(long, value_name = "NAME")]
+    pub repository: Option<String>,
 }
 
 /// Longest wait for a segment another process is putting in the spool.
@@ -489,7 +518,15 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
     };
     let seg = match spooled {
         Some(seg) => seg,
-        None => match fetch_with_fallback(settings, &name, &args.dest).await? {
+        None => match fetch_with_fallback(
+            settings,
+            &name,
+            &args.dest,
+            args.repository.as_deref(),
+            !args.no_fallback,
+        )
+        .await?
+        {
             Some(seg) => seg,
             None => return Ok(false),
         },
@@ -520,27 +557,49 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
 /// `[[repository]]` when one cannot be read or holds the file damaged.
 /// "Not there" in a readable repository is the answer: the next is not
 /// asked (recovery asks for files beyond the archive at its end).
+///
+/// After a repository failed, "not there" from the next one is not an
+/// answer: the failed one may hold the file, and "not found" (exit 1) would
+/// end recovery early; the first failure is returned instead (exit 255).
 async fn fetch_with_fallback(
     settings: &Settings,
     name: &crate::pg::WalFileName,
     dest: &std::path::Path,
+    first: Option<&str>,
+    fallback: bool,
 ) -> anyhow::Result<Option<u64>> {
-    let sources = settings.recovery_sources();
-    let mut result = Ok(None);
+    let mut sources = settings.recovery_sources_from(first)?;
+    if !fallback {
+        sources.truncate(1);
+    }
+    let mut first_error: Option<anyhow::Error> = None;
     for (i, source) in sources.iter().enumerate() {
         let last = i + 1 == sources.len();
-        result = match settings.open_source(*source).await {
+        let result = match settings.open_source(*source).await {
             Ok(repo) => crate::restore::wal_fetch(&repo, &settings.stanza, name, dest, None)
                 .await
                 .map_err(anyhow::Error::from),
             Err(e) => Err(e),
         };
-        match &result {
-            Err(e) if !last => fallback_note(*source, e, sources[i + 1]),
-            _ => break,
+        match result {
+            Ok(Some(seg)) => return Ok(Some(seg)),
+            Ok(None) => {
+                return match first_error {
+                    Some(e) => Err(e.context(format!(
+                        "{name} could not be read there, and {} does not have it",
+                        super::config::source_name(*source)
+                    ))),
+                    None => Ok(None),
+                }
+            }
+            Err(e) if !last => {
+                fallback_note(*source, &e, sources[i + 1]);
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(first_error.unwrap_or(e)),
         }
     }
-    result
+    Ok(None)
 }
 
 /// Say that a recovery goes on from the next repository.

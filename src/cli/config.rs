@@ -101,7 +101,7 @@ pub struct Settings {
 impl Settings {
     /// Merge the command line (and environment) over the config file.
     pub fn resolve(args: &GlobalArgs) -> anyhow::Result<Settings> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(p) => Config::load(p)?,
             None => Config::default(),
         };
@@ -118,6 +118,29 @@ impl Settings {
             && !stanza.starts_with('.');
         if !valid {
             bail!("invalid stanza name {stanza:?}: use 1-64 characters from a-z, A-Z, 0-9, '-', '_', '.'");
+        }
+        // relative paths of [[repository]] entries are relative to the
+        // config file, wherever walvault runs (PostgreSQL runs wal-fetch in
+        // the data directory)
+        let base = args
+            .config
+            .as_deref()
+            .and_then(|c| std::path::absolute(c).ok())
+            .and_then(|c| c.parent().map(Path::to_path_buf));
+        if let Some(base) = &base {
+            for r in &mut file.repositories {
+                if !r.repo.contains("://") && Path::new(&r.repo).is_relative() {
+                    r.repo = base.join(&r.repo).display().to_string();
+                }
+                for p in [&mut r.key_file, &mut r.passphrase_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    if p.is_relative() {
+                        *p = base.join(&*p);
+                    }
+                }
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for r in &file.repositories {
@@ -232,7 +255,7 @@ impl Settings {
     }
 
     /// The repositories a recovery may read, in order: the main one, then
-    /// each `[[repository]]`; each with its name (`main` for the first).
+    /// each `[[repository]]` (`None` stands for the main one).
     pub fn recovery_sources(&self) -> Vec<Option<&RepositoryConfig>> {
         let mut v: Vec<Option<&RepositoryConfig>> = Vec::new();
         if self.repo.is_some() {
@@ -240,6 +263,21 @@ impl Settings {
         }
         v.extend(self.repositories.iter().map(Some));
         v
+    }
+
+    /// [`Settings::recovery_sources`], starting with the `[[repository]]`
+    /// `first` when given (the one a recovery was restored from).
+    pub fn recovery_sources_from(
+        &self,
+        first: Option<&str>,
+    ) -> anyhow::Result<Vec<Option<&RepositoryConfig>>> {
+        let mut v = self.recovery_sources();
+        if let Some(name) = first {
+            let entry = self.repository(name)?;
+            v.retain(|s| s.is_none_or(|r| r.name != name));
+            v.insert(0, Some(entry));
+        }
+        Ok(v)
     }
 
     /// Open a recovery source: `None` is the main repository.

@@ -173,7 +173,11 @@ pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<
             .unwrap_or_else(|| "postgres".into()),
         sql,
         settings: set,
-        restore_command: super::backup::restore_command(settings)?,
+        // the drill proves the main repository: its server never reads a copy
+        restore_command: super::backup::restore_command(settings)?
+            .strip_suffix(" %f %p")
+            .map(|c| format!("{c} --no-fallback %f %p"))
+            .context("unexpected restore_command")?,
         max_rto: args.max_rto,
         keep: args.keep,
         events: Some(Arc::new(|e| tracing::info!("drill: {e:?}"))),

@@ -125,10 +125,15 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     // hands over to the next
     let sources = settings.recovery_sources();
     let mut i = 0;
+    // the recovered server's restore_command reads the first repository
+    // that could be opened: a damaged file there falls back, its "not there"
+    // is the answer (a lagging copy's "not there" would end recovery early)
+    let mut wal_source: Option<usize> = None;
     let (repo, rp) = loop {
         let last = i + 1 >= sources.len();
         let planned = async {
             let repo = Arc::new(settings.open_source(sources[i]).await?);
+            wal_source.get_or_insert(i);
             let rp = plan_recovery(
                 &repo,
                 &settings.stanza,
@@ -167,7 +172,10 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     let opts = RecoverOptions {
         pgdata: args.pgdata.clone(),
         tablespace_map: super::backup::tablespace_map(&args.tablespace_map)?,
-        restore_command: super::backup::restore_command(settings)?,
+        restore_command: super::backup::restore_command_from(
+            settings,
+            sources[wal_source.unwrap_or(i)],
+        )?,
         archive_off: args.archive_mode == ArchiveMode::Off,
         target_action: args.target_action,
         server: args.start.then(|| ServerOptions {
@@ -195,7 +203,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         let e = anyhow::anyhow!("{source}");
         super::backup::fallback_note(sources[i], &e, sources[next]);
         i = next;
-        std::fs::remove_dir_all(&args.pgdata)?;
+        empty_dir(&args.pgdata)?;
         let again = async {
             let repo = Arc::new(settings.open_source(sources[i]).await?);
             let rp = plan_recovery(
@@ -268,6 +276,20 @@ fn is_repository_fault(e: &anyhow::Error) -> bool {
             c.downcast_ref::<crate::repo::RepoError>().is_some()
                 || c.downcast_ref::<crate::storage::StorageError>().is_some()
         })
+}
+
+/// Remove everything inside `dir`, keeping `dir` itself (a mount point or
+/// a symbolic link stays what it is).
+fn empty_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
 }
 
 fn plan_fault(p: &crate::restore::pitr::PlanError) -> bool {

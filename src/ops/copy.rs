@@ -122,6 +122,14 @@ pub async fn copy(
             report.from
         )));
     };
+    // the target's stanza, if it holds anything, is the same cluster
+    let theirs = Manifest::load_all(&dst, &paths).await?;
+    if let Some(other) = theirs.iter().find(|m| m.system_id != newest.system_id) {
+        return Err(OpsError::Copy(format!(
+            "stanza {stanza} of {} holds backups of another cluster (system {}, backup {}; this one is system {}): copy into another stanza or repository",
+            report.to, other.system_id, other.id, newest.system_id
+        )));
+    }
     let probe = [0x5au8; 64];
     let same_ids = src.hasher().id(&probe) == dst.hasher().id(&probe);
     report.reencrypted = !same_ids;
@@ -161,28 +169,40 @@ pub async fn copy(
         // backups copied without the WAL after them are restore points in
         // the copy: recorded as such, so its verify and wal-verify do not
         // count the WAL between them as missing
-        let kept = selected
-            .iter()
-            .map(|m| {
-                let base = opts.wal && m.id == newest.id;
-                (
-                    m.id.clone(),
-                    KeptAs {
-                        role: if base {
-                            Role::RecoveryBase
-                        } else {
-                            Role::Point
-                        },
-                        rules: vec![if base {
-                            "copy, with WAL"
-                        } else {
-                            "copy, own WAL"
-                        }
-                        .into()],
-                    },
-                )
-            })
+        // merged with what earlier copies recorded, for backups still there
+        let mut kept: BTreeMap<String, KeptAs> =
+            records::newest::<ExpireRecord>(&dst, &paths, records::EXPIRE)
+                .await?
+                .map(|r| r.kept)
+                .unwrap_or_default();
+        let present: BTreeSet<String> = Manifest::list_ids(&dst, &paths)
+            .await?
+            .into_iter()
             .collect();
+        kept.retain(|id, _| present.contains(id));
+        // only this run's newest has all WAL after it for sure
+        for k in kept.values_mut() {
+            k.role = Role::Point;
+        }
+        kept.extend(selected.iter().map(|m| {
+            let base = opts.wal && m.id == newest.id;
+            (
+                m.id.clone(),
+                KeptAs {
+                    role: if base {
+                        Role::RecoveryBase
+                    } else {
+                        Role::Point
+                    },
+                    rules: vec![if base {
+                        "copy, with WAL"
+                    } else {
+                        "copy, own WAL"
+                    }
+                    .into()],
+                },
+            )
+        }));
         let rec = ExpireRecord {
             time: chrono::Utc::now(),
             kept,

@@ -180,10 +180,29 @@ pub async fn drill(
         });
     }
     // whatever happened, no server is left running in the scratch directory
-    if scratch.pgdata.join("postmaster.pid").exists() {
-        let _ = server::stop(&scratch.pgdata, &server_options(opts, &scratch, owner)).await;
+    let pid = scratch.pgdata.join("postmaster.pid");
+    if pid.exists() {
+        let sopts = server_options(opts, &scratch, owner);
+        if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
+            tracing::warn!(
+                "drill: stopping the scratch server failed ({e}); stopping it immediately"
+            );
+            let _ = server::stop_with(&scratch.pgdata, &sopts, "immediate").await;
+        }
     }
-    if opts.keep {
+    if pid.exists() {
+        // never delete a directory a server still runs on
+        rec.checks.push(DrillCheck {
+            name: "cleanup".into(),
+            status: CheckStatus::Failed,
+            detail: format!(
+                "the scratch server on {} could not be stopped: stop it (pg_ctl -D {} stop -m immediate) and remove {}",
+                scratch.pgdata.display(),
+                scratch.pgdata.display(),
+                scratch.root.display()
+            ),
+        });
+    } else if opts.keep {
         tracing::info!("drill: scratch directory kept: {}", scratch.root.display());
     } else {
         scratch.remove();
@@ -295,9 +314,9 @@ async fn run(
     let conn = |db: &str| {
         let info = format!(
             "host='{}' port={port} user='{}' dbname='{}'",
-            scratch.sock.display(),
-            opts.user.replace('\'', ""),
-            db.replace('\'', "")
+            quote(&scratch.sock.display().to_string()),
+            quote(&opts.user),
+            quote(db)
         );
         async move {
             let p = ConnParams::parse(&info).map_err(|e| e.to_string())?;
@@ -503,6 +522,11 @@ where
         c.close().await;
     }
     Ok(out)
+}
+
+/// A conninfo value inside single quotes: `\` and `'` escaped.
+fn quote(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 /// The first column of row `i`, as text.

@@ -184,6 +184,9 @@ pub async fn expire(
     // the WAL that goes
     let leases = gc::live_leases(repo, &paths).await?;
     let mut doomed_wal: Vec<(WalFileName, u64)> = Vec::new();
+    // the WAL kept for a kept range (its locks are extended); None while a
+    // backup runs and the ranges are not known
+    let mut kept_wal: Option<Vec<WalFileName>> = None;
     if let Some(l) = leases.iter().find(|l| l.purpose == "backup") {
         report.wal_kept_because = Some(format!(
             "a backup is in progress ({}, lease since {}): its WAL's start is not known yet, so no WAL is expired in this run",
@@ -202,9 +205,11 @@ pub async fn expire(
             })
             .collect();
         let keep = WalKeep::new(&cat, &spans, seg)?;
+        let mut keeps = Vec::new();
         for tli in repo.wal_timelines(&paths).await? {
             for (name, size) in repo.list_wal_sized(&paths, tli, seg).await? {
                 if keep.keeps(&name) {
+                    keeps.push(name);
                     continue;
                 }
                 if locking {
@@ -219,6 +224,7 @@ pub async fn expire(
             }
         }
         report.wal_expired = ranges(&doomed_wal);
+        kept_wal = Some(keeps);
     }
     report.bytes_freed = doomed_wal.iter().map(|(_, s)| s).sum();
 
@@ -260,6 +266,7 @@ pub async fn expire(
             }
         }
     }
+    gc::sweep_leases(repo, &paths).await?;
     let g = gc::collect(repo, &paths, opts.pack_grace).await?;
     add_packs(&mut report, &g);
     report.locked += g.locked;
@@ -273,7 +280,21 @@ pub async fn expire(
         records::prune(repo, &paths, kind).await?;
     }
     if locking {
-        report.locks_extended = super::locks::extend(repo, &paths, &remaining, opts.now).await?;
+        // only what a rule of the policy keeps: a backup kept just because
+        // its lock has not ended yet must be let go when it ends
+        let by_rule: Vec<Manifest> = decisions
+            .iter()
+            .filter(|d| {
+                d.reasons
+                    .iter()
+                    .any(|r| !matches!(r, Reason::Locked { .. }))
+            })
+            .filter_map(|d| by_id.get(d.id.as_str()).map(|m| (*m).clone()))
+            .collect();
+        if let Some(wal) = &kept_wal {
+            report.locks_extended =
+                super::locks::extend(repo, &paths, &by_rule, wal, opts.now).await?;
+        }
     }
     Ok(report)
 }

@@ -4,7 +4,8 @@
 //! [`extend`] after applying the policy, so a backup never outlives the
 //! lock of the data it needs: its manifest, the packs holding its blocks,
 //! the WAL of the kept recovery ranges and its summaries, the holds, the
-//! repository's config and key slots. Index objects are not extended: they
+//! repository's config and key slots. A backup kept only because its own
+//! lock has not ended is not extended: it goes when the lock ends. Index objects are not extended: they
 //! can be rebuilt from the pack headers (`Index::rebuild_from_packs`).
 
 use chrono::{DateTime, Duration, Utc};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::records;
 use super::OpsError;
+use crate::pg::WalFileName;
 use crate::repo::{gc, Index, Manifest, Repository, StanzaPaths, CONFIG_KEY, KEYS_PREFIX};
 use crate::storage::list_all;
 
@@ -41,6 +43,7 @@ pub async fn extend(
     repo: &Repository,
     paths: &StanzaPaths,
     kept: &[Manifest],
+    kept_wal: &[WalFileName],
     now: DateTime<Utc>,
 ) -> Result<usize, OpsError> {
     let Some(days) = repo.storage().lock_days() else {
@@ -55,12 +58,7 @@ pub async fn extend(
     let until = now + period;
     let storage = repo.storage();
     let mut keys: Vec<String> = vec![CONFIG_KEY.to_owned()];
-    for prefix in [
-        KEYS_PREFIX.to_owned(),
-        paths.holds(),
-        paths.wal(),
-        paths.wal_summaries(),
-    ] {
+    for prefix in [KEYS_PREFIX.to_owned(), paths.holds()] {
         keys.extend(
             list_all(storage.as_ref(), &prefix)
                 .await?
@@ -68,11 +66,37 @@ pub async fn extend(
                 .map(|o| o.key),
         );
     }
+    // a segment may have no summary (it is computed when needed)
+    let summaries: std::collections::HashSet<String> =
+        list_all(storage.as_ref(), &paths.wal_summaries())
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+    for name in kept_wal {
+        keys.push(crate::repo::wal_key(paths, name));
+        if let (Some(f), false) = (
+            name.segment_file(),
+            matches!(name, WalFileName::Backup { .. }),
+        ) {
+            let k = crate::archive::summaries::key(paths, &f);
+            if summaries.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
     keys.extend(kept.iter().map(|m| Manifest::object_name(paths, &m.id)));
     let (index, _) = Index::load(repo, paths).await?;
     keys.extend(gc::plan(&index, kept).live.iter().map(|id| paths.pack(id)));
     let n = keys.len();
     futures::stream::iter(keys.into_iter().map(|k| async move {
+        // never shorter than it is (a compliance lock refuses that, after
+        // object_lock_days was lowered)
+        match storage.locked_until(&k).await {
+            Ok(Some(current)) if current >= until => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
+            _ => {}
+        }
         match storage.extend_lock(&k, until).await {
             Ok(()) => Ok(()),
             // removed meanwhile (a WAL file by a concurrent expire)

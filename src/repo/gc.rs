@@ -193,7 +193,7 @@ pub async fn live_leases(
         .collect();
     for o in &objects {
         let base = o.key.rsplit_once('.').map_or(o.key.as_str(), |(b, _)| b);
-        if o.key.ends_with(".released") || released.contains(base) {
+        if o.key.ends_with(".released") || released.contains(base) || is_probe(&o.key, paths) {
             continue;
         }
         let body = match repo.read_object(ObjectKind::Lease, &o.key, 1 << 20).await {
@@ -212,6 +212,48 @@ pub async fn live_leases(
         }
     }
     Ok(out)
+}
+
+/// `check`'s and `storage-check`'s probe objects under `locks/`.
+fn is_probe(key: &str, paths: &StanzaPaths) -> bool {
+    key.strip_prefix(&paths.locks())
+        .is_some_and(|n| n.starts_with("check-") || n.starts_with("storage-check-"))
+}
+
+/// Delete what is left in `locks/` of writers that are gone: leases expired
+/// for longer than a lease lives, released ones and their markers, probes.
+/// A write-once repository keeps what is still locked (a later run takes
+/// it). Returns the objects deleted.
+pub async fn sweep_leases(repo: &Repository, paths: &StanzaPaths) -> Result<usize, RepoError> {
+    let objects = list_all(repo.storage().as_ref(), &paths.locks()).await?;
+    let released: HashSet<String> = objects
+        .iter()
+        .filter_map(|o| o.key.strip_suffix(".released").map(str::to_owned))
+        .collect();
+    let stale_before = now_secs() - LEASE_TTL.as_secs() as i64;
+    let mut gone = 0;
+    for o in &objects {
+        let base = o.key.rsplit_once('.').map_or(o.key.as_str(), |(b, _)| b);
+        let stale = o.key.ends_with(".released")
+            || released.contains(base)
+            || is_probe(&o.key, paths)
+            || match repo.read_object(ObjectKind::Lease, &o.key, 1 << 20).await {
+                Ok(body) => serde_json::from_slice::<LeaseRecord>(&body)
+                    .map(|r| r.expires < stale_before)
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+        if !stale {
+            continue;
+        }
+        match repo.storage().delete(&o.key).await {
+            Ok(()) => gone += 1,
+            Err(crate::storage::StorageError::Locked { .. }) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(gone)
 }
 
 /// Packs marked for deletion, with the time of marking.

@@ -162,11 +162,21 @@ fn output_text(out: &std::process::Output) -> String {
 
 /// Stop the server on `pgdata` (fast shutdown), waiting for it.
 pub async fn stop(pgdata: &Path, opts: &ServerOptions) -> Result<(), RecoverError> {
+    stop_with(pgdata, opts, "fast").await
+}
+
+/// Stop the server on `pgdata` with shutdown mode `mode` (`fast`,
+/// `immediate`), waiting for it.
+pub async fn stop_with(
+    pgdata: &Path,
+    opts: &ServerOptions,
+    mode: &str,
+) -> Result<(), RecoverError> {
     let bin = bindir(pgdata, opts.pg_bin.as_deref())?;
     let mut cmd = pg_ctl(&bin, opts.run_as.as_deref());
     cmd.arg("-D")
         .arg(pgdata)
-        .args(["-m", "fast", "-w", "-t", "300", "stop"]);
+        .args(["-m", mode, "-w", "-t", "300", "stop"]);
     let out = run_pg_ctl(cmd, "stop").await?;
     if !out.status.success() {
         return Err(RecoverError::PgCtl {

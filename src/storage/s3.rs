@@ -670,15 +670,15 @@ impl S3 {
                 .await;
             if let Err(e) = deleted {
                 let err = self.classify("delete", key, e);
-                if let StorageError::Backend { message, .. } = &err {
-                    if message.contains("AccessDenied")
-                        || message.contains("locked")
-                        || message.contains("retention")
-                    {
+                // a refusal is a lock only when the object says it is
+                // locked; otherwise (credentials without
+                // s3:DeleteObjectVersion, say) it is the error it is
+                if let StorageError::Backend { .. } = &err {
+                    if let Ok(Some(until)) = self.locked_until(key).await {
                         return Err(StorageError::Locked {
                             location: self.location(),
                             key: key.to_owned(),
-                            until: self.locked_until(key).await.ok().flatten(),
+                            until: Some(until),
                         });
                     }
                 }

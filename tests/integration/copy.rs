@@ -167,6 +167,41 @@ fn copy_to_an_encrypted_garage_repository_recovers_the_same_rows_once_the_first_
         .json();
     assert_eq!(v["passed"], true, "{v}");
 
+    // a WAL file damaged in the main repository and missing from the copy:
+    // wal-fetch must not answer "not there" (exit 1 ends recovery early)
+    // but fail (255); intact in the main one, it is served from there
+    let wal_dir = a.repo.join("main/wal/00000001");
+    let mut segs: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segs.sort();
+    let first = segs[0].clone();
+    let original = std::fs::read(wal_dir.join(&first)).unwrap();
+    let copy_store = rt.block_on(server.storage("offsite"));
+    rt.block_on(walvault::storage::Storage::delete(
+        &copy_store,
+        &format!("main/wal/00000001/{first}"),
+    ))
+    .unwrap();
+    let mut damaged = original.clone();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x01;
+    std::fs::write(wal_dir.join(&first), &damaged).unwrap();
+    let dest = a.work.path().join("fetched");
+    let out = wv.args(["wal-fetch", &first]).arg(&dest).fails_with(255);
+    assert!(
+        out.stderr.contains("going on with repository offsite")
+            && out.stderr.contains("does not have it"),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(wal_dir.join(&first), &original).unwrap();
+    wv.args(["wal-fetch", &first]).arg(&dest).ok();
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+
     // a flipped byte in the main repository's biggest pack: the restore
     // fails authenticating a block there, goes on from the copy (finishing
     // the directory as a delta restore), and the server recovers every row
