@@ -9,15 +9,19 @@
 //!   error) re-sends at most one segment and never leaves a gap; complete
 //!   segments are stored with [`Repository::store_wal_once`], so a re-sent
 //!   segment with other content is refused, never overwritten;
-//! - the open segment is stored as a zero-padded `.partial` at most
-//!   `partial_interval` after new WAL arrived (immediately in synchronous
-//!   mode, before the flush position is reported), which bounds the RPO.
+//! - the open segment is made durable as append-only pieces
+//!   (`<segment>.<offset>`, see `repo::wal`): each write carries only the
+//!   WAL received since the last durable point, at most `partial_interval`
+//!   after new WAL arrived; in synchronous mode as soon as the previous
+//!   write is done (group commit: one write carries every commit that
+//!   arrived while the previous one was in flight), and the flush position
+//!   is reported right after each write, which bounds the RPO.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::ArchiveError;
 use crate::pg::wire::Backend;
@@ -73,8 +77,10 @@ pub struct StreamStatus {
     pub lag_seconds: f64,
     /// Complete segments stored since start.
     pub segments_stored: u64,
-    /// `.partial` uploads since start.
+    /// Pieces of open segments written since start.
     pub partial_uploads: u64,
+    /// Bytes of those pieces as stored.
+    pub piece_bytes: u64,
     /// When this was written.
     pub updated_at: String,
 }
@@ -263,6 +269,9 @@ async fn session(
     let mut caught_up_at = Instant::now();
     let mut published = durable;
     let mut partial_due: Option<tokio::time::Instant> = None;
+    // the piece being written, if any (its end), and where writes report
+    let mut writing: Option<Lsn> = None;
+    let (done_tx, mut done_rx) = mpsc::channel::<Result<(Lsn, u64), crate::repo::RepoError>>(1);
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
     stats.timeline = Some(tli);
@@ -285,7 +294,7 @@ async fn session(
                 };
                 let Some(data) = msg else {
                     // the server ended this timeline (a promotion)
-                    store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                    flush_pieces(repo, paths, &asm, &mut durable, stats, &mut writing, &mut done_rx).await?;
                     conn.send_copy_done().await?;
                     let next = conn.finish_query("START_REPLICATION").await?;
                     tracing::info!(
@@ -299,21 +308,30 @@ async fn session(
                 match parse_message(data).map_err(|e| ArchiveError::Protocol(e.to_string()))? {
                     WalMessage::XLogData { start, wal_end, data } => {
                         server_end = server_end.max(wal_end);
-                        for s in asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))? {
+                        let completed = asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))?;
+                        if !completed.is_empty() {
+                            // a piece in flight belongs to a segment now complete
+                            wait_piece(&mut durable, stats, &mut writing, &mut done_rx).await?;
+                        }
+                        for s in completed {
                             let name = s.name;
                             super::summaries::spawn_store(repo.clone(), paths.clone(), name, s.data.clone());
                             repo.store_wal_once(paths, &name, s.data).await?;
-                            // the complete segment supersedes its .partial
+                            // the complete segment supersedes its pieces and .partial
                             if let Some(f) = name.segment_file() {
-                                let k = crate::repo::wal_key(paths, &WalFileName::Partial(f));
-                                let _ = repo.storage().delete(&k).await;
+                                let _ = repo.delete_wal(paths, &WalFileName::Partial(f)).await;
                             }
                             stats.segments_stored += 1;
                             durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
                         }
                         if opts.synchronous {
-                            store_partial(repo, paths, &asm, &mut durable, stats).await?;
-                            send_status(&mut conn, durable, false).await?;
+                            if writing.is_none() {
+                                writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
+                            }
+                            if writing.is_none() {
+                                // a whole segment completed and nothing follows it
+                                send_status(&mut conn, durable, false).await?;
+                            }
                         } else if asm.position() > durable && partial_due.is_none() {
                             partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
                         }
@@ -335,8 +353,24 @@ async fn session(
             }
             _ = tokio::time::sleep_until(partial_at) => {
                 partial_due = None;
-                store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                if writing.is_none() {
+                    writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
+                }
+            }
+            Some(done) = done_rx.recv() => {
+                // a piece is durable: report it at once, and in synchronous
+                // mode write everything that arrived meanwhile (group commit)
+                writing = None;
+                let (end, bytes) = done?;
+                stats.partial_uploads += 1;
+                stats.piece_bytes += bytes;
+                durable = durable.max(end);
                 send_status(&mut conn, durable, false).await?;
+                if opts.synchronous {
+                    writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
+                } else if asm.position() > durable && partial_due.is_none() {
+                    partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
+                }
                 if durable >= server_end {
                     caught_up_at = Instant::now();
                 }
@@ -351,7 +385,7 @@ async fn session(
             }
             _ = stop.changed() => {
                 if *stop.borrow() {
-                    store_partial(repo, paths, &asm, &mut durable, stats).await?;
+                    flush_pieces(repo, paths, &asm, &mut durable, stats, &mut writing, &mut done_rx).await?;
                     let _ = send_status(&mut conn, durable, false).await;
                     report(opts, stats, &asm, durable, server_end, caught_up_at, true);
                     conn.close().await;
@@ -362,22 +396,69 @@ async fn session(
     }
 }
 
-/// Upload the open segment as `.partial` when it holds WAL not yet durable.
-async fn store_partial(
+/// Result of a piece write: its end and the bytes stored.
+type PieceDone = Result<(Lsn, u64), crate::repo::RepoError>;
+
+/// Start writing the WAL of the open segment received since `durable` as a
+/// piece, in the background (the result arrives on `tx`); returns the end
+/// it will make durable, or `None` when there is nothing new.
+fn spawn_piece(
+    repo: &Arc<Repository>,
+    paths: &StanzaPaths,
+    asm: &SegmentAssembler,
+    durable: Lsn,
+    tx: &mpsc::Sender<PieceDone>,
+) -> Option<Lsn> {
+    let (f, offset, data) = asm.since(durable)?;
+    let end = asm.position();
+    let (repo, paths, tx) = (repo.clone(), paths.clone(), tx.clone());
+    tokio::spawn(async move {
+        let r = repo
+            .store_piece(&paths, &f, offset, bytes::Bytes::from(data))
+            .await
+            .map(|n| (end, n));
+        let _ = tx.send(r).await;
+    });
+    Some(end)
+}
+
+/// Wait for the piece in flight, if any, and count it durable.
+async fn wait_piece(
+    durable: &mut Lsn,
+    stats: &mut StreamStatus,
+    writing: &mut Option<Lsn>,
+    done: &mut mpsc::Receiver<PieceDone>,
+) -> Result<(), ArchiveError> {
+    if writing.take().is_some() {
+        if let Some(r) = done.recv().await {
+            let (end, bytes) = r?;
+            stats.partial_uploads += 1;
+            stats.piece_bytes += bytes;
+            *durable = (*durable).max(end);
+        }
+    }
+    Ok(())
+}
+
+/// Make everything received durable now: the piece in flight, then the
+/// rest of the open segment.
+async fn flush_pieces(
     repo: &Repository,
     paths: &StanzaPaths,
     asm: &SegmentAssembler,
     durable: &mut Lsn,
     stats: &mut StreamStatus,
+    writing: &mut Option<Lsn>,
+    done: &mut mpsc::Receiver<PieceDone>,
 ) -> Result<(), ArchiveError> {
-    if asm.position() <= *durable {
-        return Ok(());
-    }
-    if let Some(p) = asm.partial() {
-        repo.store_wal(paths, &p.name, p.data).await?;
+    wait_piece(durable, stats, writing, done).await?;
+    if let Some((f, offset, data)) = asm.since(*durable) {
+        stats.piece_bytes += repo
+            .store_piece(paths, &f, offset, bytes::Bytes::from(data))
+            .await?;
         stats.partial_uploads += 1;
     }
-    *durable = asm.position();
+    *durable = (*durable).max(asm.position());
     Ok(())
 }
 

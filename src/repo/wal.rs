@@ -3,13 +3,22 @@
 //! repository is) per segment, `.partial` segment, or `.history` file. The
 //! object name is bound into the tag or checksum, so a segment stored under
 //! another name never verifies.
+//!
+//! The open segment of `stream` is stored as *pieces*: immutable objects
+//! `<segment>.<offset>` (8 upper-case hex digits) holding the WAL bytes
+//! from that offset on, each written once, so making new WAL durable writes
+//! only the new bytes. Listings show a segment with pieces as its
+//! `.partial`; reading that `.partial` assembles the pieces from offset 0,
+//! stopping at the first gap or damaged piece (never a byte past it), over
+//! the `.partial` object when one exists too. Storing the complete segment
+//! removes its pieces.
 
 use bytes::Bytes;
 
 use super::object::{self, ObjectKind};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::Compression;
-use crate::pg::{TimelineId, WalFileName, WalSegSize};
+use crate::pg::{SegmentFile, TimelineId, WalFileName, WalSegSize};
 
 /// Largest WAL object body accepted: a 1 GiB segment.
 const MAX_WAL: u64 = 1 << 30;
@@ -18,6 +27,31 @@ const MAX_WAL: u64 = 1 << 30;
 /// name as PostgreSQL writes it.
 pub fn wal_key(paths: &StanzaPaths, name: &WalFileName) -> String {
     format!("{}{}/{name}", paths.wal(), timeline_dir(name.timeline()))
+}
+
+/// The object key of the piece of segment `f` that starts at byte `offset`.
+pub fn piece_key(paths: &StanzaPaths, f: &SegmentFile, offset: u32) -> String {
+    format!(
+        "{}{}/{f}.{offset:08X}",
+        paths.wal(),
+        timeline_dir(f.timeline)
+    )
+}
+
+/// A piece's segment and offset from its name inside the timeline directory.
+pub fn parse_piece(name: &str, seg: WalSegSize) -> Option<(SegmentFile, u32)> {
+    let (segment, offset) = name.split_once('.')?;
+    if offset.len() != 8
+        || !offset
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    {
+        return None;
+    }
+    match WalFileName::parse(segment, seg).ok()? {
+        WalFileName::Segment(f) => Some((f, u32::from_str_radix(offset, 16).ok()?)),
+        _ => None,
+    }
 }
 
 /// The directory of a timeline under `wal/` and `wal-summary/`: 8 hex digits.
@@ -79,15 +113,31 @@ impl Repository {
         seg: WalSegSize,
     ) -> Result<Vec<(WalFileName, u64)>, RepoError> {
         let prefix = format!("{}{}/", paths.wal(), timeline_dir(tli));
-        let mut found: Vec<(WalFileName, u64)> =
-            crate::storage::list_all(self.storage().as_ref(), &prefix)
-                .await?
-                .into_iter()
-                .filter_map(|o| {
-                    let name = WalFileName::parse(o.key.strip_prefix(&prefix)?, seg).ok()?;
-                    (name.timeline() == tli).then_some((name, o.size))
-                })
-                .collect();
+        let mut found: Vec<(WalFileName, u64)> = Vec::new();
+        let mut pieces: std::collections::BTreeMap<String, (SegmentFile, u64)> =
+            std::collections::BTreeMap::new();
+        for o in crate::storage::list_all(self.storage().as_ref(), &prefix).await? {
+            let Some(rest) = o.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if let Ok(name) = WalFileName::parse(rest, seg) {
+                if name.timeline() == tli {
+                    found.push((name, o.size));
+                }
+            } else if let Some((f, _)) = parse_piece(rest, seg) {
+                if f.timeline == tli {
+                    pieces.entry(f.to_string()).or_insert((f, 0)).1 += o.size;
+                }
+            }
+        }
+        // a segment with pieces is listed as its .partial (once)
+        for (_, (f, size)) in pieces {
+            let as_partial = WalFileName::Partial(f);
+            match found.iter_mut().find(|(n, _)| *n == as_partial) {
+                Some(entry) => entry.1 += size,
+                None => found.push((as_partial, size)),
+            }
+        }
         found.sort_by_key(|(n, _)| n.to_string());
         Ok(found)
     }
@@ -99,10 +149,153 @@ impl Repository {
         name: &WalFileName,
     ) -> Result<(), RepoError> {
         match self.storage().delete(&wal_key(paths, name)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
         }
+        if let WalFileName::Partial(f) | WalFileName::Segment(f) = name {
+            self.delete_pieces(paths, f).await?;
+        }
+        Ok(())
+    }
+
+    /// The pieces of segment `f`: (offset, key), by offset.
+    pub async fn list_pieces(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+    ) -> Result<Vec<(u32, String)>, RepoError> {
+        let dir = format!("{}{}/", paths.wal(), timeline_dir(f.timeline));
+        let prefix = format!("{dir}{f}.");
+        let mut out: Vec<(u32, String)> =
+            crate::storage::list_all(self.storage().as_ref(), &prefix)
+                .await?
+                .into_iter()
+                .filter_map(|o| {
+                    let (g, off) = parse_piece(o.key.strip_prefix(&dir)?, f.seg_size)?;
+                    (g == *f).then_some((off, o.key))
+                })
+                .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Delete the pieces of segment `f` (its complete segment is stored, or
+    /// retention removes it); a piece a write-once repository still locks
+    /// stays for a later run.
+    pub async fn delete_pieces(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+    ) -> Result<(), RepoError> {
+        for (_, key) in self.list_pieces(paths, f).await? {
+            match self.storage().delete(&key).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(crate::storage::StorageError::Locked { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Store the bytes of segment `f` from `offset` on as a piece; returns
+    /// the bytes written.
+    pub async fn store_piece(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        offset: u32,
+        data: Bytes,
+    ) -> Result<u64, RepoError> {
+        let key = piece_key(paths, f, offset);
+        let keys = self.keys().cloned();
+        let k = key.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            object::seal(ObjectKind::Wal, &k, &data, Compression::Lz4, keys.as_ref())
+        })
+        .await
+        .map_err(RepoError::task("WAL encode"))?;
+        let n = sealed.len() as u64;
+        self.storage().put(&key, sealed).await?;
+        Ok(n)
+    }
+
+    /// Segment `f` as its pieces make it (over `base`, the `.partial`
+    /// object, when there is one): zero-padded to the segment size, the
+    /// valid bytes those of the pieces from offset 0 up to the first gap or
+    /// damaged piece. `None` when `f` has no pieces.
+    async fn assemble_pieces(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        base: Option<Bytes>,
+    ) -> Result<Option<Bytes>, RepoError> {
+        let pieces = self.list_pieces(paths, f).await?;
+        if pieces.is_empty() {
+            return Ok(None);
+        }
+        // the name alone may not tell the segment size (wal-fetch reads it
+        // with a default): the first page's long header does
+        let max = MAX_WAL as usize;
+        let mut out = base.map(|b| b.to_vec()).unwrap_or_default();
+        let mut end = 0usize;
+        let mut tried = vec![false; pieces.len()];
+        loop {
+            // of the pieces starting at or before the end, the one reaching
+            // furthest; a damaged one is passed over
+            let mut best: Option<(usize, Vec<u8>)> = None;
+            for (i, (off, key)) in pieces.iter().enumerate() {
+                if tried[i] || *off as usize > end {
+                    continue;
+                }
+                tried[i] = true;
+                let body = match self.read_object(ObjectKind::Wal, key, MAX_WAL).await {
+                    Ok(b) => b,
+                    Err(RepoError::Storage(e)) if e.is_not_found() => continue,
+                    Err(RepoError::Corrupt { object, reason }) => {
+                        tracing::warn!(
+                            "WAL piece {object} is damaged ({reason}); the segment ends before it"
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let reach = *off as usize + body.len();
+                if reach > end && reach <= max && best.as_ref().is_none_or(|(r, _)| reach > *r) {
+                    let mut bytes = vec![0u8; reach];
+                    bytes[*off as usize..].copy_from_slice(&body);
+                    best = Some((reach, bytes));
+                }
+            }
+            match best {
+                Some((reach, bytes)) => {
+                    if out.len() < reach {
+                        out.resize(reach, 0);
+                    }
+                    let from = bytes.len() - (reach - end);
+                    out[end..reach].copy_from_slice(&bytes[from..]);
+                    end = reach;
+                }
+                None => break,
+            }
+        }
+        if end == 0 {
+            return Ok(None);
+        }
+        let size = out
+            .get(32..36)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .and_then(|v| WalSegSize::new(u64::from(v)).ok())
+            .map_or(f.seg_size.bytes(), |s| s.bytes()) as usize;
+        if out.len() < size {
+            out.resize(size, 0);
+        }
+        // the pieces' prefix over the base's: both are authentic prefixes
+        // of the same segment, so the result is the longer prefix, then
+        // zeros (past a gap in the pieces only what the base itself holds)
+        Ok(Some(Bytes::from(out)))
     }
 
     /// Timelines with a directory under `<stanza>/wal/`, sorted.
@@ -193,11 +386,17 @@ impl Repository {
         name: &WalFileName,
     ) -> Result<Option<Bytes>, RepoError> {
         let key = wal_key(paths, name);
-        match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
-            Ok(body) => Ok(Some(Bytes::from(body))),
-            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
+        let stored = match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
+            Ok(body) => Some(Bytes::from(body)),
+            Err(RepoError::Storage(e)) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        if let WalFileName::Partial(f) = name {
+            if let Some(assembled) = self.assemble_pieces(paths, f, stored.clone()).await? {
+                return Ok(Some(assembled));
+            }
         }
+        Ok(stored)
     }
 }
 
@@ -217,5 +416,66 @@ mod tests {
             wal_key(&StanzaPaths::new("s"), &h),
             "s/wal/0000000A/0000000A.history"
         );
+    }
+
+    #[tokio::test]
+    async fn pieces_assemble_up_to_the_first_gap_or_damaged_piece() {
+        use crate::pg::{SegmentFile, SegmentNo};
+        use crate::repo::{InitParams, KdfCost};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(crate::storage::LocalDir::open(dir.path()).unwrap());
+        let repo = Repository::init(storage, &InitParams::default(), None, KdfCost::default())
+            .await
+            .unwrap();
+        let paths = StanzaPaths::new("s");
+        let seg = WalSegSize::DEFAULT;
+        let f = SegmentFile {
+            timeline: TimelineId::new(1).unwrap(),
+            segno: SegmentNo(3),
+            seg_size: seg,
+        };
+        let wal: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8 + 1).collect();
+        let piece = |from: usize, to: usize| Bytes::copy_from_slice(&wal[from..to]);
+        for (from, to) in [(0, 100), (100, 200), (200, 300)] {
+            repo.store_piece(&paths, &f, from as u32, piece(from, to))
+                .await
+                .unwrap();
+        }
+        let partial = WalFileName::Partial(f);
+        let load = || async { repo.load_wal(&paths, &partial).await.unwrap().unwrap() };
+        let valid = |got: &Bytes| {
+            assert_eq!(got.len() as u64, seg.bytes());
+            let n = got.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            assert_eq!(&got[..n], &wal[..n], "bytes that are not the WAL");
+            n
+        };
+        assert_eq!(valid(&load().await), 300);
+        // listed as the segment's .partial
+        let listed = repo.list_wal_sized(&paths, f.timeline, seg).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, partial);
+        // a restarted session's overlapping piece changes nothing
+        repo.store_piece(&paths, &f, 0, piece(0, 150))
+            .await
+            .unwrap();
+        assert_eq!(valid(&load().await), 300);
+        // the middle piece damaged: up to what reaches past it, never beyond
+        let middle = dir.path().join(piece_key(&paths, &f, 100));
+        let mut bytes = std::fs::read(&middle).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&middle, bytes).unwrap();
+        assert_eq!(valid(&load().await), 150);
+        // the middle piece and the overlap gone: up to the gap
+        std::fs::remove_file(&middle).unwrap();
+        std::fs::remove_file(dir.path().join(piece_key(&paths, &f, 0))).unwrap();
+        repo.store_piece(&paths, &f, 0, piece(0, 100))
+            .await
+            .unwrap();
+        assert_eq!(valid(&load().await), 100);
+        // deleting the .partial deletes its pieces
+        repo.delete_wal(&paths, &partial).await.unwrap();
+        assert!(repo.list_pieces(&paths, &f).await.unwrap().is_empty());
+        assert!(repo.load_wal(&paths, &partial).await.unwrap().is_none());
     }
 }

@@ -220,6 +220,28 @@ impl SegmentAssembler {
         self.current.len()
     }
 
+    /// The bytes of the current, incomplete segment received from `from` on
+    /// (from its start when `from` lies before it): its file, the offset of
+    /// the first byte, the bytes. `None` when there are none.
+    pub fn since(&self, from: Lsn) -> Option<(crate::pg::SegmentFile, u32, Vec<u8>)> {
+        if self.current.is_empty() {
+            return None;
+        }
+        let seg = self.seg_size.bytes();
+        let start = self.next.get() - self.current.len() as u64;
+        let from = from.get().max(start);
+        if from >= self.next.get() {
+            return None;
+        }
+        let off = (from - start) as usize;
+        let f = crate::pg::SegmentFile {
+            timeline: self.timeline,
+            segno: SegmentNo(start / seg),
+            seg_size: self.seg_size,
+        };
+        Some((f, off as u32, self.current.get(off..)?.to_vec()))
+    }
+
     fn name(&self, segno: SegmentNo, partial: bool) -> WalFileName {
         let f = crate::pg::SegmentFile {
             timeline: self.timeline,
