@@ -269,9 +269,7 @@ async fn session(
     let mut caught_up_at = Instant::now();
     let mut published = durable;
     let mut partial_due: Option<tokio::time::Instant> = None;
-    // the piece being written, if any (its end), and where writes report
-    let mut writing: Option<Lsn> = None;
-    let (done_tx, mut done_rx) = mpsc::channel::<Result<(Lsn, u64), crate::repo::RepoError>>(1);
+    let mut pieces = Pieces::new();
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
     stats.timeline = Some(tli);
@@ -294,7 +292,7 @@ async fn session(
                 };
                 let Some(data) = msg else {
                     // the server ended this timeline (a promotion)
-                    flush_pieces(repo, paths, &asm, &mut durable, stats, &mut writing, &mut done_rx).await?;
+                    pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
                     conn.send_copy_done().await?;
                     let next = conn.finish_query("START_REPLICATION").await?;
                     tracing::info!(
@@ -310,8 +308,8 @@ async fn session(
                         server_end = server_end.max(wal_end);
                         let completed = asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))?;
                         if !completed.is_empty() {
-                            // a piece in flight belongs to a segment now complete
-                            wait_piece(&mut durable, stats, &mut writing, &mut done_rx).await?;
+                            // pieces in flight belong to a segment now complete
+                            pieces.wait_all(&mut durable, stats).await?;
                         }
                         for s in completed {
                             let name = s.name;
@@ -325,10 +323,8 @@ async fn session(
                             durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
                         }
                         if opts.synchronous {
-                            if writing.is_none() {
-                                writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
-                            }
-                            if writing.is_none() {
+                            pieces.spawn(repo, paths, &asm, durable);
+                            if pieces.is_idle() {
                                 // a whole segment completed and nothing follows it
                                 send_status(&mut conn, durable, false).await?;
                             }
@@ -353,21 +349,21 @@ async fn session(
             }
             _ = tokio::time::sleep_until(partial_at) => {
                 partial_due = None;
-                if writing.is_none() {
-                    writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
+                if pieces.is_idle() {
+                    pieces.spawn(repo, paths, &asm, durable);
                 }
             }
-            Some(done) = done_rx.recv() => {
-                // a piece is durable: report it at once, and in synchronous
-                // mode write everything that arrived meanwhile (group commit)
-                writing = None;
-                let (end, bytes) = done?;
-                stats.partial_uploads += 1;
-                stats.piece_bytes += bytes;
-                durable = durable.max(end);
-                send_status(&mut conn, durable, false).await?;
+            Some(done) = pieces.rx.recv() => {
+                // a piece is durable: report what is durable at once, and in
+                // synchronous mode write everything that arrived meanwhile
+                // (group commit)
+                let before = durable;
+                pieces.complete(done?, &mut durable, stats);
+                if durable > before {
+                    send_status(&mut conn, durable, false).await?;
+                }
                 if opts.synchronous {
-                    writing = spawn_piece(repo, paths, &asm, durable, &done_tx);
+                    pieces.spawn(repo, paths, &asm, durable);
                 } else if asm.position() > durable && partial_due.is_none() {
                     partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
                 }
@@ -385,7 +381,7 @@ async fn session(
             }
             _ = stop.changed() => {
                 if *stop.borrow() {
-                    flush_pieces(repo, paths, &asm, &mut durable, stats, &mut writing, &mut done_rx).await?;
+                    pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
                     let _ = send_status(&mut conn, durable, false).await;
                     report(opts, stats, &asm, durable, server_end, caught_up_at, true);
                     conn.close().await;
@@ -399,67 +395,114 @@ async fn session(
 /// Result of a piece write: its end and the bytes stored.
 type PieceDone = Result<(Lsn, u64), crate::repo::RepoError>;
 
-/// Start writing the WAL of the open segment received since `durable` as a
-/// piece, in the background (the result arrives on `tx`); returns the end
-/// it will make durable, or `None` when there is nothing new.
-fn spawn_piece(
-    repo: &Arc<Repository>,
-    paths: &StanzaPaths,
-    asm: &SegmentAssembler,
-    durable: Lsn,
-    tx: &mpsc::Sender<PieceDone>,
-) -> Option<Lsn> {
-    let (f, offset, data) = asm.since(durable)?;
-    let end = asm.position();
-    let (repo, paths, tx) = (repo.clone(), paths.clone(), tx.clone());
-    tokio::spawn(async move {
-        let r = repo
-            .store_piece(&paths, &f, offset, bytes::Bytes::from(data))
-            .await
-            .map(|n| (end, n));
-        let _ = tx.send(r).await;
-    });
-    Some(end)
+/// Pieces written at once: a new one starts while earlier ones are still
+/// being made durable (their fsyncs or PUTs overlap); the durable point
+/// advances over the ones done in order.
+const PIECES_IN_FLIGHT: usize = 4;
+
+/// The pieces of the open segment being written, in the order issued.
+struct Pieces {
+    /// Each piece's end and whether it is durable.
+    inflight: std::collections::VecDeque<(Lsn, bool)>,
+    tx: mpsc::Sender<PieceDone>,
+    rx: mpsc::Receiver<PieceDone>,
 }
 
-/// Wait for the piece in flight, if any, and count it durable.
-async fn wait_piece(
-    durable: &mut Lsn,
-    stats: &mut StreamStatus,
-    writing: &mut Option<Lsn>,
-    done: &mut mpsc::Receiver<PieceDone>,
-) -> Result<(), ArchiveError> {
-    if writing.take().is_some() {
-        if let Some(r) = done.recv().await {
-            let (end, bytes) = r?;
-            stats.partial_uploads += 1;
-            stats.piece_bytes += bytes;
-            *durable = (*durable).max(end);
+impl Pieces {
+    fn new() -> Pieces {
+        let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+        Pieces {
+            inflight: std::collections::VecDeque::new(),
+            tx,
+            rx,
         }
     }
-    Ok(())
-}
 
-/// Make everything received durable now: the piece in flight, then the
-/// rest of the open segment.
-async fn flush_pieces(
-    repo: &Repository,
-    paths: &StanzaPaths,
-    asm: &SegmentAssembler,
-    durable: &mut Lsn,
-    stats: &mut StreamStatus,
-    writing: &mut Option<Lsn>,
-    done: &mut mpsc::Receiver<PieceDone>,
-) -> Result<(), ArchiveError> {
-    wait_piece(durable, stats, writing, done).await?;
-    if let Some((f, offset, data)) = asm.since(*durable) {
-        stats.piece_bytes += repo
-            .store_piece(paths, &f, offset, bytes::Bytes::from(data))
-            .await?;
-        stats.partial_uploads += 1;
+    fn is_idle(&self) -> bool {
+        self.inflight.is_empty()
     }
-    *durable = (*durable).max(asm.position());
-    Ok(())
+
+    /// Start writing, in the background, the WAL of the open segment
+    /// received after what was durable or already issued (nothing when
+    /// there is none, or enough pieces are in flight).
+    fn spawn(
+        &mut self,
+        repo: &Arc<Repository>,
+        paths: &StanzaPaths,
+        asm: &SegmentAssembler,
+        durable: Lsn,
+    ) {
+        if self.inflight.len() >= PIECES_IN_FLIGHT {
+            return;
+        }
+        let from = self
+            .inflight
+            .back()
+            .map_or(durable, |(e, _)| (*e).max(durable));
+        let Some((f, offset, data)) = asm.since(from) else {
+            return;
+        };
+        let end = asm.position();
+        self.inflight.push_back((end, false));
+        let (repo, paths, tx) = (repo.clone(), paths.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let r = repo
+                .store_piece(&paths, &f, offset, bytes::Bytes::from(data))
+                .await
+                .map(|n| (end, n));
+            let _ = tx.send(r).await;
+        });
+    }
+
+    /// Count a finished piece; the durable point moves over every piece
+    /// done in issue order.
+    fn complete(&mut self, (end, bytes): (Lsn, u64), durable: &mut Lsn, stats: &mut StreamStatus) {
+        stats.partial_uploads += 1;
+        stats.piece_bytes += bytes;
+        if let Some(p) = self.inflight.iter_mut().find(|(e, _)| *e == end) {
+            p.1 = true;
+        }
+        while let Some(&(e, true)) = self.inflight.front() {
+            *durable = (*durable).max(e);
+            self.inflight.pop_front();
+        }
+    }
+
+    /// Wait until every piece in flight is durable.
+    async fn wait_all(
+        &mut self,
+        durable: &mut Lsn,
+        stats: &mut StreamStatus,
+    ) -> Result<(), ArchiveError> {
+        while !self.inflight.is_empty() {
+            match self.rx.recv().await {
+                Some(r) => self.complete(r?, durable, stats),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Make everything received durable now: the pieces in flight, then
+    /// the rest of the open segment.
+    async fn flush(
+        &mut self,
+        repo: &Repository,
+        paths: &StanzaPaths,
+        asm: &SegmentAssembler,
+        durable: &mut Lsn,
+        stats: &mut StreamStatus,
+    ) -> Result<(), ArchiveError> {
+        self.wait_all(durable, stats).await?;
+        if let Some((f, offset, data)) = asm.since(*durable) {
+            stats.piece_bytes += repo
+                .store_piece(paths, &f, offset, bytes::Bytes::from(data))
+                .await?;
+            stats.partial_uploads += 1;
+        }
+        *durable = (*durable).max(asm.position());
+        Ok(())
+    }
 }
 
 async fn send_status(conn: &mut PgConnection, durable: Lsn, reply: bool) -> Result<(), PgError> {

@@ -122,7 +122,9 @@ impl LocalDir {
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
-            f.sync_all()?;
+            // the data and the size; the name is made durable by the
+            // directory's sync after the rename
+            f.sync_data()?;
             drop(f);
             fs::rename(&tmp, &path)?;
             sync_dir(path.parent().unwrap_or(&self.root))
