@@ -314,7 +314,10 @@ impl S3Server {
                 if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                     panic!("garage exited ({status}):\n{}", self.log());
                 }
-                if self.health_ok() {
+                // the admin API can be up while the S3 API lost its port to
+                // someone else (who accepts connections but never answers):
+                // healthy only when the S3 port answers HTTP
+                if self.health_ok() && self.s3_answers() {
                     Ok(true)
                 } else {
                     Err(String::new())
@@ -326,6 +329,23 @@ impl S3Server {
 
     fn health_ok(&self) -> bool {
         healthy(self.admin_port)
+    }
+
+    /// The S3 endpoint answers an HTTP request (any status) within a second.
+    fn s3_answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Some(addr) = self.endpoint.strip_prefix("http://") else {
+            return false;
+        };
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut b = [0u8; 16];
+        matches!(s.read(&mut b), Ok(n) if n > 0)
     }
 
     /// The connection settings of this server as walvault's `[s3]` table.
