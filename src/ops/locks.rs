@@ -73,8 +73,25 @@ pub async fn extend(
             .into_iter()
             .map(|o| o.key)
             .collect();
+    // the objects stored for each kept WAL file: itself, and for an open
+    // segment its pieces (which may be all there is)
+    let stored: std::collections::HashSet<String> = list_all(storage.as_ref(), &paths.wal())
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     for name in kept_wal {
-        keys.push(crate::repo::wal_key(paths, name));
+        let key = crate::repo::wal_key(paths, name);
+        if stored.contains(&key) {
+            keys.push(key);
+        }
+        if let WalFileName::Partial(f) = name {
+            let prefix = format!(
+                "{}.",
+                crate::repo::wal_key(paths, &WalFileName::Segment(*f))
+            );
+            keys.extend(stored.iter().filter(|k| k.starts_with(&prefix)).cloned());
+        }
         if let (Some(f), false) = (
             name.segment_file(),
             matches!(name, WalFileName::Backup { .. }),
@@ -88,6 +105,8 @@ pub async fn extend(
     keys.extend(kept.iter().map(|m| Manifest::object_name(paths, &m.id)));
     let (index, _) = Index::load(repo, paths).await?;
     keys.extend(gc::plan(&index, kept).live.iter().map(|id| paths.pack(id)));
+    keys.sort();
+    keys.dedup();
     let n = keys.len();
     futures::stream::iter(keys.into_iter().map(|k| async move {
         // never shorter than it is (a compliance lock refuses that, after

@@ -10,6 +10,7 @@ use walvault::storage::{list_all, Storage, S3};
 
 use crate::support::moto::{MotoServer, LOCK_BUCKET};
 use crate::support::pg::PgCluster;
+use crate::support::stream::Streamer;
 use crate::support::Walvault;
 
 fn backup(wv: &Walvault, c: &PgCluster) -> String {
@@ -76,6 +77,13 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
             .arg(c.datadir.join("pg_wal").join(s))
             .ok();
     }
+    // the stream writes the open segment as pieces, each object once
+    let mut stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
+    for i in 0..5 {
+        c.psql(&format!("INSERT INTO t VALUES ({i})"));
+        stream.wait_durable(c.insert_lsn(), Duration::from_secs(30));
+    }
+    stream.stop();
     let st = rt
         .block_on(S3::connect(LOCK_BUCKET, "repo", &moto.config(1)))
         .unwrap();
@@ -100,6 +108,15 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
     let (per, markers) = rt.block_on(versions(&moto, "repo/"));
     assert_eq!(markers, 0);
     assert!(per.values().all(|n| *n == 1), "{per:?}");
+    let piece = |k: &str| {
+        k.starts_with("main/wal/")
+            && k.rsplit_once('.')
+                .is_some_and(|(_, o)| o.len() == 8 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    assert!(
+        before.iter().filter(|o| piece(&o.key)).count() >= 2,
+        "{before:?}"
+    );
     assert!(
         before
             .iter()
