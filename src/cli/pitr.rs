@@ -131,20 +131,16 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     let mut wal_source: Option<usize> = None;
     let (repo, rp) = loop {
         let last = i + 1 >= sources.len();
-        let planned = async {
-            let repo = Arc::new(settings.open_source(sources[i]).await?);
-            wal_source.get_or_insert(i);
-            let rp = plan_recovery(
-                &repo,
-                &settings.stanza,
-                &target,
-                args.exclusive,
-                args.target_timeline,
-                args.backup.as_deref(),
-            )
-            .await?;
-            Ok::<_, anyhow::Error>((repo, rp))
-        }
+        let planned = open_and_plan(
+            settings,
+            sources[i],
+            &target,
+            &args,
+            args.backup.as_deref(),
+            || {
+                wal_source.get_or_insert(i);
+            },
+        )
         .await;
         match planned {
             Ok(p) => break p,
@@ -204,19 +200,14 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         super::backup::fallback_note(sources[i], &e, sources[next]);
         i = next;
         empty_dir(&args.pgdata)?;
-        let again = async {
-            let repo = Arc::new(settings.open_source(sources[i]).await?);
-            let rp = plan_recovery(
-                &repo,
-                &settings.stanza,
-                &target,
-                args.exclusive,
-                args.target_timeline,
-                Some(&rp.plan.backup.id),
-            )
-            .await?;
-            Ok::<_, anyhow::Error>((repo, rp))
-        }
+        let again = open_and_plan(
+            settings,
+            sources[i],
+            &target,
+            &args,
+            Some(&rp.plan.backup.id),
+            || {},
+        )
         .await;
         result = match again {
             Ok((repo, rp)) => recover(repo, &settings.stanza, &rp, &opts, t0).await,
@@ -276,6 +267,30 @@ fn is_repository_fault(e: &anyhow::Error) -> bool {
             c.downcast_ref::<crate::repo::RepoError>().is_some()
                 || c.downcast_ref::<crate::storage::StorageError>().is_some()
         })
+}
+
+/// Open the recovery source `source` (then call `opened`) and plan the
+/// recovery to `target` there.
+async fn open_and_plan(
+    settings: &Settings,
+    source: Option<&super::config::RepositoryConfig>,
+    target: &Target,
+    args: &PitrArgs,
+    backup: Option<&str>,
+    opened: impl FnOnce(),
+) -> anyhow::Result<(Arc<crate::repo::Repository>, RecoveryPlan)> {
+    let repo = Arc::new(settings.open_source(source).await?);
+    opened();
+    let rp = plan_recovery(
+        &repo,
+        &settings.stanza,
+        target,
+        args.exclusive,
+        args.target_timeline,
+        backup,
+    )
+    .await?;
+    Ok((repo, rp))
 }
 
 /// Remove everything inside `dir`, keeping `dir` itself (a mount point or

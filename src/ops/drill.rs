@@ -555,75 +555,77 @@ async fn amcheck(
     user: &str,
     run_as: Option<&str>,
 ) -> DrillCheck {
-    let name = "pg_amcheck".to_owned();
-    if !bin.join("pg_amcheck").exists() {
-        return DrillCheck {
-            name,
-            status: CheckStatus::Skipped,
-            detail: format!("not installed in {}", bin.display()),
-        };
-    }
-    let mut cmd = server::tool(bin, "pg_amcheck", run_as);
-    cmd.arg("-h").arg(sock).args([
-        "-p",
-        &port.to_string(),
-        "-U",
-        user,
-        "--all",
-        "--install-missing",
-    ]);
-    match cmd.output().await {
-        Ok(o) if o.status.success() => DrillCheck {
-            name,
-            status: CheckStatus::Passed,
-            detail: "every table and B-tree index of every database is consistent".into(),
-        },
-        Ok(o) => DrillCheck {
-            name,
-            status: CheckStatus::Failed,
-            detail: tail(&o, 5),
-        },
-        Err(e) => DrillCheck {
-            name,
-            status: CheckStatus::Failed,
-            detail: format!("cannot run it: {e}"),
-        },
-    }
+    let args: Vec<std::ffi::OsString> = vec![
+        "-h".into(),
+        sock.into(),
+        "-p".into(),
+        port.to_string().into(),
+        "-U".into(),
+        user.into(),
+        "--all".into(),
+        "--install-missing".into(),
+    ];
+    run_tool(
+        bin,
+        "pg_amcheck",
+        &args,
+        run_as,
+        "every table and B-tree index of every database is consistent",
+        None,
+    )
+    .await
 }
 
 /// `pg_checksums --check` on the stopped directory.
 async fn checksums(bin: &Path, pgdata: &Path, run_as: Option<&str>) -> DrillCheck {
-    let name = "pg_checksums".to_owned();
-    if !bin.join("pg_checksums").exists() {
-        return DrillCheck {
-            name,
-            status: CheckStatus::Skipped,
-            detail: format!("not installed in {}", bin.display()),
-        };
+    let args: Vec<std::ffi::OsString> = vec!["--check".into(), "-D".into(), pgdata.into()];
+    run_tool(
+        bin,
+        "pg_checksums",
+        &args,
+        run_as,
+        "every page's checksum is correct",
+        Some((
+            "checksums are not enabled",
+            "data checksums are not enabled in this cluster",
+        )),
+    )
+    .await
+}
+
+/// Run `program` of the server's binaries as a check: passed when it exits
+/// 0, skipped when it is not installed or its output says `skip.0` (then
+/// with `skip.1` as the detail), failed otherwise with its last lines.
+async fn run_tool(
+    bin: &Path,
+    program: &str,
+    args: &[std::ffi::OsString],
+    run_as: Option<&str>,
+    passed: &str,
+    skip: Option<(&str, &str)>,
+) -> DrillCheck {
+    let check = |status, detail: String| DrillCheck {
+        name: program.to_owned(),
+        status,
+        detail,
+    };
+    if !bin.join(program).exists() {
+        return check(
+            CheckStatus::Skipped,
+            format!("not installed in {}", bin.display()),
+        );
     }
-    let mut cmd = server::tool(bin, "pg_checksums", run_as);
-    cmd.arg("--check").arg("-D").arg(pgdata);
+    let mut cmd = server::tool(bin, program, run_as);
+    cmd.args(args);
     match cmd.output().await {
-        Ok(o) if o.status.success() => DrillCheck {
-            name,
-            status: CheckStatus::Passed,
-            detail: "every page's checksum is correct".into(),
+        Ok(o) if o.status.success() => check(CheckStatus::Passed, passed.to_owned()),
+        Ok(o) => match skip {
+            Some((needle, why)) if tail(&o, 3).contains(needle) => {
+                check(CheckStatus::Skipped, why.to_owned())
+            }
+            _ => check(CheckStatus::Failed, tail(&o, 5)),
         },
-        Ok(o) if tail(&o, 3).contains("checksums are not enabled") => DrillCheck {
-            name,
-            status: CheckStatus::Skipped,
-            detail: "data checksums are not enabled in this cluster".into(),
-        },
-        Ok(o) => DrillCheck {
-            name,
-            status: CheckStatus::Failed,
-            detail: tail(&o, 5),
-        },
-        Err(e) => DrillCheck {
-            name,
-            status: CheckStatus::Failed,
-            detail: format!("cannot run it: {e}"),
-        },
+        Err(e) => check(CheckStatus::Failed, format!("cannot run it: {e}")),
     }
 }
 
