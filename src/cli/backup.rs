@@ -303,7 +303,7 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     // the main repository, then each [[repository]] when one cannot be
     // read or holds damaged data; a restore that stopped half-way is
     // finished from the next one as a delta restore
-    let sources = settings.recovery_sources();
+    let sources = settings.recovery_sources()?;
     let mut r = Err(crate::restore::RestoreError::NoBackups);
     // the restored server's restore_command reads the first repository that
     // could be opened (see restore-pitr)

@@ -256,13 +256,17 @@ impl Settings {
 
     /// The repositories a recovery may read, in order: the main one, then
     /// each `[[repository]]` (`None` stands for the main one).
-    pub fn recovery_sources(&self) -> Vec<Option<&RepositoryConfig>> {
+    /// With none at all, the error that says how to give one.
+    pub fn recovery_sources(&self) -> anyhow::Result<Vec<Option<&RepositoryConfig>>> {
         let mut v: Vec<Option<&RepositoryConfig>> = Vec::new();
         if self.repo.is_some() {
             v.push(None);
         }
         v.extend(self.repositories.iter().map(Some));
-        v
+        if v.is_empty() {
+            self.repo()?;
+        }
+        Ok(v)
     }
 
     /// [`Settings::recovery_sources`], starting with the `[[repository]]`
@@ -271,7 +275,7 @@ impl Settings {
         &self,
         first: Option<&str>,
     ) -> anyhow::Result<Vec<Option<&RepositoryConfig>>> {
-        let mut v = self.recovery_sources();
+        let mut v = self.recovery_sources()?;
         if let Some(name) = first {
             let entry = self.repository(name)?;
             v.retain(|s| s.is_none_or(|r| r.name != name));

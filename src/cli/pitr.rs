@@ -123,7 +123,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
     // the main repository, then each [[repository]]: one that cannot be
     // read, or whose data turns out damaged before anything is started,
     // hands over to the next
-    let sources = settings.recovery_sources();
+    let sources = settings.recovery_sources()?;
     let mut i = 0;
     // the recovered server's restore_command reads the first repository
     // that could be opened: a damaged file there falls back, its "not there"

@@ -78,6 +78,21 @@ fn s3_url_without_bucket() {
 #[test]
 fn no_repository_given() {
     storage_check(&[]).fails_with_one_line(&["no repository given", "--repo", "WALVAULT_REPO"]);
+    // the recovery commands, which may also read [[repository]] copies, say
+    // the same (and wal-fetch does not answer "not there")
+    let dir = tempfile::tempdir().unwrap();
+    let wv = crate::support::Walvault::new();
+    wv.args(["restore", "--pgdata"])
+        .arg(dir.path().join("a"))
+        .fails_with_one_line(&["no repository given"]);
+    wv.args(["restore-pitr", "--latest", "--pgdata"])
+        .arg(dir.path().join("b"))
+        .fails_with_one_line(&["no repository given"]);
+    let out = wv
+        .args(["wal-fetch", "000000010000000000000001"])
+        .arg(dir.path().join("c"))
+        .fails_with(255);
+    assert!(out.stderr.contains("no repository given"), "{}", out.stderr);
 }
 
 #[test]
