@@ -126,6 +126,11 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
         )?;
     }
     let mut listed = Vec::new();
+    // for the copies' lag
+    let ids: Vec<String> = manifests.iter().map(|m| m.id.clone()).collect();
+    let seg = manifests
+        .last()
+        .map_or(crate::pg::WalSegSize::DEFAULT, |m| m.wal_segment_size);
     for m in manifests {
         let dedup = m.totals.logical_bytes as f64 / m.totals.new_stored_bytes.max(1) as f64;
         let st = status.get(&m.id).cloned().unwrap_or_default();
@@ -158,9 +163,10 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     }
     if args.json {
         outln!("{}", serde_json::Value::Array(listed))?;
-    } else if args.repository.is_none() {
+    } else if args.repository.is_none() && !settings.repositories.is_empty() {
+        let newest = newest_segment(&repo, &paths, seg).await?;
         for r in &settings.repositories {
-            outln!("{}", copy_lag(settings, r, &repo, &paths).await)?;
+            outln!("{}", copy_lag(settings, r, &ids, newest, seg, &paths).await)?;
         }
     }
     Ok(())
@@ -185,25 +191,20 @@ async fn newest_segment(
 
 /// One line on a `[[repository]]`: what it holds of the main repository's
 /// backups and how far its WAL lags.
+/// `here`: the main repository's backups; `newest`: its newest segment.
 async fn copy_lag(
     settings: &Settings,
     r: &super::config::RepositoryConfig,
-    main: &crate::repo::Repository,
+    here: &[String],
+    newest: Option<(u32, u64)>,
+    seg: crate::pg::WalSegSize,
     paths: &StanzaPaths,
 ) -> String {
     let lag = async {
         let copy = settings.open_entry(r).await?;
-        let here = Manifest::list_ids(main, paths).await?;
         let there = Manifest::list_ids(&copy, paths).await?;
         let missing = here.iter().filter(|id| !there.contains(id)).count();
-        let seg = Manifest::load_all(main, paths)
-            .await?
-            .last()
-            .map_or(crate::pg::WalSegSize::DEFAULT, |m| m.wal_segment_size);
-        let (a, b) = (
-            newest_segment(main, paths, seg).await?,
-            newest_segment(&copy, paths, seg).await?,
-        );
+        let (a, b) = (newest, newest_segment(&copy, paths, seg).await?);
         let behind = match (a, b) {
             (Some(a), Some(b)) => a.1.saturating_sub(b.1),
             (Some(a), None) => a.1 + 1,
@@ -286,12 +287,12 @@ pub struct RestoreArgs {
 
 pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
     let map = tablespace_map(&args.tablespace_map)?;
-    let restore_command = restore_command(settings)?;
     let progress = Progress::new();
     let mut opts = RestoreOptions {
         backup: Some(args.backup),
         tablespace_map: map,
-        restore_command: Some(restore_command),
+        // set for the repository that opens (below)
+        restore_command: None,
         delta: args.delta,
         progress: Some(progress.clone()),
         staged_wal: false,

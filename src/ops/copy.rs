@@ -151,18 +151,21 @@ pub async fn copy(
     }
     copy_wal(&src, &dst, &paths, seg, &ranges, opts.parallel, &mut report).await?;
 
+    // the target's backups, as listed before the WAL was copied
+    let mut present: BTreeSet<String> = theirs.iter().map(|m| m.id.clone()).collect();
     let mut index: Option<Index> = None;
     for m in &selected {
-        if Manifest::exists(&dst, &paths, &m.id).await? {
+        if present.contains(&m.id) {
             report.backups_present.push(m.id.clone());
             continue;
         }
-        if index.is_none() {
-            index = Some(Index::load(&src, &paths).await?.0);
-        }
-        let index = index.as_ref().ok_or(OpsError::Copy("no index".into()))?;
+        let index = match &mut index {
+            Some(i) => &*i,
+            None => &*index.insert(Index::load(&src, &paths).await?.0),
+        };
         copy_backup(&src, &dst, stanza, m, index, same_ids, opts, &mut report).await?;
         report.backups_copied.push(m.id.clone());
+        present.insert(m.id.clone());
     }
     let points_only = !opts.wal || opts.backups == Selection::Gfs;
     if points_only && !report.backups_copied.is_empty() {
@@ -175,10 +178,6 @@ pub async fn copy(
                 .await?
                 .map(|r| r.kept)
                 .unwrap_or_default();
-        let present: BTreeSet<String> = Manifest::list_ids(&dst, &paths)
-            .await?
-            .into_iter()
-            .collect();
         kept.retain(|id, _| present.contains(id));
         // only this run's newest has all WAL after it for sure
         for k in kept.values_mut() {

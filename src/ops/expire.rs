@@ -129,7 +129,8 @@ pub async fn expire(
         })
         .collect();
     let mut decisions = decide(&opts.policy, &candidates, opts.now)?;
-    if repo.storage().lock_days().is_some() {
+    let locking = repo.storage().lock_days().is_some();
+    if locking {
         // a backup whose manifest is still locked cannot go: it stays as a
         // restore point (its own WAL) until the lock ends
         for d in decisions.iter_mut().filter(|d| !d.keep()) {
@@ -167,7 +168,6 @@ pub async fn expire(
         locked_until: None,
         locks_extended: 0,
     };
-    let locking = repo.storage().lock_days().is_some();
     let Some(seg) = manifests.iter().map(|m| m.wal_segment_size).max() else {
         return Ok(report); // no backups: nothing to decide, no WAL to judge
     };

@@ -14,6 +14,7 @@
 //! removes its pieces.
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 
 use super::object::{self, ObjectKind};
 use super::{RepoError, Repository, StanzaPaths};
@@ -22,6 +23,9 @@ use crate::pg::{SegmentFile, TimelineId, WalFileName, WalSegSize};
 
 /// Largest WAL object body accepted: a 1 GiB segment.
 const MAX_WAL: u64 = 1 << 30;
+
+/// Pieces of one segment read at once.
+const PIECE_READS: usize = 16;
 
 /// The object key of WAL file `name`: its timeline's directory, then the
 /// name as PostgreSQL writes it.
@@ -247,50 +251,45 @@ impl Repository {
         if pieces.is_empty() {
             return Ok(None);
         }
-        // the name alone may not tell the segment size (wal-fetch reads it
-        // with a default): the first page's long header does
-        let max = MAX_WAL as usize;
-        let mut out = base.map(|b| b.to_vec()).unwrap_or_default();
-        let mut end = 0usize;
-        let mut tried = vec![false; pieces.len()];
-        loop {
-            // of the pieces starting at or before the end, the one reaching
-            // furthest; a damaged one is passed over
-            let mut best: Option<(usize, Vec<u8>)> = None;
-            for (i, (off, key)) in pieces.iter().enumerate() {
-                if tried[i] || *off as usize > end {
-                    continue;
-                }
-                tried[i] = true;
-                let body = match self.read_object(ObjectKind::Wal, key, MAX_WAL).await {
-                    Ok(b) => b,
-                    Err(RepoError::Storage(e)) if e.is_not_found() => continue,
+        // every piece read at once (an open segment of a synchronous
+        // stream has many small ones); a damaged or vanished one is left out
+        let read: Vec<Option<(usize, Vec<u8>)>> = futures::stream::iter(pieces)
+            .map(|(off, key)| async move {
+                match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
+                    Ok(body) => Ok(Some((off as usize, body))),
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
                     Err(RepoError::Corrupt { object, reason }) => {
                         tracing::warn!(
                             "WAL piece {object} is damaged ({reason}); the segment ends before it"
                         );
-                        continue;
+                        Ok(None)
                     }
-                    Err(e) => return Err(e),
-                };
-                let reach = *off as usize + body.len();
-                if reach > end && reach <= max && best.as_ref().is_none_or(|(r, _)| reach > *r) {
-                    let mut bytes = vec![0u8; reach];
-                    bytes[*off as usize..].copy_from_slice(&body);
-                    best = Some((reach, bytes));
+                    Err(e) => Err(e),
                 }
+            })
+            .buffered(PIECE_READS)
+            .try_collect()
+            .await?;
+        let read: Vec<(usize, Vec<u8>)> = read.into_iter().flatten().collect();
+        // from offset 0: each step takes, of the pieces starting at or
+        // before the end reached, the one reaching furthest; the first gap
+        // ends it. (The name alone may not tell the segment size — wal-fetch
+        // reads it with a default — so the bound is the largest segment.)
+        let mut out = base.map(|b| b.to_vec()).unwrap_or_default();
+        let mut end = 0usize;
+        while let Some((off, body)) = read
+            .iter()
+            .filter(|(off, body)| {
+                *off <= end && off + body.len() > end && off + body.len() <= MAX_WAL as usize
+            })
+            .max_by_key(|(off, body)| off + body.len())
+        {
+            let reach = off + body.len();
+            if out.len() < reach {
+                out.resize(reach, 0);
             }
-            match best {
-                Some((reach, bytes)) => {
-                    if out.len() < reach {
-                        out.resize(reach, 0);
-                    }
-                    let from = bytes.len() - (reach - end);
-                    out[end..reach].copy_from_slice(&bytes[from..]);
-                    end = reach;
-                }
-                None => break,
-            }
+            out[end..reach].copy_from_slice(&body[end - off..]);
+            end = reach;
         }
         if end == 0 {
             return Ok(None);
