@@ -25,6 +25,8 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod codec;
+pub mod daemon;
+pub mod duration;
 mod flock;
 pub mod ops;
 pub mod pg;

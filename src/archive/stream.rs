@@ -45,6 +45,9 @@ pub struct StreamOptions {
     pub status_file: Option<PathBuf>,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Receives the status whenever the status file would be written, and
+    /// when the connection comes and goes (the daemon's status model).
+    pub publish: Option<Arc<watch::Sender<StreamStatus>>>,
 }
 
 impl Default for StreamOptions {
@@ -56,6 +59,7 @@ impl Default for StreamOptions {
             status_interval: Duration::from_secs(10),
             status_file: None,
             max_backoff: Duration::from_secs(30),
+            publish: None,
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct StreamStatus {
     pub piece_bytes: u64,
     /// When this was written.
     pub updated_at: String,
+    /// Connected to the server and streaming.
+    pub connected: bool,
 }
 
 /// Why one streaming session ended without an error.
@@ -113,11 +119,17 @@ pub async fn run_stream(
             return Ok(());
         }
         let started = Instant::now();
-        match session(
+        let ended = session(
             &repo, &paths, params, opts, &mut stop, &mut stats, &mut lost,
         )
-        .await
-        {
+        .await;
+        if stats.connected {
+            stats.connected = false;
+            if let Some(p) = &opts.publish {
+                p.send_replace(stats.clone());
+            }
+        }
+        match ended {
             Ok(SessionEnd::Stopped) => return Ok(()),
             Ok(SessionEnd::NextTimeline) => {
                 backoff = Duration::from_secs(1);
@@ -273,6 +285,10 @@ async fn session(
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
     stats.timeline = Some(tli);
+    stats.connected = true;
+    if let Some(p) = &opts.publish {
+        p.send_replace(stats.clone());
+    }
 
     loop {
         let partial_at =
@@ -342,7 +358,7 @@ async fn session(
                 if durable >= server_end {
                     caught_up_at = Instant::now();
                 }
-                if durable != published && opts.status_file.is_some() {
+                if durable != published && opts.reports() {
                     report(opts, stats, &asm, durable, server_end, caught_up_at, false);
                     published = durable;
                 }
@@ -370,7 +386,7 @@ async fn session(
                 if durable >= server_end {
                     caught_up_at = Instant::now();
                 }
-                if durable != published && opts.status_file.is_some() {
+                if durable != published && opts.reports() {
                     report(opts, stats, &asm, durable, server_end, caught_up_at, false);
                     published = durable;
                 }
@@ -545,6 +561,16 @@ fn report(
     }
     if let Some(path) = &opts.status_file {
         write_status(path, stats);
+    }
+    if let Some(p) = &opts.publish {
+        p.send_replace(stats.clone());
+    }
+}
+
+impl StreamOptions {
+    /// Whether anything reads the status as it changes.
+    fn reports(&self) -> bool {
+        self.status_file.is_some() || self.publish.is_some()
     }
 }
 

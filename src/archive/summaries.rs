@@ -120,17 +120,18 @@ pub async fn load_path(
     parallel: usize,
 ) -> Result<Vec<SegmentSummary>, ArchiveError> {
     let loaded: Vec<Result<Option<SegmentSummary>, ArchiveError>> =
-        futures::stream::iter(names.iter())
+        // owned names: a closure over borrowed ones is not `Send` for
+        // every lifetime, which spawned callers (the daemon) need
+        futures::stream::iter(names.iter().copied())
             .map(|name| async move {
-                if let WalFileName::Segment(f) = name {
+                if let WalFileName::Segment(f) = &name {
                     if let Some(s) = load_summary(repo, paths, f).await? {
                         return Ok(Some(s));
                     }
                 }
-                let Some(data) = repo.load_wal(paths, name).await? else {
+                let Some(data) = repo.load_wal(paths, &name).await? else {
                     return Ok(None);
                 };
-                let name = *name;
                 tokio::task::spawn_blocking(move || compute(&name, &data))
                     .await
                     .map_err(ArchiveError::task("summary"))

@@ -23,7 +23,7 @@ pub struct BackupArgs {
     /// Connection to the server (libpq conninfo or postgres:// URL), as a
     /// role with the REPLICATION attribute.
     #[arg(long, env = "WALVAULT_PG")]
-    pub pg: String,
+    pub pg: Option<String>,
     /// Label of the backup (shown by `list`, stored in backup_label).
     #[arg(long, default_value = "walvault")]
     pub label: String,
@@ -48,7 +48,7 @@ pub struct BackupArgs {
 }
 
 pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
-    let params = ConnParams::parse(&args.pg)?;
+    let params = ConnParams::parse(settings.pg(args.pg.as_deref())?)?;
     let repo = Arc::new(settings.open_repository().await?);
     let progress = Progress::new();
     let opts = BaseBackupOptions {

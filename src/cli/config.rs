@@ -18,6 +18,9 @@ use crate::storage::{RetrySettings, S3Config, StorageOptions};
 pub struct Config {
     /// Same as `--repo`.
     pub repo: Option<String>,
+    /// Same as `--pg` (backup, stream, check, daemon): the server, as a
+    /// libpq conninfo or postgres:// URL.
+    pub pg: Option<String>,
     /// Same as `--stanza`.
     pub stanza: Option<String>,
     /// Same as `--log-format`.
@@ -34,6 +37,15 @@ pub struct Config {
     /// The checks and settings of `drill`.
     #[serde(default)]
     pub drill: super::drill::DrillConfig,
+    /// The budgets `check` judges and the daemon enforces.
+    #[serde(default)]
+    pub budgets: crate::ops::check::Budgets,
+    /// The sidecar's settings and schedules.
+    #[serde(default)]
+    pub daemon: crate::daemon::DaemonOptions,
+    /// Where the daemon sends alerts.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<crate::daemon::alerts::SinkConfig>,
     /// More repositories: `copy --to NAME` writes to them; restore,
     /// restore-pitr and wal-fetch fall back to them in this order.
     #[serde(default, rename = "repository")]
@@ -66,9 +78,39 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text)
-            .with_context(|| format!("config file {} is not valid", path.display()))
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            // one line that names the line: toml's own text is a
+            // multi-line drawing
+            let at = e
+                .span()
+                .map(|s| format!(" line {}", line_of(&text, s.start)))
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "config file {}{at}: {}",
+                path.display(),
+                e.message().trim_end()
+            )
+        })?;
+        config.daemon.validate().map_err(|e| {
+            anyhow::anyhow!("config file {}{}: {e}", path.display(), e.line_in(&text))
+        })?;
+        for a in &config.alerts {
+            a.validate().map_err(|e| {
+                anyhow::anyhow!("config file {}{}: {e}", path.display(), e.line_in(&text))
+            })?;
+        }
+        Ok(config)
     }
+}
+
+/// The 1-based line of byte `at` of `text`.
+pub fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at)
+        .unwrap_or(text)
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Options after merging all sources.
@@ -96,6 +138,14 @@ pub struct Settings {
     pub drill: super::drill::DrillConfig,
     /// `[[repository]]`.
     pub repositories: Vec<RepositoryConfig>,
+    /// `pg` of the file (commands' `--pg` and `WALVAULT_PG` win).
+    pub pg: Option<String>,
+    /// `[budgets]`.
+    pub budgets: crate::ops::check::Budgets,
+    /// `[daemon]`.
+    pub daemon: crate::daemon::DaemonOptions,
+    /// `[[alert]]`.
+    pub alerts: Vec<crate::daemon::alerts::SinkConfig>,
 }
 
 impl Settings {
@@ -179,6 +229,10 @@ impl Settings {
             retention: file.retention,
             drill: file.drill,
             repositories: file.repositories,
+            pg: file.pg,
+            budgets: file.budgets,
+            daemon: file.daemon,
+            alerts: file.alerts,
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),
@@ -216,6 +270,14 @@ impl Settings {
         Ok(crate::repo::Repository::open(storage, self.secret()?.as_ref()).await?)
     }
 
+    /// The server connection: `--pg`/`WALVAULT_PG` (`given`), else `pg` of
+    /// the config file.
+    pub fn pg<'a>(&'a self, given: Option<&'a str>) -> anyhow::Result<&'a str> {
+        given
+            .or(self.pg.as_deref())
+            .context("no server given: pass --pg, set WALVAULT_PG, or set pg in the config file")
+    }
+
     /// The `[[repository]]` entry `name`, or an error listing the names.
     pub fn repository(&self, name: &str) -> anyhow::Result<&RepositoryConfig> {
         self.repositories
@@ -237,21 +299,7 @@ impl Settings {
         &self,
         r: &RepositoryConfig,
     ) -> anyhow::Result<crate::repo::Repository> {
-        let mut s3 = r.s3.clone().unwrap_or_else(|| self.storage.s3.clone());
-        if r.storage_class.is_some() {
-            s3.storage_class = r.storage_class.clone();
-        }
-        let opts = StorageOptions {
-            s3,
-            retry: self.storage.retry,
-        };
-        let storage = crate::storage::open(&r.repo, &opts)
-            .await
-            .with_context(|| format!("repository {}", r.name))?;
-        let secret = read_secret(r.key_file.as_deref(), r.passphrase_file.as_deref(), None)?;
-        crate::repo::Repository::open(storage, secret.as_ref())
-            .await
-            .with_context(|| format!("repository {} ({})", r.name, r.repo))
+        open_entry(r, &self.storage).await
     }
 
     /// The repositories a recovery may read, in order: the main one, then
@@ -294,6 +342,29 @@ impl Settings {
             Some(r) => self.open_entry(r).await,
         }
     }
+}
+
+/// Open the `[[repository]]` entry `r` with its own secret and S3
+/// settings (its `s3` table, else `storage`'s).
+pub async fn open_entry(
+    r: &RepositoryConfig,
+    storage: &StorageOptions,
+) -> anyhow::Result<crate::repo::Repository> {
+    let mut s3 = r.s3.clone().unwrap_or_else(|| storage.s3.clone());
+    if r.storage_class.is_some() {
+        s3.storage_class = r.storage_class.clone();
+    }
+    let opts = StorageOptions {
+        s3,
+        retry: storage.retry,
+    };
+    let st = crate::storage::open(&r.repo, &opts)
+        .await
+        .with_context(|| format!("repository {}", r.name))?;
+    let secret = read_secret(r.key_file.as_deref(), r.passphrase_file.as_deref(), None)?;
+    crate::repo::Repository::open(st, secret.as_ref())
+        .await
+        .with_context(|| format!("repository {} ({})", r.name, r.repo))
 }
 
 /// The name of a recovery source in messages.

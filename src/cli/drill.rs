@@ -42,7 +42,7 @@ pub struct DrillConfig {
 }
 
 /// Options of `walvault drill`.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 #[command(group(clap::ArgGroup::new("moment").multiple(false)))]
 pub struct DrillArgs {
     /// Recover to this time (default: a random moment inside the recovery
@@ -118,7 +118,8 @@ fn sql_checks(text: &str) -> Vec<String> {
         .collect()
 }
 
-pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<()> {
+/// A drill's options: the flags over `[drill]`.
+pub(super) fn options(settings: &Settings, args: &DrillArgs) -> anyhow::Result<DrillOptions> {
     let cfg = &settings.drill;
     let target = if let Some(t) = &args.target_time {
         DrillTarget::Time(parse_target_time(t, args.timezone.as_deref())?)
@@ -150,8 +151,7 @@ pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<
             .with_context(|| format!("--set {s:?}: give NAME=VALUE"))?;
         set.push((k.trim().to_owned(), v.trim().to_owned()));
     }
-    let repo = Arc::new(settings.open_repository().await?);
-    let opts = DrillOptions {
+    Ok(DrillOptions {
         target,
         backup: args.backup.clone(),
         scratch: args
@@ -181,7 +181,12 @@ pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<
         max_rto: args.max_rto,
         keep: args.keep,
         events: Some(Arc::new(|e| tracing::info!("drill: {e:?}"))),
-    };
+    })
+}
+
+pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<()> {
+    let opts = options(settings, &args)?;
+    let repo = Arc::new(settings.open_repository().await?);
     let r = drill(repo, &settings.stanza, &opts).await?;
     if args.json {
         outln!("{}", serde_json::to_string(&r)?)?;

@@ -11,9 +11,10 @@ mod backup;
 mod check;
 mod config;
 mod copy;
+mod daemon;
 mod demo;
 mod drill;
-pub mod duration;
+pub use crate::duration;
 mod init;
 mod inspect;
 mod key;
@@ -152,6 +153,11 @@ pub enum Command {
     /// walvault.toml (`[[repository]]`): only what it lacks, re-encrypted
     /// for its key; resumable.
     Copy(copy::CopyArgs),
+    /// The sidecar: stream WAL, run the scheduled backups, expire, verify,
+    /// drills and copies, start a backup early when the estimated RTO
+    /// nears its budget, serve a status page, /metrics and a JSON API, and
+    /// alert (webhook, Slack, email, command) when recovery is at risk.
+    Daemon(Box<daemon::DaemonArgs>),
     /// Keep a backup whatever the retention policy says (until a date, or
     /// until released).
     Hold(retention::HoldArgs),
@@ -205,6 +211,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Verify(args) => verify::run(&settings, args).await,
             Command::Drill(args) => drill::run(&settings, *args).await,
             Command::Copy(args) => copy::run(&settings, args).await,
+            Command::Daemon(args) => daemon::run(&settings, *args).await,
             Command::Check(args) => check::run(&settings, args).await,
             Command::Expire(args) => retention::run_expire(&settings, args).await,
             Command::Hold(args) => retention::run_hold(&settings, args).await,

@@ -21,7 +21,7 @@ pub struct StreamArgs {
     /// role with the REPLICATION attribute. For --synchronous, set
     /// application_name and list it in synchronous_standby_names.
     #[arg(long, env = "WALVAULT_PG")]
-    pub pg: String,
+    pub pg: Option<String>,
     /// Physical replication slot to use (created when missing).
     #[arg(long, default_value = "walvault")]
     pub slot: String,
@@ -49,7 +49,7 @@ fn parse_secs(s: &str) -> Result<Duration, super::duration::DurationError> {
 }
 
 pub(super) async fn stream(settings: &Settings, args: StreamArgs) -> anyhow::Result<()> {
-    let params = ConnParams::parse(&args.pg)?;
+    let params = ConnParams::parse(settings.pg(args.pg.as_deref())?)?;
     let repo = Arc::new(settings.open_repository().await?);
     let opts = StreamOptions {
         slot: args.slot,

@@ -24,17 +24,41 @@ use crate::pg::{ConnParams, Lsn, PgConnection, WalFileName};
 use crate::repo::{Manifest, Repository, StanzaPaths};
 use crate::restore::rates::RecoveryRates;
 
-/// The budgets (none given: only reported).
-#[derive(Debug, Clone, Default)]
+/// The budgets (none given: only reported). The same struct is `check`'s
+/// flags, the `[budgets]` table of walvault.toml, and what the daemon
+/// enforces.
+#[derive(Debug, Clone, Default, clap::Args, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budgets {
-    /// Data a crash may lose, in time.
+    /// Breach when a crash now would lose more than this (e.g. 1m).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    #[serde(default, with = "crate::duration::text")]
     pub max_rpo: Option<Duration>,
-    /// Time to recover to now.
+    /// Breach when recovering to now is estimated to take longer (e.g. 15m).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    #[serde(default, with = "crate::duration::text")]
     pub max_rto: Option<Duration>,
-    /// Age of the newest backup.
+    /// Breach when the newest backup is older (e.g. 26h).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    #[serde(default, with = "crate::duration::text")]
     pub max_backup_age: Option<Duration>,
-    /// Age of the newest drill (which must have passed).
+    /// Breach when the newest drill is older, or failed (e.g. 8d).
+    #[arg(long, value_parser = crate::duration::parse_duration)]
+    #[serde(default, with = "crate::duration::text")]
     pub max_drill_age: Option<Duration>,
+}
+
+impl Budgets {
+    /// Each budget given here, else the one in `fallback` (flags over the
+    /// file).
+    pub fn or(&self, fallback: &Budgets) -> Budgets {
+        Budgets {
+            max_rpo: self.max_rpo.or(fallback.max_rpo),
+            max_rto: self.max_rto.or(fallback.max_rto),
+            max_backup_age: self.max_backup_age.or(fallback.max_backup_age),
+            max_drill_age: self.max_drill_age.or(fallback.max_drill_age),
+        }
+    }
 }
 
 /// How one check came out.
@@ -79,6 +103,18 @@ pub struct CheckReport {
     pub last_verify: Option<(DateTime<Utc>, bool)>,
     /// When the last drill ran and whether it passed.
     pub last_drill: Option<(DateTime<Utc>, bool)>,
+    /// The last drill's measured recovery time.
+    pub last_drill_rto_seconds: Option<f64>,
+    /// Whether a stream is connected to the slot.
+    pub stream_connected: bool,
+    /// WAL the slot holds back on the server, bytes.
+    pub slot_retained_bytes: Option<u64>,
+    /// Part of the RTO estimate that restoring the newest backup's files
+    /// takes (a new backup cannot bring the estimate below it).
+    pub rto_restore_seconds: f64,
+    /// The recovery window's start: the oldest backup with all WAL after
+    /// it (its consistency time).
+    pub recovery_window_start: Option<DateTime<Utc>>,
     /// Free space of a directory repository's file system, bytes.
     pub repository_free_bytes: Option<u64>,
     /// Free space of the file system holding pg_wal, when the server's
@@ -176,8 +212,9 @@ pub async fn check(
     let stream_connected = text("active").as_deref() == Some("true");
     let archive_mode = text("archive_mode").unwrap_or_default();
     let pushes = text("archive_command").is_some_and(|c| c.contains("wal-push"));
+    let slot_retained_bytes: Option<u64> = text("retained").and_then(|s| s.parse().ok());
     if slot_exists {
-        let retained: u64 = text("retained").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let retained: u64 = slot_retained_bytes.unwrap_or(0);
         let status = text("wal_status").unwrap_or_default();
         let level = match status.as_str() {
             "lost" => Level::Breach,
@@ -286,6 +323,15 @@ pub async fn check(
     let manifests = Manifest::load_all(repo, &paths).await?;
     let now = Utc::now();
     let newest = manifests.last();
+    // restore points keep only their own WAL: the window starts at the
+    // oldest backup with all WAL after it
+    let points = records::restore_points(repo, &paths).await?;
+    let recovery_window_start = manifests
+        .iter()
+        .filter(|m| !points.contains(&m.id))
+        .map(|m| m.stop_time)
+        .min()
+        .and_then(DateTime::from_timestamp_micros);
     let newest_age = newest.map(|m| (now.timestamp_micros() - m.stop_time) as f64 / 1e6);
     match (newest, newest_age) {
         (Some(m), Some(age)) => add(
@@ -463,7 +509,12 @@ pub async fn check(
         },
         newest_backup_age_seconds: newest_age,
         last_verify: last.map(|v| (v.time, v.passed)),
+        last_drill_rto_seconds: drill.as_ref().and_then(|d| d.rto_seconds),
         last_drill: drill.map(|d| (d.time, d.passed)),
+        stream_connected,
+        slot_retained_bytes,
+        rto_restore_seconds: rates.estimate(restore_bytes, 0),
+        recovery_window_start,
         repository_free_bytes: repo_space.map(|s| s.free),
         pg_wal_free_bytes: wal_space.map(|s| s.free),
     })

@@ -121,9 +121,73 @@ pub fn parse_duration_within(input: &str, min: u64, max: u64) -> Result<Duration
     Ok(d)
 }
 
+/// Serde for an optional duration written as text in walvault.toml
+/// (`max_rpo = "1m"`), with the same grammar as the command line:
+/// `#[serde(default, with = "crate::duration::text")]`.
+pub mod text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Read `"90s"`, `"15m"`, … (a bare number is seconds).
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Secs(u64),
+            Float(f64),
+        }
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(None),
+            Some(Raw::Text(s)) => super::parse_duration(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            Some(Raw::Secs(n)) => Ok(Some(Duration::from_secs(n))),
+            Some(Raw::Float(f)) => Duration::try_from_secs_f64(f)
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("{f} is not a duration in seconds"))),
+        }
+    }
+
+    /// Write it back as text (`--check-config` prints the effective file).
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&super::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// A duration as the grammar reads it back: `90s`, `15m`, `26h`, `0.2s`.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 {
+        return format!("{}s", d.as_secs_f64());
+    }
+    for (unit, n) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= n && secs % n == 0 {
+            return format!("{}{unit}", secs / n);
+        }
+    }
+    format!("{secs}s")
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn formatted_durations_parse_back() {
+        for s in [0u64, 1, 59, 60, 90, 3600, 86_400, 7 * 86_400, 100_000] {
+            let d = Duration::from_secs(s);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(
+            parse_duration(&format_duration(Duration::from_millis(200))).unwrap(),
+            Duration::from_millis(200)
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -1,0 +1,271 @@
+//! `walvault daemon`: the options (`[daemon]` of walvault.toml, the same
+//! struct as the flags), `--check-config`, and the start: the listener is
+//! bound and the repository opened before anything runs, so a port in use
+//! or an unreachable repository is one line and exit 1. The work is
+//! `daemon::run`.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::output::outln;
+use super::Settings;
+use crate::archive::stream::StreamOptions;
+use crate::backup::stream::BaseBackupOptions;
+use crate::daemon::{self, CopyTarget, DaemonOptions};
+use crate::pg::ConnParams;
+
+/// Options of `walvault daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Connection to the server (libpq conninfo or postgres:// URL), as a
+    /// role with REPLICATION (else `pg` of the config file).
+    #[arg(long, env = "WALVAULT_PG")]
+    pub pg: Option<String>,
+    /// Validate the configuration, print the effective one (secrets
+    /// redacted) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// The daemon's settings (each also `[daemon]` of walvault.toml).
+    #[command(flatten)]
+    pub options: DaemonOptions,
+    /// The budgets (else `[budgets]` of walvault.toml).
+    #[command(flatten)]
+    pub budgets: crate::ops::check::Budgets,
+}
+
+/// What replaces a secret in printed configuration.
+const REDACTED: &str = "<redacted>";
+
+/// A conninfo or URL with its password replaced.
+fn redact_conninfo(s: &str) -> String {
+    let mut out = Vec::new();
+    for part in s.split_whitespace() {
+        match part.split_once('=') {
+            Some((k, _)) if k.trim() == "password" => out.push(format!("password={REDACTED}")),
+            _ => out.push(part.to_owned()),
+        }
+    }
+    redact_url(&out.join(" "))
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:<redacted>@host/…`;
+/// for webhook URLs (Slack's carry their secret in the path) the path too.
+fn redact_url(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_owned();
+    };
+    let (auth_host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = match auth_host.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{user}:{REDACTED}@{host}"),
+            None => format!("{auth}@{host}"),
+        },
+        None => auth_host.to_owned(),
+    };
+    if scheme.starts_with("http") && !path.is_empty() {
+        format!("{scheme}://{host}/{REDACTED}")
+    } else if path.is_empty() {
+        format!("{scheme}://{host}")
+    } else {
+        format!("{scheme}://{host}/{path}")
+    }
+}
+
+/// JSON nulls dropped (TOML has none).
+fn strip_nulls(v: serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    match v {
+        Value::Null => None,
+        Value::Object(m) => Some(Value::Object(
+            m.into_iter()
+                .filter_map(|(k, v)| strip_nulls(v).map(|v| (k, v)))
+                .collect(),
+        )),
+        Value::Array(a) => Some(Value::Array(
+            a.into_iter().filter_map(strip_nulls).collect(),
+        )),
+        other => Some(other),
+    }
+}
+
+/// The effective configuration as TOML, secrets redacted.
+fn effective(
+    settings: &Settings,
+    pg: Option<&str>,
+    options: &DaemonOptions,
+    budgets: &crate::ops::check::Budgets,
+) -> anyhow::Result<String> {
+    let mut daemon = serde_json::to_value(options)?;
+    if options.token.is_some() {
+        daemon["token"] = REDACTED.into();
+    }
+    let mut alerts = serde_json::to_value(&settings.alerts)?;
+    if let Some(list) = alerts.as_array_mut() {
+        for a in list {
+            for k in ["webhook", "slack"] {
+                if let Some(u) = a.get(k).and_then(|u| u.as_str()).map(redact_url) {
+                    a[k] = u.into();
+                }
+            }
+        }
+    }
+    let repositories: Vec<serde_json::Value> = settings
+        .repositories
+        .iter()
+        .map(|r| serde_json::json!({ "name": r.name, "repo": redact_url(&r.repo) }))
+        .collect();
+    let doc = serde_json::json!({
+        "repo": settings.repo.as_deref().map(redact_url),
+        "stanza": settings.stanza,
+        "pg": pg.map(redact_conninfo),
+        "budgets": budgets,
+        "daemon": daemon,
+        "alert": alerts,
+        "repository": repositories,
+    });
+    let doc = strip_nulls(doc).unwrap_or_default();
+    let value: toml::Value = toml::Value::try_from(doc)?;
+    Ok(toml::to_string(&value)?)
+}
+
+pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result<()> {
+    let options = args.options.or(settings.daemon.clone());
+    let budgets = args.budgets.or(&settings.budgets);
+    let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
+    let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
+    let pg = args.pg.as_deref().or(settings.pg.as_deref());
+    if args.check_config {
+        settings.repo()?;
+        outln!("# walvault daemon: the configuration is valid; in effect (secrets redacted):")?;
+        outln!(
+            "{}",
+            effective(settings, pg, &options, &budgets)?.trim_end()
+        )?;
+        for (kind, t) in &plan.triggers {
+            outln!("# {} runs: {}", kind.name(), t.text())?;
+        }
+        return Ok(());
+    }
+    let params = ConnParams::parse(settings.pg(args.pg.as_deref())?)?;
+    let listener = tokio::net::TcpListener::bind(plan.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (another daemon or program holds the port?): set another with --listen or [daemon] listen",
+                plan.listen
+            )
+        })?;
+    let repo = Arc::new(settings.open_repository().await.with_context(|| {
+        format!(
+            "cannot open the repository {} at start",
+            settings.repo.as_deref().unwrap_or("")
+        )
+    })?);
+    let slot = options.slot.clone().unwrap_or_else(|| "walvault".into());
+    let stream = options.stream.unwrap_or(true).then(|| StreamOptions {
+        slot: slot.clone(),
+        partial_interval: options
+            .partial_interval
+            .unwrap_or(std::time::Duration::from_secs(1)),
+        synchronous: options.synchronous.unwrap_or(false),
+        ..StreamOptions::default()
+    });
+    let drill = match super::drill::options(settings, &super::drill::DrillArgs::default()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if plan
+                .triggers
+                .iter()
+                .any(|(k, _)| *k == daemon::jobs::JobKind::Drill)
+            {
+                return Err(e.context("drills are scheduled but cannot run"));
+            }
+            None
+        }
+    };
+    let wanted = options.schedule.copy_to.clone();
+    let mut copies = Vec::new();
+    for r in &settings.repositories {
+        if wanted.as_ref().is_some_and(|w| !w.contains(&r.name)) {
+            continue;
+        }
+        let open_settings = Arc::new((r.clone(), settings.storage.clone()));
+        let open: daemon::OpenRepository = Arc::new(move || {
+            let s = open_settings.clone();
+            Box::pin(async move {
+                super::config::open_entry(&s.0, &s.1)
+                    .await
+                    .map_err(|e| super::one_line(&e))
+            })
+        });
+        copies.push(CopyTarget {
+            name: r.name.clone(),
+            location: redact_url(&r.repo),
+            open,
+        });
+    }
+    if let Some(w) = &wanted {
+        for name in w {
+            settings.repository(name)?;
+        }
+    }
+    let ctx = daemon::Context {
+        repo,
+        stanza: settings.stanza.clone(),
+        params,
+        stream,
+        slot,
+        backup: BaseBackupOptions {
+            label: "walvault-daemon".into(),
+            fast_checkpoint: options.fast.unwrap_or(false),
+            ..BaseBackupOptions::default()
+        },
+        expire: policy,
+        drill,
+        copies,
+        budgets,
+        deep_verify_sample: plan.deep_verify_sample,
+        sinks: settings.alerts.clone(),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping on signal");
+        c.cancel();
+    });
+    daemon::run(ctx, plan, listener, cancel).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact_conninfo("host=db user=walvault password=hunter2 dbname=postgres"),
+            "host=db user=walvault password=<redacted> dbname=postgres"
+        );
+        assert_eq!(
+            redact_conninfo("postgres://walvault:hunter2@db:5432/postgres"),
+            "postgres://walvault:<redacted>@db:5432/postgres"
+        );
+        assert_eq!(
+            redact_url("https://hooks.slack.com/services/T000/B000/XXXX"),
+            "https://hooks.slack.com/<redacted>"
+        );
+        assert_eq!(redact_url("s3://bucket/prefix"), "s3://bucket/prefix");
+    }
+}
