@@ -256,6 +256,9 @@ enum Guard<'a> {
 /// Run the daemon until `cancel`: `listener` is already bound (a port in
 /// use is the caller's error to report, before anything starts).
 pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: CancellationToken) {
+    // alert sinks speak TLS (webhooks, SMTP); the dependency tree enables
+    // two rustls providers, so the process default is chosen here
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let hub = Hub::new(
         &ctx.stanza,
         ctx.repo.storage().location(),
@@ -521,6 +524,19 @@ async fn health_loop(c: Control) {
     let mut alerter = Alerter::default();
     let mut sinks: Vec<Sink> = i.ctx.sinks.iter().cloned().map(Sink::new).collect();
     let mut tick: u64 = 0;
+    // a starting stream is not an outage: the first evaluation waits for
+    // it to connect (at most 15 s)
+    if i.ctx.stream.is_some() {
+        let mut changes = i.hub.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !i.hub.snapshot().stream.up {
+            tokio::select! {
+                _ = i.cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => break,
+                r = changes.changed() => if r.is_err() { break },
+            }
+        }
+    }
     loop {
         evaluate(&c, &mut alerter, &mut sinks, tick).await;
         tick += 1;

@@ -3,6 +3,7 @@
 //! temporary directory and always torn down, also when a test panics.
 
 pub mod backend;
+pub mod daemon;
 pub mod garage_cluster;
 pub mod moto;
 pub mod pg;

@@ -1,0 +1,526 @@
+//! `walvault daemon` against a real cluster under pgbench, a real Garage
+//! repository, a webhook receiver and a real SMTP server: scheduled
+//! backups followed by expire, verify and drill recorded, a forced budget
+//! breach alerted and resolved on every sink, `/metrics` equal to `check
+//! --json`, the RPO measured; kill -9 during a backup (the backup reported
+//! failed and retried, the WAL without a gap); the RTO-driven backup; bad
+//! input.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use walvault::storage::S3Config;
+
+use crate::support::daemon::{http, Daemon, Smtp, Webhook};
+use crate::support::pg::PgCluster;
+use crate::support::s3::{bucket_url, S3Server};
+use crate::support::{hex, wait_for, wait_until, Walvault};
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// walvault.toml: `repo`, the top-level `head` lines, the tables in
+/// `body`, then the S3 settings when given. Readable by the server's OS
+/// user (drills' restore_command reads it).
+fn config(dir: &Path, repo: &str, body: &str, s3: Option<&S3Config>) -> PathBuf {
+    let mut text = format!("repo = \"{repo}\"\n{body}\n");
+    if let Some(s3) = s3 {
+        text.push_str(&format!(
+            "[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
+            s3.endpoint.as_deref().unwrap(),
+            s3.region.as_deref().unwrap(),
+            s3.access_key_id.as_deref().unwrap(),
+            s3.secret_access_key.as_deref().unwrap(),
+        ));
+    }
+    let file = dir.join("walvault.toml");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    file
+}
+
+fn work_dir() -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    work
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn epoch(v: &serde_json::Value) -> f64 {
+    let t = chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap();
+    t.timestamp_micros() as f64 / 1e6
+}
+
+/// `/metrics`, parsed by a Prometheus text-format parser; every sample
+/// line is also checked by hand against the format (name, labels,
+/// value), and every metric has its HELP and TYPE.
+fn metrics(d: &Daemon) -> Vec<prometheus_parse::Sample> {
+    let body = d.get("/metrics").body;
+    let mut typed = std::collections::HashSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap().to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (name, rest) = line.split_once('{').unwrap_or_else(|| panic!("no labels: {line}"));
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name: {line}"
+        );
+        assert!(typed.contains(name), "no # TYPE before {line}");
+        let (_, value) = rest.rsplit_once("} ").unwrap_or_else(|| panic!("bad sample: {line}"));
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|e| panic!("bad value in {line}: {e}"));
+    }
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap()
+        .samples
+}
+
+fn metric(samples: &[prometheus_parse::Sample], name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: not a gauge: {other:?}"),
+        })
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn daemon_schedules_backups_expire_verify_drill_alerts_on_every_sink_and_its_metrics_equal_check() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3Server::start());
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "2", "-q"]);
+    let work = work_dir();
+    let hook = Webhook::start();
+    let smtp = Smtp::start();
+    let commands = work.path().join("alerts.jsonl");
+    let body = format!(
+        r#"pg = "{pg}"
+
+[budgets]
+max_backup_age = "1h"
+max_rpo = "30s"
+
+[retention]
+keep-last = 2
+
+[drill]
+database = "walvault_test"
+sql = ["SELECT count(*) > 0 FROM pgbench_accounts"]
+
+[daemon]
+token = "{TOKEN}"
+check_interval = "2s"
+time_zone = "Europe/Berlin"
+partial_interval = "0.2s"
+fast = true
+
+[daemon.schedule]
+backup = "*/20 * * * * *"
+verify = "5,25,45 * * * * *"
+drill = "*/30 * * * * *"
+
+[[alert]]
+webhook = "{hook}"
+
+[[alert]]
+email = {{ smtp = "127.0.0.1:{smtp}", from = "walvault@example.com", to = ["dba@example.com"], tls = "opportunistic" }}
+
+[[alert]]
+run = "cat >> {cmds}; echo >> {cmds}"
+"#,
+        pg = c.conninfo(),
+        hook = hook.url,
+        smtp = smtp.port,
+        cmds = commands.display(),
+    );
+    let s3 = server.config();
+    let file = config(
+        work.path(),
+        &bucket_url(&format!("daemon-{}", hex(4))),
+        &body,
+        Some(&s3),
+    );
+    let wv = Walvault::new().config(&file);
+    wv.args(["init"]).ok();
+
+    // the configuration as the daemon reads it, secrets redacted
+    let shown = wv.args(["daemon", "--check-config"]).ok().stdout;
+    assert!(shown.contains("*/20 * * * * *"), "{shown}");
+    assert!(shown.contains("token = \"<redacted>\""), "{shown}");
+    assert!(!shown.contains(TOKEN), "{shown}");
+    assert!(!shown.contains(s3.secret_access_key.as_deref().unwrap()), "{shown}");
+
+    // systemd's readiness protocol
+    let notify_path = work.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut d = Daemon::start(&wv.env("NOTIFY_SOCKET", &notify_path), &[]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1");
+
+    // RPO and stream lag sampled all along, under load
+    let mut load = c.pgbench_load(75).spawn().unwrap();
+    let addr = d.addr.clone();
+    let stop_sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = stop_sampling.clone();
+    let sampler = std::thread::spawn(move || {
+        let (mut rpo, mut lag) = (Vec::new(), Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(s) = http(&addr, "GET", "/api/status", None).map(|a| a.json()) {
+                if let Some(v) = s["check"]["rpo_seconds"].as_f64() {
+                    rpo.push(v);
+                }
+                if let Some(v) = s["stream"]["position"]["lag_seconds"].as_f64() {
+                    lag.push(v);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        (rpo, lag)
+    });
+
+    // the forced breach: no backup yet, so max_backup_age is breached
+    let fired = hook.wait(Duration::from_secs(60), "the breach alert", |b| {
+        b["key"] == "budget:max_backup_age" && b["state"] == "firing"
+    });
+    assert_eq!(fired["stanza"], "main", "{fired}");
+    let s = d.status();
+    assert_eq!(s["health"]["state"], "breached", "{s}");
+    assert!(s["breached"].as_array().unwrap().contains(&"max_backup_age".into()), "{s}");
+
+    // a scheduled backup, and expire after it
+    let b = d.wait_run(Duration::from_secs(90), "backup", |r| {
+        r["trigger"] == "schedule" && r["state"] == "succeeded"
+    });
+    assert!(b["summary"].as_str().unwrap().starts_with("backup "), "{b}");
+    d.wait_run(Duration::from_secs(60), "expire", |r| {
+        r["trigger"] == "after-backup" && r["state"] == "succeeded"
+    });
+    // the breach resolves, once, on every sink
+    hook.wait(Duration::from_secs(60), "the resolve alert", |b| {
+        b["key"] == "budget:max_backup_age" && b["state"] == "resolved"
+    });
+    wait_until(Duration::from_secs(60), "both alerts by email", || {
+        let m = smtp.messages();
+        let has = |state: &str| {
+            m.iter().any(|t| {
+                t.contains(&format!("{state}:")) && t.contains("condition: budget:max_backup_age")
+            })
+        };
+        has("FIRING") && has("RESOLVED")
+    });
+    wait_until(Duration::from_secs(60), "both alerts by command", || {
+        let t = std::fs::read_to_string(&commands).unwrap_or_default();
+        t.contains("\"state\":\"firing\"") && t.contains("\"state\":\"resolved\"")
+    });
+    let about: Vec<_> = hook
+        .bodies()
+        .into_iter()
+        .filter(|b| b["key"] == "budget:max_backup_age")
+        .collect();
+    assert_eq!(about.len(), 2, "one firing and one resolved, nothing repeated: {about:?}");
+
+    // a verify and a drill run on their schedules and are recorded
+    let v = d.wait_run(Duration::from_secs(90), "verify", |r| r["state"] == "succeeded");
+    assert!(v["summary"].as_str().unwrap().starts_with("passed"), "{v}");
+    let dr = d.wait_run(Duration::from_secs(150), "drill", |r| r["state"] == "succeeded");
+    assert!(dr["summary"].as_str().unwrap().contains("measured RTO"), "{dr}");
+    let listed = wv.args(["list", "--json"]).ok().json();
+    assert!(
+        listed.as_array().unwrap().iter().any(|b| b["last_drill"]["passed"] == true),
+        "{listed}"
+    );
+
+    let _ = load.wait();
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut rpo, mut lag) = sampler.join().unwrap();
+    assert!(rpo.len() > 10 && lag.len() > 10, "too few samples: {rpo:?} {lag:?}");
+    eprintln!(
+        "daemon under pgbench: RPO (check) p50 {:.2} s, p95 {:.2} s, max {:.2} s; stream lag p95 {:.2} s, max {:.2} s ({} samples)",
+        percentile(&mut rpo, 0.5),
+        percentile(&mut rpo, 0.95),
+        percentile(&mut rpo, 1.0),
+        percentile(&mut lag, 0.95),
+        percentile(&mut lag, 1.0),
+        rpo.len()
+    );
+
+    // /metrics equals check --json: read both until no job changed the
+    // repository in between (the two metrics reads agree)
+    let pg = c.conninfo();
+    let (m, check) = wait_for(Duration::from_secs(60), "a quiet moment for /metrics", || {
+        let before = metrics(&d);
+        let check = wv.args(["check", "--json", "--pg", &pg]).output().json();
+        let after = metrics(&d);
+        let key = |m: &[prometheus_parse::Sample]| {
+            [
+                "walvault_recovery_window_start_timestamp_seconds",
+                "walvault_verify_last_timestamp_seconds",
+                "walvault_drill_last_timestamp_seconds",
+                "walvault_backup_last_success_timestamp_seconds",
+            ]
+            .map(|n| metric(m, n, None))
+        };
+        let running = metric(&after, "walvault_job_running", Some(("job", "backup"))) == Some(1.0);
+        if key(&before) == key(&after) && !running {
+            Ok((after, check))
+        } else {
+            Err("a job changed the repository meanwhile".into())
+        }
+    });
+    let g = |n: &str| metric(&m, n, None).unwrap_or_else(|| panic!("no {n}"));
+    assert_eq!(
+        g("walvault_recovery_window_start_timestamp_seconds"),
+        epoch(&check["recovery_window_start"]),
+        "{check}"
+    );
+    assert_eq!(g("walvault_verify_last_timestamp_seconds"), epoch(&check["last_verify"][0]));
+    assert_eq!(g("walvault_verify_last_success"), 1.0);
+    assert_eq!(g("walvault_drill_last_timestamp_seconds"), epoch(&check["last_drill"][0]));
+    assert_eq!(
+        g("walvault_drill_last_rto_seconds"),
+        f(&check["last_drill_rto_seconds"])
+    );
+    // live values: the daemon's check is at most a check interval older
+    let near = |metric_v: f64, check_v: f64, slack: f64| {
+        assert!(
+            (metric_v - check_v).abs() <= slack,
+            "metric {metric_v} vs check {check_v} (slack {slack})"
+        );
+    };
+    near(
+        g("walvault_backup_since_last_success_seconds"),
+        f(&check["newest_backup_age_seconds"]),
+        10.0,
+    );
+    near(
+        g("walvault_rto_estimate_seconds"),
+        f(&check["rto_estimate_seconds"]),
+        f(&check["rto_estimate_seconds"]) * 0.5 + 1.0,
+    );
+    near(
+        g("walvault_slot_retained_bytes"),
+        f(&check["slot_retained_bytes"]),
+        64.0 * 1024.0 * 1024.0,
+    );
+    near(g("walvault_rpo_bytes"), f(&check["rpo_bytes"]), 16.0 * 1024.0 * 1024.0);
+    assert_eq!(g("walvault_stream_up"), 1.0);
+    assert_eq!(
+        metric(&m, "walvault_budget_seconds", Some(("budget", "max_backup_age"))),
+        Some(3600.0)
+    );
+    assert_eq!(
+        metric(&m, "walvault_budget_breached", Some(("budget", "max_backup_age"))),
+        Some(0.0)
+    );
+    assert!(g("walvault_repository_bytes") > 0.0);
+    assert!(g("walvault_recovery_window_end_timestamp_seconds") >= g("walvault_recovery_window_start_timestamp_seconds"));
+
+    // actions: refused without the token, started with it
+    let a = http(&d.addr, "POST", "/api/jobs/verify", None).unwrap();
+    assert_eq!(a.status, 401, "{a:?}");
+    let a = http(&d.addr, "POST", "/api/jobs/verify", Some("wrong")).unwrap();
+    assert_eq!(a.status, 401, "{a:?}");
+    let a = http(&d.addr, "POST", "/api/jobs/verify", Some(TOKEN)).unwrap();
+    assert!(a.status == 202 || a.status == 409, "{a:?}");
+    if a.status == 202 {
+        let run = a.json()["run"].as_str().unwrap().to_owned();
+        d.wait_run(Duration::from_secs(60), "verify", |r| r["id"] == run.as_str() && r["trigger"] == "manual");
+    }
+
+    // SIGTERM: a clean stop, announced to systemd
+    let t = Instant::now();
+    d.stop(Duration::from_secs(60));
+    eprintln!("daemon stopped in {:.1} s", t.elapsed().as_secs_f64());
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    drop(smtp);
+}
+
+/// The id of the run `POST /api/jobs/KIND` started.
+fn post(d: &Daemon, kind: &str) -> String {
+    let a = http(&d.addr, "POST", &format!("/api/jobs/{kind}"), Some(TOKEN)).unwrap();
+    assert_eq!(a.status, 202, "{a:?}");
+    a.json()["run"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn daemon_killed_during_a_backup_reports_it_failed_retries_it_and_leaves_no_wal_gap_and_rto_starts_backups_early() {
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "12", "-q"]);
+    let work = work_dir();
+    let repo = work.path().join("repo");
+    let body = format!(
+        "pg = \"{}\"\n\n[daemon]\ntoken = \"{TOKEN}\"\ncheck_interval = \"1s\"\npartial_interval = \"0.2s\"\nfast = true\n",
+        c.conninfo()
+    );
+    let file = config(work.path(), &repo.display().to_string(), &body, None);
+    let wv = Walvault::new().config(&file);
+    wv.args(["init"]).ok();
+    let mut d = Daemon::start(&wv, &[]);
+    let mut load = c.pgbench_load(20).spawn().unwrap();
+
+    // kill -9 while the backup has received part of the data
+    let run = post(&d, "backup");
+    wait_for(Duration::from_secs(60), "the backup under way", || {
+        let s = d.status();
+        let r = s["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == run.as_str())
+            .cloned();
+        match r {
+            Some(r) if r["progress_done"].as_u64().unwrap_or(0) > 8 << 20 => Ok(()),
+            Some(r) => Err(format!("running: {r}")),
+            None => Err(format!("not running: {}", s["recent"])),
+        }
+    });
+    d.kill9();
+    let _ = load.wait();
+    assert!(
+        wv.args(["list", "--json"]).ok().json().as_array().unwrap().is_empty(),
+        "the interrupted backup must not be listed"
+    );
+
+    // restarted: the interrupted run is reported failed and retried
+    d.spawn();
+    let failed = d.wait_run(Duration::from_secs(30), "backup", |r| r["id"] == run.as_str());
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("interrupted"), "{failed}");
+    let retried = d.wait_run(Duration::from_secs(120), "backup", |r| r["trigger"] == "retry");
+    assert_eq!(retried["state"], "succeeded", "{retried}");
+    assert_eq!(wv.args(["list", "--json"]).ok().json().as_array().unwrap().len(), 1);
+
+    // the stream resumed where the repository ends: no gap
+    let target = c.insert_lsn();
+    wait_for(Duration::from_secs(60), "the stream durable past the load", || {
+        let s = d.status();
+        let durable: walvault::pg::Lsn = s["stream"]["position"]["durable_lsn"]
+            .as_str()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default();
+        if durable >= target {
+            Ok(())
+        } else {
+            Err(format!("durable at {durable}"))
+        }
+    });
+    let wal = wv.args(["wal-verify", "--json"]).ok().json();
+    assert!(wal["gaps"].as_array().unwrap().is_empty(), "{wal}");
+
+    // the RTO-driven backup: more WAL since the backup, then a budget
+    // between what restoring alone takes and the whole estimate
+    c.pgbench_load(25).output().unwrap();
+    let check = wv
+        .args(["check", "--json", "--pg", &c.conninfo()])
+        .output()
+        .json();
+    let (total, restore) = (f(&check["rto_estimate_seconds"]), f(&check["rto_restore_seconds"]));
+    assert!(total > restore + 1.5, "the WAL since the backup must weigh in: {check}");
+    let budget = restore + (total - restore) * 0.6;
+    d.stop(Duration::from_secs(60));
+    let mut d = Daemon::start(&wv, &["--max-rto", &format!("{budget:.3}s")]);
+    let early = d.wait_run(Duration::from_secs(120), "backup", |r| r["trigger"] == "rto");
+    assert_eq!(early["state"], "succeeded", "{early}");
+    let s = d.status();
+    assert!(
+        s["rto_backup"].as_str().unwrap().contains("would exceed max_rto"),
+        "{s}"
+    );
+    assert!(d.log().contains("starting a backup early"), "{}", d.log());
+    // with the new backup the estimate is back under the budget
+    wait_until(Duration::from_secs(30), "the RTO estimate under the budget", || {
+        d.status()["check"]["rto_estimate_seconds"]
+            .as_f64()
+            .is_some_and(|e| e < budget)
+    });
+    d.stop(Duration::from_secs(60));
+}
+
+#[test]
+fn daemon_bad_input_is_one_clear_line_and_a_lost_repository_is_alerted_not_fatal() {
+    let c = PgCluster::start();
+    let work = work_dir();
+    let repo = work.path().join("repo");
+    let pg = format!("pg = \"{}\"\n", c.conninfo());
+
+    // an unknown key, and an impossible schedule: one line naming the line
+    let file = config(work.path(), "/nonexistent", &format!("{pg}[daemon]\nlisten_on = \"x\"\n"), None);
+    let e = Walvault::new()
+        .config(&file)
+        .args(["daemon", "--check-config"])
+        .fails_with_one_line(&["line 4", "unknown field `listen_on`"]);
+    assert!(e.contains("walvault.toml"), "{e}");
+    let file = config(
+        work.path(),
+        "/nonexistent",
+        &format!("{pg}[daemon.schedule]\nbackup = \"0 2 * * *\"\ndrill = \"0 0 31 2 *\"\n"),
+        None,
+    );
+    Walvault::new()
+        .config(&file)
+        .args(["daemon", "--check-config"])
+        .fails_with_one_line(&["line 5", "daemon.schedule.drill", "never fires"]);
+
+    // an unreachable repository at start
+    let hook = Webhook::start();
+    let body = format!(
+        "{pg}\n[daemon]\ncheck_interval = \"1s\"\nstream = false\n\n[[alert]]\nwebhook = \"{}\"\n",
+        hook.url
+    );
+    let file = config(work.path(), &repo.display().to_string(), &body, None);
+    let wv = Walvault::new().config(&file);
+    let port = crate::support::free_port();
+    wv.args(["daemon", "--listen", &format!("127.0.0.1:{port}")])
+        .fails_with_one_line(&["cannot open the repository", "at start"]);
+
+    // a port in use
+    wv.args(["init"]).ok();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    wv.args(["daemon", "--listen", &addr])
+        .fails_with_one_line(&["cannot listen on", &addr, "--listen"]);
+    drop(taken);
+
+    // the repository goes away later: alerted, the daemon keeps serving
+    let mut d = Daemon::start(&wv, &[]);
+    // a file where the repository was: every read and write fails
+    let moved = work.path().join("repo-moved");
+    std::fs::rename(&repo, &moved).unwrap();
+    std::fs::write(&repo, b"not a repository").unwrap();
+    let fired = hook.wait(Duration::from_secs(60), "an alert for the lost repository", |b| {
+        b["state"] == "firing"
+            && (b["key"] == "check:error" || b["key"] == "repository:unreadable")
+    });
+    assert!(d.running(), "the daemon must not exit:\n{}", d.log());
+    assert_eq!(d.status()["health"]["state"], "failing");
+    let health = d.get("/healthz").body;
+    assert!(health.starts_with("failing"), "{health}");
+    std::fs::remove_file(&repo).unwrap();
+    std::fs::rename(&moved, &repo).unwrap();
+    let key = fired["key"].as_str().unwrap().to_owned();
+    hook.wait(Duration::from_secs(60), "the repository's recovery", |b| {
+        b["state"] == "resolved" && b["key"] == key.as_str()
+    });
+    d.stop(Duration::from_secs(30));
+}
