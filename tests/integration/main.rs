@@ -11,6 +11,7 @@ mod cli_output;
 mod cli_repo;
 mod cli_storage;
 mod copy;
+mod deployment;
 mod daemon;
 mod full_disk;
 mod harness;
