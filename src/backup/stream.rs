@@ -147,7 +147,13 @@ impl<'c> BaseBackupStream<'c> {
             .map(|r| TablespaceInfo {
                 oid: r.first().cloned().flatten().and_then(|s| s.parse().ok()),
                 location: r.get(1).cloned().flatten(),
-                size: r.get(2).cloned().flatten().and_then(|s| s.parse().ok()),
+                // spcsize is in kilobytes (1024 bytes)
+                size: r
+                    .get(2)
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(|kb| kb.saturating_mul(1024)),
             })
             .collect::<Vec<_>>();
         Ok((

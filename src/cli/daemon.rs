@@ -220,6 +220,12 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
         backup: BaseBackupOptions {
             label: "walvault-daemon".into(),
             fast_checkpoint: options.fast.unwrap_or(false),
+            max_rate: options
+                .max_rate
+                .as_deref()
+                .map(super::init::parse_size)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("daemon.max_rate: {e}"))?,
             ..BaseBackupOptions::default()
         },
         expire: policy,

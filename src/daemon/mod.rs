@@ -81,6 +81,10 @@ pub struct DaemonOptions {
     /// Start backups with an immediate checkpoint [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub fast: Option<bool>,
+    /// Limit the server's send rate during backups (e.g. 100MiB, per
+    /// second) [default: none].
+    #[arg(long, value_name = "SIZE")]
+    pub max_rate: Option<String>,
     /// When each job runs.
     #[command(flatten)]
     #[serde(default)]
@@ -215,6 +219,7 @@ impl DaemonOptions {
             synchronous: self.synchronous.or(file.synchronous),
             partial_interval: self.partial_interval.or(file.partial_interval),
             fast: self.fast.or(file.fast),
+            max_rate: self.max_rate.or(file.max_rate),
             schedule: Schedules {
                 backup: s.backup.or(f.backup),
                 expire: s.expire.or(f.expire),

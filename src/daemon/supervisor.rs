@@ -424,10 +424,10 @@ async fn scheduler(c: &Control) {
     }
 }
 
-/// While a job runs, mark the model changed every second so event streams
-/// send its progress.
+/// While a job runs, mark the model changed twice a second so event
+/// streams send its progress.
 async fn progress_ticker(hub: Arc<Hub>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

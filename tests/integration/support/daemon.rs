@@ -31,8 +31,7 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
@@ -87,12 +86,16 @@ impl Daemon {
     pub fn spawn(&mut self) {
         self.spawn_with(|_| {});
         let addr = self.addr.clone();
-        wait_for(Duration::from_secs(60), "the daemon answers /healthz", || {
-            assert!(self.running(), "the daemon exited:\n{}", self.log());
-            http(&addr, "GET", "/healthz", None)
-                .filter(|a| a.status == 200)
-                .ok_or_else(|| "no answer".to_owned())
-        });
+        wait_for(
+            Duration::from_secs(60),
+            "the daemon answers /healthz",
+            || {
+                assert!(self.running(), "the daemon exited:\n{}", self.log());
+                http(&addr, "GET", "/healthz", None)
+                    .filter(|a| a.status == 200)
+                    .ok_or_else(|| "no answer".to_owned())
+            },
+        );
     }
 
     /// Start the process with `adjust` applied to its command; no wait.
@@ -134,7 +137,11 @@ impl Daemon {
                     .expect("try_wait")
                     .ok_or_else(|| "still running".to_owned())
             });
-            assert!(status.success(), "daemon exited with {status}:\n{}", self.log());
+            assert!(
+                status.success(),
+                "daemon exited with {status}:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -222,7 +229,12 @@ impl Webhook {
     }
 
     /// Wait for a body `pick` accepts.
-    pub fn wait(&self, within: Duration, what: &str, mut pick: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub fn wait(
+        &self,
+        within: Duration,
+        what: &str,
+        mut pick: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         wait_for(within, what, || {
             let all = self.bodies();
             all.iter()
@@ -250,14 +262,17 @@ fn serve_one(mut s: TcpStream, keep: &Mutex<Vec<serde_json::Value>>) {
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
                 })
                 .unwrap_or(0);
             if body.len() >= len {
                 if let Ok(v) = serde_json::from_str(&body[..len]) {
                     keep.lock().unwrap().push(v);
                 }
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
                 return;
             }
         }
