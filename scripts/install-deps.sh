@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what walvault's build and tests need and this machine lacks:
-#   - Debian packages: PostgreSQL 15 (server + client tools), build tools;
+#   - Debian packages: PostgreSQL 15 (server + client tools), build tools, chromium and
+#     chromium-driver (the status page's browser test);
 #   - extra PostgreSQL majors for the version matrix (WALVAULT_PG_VERSIONS, e.g. "13 17");
 #   - the Garage S3 server (scripts/install-garage.sh), unless WALVAULT_SKIP_GARAGE=1.
 # Idempotent: each step is skipped when its result is already there.
@@ -17,6 +18,9 @@ command -v runuser >/dev/null || need_pkgs+=(util-linux)
 # moto (the S3 server that enforces Object Lock) installs into a virtualenv
 command -v python3 >/dev/null || need_pkgs+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
+# the daemon's status page is tested in a real headless browser
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "# installing Debian packages: ${need_pkgs[*]}" >&2
   sudo_ apt-get update -qq

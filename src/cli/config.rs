@@ -13,6 +13,7 @@ use crate::repo::Secret;
 use crate::storage::{RetrySettings, S3Config, StorageOptions};
 
 /// The contents of walvault.toml.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -53,6 +54,7 @@ pub struct Config {
 }
 
 /// A `[[repository]]` entry of walvault.toml.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {

@@ -19,6 +19,7 @@ use crate::ops::drill::{drill, CheckStatus, DrillOptions, DrillTarget};
 use crate::restore::pitr::parse_target_time;
 
 /// The `[drill]` table of walvault.toml (keys named after the flags).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DrillConfig {

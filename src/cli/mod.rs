@@ -20,6 +20,8 @@ mod inspect;
 mod key;
 pub mod output;
 mod pitr;
+#[cfg(test)]
+mod reference;
 mod retention;
 mod storage_check;
 mod verify;
@@ -82,6 +84,7 @@ pub struct GlobalArgs {
 }
 
 /// How log lines are written.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

@@ -16,6 +16,7 @@ use crate::ops::retention::{parse_timezone, Policy};
 use crate::repo::StanzaPaths;
 
 /// The `[retention]` table of walvault.toml (keys named after the flags).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetentionConfig {

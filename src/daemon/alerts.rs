@@ -23,6 +23,7 @@ pub const MAX_PER_HOUR: usize = 30;
 
 /// An `[[alert]]` entry of walvault.toml: exactly one of `webhook`,
 /// `slack`, `email`, `run`.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
@@ -41,6 +42,7 @@ pub struct SinkConfig {
 }
 
 /// How to send email.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {

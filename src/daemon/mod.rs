@@ -40,6 +40,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
 
 /// The `[daemon]` table of walvault.toml; every key is also a flag of
 /// `walvault daemon` (flags win).
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonOptions {
@@ -63,6 +64,7 @@ pub struct DaemonOptions {
     /// alerts [default: 10s].
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub check_interval: Option<Duration>,
     /// Run `stream` (continuous WAL through a slot) [default: true]; false
     /// when archive_command runs `walvault wal-push`.
@@ -77,6 +79,7 @@ pub struct DaemonOptions {
     /// Longest wait before received WAL is made durable [default: 1s].
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub partial_interval: Option<Duration>,
     /// Start backups with an immediate checkpoint [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -93,6 +96,7 @@ pub struct DaemonOptions {
 
 /// `[daemon.schedule]`: cron expressions (five fields, or six with
 /// seconds first) in `time_zone`.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedules {

@@ -27,24 +27,29 @@ use crate::restore::rates::RecoveryRates;
 /// The budgets (none given: only reported). The same struct is `check`'s
 /// flags, the `[budgets]` table of walvault.toml, and what the daemon
 /// enforces.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, clap::Args, serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Budgets {
     /// Breach when a crash now would lose more than this (e.g. 1m).
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub max_rpo: Option<Duration>,
     /// Breach when recovering to now is estimated to take longer (e.g. 15m).
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub max_rto: Option<Duration>,
     /// Breach when the newest backup is older (e.g. 26h).
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub max_backup_age: Option<Duration>,
     /// Breach when the newest drill is older, or failed (e.g. 8d).
     #[arg(long, value_parser = crate::duration::parse_duration)]
     #[serde(default, with = "crate::duration::text")]
+    #[cfg_attr(test, schemars(with = "Option<String>"))]
     pub max_drill_age: Option<Duration>,
 }
 

@@ -86,6 +86,7 @@ pub struct StorageOptions {
 }
 
 /// The `[retry]` table of walvault.toml.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySettings {

@@ -37,6 +37,7 @@ use super::{validate_key, validate_prefix, ListPage, ObjectMeta, Storage, Storag
 
 /// How to reach an S3-compatible store: the `[s3]` table of walvault.toml.
 /// Bucket and prefix come from the repository URL `s3://bucket/prefix`.
+#[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
