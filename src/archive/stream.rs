@@ -77,7 +77,8 @@ pub struct StreamStatus {
     pub server_lsn: Lsn,
     /// Bytes between the server's end and the durable point.
     pub lag_bytes: u64,
-    /// Seconds since the durable point last caught up with the server.
+    /// Seconds the oldest received WAL that is not durable yet has waited
+    /// (0 when everything received is durable).
     pub lag_seconds: f64,
     /// Complete segments stored since start.
     pub segments_stored: u64,
@@ -278,7 +279,7 @@ async fn session(
         .map_err(|e| ArchiveError::Protocol(e.to_string()))?;
     let mut durable = start;
     let mut server_end = sys.xlogpos;
-    let mut caught_up_at = Instant::now();
+    let mut waiting = Waiting::default();
     let mut published = durable;
     let mut partial_due: Option<tokio::time::Instant> = None;
     let mut pieces = Pieces::new();
@@ -323,6 +324,7 @@ async fn session(
                     WalMessage::XLogData { start, wal_end, data } => {
                         server_end = server_end.max(wal_end);
                         let completed = asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))?;
+                        waiting.received(asm.position());
                         if !completed.is_empty() {
                             // pieces in flight belong to a segment now complete
                             pieces.wait_all(&mut durable, stats).await?;
@@ -355,11 +357,8 @@ async fn session(
                         }
                     }
                 }
-                if durable >= server_end {
-                    caught_up_at = Instant::now();
-                }
                 if durable != published && opts.reports() {
-                    report(opts, stats, &asm, durable, server_end, caught_up_at, false);
+                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), false);
                     published = durable;
                 }
             }
@@ -383,23 +382,20 @@ async fn session(
                 } else if asm.position() > durable && partial_due.is_none() {
                     partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
                 }
-                if durable >= server_end {
-                    caught_up_at = Instant::now();
-                }
                 if durable != published && opts.reports() {
-                    report(opts, stats, &asm, durable, server_end, caught_up_at, false);
+                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), false);
                     published = durable;
                 }
             }
             _ = status_tick.tick() => {
                 send_status(&mut conn, durable, false).await?;
-                report(opts, stats, &asm, durable, server_end, caught_up_at, true);
+                report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
             }
             _ = stop.changed() => {
                 if *stop.borrow() {
                     pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
                     let _ = send_status(&mut conn, durable, false).await;
-                    report(opts, stats, &asm, durable, server_end, caught_up_at, true);
+                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
                     conn.close().await;
                     return Ok(SessionEnd::Stopped);
                 }
@@ -529,21 +525,49 @@ async fn send_status(conn: &mut PgConnection, durable: Lsn, reply: bool) -> Resu
         .await
 }
 
+/// When received WAL arrived, to tell how long the oldest WAL not yet
+/// durable has waited: (end position, arrival), one entry per 20 ms.
+#[derive(Default)]
+struct Waiting(std::collections::VecDeque<(Lsn, Instant)>);
+
+impl Waiting {
+    /// WAL up to `end` has arrived.
+    fn received(&mut self, end: Lsn) {
+        let full = self.0.len() >= 4096;
+        match self.0.back_mut() {
+            // at most 4096 entries: while nothing becomes durable, the
+            // newest absorbs what arrives (the oldest arrival is what counts)
+            Some(last) if full || last.1.elapsed() < Duration::from_millis(20) => {
+                last.0 = last.0.max(end)
+            }
+            _ => self.0.push_back((end, Instant::now())),
+        }
+    }
+
+    /// When the oldest WAL past `durable` arrived (`None`: everything
+    /// received is durable).
+    fn since(&mut self, durable: Lsn) -> Option<Instant> {
+        while self.0.front().is_some_and(|f| f.0 <= durable) {
+            self.0.pop_front();
+        }
+        self.0.front().map(|f| f.1)
+    }
+}
+
 fn report(
     opts: &StreamOptions,
     stats: &mut StreamStatus,
     asm: &SegmentAssembler,
     durable: Lsn,
     server_end: Lsn,
-    caught_up_at: Instant,
+    oldest_waiting: Option<Instant>,
     log: bool,
 ) {
     let lag_bytes = server_end.checked_sub(durable).unwrap_or(0);
-    let lag_seconds = if lag_bytes == 0 {
-        0.0
-    } else {
-        caught_up_at.elapsed().as_secs_f64()
-    };
+    // how long the oldest received WAL has waited to become durable (a
+    // stream under constant load is never "caught up", yet its lag is
+    // this, not the time since it last was)
+    let lag_seconds = oldest_waiting.map_or(0.0, |t| t.elapsed().as_secs_f64());
     stats.received_lsn = asm.position();
     stats.durable_lsn = durable;
     stats.server_lsn = server_end;

@@ -65,7 +65,10 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, cancel: Cancellat
                 let cancel = cancel.clone();
                 async move { Ok::<_, Infallible>(handle(&server, req, cancel).await) }
             });
+            // a client that never finishes its request headers is dropped
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -28,7 +28,7 @@ pub enum JobKind {
     Expire,
     /// `verify --since-last`.
     Verify,
-    /// `verify --deep --sample`.
+    /// `verify --since-last --sample PERCENT` (a scrub of older data too).
     DeepVerify,
     /// A restore drill.
     Drill,
@@ -165,11 +165,13 @@ pub async fn execute(
             ))
         }
         JobKind::Verify | JobKind::DeepVerify => {
-            let deep = kind == JobKind::DeepVerify;
+            // both read deeply what the last passing deep verify did not;
+            // the weekly one also re-reads a sample of what it did (scrub)
+            let scrub = kind == JobKind::DeepVerify;
             let opts = crate::ops::verify::VerifyOptions {
-                deep,
-                since_last: !deep,
-                sample_percent: deep.then_some(ctx.deep_verify_sample),
+                deep: false,
+                since_last: true,
+                sample_percent: scrub.then_some(ctx.deep_verify_sample),
                 parallel: 8,
             };
             let r = crate::ops::verify::verify(&ctx.repo, &ctx.stanza, &opts)

@@ -97,7 +97,9 @@ pub fn render(s: &Status) -> String {
         "Backups in the repository.",
         Some(s.backups.len() as f64),
     );
-    let c = s.check.as_ref();
+    // without a current check (server or repository unreachable) the
+    // values it measures are unknown: absent, not stale
+    let c = s.check.as_ref().filter(|_| s.check_error.is_none());
     o.one(
         "walvault_rpo_seconds",
         "Data a crash now would lose, in time (upper bound without a connected stream).",
@@ -144,6 +146,11 @@ pub fn render(s: &Status) -> String {
         "walvault_stream_lag_bytes",
         "Bytes between the server's end of WAL and what the stream made durable.",
         s.stream.position.as_ref().map(|p| p.lag_bytes as f64),
+    );
+    o.one(
+        "walvault_stream_lag_seconds",
+        "How long the oldest received WAL not yet durable has waited.",
+        s.stream.position.as_ref().map(|p| p.lag_seconds),
     );
     o.one(
         "walvault_stream_restarts",

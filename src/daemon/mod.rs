@@ -17,6 +17,7 @@
 //! when the daemon next starts.
 
 pub mod alerts;
+mod health;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
@@ -110,7 +111,8 @@ pub struct Schedules {
     /// `verify --since-last` (e.g. "30 3 * * *").
     #[arg(long = "schedule-verify", value_name = "CRON")]
     pub verify: Option<String>,
-    /// `verify --deep --sample` (e.g. "0 4 * * 0").
+    /// `verify --since-last --sample` with `deep_verify_sample`: also
+    /// re-reads a share of what earlier verifies read (e.g. "0 4 * * 0").
     #[arg(long = "schedule-deep-verify", value_name = "CRON")]
     pub deep_verify: Option<String>,
     /// Share of the repository the deep verify re-reads, percent [default: 1].

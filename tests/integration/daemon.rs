@@ -153,6 +153,9 @@ drill = "*/30 * * * * *"
 webhook = "{hook}"
 
 [[alert]]
+slack = "{hook}"
+
+[[alert]]
 email = {{ smtp = "127.0.0.1:{smtp}", from = "walvault@example.com", to = ["dba@example.com"], tls = "opportunistic" }}
 
 [[alert]]
@@ -255,6 +258,19 @@ run = "cat >> {cmds}; echo >> {cmds}"
         let t = std::fs::read_to_string(&commands).unwrap_or_default();
         t.contains("\"state\":\"firing\"") && t.contains("\"state\":\"resolved\"")
     });
+    // the Slack-compatible payload reached the same receiver
+    hook.wait(Duration::from_secs(30), "the Slack payloads", |b| {
+        b["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("[walvault main] RESOLVED: newest backup"))
+    });
+    assert!(
+        hook.bodies().iter().any(|b| b["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("[walvault main] FIRING: newest backup"))),
+        "{:?}",
+        hook.bodies()
+    );
     let about: Vec<_> = hook
         .bodies()
         .into_iter()
@@ -326,7 +342,14 @@ run = "cat >> {cmds}; echo >> {cmds}"
             };
             let running =
                 metric(&after, "walvault_job_running", Some(("job", "backup"))) == Some(1.0);
-            if key(&before) == key(&after) && !running {
+            // and the daemon had evaluated the backup check saw
+            let same_backup = check["newest_backup_age_seconds"]
+                .as_f64()
+                .is_some_and(|age| {
+                    metric(&after, "walvault_backup_since_last_success_seconds", None)
+                        .is_some_and(|m| (m - age).abs() < 5.0)
+                });
+            if key(&before) == key(&after) && !running && same_backup {
                 Ok((after, check))
             } else {
                 Err("a job changed the repository meanwhile".into())
