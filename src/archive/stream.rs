@@ -111,6 +111,7 @@ pub async fn run_stream(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ArchiveError> {
     let paths = StanzaPaths::new(stanza);
+    note_mode(&repo, &paths, params, opts).await;
     let mut backoff = Duration::from_secs(1);
     let mut stats = StreamStatus::default();
     // a start position whose WAL the server reported removed
@@ -155,6 +156,79 @@ pub async fn run_stream(
             }
         }
     }
+}
+
+/// The record kind of the streams' modes (`check` reads the newest).
+pub const STREAM_RECORD: &str = "stream";
+
+/// How a stream runs: `check` compares it with the server's
+/// `synchronous_standby_names`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StreamRecord {
+    /// Its slot.
+    pub slot: String,
+    /// `--synchronous`.
+    pub synchronous: bool,
+    /// `--partial-interval`, seconds.
+    pub partial_interval_seconds: f64,
+    /// The `application_name` it connects with.
+    pub application_name: String,
+    /// The host it runs on.
+    pub host: String,
+    /// When it started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Record how this stream runs (a record like `ops::records` writes, under
+/// the same naming); best effort: a repository that cannot take it now
+/// fails the stream's own writes soon enough.
+async fn note_mode(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    params: &ConnParams,
+    opts: &StreamOptions,
+) {
+    let rec = StreamRecord {
+        slot: opts.slot.clone(),
+        synchronous: opts.synchronous,
+        partial_interval_seconds: opts.partial_interval.as_secs_f64(),
+        application_name: params.application_name.clone(),
+        host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        started_at: chrono::Utc::now(),
+    };
+    let key = format!(
+        "{}{}-{}",
+        paths.records(STREAM_RECORD),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+        crate::codec::to_hex(&rand::random::<[u8; 4]>())
+    );
+    if let Err(e) = repo
+        .put_json(crate::repo::object::ObjectKind::Record, &key, &rec)
+        .await
+    {
+        tracing::warn!("cannot record the stream's mode: {e}");
+    }
+}
+
+/// Whether `synchronous_standby_names` (`FIRST 1 (a, "b")`, `ANY 2 (…)`,
+/// `a, b`, `*`) names `application_name`.
+pub fn lists_standby(setting: &str, application_name: &str) -> bool {
+    let mut rest = setting.trim();
+    // the method and count before the parenthesized list
+    if let Some(open) = rest.find('(') {
+        rest = rest[open + 1..].trim_end().trim_end_matches(')');
+    }
+    rest.split(',').map(str::trim).any(|n| {
+        n == "*"
+            || n.strip_prefix('"')
+                .and_then(|q| q.strip_suffix('"'))
+                .map_or_else(
+                    || n.eq_ignore_ascii_case(application_name),
+                    |q| q == application_name,
+                )
+    })
 }
 
 /// Where the repository's WAL of timeline `tli` ends: the start of the
@@ -266,6 +340,18 @@ async fn session(
     } else {
         start
     };
+    // before START_REPLICATION: after it the connection only streams
+    if !opts.synchronous {
+        if let Ok(names) = conn.show("synchronous_standby_names").await {
+            if lists_standby(&names, &params.application_name) {
+                tracing::warn!(
+                    "the server lists this stream ({}) in synchronous_standby_names ({names}), but it runs without --synchronous: every commit waits up to --partial-interval ({} s) for it; restart it with --synchronous",
+                    params.application_name,
+                    opts.partial_interval.as_secs_f64()
+                );
+            }
+        }
+    }
     let removed = |e: &ArchiveError| e.to_string().contains("has already been removed");
     if let Err(e) = start_replication(&mut conn, &opts.slot, start, tli).await {
         if removed(&e) {
@@ -638,5 +724,23 @@ async fn start_replication(
         other => Err(ArchiveError::Protocol(format!(
             "unexpected {other:?} after START_REPLICATION"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lists_standby;
+
+    #[test]
+    fn synchronous_standby_names_in_each_form() {
+        assert!(lists_standby("walvault", "walvault"));
+        assert!(lists_standby("FIRST 1 (s1, walvault)", "walvault"));
+        assert!(lists_standby("ANY 2 (s1, \"walvault\", s3)", "walvault"));
+        assert!(lists_standby("2 (s1, WalVault)", "walvault"));
+        assert!(lists_standby("*", "walvault"));
+        assert!(!lists_standby("", "walvault"));
+        assert!(!lists_standby("s1, s2", "walvault"));
+        // a quoted name is case-sensitive
+        assert!(!lists_standby("\"WalVault\"", "walvault"));
     }
 }

@@ -21,9 +21,14 @@ use crate::repo::{Manifest, StanzaPaths};
 /// backup, alerts, the status file.
 pub(super) async fn health_loop(c: Control) {
     let i = &c.inner;
-    let mut alerter = Alerter::default();
-    let mut sinks: Vec<Sink> = i.ctx.sinks.iter().cloned().map(Sink::new).collect();
+    let mut state = State {
+        alerter: Alerter::default(),
+        sinks: i.ctx.sinks.iter().cloned().map(Sink::new).collect(),
+        refreshes: 0,
+        from_views: BTreeMap::new(),
+    };
     let mut tick: u64 = 0;
+    let mut refresh = true;
     // a starting stream is not an outage: the first evaluation waits for
     // it to connect (at most 15 s)
     if i.ctx.stream.is_some() {
@@ -38,14 +43,30 @@ pub(super) async fn health_loop(c: Control) {
         }
     }
     loop {
-        evaluate(&c, &mut alerter, &mut sinks, tick).await;
+        evaluate(&c, &mut state, refresh).await;
         tick += 1;
+        // what the repository holds (manifests, WAL listing, summaries) is
+        // read again every fourth check, and at once after a job: on S3
+        // each read is requests
+        refresh = tick % 4 == 0;
         tokio::select! {
             _ = i.cancel.cancelled() => return,
             _ = tokio::time::sleep(i.plan.check_interval) => {}
-            _ = i.wake.notified() => {}
+            _ = i.wake.notified() => refresh = true,
         }
     }
+}
+
+/// What the health evaluation keeps between checks.
+struct State {
+    alerter: Alerter,
+    sinks: Vec<Sink>,
+    /// Views read so far (the repository's size and the copies are read
+    /// every few of them).
+    refreshes: u64,
+    /// The conditions the last views found (WAL gaps, an unreadable
+    /// repository), held until the next views.
+    from_views: BTreeMap<String, String>,
 }
 
 /// Map a check's finding to the budget it judges.
@@ -59,7 +80,7 @@ fn budget_of(check: &str) -> Option<&'static str> {
     }
 }
 
-async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: u64) {
+async fn evaluate(c: &Control, st: &mut State, refresh: bool) {
     let i = &c.inner;
     let ctx = &i.ctx;
     let paths = StanzaPaths::new(&ctx.stanza);
@@ -79,7 +100,12 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
             (None, Some(e))
         }
     };
-    let views = load_views(ctx, &paths, tick).await;
+    let views = if refresh {
+        st.refreshes += 1;
+        Some(load_views(ctx, &paths, st.refreshes - 1).await)
+    } else {
+        None
+    };
     let mut breached: Vec<&'static str> = Vec::new();
     if let Some(r) = &report {
         for f in &r.findings {
@@ -95,6 +121,12 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
                         format!("{}: {}", f.check, f.detail),
                     );
                 }
+                (Level::Warning, _) if f.check == "synchronous" => {
+                    conditions.insert(
+                        "stream:synchronous".into(),
+                        format!("synchronous: {}", f.detail),
+                    );
+                }
                 (Level::Warning, _) if f.check == "slot" => {
                     conditions.insert("slot:retention".into(), format!("slot: {}", f.detail));
                 }
@@ -102,25 +134,29 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
             }
         }
     }
-    if let Ok(v) = &views {
-        if !v.gaps.is_empty() {
-            let g: Vec<String> = v
-                .gaps
-                .iter()
-                .map(|g| format!("{}..{}", g.from, g.to))
-                .collect();
-            conditions.insert(
-                "wal:gap".into(),
-                format!("WAL missing from the repository: {}", g.join(", ")),
+    if let Some(views) = &views {
+        st.from_views.clear();
+        if let Ok(v) = views {
+            if !v.gaps.is_empty() {
+                let g: Vec<String> = v
+                    .gaps
+                    .iter()
+                    .map(|g| format!("{}..{}", g.from, g.to))
+                    .collect();
+                st.from_views.insert(
+                    "wal:gap".into(),
+                    format!("WAL missing from the repository: {}", g.join(", ")),
+                );
+            }
+        }
+        if let Err(e) = views {
+            st.from_views.insert(
+                "repository:unreadable".into(),
+                format!("the repository cannot be read: {e}"),
             );
         }
     }
-    if let Err(e) = &views {
-        conditions.insert(
-            "repository:unreadable".into(),
-            format!("the repository cannot be read: {e}"),
-        );
-    }
+    conditions.extend(st.from_views.clone());
     let snap = i.hub.snapshot();
     for k in JobKind::ALL {
         if let Some(r) = snap.recent.iter().find(|r| r.kind == k) {
@@ -190,7 +226,7 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
             }
         }
     }
-    for a in alerter.reconcile(&ctx.stanza, &conditions) {
+    for a in st.alerter.reconcile(&ctx.stanza, &conditions) {
         match a.state {
             super::alerts::AlertState::Firing => {
                 tracing::warn!(key = a.key, "ALERT: {}", a.summary)
@@ -199,7 +235,7 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
                 tracing::info!(key = a.key, "resolved: {}", a.summary)
             }
         }
-        for s in sinks.iter_mut() {
+        for s in st.sinks.iter_mut() {
             s.send(&a);
         }
     }
@@ -212,7 +248,7 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
         }
         s.check = report.or(s.check.take());
         s.check_error = check_error;
-        if let Ok(v) = views {
+        if let Some(Ok(v)) = views {
             s.backups = v.backups;
             s.window_start = s.check.as_ref().and_then(|c| c.recovery_window_start);
             s.window_end = v.window_end;
@@ -225,7 +261,8 @@ async fn evaluate(c: &Control, alerter: &mut Alerter, sinks: &mut [Sink], tick: 
                 s.copies = copies;
             }
         }
-        s.alerts = alerter
+        s.alerts = st
+            .alerter
             .active()
             .into_iter()
             .map(|(key, summary, since)| ActiveAlert {
@@ -292,7 +329,9 @@ struct Views {
     copies: Option<Vec<CopyView>>,
 }
 
-async fn load_views(ctx: &Context, paths: &StanzaPaths, tick: u64) -> Result<Views, String> {
+/// Read the views; `n` counts the reads (the repository's size is listed
+/// every 30th, the copies read every 6th).
+async fn load_views(ctx: &Context, paths: &StanzaPaths, n: u64) -> Result<Views, String> {
     let repo = &ctx.repo;
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let manifests = Manifest::load_all(repo, paths).await.map_err(|x| e(&x))?;
@@ -381,7 +420,7 @@ async fn load_views(ctx: &Context, paths: &StanzaPaths, tick: u64) -> Result<Vie
     }
     // the whole repository's size: a listing, so not every tick
     let (mut repository_bytes, mut dedup_ratio) = (None, None);
-    if tick % 30 == 0 {
+    if n % 30 == 0 {
         let objects = crate::storage::list_all(repo.storage().as_ref(), "")
             .await
             .map_err(|x| e(&x))?;
@@ -391,7 +430,7 @@ async fn load_views(ctx: &Context, paths: &StanzaPaths, tick: u64) -> Result<Vie
         repository_bytes = Some(total);
         dedup_ratio = (stored > 0).then(|| logical as f64 / stored as f64);
     }
-    let copies = if ctx.copies.is_empty() || tick % 6 != 0 {
+    let copies = if ctx.copies.is_empty() || n % 6 != 0 {
         None
     } else {
         let mut v = Vec::new();

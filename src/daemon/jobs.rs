@@ -16,7 +16,7 @@ use crate::progress::Progress;
 use crate::repo::StanzaPaths;
 
 /// The record kind of job runs.
-pub const JOB: &str = "job";
+pub use crate::ops::records::JOB;
 
 /// A kind of job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -122,7 +122,6 @@ pub async fn execute(
     kind: JobKind,
     progress: Option<Arc<Progress>>,
 ) -> Result<String, String> {
-    let paths = StanzaPaths::new(&ctx.stanza);
     let text = |e: &dyn std::fmt::Display| e.to_string();
     match kind {
         JobKind::Backup => {
@@ -154,8 +153,6 @@ pub async fn execute(
             let r = crate::ops::expire::expire(&ctx.repo, &ctx.stanza, &opts)
                 .await
                 .map_err(|e| text(&e))?;
-            // the daemon's own records, like expire's, keep the newest
-            let _ = records::prune(&ctx.repo, &paths, JOB).await;
             Ok(format!(
                 "{} backup(s) expired, {} WAL file(s) removed, {} pack(s) deleted, {} MiB freed",
                 r.backups.iter().filter(|b| !b.keep).count(),

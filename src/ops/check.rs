@@ -20,6 +20,7 @@ use super::drill::DrillRecord;
 use super::records::{self, VerifyRecord};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
+use crate::archive::stream::{StreamRecord, STREAM_RECORD};
 use crate::pg::{ConnParams, Lsn, PgConnection, WalFileName};
 use crate::repo::{Manifest, Repository, StanzaPaths};
 use crate::restore::rates::RecoveryRates;
@@ -206,7 +207,7 @@ pub async fn check(
         .simple_query(&format!(
             "SELECT s.active::text AS active, (pg_current_wal_lsn() - s.restart_lsn)::bigint::text AS retained, \
              s.wal_status, s.safe_wal_size::text AS safe, r.flush_lsn::text AS flush, \
-             extract(epoch from r.flush_lag)::text AS lag, current_setting('archive_mode') AS archive_mode, \
+             extract(epoch from r.flush_lag)::text AS lag, r.sync_state, current_setting('archive_mode') AS archive_mode, \
              current_setting('archive_command') AS archive_command \
              FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = '{slot}' \
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid"
@@ -266,6 +267,37 @@ pub async fn check(
             (false, false, _) => "nothing archives WAL: no stream is connected to the slot and archive_command does not run walvault wal-push".to_owned(),
         },
     );
+
+    // the stream's mode against what the server waits for
+    let mode = records::newest::<StreamRecord>(repo, &paths, STREAM_RECORD)
+        .await?
+        .filter(|m| m.slot == slot);
+    let sync_state = text("sync_state").unwrap_or_default();
+    let waits = matches!(sync_state.as_str(), "sync" | "quorum" | "potential");
+    match (&mode, stream_connected) {
+        (Some(m), true) if waits && !m.synchronous => add(
+            "synchronous",
+            Level::Warning,
+            format!(
+                "the server waits for walvault's stream (sync_state {sync_state}), which runs without --synchronous: every commit waits up to its --partial-interval ({} s); restart the stream with --synchronous",
+                m.partial_interval_seconds
+            ),
+        ),
+        (Some(_), true) if waits => add(
+            "synchronous",
+            Level::Ok,
+            format!("walvault is a synchronous standby (sync_state {sync_state}) streaming with --synchronous: RPO = 0"),
+        ),
+        (Some(m), true) if m.synchronous => add(
+            "synchronous",
+            Level::Warning,
+            format!(
+                "the stream runs with --synchronous but the server does not wait for it (sync_state {sync_state}): list {:?} in synchronous_standby_names for RPO = 0",
+                m.application_name
+            ),
+        ),
+        _ => {}
+    }
 
     // the repository: writable, and its free space when it is a directory
     let probe = format!(

@@ -275,6 +275,8 @@ pub async fn expire(
         records::EXPIRE,
         records::VERIFY,
         records::DRILL,
+        records::JOB,
+        crate::archive::stream::STREAM_RECORD,
         super::locks::LOCKS,
     ] {
         records::prune(repo, &paths, kind).await?;

@@ -26,6 +26,8 @@ pub const EXPIRE: &str = "expire";
 pub const VERIFY: &str = "verify";
 /// `walvault drill` results.
 pub const DRILL: &str = "drill";
+/// The daemon's job runs (a start and an end record each).
+pub const JOB: &str = "job";
 
 /// Store `value` as a new record of `kind`; returns its key.
 pub async fn store<T: Serialize>(

@@ -726,3 +726,70 @@ fn drill_proves_recovery_and_records_failures_of_lost_wal_and_false_checks() {
     assert_eq!(code, Some(3), "{c}");
     assert_eq!(level(&c, "last drill"), "breach", "{c}");
 }
+
+/// Regression (issue 19): a stream the server waits for
+/// (`synchronous_standby_names`) but that runs without `--synchronous` makes
+/// every commit wait for its periodic acknowledgement; `check` knows the
+/// stream's mode (its record in the repository) and says so.
+#[test]
+fn check_warns_when_the_server_waits_for_a_stream_without_synchronous() {
+    use crate::support::pg::PgCluster;
+    use crate::support::stream::Streamer;
+    // set after the cluster's setup, whose commits would wait for it
+    let c = PgCluster::start();
+    c.append_conf(&["synchronous_standby_names = 'walvault_sync'".into()]);
+    c.reload_conf();
+    let work = tempfile::tempdir().unwrap();
+    let wv = Walvault::new().repo(work.path().join("repo"));
+    wv.args(["init"]).ok();
+    let conn = format!("{} application_name=walvault_sync", c.conninfo());
+    let synchronous = |c: &PgCluster| {
+        c.psql(
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'walvault_sync'",
+        ) == "sync"
+    };
+    let finding = |wv: &Walvault| -> (String, String) {
+        let r = wv
+            .args(["check", "--json", "--pg", &c.conninfo()])
+            .output()
+            .json();
+        let f = r["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["check"] == "synchronous")
+            .unwrap_or_else(|| panic!("no synchronous finding: {r}"))
+            .clone();
+        (
+            f["level"].as_str().unwrap().to_owned(),
+            f["detail"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    let mut s = Streamer::start(&wv, &conn, &["--partial-interval", "0.5"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the stream is the synchronous standby",
+        || synchronous(&c),
+    );
+    let (level, detail) = finding(&wv);
+    assert_eq!(level, "warning", "{detail}");
+    assert!(detail.contains("without --synchronous"), "{detail}");
+    assert!(
+        s.log().contains("restart it with --synchronous"),
+        "{}",
+        s.log()
+    );
+    s.stop();
+
+    let mut s = Streamer::start(&wv, &conn, &["--synchronous"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the stream is the synchronous standby",
+        || synchronous(&c),
+    );
+    let (level, detail) = finding(&wv);
+    assert_eq!(level, "ok", "{detail}");
+    assert!(detail.contains("RPO = 0"), "{detail}");
+    s.stop();
+}
