@@ -59,6 +59,9 @@ pub struct EmailConfig {
     pub user: Option<String>,
     /// File holding the SMTP password.
     pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate (a relay
+    /// with a private CA); default: the public web roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl SinkConfig {
@@ -389,7 +392,14 @@ async fn send_email(e: &EmailConfig, alert: &Alert) -> Result<(), String> {
         }
     );
     let msg = msg.body(body).map_err(|x| x.to_string())?;
-    let params = TlsParameters::new(host.clone()).map_err(|x| x.to_string())?;
+    let mut tls_params = TlsParameters::builder(host.clone());
+    if let Some(ca) = &e.ca_file {
+        let pem = std::fs::read(ca).map_err(|x| format!("ca_file {}: {x}", ca.display()))?;
+        let cert = lettre::transport::smtp::client::Certificate::from_pem(&pem)
+            .map_err(|x| format!("ca_file {}: {x}", ca.display()))?;
+        tls_params = tls_params.add_root_certificate(cert);
+    }
+    let params = tls_params.build_rustls().map_err(|x| x.to_string())?;
     let tls = match e.tls.as_deref() {
         Some("none") => Tls::None,
         Some("opportunistic") => Tls::Opportunistic(params),

@@ -592,6 +592,40 @@ fn daemon_killed_during_a_backup_reports_it_failed_retries_it_and_leaves_no_wal_
                 .is_some_and(|e| e < budget)
         },
     );
+
+    // SIGTERM during a backup: a clean, prompt stop (exit 0); the run has
+    // no end record, so the next start reports it and runs it again
+    let run = post(&d, "backup");
+    wait_for(Duration::from_secs(60), "the backup under way", || {
+        let s = d.status();
+        s["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == run.as_str() && r["progress_done"].as_u64().unwrap_or(0) > 0)
+            .then_some(())
+            .ok_or_else(|| format!("running: {}", s["running"]))
+    });
+    let t = Instant::now();
+    d.stop(Duration::from_secs(30));
+    eprintln!(
+        "stopped during a backup in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(d.log().contains("stopped by shutdown"), "{}", d.log());
+    d.spawn();
+    let again = d.wait_run(Duration::from_secs(30), "backup", |r| {
+        r["id"] == run.as_str()
+    });
+    assert_eq!(again["state"], "failed", "{again}");
+    // (the earlier retry is in the history too: this one names the run)
+    let retried = d.wait_run(Duration::from_secs(120), "backup", |r| {
+        r["trigger"] == "retry"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains(run.as_str()))
+    });
+    assert_eq!(retried["state"], "succeeded", "{retried}");
     d.stop(Duration::from_secs(60));
 }
 
@@ -734,5 +768,72 @@ fn status_page_in_a_real_chromium() {
             .unwrap()
             .len(),
         2
+    );
+}
+
+/// An SMTP server that requires STARTTLS (aiosmtpd) with a certificate
+/// from a private CA: the alert arrives through the sink that trusts the
+/// CA (`ca_file`), and the sink that does not is refused by TLS, logged,
+/// and does not deliver.
+#[test]
+fn email_alerts_go_over_starttls_and_check_the_certificate() {
+    let work = work_dir();
+    let (ca, ca_key) = crate::pg_client::test_ca("walvault test mail CA");
+    let (cert, key) = crate::pg_client::server_cert(&ca, &ca_key, &["localhost"]);
+    let (cert_file, key_file, ca_file) = (
+        work.path().join("smtp.crt"),
+        work.path().join("smtp.key"),
+        work.path().join("ca.crt"),
+    );
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let smtp = Smtp::start_starttls(&cert_file, &key_file);
+    // nothing listens on port 1: the health check fails at once, which is
+    // an alert (check:error)
+    let body = format!(
+        r#"pg = "host=127.0.0.1 port=1 user=walvault connect_timeout=2"
+
+[daemon]
+stream = false
+check_interval = "1s"
+
+[[alert]]
+name = "trusted"
+email = {{ smtp = "localhost:{port}", from = "walvault@example.com", to = ["dba@example.com"], ca_file = "{ca}" }}
+
+[[alert]]
+name = "untrusted"
+email = {{ smtp = "localhost:{port}", from = "walvault@example.com", to = ["other@example.com"] }}
+"#,
+        port = smtp.port,
+        ca = ca_file.display()
+    );
+    let repo = work.path().join("repo");
+    let file = config(work.path(), &repo.display().to_string(), &body, None);
+    let wv = Walvault::new().config(&file);
+    wv.args(["init"]).ok();
+    let d = Daemon::start(&wv, &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the alert by email over STARTTLS",
+        || {
+            smtp.messages()
+                .iter()
+                .any(|m| m.contains("FIRING:") && m.contains("condition: check:error"))
+        },
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the untrusted sink's TLS failure logged",
+        || d.log().contains("alert not delivered"),
+    );
+    let log = d.log();
+    assert!(log.contains("sink=\"untrusted\""), "{log}");
+    assert!(
+        smtp.messages()
+            .iter()
+            .all(|m| !m.contains("other@example.com")),
+        "the sink that does not trust the CA must not deliver"
     );
 }

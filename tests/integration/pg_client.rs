@@ -178,7 +178,7 @@ async fn unreachable_server_and_timeouts() {
 }
 
 /// A CA certificate (PEM) and its key pair.
-fn test_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+pub(crate) fn test_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -188,7 +188,11 @@ fn test_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
 
 /// A server certificate for `names` (DNS names or IP addresses) signed by
 /// the CA: (certificate PEM, key PEM).
-fn server_cert(ca: &rcgen::Certificate, ca_key: &KeyPair, names: &[&str]) -> (String, String) {
+pub(crate) fn server_cert(
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    names: &[&str],
+) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params =
         CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();

@@ -312,6 +312,35 @@ impl Smtp {
         Smtp { child, port, dir }
     }
 
+    /// An SMTP server that requires STARTTLS, with `cert` and `key` (PEM
+    /// files).
+    pub fn start_starttls(cert: &std::path::Path, key: &std::path::Path) -> Smtp {
+        const SERVER: &str = "import ssl, sys, time\n\
+from aiosmtpd.controller import Controller\n\
+from aiosmtpd.handlers import Mailbox\n\
+port, cert, key, mail = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]\n\
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)\n\
+ctx.load_cert_chain(cert, key)\n\
+c = Controller(Mailbox(mail), hostname='127.0.0.1', port=port, tls_context=ctx, require_starttls=True)\n\
+c.start()\n\
+while True:\n    time.sleep(3600)\n";
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(tools_python())
+            .args(["-c", SERVER, &port.to_string()])
+            .arg(cert)
+            .arg(key)
+            .arg(dir.path().join("mail"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd (scripts/install-moto.sh installs it)");
+        wait_for(Duration::from_secs(30), "aiosmtpd listens", || {
+            TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+        });
+        Smtp { child, port, dir }
+    }
+
     /// The messages received, each as its raw text.
     pub fn messages(&self) -> Vec<String> {
         let mut out = Vec::new();
