@@ -64,6 +64,17 @@ pub async fn run_backup(
     let sys = wal_conn.identify_system().await?;
     let seg = wal_conn.wal_segment_size().await?;
     let version = wal_conn.server_version_num().unwrap_or(0);
+    // in_hot_standby (PostgreSQL 14+) is the one way a replication
+    // connection learns the server's role
+    let from_standby = if version >= 140_000 {
+        wal_conn
+            .show("in_hot_standby")
+            .await
+            .ok()
+            .map(|v| v == "on")
+    } else {
+        None
+    };
     let slot = format!(
         "walvault_{}_{:08x}",
         std::process::id(),
@@ -181,6 +192,7 @@ pub async fn run_backup(
             })
             .collect(),
         relnames,
+        from_standby,
     };
     // commit only under a live lease: garbage collection may delete packs
     // this backup deduplicated against once a writer's lease has lapsed

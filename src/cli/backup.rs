@@ -283,9 +283,27 @@ pub struct RestoreArgs {
     /// the backup does not have.
     #[arg(long)]
     pub delta: bool,
+    /// Seed a new standby from the repository (to rebuild a lost replica
+    /// without loading the primary): standby.signal, the restore_command,
+    /// and --primary-conninfo; it replays the archived WAL, then streams
+    /// from the primary.
+    #[arg(long)]
+    pub as_standby: bool,
+    /// With --as-standby: how the standby connects to its primary (a role
+    /// with REPLICATION); without it, a warm standby that only replays the
+    /// archive.
+    #[arg(long, requires = "as_standby", value_name = "CONNINFO")]
+    pub primary_conninfo: Option<String>,
+    /// With --as-standby: the primary's replication slot it streams through
+    /// (create it on the primary first).
+    #[arg(long, requires = "as_standby", value_name = "NAME")]
+    pub slot: Option<String>,
 }
 
 pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::Result<()> {
+    if let Some(slot) = &args.slot {
+        crate::pg::validate_slot_name(slot)?;
+    }
     let map = tablespace_map(&args.tablespace_map)?;
     let progress = Progress::new();
     let mut opts = RestoreOptions {
@@ -297,6 +315,10 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         progress: Some(progress.clone()),
         staged_wal: false,
         page_cache: false,
+        standby: args.as_standby.then(|| crate::restore::StandbyOptions {
+            primary_conninfo: args.primary_conninfo.clone(),
+            slot: args.slot.clone(),
+        }),
     };
     let t = Instant::now();
     let was_empty = crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);
@@ -356,7 +378,12 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
     let secs = t.elapsed().as_secs_f64();
     for l in &r.replication_disabled {
         eprintln!(
-            "walvault: note: the backup was taken on a standby; `{l}` is commented out in postgresql.auto.conf so this copy does not connect to that primary"
+            "walvault: note: the backup was taken on a standby; its `{l}` is commented out in postgresql.auto.conf{}",
+            if args.as_standby {
+                " (this standby's own settings follow it)"
+            } else {
+                " so this copy does not connect to that primary"
+            }
         );
     }
     let delta = if args.delta {
@@ -370,12 +397,17 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         String::new()
     };
     outln!(
-        "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s){delta}; start PostgreSQL on it to recover",
+        "restored backup {} into {}: {} files, {} in {secs:.1} s ({:.0} MB/s){delta}; {}",
         r.backup.id,
         args.pgdata.display(),
         r.files,
         human(r.bytes),
-        r.bytes as f64 / secs.max(1e-3) / 1e6
+        r.bytes as f64 / secs.max(1e-3) / 1e6,
+        match (args.as_standby, &args.primary_conninfo) {
+            (true, Some(_)) => "start PostgreSQL on it: a standby that replays the repository's WAL, then streams from its primary",
+            (true, None) => "start PostgreSQL on it: a warm standby that replays the repository's WAL (no --primary-conninfo)",
+            _ => "start PostgreSQL on it to recover",
+        }
     )?;
     Ok(())
 }
@@ -659,6 +691,11 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
     let v = serde_json::json!({
         "id": m.id, "label": m.label, "status": "complete",
         "system_id": m.system_id.to_string(), "pg_version": m.pg_version, "timeline": m.timeline,
+        "source": match m.from_standby {
+            Some(true) => format!("standby of system {}, timeline {}", m.system_id, m.timeline),
+            Some(false) => "primary".to_owned(),
+            None => "unknown (before PostgreSQL 14, or an older walvault)".to_owned(),
+        },
         "start_lsn": m.start_lsn.to_string(), "stop_lsn": m.stop_lsn.to_string(),
         "start_time": time(m.start_time), "stop_time": time(m.stop_time),
         "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,

@@ -274,6 +274,7 @@ async fn story(
             restore_command: Some(format!("\"{}\" wal-fetch --repo \"{}\" --stanza main %f %p", exe.display(), repo_dir.display())),
             // the demo starts the server on it at once
             page_cache: true,
+        standby: None,
             ..Default::default()
         };
         let t = Instant::now();

@@ -20,8 +20,10 @@ use crate::storage::list_all;
 /// (version 1 was never released and is not read). Version 3 stores the
 /// same bytes with PostgreSQL types (timeline, LSNs, system id, segment
 /// size) that are checked when read: a timeline 0 or an impossible segment
-/// size is refused as corrupt instead of being carried along.
-pub const MANIFEST_VERSION: u32 = 3;
+/// size is refused as corrupt instead of being carried along. Version 4
+/// appends a trailer ([`ManifestTrailer`]) after the same layout: the role
+/// of the server the backup was taken on.
+pub const MANIFEST_VERSION: u32 = 4;
 /// The oldest manifest version this build reads.
 pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
@@ -121,6 +123,19 @@ pub struct Manifest {
     /// (empty when walvault could not connect to the databases): lets
     /// `wal-inspect` name the tables a transaction dropped.
     pub relnames: Vec<RelName>,
+    /// Taken on a standby (`Some(true)`) or a primary; `None` when not
+    /// known (versions before 4, or a server before PostgreSQL 14, which
+    /// does not report it over a replication connection). Stored in the
+    /// trailer, not in the layout versions 2 and 3 share.
+    #[serde(skip)]
+    pub from_standby: Option<bool>,
+}
+
+/// What version 4 appends after the version-3 layout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ManifestTrailer {
+    /// [`Manifest::from_standby`].
+    pub from_standby: Option<bool>,
 }
 
 /// A relation's name and file.
@@ -182,7 +197,14 @@ impl Manifest {
 
     /// Encode as an object body.
     pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
-        postcard::to_stdvec(self).map_err(RepoError::encode("a manifest"))
+        let mut body = postcard::to_stdvec(self).map_err(RepoError::encode("a manifest"))?;
+        if self.version >= 4 {
+            let trailer = ManifestTrailer {
+                from_standby: self.from_standby,
+            };
+            body.extend(postcard::to_stdvec(&trailer).map_err(RepoError::encode("a manifest"))?);
+        }
+        Ok(body)
     }
 
     /// Decode an object body; `object` names it in errors.
@@ -200,10 +222,27 @@ impl Manifest {
                 supported: MANIFEST_VERSION,
             });
         }
-        let m: Manifest = postcard::from_bytes(body).map_err(|e| RepoError::Corrupt {
+        let corrupt = |e: postcard::Error| RepoError::Corrupt {
             object: object.to_owned(),
             reason: e.to_string(),
-        })?;
+        };
+        let (mut m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(body).map_err(corrupt)?;
+        if version >= 4 {
+            let (trailer, rest) =
+                postcard::take_from_bytes::<ManifestTrailer>(rest).map_err(corrupt)?;
+            if !rest.is_empty() {
+                return Err(RepoError::Corrupt {
+                    object: object.to_owned(),
+                    reason: format!("{} bytes after the trailer", rest.len()),
+                });
+            }
+            m.from_standby = trailer.from_standby;
+        } else if !rest.is_empty() {
+            return Err(RepoError::Corrupt {
+                object: object.to_owned(),
+                reason: format!("{} bytes after the manifest", rest.len()),
+            });
+        }
         let blocks: u64 = m.files.iter().map(|f| f.blocks.len() as u64).sum();
         if blocks != m.totals.blocks {
             return Err(RepoError::Corrupt {
@@ -384,7 +423,27 @@ mod tests {
                 relfilenode: 16384,
                 name: "postgres.public.t".into(),
             }],
+            from_standby: Some(true),
         }
+    }
+
+    /// Version 4 carries the source's role in a trailer; a version-3 body
+    /// (the same layout, no trailer) still reads, with the role unknown.
+    #[test]
+    fn the_trailer_carries_the_role_and_version_3_reads_without_it() {
+        let m = sample();
+        assert_eq!(
+            Manifest::decode(&m.encode().unwrap(), "m")
+                .unwrap()
+                .from_standby,
+            Some(true)
+        );
+        let mut v3 = m.clone();
+        v3.version = 3;
+        let body = v3.encode().unwrap();
+        let back = Manifest::decode(&body, "m").unwrap();
+        assert_eq!(back.from_standby, None);
+        assert_eq!(back.files, m.files);
     }
 
     #[test]
@@ -413,6 +472,8 @@ mod tests {
     fn version_2_still_reads_and_typed_fields_are_checked() {
         let mut m = sample();
         m.version = 2;
+        // (before version 4 the source's role is not stored)
+        m.from_standby = None;
         let body = m.encode().unwrap();
         assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
         // version 1 was never released

@@ -189,6 +189,19 @@ pub struct RestoreOptions {
     /// from memory. Otherwise block-aligned bytes are written with
     /// `O_DIRECT` (see `files`).
     pub page_cache: bool,
+    /// Make the copy a standby on purpose (`restore --as-standby`): it
+    /// catches up from the repository, then streams from the primary.
+    pub standby: Option<StandbyOptions>,
+}
+
+/// How a copy restored as a standby reaches its primary.
+#[derive(Debug, Clone, Default)]
+pub struct StandbyOptions {
+    /// `primary_conninfo` (none: it only replays from the repository, a
+    /// warm standby).
+    pub primary_conninfo: Option<String>,
+    /// `primary_slot_name`.
+    pub slot: Option<String>,
 }
 
 /// What a restore did.
@@ -433,15 +446,31 @@ pub async fn restore(
     // a copy of a standby must not become a standby of the live primary
     let replication_disabled = recovery::forget_replication(target)?;
     if let Some(cmd) = &opts.restore_command {
-        let signal = target.join("recovery.signal");
+        // a standby: standby.signal, and where its primary is
+        let signal = target.join(if opts.standby.is_some() {
+            "standby.signal"
+        } else {
+            "recovery.signal"
+        });
         std::fs::write(&signal, "").map_err(io(&signal))?;
         let auto = target.join("postgresql.auto.conf");
         let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
+        let quote = |s: &str| s.replace('\'', "''");
         conf.push_str(&format!(
             "\n# added by walvault restore of backup {}\nrestore_command = '{}'\n",
             manifest.id,
-            cmd.replace('\'', "''")
+            quote(cmd)
         ));
+        if let Some(sb) = &opts.standby {
+            conf.push_str("# a standby seeded from the repository: it replays the archived WAL, then streams\n");
+            conf.push_str("recovery_target_timeline = 'latest'\n");
+            if let Some(c) = &sb.primary_conninfo {
+                conf.push_str(&format!("primary_conninfo = '{}'\n", quote(c)));
+            }
+            if let Some(slot) = &sb.slot {
+                conf.push_str(&format!("primary_slot_name = '{}'\n", quote(slot)));
+            }
+        }
         std::fs::write(&auto, conf).map_err(io(&auto))?;
     }
     // durable before "restored" is reported: every file written, then
@@ -456,7 +485,12 @@ pub async fn restore(
         .map(|t| t.path.clone())
         .filter(|p| !signals.contains(p) || p.exists())
         .collect();
-    for extra in ["tablespace_map", "recovery.signal", "postgresql.auto.conf"] {
+    for extra in [
+        "tablespace_map",
+        "recovery.signal",
+        "standby.signal",
+        "postgresql.auto.conf",
+    ] {
         let p = target.join(extra);
         if p.exists() && !files.contains(&p) {
             files.push(p);

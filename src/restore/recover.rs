@@ -296,6 +296,7 @@ pub async fn recover(
         progress: opts.progress.clone(),
         staged_wal: true,
         page_cache: true,
+        standby: None,
     };
     let incomplete = |source: RestoreError| RecoverError::Incomplete {
         dir: pgdata.clone(),

@@ -303,6 +303,14 @@ fn a_backup_taken_on_a_standby_restores_into_a_server_of_its_own() {
     wv.args(["backup", "--fast", "--pg", &standby.conninfo()])
         .ok();
     give_to_postgres(&repo);
+    // info says where it was taken
+    let info = wv.args(["info", "latest", "--json"]).ok().json();
+    let source = info["source"].as_str().unwrap();
+    assert!(source.starts_with("standby of system "), "{info}");
+    assert!(
+        source.contains(&primary.psql("SELECT system_identifier FROM pg_control_system()")),
+        "{info}"
+    );
 
     let mut dst = PgCluster::for_restore(&primary.bindir);
     let out = wv.args(["restore", "--pgdata"]).arg(&dst.datadir).ok();

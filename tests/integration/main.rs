@@ -22,6 +22,7 @@ mod pg_client;
 mod pitr;
 mod repo;
 mod restore_matrix;
+mod standby;
 mod storage_conformance;
 mod storage_outage;
 mod wal_archive;

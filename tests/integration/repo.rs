@@ -98,6 +98,7 @@ fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
         wal_segment_size: walvault::pg::WalSegSize::DEFAULT,
         corrupt_pages: vec![],
         relnames: vec![],
+        from_standby: None,
     }
 }
 

@@ -196,6 +196,12 @@ impl PgCluster {
         });
     }
 
+    /// Start a restored data directory as it is (a standby stays one: no
+    /// wait for the end of recovery).
+    pub fn start_restored_as_is(&mut self) {
+        self.start_restored_server();
+    }
+
     /// Start a data directory restored into `self.datadir` as a streaming
     /// standby of `primary` that holds replay back by an hour: it receives
     /// everything but applies nothing past the next commit, so a test can
