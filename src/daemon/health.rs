@@ -107,9 +107,10 @@ async fn evaluate(c: &Control, st: &mut State, refresh: bool) {
         None
     };
     let mut breached: Vec<&'static str> = Vec::new();
+    let configured = i.hub.snapshot().budgets;
     if let Some(r) = &report {
         for f in &r.findings {
-            let budget = budget_of(f.check).filter(|b| i.hub.snapshot().budgets.contains_key(b));
+            let budget = budget_of(f.check).filter(|b| configured.contains_key(b));
             match (f.level, budget) {
                 (Level::Breach, Some(b)) => {
                     breached.push(b);

@@ -239,14 +239,21 @@ impl DaemonOptions {
         }
     }
 
-    /// Check every value; the first that cannot work is the error.
+    /// Check every value; the first that cannot work is the error. Reads
+    /// no file: every command loads walvault.toml (wal-fetch as the
+    /// database's OS user too), and the token file is the daemon's alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.plan(false).map(|_| ())
+        self.checked(false, false).map(|_| ())
     }
 
-    /// The validated plan. `has_retention`: walvault.toml has a
-    /// `[retention]` policy (expire then defaults to after each backup).
+    /// The validated plan, the token file read. `has_retention`:
+    /// walvault.toml has a `[retention]` policy (expire then defaults to
+    /// after each backup).
     pub fn plan(&self, has_retention: bool) -> Result<Plan, ConfigError> {
+        self.checked(has_retention, true)
+    }
+
+    fn checked(&self, has_retention: bool, read_token: bool) -> Result<Plan, ConfigError> {
         let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             ConfigError::new(
@@ -284,6 +291,7 @@ impl DaemonOptions {
                 ))
             }
             (Some(t), None) => Some(t.clone()),
+            (None, Some(_)) if !read_token => None,
             (None, Some(p)) => Some(
                 std::fs::read_to_string(p)
                     .map_err(|e| {
@@ -405,6 +413,19 @@ mod tests {
             ]
         );
         assert!(o_without_policy_has_no_expire());
+    }
+
+    /// Every command loads walvault.toml, wal-fetch as the database's OS
+    /// user: the daemon's token file is read only when the daemon plans.
+    #[test]
+    fn only_the_daemon_reads_the_token_file() {
+        let o = DaemonOptions {
+            token_file: Some("/nonexistent/walvault-token".into()),
+            ..Default::default()
+        };
+        o.validate().unwrap();
+        let e = o.plan(false).unwrap_err();
+        assert_eq!(e.key, "daemon.token_file");
     }
 
     fn o_without_policy_has_no_expire() -> bool {
