@@ -179,8 +179,8 @@ pub struct StreamRecord {
     pub started_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// Record how this stream runs (a record like `ops::records` writes, under
-/// the same naming); best effort: a repository that cannot take it now
+/// Record how this stream runs (a record as `ops::records` writes them);
+/// best effort: a repository that cannot take it now
 /// fails the stream's own writes soon enough.
 async fn note_mode(
     repo: &Repository,
@@ -198,12 +198,7 @@ async fn note_mode(
             .unwrap_or_default(),
         started_at: chrono::Utc::now(),
     };
-    let key = format!(
-        "{}{}-{}",
-        paths.records(STREAM_RECORD),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
-        crate::codec::to_hex(&rand::random::<[u8; 4]>())
-    );
+    let key = paths.new_record(STREAM_RECORD);
     if let Err(e) = repo
         .put_json(crate::repo::object::ObjectKind::Record, &key, &rec)
         .await
@@ -685,9 +680,9 @@ impl StreamOptions {
 }
 
 /// Replace the status file atomically (readers never see half of it).
-pub(super) fn write_status(path: &std::path::Path, stats: &StreamStatus) {
+pub(crate) fn write_status<T: serde::Serialize>(path: &std::path::Path, value: &T) {
     let tmp = path.with_extension("tmp");
-    let body = serde_json::to_vec_pretty(stats).unwrap_or_default();
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::warn!("cannot write status file {}: {e}", path.display());
     }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::alerts::{Alerter, Sink};
 use super::jobs::JobKind;
-use super::status::{ActiveAlert, BackupView, CopyView, GapView, Health, RunState, Status};
+use super::status::{ActiveAlert, BackupView, CopyView, GapView, Health, RunState};
 use super::supervisor::{Context, Control, CopyTarget};
 use crate::ops::check::{CheckReport, Level};
 use crate::ops::records;
@@ -274,7 +274,7 @@ async fn evaluate(c: &Control, st: &mut State, refresh: bool) {
             .collect();
     });
     if let Some(path) = &i.plan.status_file {
-        write_status_file(path, &i.hub.snapshot());
+        crate::archive::stream::write_status(path, &i.hub.snapshot());
     }
 }
 
@@ -493,13 +493,4 @@ async fn copy_view(t: &CopyTarget, main: &[Manifest], paths: &StanzaPaths) -> Co
         }
     }
     v
-}
-
-/// Replace the status file atomically.
-fn write_status_file(path: &std::path::Path, s: &Status) {
-    let tmp = path.with_extension("tmp");
-    let body = serde_json::to_vec_pretty(s).unwrap_or_default();
-    if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
-        tracing::warn!("cannot write status file {}: {e}", path.display());
-    }
 }

@@ -355,6 +355,11 @@ impl Hub {
         self.lock().recent.iter().find(|r| r.kind == kind).cloned()
     }
 
+    /// Whether a running job reports progress.
+    pub fn progress_running(&self) -> bool {
+        self.lock().running.iter().any(|r| r.progress.is_some())
+    }
+
     /// Whether a run of `kind` is in progress.
     pub fn is_running(&self, kind: JobKind) -> bool {
         self.lock().running.iter().any(|r| r.kind == kind)

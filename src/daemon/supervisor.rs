@@ -430,7 +430,7 @@ async fn progress_ticker(hub: Arc<Hub>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {
-                if hub.snapshot().running.iter().any(|r| r.progress.is_some()) {
+                if hub.progress_running() {
                     hub.touch();
                 }
             }

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::retention::Role;
 use super::OpsError;
-use crate::codec::to_hex;
 use crate::repo::object::ObjectKind;
 use crate::repo::{Repository, StanzaPaths};
 use crate::storage::list_all;
@@ -36,12 +35,7 @@ pub async fn store<T: Serialize>(
     kind: &str,
     value: &T,
 ) -> Result<String, OpsError> {
-    let key = format!(
-        "{}{}-{}",
-        paths.records(kind),
-        Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
-        to_hex(&rand::random::<[u8; 4]>())
-    );
+    let key = paths.new_record(kind);
     repo.put_json(ObjectKind::Record, &key, value).await?;
     Ok(key)
 }

@@ -277,6 +277,17 @@ impl StanzaPaths {
     pub fn records(&self, kind: &str) -> String {
         format!("{}records/{kind}/", self.root)
     }
+
+    /// The key of a new record of `kind`: named by time (the newest sorts
+    /// last) and a random suffix (two writers never collide).
+    pub fn new_record(&self, kind: &str) -> String {
+        format!(
+            "{}{}-{}",
+            self.records(kind),
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+            crate::codec::to_hex(&rand::random::<[u8; 4]>())
+        )
+    }
 }
 
 /// An open repository.

@@ -17,11 +17,8 @@ fn config(dir: &Path, main: &Path, server: &S3Server, entries: &[(&str, &str, &s
     let mut text = format!("repo = \"{}\"\n", main.display());
     for (name, repo, extra) in entries {
         text.push_str(&format!(
-            "\n[[repository]]\nname = \"{name}\"\nrepo = \"{repo}\"\n{extra}\n[repository.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-            s3.endpoint.as_deref().unwrap(),
-            s3.region.as_deref().unwrap(),
-            s3.access_key_id.as_deref().unwrap(),
-            s3.secret_access_key.as_deref().unwrap(),
+            "\n[[repository]]\nname = \"{name}\"\nrepo = \"{repo}\"\n{extra}\n[repository.s3]\n{}",
+            crate::support::s3::s3_keys(&s3)
         ));
     }
     let file = dir.join("walvault.toml");

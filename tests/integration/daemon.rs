@@ -26,13 +26,7 @@ const TOKEN: &str = "test-token-0123456789";
 fn config(dir: &Path, repo: &str, body: &str, s3: Option<&S3Config>) -> PathBuf {
     let mut text = format!("repo = \"{repo}\"\n{body}\n");
     if let Some(s3) = s3 {
-        text.push_str(&format!(
-            "[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-            s3.endpoint.as_deref().unwrap(),
-            s3.region.as_deref().unwrap(),
-            s3.access_key_id.as_deref().unwrap(),
-            s3.secret_access_key.as_deref().unwrap(),
-        ));
+        text.push_str(&format!("[s3]\n{}", crate::support::s3::s3_keys(s3)));
     }
     let file = dir.join("walvault.toml");
     std::fs::write(&file, text).unwrap();

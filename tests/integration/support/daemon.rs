@@ -296,12 +296,27 @@ pub struct Smtp {
 
 impl Smtp {
     pub fn start() -> Smtp {
+        Smtp::spawn(|port, mail| {
+            vec![
+                "-m".into(),
+                "aiosmtpd".into(),
+                "-n".into(),
+                "-l".into(),
+                format!("127.0.0.1:{port}").into(),
+                "-c".into(),
+                "aiosmtpd.handlers.Mailbox".into(),
+                mail.into(),
+            ]
+        })
+    }
+
+    /// Python with the arguments `args(port, maildir)` gives, until it
+    /// listens on the port.
+    fn spawn(args: impl FnOnce(u16, PathBuf) -> Vec<std::ffi::OsString>) -> Smtp {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Command::new(tools_python())
-            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(dir.path().join("mail"))
+            .args(args(port, dir.path().join("mail")))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -324,21 +339,16 @@ ctx.load_cert_chain(cert, key)\n\
 c = Controller(Mailbox(mail), hostname='127.0.0.1', port=port, tls_context=ctx, require_starttls=True)\n\
 c.start()\n\
 while True:\n    time.sleep(3600)\n";
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new(tools_python())
-            .args(["-c", SERVER, &port.to_string()])
-            .arg(cert)
-            .arg(key)
-            .arg(dir.path().join("mail"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start aiosmtpd (scripts/install-moto.sh installs it)");
-        wait_for(Duration::from_secs(30), "aiosmtpd listens", || {
-            TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
-        });
-        Smtp { child, port, dir }
+        Smtp::spawn(|port, mail| {
+            vec![
+                "-c".into(),
+                SERVER.into(),
+                port.to_string().into(),
+                cert.into(),
+                key.into(),
+                mail.into(),
+            ]
+        })
     }
 
     /// The messages received, each as its raw text.

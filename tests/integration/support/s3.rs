@@ -119,16 +119,20 @@ pub fn garage_config(endpoint: &str, access_key: &str, secret_key: &str) -> S3Co
 /// `s3`, readable by every user (a restored server's restore_command runs as
 /// its OS user, without the test's environment).
 pub fn write_config_file(path: &Path, repo_url: &str, s3: &S3Config) {
-    let text = format!(
-        "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-        repo_url,
+    let text = format!("repo = \"{repo_url}\"\n[s3]\n{}", s3_keys(s3));
+    fs::write(path, text).expect("write config file");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod config file");
+}
+
+/// The keys of an `[s3]` table (or `[repository.s3]`) for `s3`.
+pub fn s3_keys(s3: &S3Config) -> String {
+    format!(
+        "endpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
         s3.endpoint.as_deref().unwrap_or_default(),
         s3.region.as_deref().unwrap_or_default(),
         s3.access_key_id.as_deref().unwrap_or_default(),
         s3.secret_access_key.as_deref().unwrap_or_default()
-    );
-    fs::write(path, text).expect("write config file");
-    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod config file");
+    )
 }
 
 /// A config file `DIR/walvault.toml` written by [`write_config_file`] for
