@@ -6,7 +6,8 @@
 # each listed in synchronous_standby_names (synchronous_commit = on), while
 # pgbench -c CLIENTS runs for DURATION seconds. Prints the TPS, the flush lag
 # (p50/p95/max of pg_stat_replication.flush_lag sampled every 20 ms) and the
-# ratio walvault / pg_receivewal. Then the async stream's write amplification
+# ratio walvault / pg_receivewal, with the WAL written during the run and
+# the CPU seconds the receiver used. Then the async stream's write amplification
 # at 20 commits a second: bytes the walvault process wrote (/proc/PID/io
 # write_bytes) over the WAL it received.
 #
@@ -102,7 +103,16 @@ sample_lag() { # file
 }
 
 echo "# PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), pgbench scale $SCALE, -c $CLIENTS for $DURATION s, local disk" >&2
-printf '%-14s %10s %10s %10s %10s\n' receiver TPS "lag p50" "lag p95" "lag max"
+printf '%-14s %8s %8s %8s %8s %8s %8s\n' receiver TPS "lag p50" "lag p95" "lag max" "WAL MiB" "CPU s"
+# CPU seconds (user + system) the receiver process has used so far
+receiver_cpu() { # mode
+  local p
+  case $1 in
+    pg_receivewal) p=$(pgrep -n -x pg_receivewal) ;;
+    *) p=$(pgrep -f -n "$tmp/walvault -q --repo $tmp/repo stream") ;;
+  esac
+  awk '{print ($14 + $15) / 100}' "/proc/$p/stat"
+}
 declare -A tps
 for mode in $MODES; do
   start_receiver "$mode"
@@ -110,8 +120,12 @@ for mode in $MODES; do
   : >"$lag"
   sample_lag "$lag" &
   sampler=$!
+  c0=$(receiver_cpu "$mode")
+  w0=$(sql "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
   out=$("${as[@]}" "$PG_BIN/pgbench" "${conn[@]}" -n -c "$CLIENTS" -j 2 -T "$DURATION" postgres 2>&1)
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+  cpu=$(python3 -c "print(f'{$(receiver_cpu "$mode") - $c0:.1f}')")
+  wal=$(python3 -c "print(f'{($(sql "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn") - $w0) / 1048576:.0f}')")
   tps[$mode]=$(echo "$out" | awk '/^tps = / {print $3; exit}')
   read -r p50 p95 pmax < <(python3 - "$lag" <<'PY'
 import sys
@@ -121,7 +135,7 @@ q = lambda p: v[min(len(v) - 1, int(len(v) * p))]
 print(f"{q(0.5):.1f} {q(0.95):.1f} {v[-1]:.1f}")
 PY
 )
-  printf '%-14s %10.0f %10s %10s %10s\n' "$mode" "${tps[$mode]}" "$p50" "$p95" "$pmax"
+  printf '%-14s %8.0f %8s %8s %8s %8s %8s\n' "$mode" "${tps[$mode]}" "$p50" "$p95" "$pmax" "$wal" "$cpu"
   set_sync ''
   stop_all
 done

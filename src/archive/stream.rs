@@ -15,7 +15,10 @@
 //!   after new WAL arrived; in synchronous mode as soon as the previous
 //!   write is done (group commit: one write carries every commit that
 //!   arrived while the previous one was in flight), and the flush position
-//!   is reported right after each write, which bounds the RPO.
+//!   is reported right after each write, which bounds the RPO. On a local
+//!   directory a synchronous stream appends its pieces to the segment's
+//!   journal (`<segment>.journal`, zeros made durable ahead of need), so a
+//!   durable write is one `fdatasync` with no metadata, as pg_receivewal's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -363,7 +366,10 @@ async fn session(
     let mut waiting = Waiting::default();
     let mut published = durable;
     let mut partial_due: Option<tokio::time::Instant> = None;
-    let mut pieces = Pieces::new();
+    let mut pieces = Pieces::new(opts.synchronous.then(|| Journal::new(repo, seg)).flatten());
+    // journal mode: WAL received and not yet written; written once nothing
+    // more is waiting on the socket (or enough piled up)
+    let mut write_due = false;
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
     stats.timeline = Some(tli);
@@ -375,7 +381,49 @@ async fn session(
     loop {
         let partial_at =
             partial_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        // biased: the rare events first, then the socket; the journal write
+        // last, so it carries every message that had already arrived
         tokio::select! {
+            biased;
+            changed = stop.changed() => {
+                // a dropped sender stops it too (and cannot spin this loop)
+                if changed.is_err() || *stop.borrow() {
+                    pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
+                    let _ = send_status(&mut conn, durable, false).await;
+                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
+                    conn.close().await;
+                    return Ok(SessionEnd::Stopped);
+                }
+            }
+            _ = status_tick.tick() => {
+                send_status(&mut conn, durable, false).await?;
+                report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
+            }
+            _ = tokio::time::sleep_until(partial_at) => {
+                partial_due = None;
+                if pieces.is_idle() {
+                    pieces.spawn(repo, paths, &asm, durable);
+                }
+            }
+            Some(done) = pieces.rx.recv() => {
+                // a piece is durable: report what is durable at once, and in
+                // synchronous mode write everything that arrived meanwhile
+                // (group commit)
+                let before = durable;
+                pieces.complete(done?, &mut durable, stats);
+                if durable > before {
+                    send_status(&mut conn, durable, false).await?;
+                }
+                if opts.synchronous {
+                    pieces.spawn(repo, paths, &asm, durable);
+                } else if asm.position() > durable && partial_due.is_none() {
+                    partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
+                }
+                if durable != published && opts.reports() {
+                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), false);
+                    published = durable;
+                }
+            }
             msg = conn.copy_data() => {
                 // the server reports recycled WAL inside the stream
                 let msg = match msg {
@@ -406,7 +454,8 @@ async fn session(
                         server_end = server_end.max(wal_end);
                         let completed = asm.push(start, &data).map_err(|e| ArchiveError::Protocol(e.to_string()))?;
                         waiting.received(asm.position());
-                        if !completed.is_empty() {
+                        let completed_any = !completed.is_empty();
+                        if completed_any {
                             // pieces in flight belong to a segment now complete
                             pieces.wait_all(&mut durable, stats).await?;
                         }
@@ -421,7 +470,20 @@ async fn session(
                             stats.segments_stored += 1;
                             durable = durable.max(asm.position().segment(seg).start_lsn(seg).unwrap_or(durable));
                         }
-                        if opts.synchronous {
+                        if pieces.journal.is_some() {
+                            // journal: written in the write_due branch below
+                            // once the socket is drained, or now when much
+                            // piled up
+                            write_due = asm.position() > durable;
+                            if write_due && asm.position().checked_sub(durable).unwrap_or(0) >= JOURNAL_WRITE_AT_MOST {
+                                write_due = false;
+                                pieces.write_now(repo, paths, &asm, &mut durable, stats).await?;
+                                send_status(&mut conn, durable, false).await?;
+                            } else if !write_due && completed_any {
+                                // a whole segment completed and nothing follows it
+                                send_status(&mut conn, durable, false).await?;
+                            }
+                        } else if opts.synchronous {
                             pieces.spawn(repo, paths, &asm, durable);
                             if pieces.is_idle() {
                                 // a whole segment completed and nothing follows it
@@ -443,42 +505,14 @@ async fn session(
                     published = durable;
                 }
             }
-            _ = tokio::time::sleep_until(partial_at) => {
-                partial_due = None;
-                if pieces.is_idle() {
-                    pieces.spawn(repo, paths, &asm, durable);
-                }
-            }
-            Some(done) = pieces.rx.recv() => {
-                // a piece is durable: report what is durable at once, and in
-                // synchronous mode write everything that arrived meanwhile
-                // (group commit)
-                let before = durable;
-                pieces.complete(done?, &mut durable, stats);
-                if durable > before {
-                    send_status(&mut conn, durable, false).await?;
-                }
-                if opts.synchronous {
-                    pieces.spawn(repo, paths, &asm, durable);
-                } else if asm.position() > durable && partial_due.is_none() {
-                    partial_due = Some(tokio::time::Instant::now() + opts.partial_interval);
-                }
+            _ = std::future::ready(()), if write_due => {
+                // nothing more waiting on the socket: write what arrived
+                write_due = false;
+                pieces.write_now(repo, paths, &asm, &mut durable, stats).await?;
+                send_status(&mut conn, durable, false).await?;
                 if durable != published && opts.reports() {
                     report(opts, stats, &asm, durable, server_end, waiting.since(durable), false);
                     published = durable;
-                }
-            }
-            _ = status_tick.tick() => {
-                send_status(&mut conn, durable, false).await?;
-                report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
-            }
-            _ = stop.changed() => {
-                if *stop.borrow() {
-                    pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
-                    let _ = send_status(&mut conn, durable, false).await;
-                    report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
-                    conn.close().await;
-                    return Ok(SessionEnd::Stopped);
                 }
             }
         }
@@ -493,21 +527,29 @@ type PieceDone = Result<(Lsn, u64), crate::repo::RepoError>;
 /// advances over the ones done in order.
 const PIECES_IN_FLIGHT: usize = 4;
 
+/// In journal mode, WAL received and not yet written that is written at
+/// once, without waiting for the socket to drain (a fast sender cannot
+/// postpone the write, and every commit in it, indefinitely).
+const JOURNAL_WRITE_AT_MOST: u64 = 1 << 20;
+
 /// The pieces of the open segment being written, in the order issued.
 struct Pieces {
     /// Each piece's end and whether it is durable.
     inflight: std::collections::VecDeque<(Lsn, bool)>,
     tx: mpsc::Sender<PieceDone>,
     rx: mpsc::Receiver<PieceDone>,
+    /// Where pieces go on a local directory in synchronous mode.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Pieces {
-    fn new() -> Pieces {
+    fn new(journal: Option<Journal>) -> Pieces {
         let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
         Pieces {
             inflight: std::collections::VecDeque::new(),
             tx,
             rx,
+            journal: journal.map(Arc::new),
         }
     }
 
@@ -517,7 +559,8 @@ impl Pieces {
 
     /// Start writing, in the background, the WAL of the open segment
     /// received after what was durable or already issued (nothing when
-    /// there is none, or enough pieces are in flight).
+    /// there is none, or enough pieces are in flight: one into a journal,
+    /// whose writes are one file's syncs and cannot overlap).
     fn spawn(
         &mut self,
         repo: &Arc<Repository>,
@@ -525,7 +568,12 @@ impl Pieces {
         asm: &SegmentAssembler,
         durable: Lsn,
     ) {
-        if self.inflight.len() >= PIECES_IN_FLIGHT {
+        let limit = if self.journal.is_some() {
+            1
+        } else {
+            PIECES_IN_FLIGHT
+        };
+        if self.inflight.len() >= limit {
             return;
         }
         let from = self
@@ -538,9 +586,9 @@ impl Pieces {
         let end = asm.position();
         self.inflight.push_back((end, false));
         let (repo, paths, tx) = (repo.clone(), paths.clone(), self.tx.clone());
+        let journal = self.journal.clone();
         tokio::spawn(async move {
-            let r = repo
-                .store_piece(&paths, &f, offset, bytes::Bytes::from(data))
+            let r = write_piece(&repo, &paths, journal.as_ref(), f, offset, data)
                 .await
                 .map(|n| (end, n));
             let _ = tx.send(r).await;
@@ -576,11 +624,45 @@ impl Pieces {
         Ok(())
     }
 
+    /// Journal mode: write what the open segment received after `durable`
+    /// into its journal here, without handing it to other threads (a
+    /// synchronous commit waits for this: each hop between threads costs
+    /// as much as the write), and move `durable` to it.
+    async fn write_now(
+        &mut self,
+        repo: &Arc<Repository>,
+        paths: &StanzaPaths,
+        asm: &SegmentAssembler,
+        durable: &mut Lsn,
+        stats: &mut StreamStatus,
+    ) -> Result<(), ArchiveError> {
+        let Some((f, offset, data)) = asm.since(*durable) else {
+            return Ok(());
+        };
+        let (key, sealed) = repo.seal_piece_now(paths, &f, offset, &data);
+        let appended = match &self.journal {
+            // one pwrite and one fdatasync into space made beforehand: this
+            // worker blocks for it while the other runs the rest
+            Some(j) => j.append(repo, paths, &f, offset, &sealed)?,
+            None => false,
+        };
+        stats.piece_bytes += sealed.len() as u64;
+        if !appended {
+            repo.storage()
+                .put(&key, sealed)
+                .await
+                .map_err(crate::repo::RepoError::from)?;
+        }
+        stats.partial_uploads += 1;
+        *durable = (*durable).max(asm.position());
+        Ok(())
+    }
+
     /// Make everything received durable now: the pieces in flight, then
     /// the rest of the open segment.
     async fn flush(
         &mut self,
-        repo: &Repository,
+        repo: &Arc<Repository>,
         paths: &StanzaPaths,
         asm: &SegmentAssembler,
         durable: &mut Lsn,
@@ -588,13 +670,110 @@ impl Pieces {
     ) -> Result<(), ArchiveError> {
         self.wait_all(durable, stats).await?;
         if let Some((f, offset, data)) = asm.since(*durable) {
-            stats.piece_bytes += repo
-                .store_piece(paths, &f, offset, bytes::Bytes::from(data))
-                .await?;
+            stats.piece_bytes +=
+                write_piece(repo, paths, self.journal.as_ref(), f, offset, data).await?;
             stats.partial_uploads += 1;
         }
         *durable = (*durable).max(asm.position());
         Ok(())
+    }
+}
+
+/// Make the piece of segment `f` at `offset` durable: appended to the
+/// segment's journal when there is one and it has room, else as its own
+/// object. Returns the bytes stored.
+async fn write_piece(
+    repo: &Arc<Repository>,
+    paths: &StanzaPaths,
+    journal: Option<&Arc<Journal>>,
+    f: crate::pg::SegmentFile,
+    offset: u32,
+    data: Vec<u8>,
+) -> Result<u64, crate::repo::RepoError> {
+    let (key, sealed) = repo
+        .seal_piece(paths, &f, offset, bytes::Bytes::from(data))
+        .await?;
+    let n = sealed.len() as u64;
+    if let Some(j) = journal {
+        let (j, repo, paths, record) = (j.clone(), repo.clone(), paths.clone(), sealed.clone());
+        let appended =
+            tokio::task::spawn_blocking(move || j.append(&repo, &paths, &f, offset, &record))
+                .await
+                .map_err(crate::repo::RepoError::task("WAL journal write"))??;
+        if appended {
+            return Ok(n);
+        }
+    }
+    repo.storage().put(&key, sealed).await?;
+    Ok(n)
+}
+
+/// The journal a synchronous stream on a local directory appends pieces
+/// to, one per open segment, and the zero-filled file made ahead for the
+/// next one (so a segment switch costs a rename, not 16 MiB of zeros).
+struct Journal {
+    dir: crate::storage::LocalDir,
+    current: std::sync::Mutex<Option<crate::repo::WalJournal>>,
+    ready: Arc<std::sync::Mutex<Option<crate::storage::ZeroedFile>>>,
+}
+
+impl Journal {
+    /// `None` when the repository is not a local directory. Starts making
+    /// the first zero-filled file at once.
+    fn new(repo: &Repository, seg: crate::pg::WalSegSize) -> Option<Journal> {
+        let journal = Journal {
+            dir: repo.storage().local_dir()?.clone(),
+            current: std::sync::Mutex::new(None),
+            ready: Arc::default(),
+        };
+        journal.prepare_next(crate::repo::journal_size(seg));
+        Some(journal)
+    }
+
+    /// Make the next zero-filled file in the background.
+    fn prepare_next(&self, size: u64) {
+        let (dir, ready) = (self.dir.clone(), self.ready.clone());
+        tokio::task::spawn_blocking(move || match dir.prepare_zeroed(size) {
+            Ok(z) => *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(z),
+            Err(e) => tracing::warn!("cannot prepare the next WAL journal: {e}"),
+        });
+    }
+
+    /// Append a sealed piece to segment `f`'s journal, opening or creating
+    /// it first; `false` when it has no room left. Blocking.
+    fn append(
+        &self,
+        repo: &Repository,
+        paths: &StanzaPaths,
+        f: &crate::pg::SegmentFile,
+        offset: u32,
+        sealed: &[u8],
+    ) -> Result<bool, crate::repo::RepoError> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let usable = current
+            .as_ref()
+            .is_some_and(|j| j.segment() == *f && j.is_linked());
+        if !usable {
+            *current = None;
+            let size = crate::repo::journal_size(f.seg_size);
+            let mut made = false;
+            *current = repo.open_journal(paths, f, || {
+                made = true;
+                let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match ready {
+                    Some(z) if z.size() == size && z.is_present() => Ok(z),
+                    _ => self.dir.prepare_zeroed(size),
+                }
+            })?;
+            if made {
+                // the next segment's file, made while this one fills
+                self.prepare_next(size);
+            }
+        }
+        match current.as_mut() {
+            Some(j) => j.append(offset, sealed),
+            None => Ok(false),
+        }
     }
 }
 

@@ -38,7 +38,7 @@ pub use manifest::{
 };
 pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
 pub use session::{Session, SessionOptions, SessionStats};
-pub use wal::{timeline_dir, wal_key, WalStored};
+pub use wal::{journal_size, timeline_dir, wal_key, WalJournal, WalStored};
 
 use crate::codec::{IdHasher, Keys, MasterKey};
 use crate::storage::{list_all, Storage, StorageError};

@@ -12,6 +12,20 @@
 //! stopping at the first gap or damaged piece (never a byte past it), over
 //! the `.partial` object when one exists too. Storing the complete segment
 //! removes its pieces.
+//!
+//! On a local directory a synchronous stream writes its pieces into the
+//! segment's *journal* instead, `<segment>.journal`: a file of zeros made
+//! durable ahead of need (segment size plus an eighth) that takes each
+//! piece in place, so making a commit durable is one write and one
+//! `fdatasync`, with no new name or size to commit (pg_receivewal's
+//! zero-filled segments, for the same reason). A record is a 16-byte header
+//! — `WVJ1`, the piece's offset and sealed length (u32 little-endian), the
+//! CRC-32C of those 12 bytes — then the piece exactly as its own object
+//! would be stored (sealed under the piece's key, so it verifies only
+//! there). Records follow each other from byte 0; the first header that is
+//! not valid (zeros, or a write torn by a crash) ends the journal, a record
+//! whose piece does not verify is left out like a damaged piece. Readers
+//! treat records as pieces.
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -42,9 +56,113 @@ pub fn piece_key(paths: &StanzaPaths, f: &SegmentFile, offset: u32) -> String {
     )
 }
 
-/// A piece's segment and offset from its name inside the timeline directory.
-pub fn parse_piece(name: &str, seg: WalSegSize) -> Option<(SegmentFile, u32)> {
+/// The key of segment `f`'s journal (local directories, synchronous stream).
+pub fn journal_key(paths: &StanzaPaths, f: &SegmentFile) -> String {
+    format!(
+        "{}{}/{f}.{JOURNAL_SUFFIX}",
+        paths.wal(),
+        timeline_dir(f.timeline)
+    )
+}
+
+const JOURNAL_SUFFIX: &str = "journal";
+const JOURNAL_MAGIC: &[u8; 4] = b"WVJ1";
+const RECORD_HEADER: usize = 16;
+
+/// Size of a new journal for segments of `seg` bytes: room for the whole
+/// segment stored uncompressed in pieces of 64 KiB or more; smaller pieces
+/// compress, and what does not fit is stored as piece objects.
+pub fn journal_size(seg: WalSegSize) -> u64 {
+    seg.bytes() + seg.bytes() / 8
+}
+
+/// Where a piece is: its own object, or records of the segment's journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PieceAt {
+    /// The object `<segment>.<offset>`.
+    Offset(u32),
+    /// The journal `<segment>.journal`.
+    Journal,
+}
+
+/// The records of a journal: each piece's offset and the byte range of its
+/// sealed object, and where the next record goes (after the last valid
+/// header).
+pub fn journal_records(data: &[u8]) -> (Vec<(u32, std::ops::Range<usize>)>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while let Some(h) = data.get(at..at + RECORD_HEADER) {
+        let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        if &h[..4] != JOURNAL_MAGIC || crc32c::crc32c(&h[..12]) != word(12) {
+            break;
+        }
+        let (offset, len) = (word(4), word(8) as usize);
+        let body = at + RECORD_HEADER..at + RECORD_HEADER + len;
+        if body.end > data.len() {
+            break;
+        }
+        at = body.end;
+        out.push((offset, body));
+    }
+    (out, at)
+}
+
+/// One journal record: the header for a piece at `offset`, then `sealed`.
+fn journal_record(offset: u32, sealed: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RECORD_HEADER + sealed.len());
+    out.extend_from_slice(JOURNAL_MAGIC);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(sealed);
+    out
+}
+
+/// The journal of one open segment, being written in place.
+#[derive(Debug)]
+pub struct WalJournal {
+    file: crate::storage::InPlaceFile,
+    segment: SegmentFile,
+    next: u64,
+}
+
+impl WalJournal {
+    /// The segment it belongs to.
+    pub fn segment(&self) -> SegmentFile {
+        self.segment
+    }
+
+    /// Whether the journal still has a name in the repository (`false`
+    /// once the finished segment replaced it and it was deleted).
+    pub fn is_linked(&self) -> bool {
+        self.file.is_linked()
+    }
+
+    /// Append the piece at `offset` (`sealed` by [`Repository::seal_piece`])
+    /// and make it durable: `false`, with nothing written, when it does not
+    /// fit (store it as its own object then). Blocking.
+    pub fn append(&mut self, offset: u32, sealed: &[u8]) -> Result<bool, RepoError> {
+        let record = journal_record(offset, sealed);
+        if self.next + record.len() as u64 > self.file.size() {
+            return Ok(false);
+        }
+        self.file.write_durable(self.next, &record)?;
+        self.next += record.len() as u64;
+        Ok(true)
+    }
+}
+
+/// A piece's segment and where it is, from its name inside the timeline
+/// directory.
+pub fn parse_piece(name: &str, seg: WalSegSize) -> Option<(SegmentFile, PieceAt)> {
     let (segment, offset) = name.split_once('.')?;
+    if offset == JOURNAL_SUFFIX {
+        return match WalFileName::parse(segment, seg).ok()? {
+            WalFileName::Segment(f) => Some((f, PieceAt::Journal)),
+            _ => None,
+        };
+    }
     if offset.len() != 8
         || !offset
             .bytes()
@@ -53,7 +171,9 @@ pub fn parse_piece(name: &str, seg: WalSegSize) -> Option<(SegmentFile, u32)> {
         return None;
     }
     match WalFileName::parse(segment, seg).ok()? {
-        WalFileName::Segment(f) => Some((f, u32::from_str_radix(offset, 16).ok()?)),
+        WalFileName::Segment(f) => {
+            Some((f, PieceAt::Offset(u32::from_str_radix(offset, 16).ok()?)))
+        }
         _ => None,
     }
 }
@@ -163,15 +283,15 @@ impl Repository {
         Ok(())
     }
 
-    /// The pieces of segment `f`: (offset, key), by offset.
+    /// The pieces of segment `f`: (where, key), by offset, the journal last.
     pub async fn list_pieces(
         &self,
         paths: &StanzaPaths,
         f: &SegmentFile,
-    ) -> Result<Vec<(u32, String)>, RepoError> {
+    ) -> Result<Vec<(PieceAt, String)>, RepoError> {
         let dir = format!("{}{}/", paths.wal(), timeline_dir(f.timeline));
         let prefix = format!("{dir}{f}.");
-        let mut out: Vec<(u32, String)> =
+        let mut out: Vec<(PieceAt, String)> =
             crate::storage::list_all(self.storage().as_ref(), &prefix)
                 .await?
                 .into_iter()
@@ -212,19 +332,30 @@ impl Repository {
         offset: u32,
         data: Bytes,
     ) -> Result<u64, RepoError> {
-        let key = piece_key(paths, f, offset);
-        let keys = self.keys().cloned();
+        let (key, sealed) = self.seal_piece(paths, f, offset, data).await?;
+        let n = sealed.len() as u64;
+        self.storage().put(&key, sealed).await?;
+        Ok(n)
+    }
+
+    /// The piece of segment `f` at `offset` holding `data`, encoded as its
+    /// object: (key, sealed bytes), for [`Storage::put`](crate::storage::Storage::put)
+    /// or [`WalJournal::append`].
+    pub async fn seal_piece(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        offset: u32,
+        data: Bytes,
+    ) -> Result<(String, Bytes), RepoError> {
         // a piece of a few commits is sealed in microseconds: here, not
         // through the blocking pool (a synchronous commit waits for it)
-        let sealed = if data.len() <= 64 << 10 {
-            object::seal(
-                ObjectKind::Wal,
-                &key,
-                &data,
-                Compression::Lz4,
-                keys.as_ref(),
-            )
-        } else {
+        if data.len() <= 64 << 10 {
+            return Ok(self.seal_piece_now(paths, f, offset, &data));
+        }
+        let key = piece_key(paths, f, offset);
+        let keys = self.keys().cloned();
+        let sealed = {
             let k = key.clone();
             tokio::task::spawn_blocking(move || {
                 object::seal(ObjectKind::Wal, &k, &data, Compression::Lz4, keys.as_ref())
@@ -232,9 +363,49 @@ impl Repository {
             .await
             .map_err(RepoError::task("WAL encode"))?
         };
-        let n = sealed.len() as u64;
-        self.storage().put(&key, sealed).await?;
-        Ok(n)
+        Ok((key, sealed))
+    }
+
+    /// [`Repository::seal_piece`] on this thread (CPU only: LZ4 and, with
+    /// a key, AES-GCM; about a microsecond per KiB).
+    pub fn seal_piece_now(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        offset: u32,
+        data: &[u8],
+    ) -> (String, Bytes) {
+        let key = piece_key(paths, f, offset);
+        let sealed = object::seal(ObjectKind::Wal, &key, data, Compression::Lz4, self.keys());
+        (key, sealed)
+    }
+
+    /// The journal of segment `f` to append to: the existing one (after its
+    /// last record), or a new one made from `zeroed` (a file of
+    /// [`journal_size`] zeros). `None` when the repository is not a local
+    /// directory. Blocking.
+    pub fn open_journal(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        zeroed: impl FnOnce() -> Result<crate::storage::ZeroedFile, crate::storage::StorageError>,
+    ) -> Result<Option<WalJournal>, RepoError> {
+        let Some(dir) = self.storage().local_dir() else {
+            return Ok(None);
+        };
+        let key = journal_key(paths, f);
+        let (file, next) = match dir.open_in_place(&key)? {
+            Some(file) => {
+                let (_, end) = journal_records(&file.read_all()?);
+                (file, end as u64)
+            }
+            None => (dir.install(zeroed()?, &key)?, 0),
+        };
+        Ok(Some(WalJournal {
+            file,
+            segment: *f,
+            next,
+        }))
     }
 
     /// Segment `f` as its pieces make it (over `base`, the `.partial`
@@ -253,16 +424,20 @@ impl Repository {
         }
         // every piece read at once (an open segment of a synchronous
         // stream has many small ones); a damaged or vanished one is left out
-        let read: Vec<Option<(usize, Vec<u8>)>> = futures::stream::iter(pieces)
-            .map(|(off, key)| async move {
+        let read: Vec<Vec<(usize, Vec<u8>)>> = futures::stream::iter(pieces)
+            .map(|(at, key)| async move {
+                let off = match at {
+                    PieceAt::Offset(off) => off,
+                    PieceAt::Journal => return self.read_journal(paths, f, &key).await,
+                };
                 match self.read_object(ObjectKind::Wal, &key, MAX_WAL).await {
-                    Ok(body) => Ok(Some((off as usize, body))),
-                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+                    Ok(body) => Ok(vec![(off as usize, body)]),
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(Vec::new()),
                     Err(RepoError::Corrupt { object, reason }) => {
                         tracing::warn!(
                             "WAL piece {object} is damaged ({reason}); the segment ends before it"
                         );
-                        Ok(None)
+                        Ok(Vec::new())
                     }
                     Err(e) => Err(e),
                 }
@@ -307,6 +482,39 @@ impl Repository {
         // of the same segment, so the result is the longer prefix, then
         // zeros (past a gap in the pieces only what the base itself holds)
         Ok(Some(Bytes::from(out)))
+    }
+
+    /// The pieces in the journal `key` of segment `f`: (offset, WAL bytes);
+    /// a record whose piece does not verify is left out.
+    async fn read_journal(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+        key: &str,
+    ) -> Result<Vec<(usize, Vec<u8>)>, RepoError> {
+        let data = match self.storage().get(key).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let keys = self.keys().cloned();
+        let (paths, f, journal) = (paths.clone(), *f, key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let (records, _) = journal_records(&data);
+            let mut out = Vec::with_capacity(records.len());
+            for (off, range) in records {
+                let name = piece_key(&paths, &f, off);
+                match object::open(ObjectKind::Wal, &name, &data[range], keys.as_ref(), MAX_WAL) {
+                    Ok(body) => out.push((off as usize, body)),
+                    Err(e) => tracing::warn!(
+                        "the piece at offset {off:08X} in WAL journal {journal} is damaged ({e}); the segment ends before it"
+                    ),
+                }
+            }
+            out
+        })
+        .await
+        .map_err(RepoError::task("WAL journal decode"))
     }
 
     /// Timelines with a directory under `<stanza>/wal/`, sorted.
@@ -487,6 +695,143 @@ mod tests {
         // deleting the .partial deletes its pieces
         repo.delete_wal(&paths, &partial).await.unwrap();
         assert!(repo.list_pieces(&paths, &f).await.unwrap().is_empty());
+        assert!(repo.load_wal(&paths, &partial).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_journal_holds_pieces_in_place_and_ends_at_the_first_torn_record() {
+        use crate::pg::{SegmentFile, SegmentNo};
+        use crate::repo::{InitParams, KdfCost};
+        let dir = tempfile::tempdir().unwrap();
+        let local = crate::storage::LocalDir::open(dir.path()).unwrap();
+        let storage = std::sync::Arc::new(local.clone());
+        let repo = Repository::init(storage, &InitParams::default(), None, KdfCost::default())
+            .await
+            .unwrap();
+        let paths = StanzaPaths::new("s");
+        let seg = WalSegSize::new(1 << 20).unwrap();
+        let f = SegmentFile {
+            timeline: TimelineId::new(1).unwrap(),
+            segno: SegmentNo(5),
+            seg_size: seg,
+        };
+        let wal: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let sealed = |from: usize, to: usize| {
+            let repo = &repo;
+            let paths = &paths;
+            let wal = &wal;
+            async move {
+                repo.seal_piece(
+                    paths,
+                    &f,
+                    from as u32,
+                    Bytes::copy_from_slice(&wal[from..to]),
+                )
+                .await
+                .unwrap()
+                .1
+            }
+        };
+        let partial = WalFileName::Partial(f);
+        let valid = |got: Bytes| {
+            assert_eq!(got.len() as u64, seg.bytes());
+            let n = got.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            assert_eq!(&got[..n], &wal[..n], "bytes that are not the WAL");
+            n
+        };
+        let journal_file = dir.path().join(journal_key(&paths, &f));
+        let mut made = 0;
+        {
+            let mut j = repo
+                .open_journal(&paths, &f, || {
+                    made += 1;
+                    local.prepare_zeroed(journal_size(seg))
+                })
+                .unwrap()
+                .unwrap();
+            for (from, to) in [(0, 1000), (1000, 2000)] {
+                assert!(j.append(from as u32, &sealed(from, to).await).unwrap());
+            }
+        }
+        assert_eq!(made, 1);
+        assert_eq!(
+            std::fs::metadata(&journal_file).unwrap().len(),
+            journal_size(seg),
+            "written in place: the size never changes"
+        );
+        assert_eq!(
+            valid(repo.load_wal(&paths, &partial).await.unwrap().unwrap()),
+            2000
+        );
+        let listed = repo.list_wal_sized(&paths, f.timeline, seg).await.unwrap();
+        assert_eq!(listed, vec![(partial, journal_size(seg))]);
+
+        // a crash tore the third record: its header is there, its piece cut
+        let third = sealed(2000, 3000).await;
+        let bytes = std::fs::read(&journal_file).unwrap();
+        let (records, end) = journal_records(&bytes);
+        assert_eq!(records.len(), 2);
+        let mut torn = bytes.clone();
+        let record = journal_record(2000, &third);
+        torn[end..end + record.len() / 2].copy_from_slice(&record[..record.len() / 2]);
+        std::fs::write(&journal_file, &torn).unwrap();
+        assert_eq!(
+            valid(repo.load_wal(&paths, &partial).await.unwrap().unwrap()),
+            2000
+        );
+        // a torn header: the same
+        let mut torn_header = bytes.clone();
+        torn_header[end..end + 6].copy_from_slice(&record[..6]);
+        std::fs::write(&journal_file, &torn_header).unwrap();
+        assert_eq!(journal_records(&torn_header).1, end);
+        assert_eq!(
+            valid(repo.load_wal(&paths, &partial).await.unwrap().unwrap()),
+            2000
+        );
+
+        // a restarted stream reopens it and appends after the last whole
+        // record (overwriting the torn one), re-sending from offset 0
+        let mut j = repo
+            .open_journal(&paths, &f, || panic!("the journal exists"))
+            .unwrap()
+            .unwrap();
+        assert!(j.append(0, &sealed(0, 1500).await).unwrap());
+        assert!(j.append(1500, &sealed(1500, 3000).await).unwrap());
+        assert_eq!(
+            valid(repo.load_wal(&paths, &partial).await.unwrap().unwrap()),
+            3000
+        );
+
+        // a damaged piece in the middle: the WAL up to it, never past it
+        let bytes = std::fs::read(&journal_file).unwrap();
+        let (records, _) = journal_records(&bytes);
+        let mut damaged = bytes.clone();
+        for (off, range) in &records {
+            if *off == 1000 || *off == 1500 {
+                damaged[range.end - 1] ^= 0x55;
+            }
+        }
+        std::fs::write(&journal_file, &damaged).unwrap();
+        assert_eq!(
+            valid(repo.load_wal(&paths, &partial).await.unwrap().unwrap()),
+            1500
+        );
+
+        // no room: nothing written, the caller stores an object
+        let big: Vec<u8> = (0..journal_size(seg) as usize)
+            .map(|_| rand::random::<u8>())
+            .collect();
+        let (_, sealed_big) = repo
+            .seal_piece(&paths, &f, 0, Bytes::from(big))
+            .await
+            .unwrap();
+        assert!(!j.append(0, &sealed_big).unwrap());
+        assert_eq!(std::fs::read(&journal_file).unwrap(), damaged);
+
+        // deleting the .partial deletes its journal
+        drop(j);
+        repo.delete_wal(&paths, &partial).await.unwrap();
+        assert!(!journal_file.exists());
         assert!(repo.load_wal(&paths, &partial).await.unwrap().is_none());
     }
 }

@@ -300,6 +300,189 @@ impl Walk<'_> {
     }
 }
 
+/// A file of zeros, durable, waiting in `.tmp/` to become an object that
+/// takes writes in place ([`LocalDir::prepare_zeroed`]). Removed when dropped
+/// unused.
+#[derive(Debug)]
+pub struct ZeroedFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    size: u64,
+}
+
+impl ZeroedFile {
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether it is still there to install (another process removes
+    /// temporary files an hour old).
+    pub fn is_present(&self) -> bool {
+        self.tmp.exists()
+    }
+}
+
+impl Drop for ZeroedFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// An object written in place: every write is one positioned write and one
+/// data sync into space allocated and made durable beforehand, so no
+/// metadata (size, name) has to reach the disk with it. What makes a
+/// synchronous WAL receiver cheap on a local disk, as pg_receivewal's
+/// zero-filled segments do.
+#[derive(Debug)]
+pub struct InPlaceFile {
+    file: File,
+    key: String,
+    location: String,
+    size: u64,
+}
+
+impl InPlaceFile {
+    /// Its size: the space writes may use.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its whole content.
+    pub fn read_all(&self) -> Result<Vec<u8>, StorageError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; usize::try_from(self.size).unwrap_or(0)];
+        self.file
+            .read_exact_at(&mut buf, 0)
+            .map_err(|e| self.fail(&e))?;
+        Ok(buf)
+    }
+
+    /// Whether the file still has a name (a deleted file open here has
+    /// none: writes to it would reach no object).
+    pub fn is_linked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.nlink() > 0).unwrap_or(false)
+    }
+
+    /// Write `data` at `offset` and make it durable (one `fdatasync`).
+    /// The write must fit in [`InPlaceFile::size`].
+    pub fn write_durable(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        use std::os::unix::fs::FileExt;
+        if offset + data.len() as u64 > self.size {
+            return Err(self.fail(&io::Error::other(format!(
+                "a write of {} bytes at {offset} does not fit in {} bytes",
+                data.len(),
+                self.size
+            ))));
+        }
+        self.file
+            .write_all_at(data, offset)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| self.fail(&e))
+    }
+
+    fn fail(&self, e: &io::Error) -> StorageError {
+        StorageError::Backend {
+            op: "put",
+            location: self.location.clone(),
+            key: self.key.clone(),
+            transient: false,
+            message: describe_io(e),
+        }
+    }
+}
+
+impl LocalDir {
+    /// A durable file of `size` zero bytes in `.tmp/`, to become an object
+    /// with [`LocalDir::install`]. Slow (it writes and syncs every byte):
+    /// made ahead of need, off the path that waits.
+    pub fn prepare_zeroed(&self, size: u64) -> Result<ZeroedFile, StorageError> {
+        let tmp = self.root.join(TMP_DIR).join(format!(
+            "{:016x}.{}.zero",
+            rand::random::<u64>(),
+            std::process::id()
+        ));
+        let fail = |e: io::Error| self.err("put", TMP_DIR, &e);
+        ensure_dir(&self.root, Path::new(TMP_DIR)).map_err(fail)?;
+        let mut zeroed = ZeroedFile {
+            file: None,
+            tmp: tmp.clone(),
+            size,
+        };
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(fail)?;
+        zeroed.file = Some(f.try_clone().map_err(fail)?);
+        let chunk = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n]).map_err(fail)?;
+            left -= n as u64;
+        }
+        // real zeros, synced: later writes change no extent and no size
+        f.sync_all().map_err(fail)?;
+        Ok(zeroed)
+    }
+
+    /// Make `zeroed` the object `key` (rename, then the directory synced),
+    /// to be written in place. Fails when `key` exists.
+    pub fn install(&self, zeroed: ZeroedFile, key: &str) -> Result<InPlaceFile, StorageError> {
+        validate_key(key)?;
+        let mut zeroed = zeroed;
+        let path = self.root.join(key);
+        let fail = |e: io::Error| self.err("put", key, &e);
+        if let Some(parent) = Path::new(key).parent() {
+            ensure_dir(&self.root, parent).map_err(fail)?;
+        }
+        if path.exists() {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the object exists",
+            )));
+        }
+        let Some(file) = zeroed.file.take() else {
+            return Err(fail(io::Error::other("the prepared file was already used")));
+        };
+        if let Err(e) = fs::rename(&zeroed.tmp, &path) {
+            let _ = fs::remove_file(&zeroed.tmp);
+            return Err(fail(e));
+        }
+        sync_dir(path.parent().unwrap_or(&self.root)).map_err(fail)?;
+        Ok(InPlaceFile {
+            file,
+            key: key.to_owned(),
+            location: self.location(),
+            size: zeroed.size,
+        })
+    }
+
+    /// The object `key` opened to be written in place, or `None` when there
+    /// is none.
+    pub fn open_in_place(&self, key: &str) -> Result<Option<InPlaceFile>, StorageError> {
+        validate_key(key)?;
+        let path = self.root.join(key);
+        let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(self.err("put", key, &e)),
+        };
+        let size = file.metadata().map_err(|e| self.err("put", key, &e))?.len();
+        Ok(Some(InPlaceFile {
+            file,
+            key: key.to_owned(),
+            location: self.location(),
+            size,
+        }))
+    }
+}
+
 #[async_trait]
 impl Storage for LocalDir {
     fn location(&self) -> String {
@@ -347,6 +530,10 @@ impl Storage for LocalDir {
         validate_key(key)?;
         let key = key.to_owned();
         self.blocking(move |me| me.delete_blocking(&key)).await
+    }
+
+    fn local_dir(&self) -> Option<&LocalDir> {
+        Some(self)
     }
 }
 

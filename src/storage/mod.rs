@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use fault::{Fault, FaultInjecting};
-pub use local::LocalDir;
+pub use local::{InPlaceFile, LocalDir, ZeroedFile};
 pub use location::{open, Location, RetrySettings, StorageOptions};
 pub use retry::{RetryPolicy, Retrying};
 pub use s3::{S3Config, S3};
@@ -82,6 +82,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The local directory underneath, for what only a file system offers
+    /// (objects written in place: [`LocalDir::install`]); `None` for object
+    /// stores.
+    fn local_dir(&self) -> Option<&LocalDir> {
+        None
+    }
+
     /// Until when the object cannot be deleted or overwritten; `None` when
     /// it is not locked (or the backend has no locks).
     async fn locked_until(
@@ -128,6 +135,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn lock_days(&self) -> Option<u32> {
         (**self).lock_days()
+    }
+    fn local_dir(&self) -> Option<&LocalDir> {
+        (**self).local_dir()
     }
     async fn locked_until(
         &self,

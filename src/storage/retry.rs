@@ -152,6 +152,10 @@ impl<S: Storage> Storage for Retrying<S> {
         self.inner.lock_days()
     }
 
+    fn local_dir(&self) -> Option<&super::LocalDir> {
+        self.inner.local_dir()
+    }
+
     async fn locked_until(
         &self,
         key: &str,

@@ -4,5 +4,6 @@
 //! archive_command.
 
 mod push;
+mod rpo_zero;
 mod stream;
 mod timelines;

@@ -403,3 +403,108 @@ async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
     let out = wv.args(["wal-verify", "--names-only"]).fails();
     assert!(out.stdout.contains("GAP "), "{}", out.stdout);
 }
+
+/// `wal-fetch` (what restore_command runs) of the open segment when a
+/// piece in the middle is damaged or gone: the WAL up to that piece, zeros
+/// after it, never a byte past the gap. For the pieces of an async stream
+/// and for a record of a synchronous stream's journal.
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_fetch_stops_at_a_missing_or_damaged_piece() {
+    let c = PgCluster::start();
+    c.psql("CREATE TABLE gap_t(i int)");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    let name = c.walfile_name(c.insert_lsn());
+    let tli_dir = repo.join("main/wal/00000001");
+    let server = || std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
+    // fetch the segment; assert it is the server's WAL up to `upto`, and
+    // zeros from there when that is a gap
+    let fetched_upto = |upto: usize, gap: bool, what: &str| {
+        let dest = work.path().join("fetched");
+        let _ = std::fs::remove_file(&dest);
+        wv.args(["wal-fetch", &name]).arg(&dest).ok();
+        let got = std::fs::read(&dest).unwrap();
+        assert_eq!(got.len(), 16 << 20, "{what}");
+        assert!(
+            got[..upto] == server()[..upto],
+            "{what}: the WAL before the gap differs"
+        );
+        assert!(
+            !gap || got[upto..].iter().all(|b| *b == 0),
+            "{what}: bytes past the gap at {upto} were served"
+        );
+    };
+    // several commits, each durable before the next: several pieces
+    let commits = |stream: &Streamer, from: i32| {
+        for i in from..from + 6 {
+            c.psql(&format!("INSERT INTO gap_t VALUES ({i})"));
+            stream.wait_durable(c.insert_lsn(), Duration::from_secs(30));
+        }
+        assert_eq!(
+            c.walfile_name(c.insert_lsn()),
+            name,
+            "the test needs one segment"
+        );
+    };
+
+    // async: a piece object per interval
+    let mut stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.1"]);
+    commits(&stream, 0);
+    let durable = (stream.durable().unwrap().get() % (16 << 20)) as usize;
+    stream.kill9();
+    let mut pieces: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(&tli_dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let offset = file.strip_prefix(&format!("{name}."))?;
+            Some((u32::from_str_radix(offset, 16).ok()?, e.path()))
+        })
+        .collect();
+    pieces.sort();
+    assert!(pieces.len() >= 4, "too few pieces: {pieces:?}");
+    let (mid, mid_path) = pieces[pieces.len() / 2].clone();
+    fetched_upto(durable, false, "every piece");
+    let mut damaged = std::fs::read(&mid_path).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x55;
+    std::fs::write(&mid_path, &damaged).unwrap();
+    fetched_upto(mid as usize, true, "a damaged piece");
+    std::fs::remove_file(&mid_path).unwrap();
+    fetched_upto(mid as usize, true, "a missing piece");
+    for (_, p) in &pieces {
+        let _ = std::fs::remove_file(p);
+    }
+
+    // synchronous: the pieces are records of the segment's journal
+    let conninfo = format!("{} application_name=walvault", c.conninfo());
+    let mut stream = Streamer::start(&wv, &conninfo, &["--synchronous"]);
+    c.psql("ALTER SYSTEM SET synchronous_standby_names = 'walvault'");
+    c.reload_conf();
+    commits(&stream, 100);
+    let durable = (stream.durable().unwrap().get() % (16 << 20)) as usize;
+    stream.kill9();
+    c.psql("ALTER SYSTEM RESET synchronous_standby_names");
+    c.reload_conf();
+    let journal = tli_dir.join(format!("{name}.journal"));
+    let bytes = std::fs::read(&journal).unwrap();
+    // records: "WVJ1", piece offset u32 LE, sealed length u32 LE, crc32c;
+    // then the sealed piece
+    let mut records = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 16 && &bytes[at..at + 4] == b"WVJ1" {
+        let word = |i: usize| u32::from_le_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+        let (offset, len) = (word(4), word(8) as usize);
+        records.push((offset, at + 16 + len));
+        at += 16 + len;
+    }
+    assert!(records.len() >= 4, "too few journal records: {records:?}");
+    fetched_upto(durable, false, "the whole journal");
+    let (mid, mid_end) = records[records.len() / 2];
+    let mut damaged = bytes.clone();
+    damaged[mid_end - 1] ^= 0x55;
+    std::fs::write(&journal, &damaged).unwrap();
+    fetched_upto(mid as usize, true, "a damaged journal record");
+}
