@@ -89,6 +89,10 @@ pub struct StreamStatus {
     pub partial_uploads: u64,
     /// Bytes of those pieces as stored.
     pub piece_bytes: u64,
+    /// Seconds those writes took, summed (over `partial_uploads`: the mean
+    /// latency of a durable write, what a synchronous commit waits for).
+    #[serde(default)]
+    pub piece_write_seconds: f64,
     /// When this was written.
     pub updated_at: String,
     /// Connected to the server and streaming.
@@ -231,7 +235,11 @@ pub fn lists_standby(setting: &str, application_name: &str) -> bool {
 
 /// Where the repository's WAL of timeline `tli` ends: the start of the
 /// first segment it does not hold complete (after its newest complete
-/// segment, or the segment of a newer `.partial`), if it holds any.
+/// segment, or the segment of a newer `.partial`), if it holds any. A
+/// `.partial` whose pieces hold the whole segment (a synchronous stream
+/// acknowledged it, then stopped before storing the segment object in the
+/// background) is stored as the segment first: the server may have
+/// recycled that WAL since.
 async fn repository_end(
     repo: &Repository,
     paths: &StanzaPaths,
@@ -245,7 +253,16 @@ async fn repository_end(
     for name in names {
         let at = match name {
             crate::pg::WalFileName::Segment(f) => f.segno.next(),
-            crate::pg::WalFileName::Partial(f) => f.segno,
+            crate::pg::WalFileName::Partial(f) => match repo.complete_from_pieces(paths, &f).await? {
+                Some(data) => {
+                    let whole = crate::pg::WalFileName::Segment(f);
+                    repo.store_wal_once(paths, &whole, data.to_vec()).await?;
+                    repo.delete_wal(paths, &name).await?;
+                    tracing::info!("stored {whole} from the pieces that held all of it");
+                    f.segno.next()
+                }
+                None => f.segno,
+            },
             _ => continue,
         };
         end = Some(end.map_or(at, |e| e.max(at)));
@@ -462,6 +479,13 @@ async fn session(
                         for s in completed {
                             let name = s.name;
                             super::summaries::spawn_store(repo.clone(), paths.clone(), name, s.data.clone());
+                            if pieces.journal.is_some() {
+                                // its tail into the journal: then all of it is
+                                // durable and acknowledged at once; the segment
+                                // object is stored in the background
+                                pieces.complete_segment(repo, paths, s, &mut durable, stats).await?;
+                                continue;
+                            }
                             repo.store_wal_once(paths, &name, s.data).await?;
                             // the complete segment supersedes its pieces and .partial
                             if let Some(f) = name.segment_file() {
@@ -520,7 +544,7 @@ async fn session(
 }
 
 /// Result of a piece write: its end and the bytes stored.
-type PieceDone = Result<(Lsn, u64), crate::repo::RepoError>;
+type PieceDone = Result<(Lsn, u64, Duration), crate::repo::RepoError>;
 
 /// Pieces written at once: a new one starts while earlier ones are still
 /// being made durable (their fsyncs or PUTs overlap); the durable point
@@ -540,6 +564,9 @@ struct Pieces {
     rx: mpsc::Receiver<PieceDone>,
     /// Where pieces go on a local directory in synchronous mode.
     journal: Option<Arc<Journal>>,
+    /// Journal mode: the completed segment being stored in the background
+    /// (its WAL is durable in its journal already).
+    storing: Option<tokio::task::JoinHandle<Result<(), crate::repo::RepoError>>>,
 }
 
 impl Pieces {
@@ -550,6 +577,7 @@ impl Pieces {
             tx,
             rx,
             journal: journal.map(Arc::new),
+            storing: None,
         }
     }
 
@@ -588,18 +616,25 @@ impl Pieces {
         let (repo, paths, tx) = (repo.clone(), paths.clone(), self.tx.clone());
         let journal = self.journal.clone();
         tokio::spawn(async move {
+            let t0 = Instant::now();
             let r = write_piece(&repo, &paths, journal.as_ref(), f, offset, data)
                 .await
-                .map(|n| (end, n));
+                .map(|n| (end, n, t0.elapsed()));
             let _ = tx.send(r).await;
         });
     }
 
     /// Count a finished piece; the durable point moves over every piece
     /// done in issue order.
-    fn complete(&mut self, (end, bytes): (Lsn, u64), durable: &mut Lsn, stats: &mut StreamStatus) {
+    fn complete(
+        &mut self,
+        (end, bytes, took): (Lsn, u64, Duration),
+        durable: &mut Lsn,
+        stats: &mut StreamStatus,
+    ) {
         stats.partial_uploads += 1;
         stats.piece_bytes += bytes;
+        stats.piece_write_seconds += took.as_secs_f64();
         if let Some(p) = self.inflight.iter_mut().find(|(e, _)| *e == end) {
             p.1 = true;
         }
@@ -625,9 +660,7 @@ impl Pieces {
     }
 
     /// Journal mode: write what the open segment received after `durable`
-    /// into its journal here, without handing it to other threads (a
-    /// synchronous commit waits for this: each hop between threads costs
-    /// as much as the write), and move `durable` to it.
+    /// into its journal here, and move `durable` to it.
     async fn write_now(
         &mut self,
         repo: &Arc<Repository>,
@@ -639,7 +672,72 @@ impl Pieces {
         let Some((f, offset, data)) = asm.since(*durable) else {
             return Ok(());
         };
-        let (key, sealed) = repo.seal_piece_now(paths, &f, offset, &data);
+        self.write_inline(repo, paths, f, offset, &data, stats).await?;
+        *durable = (*durable).max(asm.position());
+        Ok(())
+    }
+
+    /// Journal mode: segment `s` completed. Write what of it is not
+    /// durable yet into its journal, move `durable` to its end, and store
+    /// the segment object in the background (after the previous one), then
+    /// delete its journal.
+    async fn complete_segment(
+        &mut self,
+        repo: &Arc<Repository>,
+        paths: &StanzaPaths,
+        s: crate::wal::receive::Segment,
+        durable: &mut Lsn,
+        stats: &mut StreamStatus,
+    ) -> Result<(), ArchiveError> {
+        let Some(f) = s.name.segment_file() else {
+            return Ok(());
+        };
+        let (start, end) = match (f.segno.start_lsn(f.seg_size), f.segno.next().start_lsn(f.seg_size)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Ok(()),
+        };
+        let from = (*durable).max(start).checked_sub(start).unwrap_or(0) as usize;
+        if from < s.data.len() {
+            self.write_inline(repo, paths, f, from as u32, &s.data[from..], stats)
+                .await?;
+        }
+        *durable = (*durable).max(end);
+        self.wait_storing().await?;
+        let (repo, paths, name) = (repo.clone(), paths.clone(), s.name);
+        self.storing = Some(tokio::spawn(async move {
+            repo.store_wal_once(&paths, &name, s.data).await?;
+            // the complete segment supersedes its journal and .partial
+            repo.delete_wal(&paths, &WalFileName::Partial(f)).await?;
+            Ok(())
+        }));
+        stats.segments_stored += 1;
+        Ok(())
+    }
+
+    /// Wait for the segment being stored in the background, if any.
+    async fn wait_storing(&mut self) -> Result<(), ArchiveError> {
+        if let Some(h) = self.storing.take() {
+            h.await
+                .map_err(crate::repo::RepoError::task("store a completed WAL segment"))??;
+        }
+        Ok(())
+    }
+
+    /// Make the piece of `f` at `offset` durable on this task: sealed here
+    /// and appended to the journal without handing it to other threads (a
+    /// synchronous commit waits for this: each hop between threads costs
+    /// as much as the write); an object when the journal has no room.
+    async fn write_inline(
+        &mut self,
+        repo: &Arc<Repository>,
+        paths: &StanzaPaths,
+        f: crate::pg::SegmentFile,
+        offset: u32,
+        data: &[u8],
+        stats: &mut StreamStatus,
+    ) -> Result<(), ArchiveError> {
+        let t0 = Instant::now();
+        let (key, sealed) = repo.seal_piece_now(paths, &f, offset, data);
         let appended = match &self.journal {
             // one pwrite and one fdatasync into space made beforehand: this
             // worker blocks for it while the other runs the rest
@@ -654,7 +752,7 @@ impl Pieces {
                 .map_err(crate::repo::RepoError::from)?;
         }
         stats.partial_uploads += 1;
-        *durable = (*durable).max(asm.position());
+        stats.piece_write_seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -669,10 +767,13 @@ impl Pieces {
         stats: &mut StreamStatus,
     ) -> Result<(), ArchiveError> {
         self.wait_all(durable, stats).await?;
+        self.wait_storing().await?;
         if let Some((f, offset, data)) = asm.since(*durable) {
+            let t0 = Instant::now();
             stats.piece_bytes +=
                 write_piece(repo, paths, self.journal.as_ref(), f, offset, data).await?;
             stats.partial_uploads += 1;
+            stats.piece_write_seconds += t0.elapsed().as_secs_f64();
         }
         *durable = (*durable).max(asm.position());
         Ok(())
@@ -709,12 +810,15 @@ async fn write_piece(
 }
 
 /// The journal a synchronous stream on a local directory appends pieces
-/// to, one per open segment, and the zero-filled file made ahead for the
-/// next one (so a segment switch costs a rename, not 16 MiB of zeros).
+/// to, one per open segment, and the zero-filled file made ahead, in the
+/// background, for the next one (so a segment switch costs a rename, not
+/// writing and syncing 18 MiB of zeros while commits wait). While none is
+/// ready, pieces are stored as objects.
 struct Journal {
     dir: crate::storage::LocalDir,
     current: std::sync::Mutex<Option<crate::repo::WalJournal>>,
     ready: Arc<std::sync::Mutex<Option<crate::storage::ZeroedFile>>>,
+    preparing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Journal {
@@ -725,22 +829,33 @@ impl Journal {
             dir: repo.storage().local_dir()?.clone(),
             current: std::sync::Mutex::new(None),
             ready: Arc::default(),
+            preparing: Arc::default(),
         };
         journal.prepare_next(crate::repo::journal_size(seg));
         Some(journal)
     }
 
-    /// Make the next zero-filled file in the background.
+    /// Make the next zero-filled file in the background, unless one is
+    /// being made.
     fn prepare_next(&self, size: u64) {
-        let (dir, ready) = (self.dir.clone(), self.ready.clone());
-        tokio::task::spawn_blocking(move || match dir.prepare_zeroed(size) {
-            Ok(z) => *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(z),
-            Err(e) => tracing::warn!("cannot prepare the next WAL journal: {e}"),
+        use std::sync::atomic::Ordering;
+        if self.preparing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (dir, ready, preparing) = (self.dir.clone(), self.ready.clone(), self.preparing.clone());
+        tokio::task::spawn_blocking(move || {
+            match dir.prepare_zeroed(size) {
+                Ok(z) => *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(z),
+                Err(e) => tracing::warn!("cannot prepare the next WAL journal: {e}"),
+            }
+            preparing.store(false, Ordering::SeqCst);
         });
     }
 
-    /// Append a sealed piece to segment `f`'s journal, opening or creating
-    /// it first; `false` when it has no room left. Blocking.
+    /// Append a sealed piece to segment `f`'s journal, opening it (or
+    /// making it from the ready zeroed file) first; `false` when there is
+    /// no journal to write to or it has no room left (store an object
+    /// then). Blocking: one write and one `fdatasync`.
     fn append(
         &self,
         repo: &Repository,
@@ -756,16 +871,18 @@ impl Journal {
         if !usable {
             *current = None;
             let size = crate::repo::journal_size(f.seg_size);
-            let mut made = false;
+            let mut took = false;
             *current = repo.open_journal(paths, f, || {
-                made = true;
                 let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
-                match ready {
-                    Some(z) if z.size() == size && z.is_present() => Ok(z),
-                    _ => self.dir.prepare_zeroed(size),
-                }
+                Ok(match ready {
+                    Some(z) if z.size() == size && z.is_present() => {
+                        took = true;
+                        Some(z)
+                    }
+                    _ => None,
+                })
             })?;
-            if made {
+            if took || current.is_none() {
                 // the next segment's file, made while this one fills
                 self.prepare_next(size);
             }

@@ -382,13 +382,14 @@ impl Repository {
 
     /// The journal of segment `f` to append to: the existing one (after its
     /// last record), or a new one made from `zeroed` (a file of
-    /// [`journal_size`] zeros). `None` when the repository is not a local
-    /// directory. Blocking.
+    /// [`journal_size`] zeros, if one is ready). `None` when the repository
+    /// is not a local directory, or there is no journal and no zeroed file.
+    /// Blocking.
     pub fn open_journal(
         &self,
         paths: &StanzaPaths,
         f: &SegmentFile,
-        zeroed: impl FnOnce() -> Result<crate::storage::ZeroedFile, crate::storage::StorageError>,
+        zeroed: impl FnOnce() -> Result<Option<crate::storage::ZeroedFile>, crate::storage::StorageError>,
     ) -> Result<Option<WalJournal>, RepoError> {
         let Some(dir) = self.storage().local_dir() else {
             return Ok(None);
@@ -399,7 +400,10 @@ impl Repository {
                 let (_, end) = journal_records(&file.read_all()?);
                 (file, end as u64)
             }
-            None => (dir.install(zeroed()?, &key)?, 0),
+            None => match zeroed()? {
+                Some(z) => (dir.install(z, &key)?, 0),
+                None => return Ok(None),
+            },
         };
         Ok(Some(WalJournal {
             file,
@@ -411,13 +415,14 @@ impl Repository {
     /// Segment `f` as its pieces make it (over `base`, the `.partial`
     /// object, when there is one): zero-padded to the segment size, the
     /// valid bytes those of the pieces from offset 0 up to the first gap or
-    /// damaged piece. `None` when `f` has no pieces.
+    /// damaged piece. `None` when `f` has no pieces. With the bytes, how
+    /// far the pieces reach without a gap.
     async fn assemble_pieces(
         &self,
         paths: &StanzaPaths,
         f: &SegmentFile,
         base: Option<Bytes>,
-    ) -> Result<Option<Bytes>, RepoError> {
+    ) -> Result<Option<(Bytes, usize)>, RepoError> {
         let pieces = self.list_pieces(paths, f).await?;
         if pieces.is_empty() {
             return Ok(None);
@@ -481,7 +486,22 @@ impl Repository {
         // the pieces' prefix over the base's: both are authentic prefixes
         // of the same segment, so the result is the longer prefix, then
         // zeros (past a gap in the pieces only what the base itself holds)
-        Ok(Some(Bytes::from(out)))
+        Ok(Some((Bytes::from(out), end)))
+    }
+
+    /// Segment `f` when its pieces alone hold all of it, from offset 0 to
+    /// its end: a synchronous stream made the whole segment durable in its
+    /// journal and stopped before it stored the segment object.
+    pub async fn complete_from_pieces(
+        &self,
+        paths: &StanzaPaths,
+        f: &SegmentFile,
+    ) -> Result<Option<Bytes>, RepoError> {
+        let size = f.seg_size.bytes() as usize;
+        Ok(match self.assemble_pieces(paths, f, None).await? {
+            Some((data, end)) if end >= size && data.len() == size => Some(data),
+            _ => None,
+        })
     }
 
     /// The pieces in the journal `key` of segment `f`: (offset, WAL bytes);
@@ -611,7 +631,7 @@ impl Repository {
             Err(e) => return Err(e),
         };
         if let WalFileName::Partial(f) = name {
-            if let Some(assembled) = self.assemble_pieces(paths, f, stored.clone()).await? {
+            if let Some((assembled, _)) = self.assemble_pieces(paths, f, stored.clone()).await? {
                 return Ok(Some(assembled));
             }
         }
@@ -745,7 +765,7 @@ mod tests {
             let mut j = repo
                 .open_journal(&paths, &f, || {
                     made += 1;
-                    local.prepare_zeroed(journal_size(seg))
+                    local.prepare_zeroed(journal_size(seg)).map(Some)
                 })
                 .unwrap()
                 .unwrap();
