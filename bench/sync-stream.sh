@@ -134,7 +134,7 @@ wait_streaming() { # application_name
   end=$(sql "SELECT pg_current_wal_lsn()")
   for _ in $(seq 1 600); do
     if [ "$(sql "SELECT count(*) FROM pg_stat_replication WHERE application_name = '$1' AND state = 'streaming' AND flush_lsn >= '$end'")" = 1 ]; then
-      for _ in 1 2 3 4 5; do sql "DROP TABLE IF EXISTS bench_warm; CREATE TABLE bench_warm(i int)" >/dev/null; done
+      for _ in 1 2 3 4 5; do sql "SET client_min_messages = warning; DROP TABLE IF EXISTS bench_warm; CREATE TABLE bench_warm(i int)" >/dev/null; done
       return 0
     fi
     sleep 0.1

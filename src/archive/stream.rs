@@ -253,7 +253,8 @@ async fn repository_end(
     for name in names {
         let at = match name {
             crate::pg::WalFileName::Segment(f) => f.segno.next(),
-            crate::pg::WalFileName::Partial(f) => match repo.complete_from_pieces(paths, &f).await? {
+            crate::pg::WalFileName::Partial(f) => match repo.complete_from_pieces(paths, &f).await?
+            {
                 Some(data) => {
                     let whole = crate::pg::WalFileName::Segment(f);
                     repo.store_wal_once(paths, &whole, data.to_vec()).await?;
@@ -672,7 +673,8 @@ impl Pieces {
         let Some((f, offset, data)) = asm.since(*durable) else {
             return Ok(());
         };
-        self.write_inline(repo, paths, f, offset, &data, stats).await?;
+        self.write_inline(repo, paths, f, offset, &data, stats)
+            .await?;
         *durable = (*durable).max(asm.position());
         Ok(())
     }
@@ -692,7 +694,10 @@ impl Pieces {
         let Some(f) = s.name.segment_file() else {
             return Ok(());
         };
-        let (start, end) = match (f.segno.start_lsn(f.seg_size), f.segno.next().start_lsn(f.seg_size)) {
+        let (start, end) = match (
+            f.segno.start_lsn(f.seg_size),
+            f.segno.next().start_lsn(f.seg_size),
+        ) {
             (Some(a), Some(b)) => (a, b),
             _ => return Ok(()),
         };
@@ -717,8 +722,9 @@ impl Pieces {
     /// Wait for the segment being stored in the background, if any.
     async fn wait_storing(&mut self) -> Result<(), ArchiveError> {
         if let Some(h) = self.storing.take() {
-            h.await
-                .map_err(crate::repo::RepoError::task("store a completed WAL segment"))??;
+            h.await.map_err(crate::repo::RepoError::task(
+                "store a completed WAL segment",
+            ))??;
         }
         Ok(())
     }
@@ -842,7 +848,8 @@ impl Journal {
         if self.preparing.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (dir, ready, preparing) = (self.dir.clone(), self.ready.clone(), self.preparing.clone());
+        let (dir, ready, preparing) =
+            (self.dir.clone(), self.ready.clone(), self.preparing.clone());
         tokio::task::spawn_blocking(move || {
             match dir.prepare_zeroed(size) {
                 Ok(z) => *ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(z),

@@ -389,7 +389,8 @@ impl Repository {
         &self,
         paths: &StanzaPaths,
         f: &SegmentFile,
-        zeroed: impl FnOnce() -> Result<Option<crate::storage::ZeroedFile>, crate::storage::StorageError>,
+        zeroed: impl FnOnce()
+            -> Result<Option<crate::storage::ZeroedFile>, crate::storage::StorageError>,
     ) -> Result<Option<WalJournal>, RepoError> {
         let Some(dir) = self.storage().local_dir() else {
             return Ok(None);

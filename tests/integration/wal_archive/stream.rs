@@ -508,3 +508,81 @@ async fn wal_fetch_stops_at_a_missing_or_damaged_piece() {
     std::fs::write(&journal, &damaged).unwrap();
     fetched_upto(mid as usize, true, "a damaged journal record");
 }
+
+/// A synchronous stream acknowledges a completed segment from its journal
+/// and stores the segment object in the background. Killed in between, it
+/// leaves a `.partial` whose pieces hold the whole segment, which the
+/// server may recycle at once (the slot moved past it): the restarted
+/// stream stores that segment from the pieces before it resumes, so no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_stream_stores_a_segment_its_pieces_hold_whole() {
+    let c = PgCluster::start_with(PgOptions {
+        conf: vec![
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '32MB'".into(),
+        ],
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo_dir);
+    wv.args(["init"]).ok();
+    let mut stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
+    c.psql("CREATE TABLE whole_t AS SELECT g FROM generate_series(1, 1000) g");
+    let name = c.walfile_name(c.insert_lsn());
+    c.psql("SELECT pg_switch_wal()");
+    c.psql("CREATE TABLE whole_t2 AS SELECT g FROM generate_series(1, 10) g");
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(30));
+    stream.kill9();
+    let server_copy = std::fs::read(c.datadir.join("pg_wal").join(&name)).unwrap();
+
+    // the state of that kill: the segment only as a piece holding all of it
+    let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(&repo_dir).unwrap());
+    let repo = walvault::repo::Repository::open(storage, None)
+        .await
+        .unwrap();
+    let paths = walvault::repo::StanzaPaths::new("main");
+    let WalFileName::Segment(f) = wal_name(&name) else {
+        panic!("{name} is not a segment")
+    };
+    let stored = repo
+        .load_wal(&paths, &wal_name(&name))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored[..] == server_copy[..]);
+    repo.delete_wal(&paths, &wal_name(&name)).await.unwrap();
+    repo.store_piece(&paths, &f, 0, stored).await.unwrap();
+    assert!(repo
+        .load_wal(&paths, &wal_name(&name))
+        .await
+        .unwrap()
+        .is_none());
+
+    // the server recycles it
+    for round in 0.. {
+        assert!(round < 10, "{name} was never recycled");
+        if !c.datadir.join("pg_wal").join(&name).exists() {
+            break;
+        }
+        c.pgbench(&["-i", "-s", "1", "-q"]);
+        c.psql("SELECT pg_switch_wal()");
+        c.psql("CHECKPOINT");
+    }
+
+    stream.spawn();
+    stream.wait_durable(c.insert_lsn(), Duration::from_secs(60));
+    let log = stream.log();
+    assert!(!log.contains("the server no longer has it"), "{log}");
+    let back = repo.load_wal(&paths, &wal_name(&name)).await.unwrap();
+    assert!(
+        back.is_some_and(|b| b[..] == server_copy[..]),
+        "{name} is not stored whole:\n{log}"
+    );
+    assert!(
+        repo.list_pieces(&paths, &f).await.unwrap().is_empty(),
+        "its pieces remain"
+    );
+    let v = wv.args(["wal-verify", "--json"]).ok().json();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+}
