@@ -388,6 +388,7 @@ async fn session(
     // journal mode: WAL received and not yet written; written once nothing
     // more is waiting on the socket (or enough piled up)
     let mut write_due = false;
+    let mut stop_open = true;
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.tick().await;
     stats.timeline = Some(tli);
@@ -403,9 +404,14 @@ async fn session(
         // last, so it carries every message that had already arrived
         tokio::select! {
             biased;
-            changed = stop.changed() => {
-                // a dropped sender stops it too (and cannot spin this loop)
-                if changed.is_err() || *stop.borrow() {
+            changed = stop.changed(), if stop_open => {
+                if changed.is_err() {
+                    // nobody can ask it to stop any more: stream on, and
+                    // leave this branch out (it would be ready forever)
+                    stop_open = false;
+                    continue;
+                }
+                if *stop.borrow() {
                     pieces.flush(repo, paths, &asm, &mut durable, stats).await?;
                     let _ = send_status(&mut conn, durable, false).await;
                     report(opts, stats, &asm, durable, server_end, waiting.since(durable), true);
