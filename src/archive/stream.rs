@@ -570,7 +570,7 @@ struct Pieces {
     tx: mpsc::Sender<PieceDone>,
     rx: mpsc::Receiver<PieceDone>,
     /// Where pieces go on a local directory in synchronous mode.
-    journal: Option<Arc<Journal>>,
+    journal: Option<Journal>,
     /// Journal mode: the completed segment being stored in the background
     /// (its WAL is durable in its journal already).
     storing: Option<tokio::task::JoinHandle<Result<(), crate::repo::RepoError>>>,
@@ -583,7 +583,7 @@ impl Pieces {
             inflight: std::collections::VecDeque::new(),
             tx,
             rx,
-            journal: journal.map(Arc::new),
+            journal,
             storing: None,
         }
     }
@@ -594,8 +594,8 @@ impl Pieces {
 
     /// Start writing, in the background, the WAL of the open segment
     /// received after what was durable or already issued (nothing when
-    /// there is none, or enough pieces are in flight: one into a journal,
-    /// whose writes are one file's syncs and cannot overlap).
+    /// there is none, or enough pieces are in flight). Not in journal mode,
+    /// which writes on the session's task ([`Pieces::write_now`]).
     fn spawn(
         &mut self,
         repo: &Arc<Repository>,
@@ -603,12 +603,7 @@ impl Pieces {
         asm: &SegmentAssembler,
         durable: Lsn,
     ) {
-        let limit = if self.journal.is_some() {
-            1
-        } else {
-            PIECES_IN_FLIGHT
-        };
-        if self.inflight.len() >= limit {
+        if self.inflight.len() >= PIECES_IN_FLIGHT {
             return;
         }
         let from = self
@@ -621,10 +616,10 @@ impl Pieces {
         let end = asm.position();
         self.inflight.push_back((end, false));
         let (repo, paths, tx) = (repo.clone(), paths.clone(), self.tx.clone());
-        let journal = self.journal.clone();
         tokio::spawn(async move {
             let t0 = Instant::now();
-            let r = write_piece(&repo, &paths, journal.as_ref(), f, offset, data)
+            let r = repo
+                .store_piece(&paths, &f, offset, bytes::Bytes::from(data))
                 .await
                 .map(|n| (end, n, t0.elapsed()));
             let _ = tx.send(r).await;
@@ -749,8 +744,10 @@ impl Pieces {
         stats: &mut StreamStatus,
     ) -> Result<(), ArchiveError> {
         let t0 = Instant::now();
-        let (key, sealed) = repo.seal_piece_now(paths, &f, offset, data);
-        let appended = match &self.journal {
+        let (key, sealed) = repo
+            .seal_piece(paths, &f, offset, bytes::Bytes::copy_from_slice(data))
+            .await?;
+        let appended = match &mut self.journal {
             // one pwrite and one fdatasync into space made beforehand: this
             // worker blocks for it while the other runs the rest
             Some(j) => j.append(repo, paths, &f, offset, &sealed)?,
@@ -781,44 +778,21 @@ impl Pieces {
         self.wait_all(durable, stats).await?;
         self.wait_storing().await?;
         if let Some((f, offset, data)) = asm.since(*durable) {
-            let t0 = Instant::now();
-            stats.piece_bytes +=
-                write_piece(repo, paths, self.journal.as_ref(), f, offset, data).await?;
-            stats.partial_uploads += 1;
-            stats.piece_write_seconds += t0.elapsed().as_secs_f64();
+            if self.journal.is_some() {
+                self.write_inline(repo, paths, f, offset, &data, stats)
+                    .await?;
+            } else {
+                let t0 = Instant::now();
+                stats.piece_bytes += repo
+                    .store_piece(paths, &f, offset, bytes::Bytes::from(data))
+                    .await?;
+                stats.partial_uploads += 1;
+                stats.piece_write_seconds += t0.elapsed().as_secs_f64();
+            }
         }
         *durable = (*durable).max(asm.position());
         Ok(())
     }
-}
-
-/// Make the piece of segment `f` at `offset` durable: appended to the
-/// segment's journal when there is one and it has room, else as its own
-/// object. Returns the bytes stored.
-async fn write_piece(
-    repo: &Arc<Repository>,
-    paths: &StanzaPaths,
-    journal: Option<&Arc<Journal>>,
-    f: crate::pg::SegmentFile,
-    offset: u32,
-    data: Vec<u8>,
-) -> Result<u64, crate::repo::RepoError> {
-    let (key, sealed) = repo
-        .seal_piece(paths, &f, offset, bytes::Bytes::from(data))
-        .await?;
-    let n = sealed.len() as u64;
-    if let Some(j) = journal {
-        let (j, repo, paths, record) = (j.clone(), repo.clone(), paths.clone(), sealed.clone());
-        let appended =
-            tokio::task::spawn_blocking(move || j.append(&repo, &paths, &f, offset, &record))
-                .await
-                .map_err(crate::repo::RepoError::task("WAL journal write"))??;
-        if appended {
-            return Ok(n);
-        }
-    }
-    repo.storage().put(&key, sealed).await?;
-    Ok(n)
 }
 
 /// The journal a synchronous stream on a local directory appends pieces
@@ -828,7 +802,7 @@ async fn write_piece(
 /// ready, pieces are stored as objects.
 struct Journal {
     dir: crate::storage::LocalDir,
-    current: std::sync::Mutex<Option<crate::repo::WalJournal>>,
+    current: Option<crate::repo::WalJournal>,
     ready: Arc<std::sync::Mutex<Option<crate::storage::ZeroedFile>>>,
     preparing: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -839,7 +813,7 @@ impl Journal {
     fn new(repo: &Repository, seg: crate::pg::WalSegSize) -> Option<Journal> {
         let journal = Journal {
             dir: repo.storage().local_dir()?.clone(),
-            current: std::sync::Mutex::new(None),
+            current: None,
             ready: Arc::default(),
             preparing: Arc::default(),
         };
@@ -870,23 +844,24 @@ impl Journal {
     /// no journal to write to or it has no room left (store an object
     /// then). Blocking: one write and one `fdatasync`.
     fn append(
-        &self,
+        &mut self,
         repo: &Repository,
         paths: &StanzaPaths,
         f: &crate::pg::SegmentFile,
         offset: u32,
         sealed: &[u8],
     ) -> Result<bool, crate::repo::RepoError> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let usable = current
+        let usable = self
+            .current
             .as_ref()
             .is_some_and(|j| j.segment() == *f && j.is_linked());
         if !usable {
-            *current = None;
+            self.current = None;
             let size = crate::repo::journal_size(f.seg_size);
             let mut took = false;
-            *current = repo.open_journal(paths, f, || {
-                let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let ready = &self.ready;
+            self.current = repo.open_journal(paths, f, || {
+                let ready = ready.lock().unwrap_or_else(|e| e.into_inner()).take();
                 Ok(match ready {
                     Some(z) if z.size() == size && z.is_present() => {
                         took = true;
@@ -895,12 +870,12 @@ impl Journal {
                     _ => None,
                 })
             })?;
-            if took || current.is_none() {
+            if took || self.current.is_none() {
                 // the next segment's file, made while this one fills
                 self.prepare_next(size);
             }
         }
-        match current.as_mut() {
+        match self.current.as_mut() {
             Some(j) => j.append(offset, sealed),
             None => Ok(false),
         }

@@ -348,14 +348,19 @@ impl Repository {
         offset: u32,
         data: Bytes,
     ) -> Result<(String, Bytes), RepoError> {
-        // a piece of a few commits is sealed in microseconds: here, not
-        // through the blocking pool (a synchronous commit waits for it)
-        if data.len() <= 64 << 10 {
-            return Ok(self.seal_piece_now(paths, f, offset, &data));
-        }
         let key = piece_key(paths, f, offset);
         let keys = self.keys().cloned();
-        let sealed = {
+        // a piece of a few commits is sealed in microseconds: here, not
+        // through the blocking pool (a synchronous commit waits for it)
+        let sealed = if data.len() <= 64 << 10 {
+            object::seal(
+                ObjectKind::Wal,
+                &key,
+                &data,
+                Compression::Lz4,
+                keys.as_ref(),
+            )
+        } else {
             let k = key.clone();
             tokio::task::spawn_blocking(move || {
                 object::seal(ObjectKind::Wal, &k, &data, Compression::Lz4, keys.as_ref())
@@ -364,20 +369,6 @@ impl Repository {
             .map_err(RepoError::task("WAL encode"))?
         };
         Ok((key, sealed))
-    }
-
-    /// [`Repository::seal_piece`] on this thread (CPU only: LZ4 and, with
-    /// a key, AES-GCM; about a microsecond per KiB).
-    pub fn seal_piece_now(
-        &self,
-        paths: &StanzaPaths,
-        f: &SegmentFile,
-        offset: u32,
-        data: &[u8],
-    ) -> (String, Bytes) {
-        let key = piece_key(paths, f, offset);
-        let sealed = object::seal(ObjectKind::Wal, &key, data, Compression::Lz4, self.keys());
-        (key, sealed)
     }
 
     /// The journal of segment `f` to append to: the existing one (after its

@@ -16,6 +16,9 @@ use crate::support::pg::PgCluster;
 use crate::support::stream::Streamer;
 use crate::support::{wait_until, Walvault};
 
+/// Clients of the load.
+const CLIENTS: i32 = 4;
+
 /// Clients inserting rows `(client, n)`, one commit each, recording every
 /// commit that returned success (acknowledged to the client).
 struct Load {
@@ -97,7 +100,7 @@ async fn rpo_zero(c: &mut PgCluster, wv: &Walvault, local_repo: Option<&std::pat
         "walvault to become the synchronous standby",
         || is_sync(c),
     );
-    let load = Load::start(c, 4);
+    let load = Load::start(c, CLIENTS);
     let grows = |load: &Load, what: &str| {
         let from = load.count();
         wait_until(Duration::from_secs(30), what, || load.count() > from + 20);
@@ -107,7 +110,17 @@ async fn rpo_zero(c: &mut PgCluster, wv: &Walvault, local_repo: Option<&std::pat
     // walvault killed: commits wait for it (none acknowledged meanwhile)
     tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
     stream.kill9();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // until every client's commit waits in SyncRep: a client records an
+    // acknowledgement before it sends its next commit, so every commit
+    // acknowledged before the kill is counted then
+    wait_until(
+        Duration::from_secs(30),
+        "every client to wait in SyncRep",
+        || {
+            c.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+                == CLIENTS.to_string()
+        },
+    );
     let frozen = load.count();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

@@ -353,13 +353,7 @@ async fn stream_started_after_a_backup_leaves_no_gap() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
-    let c = PgCluster::start_with(PgOptions {
-        conf: vec![
-            "min_wal_size = '32MB'".into(),
-            "max_wal_size = '32MB'".into(),
-        ],
-        ..Default::default()
-    });
+    let c = small_pg_wal();
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
     let wv = Walvault::new().repo(&repo);
@@ -385,15 +379,7 @@ async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
             .unwrap()
             .to_owned(),
     };
-    for round in 0.. {
-        assert!(round < 10, "{gone} was never recycled");
-        if !c.datadir.join("pg_wal").join(&gone).exists() {
-            break;
-        }
-        c.pgbench(&["-i", "-s", "1", "-q"]);
-        c.psql("SELECT pg_switch_wal()");
-        c.psql("CHECKPOINT");
-    }
+    write_until_recycled(&c, &gone);
     let stream = Streamer::start(&wv, &c.conninfo(), &["--partial-interval", "0.2"]);
     c.psql("CREATE TABLE after_gap AS SELECT g FROM generate_series(1, 1000) g");
     stream.wait_durable(c.insert_lsn(), Duration::from_secs(60));
@@ -402,6 +388,32 @@ async fn stream_after_the_server_recycled_wal_logs_the_gap_and_goes_on() {
     // and wal-verify names the gap
     let out = wv.args(["wal-verify", "--names-only"]).fails();
     assert!(out.stdout.contains("GAP "), "{}", out.stdout);
+}
+
+/// A server that keeps little WAL (32 MB), so a test can make it recycle
+/// a segment.
+fn small_pg_wal() -> PgCluster {
+    PgCluster::start_with(PgOptions {
+        conf: vec![
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '32MB'".into(),
+        ],
+        ..Default::default()
+    })
+}
+
+/// Write WAL and checkpoint until the server has recycled segment `name`
+/// (nothing may keep it: no slot behind it).
+fn write_until_recycled(c: &PgCluster, name: &str) {
+    for round in 0.. {
+        assert!(round < 10, "{name} was never recycled");
+        if !c.datadir.join("pg_wal").join(name).exists() {
+            break;
+        }
+        c.pgbench(&["-i", "-s", "1", "-q"]);
+        c.psql("SELECT pg_switch_wal()");
+        c.psql("CHECKPOINT");
+    }
 }
 
 /// `wal-fetch` (what restore_command runs) of the open segment when a
@@ -516,13 +528,7 @@ async fn wal_fetch_stops_at_a_missing_or_damaged_piece() {
 /// stream stores that segment from the pieces before it resumes, so no gap.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_stream_stores_a_segment_its_pieces_hold_whole() {
-    let c = PgCluster::start_with(PgOptions {
-        conf: vec![
-            "min_wal_size = '32MB'".into(),
-            "max_wal_size = '32MB'".into(),
-        ],
-        ..Default::default()
-    });
+    let c = small_pg_wal();
     let work = tempfile::tempdir().unwrap();
     let repo_dir = work.path().join("repo");
     let wv = Walvault::new().repo(&repo_dir);
@@ -560,15 +566,7 @@ async fn a_restarted_stream_stores_a_segment_its_pieces_hold_whole() {
         .is_none());
 
     // the server recycles it
-    for round in 0.. {
-        assert!(round < 10, "{name} was never recycled");
-        if !c.datadir.join("pg_wal").join(&name).exists() {
-            break;
-        }
-        c.pgbench(&["-i", "-s", "1", "-q"]);
-        c.psql("SELECT pg_switch_wal()");
-        c.psql("CHECKPOINT");
-    }
+    write_until_recycled(&c, &name);
 
     stream.spawn();
     stream.wait_durable(c.insert_lsn(), Duration::from_secs(60));
