@@ -114,3 +114,14 @@ impl Reporter {
         }
     }
 }
+
+/// A byte count for people: `1.5 GiB`, `212.0 MiB`, `8.0 KiB`, `12 B`.
+pub fn human_bytes(b: u64) -> String {
+    let (v, u) = match b {
+        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
+        b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
+        b if b >= 1 << 10 => (b as f64 / 1024.0, "KiB"),
+        b => return format!("{b} B"),
+    };
+    format!("{v:.1} {u}")
+}

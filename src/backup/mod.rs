@@ -30,6 +30,10 @@ pub enum BackupError {
     /// The backup's lease on the repository lapsed before it could commit.
     #[error("the backup's lease on the repository expired (the store was unreachable too long); nothing was committed, run the backup again")]
     LeaseExpired,
+    /// The server is a standby that cannot give a backup now (too far
+    /// behind its primary, or following none).
+    #[error("{0}")]
+    Standby(String),
     /// The server found pages whose checksum does not match.
     #[error("{} corrupt page(s) in the source cluster: {}{}; restore those relations from an earlier backup or repair them, then back up again",
         pages.len(),

@@ -38,6 +38,13 @@ async fn connect(params: &ConnParams) -> Result<PgConnection, BackupError> {
                  max_wal_senders = 10 (or more) in postgresql.conf and restart the server"
             ),
         )),
+        Err(e) if e.sqlstate() == Some("57P03") && e.to_string().contains("Hot standby mode is disabled") => Err(protocol(
+            &params.describe(),
+            format!(
+                "{e}; a standby takes no connection at all, replication ones included, with hot_standby = off: set hot_standby = on \
+                 on the standby and restart it, or back up the primary"
+            ),
+        )),
         other => Ok(other?),
     }
 }
@@ -53,6 +60,9 @@ pub async fn run_backup(
     let paths = StanzaPaths::new(stanza);
     let started = chrono::Utc::now();
     let mut wal_conn = connect(params).await?;
+    // every connection of the backup goes to the server the first one
+    // reached (a multi-host conninfo may name several)
+    let params = &wal_conn.server_params().clone();
     let target = wal_conn.target().to_owned();
     let wal_level = wal_conn.show("wal_level").await?;
     if wal_level == "minimal" {
@@ -75,6 +85,9 @@ pub async fn run_backup(
     } else {
         None
     };
+    if from_standby != Some(false) {
+        standby_preflight(params, opts.standby_max_lag).await?;
+    }
     let slot = format!(
         "walvault_{}_{:08x}",
         std::process::id(),
@@ -303,6 +316,141 @@ async fn stream_wal(
     Ok(stored)
 }
 
+/// On a standby, refuse to back up one that has fallen too far behind its
+/// primary (the backup would be older than the DBA expects) or follows no
+/// primary at all, saying how far behind it is. The lag is the WAL the
+/// standby knows its primary has written (the WAL receiver's latest end, or
+/// what it received) but has not replayed yet. A server that is no standby,
+/// or whose views cannot be read, passes (the latter with a warning).
+async fn standby_preflight(params: &ConnParams, max_lag: Option<u64>) -> Result<(), BackupError> {
+    // a WAL receiver that is (re)starting gets a moment to connect
+    let deadline = tokio::time::Instant::now() + RECEIVER_GRACE;
+    loop {
+        let Some(state) = standby_state(params).await else {
+            return Ok(());
+        };
+        match check_standby(&params.describe(), &state, max_lag) {
+            Err(e) if !state.streaming && tokio::time::Instant::now() < deadline => {
+                tracing::debug!("{e}; checking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a standby's WAL receiver may take to (re)connect before the
+/// standby counts as following no primary.
+const RECEIVER_GRACE: Duration = Duration::from_secs(10);
+
+/// What a standby reports of its replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StandbyState {
+    /// Replayed up to.
+    replayed: String,
+    /// Where its primary is, as far as it knows.
+    primary_end: String,
+    /// WAL known to exist but not replayed, bytes.
+    lag: u64,
+    /// A WAL receiver streams from a primary.
+    streaming: bool,
+    /// The WAL receiver's state (`None`: there is none).
+    receiver: Option<String>,
+    /// Seconds since the last replayed commit was made on the primary.
+    commit_age: Option<u64>,
+}
+
+/// The replication state of the server at `params` when it is a standby;
+/// `None` for a primary, or when it cannot be read (logged).
+async fn standby_state(params: &ConnParams) -> Option<StandbyState> {
+    let mut c = match PgConnection::connect(params, false).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "cannot check the server's replication state ({e}); backing up as it is"
+            );
+            return None;
+        }
+    };
+    let q = c
+        .simple_query(
+            "SELECT pg_is_in_recovery()::text AS standby, pg_last_wal_replay_lsn()::text AS replayed, \
+             greatest(r.latest_end_lsn, pg_last_wal_receive_lsn())::text AS primary_end, \
+             (greatest(r.latest_end_lsn, pg_last_wal_receive_lsn()) - pg_last_wal_replay_lsn())::bigint::text AS lag, \
+             r.pid::text AS receiver, r.status, \
+             round(extract(epoch from now() - pg_last_xact_replay_timestamp()))::bigint::text AS commit_age \
+             FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true",
+        )
+        .await;
+    c.close().await;
+    let q = match q {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the standby's replication state ({e}); backing up as it is"
+            );
+            return None;
+        }
+    };
+    let text = |col: &str| q.text(0, col);
+    if text("standby").as_deref() != Some("true") {
+        return None;
+    }
+    let status = text("status");
+    let state = StandbyState {
+        replayed: text("replayed").unwrap_or_default(),
+        primary_end: text("primary_end").unwrap_or_default(),
+        lag: text("lag").and_then(|l| l.parse().ok()).unwrap_or(0),
+        // (a role without pg_read_all_stats sees the receiver's pid only)
+        streaming: text("receiver").is_some() && status.as_deref().is_none_or(|s| s == "streaming"),
+        receiver: text("receiver").map(|_| status.unwrap_or_else(|| "unknown".into())),
+        commit_age: text("commit_age")
+            .and_then(|a| a.parse::<i64>().ok())
+            .map(|a| a.max(0) as u64),
+    };
+    tracing::debug!(?state, "backing up a standby");
+    Some(state)
+}
+
+/// Refuse a standby that follows no primary, or lags it by more than
+/// `max_lag` bytes (`None`: any lag), saying how far behind it is.
+fn check_standby(target: &str, s: &StandbyState, max_lag: Option<u64>) -> Result<(), BackupError> {
+    let Some(max) = max_lag else {
+        return Ok(());
+    };
+    let commit_age = s
+        .commit_age
+        .map(|a| {
+            format!(
+                "; its last replayed commit is {} old",
+                crate::duration::format_duration(Duration::from_secs(a))
+            )
+        })
+        .unwrap_or_default();
+    let off = "pass --standby-max-lag off (or a larger size) to back it up anyway";
+    if !s.streaming {
+        return Err(BackupError::Standby(format!(
+            "{target} is a standby that is not streaming from a primary (WAL receiver: {}); it has replayed up to {}{commit_age}, \
+             so a backup of it may be far older than the primary. Fix its replication (primary_conninfo, the primary's pg_hba.conf), \
+             back up the primary, or {off}",
+            s.receiver.as_deref().unwrap_or("none"),
+            s.replayed
+        )));
+    }
+    if s.lag > max {
+        return Err(BackupError::Standby(format!(
+            "{target} is a standby {} behind its primary: it has replayed up to {}, its primary is at {}{commit_age}; \
+             the limit is {} (--standby-max-lag). Wait for it to catch up (is replay paused? see pg_is_wal_replay_paused()), \
+             back up the primary, or {off}",
+            crate::progress::human_bytes(s.lag),
+            s.replayed,
+            s.primary_end,
+            crate::progress::human_bytes(max),
+        )));
+    }
+    Ok(())
+}
+
 /// Every database's relation files and names (best effort: a role that may
 /// not connect to a database only loses names in `wal-inspect`).
 async fn relation_names(params: &ConnParams) -> Vec<RelName> {
@@ -360,4 +508,46 @@ async fn relation_names(params: &ConnParams) -> Vec<RelName> {
         c.close().await;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_is_refused_past_its_limit_or_without_a_primary() {
+        let s = StandbyState {
+            replayed: "0/3000000".into(),
+            primary_end: "0/5000000".into(),
+            lag: 32 << 20,
+            streaming: true,
+            receiver: Some("streaming".into()),
+            commit_age: Some(90),
+        };
+        let e = check_standby("db2:5432", &s, Some(16 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("db2:5432 is a standby 32.0 MiB behind its primary")
+                && e.contains("0/5000000")
+                && e.contains("90s old")
+                && e.contains("limit is 16.0 MiB"),
+            "{e}"
+        );
+        assert!(check_standby("db2", &s, Some(32 << 20)).is_ok());
+        assert!(check_standby("db2", &s, None).is_ok());
+        let orphan = StandbyState {
+            streaming: false,
+            receiver: None,
+            ..s
+        };
+        let e = check_standby("db2", &orphan, Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not streaming from a primary (WAL receiver: none)"),
+            "{e}"
+        );
+        assert!(check_standby("db2", &orphan, None).is_ok());
+    }
 }

@@ -29,6 +29,10 @@ pub struct BaseBackupOptions {
     /// Keep a backup in which the server found pages with bad checksums
     /// (they are listed in its manifest) instead of failing it.
     pub allow_checksum_failures: bool,
+    /// On a standby: refuse when its replay lags its primary by more than
+    /// this many bytes of WAL, or when it follows no primary (`None`: take
+    /// the backup whatever the lag).
+    pub standby_max_lag: Option<u64>,
     /// Counts the bytes received (total: the server's size estimate).
     pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
     /// Told the backup's start LSN as soon as the server reports it (the

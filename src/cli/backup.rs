@@ -45,6 +45,23 @@ pub struct BackupArgs {
     /// a [retention] policy).
     #[arg(long)]
     pub no_expire: bool,
+    /// On a standby: refuse when its replay lags its primary by more than
+    /// this much WAL, or when it streams from no primary; `off` backs it up
+    /// whatever its lag.
+    #[arg(long, value_name = "SIZE|off", default_value = "1GiB", value_parser = parse_max_lag)]
+    pub standby_max_lag: MaxLag,
+}
+
+/// `--standby-max-lag`: bytes of WAL, or no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxLag(pub Option<u64>);
+
+/// `1GiB`, `256MB`, or `off`.
+pub fn parse_max_lag(s: &str) -> Result<MaxLag, crate::pg::ParseError> {
+    match s {
+        "off" => Ok(MaxLag(None)),
+        s => super::init::parse_size(s).map(|b| MaxLag(Some(b))),
+    }
 }
 
 pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Result<()> {
@@ -57,6 +74,7 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         max_rate: args.max_rate,
         compression: args.compress,
         allow_checksum_failures: args.allow_checksum_failures,
+        standby_max_lag: args.standby_max_lag.0,
         progress: Some(progress.clone()),
         on_start: None,
     };
@@ -650,13 +668,7 @@ pub(super) fn fallback_note(
 }
 
 pub(super) fn human(b: u64) -> String {
-    let (v, u) = match b {
-        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
-        b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
-        b if b >= 1 << 10 => (b as f64 / 1024.0, "KiB"),
-        b => (b as f64, "B"),
-    };
-    format!("{v:.1} {u}")
+    crate::progress::human_bytes(b)
 }
 
 /// Options of `walvault info`.

@@ -226,6 +226,11 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
                 .map(super::init::parse_size)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("daemon.max_rate: {e}"))?,
+            standby_max_lag: super::backup::parse_max_lag(
+                options.standby_max_lag.as_deref().unwrap_or("1GiB"),
+            )
+            .map_err(|e| anyhow::anyhow!("daemon.standby_max_lag: {e}"))?
+            .0,
             ..BaseBackupOptions::default()
         },
         expire: policy,

@@ -89,6 +89,11 @@ pub struct DaemonOptions {
     /// second) [default: none].
     #[arg(long, value_name = "SIZE")]
     pub max_rate: Option<String>,
+    /// Refuse to back up a standby whose replay lags its primary by more
+    /// than this much WAL, or that streams from no primary (`off`: no
+    /// limit) [default: 1GiB].
+    #[arg(long, value_name = "SIZE|off")]
+    pub standby_max_lag: Option<String>,
     /// When each job runs.
     #[command(flatten)]
     #[serde(default)]
@@ -226,6 +231,7 @@ impl DaemonOptions {
             partial_interval: self.partial_interval.or(file.partial_interval),
             fast: self.fast.or(file.fast),
             max_rate: self.max_rate.or(file.max_rate),
+            standby_max_lag: self.standby_max_lag.or(file.standby_max_lag),
             schedule: Schedules {
                 backup: s.backup.or(f.backup),
                 expire: s.expire.or(f.expire),

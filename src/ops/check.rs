@@ -198,6 +198,8 @@ pub async fn check(
         if slots < 1 { Level::Warning } else { Level::Ok },
         format!("{slots}"),
     );
+    // the views of the same server (a multi-host conninfo names several)
+    let params = &rc.server_params().clone();
     drop(rc);
 
     // the slot and the stream (a normal connection reads the views)
@@ -247,11 +249,38 @@ pub async fn check(
             ),
         );
     } else {
-        add(
-            "slot",
-            if pushes { Level::Ok } else { Level::Warning },
-            format!("no slot {slot} (walvault stream creates it)"),
-        );
+        // a stream that used this slot, and the repository's newest WAL:
+        // after a failover the new primary has no slot, and nothing holds
+        // its WAL for walvault until the stream reconnects to it
+        let streamed = records::newest::<StreamRecord>(repo, &paths, STREAM_RECORD)
+            .await?
+            .filter(|m| m.slot == slot);
+        let archived_tli = repo.wal_timelines(&paths).await?.into_iter().max();
+        match streamed {
+            Some(rec) => add(
+                "slot",
+                Level::Warning,
+                format!(
+                    "no slot {slot} on this server, though walvault stream uses it (started {} on {}){}: until the stream connects here \
+                     (it creates the slot) nothing keeps this server from recycling WAL the repository lacks; point the stream at this server, \
+                     or create the slot now: SELECT pg_create_physical_replication_slot('{slot}', true)",
+                    rec.started_at.format("%Y-%m-%d %H:%M UTC"),
+                    if rec.host.is_empty() { "an unnamed host" } else { &rec.host },
+                    match archived_tli {
+                        Some(t) if t < sys.timeline => format!(
+                            "; the server is on timeline {}, the repository's WAL on timeline {t}: it was promoted (a failover?)",
+                            sys.timeline
+                        ),
+                        _ => String::new(),
+                    }
+                ),
+            ),
+            None => add(
+                "slot",
+                if pushes { Level::Ok } else { Level::Warning },
+                format!("no slot {slot} (walvault stream creates it)"),
+            ),
+        }
     }
     add(
         "wal mode",

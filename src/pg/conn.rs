@@ -18,7 +18,7 @@ use postgres_protocol::authentication::sasl::{
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::conninfo::{ConnParams, Host, SslMode};
+use super::conninfo::{ConnParams, Host, SessionAttrs, SslMode};
 use super::tls::{self, Negotiated, TlsInfo};
 use super::wire::{self, Auth, Backend, ServerMessage, WireError};
 
@@ -75,6 +75,16 @@ pub enum PgError {
         /// What failed and what to do.
         reason: String,
     },
+    /// None of several hosts gave a connection of the kind asked for.
+    #[error("no usable server among {target} ({attrs}): {reasons}")]
+    NoHost {
+        /// Every host.
+        target: String,
+        /// `target_session_attrs`.
+        attrs: String,
+        /// Why each host was passed over.
+        reasons: String,
+    },
     /// A value PostgreSQL would refuse (a slot name), refused before sending.
     #[error(transparent)]
     BadInput(super::ParseError),
@@ -129,6 +139,14 @@ pub struct PgConnection {
     notices: Vec<ServerMessage>,
     tls: Option<TlsInfo>,
     auth_mechanism: Option<&'static str>,
+    /// The parameters of the one host this connection went to.
+    server: ConnParams,
+}
+
+/// A server's role, as `target_session_attrs` sees it.
+struct Role {
+    in_recovery: bool,
+    read_only: bool,
 }
 
 /// Notices kept for [`PgConnection::take_notices`]; more are only logged.
@@ -144,8 +162,118 @@ impl std::fmt::Debug for PgConnection {
 
 impl PgConnection {
     /// Connect and authenticate; `replication` opens a physical replication
-    /// connection (`replication=true`).
+    /// connection (`replication=true`). With several hosts, they are tried
+    /// in order and the first whose role `target_session_attrs` accepts is
+    /// kept (`prefer-standby`: a standby, else the first server that
+    /// answered).
     pub async fn connect(p: &ConnParams, replication: bool) -> Result<PgConnection, PgError> {
+        if p.other_hosts.is_empty() && p.target_session_attrs == SessionAttrs::Any {
+            return Self::connect_one(p, replication).await;
+        }
+        let want = p.target_session_attrs;
+        let mut failures: Vec<PgError> = Vec::new();
+        let mut passed_over = Vec::new();
+        let mut fallback = None;
+        for one in p.each_host() {
+            let mut c = match Self::connect_one(&one, replication).await {
+                Ok(c) => c,
+                Err(e) => {
+                    passed_over.push(e.to_string());
+                    failures.push(e);
+                    continue;
+                }
+            };
+            let role = match c.role(replication).await {
+                Ok(r) => r,
+                Err(e) => {
+                    passed_over.push(e.to_string());
+                    failures.push(e);
+                    continue;
+                }
+            };
+            let fits = match want {
+                SessionAttrs::Any => true,
+                SessionAttrs::Primary => !role.in_recovery,
+                SessionAttrs::Standby | SessionAttrs::PreferStandby => role.in_recovery,
+                SessionAttrs::ReadWrite => !role.read_only,
+                SessionAttrs::ReadOnly => role.read_only,
+            };
+            if fits {
+                if let Some(f) = fallback.take() {
+                    PgConnection::close(f).await;
+                }
+                return Ok(c);
+            }
+            passed_over.push(format!(
+                "{} is {}",
+                c.target,
+                if role.in_recovery {
+                    "a standby"
+                } else if role.read_only {
+                    "read-only"
+                } else {
+                    "a primary"
+                }
+            ));
+            if want == SessionAttrs::PreferStandby && fallback.is_none() {
+                fallback = Some(c);
+            } else {
+                c.close().await;
+            }
+        }
+        if let Some(c) = fallback {
+            return Ok(c);
+        }
+        // every host refused the credentials: that is what to report (and
+        // what a retry cannot fix)
+        if !failures.is_empty()
+            && passed_over.len() == failures.len()
+            && failures
+                .iter()
+                .all(|e| e.sqlstate().is_some_and(|s| s.starts_with("28")))
+        {
+            return Err(failures.swap_remove(0));
+        }
+        Err(PgError::NoHost {
+            target: p.describe(),
+            attrs: format!("target_session_attrs={}", want.name()),
+            reasons: passed_over.join("; "),
+        })
+    }
+
+    /// Whether the server is in recovery, and read-only: from the
+    /// parameters PostgreSQL 14+ reports, else by asking.
+    async fn role(&mut self, replication: bool) -> Result<Role, PgError> {
+        let in_recovery = match self.parameter("in_hot_standby") {
+            Some(v) => v == "on",
+            // a physical replication connection runs no SELECT
+            None if replication => self.show("transaction_read_only").await? == "on",
+            None => {
+                let r = self
+                    .simple_query("SELECT pg_catalog.pg_is_in_recovery()::text AS r")
+                    .await?;
+                r.text(0, "r").as_deref() == Some("true")
+            }
+        };
+        let read_only = in_recovery
+            || match self.parameter("default_transaction_read_only") {
+                Some(v) => v == "on",
+                None => self.show("transaction_read_only").await? == "on",
+            };
+        Ok(Role {
+            in_recovery,
+            read_only,
+        })
+    }
+
+    /// The parameters of the one host this connection went to (the others
+    /// of a multi-host conninfo left out): a second connection to the same
+    /// server.
+    pub fn server_params(&self) -> &ConnParams {
+        &self.server
+    }
+
+    async fn connect_one(p: &ConnParams, replication: bool) -> Result<PgConnection, PgError> {
         let target = p.describe();
         let secs = p.connect_timeout.as_secs();
         match tokio::time::timeout(
@@ -199,6 +327,11 @@ impl PgConnection {
             notices: Vec::new(),
             tls,
             auth_mechanism: None,
+            server: ConnParams {
+                other_hosts: Vec::new(),
+                target_session_attrs: SessionAttrs::Any,
+                ..p.clone()
+            },
         };
         let mut startup: Vec<(&str, &str)> =
             vec![("user", &p.user), ("application_name", &p.application_name)];

@@ -33,13 +33,78 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// `target_session_attrs`, as libpq defines it: which of several hosts
+/// a connection accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionAttrs {
+    /// The first host that answers.
+    #[default]
+    Any,
+    /// A server that accepts writes (not a standby, not read-only by default).
+    ReadWrite,
+    /// A server in read-only mode (a standby, or read-only by default).
+    ReadOnly,
+    /// A server not in recovery.
+    Primary,
+    /// A server in recovery (a hot standby).
+    Standby,
+    /// A standby if any host is one, else any server.
+    PreferStandby,
+}
+
+impl SessionAttrs {
+    /// libpq's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+            SessionAttrs::Primary => "primary",
+            SessionAttrs::Standby => "standby",
+            SessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SessionAttrs, ConnInfoError> {
+        Ok(match s {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "read-only" => SessionAttrs::ReadOnly,
+            "primary" => SessionAttrs::Primary,
+            "standby" => SessionAttrs::Standby,
+            "prefer-standby" => SessionAttrs::PreferStandby,
+            other => {
+                return Err(ConnInfoError(format!(
+                    "unknown target_session_attrs {other:?} (any, read-write, read-only, primary, standby, prefer-standby)"
+                )))
+            }
+        })
+    }
+}
+
+/// One more host of a multi-host conninfo (`host=a,b port=5432,5433`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherHost {
+    /// Its address.
+    pub host: Host,
+    /// Its port.
+    pub port: u16,
+    /// Its password: the conninfo's or the environment's, else its line of
+    /// the password file.
+    pub password: Option<String>,
+}
+
 /// Everything needed to open a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnParams {
-    /// Server address.
+    /// Server address (the first, when the conninfo lists several).
     pub host: Host,
     /// Port (also names the unix socket file).
     pub port: u16,
+    /// The hosts after the first, tried in order.
+    pub other_hosts: Vec<OtherHost>,
+    /// Which server a connection accepts among the hosts.
+    pub target_session_attrs: SessionAttrs,
     /// Role to log in as.
     pub user: String,
     /// Database (replication connections need none).
@@ -98,6 +163,7 @@ impl ConnParams {
                 "connect_timeout",
                 "replication",
                 "passfile",
+                "target_session_attrs",
             ];
             if !known.contains(&k.as_str()) {
                 return Err(ConnInfoError(format!("unknown parameter {k:?}")));
@@ -105,21 +171,43 @@ impl ConnParams {
         }
         let host_s = get("host")
             .or_else(|| get("hostaddr"))
-            .or_else(|| env("PGHOST"));
-        let host = match host_s.as_deref() {
-            None | Some("") => Host::Unix(PathBuf::from("/var/run/postgresql")),
-            Some(h) if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
-            Some(h) if h.contains(',') => {
-                return Err(ConnInfoError("several hosts are not supported".into()))
-            }
-            Some(h) => Host::Tcp(h.to_owned()),
-        };
-        let port = match get("port").or_else(|| env("PGPORT")) {
-            Some(p) => p
-                .parse()
-                .map_err(|_| ConnInfoError(format!("port {p:?} is not a number")))?,
-            None => 5432,
-        };
+            .or_else(|| env("PGHOST"))
+            .unwrap_or_default();
+        // libpq: a comma-separated list of hosts, with one port for all or
+        // one port per host
+        let hosts: Vec<Host> = host_s
+            .split(',')
+            .map(|h| match h.trim() {
+                "" => Host::Unix(PathBuf::from("/var/run/postgresql")),
+                h if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
+                h => Host::Tcp(h.to_owned()),
+            })
+            .collect();
+        let port_s = get("port").or_else(|| env("PGPORT")).unwrap_or_default();
+        let ports = port_s
+            .split(',')
+            .map(|p| match p.trim() {
+                "" => Ok(5432),
+                p => p
+                    .parse()
+                    .map_err(|_| ConnInfoError(format!("port {p:?} is not a number"))),
+            })
+            .collect::<Result<Vec<u16>, _>>()?;
+        if ports.len() != 1 && ports.len() != hosts.len() {
+            return Err(ConnInfoError(format!(
+                "{} ports for {} hosts: give one port, or one per host",
+                ports.len(),
+                hosts.len()
+            )));
+        }
+        let port_of = |i: usize| ports[if ports.len() == 1 { 0 } else { i }];
+        let host = hosts[0].clone();
+        let port = port_of(0);
+        let target_session_attrs =
+            match get("target_session_attrs").or_else(|| env("PGTARGETSESSIONATTRS")) {
+                Some(a) => SessionAttrs::parse(&a)?,
+                None => SessionAttrs::Any,
+            };
         let user = get("user")
             .or_else(|| env("PGUSER"))
             .or_else(|| env("USER"))
@@ -157,29 +245,77 @@ impl ConnParams {
                 .unwrap_or_else(|| "walvault".into()),
             host,
             port,
+            other_hosts: Vec::new(),
+            target_session_attrs,
             user,
             dbname,
             sslmode,
             connect_timeout,
         };
-        if p.password.is_none() {
-            let file = get("passfile")
-                .or_else(|| env("PGPASSFILE"))
-                .map(PathBuf::from)
-                .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")));
-            if let Some(f) = file {
+        let passfile = get("passfile")
+            .or_else(|| env("PGPASSFILE"))
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")));
+        let explicit = p.password.is_some();
+        for (i, h) in hosts.iter().enumerate().skip(1) {
+            let mut other = ConnParams {
+                host: h.clone(),
+                port: port_of(i),
+                ..p.clone()
+            };
+            if !explicit {
+                other.password = passfile.as_deref().and_then(|f| pgpass_lookup(f, &other));
+            }
+            p.other_hosts.push(OtherHost {
+                host: other.host,
+                port: other.port,
+                password: other.password,
+            });
+        }
+        if !explicit {
+            if let Some(f) = passfile {
                 p.password = pgpass_lookup(&f, &p);
             }
         }
         Ok(p)
     }
 
-    /// `host:port` or the socket path, for messages.
+    /// `host:port` or the socket path, for messages (every host, when the
+    /// conninfo lists several).
     pub fn describe(&self) -> String {
-        match &self.host {
-            Host::Tcp(h) => format!("{h}:{}", self.port),
-            Host::Unix(d) => format!("{}/.s.PGSQL.{}", d.display(), self.port),
-        }
+        std::iter::once(describe_host(&self.host, self.port))
+            .chain(
+                self.other_hosts
+                    .iter()
+                    .map(|o| describe_host(&o.host, o.port)),
+            )
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One connection target per host, in order, each with no other hosts.
+    pub fn each_host(&self) -> Vec<ConnParams> {
+        let one = |host: &Host, port: u16, password: Option<String>| ConnParams {
+            host: host.clone(),
+            port,
+            password,
+            other_hosts: Vec::new(),
+            ..self.clone()
+        };
+        std::iter::once(one(&self.host, self.port, self.password.clone()))
+            .chain(
+                self.other_hosts
+                    .iter()
+                    .map(|o| one(&o.host, o.port, o.password.clone())),
+            )
+            .collect()
+    }
+}
+
+fn describe_host(host: &Host, port: u16) -> String {
+    match host {
+        Host::Tcp(h) => format!("{h}:{port}"),
+        Host::Unix(d) => format!("{}/.s.PGSQL.{port}", d.display()),
     }
 }
 
@@ -290,22 +426,29 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
             out.push(("password".into(), percent_decode(pass)?));
         }
     }
-    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-        let (h, rest) = h
-            .split_once(']')
-            .ok_or_else(|| ConnInfoError("unterminated [ in host".into()))?;
-        (h, rest.strip_prefix(':'))
-    } else {
-        match hostport.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    if !host.is_empty() {
-        out.push(("host".into(), percent_decode(host)?));
+    // host[:port], or several separated by commas
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for hp in hostport.split(',') {
+        let (host, port) = if let Some(h) = hp.strip_prefix('[') {
+            let (h, rest) = h
+                .split_once(']')
+                .ok_or_else(|| ConnInfoError("unterminated [ in host".into()))?;
+            (h, rest.strip_prefix(':'))
+        } else {
+            match hp.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hp, None),
+            }
+        };
+        hosts.push(percent_decode(host)?);
+        ports.push(port.unwrap_or("").to_owned());
     }
-    if let Some(p) = port.filter(|p| !p.is_empty()) {
-        out.push(("port".into(), p.to_owned()));
+    if hosts.iter().any(|h| !h.is_empty()) {
+        out.push(("host".into(), hosts.join(",")));
+    }
+    if ports.iter().any(|p| !p.is_empty()) {
+        out.push(("port".into(), ports.join(",")));
     }
     if !db.is_empty() {
         out.push(("dbname".into(), percent_decode(db)?));
@@ -447,6 +590,56 @@ mod tests {
     }
 
     #[test]
+    fn several_hosts() {
+        let p = parse(
+            "host=db1,db2,/run/pg port=5432,5433,5434 user=bk target_session_attrs=prefer-standby",
+            &[],
+        )
+        .unwrap();
+        assert_eq!((p.host.clone(), p.port), (Host::Tcp("db1".into()), 5432));
+        assert_eq!(p.target_session_attrs, SessionAttrs::PreferStandby);
+        let each: Vec<(Host, u16)> = p
+            .each_host()
+            .into_iter()
+            .map(|h| (h.host, h.port))
+            .collect();
+        assert_eq!(
+            each,
+            vec![
+                (Host::Tcp("db1".into()), 5432),
+                (Host::Tcp("db2".into()), 5433),
+                (Host::Unix("/run/pg".into()), 5434)
+            ]
+        );
+        assert!(p.each_host().iter().all(|h| h.other_hosts.is_empty()));
+        assert_eq!(p.describe(), "db1:5432,db2:5433,/run/pg/.s.PGSQL.5434");
+        // one port for every host
+        let p = parse("host=a,b port=6432", &[]).unwrap();
+        assert_eq!(p.each_host()[1].port, 6432);
+        assert!(parse("host=a,b,c port=1,2", &[]).is_err());
+        assert!(parse("host=a target_session_attrs=sometimes", &[]).is_err());
+        // URLs: host:port pairs separated by commas
+        let p = parse(
+            "postgres://bk@db1:5432,db2/app?target_session_attrs=primary",
+            &[],
+        )
+        .unwrap();
+        let each: Vec<(Host, u16)> = p
+            .each_host()
+            .into_iter()
+            .map(|h| (h.host, h.port))
+            .collect();
+        assert_eq!(
+            each,
+            vec![
+                (Host::Tcp("db1".into()), 5432),
+                (Host::Tcp("db2".into()), 5432)
+            ]
+        );
+        assert_eq!(p.target_session_attrs, SessionAttrs::Primary);
+    }
+
+    #[test]
     fn pgpass() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -472,6 +665,11 @@ mod tests {
                 .as_deref(),
             Some("fallback")
         );
+        // each host of a list gets its own line, never another host's
+        let p = parse("host=db.example,other user=bk", &env).unwrap();
+        let each = p.each_host();
+        assert_eq!(each[0].password.as_deref(), Some("se:cret"));
+        assert_eq!(each[1].password.as_deref(), Some("no"));
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(
             parse("host=db.example user=bk", &env).unwrap().password,

@@ -25,10 +25,15 @@ pub struct Archived {
 
 impl Archived {
     pub fn new(conf: &[&str]) -> Archived {
-        let c = PgCluster::start_with(crate::support::pg::PgOptions {
+        Archived::with(crate::support::pg::PgOptions {
             conf: conf.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
-        });
+        })
+    }
+
+    /// A cluster started with `opts`, archived by `walvault stream`.
+    pub fn with(opts: crate::support::pg::PgOptions) -> Archived {
+        let c = PgCluster::start_with(opts);
         let work = tempfile::tempdir().unwrap();
         // the server's OS user reaches the repository inside
         std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -13,7 +13,7 @@ use crate::support::Walvault;
 
 /// Where the timeline of a promoted restore branched off: the end of the
 /// last record recovery replayed.
-fn switch_point(datadir: &Path) -> String {
+pub(crate) fn switch_point(datadir: &Path) -> String {
     let history = std::fs::read_to_string(datadir.join("pg_wal/00000002.history"))
         .expect("the restored server promoted to timeline 2");
     history

@@ -168,12 +168,37 @@ impl PgCluster {
         ]
         .map(str::to_owned);
         c.run_ok(&c.client_bin("pg_basebackup"), &args);
+        // -R of a newer pg_basebackup (the client programs may be another
+        // major's) writes options an older server's libpq refuses (sslsni):
+        // the standby gets a plain primary_conninfo of its own
+        let auto = c.datadir.join("postgresql.auto.conf");
+        let text = fs::read_to_string(&auto).unwrap_or_default();
+        let mut text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("primary_conninfo"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&format!(
+            "primary_conninfo = 'host={} port={} user=postgres'\n",
+            primary.sockdir.display(),
+            primary.port
+        ));
+        c.write_file("postgresql.auto.conf", &text);
         // the copy carries the primary's port and socket dir; give it its own
         c.append_conf(&[
             format!("port = {}", c.port),
             format!("unix_socket_directories = '{}'", c.sockdir.display()),
         ]);
         c.start_server();
+        // pg_ctl returns before the WAL receiver has connected
+        wait_until(
+            Duration::from_secs(30),
+            "the standby to stream from its primary",
+            || {
+                c.psql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'")
+                    == "1"
+            },
+        );
         c
     }
 
