@@ -164,12 +164,16 @@ pub struct Recovered {
 
 impl Recovered {
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
         let out = self
             .dst
             .command(&self.dst.client_bin("psql"))
             .args(["-X", "-A", "-t", "-h", self.sockdir.to_str().unwrap(), "-p"])
             .arg(self.port.to_string())
-            .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+            .args(["-U", "postgres", "-d", db, "-c", sql])
             .output()
             .unwrap();
         assert!(

@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::support::pg::PgCluster;
+use crate::support::pg::{PgCluster, PASSWORD_USER};
 use crate::support::stream::Streamer;
-use crate::support::{wait_until, Walvault};
+use crate::support::{give_to_postgres, wait_until, Walvault};
 
 /// A primary, a streaming standby of it, and `walvault stream` from the
 /// standby into a fresh repository.
@@ -38,19 +38,48 @@ fn stream_from_a_standby() -> FromStandby {
     }
 }
 
+/// A cascading stream (from a standby) archives the very WAL the primary
+/// wrote, pgbench on the primary meanwhile; when the standby is promoted
+/// it follows timeline 2, `wal-verify` passes across the switch, and a
+/// PITR onto timeline 2 recovers the promoted server's content.
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_follows_a_promotion_to_the_next_timeline() {
-    let s = stream_from_a_standby();
+    let mut s = stream_from_a_standby();
+    s.primary.pgbench(&["-i", "-s", "2", "-q"]);
     // a backup taken from the standby, on timeline 1
     s.wv.args(["backup", "--pg", &s.standby.conninfo(), "--fast"])
         .ok();
+    let mut bench = s.primary.pgbench_load(4).spawn().unwrap();
     s.primary
         .psql("CREATE TABLE t1 AS SELECT g FROM generate_series(1, 1000) g");
+    assert!(bench.wait().unwrap().success());
+    let first = s.primary.walfile_name(s.primary.insert_lsn());
+    s.primary.psql("SELECT pg_switch_wal()");
+    let at = s.primary.insert_lsn();
+    wait_until(
+        Duration::from_secs(60),
+        "the standby to replay everything the primary wrote",
+        || {
+            s.standby
+                .psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{at}'"))
+                == "t"
+        },
+    );
+    // the standby's stream stored the primary's segment byte for byte
+    let stored1 = s.repo.join("main/wal/00000001").join(&first);
     wait_until(
         Duration::from_secs(30),
-        "the stream's first durable position",
-        || s.stream.durable().is_some(),
+        &format!("{first} archived from the standby"),
+        || stored1.exists(),
     );
+    let dest = s.work.path().join("seg1");
+    s.wv.args(["wal-fetch", &first]).arg(&dest).ok();
+    assert!(
+        std::fs::read(&dest).unwrap()
+            == std::fs::read(s.primary.datadir.join("pg_wal").join(&first)).unwrap(),
+        "{first} from the cascading stream differs from the primary's"
+    );
+
     s.standby.promote();
     s.standby
         .psql("CREATE TABLE t2 AS SELECT g FROM generate_series(1, 1000) g");
@@ -81,6 +110,27 @@ async fn stream_follows_a_promotion_to_the_next_timeline() {
     assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
     assert_eq!(v["newest"], tli2_seg.as_str(), "{v}");
     assert!(v["segments_read"].as_u64().unwrap() >= 2, "{v}");
+
+    // PITR onto timeline 2: the promoted server's content
+    give_to_postgres(&s.repo);
+    let (r, report) = crate::pitr::pitr_started(&s.standby, &s.wv, &["--latest"]);
+    assert_eq!(r.psql("SELECT count(*) FROM t2"), "1000", "{report}");
+    assert_eq!(
+        r.psql("SELECT timeline_id FROM pg_control_checkpoint()"),
+        "3",
+        "the copy promotes past timeline 2: {report}"
+    );
+    // pgbench's tables as the primary wrote them, through timeline 1
+    let pgbench = "SELECT (SELECT count(*) || ':' || sum(abalance) FROM pgbench_accounts) \
+                   || '/' || (SELECT count(*) || ':' || sum(delta) FROM pgbench_history)";
+    assert_eq!(
+        r.psql_db(PASSWORD_USER, pgbench),
+        s.standby.psql_db(PASSWORD_USER, pgbench)
+    );
+    assert_eq!(
+        s.standby.psql_db(PASSWORD_USER, pgbench),
+        s.primary.psql_db(PASSWORD_USER, pgbench)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
