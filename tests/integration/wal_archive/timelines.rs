@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::support::pg::{PgCluster, PASSWORD_USER};
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::pg::{PgCluster, StopMode, PASSWORD_USER};
 use crate::support::stream::Streamer;
 use crate::support::{give_to_postgres, wait_until, Walvault};
 
@@ -165,5 +167,86 @@ async fn stream_down_during_a_promotion_resumes_where_the_new_timeline_began() {
     assert!(
         std::fs::read(&dest).unwrap()
             == std::fs::read(s.standby.datadir.join("pg_wal").join(&first2)).unwrap()
+    );
+}
+
+/// The sidecar's case: `stream --pg 'host=PRIMARY,STANDBY
+/// target_session_attrs=read-write'` keeps archiving through a failover.
+/// The primary stops, the standby is promoted; the stream reconnects to it,
+/// creates its slot there and archives timeline 2; `check` through the same
+/// conninfo finds the slot; the WAL verifies and a PITR has every row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_given_both_hosts_follows_a_failover() {
+    let mut primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = work.path().join("repo");
+    let wv = Walvault::new().repo(&repo);
+    wv.args(["init"]).ok();
+    let both = format!(
+        "host={},{} port={},{} user=postgres target_session_attrs=read-write",
+        primary.sockdir.display(),
+        standby.sockdir.display(),
+        primary.port,
+        standby.port
+    );
+    let stream = Streamer::start(&wv, &both, &["--partial-interval", "0.2"]);
+    primary.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    stream.wait_durable(primary.insert_lsn(), Duration::from_secs(30));
+    wv.args(["backup", "--fast", "--no-expire", "--pg", &both])
+        .ok();
+    assert_eq!(
+        wv.args(["info", "latest", "--json"]).ok().json()["source"],
+        "primary"
+    );
+    // the stream holds a slot on the primary only
+    assert_eq!(
+        standby.psql("SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+
+    // failover: the primary goes (cleanly: the standby has all of it)
+    primary.stop(StopMode::Fast);
+    standby.promote();
+    standby.psql("INSERT INTO t SELECT g FROM generate_series(1001, 2000) g");
+    let end = standby.lsn("SELECT pg_switch_wal()");
+    let seg = standby.walfile_name(end);
+    let stored = repo.join("main/wal/00000002").join(&seg);
+    wait_until(
+        Duration::from_secs(60),
+        &format!("the stream to reconnect to the new primary and store {seg}"),
+        || stored.exists(),
+    );
+    assert_eq!(
+        standby.psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walvault'"),
+        "t",
+        "{}",
+        stream.log()
+    );
+    let r = wv.args(["check", "--json", "--pg", &both]).output().json();
+    let slot = r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "slot")
+        .unwrap_or_else(|| panic!("no slot finding: {r}"))
+        .clone();
+    assert_eq!(slot["level"], "ok", "{slot}");
+    assert!(
+        slot["detail"].as_str().unwrap().contains("stream connected"),
+        "{slot}"
+    );
+    let v = wv.args(["wal-verify", "--json"]).ok().json();
+    assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
+    assert_eq!(v["newest"], seg.as_str(), "{v}");
+
+    give_to_postgres(&repo);
+    // (the copy of the primary's backup listens where the primary did)
+    let (r, report) = crate::pitr::pitr_started(&primary, &wv, &["--latest"]);
+    assert_eq!(
+        r.psql("SELECT count(*) || ':' || sum(g) FROM t"),
+        "2000:2001000",
+        "{report}"
     );
 }
