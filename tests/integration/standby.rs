@@ -14,6 +14,7 @@ use crate::support::{wait_until, Walvault};
 #[test]
 fn restore_as_standby_replays_the_repository_then_streams_from_the_primary() {
     let mut a = Archived::new(&[]);
+    a.c.pgbench(&["-i", "-s", "2", "-q"]);
     a.c.psql("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g");
     a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--no-expire"]);
     let info = a.ok(&["info", "latest", "--json"]).json();
@@ -56,6 +57,8 @@ fn restore_as_standby_replays_the_repository_then_streams_from_the_primary() {
     assert!(auto.contains("primary_slot_name = 'rebuilt'"), "{auto}");
     assert!(auto.contains("restore_command = '"), "{auto}");
 
+    // pgbench on the primary while the new standby catches up
+    let mut bench = a.c.pgbench_load(6).spawn().unwrap();
     s.start_restored_as_is();
     wait_until(
         Duration::from_secs(60),
@@ -84,6 +87,18 @@ fn restore_as_standby_replays_the_repository_then_streams_from_the_primary() {
     assert_eq!(
         s.psql("SELECT sum(id) FROM t"),
         a.c.psql("SELECT sum(id) FROM t")
+    );
+    // every pgbench transaction reached it
+    assert!(bench.wait().unwrap().success());
+    let at = a.c.insert_lsn();
+    wait_until(
+        Duration::from_secs(60),
+        "the standby to replay the load",
+        || s.psql(&format!("SELECT pg_last_wal_replay_lsn() >= '{at}'")) == "t",
+    );
+    assert_eq!(
+        table_hashes(&s, PASSWORD_USER),
+        table_hashes(&a.c, PASSWORD_USER)
     );
 }
 

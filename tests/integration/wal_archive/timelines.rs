@@ -46,7 +46,7 @@ fn stream_from_a_standby() -> FromStandby {
 /// PITR onto timeline 2 recovers the promoted server's content.
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_follows_a_promotion_to_the_next_timeline() {
-    let mut s = stream_from_a_standby();
+    let s = stream_from_a_standby();
     s.primary.pgbench(&["-i", "-s", "2", "-q"]);
     // a backup taken from the standby, on timeline 1
     s.wv.args(["backup", "--pg", &s.standby.conninfo(), "--fast"])
@@ -234,7 +234,10 @@ async fn a_stream_given_both_hosts_follows_a_failover() {
         .clone();
     assert_eq!(slot["level"], "ok", "{slot}");
     assert!(
-        slot["detail"].as_str().unwrap().contains("stream connected"),
+        slot["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stream connected"),
         "{slot}"
     );
     let v = wv.args(["wal-verify", "--json"]).ok().json();
