@@ -119,33 +119,42 @@ fn stored_ratio(data: &[u8], hasher: &IdHasher, keys: &Keys) -> f64 {
 
 fn pipeline(c: &mut Criterion) {
     let keys = keys();
-    let hasher = IdHasher::new(Some(&keys));
+    // the id function of new encrypted repositories, and of version-1 ones
+    let hashers = [
+        (
+            "blake3_keyed",
+            IdHasher::named("blake3-keyed", Some(&keys)).expect("a known function"),
+        ),
+        ("hmac", IdHasher::new(Some(&keys))),
+    ];
     for (name, data) in [("pgbench", pgbench_pages()), ("random", random_bytes())] {
         eprintln!(
             "# {name}: {} MiB in {} blocks of {BLOCK} bytes; stored/raw = {:.3}; rayon threads: {}",
             data.len() >> 20,
             data.len() / BLOCK,
-            stored_ratio(&data, &hasher, &keys),
+            stored_ratio(&data, &hashers[0].1, &keys),
             rayon::current_num_threads()
         );
         let mut group = c.benchmark_group(format!("pipeline/{name}"));
         configure(&mut group, data.len());
-        group.bench_function("single", |b| {
-            b.iter(|| {
-                black_box(&data)
-                    .chunks(BLOCK)
-                    .map(|blk| one_block(blk, &hasher, &keys))
-                    .sum::<usize>()
-            })
-        });
-        group.bench_function("all_cores", |b| {
-            b.iter(|| {
-                black_box(&data)
-                    .par_chunks(BLOCK)
-                    .map(|blk| one_block(blk, &hasher, &keys))
-                    .sum::<usize>()
-            })
-        });
+        for (id_name, hasher) in &hashers {
+            group.bench_function(format!("single/{id_name}"), |b| {
+                b.iter(|| {
+                    black_box(&data)
+                        .chunks(BLOCK)
+                        .map(|blk| one_block(blk, hasher, &keys))
+                        .sum::<usize>()
+                })
+            });
+            group.bench_function(format!("all_cores/{id_name}"), |b| {
+                b.iter(|| {
+                    black_box(&data)
+                        .par_chunks(BLOCK)
+                        .map(|blk| one_block(blk, hasher, &keys))
+                        .sum::<usize>()
+                })
+            });
+        }
         group.finish();
     }
 }
@@ -173,6 +182,24 @@ fn pieces(c: &mut Criterion) {
             black_box(&data)
                 .chunks(BLOCK)
                 .map(|blk| hmac.id(blk).0[0])
+                .fold(0u8, |a, x| a ^ x)
+        })
+    });
+    let blake3 = IdHasher::named("blake3", None).unwrap();
+    group.bench_function("blake3_id", |b| {
+        b.iter(|| {
+            black_box(&data)
+                .chunks(BLOCK)
+                .map(|blk| blake3.id(blk).0[0])
+                .fold(0u8, |a, x| a ^ x)
+        })
+    });
+    let blake3_keyed = IdHasher::named("blake3-keyed", Some(&keys)).unwrap();
+    group.bench_function("blake3_keyed_id", |b| {
+        b.iter(|| {
+            black_box(&data)
+                .chunks(BLOCK)
+                .map(|blk| blake3_keyed.id(blk).0[0])
                 .fold(0u8, |a, x| a ^ x)
         })
     });

@@ -154,13 +154,21 @@ impl fmt::Display for BlockId {
     }
 }
 
+/// The block id functions, by their name in the repository's `config`.
+pub const BLOCK_ID_FUNCTIONS: [&str; 4] = ["sha256", "hmac-sha256", "blake3", "blake3-keyed"];
+
 /// Computes block ids for one repository.
 #[derive(Clone)]
 pub enum IdHasher {
-    /// Plain SHA-256 (unencrypted repositories).
+    /// Plain SHA-256 (unencrypted repositories of config version 1).
     Sha256,
-    /// HMAC-SHA-256 under the derived id key.
+    /// HMAC-SHA-256 under the derived id key (encrypted, config version 1).
     Hmac(Hmac<Sha256>),
+    /// Plain BLAKE3 (unencrypted repositories since config version 2).
+    Blake3,
+    /// BLAKE3 in keyed mode under a key derived from the id key (encrypted
+    /// repositories since config version 2).
+    Blake3Keyed([u8; 32]),
 }
 
 impl fmt::Debug for IdHasher {
@@ -168,12 +176,15 @@ impl fmt::Debug for IdHasher {
         f.write_str(match self {
             IdHasher::Sha256 => "IdHasher::Sha256",
             IdHasher::Hmac(_) => "IdHasher::Hmac",
+            IdHasher::Blake3 => "IdHasher::Blake3",
+            IdHasher::Blake3Keyed(_) => "IdHasher::Blake3Keyed",
         })
     }
 }
 
 impl IdHasher {
-    /// The hasher for a repository with (or without) keys.
+    /// The version-1 hasher of a repository with (or without) keys:
+    /// HMAC-SHA-256 or SHA-256.
     pub fn new(keys: Option<&Keys>) -> IdHasher {
         match keys {
             None => IdHasher::Sha256,
@@ -181,6 +192,21 @@ impl IdHasher {
                 Ok(m) => IdHasher::Hmac(m),
                 Err(_) => unreachable!("HMAC accepts keys of any length"),
             },
+        }
+    }
+
+    /// The hasher a repository's `config` names (`block_id`); `None` for a
+    /// name this build does not know, or a keyed function without keys.
+    pub fn named(name: &str, keys: Option<&Keys>) -> Option<IdHasher> {
+        match (name, keys) {
+            ("sha256", None) => Some(IdHasher::Sha256),
+            ("hmac-sha256", Some(_)) => Some(IdHasher::new(keys)),
+            ("blake3", None) => Some(IdHasher::Blake3),
+            ("blake3-keyed", Some(k)) => Some(IdHasher::Blake3Keyed(blake3::derive_key(
+                "walvault 2026-12 block id blake3 keyed v1",
+                &k.id_key,
+            ))),
+            _ => None,
         }
     }
 
@@ -193,6 +219,8 @@ impl IdHasher {
                 m.update(data);
                 BlockId(m.finalize().into_bytes().into())
             }
+            IdHasher::Blake3 => BlockId(*blake3::hash(data).as_bytes()),
+            IdHasher::Blake3Keyed(k) => BlockId(*blake3::keyed_hash(k, data).as_bytes()),
         }
     }
 }
@@ -222,6 +250,26 @@ mod tests {
         );
         let other = Keys::derive(&MasterKey::generate(), b"repo");
         assert!(other.open(b"pack/1", &sealed).is_err());
+    }
+
+    #[test]
+    fn blake3_ids_are_keyed_per_repository() {
+        let a = Keys::derive(&MasterKey::generate(), b"r");
+        let b = Keys::derive(&MasterKey::generate(), b"r");
+        let data = [42u8; 8192];
+        let ka = IdHasher::named("blake3-keyed", Some(&a)).unwrap();
+        let kb = IdHasher::named("blake3-keyed", Some(&b)).unwrap();
+        let plain = IdHasher::named("blake3", None).unwrap();
+        // deterministic within a repository, unrelated across keys and functions
+        assert_eq!(ka.id(&data), ka.id(&data));
+        assert_ne!(ka.id(&data), kb.id(&data));
+        assert_ne!(ka.id(&data), plain.id(&data));
+        assert_ne!(ka.id(&data), IdHasher::new(Some(&a)).id(&data));
+        assert_eq!(plain.id(&data).0, *blake3::hash(&data).as_bytes());
+        // a keyed function needs keys; an unknown name is none
+        assert!(IdHasher::named("blake3-keyed", None).is_none());
+        assert!(IdHasher::named("blake3", Some(&a)).is_none());
+        assert!(IdHasher::named("md5", None).is_none());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 
 mod crypto;
 
-pub use crypto::{BlockId, CryptoError, IdHasher, Keys, MasterKey, AEAD_OVERHEAD};
+pub use crypto::{
+    BlockId, CryptoError, IdHasher, Keys, MasterKey, AEAD_OVERHEAD, BLOCK_ID_FUNCTIONS,
+};
 
 /// Seal `plaintext` under a raw 32-byte key (used to wrap master keys).
 pub fn crypto_seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {

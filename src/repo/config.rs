@@ -11,8 +11,9 @@ use crate::codec::{to_hex, Compression, Keys};
 /// Name of the config object at the repository root.
 pub const CONFIG_KEY: &str = "config";
 
-/// The newest `config` version this build understands.
-pub const CONFIG_VERSION: u32 = 1;
+/// The newest `config` version this build understands (2: block ids may be
+/// BLAKE3, which builds that know version 1 only cannot compute).
+pub const CONFIG_VERSION: u32 = 2;
 
 /// What `config` records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -27,7 +28,8 @@ pub struct RepoConfig {
     pub created: String,
     /// "aes-256-gcm" or "none".
     pub encryption: String,
-    /// "hmac-sha256" (encrypted) or "sha256".
+    /// The block id function: "blake3-keyed" (encrypted) or "blake3" since
+    /// version 2; "hmac-sha256" (encrypted) or "sha256" in version 1.
     pub block_id: String,
     /// Bytes per block for files cut into blocks (a multiple of 8192).
     pub block_size: u32,
@@ -88,7 +90,7 @@ impl RepoConfig {
             repo_id: to_hex(&repo_id),
             created: chrono::Utc::now().to_rfc3339(),
             encryption: if encrypted { "aes-256-gcm" } else { "none" }.into(),
-            block_id: if encrypted { "hmac-sha256" } else { "sha256" }.into(),
+            block_id: if encrypted { "blake3-keyed" } else { "blake3" }.into(),
             block_size: params.block_size,
             compression: params.compression.to_string(),
             pack_size: params.pack_size,
@@ -143,6 +145,24 @@ impl RepoConfig {
                 cfg.block_size, cfg.pack_size
             )));
         }
+        let block_ids: &[&str] = if cfg.version == 1 {
+            &["sha256", "hmac-sha256"]
+        } else {
+            &crate::codec::BLOCK_ID_FUNCTIONS
+        };
+        let keyed = cfg.block_id == "hmac-sha256" || cfg.block_id == "blake3-keyed";
+        if !block_ids.contains(&cfg.block_id.as_str()) || keyed != cfg.encrypted() {
+            return Err(corrupt(format!(
+                "block id function {:?} unknown for version {} of a{} repository",
+                cfg.block_id,
+                cfg.version,
+                if cfg.encrypted() {
+                    "n encrypted"
+                } else {
+                    "n unencrypted"
+                }
+            )));
+        }
         if cfg.compression.parse::<Compression>().is_err() {
             return Err(corrupt(format!(
                 "unknown compression {:?}",
@@ -179,14 +199,44 @@ mod tests {
     #[test]
     fn round_trip_and_newer_version() {
         let cfg = RepoConfig::new([7; 16], &InitParams::default(), false).unwrap();
+        assert_eq!((cfg.version, cfg.block_id.as_str()), (2, "blake3"));
         assert_eq!(RepoConfig::decode(&cfg.encode().unwrap()).unwrap(), cfg);
+        let enc = RepoConfig::new([7; 16], &InitParams::default(), true).unwrap();
+        assert_eq!(enc.block_id, "blake3-keyed");
+        assert_eq!(RepoConfig::decode(&enc.encode().unwrap()).unwrap(), enc);
         let mut newer = cfg.clone();
-        newer.version = 2;
+        newer.version = 3;
         let e = RepoConfig::decode(&newer.encode().unwrap()).unwrap_err();
         assert!(
-            matches!(e, RepoError::UnsupportedVersion { found: 2, .. }),
+            matches!(e, RepoError::UnsupportedVersion { found: 3, .. }),
             "{e}"
         );
+        // version 1 (before BLAKE3 ids) still opens with its own functions
+        for (encryption, id) in [("none", "sha256"), ("aes-256-gcm", "hmac-sha256")] {
+            let old = RepoConfig {
+                version: 1,
+                encryption: encryption.into(),
+                block_id: id.into(),
+                ..cfg.clone()
+            };
+            assert_eq!(RepoConfig::decode(&old.encode().unwrap()).unwrap(), old);
+        }
+        // a function the version or the encryption does not allow
+        for (version, encryption, id) in [
+            (1, "none", "blake3"),
+            (2, "none", "blake3-keyed"),
+            (2, "aes-256-gcm", "blake3"),
+            (2, "none", "md5"),
+        ] {
+            let bad = RepoConfig {
+                version,
+                encryption: encryption.into(),
+                block_id: id.into(),
+                ..cfg.clone()
+            };
+            let e = RepoConfig::decode(&bad.encode().unwrap()).unwrap_err();
+            assert!(e.to_string().contains("block id function"), "{e}");
+        }
     }
 
     proptest! {

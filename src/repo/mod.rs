@@ -348,7 +348,10 @@ impl Repository {
         keys: Option<Keys>,
     ) -> Repository {
         Repository {
-            hasher: IdHasher::new(keys.as_ref()),
+            // (a name `RepoConfig::decode` checked; a keyed function without
+            // keys computes no id anyone reads)
+            hasher: IdHasher::named(&config.block_id, keys.as_ref())
+                .unwrap_or_else(|| IdHasher::new(keys.as_ref())),
             storage,
             config,
             master,

@@ -79,4 +79,23 @@ fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
         dst.psql("SELECT count(*) FROM fixture WHERE t <> md5(i::text)"),
         "0"
     );
+
+    // the old block id function (HMAC-SHA-256, config version 1) is still
+    // the one used with it: a delta restore over the copy finds its blocks
+    // in place by id (with another function every block would be rewritten)
+    dst.stop(crate::support::pg::StopMode::Fast);
+    let out = wv
+        .args([
+            "restore",
+            "--delta",
+            "--pgdata",
+            dst.datadir.to_str().unwrap(),
+        ])
+        .ok();
+    let (written, in_place) = crate::restore_matrix::delta_summary(&out.stdout);
+    assert!(
+        in_place > 10 * written && in_place > 1 << 20,
+        "{written} written, {in_place} in place: {}",
+        out.stdout
+    );
 }

@@ -52,7 +52,7 @@ fn human_bytes(s: &str) -> u64 {
 
 /// Bytes written and found in place, from a `restore --delta` summary:
 /// "... (X written, Y already in place, N stale entries removed) ...".
-fn delta_summary(text: &str) -> (u64, u64) {
+pub(crate) fn delta_summary(text: &str) -> (u64, u64) {
     let summary = text
         .split(" (")
         .last()
