@@ -224,13 +224,14 @@ impl PgConnection {
         if let Some(c) = fallback {
             return Ok(c);
         }
-        // every host refused the credentials: that is what to report (and
-        // what a retry cannot fix)
+        // one host that failed, or every host failing the same way (bad
+        // credentials, hot_standby off): the server's own error is what to
+        // report (callers read its SQLSTATE; a retry cannot fix credentials)
+        let first_state = failures.first().and_then(|e| e.sqlstate());
         if !failures.is_empty()
             && passed_over.len() == failures.len()
-            && failures
-                .iter()
-                .all(|e| e.sqlstate().is_some_and(|s| s.starts_with("28")))
+            && (failures.len() == 1
+                || (first_state.is_some() && failures.iter().all(|e| e.sqlstate() == first_state)))
         {
             return Err(failures.swap_remove(0));
         }

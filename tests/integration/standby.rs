@@ -411,6 +411,34 @@ fn a_standby_without_hot_standby_is_refused_clearly() {
         .args(["backup", "--fast", "--pg", &standby.conninfo()])
         .fails();
     assert!(out.stderr.contains("hot_standby"), "{}", out.stderr);
+    // the same through a conninfo that asks for a standby among hosts
+    let both = format!(
+        "host={},{} port={},{} user=postgres target_session_attrs=standby",
+        standby.sockdir.display(),
+        standby.sockdir.display(),
+        standby.port,
+        standby.port
+    );
+    let out = wv.args(["backup", "--fast", "--pg", &both]).fails();
+    assert!(
+        out.stderr.contains("set hot_standby = on"),
+        "{}",
+        out.stderr
+    );
+    // a primary alone, asked for a standby: passed over, said why
+    let out = wv
+        .args([
+            "backup",
+            "--fast",
+            "--pg",
+            &format!("{} target_session_attrs=standby", primary.conninfo()),
+        ])
+        .fails();
+    assert!(
+        out.stderr.contains("no usable server") && out.stderr.contains("is a primary"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(
         wv.args(["list", "--json"]).ok().json(),
         serde_json::json!([])
