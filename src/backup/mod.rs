@@ -96,6 +96,8 @@ pub struct StoredFiles {
     pub lease: Lease,
     /// Pages whose checksum failed (only with `allow_checksum_failures`).
     pub corrupt_pages: Vec<CorruptPage>,
+    /// The server's `backup_manifest`, when it sent one.
+    pub server_manifest: Option<bytes::Bytes>,
 }
 
 /// Events queued between the network and the block pipeline (each at most
@@ -179,7 +181,7 @@ pub async fn store_base_backup(
                 target: String::new(),
                 reason: "BASE_BACKUP ended without an end position".into(),
             })?;
-        Ok(Some((start, end)))
+        Ok(Some((start, end, stream.take_manifest())))
     }
     .await;
     drop(tx);
@@ -208,7 +210,7 @@ pub async fn store_base_backup(
             return Err(e);
         }
     };
-    let Some((start, end)) = positions else {
+    let Some((start, end, server_manifest)) = positions else {
         lease.release().await;
         return Err(RepoError::SessionClosed("the block pipeline stopped early").into());
     };
@@ -219,5 +221,6 @@ pub async fn store_base_backup(
         end,
         lease,
         corrupt_pages: pages,
+        server_manifest,
     })
 }

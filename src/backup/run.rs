@@ -207,6 +207,14 @@ pub async fn run_backup(
         relnames,
         from_standby,
     };
+    // PostgreSQL's own manifest, before the commit: a restore writes it
+    // into the data directory for pg_verifybackup
+    if let Some(m) = &stored.server_manifest {
+        if let Err(e) = Manifest::store_server_manifest(&repo, &paths, &manifest.id, m).await {
+            stored.lease.release().await;
+            return Err(e.into());
+        }
+    }
     // commit only under a live lease: garbage collection may delete packs
     // this backup deduplicated against once a writer's lease has lapsed
     if !stored.lease.valid() {

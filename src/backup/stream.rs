@@ -82,6 +82,8 @@ pub struct BaseBackupStream<'c> {
     next_old_archive: usize,
     parser: Option<TarParser>,
     in_manifest: bool,
+    /// The server's `backup_manifest`, as it arrives.
+    manifest: Vec<u8>,
     end: Option<(Lsn, TimelineId)>,
     done: bool,
 }
@@ -119,7 +121,8 @@ impl<'c> BaseBackupStream<'c> {
                 format!("LABEL {}", quote(&opts.label)),
                 "PROGRESS".into(),
                 "WAIT false".into(),
-                "MANIFEST 'no'".into(),
+                "MANIFEST 'yes'".into(),
+                "MANIFEST_CHECKSUMS 'CRC32C'".into(),
                 "TABLESPACE_MAP".into(),
             ];
             if opts.fast_checkpoint {
@@ -131,7 +134,7 @@ impl<'c> BaseBackupStream<'c> {
             format!("BASE_BACKUP ({})", o.join(", "))
         } else {
             let mut s = format!(
-                "BASE_BACKUP LABEL {} PROGRESS NOWAIT TABLESPACE_MAP",
+                "BASE_BACKUP LABEL {} PROGRESS NOWAIT TABLESPACE_MAP MANIFEST 'yes' MANIFEST_CHECKSUMS 'CRC32C'",
                 quote(&opts.label)
             );
             if opts.fast_checkpoint {
@@ -168,6 +171,7 @@ impl<'c> BaseBackupStream<'c> {
                 next_old_archive: 0,
                 parser: None,
                 in_manifest: false,
+                manifest: Vec::new(),
                 end: None,
                 done: false,
             },
@@ -221,7 +225,7 @@ impl<'c> BaseBackupStream<'c> {
                             self.parser = Some(TarParser::new());
                             out.push(ArchiveEvent::Archive(oid));
                         }
-                        b'd' if self.in_manifest => {}
+                        b'd' if self.in_manifest => self.manifest.extend_from_slice(&d),
                         b'd' => self.feed(d, out)?,
                         b'p' => {
                             if d.len() >= 8 {
@@ -241,6 +245,8 @@ impl<'c> BaseBackupStream<'c> {
                     }
                 } else if !self.in_manifest {
                     self.feed(d, out)?;
+                } else {
+                    self.manifest.extend_from_slice(&d);
                 }
             }
             Backend::CopyDone => {
@@ -295,6 +301,13 @@ impl<'c> BaseBackupStream<'c> {
     /// the end included, was sent before that error).
     pub fn end_sent(&self) -> Option<(Lsn, TimelineId)> {
         self.end
+    }
+
+    /// The server's `backup_manifest` (PostgreSQL's JSON, verbatim), once
+    /// the reply is complete.
+    pub fn take_manifest(&mut self) -> Option<Bytes> {
+        (self.done && !self.manifest.is_empty())
+            .then(|| Bytes::from(std::mem::take(&mut self.manifest)))
     }
 
     /// The end position, once the reply is complete.

@@ -399,6 +399,19 @@ async fn copy_backup(
             m.id
         )));
     }
+    // PostgreSQL's manifest of it goes along (re-sealed for the target)
+    let server_manifest = async {
+        if let Some(body) = Manifest::load_server_manifest(src, &paths, &m.id).await? {
+            report.bytes_moved += body.len() as u64;
+            Manifest::store_server_manifest(dst, &paths, &m.id, &body).await?;
+        }
+        Ok::<_, crate::repo::RepoError>(())
+    }
+    .await;
+    if let Err(e) = server_manifest {
+        lease.release().await;
+        return Err(e.into());
+    }
     let committed = copied.store(dst, &paths).await;
     lease.release().await;
     committed?;

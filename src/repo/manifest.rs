@@ -277,9 +277,54 @@ impl Manifest {
             .delete(&Manifest::object_name(paths, id))
             .await
         {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        // then PostgreSQL's manifest of it (nothing needs it once the
+        // backup is gone; a write-once lock keeps it until the lock ends)
+        match repo.storage().delete(&paths.server_manifest(id)).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
+            Err(crate::storage::StorageError::Locked { .. }) => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Store PostgreSQL's `backup_manifest` of backup `id` (before its
+    /// manifest commits the backup).
+    pub async fn store_server_manifest(
+        repo: &Repository,
+        paths: &StanzaPaths,
+        id: &str,
+        body: &[u8],
+    ) -> Result<(), RepoError> {
+        let name = paths.server_manifest(id);
+        let sealed = repo
+            .seal_blocking(ObjectKind::ServerManifest, &name, body.to_vec())
+            .await?;
+        repo.storage().put(&name, sealed).await?;
+        Ok(())
+    }
+
+    /// PostgreSQL's `backup_manifest` of backup `id`; `None` for a backup
+    /// stored without one (before walvault kept them).
+    pub async fn load_server_manifest(
+        repo: &Repository,
+        paths: &StanzaPaths,
+        id: &str,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        match repo
+            .read_object(
+                ObjectKind::ServerManifest,
+                &paths.server_manifest(id),
+                4 << 30,
+            )
+            .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

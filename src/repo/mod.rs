@@ -256,6 +256,11 @@ impl StanzaPaths {
     pub fn backups(&self) -> String {
         format!("{}backups/", self.root)
     }
+    /// `<stanza>/pg-manifest/<id>`: PostgreSQL's `backup_manifest` of
+    /// backup `id`.
+    pub fn server_manifest(&self, id: &str) -> String {
+        format!("{}pg-manifest/{id}", self.root)
+    }
     /// `<stanza>/locks/`.
     pub fn locks(&self) -> String {
         format!("{}locks/", self.root)

@@ -70,6 +70,8 @@ pub enum ObjectKind {
     Hold = 11,
     /// The result of a verify or a drill.
     Record = 12,
+    /// PostgreSQL's own `backup_manifest` of a backup, verbatim.
+    ServerManifest = 13,
 }
 
 impl ObjectKind {
@@ -92,6 +94,7 @@ impl ObjectKind {
             ObjectKind::RecoveryRates => "recovery rates",
             ObjectKind::Hold => "hold",
             ObjectKind::Record => "record",
+            ObjectKind::ServerManifest => "server backup manifest",
         }
     }
 }

@@ -443,6 +443,24 @@ pub async fn restore(
         std::fs::write(&path, map).map_err(io(&path))?;
     }
 
+    // PostgreSQL's own manifest of the backup, when it was kept: then
+    // pg_verifybackup can check the directory before the server starts
+    let server_manifest = target.join("backup_manifest");
+    match Manifest::load_server_manifest(&repo, &paths, &manifest.id).await? {
+        Some(body) => {
+            std::fs::write(&server_manifest, body).map_err(io(&server_manifest))?;
+            std::fs::set_permissions(&server_manifest, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&server_manifest))?;
+        }
+        // (a delta restore over a copy of another backup leaves no stale one)
+        None => match std::fs::remove_file(&server_manifest) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(&server_manifest)(e))
+            }
+            _ => {}
+        },
+    }
+
     // a copy of a standby must not become a standby of the live primary
     let replication_disabled = recovery::forget_replication(target)?;
     if let Some(cmd) = &opts.restore_command {
@@ -486,6 +504,7 @@ pub async fn restore(
         .filter(|p| !signals.contains(p) || p.exists())
         .collect();
     for extra in [
+        "backup_manifest",
         "tablespace_map",
         "recovery.signal",
         "standby.signal",

@@ -235,6 +235,13 @@ fn copy_to_an_encrypted_garage_repository_recovers_the_same_rows_once_the_first_
     assert_eq!(report["backup"], b2.as_str(), "{report}");
     let got = rec.psql("SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM t");
     assert_eq!(got, want);
+    // PostgreSQL's manifest of the backup came along with the copy
+    let pg_manifest = std::fs::read_to_string(rec.dst.datadir.join("backup_manifest")).unwrap();
+    assert!(
+        pg_manifest.contains("\"PostgreSQL-Backup-Manifest-Version\"")
+            && pg_manifest.contains("\"Files\""),
+        "{pg_manifest}"
+    );
     rec.stop_and_check();
     // and it said where it read from
     let out = wv

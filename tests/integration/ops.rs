@@ -145,6 +145,13 @@ fn expire_keeps_the_window_and_restore_points_and_what_it_keeps_recovers() {
     let after = listed(&a.wv);
     let ids: Vec<&str> = after.iter().map(|b| b["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [&b2, &b3, &b4, &b5], "{done}");
+    // PostgreSQL's manifests: the expired backup's went with it
+    let pg_manifests: Vec<String> = std::fs::read_dir(a.repo.join("main/pg-manifest"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!pg_manifests.contains(&b1), "{pg_manifests:?}");
+    assert_eq!(pg_manifests.len(), 4, "{pg_manifests:?}");
 
     // WAL: b2's own range, and everything from b3 on; nothing else
     let range = |id: &str| {

@@ -25,6 +25,42 @@ pub(crate) fn switch_point(datadir: &Path) -> String {
         .unwrap_or_else(|| panic!("no timeline 1 in {history}"))
 }
 
+/// `pg_verifybackup --no-parse-wal` of a restored, not yet started data
+/// directory: whether it passed, and what it said. `None` where no tool
+/// reads the server's manifest format (Debian's 15 reads version 1, which
+/// PostgreSQL 13–16 write; the extra majors ship no client programs).
+fn verifybackup(dst: &PgCluster) -> Option<(bool, String)> {
+    let own = dst.bin("pg_verifybackup");
+    let tool = if own.exists() {
+        own
+    } else if dst.major <= 16 {
+        dst.client_bin("pg_verifybackup")
+    } else {
+        crate::support::skip(&format!(
+            "pg_verifybackup of PostgreSQL {} is not installed",
+            dst.major
+        ));
+        return None;
+    };
+    assert!(
+        dst.datadir.join("backup_manifest").exists(),
+        "the restore wrote no backup_manifest"
+    );
+    let out = std::process::Command::new(&tool)
+        .arg("--no-parse-wal")
+        .arg(&dst.datadir)
+        .output()
+        .unwrap();
+    Some((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
 fn assert_checksums_clean(dst: &PgCluster) {
     let check = walvault::pg::checksum::check_data_directory(&dst.datadir).unwrap();
     assert!(check.pages > 100, "too few pages checked: {check:?}");
@@ -149,6 +185,20 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
     let mut dst = PgCluster::for_restore(&s.src.bindir);
     let text = restore(&s, &dst, &[]);
     assert!(text.contains("restored backup"), "{text}");
+    // PostgreSQL's own check of the directory, through the server's
+    // manifest that walvault kept with the backup
+    if let Some((ok, said)) = verifybackup(&dst) {
+        assert!(ok, "pg_verifybackup: {said}");
+        // and it is the server's real manifest: a changed file fails it
+        let f = dst.datadir.join("PG_VERSION");
+        let original = std::fs::read(&f).unwrap();
+        std::fs::write(&f, b"99\n").unwrap();
+        let bad = verifybackup(&dst).unwrap();
+        assert!(!bad.0 && bad.1.contains("PG_VERSION"), "{}", bad.1);
+        std::fs::write(&f, original).unwrap();
+        let good = verifybackup(&dst).unwrap();
+        assert!(good.0, "pg_verifybackup: {}", good.1);
+    }
     dst.start_restored();
     let end = switch_point(&dst.datadir);
     reference.replay_to(&end, false);
