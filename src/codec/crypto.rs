@@ -1,8 +1,9 @@
 //! Keys, authenticated encryption and block ids.
 //!
 //! - The master key is 32 random bytes, stored only wrapped (see `repo::keys`).
-//! - Two subkeys are derived from it with HKDF-SHA-256: one for AES-256-GCM, one
-//!   for HMAC-SHA-256 block ids, so ids of an encrypted repository reveal nothing
+//! - Two subkeys are derived from it with HKDF-SHA-256: one for AES-256-GCM
+//!   (ring's), one for keyed block ids (keyed BLAKE3 since config version 2,
+//!   HMAC-SHA-256 before), so ids of an encrypted repository reveal nothing
 //!   about the plaintext (no confirmation of a guessed page).
 //! - Every sealed value has a fresh random 96-bit nonce, and associated data
 //!   naming what it is (object kind and id), so a blob moved or renamed fails
@@ -10,9 +11,8 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
 use super::to_hex;
@@ -48,20 +48,25 @@ impl MasterKey {
     }
 }
 
+/// An AES-256-GCM key (ring's implementation: one pass with AES-NI and
+/// PCLMULQDQ/VAES, about three times the `aes-gcm` crate's speed here; the
+/// format is the same, decision 031).
+#[derive(Clone)]
+pub(crate) struct Cipher(LessSafeKey);
+
 /// Seal `plaintext` with `cipher`: `nonce || ciphertext || tag`.
-pub(crate) fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+pub(crate) fn seal_with(cipher: &Cipher, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let nonce: [u8; 12] = rand::random();
     let mut out = Vec::with_capacity(plaintext.len() + AEAD_OVERHEAD);
     out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
     // Encryption with a valid key and nonce cannot fail for inputs below 64 GiB.
-    match cipher.encrypt(
-        Nonce::from_slice(&nonce),
-        Payload {
-            msg: plaintext,
-            aad,
-        },
+    match cipher.0.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut out[12..],
     ) {
-        Ok(ct) => out.extend_from_slice(&ct),
+        Ok(tag) => out.extend_from_slice(tag.as_ref()),
         Err(_) => unreachable!("AES-GCM encryption of a value below 64 GiB"),
     }
     out
@@ -69,7 +74,7 @@ pub(crate) fn seal_with(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec
 
 /// Open what [`seal_with`] produced.
 pub(crate) fn open_with(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     aad: &[u8],
     sealed: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
@@ -77,20 +82,29 @@ pub(crate) fn open_with(
         return Err(CryptoError::Truncated(sealed.len()));
     }
     let (nonce, ct) = sealed.split_at(12);
-    cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-        .map_err(|_| CryptoError::Authentication)
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Authentication)?;
+    let mut buf = ct.to_vec();
+    let len = cipher
+        .0
+        .open_in_place(nonce, Aad::from(aad), &mut buf)
+        .map_err(|_| CryptoError::Authentication)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// An AES-256-GCM cipher for a raw 32-byte key.
-pub(crate) fn cipher(key: &[u8; 32]) -> Aes256Gcm {
-    Aes256Gcm::new(key.into())
+pub(crate) fn cipher(key: &[u8; 32]) -> Cipher {
+    match UnboundKey::new(&AES_256_GCM, key) {
+        Ok(k) => Cipher(LessSafeKey::new(k)),
+        Err(_) => unreachable!("a 32-byte key is a valid AES-256 key"),
+    }
 }
 
 /// The working keys of an encrypted repository, derived from the master key.
 #[derive(Clone)]
 pub struct Keys {
-    enc: Aes256Gcm,
+    enc: Cipher,
     id_key: [u8; 32],
 }
 
@@ -250,6 +264,49 @@ mod tests {
         );
         let other = Keys::derive(&MasterKey::generate(), b"repo");
         assert!(other.open(b"pack/1", &sealed).is_err());
+    }
+
+    /// ring's AES-256-GCM and the `aes-gcm` crate's (which sealed every
+    /// repository before 2026-12) read each other's values.
+    #[test]
+    fn ring_and_the_aes_gcm_crate_agree() {
+        use aes_gcm::aead::{Aead, KeyInit, Payload};
+        let key: [u8; 32] = rand::random();
+        let theirs = aes_gcm::Aes256Gcm::new((&key).into());
+        let ours = cipher(&key);
+        for len in [0usize, 1, 15, 16, 17, 8192, 100_000] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let sealed = seal_with(&ours, b"aad", &plain);
+            let (nonce, ct) = sealed.split_at(12);
+            let opened = theirs
+                .decrypt(
+                    nonce.into(),
+                    Payload {
+                        msg: ct,
+                        aad: b"aad",
+                    },
+                )
+                .unwrap();
+            assert_eq!(opened, plain);
+            let nonce: [u8; 12] = rand::random();
+            let mut old = nonce.to_vec();
+            old.extend(
+                theirs
+                    .encrypt(
+                        (&nonce).into(),
+                        Payload {
+                            msg: &plain,
+                            aad: b"aad",
+                        },
+                    )
+                    .unwrap(),
+            );
+            assert_eq!(open_with(&ours, b"aad", &old).unwrap(), plain);
+            assert_eq!(
+                open_with(&ours, b"other", &old),
+                Err(CryptoError::Authentication)
+            );
+        }
     }
 
     #[test]
