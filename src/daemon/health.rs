@@ -250,9 +250,13 @@ async fn evaluate(c: &Control, st: &mut State, refresh: bool) {
         s.check = report.or(s.check.take());
         s.check_error = check_error;
         if let Some(Ok(v)) = views {
-            s.backups = v.backups;
             s.window_start = s.check.as_ref().and_then(|c| c.recovery_window_start);
-            s.window_end = v.window_end;
+            // the newest moment recovery reaches: the newest archived commit,
+            // or the newest backup's consistent point when nothing committed
+            // since (an idle database, right after a backup)
+            let newest_backup = v.backups.iter().map(|b| b.stop_time).max();
+            s.window_end = v.window_end.max(newest_backup).max(s.window_start);
+            s.backups = v.backups;
             s.gaps = v.gaps;
             if v.repository_bytes.is_some() {
                 s.repository_bytes = v.repository_bytes;

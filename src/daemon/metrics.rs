@@ -122,7 +122,7 @@ pub fn render(s: &Status) -> String {
     );
     o.one(
         "walvault_recovery_window_end_timestamp_seconds",
-        "The newest archived commit (Unix time).",
+        "The newest moment recovery reaches: the newest archived commit, or the newest backup's consistent point when later (Unix time).",
         s.window_end.map(ts),
     );
     o.one(

@@ -589,6 +589,13 @@ mod tests {
         assert!(parse("postgres://u@h/db?x", &[]).is_err());
     }
 
+    fn hosts(p: &ConnParams) -> Vec<(Host, u16)> {
+        p.each_host()
+            .into_iter()
+            .map(|h| (h.host, h.port))
+            .collect()
+    }
+
     #[test]
     fn several_hosts() {
         let p = parse(
@@ -598,13 +605,8 @@ mod tests {
         .unwrap();
         assert_eq!((p.host.clone(), p.port), (Host::Tcp("db1".into()), 5432));
         assert_eq!(p.target_session_attrs, SessionAttrs::PreferStandby);
-        let each: Vec<(Host, u16)> = p
-            .each_host()
-            .into_iter()
-            .map(|h| (h.host, h.port))
-            .collect();
         assert_eq!(
-            each,
+            hosts(&p),
             vec![
                 (Host::Tcp("db1".into()), 5432),
                 (Host::Tcp("db2".into()), 5433),
@@ -624,13 +626,8 @@ mod tests {
             &[],
         )
         .unwrap();
-        let each: Vec<(Host, u16)> = p
-            .each_host()
-            .into_iter()
-            .map(|h| (h.host, h.port))
-            .collect();
         assert_eq!(
-            each,
+            hosts(&p),
             vec![
                 (Host::Tcp("db1".into()), 5432),
                 (Host::Tcp("db2".into()), 5432)

@@ -316,7 +316,9 @@ run = "cat >> {cmds}; echo >> {cmds}"
     );
 
     // /metrics equals check --json: read both until no job changed the
-    // repository in between (the two metrics reads agree)
+    // repository in between (the two metrics reads agree) and the daemon's
+    // view of the repository caught up with the last job (else the wait
+    // times out: the daemon never reports what the repository holds)
     let pg = c.conninfo();
     let (m, check) = wait_for(
         Duration::from_secs(60),
@@ -334,8 +336,29 @@ run = "cat >> {cmds}; echo >> {cmds}"
                 ]
                 .map(|n| metric(m, n, None))
             };
-            let running =
-                metric(&after, "walvault_job_running", Some(("job", "backup"))) == Some(1.0);
+            // no job running (an expire after a backup changes the window)
+            let running = ["backup", "expire", "verify", "drill", "copy"]
+                .iter()
+                .any(|j| metric(&after, "walvault_job_running", Some(("job", j))) == Some(1.0));
+            // and the daemon re-read the repository since the last job
+            // changed it (it does so after each job, a moment later): its
+            // records agree with what check read from the repository
+            let caught_up = [
+                (
+                    "walvault_recovery_window_start_timestamp_seconds",
+                    &check["recovery_window_start"],
+                ),
+                (
+                    "walvault_verify_last_timestamp_seconds",
+                    &check["last_verify"][0],
+                ),
+                (
+                    "walvault_drill_last_timestamp_seconds",
+                    &check["last_drill"][0],
+                ),
+            ]
+            .iter()
+            .all(|(n, v)| v.is_string() && metric(&after, n, None) == Some(epoch(v)));
             // and the daemon had evaluated the backup check saw
             let same_backup = check["newest_backup_age_seconds"]
                 .as_f64()
@@ -343,7 +366,7 @@ run = "cat >> {cmds}; echo >> {cmds}"
                     metric(&after, "walvault_backup_since_last_success_seconds", None)
                         .is_some_and(|m| (m - age).abs() < 5.0)
                 });
-            if key(&before) == key(&after) && !running && same_backup {
+            if key(&before) == key(&after) && !running && same_backup && caught_up {
                 Ok((after, check))
             } else {
                 Err("a job changed the repository meanwhile".into())

@@ -756,17 +756,7 @@ fn check_warns_when_the_server_waits_for_a_stream_without_synchronous() {
         ) == "sync"
     };
     let finding = |wv: &Walvault| -> (String, String) {
-        let r = wv
-            .args(["check", "--json", "--pg", &c.conninfo()])
-            .output()
-            .json();
-        let f = r["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["check"] == "synchronous")
-            .unwrap_or_else(|| panic!("no synchronous finding: {r}"))
-            .clone();
+        let f = wv.check_finding(&c.conninfo(), "synchronous");
         (
             f["level"].as_str().unwrap().to_owned(),
             f["detail"].as_str().unwrap().to_owned(),

@@ -456,17 +456,7 @@ fn check_warns_when_the_new_primary_lacks_the_streams_slot() {
     a.finish_stream();
     a.c.stop(StopMode::Fast);
     standby.promote();
-    let r =
-        a.wv.args(["check", "--json", "--pg", &standby.conninfo()])
-            .output()
-            .json();
-    let slot = r["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["check"] == "slot")
-        .unwrap_or_else(|| panic!("no slot finding: {r}"))
-        .clone();
+    let slot = a.wv.check_finding(&standby.conninfo(), "slot");
     assert_eq!(slot["level"], "warning", "{slot}");
     let detail = slot["detail"].as_str().unwrap();
     assert!(

@@ -86,6 +86,22 @@ impl Walvault {
         BIN.get_or_init(copy_of_the_binary)
     }
 
+    /// The finding `check` of `walvault check --json --pg CONNINFO` (its
+    /// `level` and `detail`), whatever the exit code.
+    pub fn check_finding(&self, conninfo: &str, check: &str) -> serde_json::Value {
+        let r = self
+            .args(["check", "--json", "--pg", conninfo])
+            .output()
+            .json();
+        r["findings"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no findings: {r}"))
+            .iter()
+            .find(|f| f["check"] == check)
+            .unwrap_or_else(|| panic!("no {check} finding: {r}"))
+            .clone()
+    }
+
     /// One more argument.
     pub fn arg(&self, arg: impl AsRef<OsStr>) -> Walvault {
         let mut w = self.clone();

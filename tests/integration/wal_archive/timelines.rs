@@ -224,14 +224,7 @@ async fn a_stream_given_both_hosts_follows_a_failover() {
         "{}",
         stream.log()
     );
-    let r = wv.args(["check", "--json", "--pg", &both]).output().json();
-    let slot = r["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["check"] == "slot")
-        .unwrap_or_else(|| panic!("no slot finding: {r}"))
-        .clone();
+    let slot = wv.check_finding(&both, "slot");
     assert_eq!(slot["level"], "ok", "{slot}");
     assert!(
         slot["detail"]
