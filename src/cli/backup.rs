@@ -13,6 +13,7 @@ use super::output::outln;
 use super::Settings;
 use crate::backup::stream::BaseBackupOptions;
 use crate::pg::ConnParams;
+pub(super) use crate::progress::human_bytes as human;
 use crate::progress::{Progress, Reporter};
 use crate::repo::{Manifest, StanzaPaths};
 use crate::restore::RestoreOptions;
@@ -665,10 +666,6 @@ pub(super) fn fallback_note(
         super::one_line(e),
         super::config::source_name(next)
     );
-}
-
-pub(super) fn human(b: u64) -> String {
-    crate::progress::human_bytes(b)
 }
 
 /// Options of `walvault info`.

@@ -221,6 +221,10 @@ pub async fn check(
     let archive_mode = text("archive_mode").unwrap_or_default();
     let pushes = text("archive_command").is_some_and(|c| c.contains("wal-push"));
     let slot_retained_bytes: Option<u64> = text("retained").and_then(|s| s.parse().ok());
+    // how the stream that uses this slot last ran
+    let mode = records::newest::<StreamRecord>(repo, &paths, STREAM_RECORD)
+        .await?
+        .filter(|m| m.slot == slot);
     if slot_exists {
         let retained: u64 = slot_retained_bytes.unwrap_or(0);
         let status = text("wal_status").unwrap_or_default();
@@ -252,11 +256,8 @@ pub async fn check(
         // a stream that used this slot, and the repository's newest WAL:
         // after a failover the new primary has no slot, and nothing holds
         // its WAL for walvault until the stream reconnects to it
-        let streamed = records::newest::<StreamRecord>(repo, &paths, STREAM_RECORD)
-            .await?
-            .filter(|m| m.slot == slot);
         let archived_tli = repo.wal_timelines(&paths).await?.into_iter().max();
-        match streamed {
+        match &mode {
             Some(rec) => add(
                 "slot",
                 Level::Warning,
@@ -298,9 +299,6 @@ pub async fn check(
     );
 
     // the stream's mode against what the server waits for
-    let mode = records::newest::<StreamRecord>(repo, &paths, STREAM_RECORD)
-        .await?
-        .filter(|m| m.slot == slot);
     let sync_state = text("sync_state").unwrap_or_default();
     let waits = matches!(sync_state.as_str(), "sync" | "quorum" | "potential");
     match (&mode, stream_connected) {

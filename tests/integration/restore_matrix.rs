@@ -13,7 +13,7 @@ use crate::support::Walvault;
 
 /// Where the timeline of a promoted restore branched off: the end of the
 /// last record recovery replayed.
-pub(crate) fn switch_point(datadir: &Path) -> String {
+fn switch_point(datadir: &Path) -> String {
     let history = std::fs::read_to_string(datadir.join("pg_wal/00000002.history"))
         .expect("the restored server promoted to timeline 2");
     history
@@ -67,6 +67,26 @@ fn assert_checksums_clean(dst: &PgCluster) {
     assert!(check.bad.is_empty(), "bad pages: {:?}", check.bad);
     // the server's own tool too, where the matching one is installed
     dst.pg_checksums_clean();
+}
+
+/// A restored, promoted `dst` holds the source's content at the point its
+/// recovery ended: `reference` (a delayed standby of the source, with WAL
+/// past that point) replays exactly to it and the pgbench database's table
+/// hashes agree. Returns the point.
+pub(crate) fn equals_reference_where_recovery_ended(
+    dst: &PgCluster,
+    reference: &mut PgCluster,
+) -> String {
+    let end = switch_point(&dst.datadir);
+    reference.replay_to(&end, false);
+    let want = table_hashes(reference, PASSWORD_USER);
+    assert!(want.contains_key("public.pgbench_accounts"), "{want:?}");
+    assert_eq!(
+        table_hashes(dst, PASSWORD_USER),
+        want,
+        "restored content differs from the source at {end}"
+    );
+    end
 }
 
 /// "12.5 MiB" → bytes.
@@ -200,15 +220,7 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
         assert!(good.0, "pg_verifybackup: {}", good.1);
     }
     dst.start_restored();
-    let end = switch_point(&dst.datadir);
-    reference.replay_to(&end, false);
-    let want = table_hashes(&reference, PASSWORD_USER);
-    assert!(want.contains_key("public.pgbench_accounts"), "{want:?}");
-    assert_eq!(
-        table_hashes(&dst, PASSWORD_USER),
-        want,
-        "restored content differs from the source at {end}"
-    );
+    equals_reference_where_recovery_ended(&dst, &mut reference);
     assert_eq!(
         dst.psql_db(PASSWORD_USER, "SELECT string_agg(t, ',') FROM marker"),
         "before"

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::pitr::Archived;
-use crate::restore_matrix::switch_point;
+use crate::restore_matrix::equals_reference_where_recovery_ended;
 use crate::support::pg::{
     other_majors_or_skip, table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER,
 };
@@ -247,17 +247,9 @@ fn backup_on_a_standby_under_load(major: Option<u32>) {
     assert_eq!(dst.psql("SELECT pg_is_in_recovery()"), "f");
     // no replication connection to the primary: the same ones as before
     assert_eq!(a.c.psql(replication), senders);
-    let end = switch_point(&dst.datadir);
     // a record past the end, for the reference to stop before
     a.c.psql("CREATE TABLE past_the_end()");
-    reference.replay_to(&end, false);
-    let want = table_hashes(&reference, PASSWORD_USER);
-    assert!(want.contains_key("public.pgbench_accounts"), "{want:?}");
-    assert_eq!(
-        table_hashes(&dst, PASSWORD_USER),
-        want,
-        "the restored content differs from the primary's at {end}"
-    );
+    equals_reference_where_recovery_ended(&dst, &mut reference);
     assert_eq!(
         table_hashes(&dst, "postgres"),
         table_hashes(&reference, "postgres")
