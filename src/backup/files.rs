@@ -2,11 +2,19 @@
 //! repository's block size and stored through a [`Session`], batched across
 //! files so that many small files still keep every CPU busy.
 //!
+//! In an incremental backup (PostgreSQL 17+, [`super::incremental`]) each
+//! `INCREMENTAL.<name>` file becomes the complete `<name>`: its blocks go
+//! to their places, the previous backup's block ids fill the rest.
+//!
 //! Runs on a blocking thread (the session's `put_blocks` blocks on rayon and
 //! on upload back-pressure).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
+use super::incremental::{self, Header, IncrementalBase};
 use super::stream::ArchiveEvent;
 use super::tar::{EntryKind, TarEvent};
 use crate::codec::BlockId;
@@ -14,6 +22,18 @@ use crate::repo::{BackupFile, FileKind, RepoError, Session};
 
 /// Blocks stored together (spread over the CPU workers).
 const BATCH: usize = 256;
+
+/// What the entry being read is.
+enum Entry {
+    /// None, or a plain file: its blocks in order.
+    Plain,
+    /// `backup_label` of an incremental backup, held whole until its end.
+    Label(Vec<u8>),
+    /// An incremental file's header, until it is complete.
+    IncrementalHeader(Vec<u8>),
+    /// An incremental file's blocks: the slot of each, and how many came.
+    IncrementalBlocks(Vec<u32>, usize),
+}
 
 /// Builds the file list of a backup from archive events.
 pub struct FileAssembler<'s> {
@@ -24,8 +44,13 @@ pub struct FileAssembler<'s> {
     /// Block ids not known yet (placeholders) per file.
     pending_ids: Vec<Vec<Option<BlockId>>>,
     current: Option<usize>,
+    entry: Entry,
     buf: BytesMut,
     batch: Vec<(usize, usize, Bytes)>,
+    /// The previous backup, and whether the server is sending an
+    /// incremental backup against it (set before the first event).
+    base: Option<(Arc<IncrementalBase>, Arc<AtomicBool>)>,
+    zero_block: Option<BlockId>,
 }
 
 impl std::fmt::Debug for FileAssembler<'_> {
@@ -47,9 +72,25 @@ impl<'s> FileAssembler<'s> {
             files: Vec::new(),
             pending_ids: Vec::new(),
             current: None,
+            entry: Entry::Plain,
             buf: BytesMut::with_capacity(block_size),
             batch: Vec::with_capacity(BATCH),
+            base: None,
+            zero_block: None,
         }
+    }
+
+    /// Complete the incremental files of a backup taken against `base`,
+    /// when `active` is set by the time the first event arrives.
+    pub fn with_base(mut self, base: Arc<IncrementalBase>, active: Arc<AtomicBool>) -> Self {
+        self.base = Some((base, active));
+        self
+    }
+
+    fn incremental(&self) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(|(_, on)| on.load(Ordering::Acquire))
     }
 
     /// Take one event.
@@ -64,8 +105,22 @@ impl<'s> FileAssembler<'s> {
                     EntryKind::Directory => FileKind::Directory,
                     EntryKind::Symlink(t) => FileKind::Symlink(t),
                 };
+                let mut path = format!("{}{}", self.prefix, h.path);
+                self.entry = Entry::Plain;
+                if kind == FileKind::File && self.incremental() {
+                    let (dir, name) = match path.rsplit_once('/') {
+                        Some((d, n)) => (format!("{d}/"), n),
+                        None => (String::new(), path.as_str()),
+                    };
+                    if let Some(rel) = name.strip_prefix(incremental::PREFIX) {
+                        path = format!("{dir}{rel}");
+                        self.entry = Entry::IncrementalHeader(Vec::new());
+                    } else if path == "backup_label" {
+                        self.entry = Entry::Label(Vec::new());
+                    }
+                }
                 self.files.push(BackupFile {
-                    path: format!("{}{}", self.prefix, h.path),
+                    path,
                     kind,
                     size: h.size,
                     mode: h.mode,
@@ -76,22 +131,54 @@ impl<'s> FileAssembler<'s> {
                 self.current = Some(self.files.len() - 1);
             }
             ArchiveEvent::Tar(TarEvent::Data(mut d)) => {
-                while !d.is_empty() {
-                    if self.buf.is_empty() && d.len() >= self.block_size {
-                        // a whole block straight from the network buffer, no copy
-                        let block = d.split_to(self.block_size);
-                        self.queue(block)?;
-                        continue;
+                match &mut self.entry {
+                    Entry::Label(held) => {
+                        held.extend_from_slice(&d);
+                        return Ok(());
                     }
-                    let take = (self.block_size - self.buf.len()).min(d.len());
-                    self.buf.extend_from_slice(&d.split_to(take));
-                    if self.buf.len() == self.block_size {
-                        let block = self.buf.split().freeze();
-                        self.queue(block)?;
+                    Entry::IncrementalHeader(held) => {
+                        loop {
+                            let need = Header::needed(held).unwrap_or(12);
+                            if held.len() >= need || d.is_empty() {
+                                break;
+                            }
+                            let take = (need - held.len()).min(d.len());
+                            held.extend_from_slice(&d.split_to(take));
+                        }
+                        if Header::needed(held) == Some(held.len()) {
+                            self.start_incremental_blocks()?;
+                        }
+                        if d.is_empty() {
+                            return Ok(());
+                        }
                     }
+                    Entry::Plain | Entry::IncrementalBlocks(..) => {}
                 }
+                self.cut(d)?;
             }
             ArchiveEvent::Tar(TarEvent::EntryEnd) => {
+                match std::mem::replace(&mut self.entry, Entry::Plain) {
+                    Entry::Label(held) => {
+                        let label = incremental::complete_label(&held);
+                        self.set_size(label.len() as u64)?;
+                        self.cut(Bytes::from(label))?;
+                    }
+                    Entry::IncrementalHeader(held) => {
+                        // a header alone: no block changed
+                        if Header::needed(&held) != Some(held.len()) {
+                            return Err(self.bad_incremental("the file ends inside its header"));
+                        }
+                        self.entry = Entry::IncrementalHeader(held);
+                        self.start_incremental_blocks()?;
+                        self.entry = Entry::Plain;
+                    }
+                    Entry::IncrementalBlocks(slots, got) => {
+                        if got != slots.len() || !self.buf.is_empty() {
+                            return Err(self.bad_incremental("fewer blocks than its header lists"));
+                        }
+                    }
+                    Entry::Plain => {}
+                }
                 if !self.buf.is_empty() {
                     let block = self.buf.split().freeze();
                     self.queue(block)?;
@@ -102,12 +189,106 @@ impl<'s> FileAssembler<'s> {
         Ok(())
     }
 
+    /// Cut data into blocks.
+    fn cut(&mut self, mut d: Bytes) -> Result<(), RepoError> {
+        while !d.is_empty() {
+            if self.buf.is_empty() && d.len() >= self.block_size {
+                // a whole block straight from the network buffer, no copy
+                let block = d.split_to(self.block_size);
+                self.queue(block)?;
+                continue;
+            }
+            let take = (self.block_size - self.buf.len()).min(d.len());
+            self.buf.extend_from_slice(&d.split_to(take));
+            if self.buf.len() == self.block_size {
+                let block = self.buf.split().freeze();
+                self.queue(block)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bad_incremental(&self, what: &str) -> RepoError {
+        let path = self
+            .current
+            .map(|f| self.files[f].path.as_str())
+            .unwrap_or("?");
+        RepoError::Corrupt {
+            object: format!("the server's incremental file for {path}"),
+            reason: what.to_owned(),
+        }
+    }
+
+    fn set_size(&mut self, size: u64) -> Result<(), RepoError> {
+        let file = self.current.ok_or(RepoError::MalformedInput(
+            "archive data outside of any file",
+        ))?;
+        self.files[file].size = size;
+        Ok(())
+    }
+
+    /// The header is complete: lay out the whole file, the previous
+    /// backup's blocks in place, and wait for the changed ones.
+    fn start_incremental_blocks(&mut self) -> Result<(), RepoError> {
+        let Entry::IncrementalHeader(held) = &self.entry else {
+            return Ok(());
+        };
+        let header = Header::parse(held).map_err(|e| self.bad_incremental(&e))?;
+        let file = self.current.ok_or(RepoError::MalformedInput(
+            "archive data outside of any file",
+        ))?;
+        let Some((base, _)) = self.base.as_ref() else {
+            return Err(self.bad_incremental("an incremental file in a full backup"));
+        };
+        let path = &self.files[file].path;
+        let prior = base.blocks(path).cloned().ok_or_else(|| RepoError::Corrupt {
+            object: format!("backup {}", base.id),
+            reason: format!("has no whole-page file {path}, which the server sent as changes against it; take the next backup with --no-incremental"),
+        })?;
+        let total = header.reconstructed_blocks() as usize;
+        let zero = match self.zero_block {
+            Some(z) => z,
+            None => {
+                let z = self.session.put_block(&[0u8; incremental::PAGE])?;
+                self.zero_block = Some(z);
+                z
+            }
+        };
+        let mut ids: Vec<Option<BlockId>> = (0..total)
+            .map(|b| {
+                if b < header.truncation as usize {
+                    Some(prior.get(b).copied().unwrap_or(zero))
+                } else {
+                    Some(zero)
+                }
+            })
+            .collect();
+        for &b in &header.blocks {
+            ids[b as usize] = None;
+        }
+        self.pending_ids[file] = ids;
+        self.files[file].size = (total * incremental::PAGE) as u64;
+        self.entry = Entry::IncrementalBlocks(header.blocks, 0);
+        Ok(())
+    }
+
     fn queue(&mut self, block: Bytes) -> Result<(), RepoError> {
         let file = self.current.ok_or(RepoError::MalformedInput(
             "archive data outside of any file",
         ))?;
-        let slot = self.pending_ids[file].len();
-        self.pending_ids[file].push(None);
+        let slot = match &mut self.entry {
+            Entry::IncrementalBlocks(slots, got) => {
+                let Some(&slot) = slots.get(*got) else {
+                    return Err(self.bad_incremental("more blocks than its header lists"));
+                };
+                *got += 1;
+                slot as usize
+            }
+            _ => {
+                self.pending_ids[file].push(None);
+                self.pending_ids[file].len() - 1
+            }
+        };
         self.batch.push((file, slot, block));
         if self.batch.len() >= BATCH {
             self.flush()?;

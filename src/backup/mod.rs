@@ -4,6 +4,7 @@
 //! through a temporary slot, and writes the manifest last.
 
 pub mod files;
+pub mod incremental;
 mod run;
 pub mod stream;
 
@@ -98,6 +99,11 @@ pub struct StoredFiles {
     pub corrupt_pages: Vec<CorruptPage>,
     /// The server's `backup_manifest`, when it sent one.
     pub server_manifest: Option<bytes::Bytes>,
+    /// The backup the server sent only changes against (PostgreSQL 17+),
+    /// when it did.
+    pub incremental_from: Option<String>,
+    /// Bytes of file contents the server sent.
+    pub received_bytes: u64,
 }
 
 /// Events queued between the network and the block pipeline (each at most
@@ -122,10 +128,31 @@ pub async fn store_base_backup(
         ..SessionOptions::default()
     };
     let session = Session::start(repo, stanza, session_opts).await?;
+    // every block the previous backup's files reference must be one this
+    // session may use (garbage collection may have marked its packs)
+    let base = opts.incremental_base.clone().filter(|b| {
+        let missing = b
+            .all_blocks()
+            .filter(|id| !session.known_index().contains(id))
+            .count();
+        if missing > 0 {
+            tracing::info!(
+                previous = %b.id,
+                missing,
+                "reading every file: blocks of the previous backup are no longer in the repository's index"
+            );
+        }
+        missing == 0
+    });
+    let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker_base = base.clone().map(|b| (b, active.clone()));
     // bounded: a slow pipeline slows the download instead of filling memory
     let (tx, mut rx) = tokio::sync::mpsc::channel::<ArchiveEvent>(EVENT_QUEUE);
     let worker = tokio::task::spawn_blocking(move || {
         let mut asm = files::FileAssembler::new(&session);
+        if let Some((b, on)) = worker_base {
+            asm = asm.with_base(b, on);
+        }
         let mut result = Ok(());
         while let Some(e) = rx.blocking_recv() {
             if let Err(err) = asm.push(e) {
@@ -138,7 +165,36 @@ pub async fn store_base_backup(
         (files, session)
     });
     let pumped = async {
-        let (mut stream, start) = BaseBackupStream::start(conn, opts).await?;
+        let incremental_from = match &base {
+            Some(b) => match conn.upload_manifest(&b.server_manifest).await {
+                Ok(()) => Some(b.id.clone()),
+                Err(e) => {
+                    tracing::info!(previous = %b.id, "reading every file: the server took no incremental backup: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let started = match incremental_from {
+            Some(_) => match BaseBackupStream::start(conn, opts, true).await {
+                Ok(s) => Some(s),
+                // the server checks the summaries and the previous
+                // backup's WAL against its history only now
+                Err(e @ PgError::Server { .. }) => {
+                    tracing::info!("reading every file: the server refused an incremental backup: {e}");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let (incremental_from, (mut stream, start)) = match started {
+            Some(s) => (incremental_from, s),
+            None => (None, BaseBackupStream::start(conn, opts, false).await?),
+        };
+        // before the first event reaches the worker
+        active.store(incremental_from.is_some(), std::sync::atomic::Ordering::Release);
+        let mut received = 0u64;
         if let Some(p) = &opts.progress {
             p.set_total(start.tablespaces.iter().filter_map(|t| t.size).sum());
         }
@@ -166,6 +222,9 @@ pub async fn store_base_backup(
             }
             for e in events.drain(..) {
                 observe(&e);
+                if let ArchiveEvent::Tar(TarEvent::Data(d)) = &e {
+                    received += d.len() as u64;
+                }
                 if let (Some(p), ArchiveEvent::Tar(TarEvent::Data(d))) = (&opts.progress, &e) {
                     p.add(d.len() as u64);
                 }
@@ -181,7 +240,7 @@ pub async fn store_base_backup(
                 target: String::new(),
                 reason: "BASE_BACKUP ended without an end position".into(),
             })?;
-        Ok(Some((start, end, stream.take_manifest())))
+        Ok(Some((start, end, stream.take_manifest(), incremental_from, received)))
     }
     .await;
     drop(tx);
@@ -210,7 +269,7 @@ pub async fn store_base_backup(
             return Err(e);
         }
     };
-    let Some((start, end, server_manifest)) = positions else {
+    let Some((start, end, server_manifest, incremental_from, received_bytes)) = positions else {
         lease.release().await;
         return Err(RepoError::SessionClosed("the block pipeline stopped early").into());
     };
@@ -222,5 +281,7 @@ pub async fn store_base_backup(
         lease,
         corrupt_pages: pages,
         server_manifest,
+        incremental_from,
+        received_bytes,
     })
 }

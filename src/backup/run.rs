@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::incremental::{choose_base, ServerFacts};
 use super::stream::BaseBackupOptions;
 use super::{store_base_backup, BackupError};
 use crate::pg::wire::Backend;
@@ -88,6 +89,33 @@ pub async fn run_backup(
     if from_standby != Some(false) {
         standby_preflight(params, opts.standby_max_lag).await?;
     }
+    // PostgreSQL 17+ with summarize_wal sends only what changed since the
+    // previous backup; the files are completed from it as they arrive
+    let incremental_base = if opts.no_incremental {
+        None
+    } else {
+        let facts = ServerFacts {
+            version,
+            summarize_wal: if version >= 170_000 {
+                Some(wal_conn.show("summarize_wal").await?)
+            } else {
+                None
+            },
+            block_size: Some(wal_conn.show("block_size").await?),
+            system_id: sys.system_id,
+        };
+        match choose_base(&repo, &paths, &facts).await? {
+            Ok(base) => Some(Arc::new(base)),
+            Err(why) if version >= 170_000 => {
+                tracing::info!("reading every file: {why}");
+                None
+            }
+            Err(why) => {
+                tracing::debug!("reading every file: {why}");
+                None
+            }
+        }
+    };
     let slot = format!(
         "walvault_{}_{:08x}",
         std::process::id(),
@@ -124,6 +152,7 @@ pub async fn run_backup(
     let mut conn = connect(params).await?;
     let opts = &BaseBackupOptions {
         on_start: Some(Arc::new(start_tx)),
+        incremental_base,
         ..opts.clone()
     };
     let stored = match store_base_backup(repo.clone(), stanza, &mut conn, opts, |_| {}).await {
@@ -206,6 +235,8 @@ pub async fn run_backup(
             .collect(),
         relnames,
         from_standby,
+        incremental_from: stored.incremental_from,
+        received_bytes: Some(stored.received_bytes),
     };
     // PostgreSQL's own manifest, before the commit: a restore writes it
     // into the data directory for pg_verifybackup

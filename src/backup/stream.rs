@@ -33,6 +33,12 @@ pub struct BaseBackupOptions {
     /// this many bytes of WAL, or when it follows no primary (`None`: take
     /// the backup whatever the lag).
     pub standby_max_lag: Option<u64>,
+    /// Read every file even when PostgreSQL 17+ could send only the
+    /// blocks changed since the previous backup.
+    pub no_incremental: bool,
+    /// The previous backup to take an incremental backup against
+    /// ([`crate::backup::run_backup`] chooses it; without it every file is read).
+    pub incremental_base: Option<std::sync::Arc<super::incremental::IncrementalBase>>,
     /// Counts the bytes received (total: the server's size estimate).
     pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
     /// Told the backup's start LSN as soon as the server reports it (the
@@ -100,10 +106,13 @@ fn protocol(conn: &PgConnection, reason: String) -> PgError {
 }
 
 impl<'c> BaseBackupStream<'c> {
-    /// Send BASE_BACKUP in the server's syntax and read up to the archives.
+    /// Send BASE_BACKUP in the server's syntax and read up to the archives;
+    /// `incremental`: against the manifest sent with `UPLOAD_MANIFEST` on
+    /// this connection (PostgreSQL 17+).
     pub async fn start(
         conn: &'c mut PgConnection,
         opts: &BaseBackupOptions,
+        incremental: bool,
     ) -> Result<(Self, BackupStart), PgError> {
         let version = conn
             .server_version_num()
@@ -127,6 +136,9 @@ impl<'c> BaseBackupStream<'c> {
             ];
             if opts.fast_checkpoint {
                 o.push("CHECKPOINT 'fast'".into());
+            }
+            if incremental {
+                o.push("INCREMENTAL".into());
             }
             if let Some(r) = rate_kb {
                 o.push(format!("MAX_RATE {r}"));

@@ -51,6 +51,11 @@ pub struct BackupArgs {
     /// whatever its lag.
     #[arg(long, value_name = "SIZE|off", default_value = "1GiB", value_parser = parse_max_lag)]
     pub standby_max_lag: MaxLag,
+    /// Read every file from the server. By default, on PostgreSQL 17+
+    /// with summarize_wal = on, the server sends only the blocks changed
+    /// since the previous backup (the backup is stored complete all the same).
+    #[arg(long)]
+    pub no_incremental: bool,
 }
 
 /// `--standby-max-lag`: bytes of WAL, or no limit.
@@ -76,8 +81,9 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
         compression: args.compress,
         allow_checksum_failures: args.allow_checksum_failures,
         standby_max_lag: args.standby_max_lag.0,
+        no_incremental: args.no_incremental,
         progress: Some(progress.clone()),
-        on_start: None,
+        ..Default::default()
     };
     let t = Instant::now();
     let reporter = Reporter::start("backup", progress, !settings.quiet);
@@ -92,8 +98,15 @@ pub(super) async fn backup(settings: &Settings, args: BackupArgs) -> anyhow::Res
             m.corrupt_pages.len()
         );
     }
+    let incremental = match &m.incremental_from {
+        Some(from) => format!(
+            " (the server sent {} of changes since {from})",
+            human(m.received_bytes.unwrap_or(0))
+        ),
+        None => String::new(),
+    };
     outln!(
-        "backup {} complete: {} in {secs:.1} s ({:.0} MB/s), {} new ({} stored), WAL {}..{}",
+        "backup {} complete: {} in {secs:.1} s ({:.0} MB/s), {} new ({} stored), WAL {}..{}{incremental}",
         m.id,
         human(m.totals.logical_bytes),
         m.totals.logical_bytes as f64 / secs.max(1e-3) / 1e6,
@@ -395,6 +408,13 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
         }
     })?;
     let secs = t.elapsed().as_secs_f64();
+    if r.manifest_computed {
+        eprintln!(
+            "walvault: note: PostgreSQL sent backup {} as changes since {}; its backup_manifest was computed from the restored files (pg_verifybackup reads it)",
+            r.backup.id,
+            r.backup.incremental_from.as_deref().unwrap_or("an earlier backup")
+        );
+    }
     for l in &r.replication_disabled {
         eprintln!(
             "walvault: note: the backup was taken on a standby; its `{l}` is commented out in postgresql.auto.conf{}",
@@ -705,6 +725,9 @@ pub(super) async fn info(settings: &Settings, args: InfoArgs) -> anyhow::Result<
             Some(false) => "primary".to_owned(),
             None => "unknown (before PostgreSQL 14, or an older walvault)".to_owned(),
         },
+        // PostgreSQL 17+ sent only the changes since this backup (the files
+        // here are complete all the same)
+        "incremental_from": m.incremental_from, "received_bytes": m.received_bytes,
         "start_lsn": m.start_lsn.to_string(), "stop_lsn": m.stop_lsn.to_string(),
         "start_time": time(m.start_time), "stop_time": time(m.stop_time),
         "duration_s": (m.stop_time - m.start_time) as f64 / 1e6,

@@ -29,6 +29,11 @@ pub use lsn::{Lsn, SegmentNo, SystemId, TimelineId, WalSegSize};
 pub use replication::{validate_slot_name, SlotInfo, SystemInfo};
 pub use walfile::{SegmentFile, WalFileName};
 
+/// The name prefix of a file PostgreSQL 17+ sends in an incremental backup
+/// in place of a relation file (`base/5/INCREMENTAL.16384`): only the
+/// blocks changed since the backup it is taken against.
+pub const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";
+
 /// A value PostgreSQL would reject, with the text that failed and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {what} {input:?}: {reason}")]

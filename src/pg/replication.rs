@@ -1,10 +1,11 @@
 //! Replication commands on a replication connection (`replication=true`):
-//! IDENTIFY_SYSTEM, SHOW, TIMELINE_HISTORY, slots. The COPY machinery they
+//! IDENTIFY_SYSTEM, SHOW, TIMELINE_HISTORY, slots, UPLOAD_MANIFEST. The COPY machinery they
 //! lead into (BASE_BACKUP, START_REPLICATION) is in [`super::conn`].
 
 use bytes::Bytes;
 
 use super::conn::{PgConnection, PgError};
+use super::wire::Backend;
 use super::{Lsn, SystemId, TimelineId, WalSegSize};
 
 /// What IDENTIFY_SYSTEM reports.
@@ -65,6 +66,34 @@ impl PgConnection {
             timeline: self.field("timeline", r.text(0, "timeline"), |s| s.parse().ok())?,
             xlogpos: self.field("xlogpos", r.text(0, "xlogpos"), |s| s.parse().ok())?,
         })
+    }
+
+    /// UPLOAD_MANIFEST (PostgreSQL 17+): send the `backup_manifest` of the
+    /// backup the next `BASE_BACKUP (INCREMENTAL)` on this connection is
+    /// taken against.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), PgError> {
+        self.send_query("UPLOAD_MANIFEST").await?;
+        match self.recv().await? {
+            Backend::CopyInResponse => {}
+            Backend::Error(message) => {
+                self.finish_query("UPLOAD_MANIFEST").await.ok();
+                return Err(PgError::Server {
+                    target: self.target().to_owned(),
+                    message: Box::new(message),
+                });
+            }
+            other => {
+                return Err(PgError::Protocol {
+                    target: self.target().to_owned(),
+                    reason: format!("UPLOAD_MANIFEST answered {other:?}"),
+                })
+            }
+        }
+        for chunk in manifest.chunks(64 * 1024) {
+            self.send_copy_data(chunk).await?;
+        }
+        self.send_copy_done().await?;
+        self.finish_query("UPLOAD_MANIFEST").await.map(|_| ())
     }
 
     /// SHOW `name` (works on replication connections too).

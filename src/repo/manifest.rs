@@ -23,7 +23,7 @@ use crate::storage::list_all;
 /// size is refused as corrupt instead of being carried along. Version 4
 /// appends a trailer ([`ManifestTrailer`]) after the same layout: the role
 /// of the server the backup was taken on.
-pub const MANIFEST_VERSION: u32 = 4;
+pub const MANIFEST_VERSION: u32 = 5;
 /// The oldest manifest version this build reads.
 pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
@@ -129,6 +129,13 @@ pub struct Manifest {
     /// trailer, not in the layout versions 2 and 3 share.
     #[serde(skip)]
     pub from_standby: Option<bool>,
+    /// The backup PostgreSQL (17+) sent only the changed blocks against;
+    /// the files here are complete all the same (trailer, version 5).
+    #[serde(skip)]
+    pub incremental_from: Option<String>,
+    /// Bytes of file contents the server sent (`None` before version 5).
+    #[serde(skip)]
+    pub received_bytes: Option<u64>,
 }
 
 /// What version 4 appends after the version-3 layout.
@@ -136,6 +143,17 @@ pub struct Manifest {
 pub struct ManifestTrailer {
     /// [`Manifest::from_standby`].
     pub from_standby: Option<bool>,
+}
+
+/// What version 5 appends after the version-3 layout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ManifestTrailerV5 {
+    /// [`Manifest::from_standby`].
+    pub from_standby: Option<bool>,
+    /// [`Manifest::incremental_from`].
+    pub incremental_from: Option<String>,
+    /// [`Manifest::received_bytes`].
+    pub received_bytes: Option<u64>,
 }
 
 /// A relation's name and file.
@@ -198,11 +216,19 @@ impl Manifest {
     /// Encode as an object body.
     pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
         let mut body = postcard::to_stdvec(self).map_err(RepoError::encode("a manifest"))?;
-        if self.version >= 4 {
-            let trailer = ManifestTrailer {
+        let trailer = match self.version {
+            0..=3 => None,
+            4 => Some(postcard::to_stdvec(&ManifestTrailer {
                 from_standby: self.from_standby,
-            };
-            body.extend(postcard::to_stdvec(&trailer).map_err(RepoError::encode("a manifest"))?);
+            })),
+            _ => Some(postcard::to_stdvec(&ManifestTrailerV5 {
+                from_standby: self.from_standby,
+                incremental_from: self.incremental_from.clone(),
+                received_bytes: self.received_bytes,
+            })),
+        };
+        if let Some(t) = trailer {
+            body.extend(t.map_err(RepoError::encode("a manifest"))?);
         }
         Ok(body)
     }
@@ -228,8 +254,17 @@ impl Manifest {
         };
         let (mut m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(body).map_err(corrupt)?;
         if version >= 4 {
-            let (trailer, rest) =
-                postcard::take_from_bytes::<ManifestTrailer>(rest).map_err(corrupt)?;
+            let (trailer, rest) = if version == 4 {
+                let (t, rest) =
+                    postcard::take_from_bytes::<ManifestTrailer>(rest).map_err(corrupt)?;
+                let t = ManifestTrailerV5 {
+                    from_standby: t.from_standby,
+                    ..Default::default()
+                };
+                (t, rest)
+            } else {
+                postcard::take_from_bytes::<ManifestTrailerV5>(rest).map_err(corrupt)?
+            };
             if !rest.is_empty() {
                 return Err(RepoError::Corrupt {
                     object: object.to_owned(),
@@ -237,6 +272,8 @@ impl Manifest {
                 });
             }
             m.from_standby = trailer.from_standby;
+            m.incremental_from = trailer.incremental_from;
+            m.received_bytes = trailer.received_bytes;
         } else if !rest.is_empty() {
             return Err(RepoError::Corrupt {
                 object: object.to_owned(),
@@ -469,6 +506,8 @@ mod tests {
                 name: "postgres.public.t".into(),
             }],
             from_standby: Some(true),
+            incremental_from: Some("20261206T040000Z-0a0b".into()),
+            received_bytes: Some(12345),
         }
     }
 
@@ -489,6 +528,15 @@ mod tests {
         let back = Manifest::decode(&body, "m").unwrap();
         assert_eq!(back.from_standby, None);
         assert_eq!(back.files, m.files);
+        // version 4: the role, not yet the incremental fields
+        let mut v4 = m.clone();
+        v4.version = 4;
+        let back = Manifest::decode(&v4.encode().unwrap(), "m").unwrap();
+        assert_eq!(back.from_standby, Some(true));
+        assert_eq!((back.incremental_from, back.received_bytes), (None, None));
+        let back = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
+        assert_eq!(back.incremental_from, m.incremental_from);
+        assert_eq!(back.received_bytes, Some(12345));
     }
 
     #[test]
@@ -519,6 +567,8 @@ mod tests {
         m.version = 2;
         // (before version 4 the source's role is not stored)
         m.from_standby = None;
+        m.incremental_from = None;
+        m.received_bytes = None;
         let body = m.encode().unwrap();
         assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
         // version 1 was never released

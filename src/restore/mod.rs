@@ -19,6 +19,7 @@ use std::sync::Arc;
 mod delta;
 pub mod fetch;
 mod files;
+pub mod pg_manifest;
 pub mod pitr;
 pub mod rates;
 pub mod recover;
@@ -222,6 +223,10 @@ pub struct RestoreReport {
     /// (`primary_conninfo`, `primary_slot_name`: the backup was taken on a
     /// standby).
     pub replication_disabled: Vec<String>,
+    /// The `backup_manifest` written was computed from the restored files
+    /// (the server sent the backup as changes against an earlier one),
+    /// not the server's own.
+    pub manifest_computed: bool,
 }
 
 /// Choose the backup: `id`, or the newest one.
@@ -303,16 +308,7 @@ pub async fn restore(
             .map_err(io(&dest))?;
         ts_dirs.insert(t.oid, dest);
     }
-    let resolve = |path: &str| -> PathBuf {
-        if let Some(rest) = path.strip_prefix("pg_tblspc/") {
-            if let Some((oid, inner)) = rest.split_once('/') {
-                if let Some(dir) = oid.parse().ok().and_then(|o: u32| ts_dirs.get(&o)) {
-                    return dir.join(inner);
-                }
-            }
-        }
-        target.join(path)
-    };
+    let resolve = |path: &str| -> PathBuf { restored_path(target, &ts_dirs, path) };
 
     let mut removed = 0;
     if opts.delta {
@@ -446,7 +442,25 @@ pub async fn restore(
     // PostgreSQL's own manifest of the backup, when it was kept: then
     // pg_verifybackup can check the directory before the server starts
     let server_manifest = target.join("backup_manifest");
+    let mut manifest_computed = false;
     match Manifest::load_server_manifest(&repo, &paths, &manifest.id).await? {
+        // the server sent this backup as changes: its manifest describes
+        // INCREMENTAL files the restored directory does not have
+        Some(body) if manifest.incremental_from.is_some() => {
+            let (root, ts) = (target.to_owned(), ts_dirs.clone());
+            let locate = move |p: &str| restored_path(&root, &ts, p);
+            let body = tokio::task::spawn_blocking(move || pg_manifest::synthesize(&body, &locate))
+                .await
+                .map_err(RestoreError::task("backup_manifest"))?
+                .map_err(|reason| RestoreError::DamagedManifest {
+                    backup: manifest.id.clone(),
+                    reason: format!("its backup_manifest could not be completed: {reason}"),
+                })?;
+            std::fs::write(&server_manifest, body).map_err(io(&server_manifest))?;
+            std::fs::set_permissions(&server_manifest, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&server_manifest))?;
+            manifest_computed = true;
+        }
         Some(body) => {
             std::fs::write(&server_manifest, body).map_err(io(&server_manifest))?;
             std::fs::set_permissions(&server_manifest, std::fs::Permissions::from_mode(0o600))
@@ -532,7 +546,21 @@ pub async fn restore(
         stats,
         removed,
         replication_disabled,
+        manifest_computed,
     })
+}
+
+/// Where a path of the backup is restored: under `target`, or in its
+/// tablespace's restored directory.
+fn restored_path(target: &Path, ts_dirs: &HashMap<u32, PathBuf>, path: &str) -> PathBuf {
+    if let Some(rest) = path.strip_prefix("pg_tblspc/") {
+        if let Some((oid, inner)) = rest.split_once('/') {
+            if let Some(dir) = oid.parse().ok().and_then(|o: u32| ts_dirs.get(&o)) {
+                return dir.join(inner);
+            }
+        }
+    }
+    target.join(path)
 }
 
 /// fsync each of `paths` (files or directories), many at once: the dirty

@@ -34,7 +34,9 @@ async fn base_backup_of(c: &PgCluster) {
         fast_checkpoint: true,
         ..Default::default()
     };
-    let (mut stream, start) = BaseBackupStream::start(&mut conn, &opts).await.unwrap();
+    let (mut stream, start) = BaseBackupStream::start(&mut conn, &opts, false)
+        .await
+        .unwrap();
     assert_eq!(start.timeline.get(), 1);
     assert_eq!(start.tablespaces.len(), 2, "{:?}", start.tablespaces);
     assert!(start

@@ -15,6 +15,7 @@ mod daemon;
 mod deployment;
 mod full_disk;
 mod harness;
+mod incremental;
 mod object_lock;
 mod old_format;
 mod ops;

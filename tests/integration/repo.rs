@@ -99,6 +99,8 @@ fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
         corrupt_pages: vec![],
         relnames: vec![],
         from_standby: None,
+        incremental_from: None,
+        received_bytes: None,
     }
 }
 

@@ -28,8 +28,9 @@ fn switch_point(datadir: &Path) -> String {
 /// `pg_verifybackup --no-parse-wal` of a restored, not yet started data
 /// directory: whether it passed, and what it said. `None` where no tool
 /// reads the server's manifest format (Debian's 15 reads version 1, which
-/// PostgreSQL 13–16 write; the extra majors ship no client programs).
-fn verifybackup(dst: &PgCluster) -> Option<(bool, String)> {
+/// PostgreSQL 13–16 write; scripts/install-pg-versions.sh installs the
+/// client programs of 14, 16, 17 and 18, none exists for 13).
+pub(crate) fn verifybackup(dst: &PgCluster) -> Option<(bool, String)> {
     let own = dst.bin("pg_verifybackup");
     let tool = if own.exists() {
         own
@@ -61,7 +62,7 @@ fn verifybackup(dst: &PgCluster) -> Option<(bool, String)> {
     ))
 }
 
-fn assert_checksums_clean(dst: &PgCluster) {
+pub(crate) fn assert_checksums_clean(dst: &PgCluster) {
     let check = walvault::pg::checksum::check_data_directory(&dst.datadir).unwrap();
     assert!(check.pages > 100, "too few pages checked: {check:?}");
     assert!(check.bad.is_empty(), "bad pages: {:?}", check.bad);

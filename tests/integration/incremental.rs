@@ -1,0 +1,220 @@
+//! PostgreSQL 17+ incremental backups over the protocol (UPLOAD_MANIFEST +
+//! BASE_BACKUP INCREMENTAL), stored chain-free: the server sends only the
+//! blocks changed since the previous backup, walvault stores the complete
+//! files, and a restore needs nothing but that one backup.
+
+use crate::restore_matrix::{
+    assert_checksums_clean, equals_reference_where_recovery_ended, verifybackup,
+};
+use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
+use crate::support::Walvault;
+
+/// `walvault info --json` of a backup.
+fn info(wv: &Walvault, id: &str) -> serde_json::Value {
+    serde_json::from_str(&wv.args(["info", id, "--json"]).ok().stdout).unwrap()
+}
+
+fn backup(wv: &Walvault, src: &PgCluster) -> (serde_json::Value, String) {
+    let out = wv.args(["backup", "--pg", &src.conninfo(), "--fast"]).ok();
+    assert!(out.stdout.contains("complete"), "{}", out.stdout);
+    (info(wv, "latest"), format!("{}{}", out.stdout, out.stderr))
+}
+
+fn restore_and_check(wv: &Walvault, src: &PgCluster, id: &str) -> PgCluster {
+    let dst = PgCluster::for_restore(&src.bindir);
+    let out = wv
+        .args(["restore", "--backup", id, "--pgdata"])
+        .arg(&dst.datadir)
+        .ok();
+    assert!(
+        out.stderr
+            .contains("backup_manifest was computed from the restored files"),
+        "{}",
+        out.stderr
+    );
+    // pg_verifybackup reads the manifest walvault computed, and it is
+    // a real check: a changed relation file fails it
+    let (ok, said) = verifybackup(&dst).expect("pg_verifybackup of 17+ is installed");
+    assert!(ok, "pg_verifybackup: {said}");
+    let rel = src.psql_db(
+        PASSWORD_USER,
+        "SELECT pg_relation_filepath('pgbench_accounts')",
+    );
+    let f = dst.datadir.join(&rel);
+    let original = std::fs::read(&f).unwrap();
+    let mut changed = original.clone();
+    changed[8192 * 3 + 100] ^= 0xff;
+    std::fs::write(&f, &changed).unwrap();
+    let (ok, said) = verifybackup(&dst).unwrap();
+    assert!(!ok && said.contains(&rel), "{said}");
+    std::fs::write(&f, original).unwrap();
+    dst
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_backups_store_complete_files_on_17_and_18() {
+    let Some(majors) = crate::support::pg::other_majors_or_skip(&[]) else {
+        return;
+    };
+    let majors: Vec<u32> = majors.into_iter().filter(|&m| m >= 17).collect();
+    if majors.is_empty() {
+        crate::support::skip("WALVAULT_PG_VERSIONS asks for no major of 17 or later");
+        return;
+    }
+    for major in majors {
+        let src = PgCluster::start_with(PgOptions {
+            major: Some(major),
+            conf: vec!["summarize_wal = on".into()],
+            ..Default::default()
+        });
+        src.pgbench(&["-i", "-s", "3", "-q"]);
+        let work = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            work.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let wv = Walvault::new().repo(work.path().join("repo"));
+        wv.args(["init"]).ok();
+
+        // the first backup reads everything
+        let (first, _) = backup(&wv, &src);
+        assert!(first["incremental_from"].is_null(), "{first}");
+        let first_id = first["id"].as_str().unwrap().to_owned();
+        let full_bytes = first["received_bytes"].as_u64().unwrap();
+        assert!(full_bytes > 40 << 20, "{first}");
+        // the reference for exactness: the first backup as a delayed standby
+        let mut reference = PgCluster::for_restore(&src.bindir);
+        wv.args(["restore", "--backup", &first_id, "--pgdata"])
+            .arg(&reference.datadir)
+            .ok();
+        reference.start_delayed_standby(&src);
+
+        // 1 % of the rows change (through the index: a scan of every
+        // page would set hint bits, WAL-logged with checksums on, and
+        // change every page); then the second backup under pgbench
+        src.psql_db(
+            PASSWORD_USER,
+            "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid BETWEEN 1000 AND 3999; \
+             CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
+        );
+        let mut bench = src.pgbench_load(5).spawn().unwrap();
+        let (second, said) = backup(&wv, &src);
+        assert!(bench.wait().unwrap().success());
+        let second_id = second["id"].as_str().unwrap().to_owned();
+        assert_eq!(second["incremental_from"], first_id.as_str(), "{second}");
+        assert!(
+            said.contains(&format!("of changes since {first_id}")),
+            "{said}"
+        );
+        // the server sent only changed blocks: a fraction of the first
+        let received = second["received_bytes"].as_u64().unwrap();
+        assert!(
+            received * 10 < full_bytes,
+            "incremental received {received} of a full {full_bytes}"
+        );
+        // and the backup is complete all the same
+        assert!(
+            second["logical_bytes"].as_u64().unwrap() >= first["logical_bytes"].as_u64().unwrap(),
+            "{second}"
+        );
+        src.psql_db(PASSWORD_USER, "INSERT INTO marker VALUES ('after')");
+        src.psql("SELECT pg_switch_wal()");
+
+        // restore the incremental one alone: the content is the source's
+        // where recovery ended
+        let mut dst = restore_and_check(&wv, &src, &second_id);
+        dst.start_restored();
+        equals_reference_where_recovery_ended(&dst, &mut reference);
+        assert_eq!(
+            dst.psql_db(PASSWORD_USER, "SELECT string_agg(t, ',') FROM marker"),
+            "before"
+        );
+        dst.stop(StopMode::Fast);
+        assert_checksums_clean(&dst);
+        drop(reference);
+
+        // a third, against the second (whose server manifest lists
+        // INCREMENTAL files): quiet source, so the restore equals it now
+        src.psql_db(
+            PASSWORD_USER,
+            "UPDATE pgbench_branches SET bbalance = bbalance + 1; DELETE FROM pgbench_history WHERE tid % 2 = 0",
+        );
+        let (third, _) = backup(&wv, &src);
+        assert_eq!(third["incremental_from"], second_id.as_str(), "{third}");
+        let want = table_hashes(&src, PASSWORD_USER);
+        let mut dst3 = restore_and_check(&wv, &src, third["id"].as_str().unwrap());
+        dst3.start_restored();
+        assert_eq!(table_hashes(&dst3, PASSWORD_USER), want);
+        dst3.stop(StopMode::Fast);
+        assert_checksums_clean(&dst3);
+
+        // --no-incremental reads every file
+        let out = wv
+            .args([
+                "backup",
+                "--pg",
+                &src.conninfo(),
+                "--fast",
+                "--no-incremental",
+            ])
+            .ok();
+        assert!(!out.stdout.contains("of changes since"), "{}", out.stdout);
+        let fourth = info(&wv, "latest");
+        assert!(fourth["incremental_from"].is_null(), "{fourth}");
+        assert!(fourth["received_bytes"].as_u64().unwrap() > full_bytes / 2);
+
+        // summarize_wal off: walvault says why and reads everything
+        src.psql("ALTER SYSTEM SET summarize_wal = off");
+        src.psql("SELECT pg_reload_conf()");
+        let (off, said) = backup(&wv, &src);
+        assert!(off["incremental_from"].is_null(), "{off}");
+        assert!(
+            said.contains("reading every file: summarize_wal is off"),
+            "{said}"
+        );
+        src.psql("ALTER SYSTEM SET summarize_wal = on");
+        src.psql("SELECT pg_reload_conf()");
+        src.psql_db(
+            PASSWORD_USER,
+            "UPDATE pgbench_tellers SET tbalance = tbalance + 1",
+        );
+        src.psql("SELECT pg_switch_wal()");
+        // (the summarizer catches up on the WAL it missed, when it is
+        // still there: the next backup may be incremental again)
+        let (on, _) = backup(&wv, &src);
+
+        // the newest backup's server manifest is gone: nothing to send
+        let newest = on["id"].as_str().unwrap();
+        let kept = walkdir(work.path(), newest);
+        std::fs::remove_file(&kept).unwrap();
+        let (gone, said) = backup(&wv, &src);
+        assert!(gone["incremental_from"].is_null(), "{gone}");
+        assert!(
+            said.contains(&format!(
+                "the previous backup {newest} was stored without PostgreSQL's backup_manifest"
+            )),
+            "{said}"
+        );
+        // and the one after that is incremental again
+        let (again, _) = backup(&wv, &src);
+        assert_eq!(again["incremental_from"], gone["id"], "{again}");
+    }
+}
+
+/// The repository file `pg-manifest/<id>` under `root`.
+fn walkdir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
+    for e in std::fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            if p.file_name().unwrap() == "pg-manifest" && p.join(id).exists() {
+                return p.join(id);
+            }
+            let found = walkdir(&p, id);
+            if found.exists() {
+                return found;
+            }
+        }
+    }
+    std::path::PathBuf::new()
+}
