@@ -106,9 +106,12 @@ pub struct StoredFiles {
     pub received_bytes: u64,
 }
 
-/// Events queued between the network and the block pipeline (each at most
-/// one CopyData message, so about 64 KiB each at PostgreSQL's chunk size).
-const EVENT_QUEUE: usize = 256;
+/// Events go from the network to the block pipeline in batches of about
+/// this many bytes of file data (one hand-over per CopyData message, ~32
+/// KiB, cost more in thread wake-ups than parsing them)...
+const EVENT_BATCH_BYTES: u64 = 1 << 20;
+/// ...and at most this many batches wait (so about 16 MiB).
+const EVENT_QUEUE: usize = 16;
 
 /// Run BASE_BACKUP on `conn` and store every file through a new session on
 /// `stanza`. `observe` sees every event (progress reporting, tests).
@@ -147,17 +150,19 @@ pub async fn store_base_backup(
     let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker_base = base.clone().map(|b| (b, active.clone()));
     // bounded: a slow pipeline slows the download instead of filling memory
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<ArchiveEvent>(EVENT_QUEUE);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ArchiveEvent>>(EVENT_QUEUE);
     let worker = tokio::task::spawn_blocking(move || {
         let mut asm = files::FileAssembler::new(&session);
         if let Some((b, on)) = worker_base {
             asm = asm.with_base(b, on);
         }
         let mut result = Ok(());
-        while let Some(e) = rx.blocking_recv() {
-            if let Err(err) = asm.push(e) {
-                result = Err(err);
-                break;
+        'recv: while let Some(batch) = rx.blocking_recv() {
+            for e in batch {
+                if let Err(err) = asm.push(e) {
+                    result = Err(err);
+                    break 'recv;
+                }
             }
         }
         drop(rx);
@@ -202,6 +207,8 @@ pub async fn store_base_backup(
             let _ = tx.send(Some(start.start_lsn));
         }
         let mut events = Vec::new();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
         let mut checksum_error_end = None;
         loop {
             match stream.next(&mut events).await {
@@ -224,15 +231,23 @@ pub async fn store_base_backup(
                 observe(&e);
                 if let ArchiveEvent::Tar(TarEvent::Data(d)) = &e {
                     received += d.len() as u64;
+                    batch_bytes += d.len() as u64;
+                    if let Some(p) = &opts.progress {
+                        p.add(d.len() as u64);
+                    }
                 }
-                if let (Some(p), ArchiveEvent::Tar(TarEvent::Data(d))) = (&opts.progress, &e) {
-                    p.add(d.len() as u64);
-                }
-                if tx.send(e).await.is_err() {
+                batch.push(e);
+            }
+            if batch_bytes >= EVENT_BATCH_BYTES || batch.len() >= 4096 {
+                batch_bytes = 0;
+                if tx.send(std::mem::take(&mut batch)).await.is_err() {
                     // the worker stopped on an error, reported below
                     return Ok::<_, BackupError>(None);
                 }
             }
+        }
+        if !batch.is_empty() && tx.send(batch).await.is_err() {
+            return Ok::<_, BackupError>(None);
         }
         let end = checksum_error_end
             .or(stream.end())
