@@ -137,15 +137,20 @@ impl<'s> FileAssembler<'s> {
                         return Ok(());
                     }
                     Entry::IncrementalHeader(held) => {
-                        loop {
-                            let need = Header::needed(held).unwrap_or(12);
-                            if held.len() >= need || d.is_empty() {
+                        let mut complete = false;
+                        while !d.is_empty() {
+                            let need = match Header::needed(held) {
+                                Ok(n) => n.unwrap_or(12),
+                                Err(e) => return Err(self.bad_incremental(&e)),
+                            };
+                            if held.len() >= need {
+                                complete = true;
                                 break;
                             }
                             let take = (need - held.len()).min(d.len());
                             held.extend_from_slice(&d.split_to(take));
                         }
-                        if Header::needed(held) == Some(held.len()) {
+                        if complete || Header::needed(held) == Ok(Some(held.len())) {
                             self.start_incremental_blocks()?;
                         }
                         if d.is_empty() {
@@ -165,7 +170,7 @@ impl<'s> FileAssembler<'s> {
                     }
                     Entry::IncrementalHeader(held) => {
                         // a header alone: no block changed
-                        if Header::needed(&held) != Some(held.len()) {
+                        if Header::needed(&held) != Ok(Some(held.len())) {
                             return Err(self.bad_incremental("the file ends inside its header"));
                         }
                         self.entry = Entry::IncrementalHeader(held);

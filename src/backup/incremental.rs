@@ -49,6 +49,20 @@ pub struct IncrementalBase {
 }
 
 impl IncrementalBase {
+    /// A base from its parts: backup `id`, its server manifest, and the
+    /// block ids of its whole-page files by path.
+    pub fn new(
+        id: String,
+        server_manifest: Vec<u8>,
+        files: impl IntoIterator<Item = (String, Vec<BlockId>)>,
+    ) -> IncrementalBase {
+        IncrementalBase {
+            id,
+            server_manifest,
+            files: files.into_iter().map(|(p, b)| (p, Arc::from(b))).collect(),
+        }
+    }
+
     /// The block ids of `path` in the previous backup.
     pub fn blocks(&self, path: &str) -> Option<&Arc<[BlockId]>> {
         self.files.get(path)
@@ -160,10 +174,21 @@ impl Header {
         }
     }
 
-    /// How many bytes the header takes, once its first 12 are known.
-    pub fn needed(prefix: &[u8]) -> Option<usize> {
-        let n = u32::from_ne_bytes(prefix.get(4..8)?.try_into().ok()?);
-        Some(Header::len_for(n.min(RELSEG_BLOCKS + 1)))
+    /// How many bytes the header takes, once its first 12 are known
+    /// (`Ok(None)` before); an error as soon as they are not a header's.
+    pub fn needed(prefix: &[u8]) -> Result<Option<usize>, String> {
+        let (Some(magic), Some(n)) = (prefix.get(0..4), prefix.get(4..8)) else {
+            return Ok(None);
+        };
+        let word = |b: &[u8]| b.try_into().map(u32::from_ne_bytes).unwrap_or(0);
+        if word(magic) != MAGIC {
+            return Err(format!("bad magic number {:#x}", word(magic)));
+        }
+        let n = word(n);
+        if n > RELSEG_BLOCKS {
+            return Err(format!("{n} blocks: more than a segment holds"));
+        }
+        Ok(Some(Header::len_for(n)))
     }
 
     /// Parse a whole header (exactly [`Header::needed`] bytes).
@@ -244,7 +269,8 @@ mod tests {
     fn headers_parse_and_pad_to_a_page() {
         let h = header(&[], 10);
         assert_eq!(h.len(), 12);
-        assert_eq!(Header::needed(&h[..12]), Some(12));
+        assert_eq!(Header::needed(&h[..4]), Ok(None));
+        assert_eq!(Header::needed(&h[..12]), Ok(Some(12)));
         assert_eq!(
             Header::parse(&h).unwrap(),
             Header {
@@ -254,7 +280,7 @@ mod tests {
         );
         let h = header(&[1, 7, 40], 20);
         assert_eq!(h.len(), PAGE);
-        assert_eq!(Header::needed(&h[..12]), Some(PAGE));
+        assert_eq!(Header::needed(&h[..12]), Ok(Some(PAGE)));
         let parsed = Header::parse(&h).unwrap();
         assert_eq!(parsed.blocks, vec![1, 7, 40]);
         // a block past the truncation length extends the file
@@ -269,6 +295,7 @@ mod tests {
         let mut h = header(&[3], 5);
         h[0] ^= 1;
         assert!(Header::parse(&h).unwrap_err().contains("magic"));
+        assert!(Header::needed(&h[..8]).unwrap_err().contains("magic"));
         let h = header(&[5, 3], 5);
         assert!(Header::parse(&h).unwrap_err().contains("ascending"));
         let h = header(&[3], RELSEG_BLOCKS + 1);

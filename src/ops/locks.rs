@@ -2,7 +2,7 @@
 //! object is written locked for that many days; what kept backups still
 //! need gets its lock extended before it runs out. `expire` calls
 //! [`extend`] after applying the policy, so a backup never outlives the
-//! lock of the data it needs: its manifest, the packs holding its blocks,
+//! lock of the data it needs: its manifest and PostgreSQL's, the packs holding its blocks,
 //! the WAL of the kept recovery ranges and its summaries, the holds, the
 //! repository's config and key slots. A backup kept only because its own
 //! lock has not ended is not extended: it goes when the lock ends. Index objects are not extended: they
@@ -103,6 +103,9 @@ pub async fn extend(
         }
     }
     keys.extend(kept.iter().map(|m| Manifest::object_name(paths, &m.id)));
+    // PostgreSQL's own manifest: restore writes it for pg_verifybackup, and
+    // the next incremental backup sends it (absent for older backups)
+    keys.extend(kept.iter().map(|m| paths.server_manifest(&m.id)));
     let (index, _) = Index::load(repo, paths).await?;
     keys.extend(gc::plan(&index, kept).live.iter().map(|id| paths.pack(id)));
     keys.sort();

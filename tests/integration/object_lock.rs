@@ -167,6 +167,8 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
     };
     let manifest = format!("main/backups/{b2}");
     assert!(extended(&manifest), "{manifest}");
+    let server_manifest = format!("main/pg-manifest/{b2}");
+    assert!(extended(&server_manifest), "{server_manifest}");
     let pack = before
         .iter()
         .find(|o| o.key.starts_with("main/packs/"))
