@@ -84,6 +84,12 @@ pub struct PitrArgs {
     /// Warn when the estimated recovery time exceeds this (e.g. 15m, 90s).
     #[arg(long, value_parser = parse_duration)]
     pub rto_budget: Option<Duration>,
+    /// With --start: run recovery with the restored configuration as it is.
+    /// By default shared_buffers (up to a quarter of memory), max_wal_size
+    /// and checkpoint_timeout are raised for the recovery and reverted at
+    /// promotion (shared_buffers at the next restart).
+    #[arg(long)]
+    pub no_recovery_tuning: bool,
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -180,6 +186,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
             ..Default::default()
         }),
         rto_budget: args.rto_budget,
+        no_tuning: args.no_recovery_tuning,
         progress: Some(progress.clone()),
         events: Some(Arc::new(|e| tracing::info!("recovery: {e:?}"))),
     };
@@ -241,6 +248,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         return Ok(());
     }
     print_report(&report, args.json)?;
+    note_recovery_settings(&report);
     if let Some((took, budget)) = over {
         bail!("the recovery took {took:.0} s, over the RTO budget of {budget:.0} s");
     }
@@ -329,7 +337,7 @@ fn print_report(report: &RecoveryReport, json: bool) -> anyhow::Result<()> {
     outln!("recovery report")?;
     if let Some(obj) = v.as_object() {
         for (k, v) in obj {
-            if !v.is_null() {
+            if !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()) {
                 outln!(
                     "  {k:<26} {}",
                     v.as_str()
@@ -340,6 +348,21 @@ fn print_report(report: &RecoveryReport, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Say what of the recovery's own settings outlives it.
+fn note_recovery_settings(report: &RecoveryReport) {
+    if let Some(sb) = report
+        .recovery_settings
+        .iter()
+        .find(|s| s.starts_with("shared_buffers"))
+    {
+        if report.outcome == crate::restore::server::Outcome::Promoted {
+            eprintln!(
+                "walvault: note: recovery ran with {sb}; it stays in effect until the server restarts (the other recovery settings were reverted at promotion)"
+            );
+        }
+    }
 }
 
 fn print_plan(rp: &RecoveryPlan, args: &PitrArgs) -> anyhow::Result<()> {

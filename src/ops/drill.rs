@@ -275,6 +275,10 @@ async fn run(
         server: Some(sopts.clone()),
         rto_budget: opts.max_rto,
         events: opts.events.clone(),
+        // a drill runs next to production: its scratch server takes no
+        // quarter of the machine's memory (its measured RTO is then the
+        // conservative one, without restore-pitr's recovery settings)
+        no_tuning: true,
         ..Default::default()
     };
     let report = match recover(repo.clone(), stanza, &rp, &ropts, started).await {

@@ -25,6 +25,7 @@ pub mod rates;
 pub mod recover;
 pub mod recovery;
 pub mod server;
+pub mod tuning;
 
 pub use fetch::wal_fetch;
 pub use recover::{

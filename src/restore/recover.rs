@@ -177,6 +177,10 @@ pub struct RecoverOptions {
     pub server: Option<ServerOptions>,
     /// Fail (with the report) when the recovery takes longer.
     pub rto_budget: Option<Duration>,
+    /// Keep the restored configuration for the recovery run; otherwise
+    /// `shared_buffers`, `max_wal_size` and `checkpoint_timeout` are raised
+    /// for it ([`super::tuning`]).
+    pub no_tuning: bool,
     /// Counts the bytes of files restored.
     pub progress: Option<Arc<Progress>>,
     /// Receives the steps as they happen.
@@ -244,6 +248,10 @@ pub struct RecoveryReport {
     pub rto_budget_seconds: Option<f64>,
     /// Whether the recovery stayed within it.
     pub budget_held: Option<bool>,
+    /// Settings raised for the recovery run (`shared_buffers = 1536MB (was
+    /// 128MB)`); after a promotion only `shared_buffers` is still in
+    /// effect, until the server restarts.
+    pub recovery_settings: Vec<String>,
 }
 
 /// Segments staged before PostgreSQL starts when the rest can follow during
@@ -374,6 +382,7 @@ pub async fn recover(
         estimated_seconds: rp.estimate.as_secs_f64(),
         rto_budget_seconds: opts.rto_budget.map(|b| b.as_secs_f64()),
         budget_held: None,
+        recovery_settings: Vec::new(),
     };
     let Some(sopts) = &opts.server else {
         report.total_seconds = started.elapsed().as_secs_f64();
@@ -381,6 +390,29 @@ pub async fn recover(
     };
     if let Some(o) = owner {
         server::chown_tree(pgdata, o)?;
+    }
+    if !opts.no_tuning {
+        let bin = server::bindir(pgdata, sopts.pg_bin.as_deref())?;
+        let wal_bytes = plan.segments.len() as u64 * plan.backup.wal_segment_size.bytes();
+        let raised = super::tuning::recovery_settings(
+            &bin,
+            pgdata,
+            sopts.run_as.as_deref(),
+            plan.restore_bytes,
+            wal_bytes,
+        )
+        .await;
+        if !raised.is_empty() {
+            let mut all = lines.clone();
+            all.extend(raised.iter().map(|r| r.line()));
+            recovery::write(pgdata, &all)?;
+            let auto = pgdata.join("postgresql.auto.conf");
+            if let Some(o) = owner {
+                std::os::unix::fs::lchown(&auto, Some(o.0.as_raw()), Some(o.1.as_raw()))
+                    .map_err(io(&auto))?;
+            }
+            report.recovery_settings = raised.iter().map(|r| r.to_string()).collect();
+        }
     }
     // the spool's lock keeps wal-fetch's own prefetching out while the rest
     // is staged, and makes wal-fetch wait for a segment replay reaches

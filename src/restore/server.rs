@@ -278,8 +278,15 @@ pub async fn start_and_wait(
         if done {
             let stop_lsn = match action {
                 TargetAction::Promote => {
-                    // the end of recovery is where the new timeline begins
+                    // the recovery's settings go, and those a reload can
+                    // change revert now (shared_buffers at the next restart)
                     let _ = recovery::remove(pgdata);
+                    let mut cmd = pg_ctl(&bin, run_as);
+                    cmd.arg("-D").arg(pgdata).arg("reload");
+                    if let Err(e) = run_pg_ctl(cmd, "reload").await {
+                        tracing::warn!("pg_ctl reload after the promotion: {e}");
+                    }
+                    // the end of recovery is where the new timeline begins
                     switch_point(pgdata)
                 }
                 _ => None,

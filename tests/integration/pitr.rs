@@ -669,5 +669,30 @@ async fn pitr_from_an_s3_repository_archived_by_wal_push() {
         "{report}"
     );
     assert_eq!(r.psql("SELECT pg_is_in_recovery()"), "f");
+    // the recovery ran with larger settings (the harness's 32MB
+    // shared_buffers, the default 5min checkpoint_timeout): shared_buffers
+    // stays until a restart, the others were reverted at promotion
+    let raised: Vec<&str> = report["recovery_settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        raised.contains(&"shared_buffers = 128MB (was 32MB)"),
+        "{report}"
+    );
+    assert!(
+        raised.contains(&"checkpoint_timeout = 1h (was 300s)"),
+        "{report}"
+    );
+    assert_eq!(r.psql("SHOW shared_buffers"), "128MB");
+    crate::support::wait::wait_until(
+        std::time::Duration::from_secs(10),
+        "checkpoint_timeout reverted",
+        || r.psql("SHOW checkpoint_timeout") == "5min",
+    );
+    let auto = std::fs::read_to_string(r.dst.datadir.join("postgresql.auto.conf")).unwrap();
+    assert!(!auto.contains("checkpoint_timeout"), "{auto}");
     r.stop_and_check();
 }
