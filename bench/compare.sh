@@ -4,6 +4,9 @@
 #   after churn   walvault (deduplicated) | pgbackrest incr
 #   restore       walvault restore | pgbackrest restore           (files only)
 #   PITR (RTO)    walvault restore-pitr --start | pgbackrest restore --type=time + start
+#                 (the same backup window: both restore a backup from before the
+#                 churn and replay it to the same target; pgBackRest's archive-get
+#                 asynchronous, as its user guide recommends)
 #   archive call  walvault wal-push | pgbackrest archive-push      (per call,
 #                 synchronous, and both tools' asynchronous modes)
 # (The RPO of `walvault stream`, commit to durable under pgbench, is
@@ -68,6 +71,12 @@ start-fast=y
 log-level-console=warn
 log-level-file=off
 repo1-retention-full=100
+
+# archive-get as pgBackRest's user guide recommends for recovery: asynchronous,
+# segments fetched ahead in parallel into the spool
+[global:archive-get]
+archive-async=y
+process-max=2
 
 [bench]
 pg1-path=$data
