@@ -3,9 +3,7 @@
 //! blocks changed since the previous backup, walvault stores the complete
 //! files, and a restore needs nothing but that one backup.
 
-use crate::restore_matrix::{
-    assert_checksums_clean, equals_reference_where_recovery_ended, verifybackup,
-};
+use crate::restore_matrix::{assert_checksums_clean, recovers_to_the_reference, verifybackup};
 use crate::support::pg::{table_hashes, PgCluster, PgOptions, StopMode, PASSWORD_USER};
 use crate::support::Walvault;
 
@@ -124,14 +122,7 @@ async fn incremental_backups_store_complete_files_on_17_and_18() {
         // restore the incremental one alone: the content is the source's
         // where recovery ended
         let mut dst = restore_and_check(&wv, &src, &second_id);
-        dst.start_restored();
-        equals_reference_where_recovery_ended(&dst, &mut reference);
-        assert_eq!(
-            dst.psql_db(PASSWORD_USER, "SELECT string_agg(t, ',') FROM marker"),
-            "before"
-        );
-        dst.stop(StopMode::Fast);
-        assert_checksums_clean(&dst);
+        recovers_to_the_reference(&mut dst, &mut reference);
         drop(reference);
 
         // a third, against the second (whose server manifest lists

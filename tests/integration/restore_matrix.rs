@@ -220,15 +220,22 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
         let good = verifybackup(&dst).unwrap();
         assert!(good.0, "pg_verifybackup: {}", good.1);
     }
+    recovers_to_the_reference(&mut dst, &mut reference);
+    (s, dst, reference)
+}
+
+/// Start a restored `dst`: its content equals `reference`'s where its
+/// recovery ended, which is before the source's `marker` row 'after';
+/// stopped, its pages' checksums are clean.
+pub(crate) fn recovers_to_the_reference(dst: &mut PgCluster, reference: &mut PgCluster) {
     dst.start_restored();
-    equals_reference_where_recovery_ended(&dst, &mut reference);
+    equals_reference_where_recovery_ended(dst, reference);
     assert_eq!(
         dst.psql_db(PASSWORD_USER, "SELECT string_agg(t, ',') FROM marker"),
         "before"
     );
     dst.stop(StopMode::Fast);
-    assert_checksums_clean(&dst);
-    (s, dst, reference)
+    assert_checksums_clean(dst);
 }
 
 #[tokio::test(flavor = "multi_thread")]
