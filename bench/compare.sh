@@ -126,28 +126,9 @@ echo "# database: $((db_bytes / 1000000)) MB" >&2
 run "${pgbr[@]}" stanza-create >/dev/null
 pgconn="host=$sock port=$port user=postgres dbname=postgres"
 
-# measure NAME OUTDIR-TO-SIZE CMD...: appends "name wall cpu rss_kib bytes" to results
+# measure (bench/lib.sh) appends "name wall cpu rss_kib bytes" here
 results=$tmp/results.txt
 : >"$results"
-measure() {
-  local name=$1 sized=$2
-  shift 2
-  # every operation starts on a quiet file system: no writeback (or journal
-  # commit of a deleted directory) left over from the previous one
-  sync
-  local before=0
-  [ -e "$sized" ] && before=$(du -sb "$sized" | cut -f1)
-  run /usr/bin/time -f "%e %U %S %M" -o "$tmp/time.txt" "$@" >"$tmp/cmd.log" 2>&1 || {
-    echo "FAILED: $name: $*" >&2
-    cat "$tmp/cmd.log" >&2
-    exit 1
-  }
-  local after=0
-  [ -e "$sized" ] && after=$(du -sb "$sized" | cut -f1)
-  read -r wall user sys rss <"$tmp/time.txt"
-  echo "$name $wall $(python3 -c "print($user+$sys)") $rss $((after - before))" >>"$results"
-  echo "#   $name: ${wall}s" >&2
-}
 
 full_rounds=$ROUNDS
 want full || full_rounds=1
@@ -252,7 +233,8 @@ pitr_wv() {
   # where the time went, from walvault's own report
   python3 - "$tmp/cmd.log" >&2 <<'PY' || true
 import json, sys
-r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+# (the report is the last JSON line; notes on stderr may follow it)
+r = json.loads([l for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")][-1])
 print(f"#     restore {r['restore_seconds']:.2f}s, WAL staged {r['wal_fetch_seconds']:.2f}s, "
       f"replay {r['replay_seconds']:.2f}s, {r['wal_files']} WAL files, "
       f"{(r['wal_bytes_replayed'] or 0) / 2**20:.0f} MiB replayed")

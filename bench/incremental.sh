@@ -64,26 +64,13 @@ chunk=$((rows / 100))
 
 results=$tmp/results.txt
 : >"$results"
-measure() { # NAME OUTDIR-TO-SIZE CMD...
-  local name=$1 sized=$2
-  shift 2
-  sync
-  local before=0
-  [ -e "$sized" ] && before=$(du -sb "$sized" | cut -f1)
-  run /usr/bin/time -f "%e %U %S %M" -o "$tmp/time.txt" "$@" >"$tmp/cmd.log" 2>&1 || {
-    echo "FAILED: $name: $*" >&2
-    cat "$tmp/cmd.log" >&2
-    exit 1
-  }
-  local after=0
-  [ -e "$sized" ] && after=$(du -sb "$sized" | cut -f1)
-  read -r wall user sys rss <"$tmp/time.txt"
-  local received=0
-  if [[ "$name" == *:walvault ]]; then
-    received=$(run "$wv" --repo "$tmp/wv-repo" info latest --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["received_bytes"] or 0)')
+# measure (bench/lib.sh) adds, for walvault, the bytes the server sent
+measure_extra() {
+  if [[ "$1" == *:walvault ]]; then
+    run "$wv" --repo "$tmp/wv-repo" info latest --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["received_bytes"] or 0)'
+  else
+    echo 0
   fi
-  echo "$name $wall $(python3 -c "print($user+$sys)") $rss $((after - before)) $received" >>"$results"
-  echo "#   $name: ${wall}s" >&2
 }
 
 for r in $(seq "$ROUNDS"); do

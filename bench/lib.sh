@@ -26,3 +26,29 @@ bench_setup() {
   cp "$WALVAULT_BIN" "$tmp/walvault"
   chmod 755 "$tmp/walvault"
 }
+
+# measure NAME PATH CMD...: run CMD (through `run`, which each script
+# defines) under GNU time, after a sync (every operation starts on a quiet
+# file system: no writeback or journal commit left over from the previous
+# one), and append "NAME wall cpu rss_kib bytes_added_under_PATH [extra]"
+# to $results; extra is what a function `measure_extra NAME` prints, when
+# the script defines one. CMD's output is in $tmp/cmd.log.
+measure() {
+  local name=$1 sized=$2
+  shift 2
+  sync
+  local before=0
+  [ -e "$sized" ] && before=$(du -sb "$sized" | cut -f1)
+  run /usr/bin/time -f "%e %U %S %M" -o "$tmp/time.txt" "$@" >"$tmp/cmd.log" 2>&1 || {
+    echo "FAILED: $name: $*" >&2
+    cat "$tmp/cmd.log" >&2
+    exit 1
+  }
+  local after=0
+  [ -e "$sized" ] && after=$(du -sb "$sized" | cut -f1)
+  local wall user sys rss extra=""
+  read -r wall user sys rss <"$tmp/time.txt"
+  if declare -F measure_extra >/dev/null; then extra=" $(measure_extra "$name")"; fi
+  echo "$name $wall $(python3 -c "print($user+$sys)") $rss $((after - before))$extra" >>"$results"
+  echo "#   $name: ${wall}s" >&2
+}

@@ -190,6 +190,32 @@ async fn incremental_backups_store_complete_files_on_17_and_18() {
         // and the one after that is incremental again
         let (again, _) = backup(&wv, &src);
         assert_eq!(again["incremental_from"], gone["id"], "{again}");
+
+        // the server lost the summaries since then: it refuses the
+        // incremental BASE_BACKUP, and the same connection reads everything
+        src.psql_db(PASSWORD_USER, "UPDATE pgbench_tellers SET tbalance = tbalance + 1");
+        src.psql("SELECT pg_switch_wal()");
+        src.psql("CHECKPOINT");
+        let summaries = src.datadir.join("pg_wal/summaries");
+        for e in std::fs::read_dir(&summaries).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let (refused, said) = backup(&wv, &src);
+        assert!(refused["incremental_from"].is_null(), "{refused}");
+        assert!(
+            said.contains("reading every file: the server refused an incremental backup")
+                && said.contains("WAL summaries are required"),
+            "{said}"
+        );
+        assert!(refused["received_bytes"].as_u64().unwrap() > full_bytes / 2);
+        let want = table_hashes(&src, PASSWORD_USER);
+        let mut dst = PgCluster::for_restore(&src.bindir);
+        wv.args(["restore", "--backup", refused["id"].as_str().unwrap(), "--pgdata"])
+            .arg(&dst.datadir)
+            .ok();
+        dst.start_restored();
+        assert_eq!(table_hashes(&dst, PASSWORD_USER), want);
+        dst.stop(StopMode::Fast);
     }
 }
 
