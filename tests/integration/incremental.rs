@@ -193,7 +193,10 @@ async fn incremental_backups_store_complete_files_on_17_and_18() {
 
         // the server lost the summaries since then: it refuses the
         // incremental BASE_BACKUP, and the same connection reads everything
-        src.psql_db(PASSWORD_USER, "UPDATE pgbench_tellers SET tbalance = tbalance + 1");
+        src.psql_db(
+            PASSWORD_USER,
+            "UPDATE pgbench_tellers SET tbalance = tbalance + 1",
+        );
         src.psql("SELECT pg_switch_wal()");
         src.psql("CHECKPOINT");
         let summaries = src.datadir.join("pg_wal/summaries");
@@ -210,9 +213,14 @@ async fn incremental_backups_store_complete_files_on_17_and_18() {
         assert!(refused["received_bytes"].as_u64().unwrap() > full_bytes / 2);
         let want = table_hashes(&src, PASSWORD_USER);
         let mut dst = PgCluster::for_restore(&src.bindir);
-        wv.args(["restore", "--backup", refused["id"].as_str().unwrap(), "--pgdata"])
-            .arg(&dst.datadir)
-            .ok();
+        wv.args([
+            "restore",
+            "--backup",
+            refused["id"].as_str().unwrap(),
+            "--pgdata",
+        ])
+        .arg(&dst.datadir)
+        .ok();
         dst.start_restored();
         assert_eq!(table_hashes(&dst, PASSWORD_USER), want);
         dst.stop(StopMode::Fast);
