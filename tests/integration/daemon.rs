@@ -383,7 +383,7 @@ run = "cat >> {cmds}; echo >> {cmds}"
         g("walvault_verify_last_timestamp_seconds"),
         epoch(&check["last_verify"][0])
     );
-    assert_eq!(g("walvault_verify_last_success"), 1.0);
+    assert_eq!(g("walvault_verify_last_success"), 1.0, "{check}");
     assert_eq!(
         g("walvault_drill_last_timestamp_seconds"),
         epoch(&check["last_drill"][0])

@@ -110,7 +110,13 @@ async fn stream_follows_a_promotion_to_the_next_timeline() {
     // continuous from the backup on timeline 1 through the switch to 2
     let v = s.wv.args(["wal-verify", "--json"]).ok().json();
     assert_eq!(v["gaps"], serde_json::json!([]), "{v}");
-    assert_eq!(v["newest"], tli2_seg.as_str(), "{v}");
+    // (the promoted server's end-of-recovery checkpoint may land after the
+    // switch: the stream then holds the next segment's beginning too)
+    assert!(
+        v["newest"].as_str().unwrap().starts_with("00000002")
+            && v["newest"].as_str().unwrap() >= tli2_seg.as_str(),
+        "{v}"
+    );
     assert!(v["segments_read"].as_u64().unwrap() >= 2, "{v}");
 
     // PITR onto timeline 2: the promoted server's content
