@@ -85,9 +85,9 @@ pub struct PitrArgs {
     #[arg(long, value_parser = parse_duration)]
     pub rto_budget: Option<Duration>,
     /// With --start: run recovery with the restored configuration as it is.
-    /// By default shared_buffers (up to a quarter of memory), max_wal_size
-    /// and checkpoint_timeout are raised for the recovery and reverted at
-    /// promotion (shared_buffers at the next restart).
+    /// By default (--target-action promote) shared_buffers (up to a quarter
+    /// of memory), max_wal_size and checkpoint_timeout are raised for the
+    /// recovery and reverted at promotion (shared_buffers at the next restart).
     #[arg(long)]
     pub no_recovery_tuning: bool,
     /// The report as JSON.

@@ -391,7 +391,9 @@ pub async fn recover(
     if let Some(o) = owner {
         server::chown_tree(pgdata, o)?;
     }
-    if !opts.no_tuning {
+    // only when walvault itself sees recovery end (promote): a paused or
+    // shut-down recovery keeps the block, and the settings would outlive it
+    if !opts.no_tuning && opts.target_action == TargetAction::Promote {
         let bin = server::bindir(pgdata, sopts.pg_bin.as_deref())?;
         let wal_bytes = plan.segments.len() as u64 * plan.backup.wal_segment_size.bytes();
         let raised = super::tuning::recovery_settings(

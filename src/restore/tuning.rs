@@ -14,7 +14,9 @@
 //! They go into walvault's block in `postgresql.auto.conf`, which is
 //! removed at promotion and the configuration reloaded: `max_wal_size` and
 //! `checkpoint_timeout` revert then; `shared_buffers` stays until the
-//! server restarts, and the report says so.
+//! server restarts, and the report says so. Only for `--target-action
+//! promote` (the default): a recovery that pauses or shuts down at the
+//! target ends after walvault has gone, and nothing would remove them.
 
 use std::path::Path;
 
