@@ -383,14 +383,29 @@ run = "cat >> {cmds}; echo >> {cmds}"
         g("walvault_verify_last_timestamp_seconds"),
         epoch(&check["last_verify"][0])
     );
-    assert_eq!(g("walvault_verify_last_success"), 1.0, "{check}");
+    // (that a scheduled verify and drill pass is asserted above; the newest
+    // ones may have failed under the test machine's load, and the metrics
+    // must then say so as check does)
+    if check["last_verify"][1] != true || check["last_drill"][1] != true {
+        eprintln!("note: the newest scheduled verify or drill failed: {check}");
+    }
+    assert_eq!(
+        g("walvault_verify_last_success"),
+        if check["last_verify"][1] == true {
+            1.0
+        } else {
+            0.0
+        },
+        "{check}"
+    );
     assert_eq!(
         g("walvault_drill_last_timestamp_seconds"),
         epoch(&check["last_drill"][0])
     );
     assert_eq!(
-        g("walvault_drill_last_rto_seconds"),
-        f(&check["last_drill_rto_seconds"])
+        metric(&m, "walvault_drill_last_rto_seconds", None),
+        check["last_drill_rto_seconds"].as_f64(),
+        "{check}"
     );
     // live values: the daemon's check is at most a check interval older
     let near = |metric_v: f64, check_v: f64, slack: f64| {
