@@ -202,6 +202,18 @@ async fn incremental_backups_store_complete_files_on_17_and_18() {
         );
         src.psql("SELECT pg_switch_wal()");
         src.psql("CHECKPOINT");
+        // (once the summarizer wrote the summary up to that checkpoint: it
+        // would write it again otherwise; summaries end at redo points)
+        let lsn = src.psql("SELECT redo_lsn FROM pg_control_checkpoint()");
+        crate::support::wait::wait_until(
+            std::time::Duration::from_secs(60),
+            "the WAL summarizer to catch up",
+            || {
+                src.psql(&format!(
+                    "SELECT summarized_lsn >= '{lsn}'::pg_lsn FROM pg_get_wal_summarizer_state()"
+                )) == "t"
+            },
+        );
         let summaries = src.datadir.join("pg_wal/summaries");
         for e in std::fs::read_dir(&summaries).unwrap() {
             std::fs::remove_file(e.unwrap().path()).unwrap();
