@@ -24,6 +24,11 @@ pub struct InitArgs {
     /// Target size of a pack (e.g. 32MiB).
     #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     pub pack_size: u64,
+    /// New blocks compressed together, at most (default: 128KiB of blocks,
+    /// 16 of 8KiB). 1 stores every block alone, a repository walvault
+    /// releases before block groups can read.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
+    pub group_blocks: Option<u32>,
 }
 
 pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<()> {
@@ -41,6 +46,7 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
         block_size: u32::try_from(args.block_size).context("block size too large")?,
         compression: args.compression,
         pack_size: u32::try_from(args.pack_size).context("pack size too large")?,
+        group_blocks: args.group_blocks,
     };
     let storage = settings.storage().await?;
     let repo = Repository::init(storage, &params, secret.as_ref(), KdfCost::default()).await?;
@@ -51,10 +57,11 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
         repo.storage().location()
     )?;
     outln!(
-        "encryption {}, block size {} bytes, compression {}, pack size {} bytes",
+        "encryption {}, block size {} bytes, compression {} over groups of up to {} blocks, pack size {} bytes",
         c.encryption,
         c.block_size,
         c.compression,
+        c.group_blocks(),
         c.pack_size
     )?;
     if repo.keys().is_some() {

@@ -440,8 +440,9 @@ async fn read_batch(
     }
     let mut runs: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
     for (pack, mut entries) in by_pack {
-        entries.sort_by_key(|e| e.offset);
-        entries.dedup_by_key(|e| e.offset);
+        // the blocks of one group share its offset
+        entries.sort_by_key(|e| (e.offset, e.id.0));
+        entries.dedup_by_key(|e| e.id);
         let mut run: Vec<PackEntry> = Vec::new();
         for e in entries {
             if let Some(last) = run.last() {

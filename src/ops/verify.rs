@@ -25,7 +25,7 @@ use super::OpsError;
 use crate::archive::verify::{wal_verify, WalVerifyOptions};
 use crate::codec::BlockId;
 use crate::pg::WalFileName;
-use crate::repo::{decode_blob, read_pack_header, PackEntry, PackId};
+use crate::repo::{read_pack_header, GroupCache, PackEntry, PackId};
 use crate::repo::{Index, Manifest, Repository, StanzaPaths};
 
 /// How to verify.
@@ -398,11 +398,18 @@ async fn check_pack(
     let keys = repo.keys().cloned();
     let hasher = repo.hasher().clone();
     let checked = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        // the blocks of a group are neighbours: it is decoded once for all
+        let mut header = header;
+        header.sort_by_key(|e| (e.offset, e.len));
+        let mut group = GroupCache::default();
+        let mut block = Vec::new();
         for e in &header {
             let blob = data
                 .get(e.offset as usize..(e.offset as usize).saturating_add(e.len as usize))
                 .ok_or_else(|| format!("block {} lies past the pack's end", e.id))?;
-            decode_blob(blob, e, keys.as_ref(), &hasher)
+            block.clear();
+            group
+                .decode_into(blob, e, keys.as_ref(), &hasher, &mut block)
                 .map_err(|why| format!("block {} at byte {}: {why}", e.id, e.offset))?;
         }
         Ok(())

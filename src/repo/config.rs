@@ -12,8 +12,18 @@ use crate::codec::{to_hex, Compression, Keys};
 pub const CONFIG_KEY: &str = "config";
 
 /// The newest `config` version this build understands (2: block ids may be
-/// BLAKE3, which builds that know version 1 only cannot compute).
-pub const CONFIG_VERSION: u32 = 2;
+/// BLAKE3, which builds that know version 1 only cannot compute; 3: packs
+/// may hold groups of blocks compressed together).
+pub const CONFIG_VERSION: u32 = 3;
+
+/// Largest group of blocks compressed together, bytes before compression.
+pub const MAX_GROUP_BYTES: u32 = 1 << 20;
+
+/// Blocks per group by default: 128 KiB of blocks, 16 of 8 KiB (LZ4 needs
+/// about 64 KiB of context; docs/compression-groups-study.md).
+pub fn default_group_blocks(block_size: u32) -> u32 {
+    (128 * 1024 / block_size.max(1)).max(1)
+}
 
 /// What `config` records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,6 +51,10 @@ pub struct RepoConfig {
     /// key of another repository from this one's.
     #[serde(default)]
     pub key_check: Option<String>,
+    /// New blocks compressed together in one group blob, at most (version 3;
+    /// absent or 1: every block alone, as versions 1 and 2 store them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_blocks: Option<u32>,
 }
 
 /// Parameters chosen at `init`.
@@ -52,6 +66,9 @@ pub struct InitParams {
     pub compression: Compression,
     /// Pack target size, bytes (1 MiB to 1 GiB).
     pub pack_size: u32,
+    /// Blocks compressed together, at most (None: [`default_group_blocks`];
+    /// 1: each alone, a version 2 repository older builds can read).
+    pub group_blocks: Option<u32>,
 }
 
 impl Default for InitParams {
@@ -60,6 +77,7 @@ impl Default for InitParams {
             block_size: super::DEFAULT_BLOCK_SIZE,
             compression: Compression::Lz4,
             pack_size: super::DEFAULT_PACK_SIZE,
+            group_blocks: None,
         }
     }
 }
@@ -84,9 +102,22 @@ impl RepoConfig {
                 rule: "must be from 1 MiB to 1 GiB",
             });
         }
+        let group = params
+            .group_blocks
+            .unwrap_or_else(|| default_group_blocks(params.block_size));
+        if group == 0
+            || group > 255
+            || u64::from(group) * u64::from(params.block_size) > u64::from(MAX_GROUP_BYTES)
+        {
+            return Err(RepoError::OutOfRange {
+                what: "blocks per group",
+                value: u64::from(group),
+                rule: "must be from 1 to 255, and at most 1 MiB of blocks",
+            });
+        }
         Ok(RepoConfig {
             format: "walvault-repository".into(),
-            version: CONFIG_VERSION,
+            version: if group > 1 { CONFIG_VERSION } else { 2 },
             repo_id: to_hex(&repo_id),
             created: chrono::Utc::now().to_rfc3339(),
             encryption: if encrypted { "aes-256-gcm" } else { "none" }.into(),
@@ -95,6 +126,7 @@ impl RepoConfig {
             compression: params.compression.to_string(),
             pack_size: params.pack_size,
             key_check: None,
+            group_blocks: (group > 1).then_some(group),
         })
     }
 
@@ -106,6 +138,11 @@ impl RepoConfig {
     /// Compression of new blocks.
     pub fn compression(&self) -> Compression {
         self.compression.parse().unwrap_or_default()
+    }
+
+    /// New blocks compressed together, at most (1: each alone).
+    pub fn group_blocks(&self) -> usize {
+        self.group_blocks.unwrap_or(1).max(1) as usize
     }
 
     pub(crate) fn encode(&self) -> Result<bytes::Bytes, RepoError> {
@@ -163,6 +200,18 @@ impl RepoConfig {
                 }
             )));
         }
+        if let Some(g) = cfg.group_blocks {
+            if cfg.version < 3
+                || g == 0
+                || g > 255
+                || u64::from(g) * u64::from(cfg.block_size) > u64::from(MAX_GROUP_BYTES)
+            {
+                return Err(corrupt(format!(
+                    "{g} blocks per group is invalid for version {} with {}-byte blocks",
+                    cfg.version, cfg.block_size
+                )));
+            }
+        }
         if cfg.compression.parse::<Compression>().is_err() {
             return Err(corrupt(format!(
                 "unknown compression {:?}",
@@ -199,16 +248,43 @@ mod tests {
     #[test]
     fn round_trip_and_newer_version() {
         let cfg = RepoConfig::new([7; 16], &InitParams::default(), false).unwrap();
-        assert_eq!((cfg.version, cfg.block_id.as_str()), (2, "blake3"));
+        assert_eq!((cfg.version, cfg.block_id.as_str()), (3, "blake3"));
+        assert_eq!((cfg.group_blocks, cfg.group_blocks()), (Some(16), 16));
         assert_eq!(RepoConfig::decode(&cfg.encode().unwrap()).unwrap(), cfg);
+        // one block per group: a version 2 repository older builds read
+        let single = InitParams {
+            group_blocks: Some(1),
+            ..InitParams::default()
+        };
+        let v2 = RepoConfig::new([7; 16], &single, false).unwrap();
+        assert_eq!(
+            (v2.version, v2.group_blocks, v2.group_blocks()),
+            (2, None, 1)
+        );
+        assert!(!String::from_utf8_lossy(&v2.encode().unwrap()).contains("group"));
+        assert_eq!(RepoConfig::decode(&v2.encode().unwrap()).unwrap(), v2);
+        // groups need version 3, and fit in 1 MiB
+        let bad = RepoConfig {
+            group_blocks: Some(16),
+            ..v2.clone()
+        };
+        let e = RepoConfig::decode(&bad.encode().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("per group"), "{e}");
+        for g in [0, 129, 256] {
+            let p = InitParams {
+                group_blocks: Some(g),
+                ..InitParams::default()
+            };
+            assert!(RepoConfig::new([7; 16], &p, false).is_err(), "{g}");
+        }
         let enc = RepoConfig::new([7; 16], &InitParams::default(), true).unwrap();
         assert_eq!(enc.block_id, "blake3-keyed");
         assert_eq!(RepoConfig::decode(&enc.encode().unwrap()).unwrap(), enc);
         let mut newer = cfg.clone();
-        newer.version = 3;
+        newer.version = 4;
         let e = RepoConfig::decode(&newer.encode().unwrap()).unwrap_err();
         assert!(
-            matches!(e, RepoError::UnsupportedVersion { found: 3, .. }),
+            matches!(e, RepoError::UnsupportedVersion { found: 4, .. }),
             "{e}"
         );
         // version 1 (before BLAKE3 ids) still opens with its own functions
@@ -217,6 +293,7 @@ mod tests {
                 version: 1,
                 encryption: encryption.into(),
                 block_id: id.into(),
+                group_blocks: None,
                 ..cfg.clone()
             };
             assert_eq!(RepoConfig::decode(&old.encode().unwrap()).unwrap(), old);
@@ -232,6 +309,7 @@ mod tests {
                 version,
                 encryption: encryption.into(),
                 block_id: id.into(),
+                group_blocks: None,
                 ..cfg.clone()
             };
             let e = RepoConfig::decode(&bad.encode().unwrap()).unwrap_err();

@@ -36,7 +36,9 @@ pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{
     BackupFile, FileKind, Manifest, ManifestTotals, PageRef, RelName, Tablespace, MANIFEST_VERSION,
 };
-pub use pack::{decode_blob, encode_blob, read_pack_header, PackEntry};
+pub use pack::{
+    decode_blob, encode_blob, encode_group, read_pack_header, GroupCache, PackEntry, BLOB_GROUP,
+};
 pub use session::{Session, SessionOptions, SessionStats};
 pub use wal::{journal_size, timeline_dir, wal_key, WalJournal, WalStored};
 

@@ -15,6 +15,21 @@
 //! for another id fails the check at a fraction of the cost of hashing the
 //! block again. Blobs written before the checksum existed (bit 7 clear) are
 //! verified by recomputing the SHA-256 id of the decompressed block.
+//!
+//! A *group* blob (bit 6 of the compression byte, [`BLOB_GROUP`]; written
+//! to repositories of config version 3) holds up to 16 consecutive new
+//! blocks compressed together, which gives LZ4 the context one 8 KiB block
+//! lacks (docs/compression-groups-study.md). Every block of the group has its
+//! own entry; they share the group's offset and stored length. The group's
+//! plaintext is a table, then the compressed concatenation of its blocks:
+//!
+//! ```text
+//! count (u8) | count × (first 8 bytes of the block id, raw length u32 LE) | compressed blocks
+//! ```
+//! sealed with AES-256-GCM and associated data "group", or followed by
+//! CRC-32C("group" || plaintext). A reader finds its block by the id prefix
+//! in the authenticated table (prefixes are unique within a group), so a
+//! group served for a block it does not hold fails as a single blob does.
 
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
@@ -33,7 +48,18 @@ const TRAILER_LEN: u64 = 8;
 pub(crate) const ENTRY_LEN: usize = 45;
 /// Bit of an entry's compression byte: the blob ends with CRC-32C(id || rest).
 pub const BLOB_CRC: u8 = 0x80;
+/// Bit of an entry's compression byte: the blob is a group of blocks.
+pub const BLOB_GROUP: u8 = 0x40;
 const CRC_LEN: usize = 4;
+/// Bytes per block in a group's table.
+const GROUP_SLOT: usize = 12;
+/// Largest decompressed group accepted when reading.
+const MAX_GROUP_RAW: usize = 1 << 30;
+
+/// The compression algorithm of an entry's compression byte.
+pub(crate) fn algorithm(byte: u8) -> Option<Compression> {
+    Compression::from_id(byte & !(BLOB_CRC | BLOB_GROUP))
+}
 
 /// Why a blob does not give back its block. The caller names the pack and
 /// the block.
@@ -60,6 +86,12 @@ pub enum BlobError {
     /// A legacy blob whose content hashes to another id.
     #[error("content does not match its block id")]
     WrongContent,
+    /// A group whose table is cut short or inconsistent.
+    #[error("group table damaged: {0}")]
+    BadGroup(&'static str),
+    /// A group that does not hold the block its entry places there.
+    #[error("the group does not hold this block (the index points at another group)")]
+    NotInGroup,
 }
 
 /// A pack's random 128-bit name.
@@ -147,7 +179,7 @@ pub(crate) fn decode_entries<'a>(
         let len = r.u32_le().map_err(cut)?;
         let raw_len = r.u32_le().map_err(cut)?;
         let compression = r.u8().map_err(cut)?;
-        if Compression::from_id(compression & !BLOB_CRC).is_none() {
+        if algorithm(compression).is_none() {
             return Err(corrupt(format!(
                 "unknown compression {compression} in the entry at byte {}",
                 r.position() - ENTRY_LEN
@@ -192,6 +224,145 @@ fn blob_crc(id: &BlockId, body: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&id.0), body)
 }
 
+const GROUP_AAD: &[u8] = b"group";
+
+/// Compress (and encrypt, or checksum) consecutive blocks together into one
+/// group blob. Returns the blob and the compression byte of each of its
+/// blocks' entries. One block is stored as a single blob ([`encode_blob`]).
+/// The caller keeps the 8-byte id prefixes of a group distinct
+/// ([`group_prefix`]) and at most 255 blocks in it.
+pub fn encode_group(
+    blocks: &[(BlockId, &[u8])],
+    compression: Compression,
+    keys: Option<&Keys>,
+) -> (Vec<u8>, u8) {
+    if let [(id, data)] = blocks {
+        return encode_blob(data, id, compression, keys);
+    }
+    let raw: usize = blocks.iter().map(|(_, d)| d.len()).sum();
+    let mut joined = Vec::with_capacity(raw);
+    for (_, d) in blocks {
+        joined.extend_from_slice(d);
+    }
+    let (used, compressed) = compression.compress(&joined);
+    let mut plain = Vec::with_capacity(1 + blocks.len() * GROUP_SLOT + compressed.len() + CRC_LEN);
+    plain.push(blocks.len() as u8);
+    for (id, d) in blocks {
+        plain.extend_from_slice(&group_prefix(id));
+        plain.extend_from_slice(&(d.len() as u32).to_le_bytes());
+    }
+    plain.extend_from_slice(&compressed);
+    match keys {
+        Some(k) => (k.seal(GROUP_AAD, &plain), used.id() | BLOB_GROUP),
+        None => {
+            let crc = crc32c::crc32c_append(crc32c::crc32c(GROUP_AAD), &plain);
+            plain.extend_from_slice(&crc.to_le_bytes());
+            (plain, used.id() | BLOB_GROUP | BLOB_CRC)
+        }
+    }
+}
+
+/// The part of a block id a group's table keeps.
+pub fn group_prefix(id: &BlockId) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(id.0.get(..8).unwrap_or(&[0; 8]));
+    p
+}
+
+/// The decoded group blob last read, so the blocks of one group cost one
+/// decryption and one decompression between them. Valid for one pack.
+#[derive(Debug, Default)]
+pub struct GroupCache {
+    /// (offset, stored length) of the group held.
+    at: Option<(u32, u32)>,
+    /// Per block: id prefix, start and length in `data`.
+    slots: Vec<([u8; 8], usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl GroupCache {
+    /// Append the content of `loc`'s block, whose blob (a single one or its
+    /// group) is `blob`, to `out` (left as it was on error).
+    pub fn decode_into(
+        &mut self,
+        blob: &[u8],
+        loc: &PackEntry,
+        keys: Option<&Keys>,
+        hasher: &IdHasher,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BlobError> {
+        if loc.compression & BLOB_GROUP == 0 {
+            return decode_blob_into(blob, loc, keys, hasher, out);
+        }
+        if self.at != Some((loc.offset, loc.len)) {
+            self.at = None;
+            self.load(blob, loc.compression, keys)?;
+            self.at = Some((loc.offset, loc.len));
+        }
+        let want = group_prefix(&loc.id);
+        let (_, start, len) = self
+            .slots
+            .iter()
+            .find(|(p, _, _)| *p == want)
+            .ok_or(BlobError::NotInGroup)?;
+        if *len != loc.raw_len as usize {
+            return Err(BlobError::BadGroup(
+                "a block's length differs from its entry's",
+            ));
+        }
+        out.extend_from_slice(self.data.get(*start..start + len).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Open (or check), parse and decompress a group blob.
+    fn load(&mut self, blob: &[u8], byte: u8, keys: Option<&Keys>) -> Result<(), BlobError> {
+        let opened;
+        let plain = match keys {
+            Some(k) => {
+                opened = k.open(GROUP_AAD, blob)?;
+                opened.as_slice()
+            }
+            None => {
+                let (body, crc) = blob
+                    .split_last_chunk::<CRC_LEN>()
+                    .ok_or(BlobError::ShorterThanChecksum { len: blob.len() })?;
+                if byte & BLOB_CRC == 0
+                    || crc32c::crc32c_append(crc32c::crc32c(GROUP_AAD), body)
+                        != u32::from_le_bytes(*crc)
+                {
+                    return Err(BlobError::ChecksumMismatch);
+                }
+                body
+            }
+        };
+        let mut r = ByteReader::new(plain);
+        let count = r.u8().map_err(|_| BlobError::BadGroup("no block count"))? as usize;
+        self.slots.clear();
+        let mut total = 0usize;
+        for _ in 0..count {
+            let prefix = r
+                .array::<8>()
+                .map_err(|_| BlobError::BadGroup("the table is cut short"))?;
+            let len = r
+                .u32_le()
+                .map_err(|_| BlobError::BadGroup("the table is cut short"))?
+                as usize;
+            if self.slots.iter().any(|(p, _, _)| *p == prefix) {
+                return Err(BlobError::BadGroup("two blocks with one id prefix"));
+            }
+            self.slots.push((prefix, total, len));
+            total = total
+                .checked_add(len)
+                .filter(|&t| t <= MAX_GROUP_RAW)
+                .ok_or(BlobError::BadGroup("blocks longer than a group can be"))?;
+        }
+        let compression = algorithm(byte).ok_or(BlobError::UnknownCompression(byte))?;
+        self.data.clear();
+        compression.decompress_into(r.rest(), total, &mut self.data)?;
+        Ok(())
+    }
+}
+
 /// Decrypt (or check), decompress and verify one blob.
 pub fn decode_blob(
     blob: &[u8],
@@ -213,6 +384,9 @@ pub fn decode_blob_into(
     hasher: &IdHasher,
     out: &mut Vec<u8>,
 ) -> Result<(), BlobError> {
+    if loc.compression & BLOB_GROUP != 0 {
+        return GroupCache::default().decode_into(blob, loc, keys, hasher, out);
+    }
     let opened;
     let checked = loc.compression & BLOB_CRC != 0;
     let compressed = match keys {
@@ -231,8 +405,8 @@ pub fn decode_blob_into(
         }
         None => blob,
     };
-    let compression = Compression::from_id(loc.compression & !BLOB_CRC)
-        .ok_or(BlobError::UnknownCompression(loc.compression))?;
+    let compression =
+        algorithm(loc.compression).ok_or(BlobError::UnknownCompression(loc.compression))?;
     let start = out.len();
     compression.decompress_into(compressed, loc.raw_len as usize, out)?;
     // Encrypted blobs are authenticated and checksummed ones checked;
@@ -277,15 +451,20 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// Append a blob made by [`encode_blob`] (`compression`: its byte).
-    pub fn push(&mut self, id: BlockId, blob: &[u8], raw_len: usize, compression: u8) {
-        self.entries.push(PackEntry {
-            id,
-            offset: self.data.len() as u32,
-            len: blob.len() as u32,
-            raw_len: raw_len as u32,
-            compression,
-        });
+    /// Append a blob made by [`encode_blob`] or [`encode_group`]
+    /// (`compression`: its byte) holding the blocks `ids` with their raw
+    /// lengths.
+    pub fn push(&mut self, blocks: &[(BlockId, usize)], blob: &[u8], compression: u8) {
+        let offset = self.data.len() as u32;
+        for (id, raw_len) in blocks {
+            self.entries.push(PackEntry {
+                id: *id,
+                offset,
+                len: blob.len() as u32,
+                raw_len: *raw_len as u32,
+                compression,
+            });
+        }
         self.data.extend_from_slice(blob);
     }
 
@@ -400,6 +579,74 @@ mod tests {
         fn random_entries_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = decode_entries(&data, "p");
         }
+    }
+
+    fn group_blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|b| {
+                (0..8192u32 - if b == n - 1 { 100 } else { 0 })
+                    .map(|i| ((i / 32) as u8) ^ seed ^ b as u8)
+                    .collect()
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Every block of a group comes back, plain or encrypted, whatever
+        /// order it is read in; any changed byte of the group, and the
+        /// group read for a block it does not hold, fail.
+        #[test]
+        fn groups_round_trip_and_refuse_changes(
+            seed: u8, n in 2usize..17, at in 0usize..100_000, bit in 0u8..8, encrypted: bool,
+        ) {
+            let keys = encrypted.then(|| Keys::derive(&crate::codec::MasterKey([seed; 32]), b"r"));
+            let hasher = IdHasher::new(keys.as_ref());
+            let data = group_blocks(seed, n);
+            let blocks: Vec<(BlockId, &[u8])> = data.iter().map(|d| (hasher.id(d), d.as_slice())).collect();
+            let (blob, byte) = encode_group(&blocks, Compression::Lz4, keys.as_ref());
+            prop_assert_eq!(byte & BLOB_GROUP, BLOB_GROUP);
+            prop_assert!(blob.len() < 8192 * n / 4, "{} bytes", blob.len());
+            let entry = |i: usize| PackEntry {
+                id: blocks[i].0, offset: 64, len: blob.len() as u32, raw_len: data[i].len() as u32, compression: byte,
+            };
+            let mut cache = GroupCache::default();
+            for i in (0..n).rev() {
+                let mut out = vec![1, 2];
+                cache.decode_into(&blob, &entry(i), keys.as_ref(), &hasher, &mut out).unwrap();
+                prop_assert_eq!(&out[2..], data[i].as_slice());
+                prop_assert_eq!(decode_blob(&blob, &entry(i), keys.as_ref(), &hasher).unwrap(), data[i].clone());
+            }
+            let mut bad = blob.clone();
+            let at = at % bad.len();
+            bad[at] ^= 1 << bit;
+            prop_assert!(decode_blob(&bad, &entry(0), keys.as_ref(), &hasher).is_err());
+            let stranger = PackEntry { id: hasher.id(b"another block"), ..entry(0) };
+            let err = decode_blob(&blob, &stranger, keys.as_ref(), &hasher).unwrap_err();
+            prop_assert!(matches!(err, BlobError::NotInGroup), "{}", err);
+            let short = PackEntry { raw_len: 5, ..entry(0) };
+            prop_assert!(decode_blob(&blob, &short, keys.as_ref(), &hasher).is_err());
+            // a group is not a single blob, nor the reverse
+            let single = PackEntry { compression: byte & !BLOB_GROUP, ..entry(0) };
+            prop_assert!(decode_blob(&blob, &single, keys.as_ref(), &hasher).is_err());
+        }
+
+        #[test]
+        fn random_groups_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400), byte: u8) {
+            let e = PackEntry { id: BlockId([0; 32]), offset: 0, len: data.len() as u32, raw_len: 8192, compression: byte | BLOB_GROUP };
+            let _ = decode_blob(&data, &e, None, &IdHasher::new(None));
+        }
+    }
+
+    /// One block makes a single blob, readable by builds without groups.
+    #[test]
+    fn a_group_of_one_is_a_single_blob() {
+        let data = vec![3u8; 8192];
+        let hasher = IdHasher::new(None);
+        let id = hasher.id(&data);
+        assert_eq!(
+            encode_group(&[(id, &data)], Compression::Lz4, None),
+            encode_blob(&data, &id, Compression::Lz4, None)
+        );
     }
 
     /// Blobs written before checksums (bit 7 clear) are still proven by

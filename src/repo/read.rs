@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use super::index::Index;
-use super::pack::{decode_blob, decode_blob_into, PackEntry, PackId};
+use super::pack::{decode_blob, GroupCache, PackEntry, PackId};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::{BlockId, IdHasher, Keys};
 
@@ -61,8 +61,9 @@ impl Repository {
     }
 
     /// Read the blobs `entries` of one pack with a single ranged read
-    /// covering all of them (they must be in offset order, without overlap),
-    /// then verify and decode each. Restores read runs of neighbouring blocks
+    /// covering all of them (they must be in offset order, without overlap;
+    /// blocks of one group are neighbours with the group's offset), then
+    /// verify and decode each. Restores read runs of neighbouring blocks
     /// this way: one request per run instead of one per block, which is what
     /// makes restoring from object storage fast.
     pub async fn read_run(
@@ -101,10 +102,11 @@ impl Repository {
             ),
             _ => (0, 0),
         };
-        if entries
-            .windows(2)
-            .any(|w| u64::from(w[0].offset) + u64::from(w[0].len) > u64::from(w[1].offset))
-            || end < start
+        let same_blob = |a: &PackEntry, b: &PackEntry| (a.offset, a.len) == (b.offset, b.len);
+        if entries.windows(2).any(|w| {
+            !same_blob(&w[0], &w[1])
+                && u64::from(w[0].offset) + u64::from(w[0].len) > u64::from(w[1].offset)
+        }) || end < start
         {
             return Err(RepoError::BadRead {
                 object: name.to_owned(),
@@ -131,6 +133,7 @@ impl Repository {
             bytes,
             keys: self.keys().cloned(),
             hasher: self.hasher().clone(),
+            group: std::sync::Mutex::new(GroupCache::default()),
         })
     }
 }
@@ -142,6 +145,9 @@ pub struct RunBytes {
     bytes: Bytes,
     keys: Option<Keys>,
     hasher: IdHasher,
+    /// The group decoded last: its other blocks are read without decoding
+    /// it again.
+    group: std::sync::Mutex<GroupCache>,
 }
 
 impl RunBytes {
@@ -157,11 +163,15 @@ impl RunBytes {
                 context: Some("not in this read"),
             })?;
         let blob = &self.bytes[at..at + e.len as usize];
-        decode_blob_into(blob, e, self.keys.as_ref(), &self.hasher, out).map_err(|reason| {
-            RepoError::Corrupt {
+        let mut group = self
+            .group
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        group
+            .decode_into(blob, e, self.keys.as_ref(), &self.hasher, out)
+            .map_err(|reason| RepoError::Corrupt {
                 object: self.object.clone(),
                 reason: format!("block {}: {reason}", e.id),
-            }
-        })
+            })
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::gc::{GcState, Lease};
 use super::index::{IdHash, Index};
-use super::pack::{encode_blob, PackBuilder, PackEntry, PackId};
+use super::pack::{encode_group, group_prefix, PackBuilder, PackEntry, PackId};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::{BlockId, Compression};
 
@@ -106,6 +106,7 @@ pub struct Session {
     compression: Compression,
     pack_size: usize,
     batch_blocks: usize,
+    group_blocks: usize,
     known: Arc<Index>,
     fresh: Mutex<HashSet<BlockId, BuildHasherDefault<IdHash>>>,
     packer: Mutex<PackBuilder>,
@@ -166,6 +167,7 @@ impl Session {
                 .unwrap_or_else(|| repo.config().compression()),
             pack_size,
             batch_blocks: opts.batch_blocks.max(1),
+            group_blocks: repo.config().group_blocks(),
             known: Arc::new(index),
             fresh: Mutex::new(HashSet::default()),
             packer: Mutex::new(PackBuilder::new(pack_size + pack_size / 8)),
@@ -215,31 +217,37 @@ impl Session {
                 .map(|id| !self.known.contains(id) && fresh.insert(*id))
                 .collect()
         };
-        let blobs: Vec<(BlockId, Vec<u8>, usize, u8)> = blocks
+        let fresh: Vec<(BlockId, &[u8])> = blocks
             .iter()
             .zip(&ids)
             .zip(&new)
             .filter(|(_, &is_new)| is_new)
-            .map(|((data, id), _)| {
-                let (blob, used) = encode_blob(data, id, self.compression, self.repo.keys());
-                (*id, blob, data.len(), used)
-            })
+            .map(|((data, id), _)| (*id, *data))
             .collect();
-        if blobs.is_empty() {
+        if fresh.is_empty() {
             return Ok(ids);
         }
         self.counters
             .new_blocks
-            .fetch_add(blobs.len() as u64, Ordering::Relaxed);
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
         self.counters.new_raw.fetch_add(
-            blobs.iter().map(|b| b.2 as u64).sum::<u64>(),
+            fresh.iter().map(|b| b.1.len() as u64).sum::<u64>(),
             Ordering::Relaxed,
         );
+        // (the blocks and their raw lengths, the blob, its compression byte)
+        type Blob = (Vec<(BlockId, usize)>, Vec<u8>, u8);
+        let blobs: Vec<Blob> = groups(&fresh, self.group_blocks)
+            .map(|g| {
+                let (blob, used) = encode_group(g, self.compression, self.repo.keys());
+                let members = g.iter().map(|(id, d)| (*id, d.len())).collect();
+                (members, blob, used)
+            })
+            .collect();
         let mut full = Vec::new();
         {
             let mut p = lock(&self.packer);
-            for (id, blob, raw, used) in &blobs {
-                p.push(*id, blob, *raw, *used);
+            for (members, blob, used) in &blobs {
+                p.push(members, blob, *used);
                 if p.len() >= self.pack_size {
                     full.push(std::mem::replace(
                         &mut *p,
@@ -252,6 +260,11 @@ impl Session {
             self.send_pack(pack)?;
         }
         Ok(ids)
+    }
+
+    /// Blocks compressed together in one group blob (1: each alone).
+    pub fn group_blocks(&self) -> usize {
+        self.group_blocks
     }
 
     /// Store many blocks in parallel; ids in input order.
@@ -443,6 +456,57 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Lock a mutex, recovering from poisoning (every critical section here
 /// leaves its data consistent).
+/// Cut new blocks into groups of at most `most` whose id prefixes are
+/// distinct (a group's table finds a block by its prefix).
+fn groups<'a, 'b>(
+    blocks: &'a [(BlockId, &'b [u8])],
+    most: usize,
+) -> impl Iterator<Item = &'a [(BlockId, &'b [u8])]> {
+    let most = most.clamp(1, 255);
+    let mut rest = blocks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut n = 1;
+        while n < most.min(rest.len()) {
+            let p = group_prefix(&rest[n].0);
+            if rest[..n].iter().any(|(id, _)| group_prefix(id) == p) {
+                break;
+            }
+            n += 1;
+        }
+        let (g, tail) = rest.split_at(n);
+        rest = tail;
+        Some(g)
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Groups keep input order, hold at most `most` blocks, and never two
+    /// blocks whose ids share the table's prefix.
+    #[test]
+    fn groups_are_bounded_and_prefixes_distinct() {
+        let id = |p: u8, q: u8| {
+            let mut b = [q; 32];
+            b[..8].copy_from_slice(&[p; 8]);
+            BlockId(b)
+        };
+        let ids = [id(1, 0), id(2, 0), id(1, 9), id(3, 0), id(4, 0), id(5, 0)];
+        let blocks: Vec<(BlockId, &[u8])> = ids.iter().map(|i| (*i, &b"x"[..])).collect();
+        let sizes = |most| groups(&blocks, most).map(|g| g.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(16), vec![2, 4]);
+        assert_eq!(sizes(3), vec![2, 3, 1]);
+        assert_eq!(sizes(1), vec![1; 6]);
+        let flat: Vec<BlockId> = groups(&blocks, 2).flatten().map(|b| b.0).collect();
+        assert_eq!(flat, ids);
+        assert_eq!(groups(&[], 16).count(), 0);
+    }
 }

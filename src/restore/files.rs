@@ -184,6 +184,14 @@ fn plan_runs(
                 entry: loc.entry,
             };
             if let Some(run) = open.get(&loc.pack).map(|&r| &mut runs[r]) {
+                // the next block of the group the run ends with
+                let last = run.items.last().map(|i| (i.entry.offset, i.entry.len));
+                if last == Some((loc.entry.offset, loc.entry.len))
+                    && run.items.len() < MAX_RUN_BLOCKS
+                {
+                    run.items.push(item);
+                    continue;
+                }
                 if off >= run.end
                     && off - run.end <= MAX_GAP
                     && off + len - run.start <= MAX_RUN_BYTES
