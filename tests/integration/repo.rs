@@ -10,7 +10,7 @@ use walvault::codec::BlockId;
 use walvault::repo::gc::{self, Lease};
 use walvault::repo::{
     BackupFile, FileKind, Index, InitParams, Manifest, ManifestTotals, RepoError, Repository,
-    Secret, Session, SessionOptions, SessionStats, StanzaPaths,
+    Secret, Session, SessionOptions, SessionStats, StanzaPaths, BLOB_GROUP,
 };
 use walvault::storage::{list_all, Storage};
 
@@ -548,7 +548,94 @@ async fn gc_deletes_only_unreferenced_after_grace(b: &Backend) {
     assert!(gc::plan(&index, &[back]).missing.is_empty());
 }
 
+/// New blocks are stored in groups (config version 3) that read back whole;
+/// `group_blocks = 1` keeps the format older builds read (version 2, one
+/// blob per block) and stores the same files in more bytes.
+async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
+    let paths = StanzaPaths::new("main");
+    // real table pages: 4 MiB of text rows compress far better together
+    let mut files = shapes();
+    files.push((
+        "rows".into(),
+        (0..60_000u32)
+            .map(|i| format!("{i:08} | customer {} | 2026-12-0{} |\n", i % 977, i % 9))
+            .collect::<String>()
+            .into_bytes(),
+    ));
+    let grouped = init(b, true).await;
+    assert_eq!(
+        (grouped.config().version, grouped.config().group_blocks()),
+        (3, 16)
+    );
+    let (stored, g_stats) = store(&grouped, files.clone()).await;
+    let (index, _) = Index::load(&grouped, &paths).await.unwrap();
+    let entries: Vec<_> = index
+        .pack_entries()
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .collect();
+    let mut per_blob: std::collections::HashMap<(u32, u32), usize> = Default::default();
+    for e in entries.iter().filter(|e| e.compression & BLOB_GROUP != 0) {
+        *per_blob.entry((e.offset, e.len)).or_default() += 1;
+    }
+    assert!(
+        per_blob.values().any(|&n| n == 16) && per_blob.values().all(|&n| (2..=16).contains(&n)),
+        "groups of 2 to 16 blocks expected: {per_blob:?}"
+    );
+    for ((name, data), f) in files.iter().zip(&stored) {
+        assert_eq!(
+            &read_file(&grouped, &index, &f.blocks).await,
+            data,
+            "{name}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let single = Arc::new(
+        Repository::init(
+            Arc::new(walvault::storage::LocalDir::open(dir.path().join("repo")).unwrap()),
+            &InitParams {
+                group_blocks: Some(1),
+                ..InitParams::default()
+            },
+            Some(&Secret::Passphrase(PASS.into())),
+            crate::support::backend::cheap_kdf(),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        (single.config().version, single.config().group_blocks),
+        (2, None)
+    );
+    let (stored1, s_stats) = store(&single, files.clone()).await;
+    let (index1, _) = Index::load(&single, &paths).await.unwrap();
+    let all: Vec<_> = index1
+        .pack_entries()
+        .into_iter()
+        .flat_map(|(_, e)| e)
+        .collect();
+    assert!(all.iter().all(|e| e.compression & BLOB_GROUP == 0));
+    let offsets: std::collections::HashSet<u32> = all.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets.len(), all.len(), "one blob per block");
+    for ((name, data), f) in files.iter().zip(&stored1) {
+        assert_eq!(
+            &read_file(&single, &index1, &f.blocks).await,
+            data,
+            "{name}"
+        );
+    }
+    assert_eq!(g_stats.new_blocks, s_stats.new_blocks);
+    assert!(
+        g_stats.stored_bytes * 10 < s_stats.stored_bytes * 9,
+        "groups {} bytes, single blocks {}",
+        g_stats.stored_bytes,
+        s_stats.stored_bytes
+    );
+}
+
 crate::on_every_backend!(
+    groups_store_less_and_single_blocks_stay_version_2,
     round_trip_plain,
     round_trip_encrypted,
     second_store_adds_no_pack_bytes,
