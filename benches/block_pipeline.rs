@@ -11,6 +11,9 @@
 //! - `pipeline/<input>/single` and `.../all_cores`: the whole path, one thread,
 //!   then rayon `par_chunks` with one block per item (the backup runs these
 //!   steps in rayon workers);
+//! - `pipeline/<input>/grouped_*`: the path of config version 3 repositories,
+//!   an id per block, then 16 blocks compressed and sealed together
+//!   (`encode_group`), per rayon item;
 //! - `pieces/<step>`: each step alone on pgbench pages, one thread, to show
 //!   where the time goes.
 //!
@@ -28,7 +31,7 @@ use rand::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
 use walvault::codec::{Compression, IdHasher, Keys, MasterKey};
-use walvault::repo::{encode_blob, DEFAULT_BLOCK_SIZE};
+use walvault::repo::{encode_blob, encode_group, DEFAULT_BLOCK_SIZE};
 
 /// Bytes of each input.
 const INPUT_BYTES: usize = 64 << 20;
@@ -94,6 +97,16 @@ fn one_block(block: &[u8], hasher: &IdHasher, keys: &Keys) -> usize {
     blob.len()
 }
 
+/// Blocks per group in version 3 repositories.
+const GROUP: usize = 16;
+
+/// The work done for a group of blocks: an id each, then one blob.
+fn one_group(blocks: &[u8], hasher: &IdHasher, keys: &Keys) -> usize {
+    let members: Vec<_> = blocks.chunks(BLOCK).map(|b| (hasher.id(b), b)).collect();
+    let (blob, _used) = encode_group(&members, Compression::Lz4, Some(keys));
+    blob.len()
+}
+
 /// Slow cases take ~0.2 s per iteration: flat sampling keeps each under ~10 s.
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>, bytes: usize) {
     group
@@ -109,10 +122,10 @@ fn keys() -> Keys {
 }
 
 /// Stored bytes per raw byte of the pipeline on `data` (context for the numbers).
-fn stored_ratio(data: &[u8], hasher: &IdHasher, keys: &Keys) -> f64 {
+fn stored_ratio(data: &[u8], hasher: &IdHasher, keys: &Keys, group: usize) -> f64 {
     let stored: usize = data
-        .par_chunks(BLOCK)
-        .map(|b| one_block(b, hasher, keys))
+        .par_chunks(BLOCK * group)
+        .map(|b| one_group(b, hasher, keys))
         .sum();
     stored as f64 / data.len() as f64
 }
@@ -129,10 +142,11 @@ fn pipeline(c: &mut Criterion) {
     ];
     for (name, data) in [("pgbench", pgbench_pages()), ("random", random_bytes())] {
         eprintln!(
-            "# {name}: {} MiB in {} blocks of {BLOCK} bytes; stored/raw = {:.3}; rayon threads: {}",
+            "# {name}: {} MiB in {} blocks of {BLOCK} bytes; stored/raw = {:.3} alone, {:.3} in groups of {GROUP}; rayon threads: {}",
             data.len() >> 20,
             data.len() / BLOCK,
-            stored_ratio(&data, &hashers[0].1, &keys),
+            stored_ratio(&data, &hashers[0].1, &keys, 1),
+            stored_ratio(&data, &hashers[0].1, &keys, GROUP),
             rayon::current_num_threads()
         );
         let mut group = c.benchmark_group(format!("pipeline/{name}"));
@@ -155,6 +169,23 @@ fn pipeline(c: &mut Criterion) {
                 })
             });
         }
+        let hasher = &hashers[0].1;
+        group.bench_function("grouped_single/blake3_keyed", |b| {
+            b.iter(|| {
+                black_box(&data)
+                    .chunks(BLOCK * GROUP)
+                    .map(|g| one_group(g, hasher, &keys))
+                    .sum::<usize>()
+            })
+        });
+        group.bench_function("grouped_all_cores/blake3_keyed", |b| {
+            b.iter(|| {
+                black_box(&data)
+                    .par_chunks(BLOCK * GROUP)
+                    .map(|g| one_group(g, hasher, &keys))
+                    .sum::<usize>()
+            })
+        });
         group.finish();
     }
 }

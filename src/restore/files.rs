@@ -77,9 +77,12 @@ pub struct WriteStats {
     pub reads: u64,
 }
 
-/// For each target, the block indexes to write; with `delta`, blocks of an
-/// existing file whose id matches are skipped (hashing runs on the blocking
-/// pool, two files at a time).
+/// For each target, the block indexes to write. Files are (re)created at
+/// their length, reading as zeros, so all-zero blocks (relations extended
+/// ahead of use, PostgreSQL 16+'s `fallocate` extension) are not read,
+/// decoded or written. With `delta`, blocks of an existing file whose id
+/// matches are skipped instead (hashing runs on the blocking pool, two files
+/// at a time).
 async fn needed_blocks(
     repo: &Repository,
     targets: &[Target<'_>],
@@ -87,9 +90,15 @@ async fn needed_blocks(
     delta: bool,
 ) -> Result<Vec<Vec<usize>>, RestoreError> {
     if !delta {
+        let zero = repo.hasher().id(&vec![0u8; block_size]);
         return Ok(targets
             .iter()
-            .map(|t| (0..t.file.blocks.len()).collect())
+            .map(|t| {
+                let full = (t.file.size / block_size as u64) as usize;
+                (0..t.file.blocks.len())
+                    .filter(|&i| i >= full || t.file.blocks[i] != zero)
+                    .collect()
+            })
             .collect());
     }
     let hasher = repo.hasher().clone();

@@ -192,6 +192,12 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
         PASSWORD_USER,
         "CREATE TABLE marker(t text); INSERT INTO marker VALUES ('before')",
     );
+    // a file of zero pages around data: restore leaves zero blocks to the
+    // file's creation at its length, and must not lose the others
+    let mut zeros = vec![0u8; 3 * 8192];
+    zeros.extend(std::iter::repeat_n(7u8, 8192));
+    zeros.extend(std::iter::repeat_n(0u8, 2 * 8192 + 100));
+    std::fs::write(s.src.datadir.join("zero-pages.bin"), &zeros).unwrap();
     let mut bench = s.src.pgbench_load(5).spawn().unwrap();
     let out =
         s.wv.args(["backup", "--pg", &s.src.conninfo(), "--fast"])
@@ -206,6 +212,10 @@ async fn backup_restore_exact(major: Option<u32>, s3: bool) -> (Setup, PgCluster
     let mut dst = PgCluster::for_restore(&s.src.bindir);
     let text = restore(&s, &dst, &[]);
     assert!(text.contains("restored backup"), "{text}");
+    assert!(
+        std::fs::read(dst.datadir.join("zero-pages.bin")).unwrap() == zeros,
+        "zero-pages.bin differs"
+    );
     // PostgreSQL's own check of the directory, through the server's
     // manifest that walvault kept with the backup
     if let Some((ok, said)) = verifybackup(&dst) {
