@@ -21,7 +21,8 @@
 #        PHASES (default "full incr restore pitr push20": the phases measured;
 #        the full backups of walvault and pgBackRest always run, once when
 #        "full" is left out, since the later phases start from them),
-#        WALVAULT_BIN (default: cargo build --release), KEEP=1 keeps the work dir
+#        WALVAULT_BIN (default: cargo build --release), KEEP=1 keeps the work dir,
+#        WV_INIT_ARGS (options of walvault's `init`, e.g. "--compression zstd:1")
 # Installs pgbackrest and GNU time with apt-get when missing. Runs as root
 # (PostgreSQL, pgbackrest and walvault then run as the postgres user) or as
 # the database's OS user.
@@ -135,7 +136,8 @@ want full || full_rounds=1
 echo "# full backups (x$full_rounds)" >&2
 for r in $(seq "$full_rounds"); do
   run rm -rf "$tmp/wv-repo" "$tmp/out/bb" "$tmp/out/bb-lz4"
-  run "$wv" --repo "$tmp/wv-repo" init >/dev/null
+  # shellcheck disable=SC2086 # WV_INIT_ARGS is a list of options
+  run "$wv" --repo "$tmp/wv-repo" init ${WV_INIT_ARGS:-} >/dev/null
   measure "full:walvault" "$tmp/wv-repo" "$wv" -q --repo "$tmp/wv-repo" backup --pg "$pgconn" --fast
   if want full; then
     measure "full:pg_basebackup" "$tmp/out/bb" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb" -Ft -X none -c fast --no-sync

@@ -2,13 +2,15 @@
 //!
 //! Stored as index objects under `<stanza>/index/`, each covering the packs one
 //! writer finished (body: pack count u32 LE, then per pack its 16-byte id and
-//! the same entry list as its pack header). In memory, one hash map keyed by
-//! the id's first 64 bits (ids are uniform, so no further hashing): 32 bytes
-//! of id + 20 bytes of location + hash-table overhead ≈ 60 bytes per distinct
-//! block. The first location seen for an id wins, in index-object name order.
+//! the same entry list as its pack header). In memory, one array of
+//! (id, location) sorted by id — 52 bytes per distinct block, nothing more —
+//! with a directory of the ids' leading bits in front (about 1 byte per
+//! block), so a lookup touches one directory slot and a few neighbouring
+//! entries. (A hash map cost 60 to 120 bytes per block, doubling at powers
+//! of two: 222 MB for the 1.9 M blocks of a 15 GB cluster.) The first
+//! location seen for an id wins, in index-object name order.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 use futures::StreamExt;
 
@@ -42,8 +44,6 @@ impl Hasher for IdHash {
 /// Packs and their entries, as index objects and pack headers list them.
 pub type PackList = Vec<(PackId, Vec<PackEntry>)>;
 
-pub(crate) type IdMap<V> = HashMap<BlockId, V, BuildHasherDefault<IdHash>>;
-
 #[derive(Debug, Clone, Copy)]
 struct Loc {
     pack: u32,
@@ -51,6 +51,13 @@ struct Loc {
     len: u32,
     raw_len: u32,
     compression: u8,
+}
+
+/// One block's place: its id and where it is.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: BlockId,
+    loc: Loc,
 }
 
 /// Where a block is stored.
@@ -66,23 +73,107 @@ pub struct BlockLocation {
 #[derive(Debug, Default)]
 pub struct Index {
     packs: Vec<PackId>,
-    map: IdMap<Loc>,
+    /// Sorted by id, one per id.
+    slots: Vec<Slot>,
+    /// `dir[p]`: the first slot whose id's leading `bits` bits are ≥ p.
+    dir: Vec<u32>,
+    bits: u32,
+}
+
+/// Collects packs' entries, then sorts them once into an [`Index`].
+#[derive(Debug, Default)]
+pub struct IndexBuilder {
+    packs: Vec<PackId>,
+    slots: Vec<Slot>,
+}
+
+impl IndexBuilder {
+    /// An empty builder with room for `entries`.
+    pub fn with_capacity(entries: usize) -> IndexBuilder {
+        IndexBuilder {
+            packs: Vec::new(),
+            slots: Vec::with_capacity(entries),
+        }
+    }
+
+    /// Add a pack's entries (an id seen before keeps its first location).
+    pub fn add_pack(&mut self, pack: PackId, entries: &[PackEntry]) {
+        let n = self.packs.len() as u32;
+        self.packs.push(pack);
+        self.slots.extend(entries.iter().map(|e| Slot {
+            id: e.id,
+            loc: Loc {
+                pack: n,
+                offset: e.offset,
+                len: e.len,
+                raw_len: e.raw_len,
+                compression: e.compression,
+            },
+        }));
+    }
+
+    /// Sort (in place), keep each id's first location, build the directory.
+    pub fn finish(self) -> Index {
+        let IndexBuilder { packs, mut slots } = self;
+        // packs are numbered in the order they were added, so (id, pack,
+        // offset) order puts each id's first location first
+        slots.sort_unstable_by(|a, b| {
+            (a.id.0, a.loc.pack, a.loc.offset).cmp(&(b.id.0, b.loc.pack, b.loc.offset))
+        });
+        slots.dedup_by(|b, a| a.id == b.id);
+        slots.shrink_to_fit();
+        // about four slots per directory entry
+        let bits = (slots.len() / 4).max(1).ilog2().min(28);
+        let mut dir = Vec::with_capacity((1usize << bits) + 1);
+        let mut at = 0usize;
+        for p in 0..=(1u64 << bits) {
+            while at < slots.len() && u64::from(prefix(&slots[at].id, bits)) < p {
+                at += 1;
+            }
+            dir.push(at as u32);
+        }
+        Index {
+            packs,
+            slots,
+            dir,
+            bits,
+        }
+    }
+}
+
+/// The leading `bits` bits of an id.
+fn prefix(id: &BlockId, bits: u32) -> u32 {
+    let head = u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]);
+    if bits == 0 {
+        0
+    } else {
+        head >> (32 - bits)
+    }
 }
 
 impl Index {
     /// An empty index.
     pub fn new() -> Index {
-        Index::default()
+        IndexBuilder::default().finish()
+    }
+
+    /// An index of these packs' entries, in this order.
+    pub fn from_packs<'a>(packs: impl IntoIterator<Item = &'a (PackId, Vec<PackEntry>)>) -> Index {
+        let mut b = IndexBuilder::default();
+        for (p, e) in packs {
+            b.add_pack(*p, e);
+        }
+        b.finish()
     }
 
     /// Distinct blocks.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.slots.len()
     }
 
     /// True when no block is known.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.slots.is_empty()
     }
 
     /// Packs referenced by the index.
@@ -90,40 +181,44 @@ impl Index {
         &self.packs
     }
 
+    fn find(&self, id: &BlockId) -> Option<&Slot> {
+        let p = prefix(id, self.bits) as usize;
+        let (lo, hi) = (*self.dir.get(p)? as usize, *self.dir.get(p + 1)? as usize);
+        let run = self.slots.get(lo..hi)?;
+        run.iter().find(|s| s.id == *id)
+    }
+
     /// True when the block is stored.
     pub fn contains(&self, id: &BlockId) -> bool {
-        self.map.contains_key(id)
+        self.find(id).is_some()
     }
 
     /// Where the block is stored.
     pub fn get(&self, id: &BlockId) -> Option<BlockLocation> {
-        let l = self.map.get(id)?;
+        let s = self.find(id)?;
         Some(BlockLocation {
-            pack: *self.packs.get(l.pack as usize)?,
+            pack: *self.packs.get(s.loc.pack as usize)?,
             entry: PackEntry {
                 id: *id,
-                offset: l.offset,
-                len: l.len,
-                raw_len: l.raw_len,
-                compression: l.compression,
+                offset: s.loc.offset,
+                len: s.loc.len,
+                raw_len: s.loc.raw_len,
+                compression: s.loc.compression,
             },
         })
     }
 
     /// Add a pack's entries; ids already known keep their first location.
+    /// Rebuilds the index: for a few packs (build large ones with
+    /// [`IndexBuilder`]).
     pub fn add_pack(&mut self, pack: PackId, entries: &[PackEntry]) {
-        let n = self.packs.len() as u32;
-        self.packs.push(pack);
-        self.map.reserve(entries.len());
-        for e in entries {
-            self.map.entry(e.id).or_insert(Loc {
-                pack: n,
-                offset: e.offset,
-                len: e.len,
-                raw_len: e.raw_len,
-                compression: e.compression,
-            });
-        }
+        let old = std::mem::take(self);
+        let mut b = IndexBuilder {
+            packs: old.packs,
+            slots: old.slots,
+        };
+        b.add_pack(pack, entries);
+        *self = b.finish();
     }
 
     /// Encode packs and their entries as an index object body.
@@ -177,25 +272,25 @@ impl Index {
             .into_iter()
             .map(|o| o.key)
             .collect();
-        let bodies: Vec<Result<Option<PackList>, RepoError>> =
-            futures::stream::iter(names.iter().cloned())
-                .map(|name| async move {
-                    match repo
-                        .read_object(ObjectKind::Index, &name, MAX_INDEX_BODY)
-                        .await
-                    {
-                        Ok(body) => Index::decode_object(&body, &name).map(Some),
-                        // replaced by a concurrent garbage collection
-                        Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                })
-                .buffered(8)
-                .collect()
-                .await;
-        let mut index = Index::new();
+        // each object's entries join the builder as it arrives, in name order
+        let mut bodies = futures::stream::iter(names.clone())
+            .map(|name| async move {
+                match repo
+                    .read_object(ObjectKind::Index, &name, MAX_INDEX_BODY)
+                    .await
+                {
+                    Ok(body) => Index::decode_object(&body, &name).map(Some),
+                    // replaced by a concurrent garbage collection
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(8);
+        let mut index = IndexBuilder::default();
         let mut loaded = Vec::new();
-        for (name, body) in names.into_iter().zip(bodies) {
+        let mut names = names.into_iter();
+        while let Some(body) = bodies.next().await {
+            let name = names.next().unwrap_or_default();
             if let Some(packs) = body? {
                 for (id, entries) in packs {
                     index.add_pack(id, &entries);
@@ -203,7 +298,7 @@ impl Index {
                 loaded.push(name);
             }
         }
-        Ok((index, loaded))
+        Ok((index.finish(), loaded))
     }
 
     /// Build an index from the pack headers alone (no index objects): the
@@ -228,12 +323,12 @@ impl Index {
                 .buffered(8)
                 .collect()
                 .await;
-        let mut index = Index::new();
+        let mut index = IndexBuilder::default();
         for h in headers {
             let (id, entries) = h?;
             index.add_pack(id, &entries);
         }
-        Ok(index)
+        Ok(index.finish())
     }
 
     /// Store an index object for `packs`; returns its name.
@@ -256,7 +351,7 @@ impl Index {
     /// Every pack with its entries as this index knows them (first locations only).
     pub fn pack_entries(&self) -> PackList {
         let mut per: Vec<Vec<PackEntry>> = vec![Vec::new(); self.packs.len()];
-        for (id, l) in &self.map {
+        for Slot { id, loc: l } in &self.slots {
             per[l.pack as usize].push(PackEntry {
                 id: *id,
                 offset: l.offset,
@@ -306,6 +401,44 @@ mod tests {
     }
 
     proptest! {
+        /// Lookups agree with a map built in the same order (first
+        /// location wins), for ids present and absent, at every size.
+        #[test]
+        fn lookups_agree_with_a_map(n in 0usize..3000, packs in 1usize..5, seed: u64) {
+            let mut x = seed | 1;
+            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let ids: Vec<BlockId> = (0..n).map(|_| {
+                let mut b = [0u8; 32];
+                for c in b.chunks_mut(8) { c.copy_from_slice(&next().to_le_bytes()); }
+                BlockId(b)
+            }).collect();
+            let mut list: PackList = Vec::new();
+            let mut want: std::collections::HashMap<BlockId, (PackId, u32)> = Default::default();
+            for p in 0..packs {
+                let pack = PackId([p as u8; 16]);
+                // every pack repeats some ids of the previous ones
+                let es: Vec<PackEntry> = ids.iter().enumerate()
+                    .filter(|(i, _)| i % packs == p || i % 7 == 0)
+                    .map(|(i, id)| PackEntry { id: *id, offset: i as u32, len: 1, raw_len: 2, compression: 1 })
+                    .collect();
+                for e in &es { want.entry(e.id).or_insert((pack, e.offset)); }
+                list.push((pack, es));
+            }
+            let idx = Index::from_packs(&list);
+            prop_assert_eq!(idx.len(), want.len());
+            for (id, (pack, off)) in &want {
+                let got = idx.get(id).unwrap();
+                prop_assert_eq!((got.pack, got.entry.offset), (*pack, *off));
+            }
+            for _ in 0..50 {
+                let mut b = [0u8; 32];
+                b[..8].copy_from_slice(&next().to_le_bytes());
+                prop_assert!(!idx.contains(&BlockId(b)));
+            }
+            let back: usize = idx.pack_entries().iter().map(|(_, e)| e.len()).sum();
+            prop_assert_eq!(back, want.len());
+        }
+
         #[test]
         fn random_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = Index::decode_object(&data, "i");

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
-pub use index::{BlockLocation, Index, PackId};
+pub use index::{BlockLocation, Index, IndexBuilder, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{
     BackupFile, FileKind, Manifest, ManifestTotals, PageRef, RelName, Tablespace, MANIFEST_VERSION,

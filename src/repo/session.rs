@@ -144,13 +144,12 @@ impl Session {
         let pending = GcState::load(&repo, &paths).await?.pending_packs();
         if !pending.is_empty() {
             // never deduplicate against a pack garbage collection may delete
-            let mut kept = Index::new();
-            for (p, e) in index.pack_entries() {
-                if !pending.contains(&p) {
-                    kept.add_pack(p, &e);
-                }
-            }
-            index = kept;
+            let kept: Vec<_> = index
+                .pack_entries()
+                .into_iter()
+                .filter(|(p, _)| !pending.contains(p))
+                .collect();
+            index = Index::from_packs(&kept);
         }
         let pack_size = repo.config().pack_size as usize;
         let (tx, rx) = mpsc::channel(opts.queue_packs.max(1));
