@@ -19,8 +19,6 @@
 //!   index until it finishes, so garbage collection never deletes a pack the
 //!   session may have deduplicated against.
 
-use std::collections::HashSet;
-use std::hash::BuildHasherDefault;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,8 +29,9 @@ use futures::StreamExt;
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
+use super::fresh::FreshSet;
 use super::gc::{GcState, Lease};
-use super::index::{IdHash, Index};
+use super::index::Index;
 use super::pack::{encode_group, group_prefix, PackBuilder, PackEntry, PackId};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::{BlockId, Compression};
@@ -108,7 +107,7 @@ pub struct Session {
     batch_blocks: usize,
     group_blocks: usize,
     known: Arc<Index>,
-    fresh: Mutex<HashSet<BlockId, BuildHasherDefault<IdHash>>>,
+    fresh: FreshSet,
     packer: Mutex<PackBuilder>,
     tx: Mutex<Option<mpsc::Sender<FinishedPack>>>,
     uploader: Mutex<Option<tokio::task::JoinHandle<Result<UploadResult, RepoError>>>>,
@@ -120,7 +119,8 @@ struct UploadResult {
     packs: u64,
     stored: u64,
     index_objects: Vec<String>,
-    uploaded: Vec<(PackId, Vec<PackEntry>)>,
+    /// Packs named by the index objects written.
+    indexed: usize,
 }
 
 impl std::fmt::Debug for Session {
@@ -168,7 +168,7 @@ impl Session {
             batch_blocks: opts.batch_blocks.max(1),
             group_blocks: repo.config().group_blocks(),
             known: Arc::new(index),
-            fresh: Mutex::new(HashSet::default()),
+            fresh: FreshSet::default(),
             packer: Mutex::new(PackBuilder::new(pack_size + pack_size / 8)),
             tx: Mutex::new(Some(tx)),
             uploader: Mutex::new(Some(uploader)),
@@ -211,9 +211,8 @@ impl Session {
             .logical
             .fetch_add(logical as u64, Ordering::Relaxed);
         let new: Vec<bool> = {
-            let mut fresh = lock(&self.fresh);
             ids.iter()
-                .map(|id| !self.known.contains(id) && fresh.insert(*id))
+                .map(|id| !self.known.contains(id) && self.fresh.insert(*id))
                 .collect()
         };
         let fresh: Vec<(BlockId, &[u8])> = blocks
@@ -367,7 +366,7 @@ impl Session {
         let c = &self.counters;
         tracing::debug!(
             index_objects = u.index_objects.len(),
-            packs = u.uploaded.len(),
+            packs = u.indexed,
             "session finished"
         );
         Ok(SessionStats {
@@ -387,6 +386,10 @@ impl Session {
     }
 }
 
+/// Entries of uploaded packs after which an index object is written
+/// (about 6 MiB of index body).
+const FLUSH_ENTRIES: usize = 1 << 17;
+
 async fn upload_loop(
     repo: Arc<Repository>,
     paths: StanzaPaths,
@@ -400,7 +403,7 @@ async fn upload_loop(
         packs: 0,
         stored: 0,
         index_objects: Vec::new(),
-        uploaded: Vec::new(),
+        indexed: 0,
     };
     let mut open = true;
     while open || !running.is_empty() {
@@ -420,10 +423,15 @@ async fn upload_loop(
                 result.packs += 1;
                 result.stored += size;
                 unindexed.push((id, entries));
-                if unindexed.len() >= flush_every {
+                // packs of well-compressed groups list many blocks each:
+                // the entries held for the next index object are bounded too
+                let held: usize = unindexed.iter().map(|(_, e)| e.len()).sum();
+                if unindexed.len() >= flush_every || held >= FLUSH_ENTRIES {
                     let name = Index::store_object(&repo, &paths, &unindexed).await?;
                     result.index_objects.push(name);
-                    result.uploaded.append(&mut unindexed);
+                    // the entries are in the index object now: not kept
+                    result.indexed += unindexed.len();
+                    unindexed.clear();
                 }
             }
         }
@@ -431,7 +439,7 @@ async fn upload_loop(
     if !unindexed.is_empty() {
         let name = Index::store_object(&repo, &paths, &unindexed).await?;
         result.index_objects.push(name);
-        result.uploaded.append(&mut unindexed);
+        result.indexed += unindexed.len();
     }
     Ok(result)
 }
