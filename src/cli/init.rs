@@ -58,12 +58,15 @@ pub(super) async fn run(settings: &Settings, args: InitArgs) -> anyhow::Result<(
         c.repo_id,
         repo.storage().location()
     )?;
+    let grouping = match c.group_blocks() {
+        1 => "each block alone (readable by walvault before block groups)".to_owned(),
+        n => format!("over groups of up to {n} blocks"),
+    };
     outln!(
-        "encryption {}, block size {} bytes, compression {} over groups of up to {} blocks, pack size {} bytes",
+        "encryption {}, block size {} bytes, compression {} {grouping}, pack size {} bytes",
         c.encryption,
         c.block_size,
         c.compression,
-        c.group_blocks(),
         c.pack_size
     )?;
     if repo.keys().is_some() {
