@@ -196,10 +196,11 @@ impl Session {
         Ok(id[0])
     }
 
-    /// Store consecutive blocks on this thread: hash each, then one lock of
-    /// the dedup set and one of the pack builder for all of them (per
-    /// block, two threads contending for those locks cost more in futex
-    /// wake-ups than the compression itself).
+    /// Store consecutive blocks on this thread: hash each, claim the new
+    /// ones in the dedup set (256 shards, so two threads rarely meet on a
+    /// lock), compress them in groups, then one lock of the pack builder for
+    /// all of them (per block, two threads contending for one lock cost
+    /// more in futex wake-ups than the compression itself).
     fn put_chunk(&self, blocks: &[&[u8]]) -> Result<Vec<BlockId>, RepoError> {
         let hasher = self.repo.hasher();
         let ids: Vec<BlockId> = blocks.iter().map(|b| hasher.id(b)).collect();
