@@ -141,6 +141,14 @@ impl IndexBuilder {
     }
 }
 
+/// [`IndexBuilder::finish`] on the blocking pool: sorting millions of
+/// entries is not work for the async executor.
+async fn finish_blocking(b: IndexBuilder) -> Result<Index, RepoError> {
+    tokio::task::spawn_blocking(move || b.finish())
+        .await
+        .map_err(RepoError::task("index"))
+}
+
 /// The leading `bits` bits of an id.
 fn prefix(id: &BlockId, bits: u32) -> u32 {
     let head = u32::from_be_bytes([id.0[0], id.0[1], id.0[2], id.0[3]]);
@@ -298,7 +306,7 @@ impl Index {
                 loaded.push(name);
             }
         }
-        Ok((index.finish(), loaded))
+        Ok((finish_blocking(index).await?, loaded))
     }
 
     /// Build an index from the pack headers alone (no index objects): the
@@ -328,7 +336,7 @@ impl Index {
             let (id, entries) = h?;
             index.add_pack(id, &entries);
         }
-        Ok(index.finish())
+        finish_blocking(index).await
     }
 
     /// Store an index object for `packs`; returns its name.
