@@ -23,6 +23,12 @@ use crate::repo::{BackupFile, FileKind, RepoError, Session};
 /// Blocks stored together (spread over the CPU workers).
 const BATCH: usize = 256;
 
+/// Most block ids reserved for a file before its data arrives.
+const MAX_RESERVE: u64 = 1 << 17;
+
+/// The id a queued block holds until its batch is stored.
+const PLACEHOLDER: BlockId = BlockId([0; 32]);
+
 /// What the entry being read is.
 enum Entry {
     /// None, or a plain file: its blocks in order.
@@ -40,9 +46,11 @@ pub struct FileAssembler<'s> {
     session: &'s Session,
     block_size: usize,
     prefix: String,
+    /// The files so far; a block's id is a placeholder until its batch
+    /// is stored (`missing` counts them).
     files: Vec<BackupFile>,
-    /// Block ids not known yet (placeholders) per file.
-    pending_ids: Vec<Vec<Option<BlockId>>>,
+    /// Blocks queued whose id is not filled in yet.
+    missing: usize,
     current: Option<usize>,
     entry: Entry,
     buf: BytesMut,
@@ -70,7 +78,7 @@ impl<'s> FileAssembler<'s> {
             block_size,
             prefix: String::new(),
             files: Vec::new(),
-            pending_ids: Vec::new(),
+            missing: 0,
             current: None,
             entry: Entry::Plain,
             buf: BytesMut::with_capacity(block_size),
@@ -119,15 +127,27 @@ impl<'s> FileAssembler<'s> {
                         self.entry = Entry::Label(Vec::new());
                     }
                 }
+                // ids are 32 bytes a block, held until the manifest is
+                // written: room for exactly the blocks the header's size
+                // needs (an incremental file is laid out once its header
+                // is read)
+                let blocks = match (&kind, &self.entry) {
+                    (FileKind::File, Entry::Plain) => {
+                        // (at most a relation segment's worth up front: the
+                        // size comes from the server's tar header)
+                        let n = h.size.div_ceil(self.block_size as u64).min(MAX_RESERVE);
+                        Vec::with_capacity(n as usize)
+                    }
+                    _ => Vec::new(),
+                };
                 self.files.push(BackupFile {
                     path,
                     kind,
                     size: h.size,
                     mode: h.mode,
                     mtime: h.mtime,
-                    blocks: Vec::new(),
+                    blocks,
                 });
-                self.pending_ids.push(Vec::new());
                 self.current = Some(self.files.len() - 1);
             }
             ArchiveEvent::Tar(TarEvent::Data(mut d)) => {
@@ -259,19 +279,18 @@ impl<'s> FileAssembler<'s> {
                 z
             }
         };
-        let mut ids: Vec<Option<BlockId>> = (0..total)
+        // the changed blocks' places are filled in as they are stored
+        // (`queue` counts them in `missing`, `EntryEnd` checks they all came)
+        let ids: Vec<BlockId> = (0..total)
             .map(|b| {
                 if b < header.truncation as usize {
-                    Some(prior.get(b).copied().unwrap_or(zero))
+                    prior.get(b).copied().unwrap_or(zero)
                 } else {
-                    Some(zero)
+                    zero
                 }
             })
             .collect();
-        for &b in &header.blocks {
-            ids[b as usize] = None;
-        }
-        self.pending_ids[file] = ids;
+        self.files[file].blocks = ids;
         self.files[file].size = (total * incremental::PAGE) as u64;
         self.entry = Entry::IncrementalBlocks(header.blocks, 0);
         Ok(())
@@ -290,10 +309,12 @@ impl<'s> FileAssembler<'s> {
                 slot as usize
             }
             _ => {
-                self.pending_ids[file].push(None);
-                self.pending_ids[file].len() - 1
+                let blocks = &mut self.files[file].blocks;
+                blocks.push(PLACEHOLDER);
+                blocks.len() - 1
             }
         };
+        self.missing += 1;
         self.batch.push((file, slot, block));
         if self.batch.len() >= BATCH {
             self.flush()?;
@@ -307,9 +328,22 @@ impl<'s> FileAssembler<'s> {
         }
         let blocks: Vec<Bytes> = self.batch.iter().map(|(_, _, b)| b.clone()).collect();
         let ids = self.session.put_blocks(&blocks)?;
-        for ((file, slot, _), id) in self.batch.drain(..).zip(ids) {
-            self.pending_ids[file][slot] = Some(id);
+        let n = self.batch.len();
+        if ids.len() != n {
+            return Err(RepoError::MalformedInput(
+                "a block of a file was never stored",
+            ));
         }
+        for ((file, slot, _), id) in self.batch.drain(..).zip(ids) {
+            let place = self
+                .files
+                .get_mut(file)
+                .and_then(|f| f.blocks.get_mut(slot));
+            *place.ok_or(RepoError::MalformedInput(
+                "a block of a file was never stored",
+            ))? = id;
+        }
+        self.missing -= n;
         Ok(())
     }
 
@@ -319,13 +353,10 @@ impl<'s> FileAssembler<'s> {
             return Err(RepoError::MalformedInput("the archive ended inside a file"));
         }
         self.flush()?;
-        for (f, ids) in self.files.iter_mut().zip(self.pending_ids) {
-            f.blocks =
-                ids.into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or(RepoError::MalformedInput(
-                        "a block of a file was never stored",
-                    ))?;
+        if self.missing != 0 {
+            return Err(RepoError::MalformedInput(
+                "a block of a file was never stored",
+            ));
         }
         Ok(self.files)
     }

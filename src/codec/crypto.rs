@@ -72,6 +72,33 @@ pub(crate) fn seal_with(cipher: &Cipher, aad: &[u8], plaintext: &[u8]) -> Vec<u8
     out
 }
 
+/// [`seal_with`] without a copy: `buf[from..from + 12]` is room for the
+/// nonce, the plaintext follows it to the end of `buf`, and the tag is
+/// appended (for large objects sealed as they are built). Returns `false`,
+/// leaving `buf` as it was, when there is no room for the nonce.
+pub(crate) fn seal_in_place_with(
+    cipher: &Cipher,
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+    from: usize,
+) -> bool {
+    let nonce: [u8; 12] = rand::random();
+    let Some((room, plaintext)) = buf.get_mut(from..).and_then(|b| b.split_at_mut_checked(12))
+    else {
+        return false;
+    };
+    room.copy_from_slice(&nonce);
+    match cipher.0.seal_in_place_separate_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        plaintext,
+    ) {
+        Ok(tag) => buf.extend_from_slice(tag.as_ref()),
+        Err(_) => unreachable!("AES-GCM encryption of a value below 64 GiB"),
+    }
+    true
+}
+
 /// Open what [`seal_with`] produced.
 pub(crate) fn open_with(
     cipher: &Cipher,
@@ -133,6 +160,11 @@ impl Keys {
     /// Seal with associated data `aad`.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         seal_with(&self.enc, aad, plaintext)
+    }
+
+    /// [`Keys::seal`] in place (see [`seal_in_place_with`]).
+    pub(crate) fn seal_in_place(&self, aad: &[u8], buf: &mut Vec<u8>, from: usize) -> bool {
+        seal_in_place_with(&self.enc, aad, buf, from)
     }
 
     /// Open a sealed value with associated data `aad`.

@@ -414,8 +414,7 @@ async fn copy_backup(
     }
     let committed = copied.store(dst, &paths).await;
     lease.release().await;
-    committed?;
-    report.bytes_moved += copied.encode().map(|b| b.len() as u64).unwrap_or(0);
+    report.bytes_moved += committed?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::object::ObjectKind;
+use super::object::{ChunkSealer, ObjectKind};
 use super::{RepoError, Repository, StanzaPaths};
 use crate::codec::BlockId;
 use crate::pg::{Lsn, SystemId, TimelineId, WalSegSize};
@@ -28,6 +28,49 @@ pub const MANIFEST_VERSION: u32 = 5;
 pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
 const MAX_MANIFEST: u64 = 4 << 30;
+
+/// Bytes of encoded manifest handed on at a time ([`Manifest::encode_to`]).
+pub const ENCODE_PIECE: usize = 1 << 20;
+
+/// A postcard output that hands the encoding on in pieces.
+struct Pieces<'a> {
+    buf: Vec<u8>,
+    sink: &'a mut dyn FnMut(&[u8]),
+}
+
+impl Pieces<'_> {
+    fn hand_on(&mut self) {
+        if !self.buf.is_empty() {
+            (self.sink)(&self.buf);
+            self.buf.clear();
+        }
+    }
+}
+
+impl postcard::ser_flavors::Flavor for Pieces<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.buf.push(data);
+        if self.buf.len() >= ENCODE_PIECE {
+            self.hand_on();
+        }
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= ENCODE_PIECE {
+            self.hand_on();
+        }
+        Ok(())
+    }
+
+    fn finalize(mut self) -> postcard::Result<()> {
+        self.hand_on();
+        Ok(())
+    }
+}
 
 /// One file of a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,24 +256,75 @@ impl Manifest {
         format!("{}{id}", paths.backups())
     }
 
-    /// Encode as an object body.
-    pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
-        let mut body = postcard::to_stdvec(self).map_err(RepoError::encode("a manifest"))?;
-        let trailer = match self.version {
-            0..=3 => None,
-            4 => Some(postcard::to_stdvec(&ManifestTrailer {
+    /// The trailer of the version (empty before version 4).
+    fn trailer(&self) -> Result<Vec<u8>, RepoError> {
+        let t = match self.version {
+            0..=3 => return Ok(Vec::new()),
+            4 => postcard::to_stdvec(&ManifestTrailer {
                 from_standby: self.from_standby,
-            })),
-            _ => Some(postcard::to_stdvec(&ManifestTrailerV5 {
+            }),
+            _ => postcard::to_stdvec(&ManifestTrailerV5 {
                 from_standby: self.from_standby,
                 incremental_from: self.incremental_from.clone(),
                 received_bytes: self.received_bytes,
-            })),
+            }),
         };
-        if let Some(t) = trailer {
-            body.extend(t.map_err(RepoError::encode("a manifest"))?);
+        t.map_err(RepoError::encode("a manifest"))
+    }
+
+    /// Bytes of the encoded body.
+    pub fn encoded_len(&self) -> Result<u64, RepoError> {
+        let layout = postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+            .map_err(RepoError::encode("a manifest"))?;
+        Ok((layout + self.trailer()?.len()) as u64)
+    }
+
+    /// Encode the body, handing it to `sink` in pieces of about
+    /// [`ENCODE_PIECE`] bytes as it is produced (32 bytes per block: a
+    /// large cluster's manifest is never held encoded whole).
+    pub fn encode_to(&self, sink: &mut dyn FnMut(&[u8])) -> Result<(), RepoError> {
+        postcard::serialize_with_flavor(
+            self,
+            Pieces {
+                buf: Vec::with_capacity(ENCODE_PIECE),
+                sink: &mut *sink,
+            },
+        )
+        .map_err(RepoError::encode("a manifest"))?;
+        let trailer = self.trailer()?;
+        if !trailer.is_empty() {
+            sink(&trailer);
         }
+        Ok(())
+    }
+
+    /// Encode as an object body.
+    pub fn encode(&self) -> Result<Vec<u8>, RepoError> {
+        let len = usize::try_from(self.encoded_len()?).unwrap_or(0);
+        let mut body = Vec::with_capacity(len);
+        self.encode_to(&mut |p| body.extend_from_slice(p))?;
         Ok(body)
+    }
+
+    /// The sealed object of this manifest in `repo`, encoded and
+    /// compressed piece by piece into one buffer of its final size.
+    pub fn seal(&self, repo: &Repository, name: &str) -> Result<bytes::Bytes, RepoError> {
+        self.seal_with(name, repo.keys().cloned())
+    }
+
+    fn seal_with(
+        &self,
+        name: &str,
+        keys: Option<crate::codec::Keys>,
+    ) -> Result<bytes::Bytes, RepoError> {
+        let len = self.encoded_len()?;
+        // LZ4 never stores a piece longer than it is; a last piece may need
+        // 10 % more room while it is compressed, each piece 8 header bytes
+        let room = usize::try_from(len).unwrap_or(0);
+        let expect = room + room / 64 + ENCODE_PIECE / 8 + 1024;
+        let mut sealer = ChunkSealer::new(ObjectKind::Manifest, name, len, keys, expect);
+        self.encode_to(&mut |p| sealer.push(p))?;
+        sealer.finish()
     }
 
     /// Decode an object body; `object` names it in errors.
@@ -365,14 +459,14 @@ impl Manifest {
         }
     }
 
-    /// Write the manifest: the commit point of a backup.
-    pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<(), RepoError> {
+    /// Write the manifest: the commit point of a backup. Returns the bytes
+    /// stored.
+    pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<u64, RepoError> {
         let name = Manifest::object_name(paths, &self.id);
-        let body = self.encode()?;
-        repo.storage()
-            .put(&name, repo.seal(ObjectKind::Manifest, &name, &body))
-            .await?;
-        Ok(())
+        let sealed = self.seal(repo, &name)?;
+        let stored = sealed.len() as u64;
+        repo.storage().put(&name, sealed).await?;
+        Ok(stored)
     }
 
     /// Read backup `id`.
@@ -556,6 +650,43 @@ mod tests {
                 Manifest::decode(&body[..n], "m").is_err(),
                 "truncated at {n} accepted"
             );
+        }
+    }
+
+    /// A manifest larger than a piece is encoded in pieces that add up to
+    /// exactly the whole encoding, and seals into an object that opens to it
+    /// (encrypted or not).
+    #[test]
+    fn a_large_manifest_is_encoded_in_pieces() {
+        let mut m = sample();
+        let n = 3 * ENCODE_PIECE / 32 + 7;
+        m.files[0].blocks = (0..n).map(|_| BlockId(rand::random())).collect();
+        m.files[0].size = n as u64 * 8192;
+        m.totals.blocks = n as u64;
+        let mut whole = postcard::to_stdvec(&m).unwrap();
+        whole.extend(m.trailer().unwrap());
+        let (mut pieces, mut got) = (0, Vec::new());
+        m.encode_to(&mut |p| {
+            pieces += 1;
+            got.extend_from_slice(p);
+        })
+        .unwrap();
+        assert!(got == whole, "the pieces differ from the whole encoding");
+        assert!(pieces > 3, "{pieces} pieces");
+        assert_eq!(m.encoded_len().unwrap(), whole.len() as u64);
+        assert!(m.encode().unwrap() == whole);
+        let keys = crate::codec::Keys::derive(&crate::codec::MasterKey::generate(), b"r");
+        for k in [None, Some(keys)] {
+            let sealed = m.seal_with("main/backups/x", k.clone()).unwrap();
+            let body = super::super::object::open(
+                ObjectKind::Manifest,
+                "main/backups/x",
+                &sealed,
+                k.as_ref(),
+                MAX_MANIFEST,
+            )
+            .unwrap();
+            assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
         }
     }
 

@@ -36,6 +36,8 @@ pub const MAGIC: &[u8; 4] = b"WVLT";
 /// The envelope version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 16;
+/// AES-GCM nonce, first of an encrypted payload.
+const NONCE_LEN: usize = 12;
 const FLAG_ENCRYPTED: u8 = 1;
 /// The compression byte of a body compressed in independent LZ4 chunks.
 pub const LZ4_CHUNKS: u8 = 3;
@@ -178,8 +180,12 @@ impl ChunkSealer {
         keys: Option<Keys>,
         expect: usize,
     ) -> ChunkSealer {
-        let mut out = Vec::with_capacity(HEADER_LEN + expect + 64);
+        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + expect + 64);
         out.extend_from_slice(&header(kind, LZ4_CHUNKS, keys.is_some(), raw_len));
+        if keys.is_some() {
+            // room for the nonce: the body is encrypted in place at the end
+            out.resize(HEADER_LEN + NONCE_LEN, 0);
+        }
         let digest = keys.is_none().then(|| {
             let mut h = Sha256::new();
             h.update(&out);
@@ -265,10 +271,13 @@ impl ChunkSealer {
                 out.extend_from_slice(&d);
             }
             (None, Some(k)) => {
-                let (header, body) = out.split_at_checked(HEADER_LEN).unwrap_or((&out, &[]));
-                let sealed = k.seal(&aad(header, &self.name), body);
-                out.truncate(HEADER_LEN);
-                out.extend_from_slice(&sealed);
+                let aad = aad(out.get(..HEADER_LEN).unwrap_or_default(), &self.name);
+                if !k.seal_in_place(&aad, &mut out, HEADER_LEN) {
+                    return Err(RepoError::Corrupt {
+                        object: self.name,
+                        reason: "no room for the nonce while sealing".into(),
+                    });
+                }
             }
             (None, None) => {}
         }
@@ -404,10 +413,13 @@ pub fn open(
             "body of {raw_len} bytes exceeds the limit of {max_len}"
         )));
     }
-    let compressed = match (encrypted, keys) {
+    // (an unencrypted body is decompressed where it lies: no copy of a
+    // large manifest or index object)
+    let compressed: std::borrow::Cow<'_, [u8]> = match (encrypted, keys) {
         (true, Some(k)) => k
             .open(&aad(header, name), payload)
-            .map_err(|e| corrupt(e.to_string()))?,
+            .map_err(|e| corrupt(e.to_string()))?
+            .into(),
         (false, None) => {
             let (body, digest) = payload
                 .split_last_chunk::<32>()
@@ -417,7 +429,7 @@ pub fn open(
                     "checksum mismatch (the object was changed, truncated or moved)".into(),
                 ));
             }
-            body.to_vec()
+            body.into()
         }
         (true, None) => return Err(RepoError::KeyNeeded),
         (false, Some(_)) => {

@@ -171,15 +171,20 @@ fn unchanged(
 /// one, and extending only the newest run cut the old pack's run at every
 /// changed block (60 000 runs of 25 KiB for a scale-100 database after 20 s
 /// of pgbench, instead of a few hundred).
+///
+/// `first` is the index of `targets[0]` among all targets (runs are
+/// planned for a batch of files at a time, see [`plan_batches`]).
 fn plan_runs(
     index: &Index,
     targets: &[Target<'_>],
+    first: usize,
     needed: &[Vec<usize>],
     block_size: usize,
 ) -> Result<Vec<Run>, RestoreError> {
     let mut runs: Vec<Run> = Vec::new();
     let mut open: HashMap<PackId, usize> = HashMap::new();
     for (t, (target, blocks)) in targets.iter().zip(needed).enumerate() {
+        let t = first + t;
         for &i in blocks {
             let id = &target.file.blocks[i];
             let loc = index.get(id).ok_or_else(|| RestoreError::MissingBlock {
@@ -223,6 +228,29 @@ fn plan_runs(
     Ok(runs)
 }
 
+/// Blocks whose runs are planned together: 128 Ki blocks (1 GiB at 8 KiB)
+/// hold ~8 MiB of plan and still join a churned backup's old blocks into
+/// long reads.
+const PLAN_BLOCKS: usize = 1 << 17;
+
+/// Consecutive ranges of targets holding about [`PLAN_BLOCKS`] needed
+/// blocks each (a file is never split).
+fn plan_batches(needed: &[Vec<usize>]) -> Vec<std::ops::Range<usize>> {
+    let mut batches = Vec::new();
+    let (mut start, mut blocks) = (0, 0);
+    for (t, n) in needed.iter().enumerate() {
+        blocks += n.len();
+        if blocks >= PLAN_BLOCKS {
+            batches.push(start..t + 1);
+            (start, blocks) = (t + 1, 0);
+        }
+    }
+    if start < needed.len() {
+        batches.push(start..needed.len());
+    }
+    batches
+}
+
 /// Create the files of `targets` at their final length and write their
 /// blocks: all of them, or with `delta` only those that differ.
 pub(super) async fn write_files(
@@ -250,8 +278,6 @@ pub(super) async fn write_files(
         .sum();
     let reused = targets.iter().map(|t| t.file.size).sum::<u64>() - to_write;
     progress.add(reused);
-    let runs = plan_runs(index, targets, &needed, block_size)?;
-    let reads = runs.len() as u64;
     let files = Arc::new(Files {
         slots: targets
             .iter()
@@ -272,8 +298,23 @@ pub(super) async fn write_files(
     let creator =
         tokio::task::spawn_blocking(move || all.slots.iter().try_for_each(|s| s.create(all.delta)));
     let files = &files;
-    let written: u64 = futures::stream::iter(runs)
-        .map(|run| async move {
+    // runs are planned a batch of files at a time as the reads go on, so
+    // the plan held is a batch's (64 bytes per block), not the backup's
+    let needed = &needed;
+    let runs = futures::stream::iter(plan_batches(needed))
+        .map(move |range| {
+            plan_runs(
+                index,
+                &targets[range.clone()],
+                range.start,
+                &needed[range],
+                block_size,
+            )
+            .map(|runs| futures::stream::iter(runs.into_iter().map(Ok)))
+        })
+        .try_flatten();
+    let (written, reads) = runs
+        .map_ok(|run| async move {
             let entries: Vec<PackEntry> = run.items.iter().map(|i| i.entry).collect();
             let bytes = repo.fetch_run(paths, &run.pack, &entries).await?;
             let jobs: Vec<Job> = run
@@ -299,8 +340,10 @@ pub(super) async fn write_files(
                 .await
                 .map_err(RestoreError::task("write"))?
         })
-        .buffer_unordered(PARALLEL_RUNS)
-        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .try_buffer_unordered(PARALLEL_RUNS)
+        .try_fold((0u64, 0u64), |(bytes, reads), n| async move {
+            Ok((bytes + n, reads + 1))
+        })
         .await?;
     creator
         .await
@@ -623,13 +666,25 @@ mod tests {
             path: PathBuf::from("/x/base/5/16384"),
             file: &file,
         }];
-        let runs = plan_runs(&index, &targets, &[(0..10).collect()], 8192).unwrap();
+        let runs = plan_runs(&index, &targets, 0, &[(0..10).collect()], 8192).unwrap();
         assert_eq!(runs.len(), 2, "one run per pack");
         let old_run = runs.iter().find(|r| r.pack == old).unwrap();
         let offsets: Vec<u64> = old_run.items.iter().map(|i| i.offset / 8192).collect();
         assert_eq!(offsets, [0, 1, 2, 4, 5, 6, 8, 9]);
         let new_run = runs.iter().find(|r| r.pack == new).unwrap();
         assert_eq!(new_run.items.len(), 2);
+    }
+
+    #[test]
+    fn plan_batches_cover_every_file_once() {
+        let needed: Vec<Vec<usize>> = [PLAN_BLOCKS + 3, 5, PLAN_BLOCKS - 6, 1, 0, 2]
+            .iter()
+            .map(|&n| (0..n).collect())
+            .collect();
+        assert_eq!(plan_batches(&needed), [0..1, 1..4, 4..6]);
+        assert_eq!(plan_batches(&[]), Vec::<std::ops::Range<usize>>::new());
+        let both = plan_batches(&[vec![], vec![]]);
+        assert_eq!((both.len(), both.first()), (1, Some(&(0..2))));
     }
 
     #[test]
