@@ -174,15 +174,7 @@ done
 # everything archived by both before the restores
 end=$(q "SELECT pg_current_wal_insert_lsn()")
 q "SELECT pg_switch_wal()" >/dev/null
-for _ in $(seq 300); do
-  d=$(python3 -c "import json;print(json.load(open('$tmp/stream.json'))['durable_lsn'])" 2>/dev/null || echo 0/0)
-  python3 - "$d" "$end" <<'PY' && break
-import sys
-f = lambda s: (int(s.split('/')[0], 16) << 32) + int(s.split('/')[1], 16)
-sys.exit(0 if f(sys.argv[1]) >= f(sys.argv[2]) else 1)
-PY
-  sleep 0.2
-done
+wait_durable "$tmp/stream.json" "$end" 60
 run "${pgbr[@]}" check >/dev/null 2>&1 || true
 pkill -TERM -f -- "--slot walvault_bench" || true
 sleep 1

@@ -52,3 +52,19 @@ measure() {
   echo "$name $wall $(python3 -c "print($user+$sys)") $rss $((after - before))$extra" >>"$results"
   echo "#   $name: ${wall}s" >&2
 }
+
+# wait_durable STATUS_FILE LSN SECONDS: wait until a `walvault stream`
+# status file says LSN is durable in the repository (or SECONDS pass).
+wait_durable() {
+  local status=$1 end=$2 secs=$3 d i
+  for i in $(seq $((secs * 5))); do
+    d=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['durable_lsn'])" "$status" 2>/dev/null || echo 0/0)
+    python3 - "$d" "$end" <<'PY' && return 0
+import sys
+f = lambda s: (int(s.split('/')[0], 16) << 32) + int(s.split('/')[1], 16)
+sys.exit(0 if f(sys.argv[1]) >= f(sys.argv[2]) else 1)
+PY
+    sleep 0.2
+  done
+  : "$i"
+}

@@ -98,15 +98,7 @@ one() { # N: every step with binary N
   local end
   end=$(q "SELECT pg_current_wal_insert_lsn()")
   q "SELECT pg_switch_wal()" >/dev/null
-  for _ in $(seq 600); do
-    d=$(python3 -c "import json;print(json.load(open('$tmp/stream.json'))['durable_lsn'])" 2>/dev/null || echo 0/0)
-    python3 - "$d" "$end" <<'PY' && break
-import sys
-f = lambda s: (int(s.split('/')[0], 16) << 32) + int(s.split('/')[1], 16)
-sys.exit(0 if f(sys.argv[1]) >= f(sys.argv[2]) else 1)
-PY
-    sleep 0.2
-  done
+  wait_durable "$tmp/stream.json" "$end" 120
   pkill -TERM -f -- "--slot walvault_memory" || true
   sleep 1
   measure "restore:$n" "$tmp/r" "$wv" -q --repo "$repo" restore --backup latest --pgdata "$tmp/r"
