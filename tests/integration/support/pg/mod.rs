@@ -480,6 +480,13 @@ impl PgCluster {
                 // another test took the port between free_port() and now
                 self.port = free_port();
                 self.append_conf(&[format!("port = {}", self.port)]);
+                // a restored directory names the old port in
+                // postgresql.auto.conf, which wins over postgresql.conf
+                let auto = self.datadir.join("postgresql.auto.conf");
+                if let Ok(mut text) = fs::read_to_string(&auto) {
+                    text.push_str(&format!("\nport = {}\n", self.port));
+                    self.write_file("postgresql.auto.conf", &text);
+                }
                 continue;
             }
             panic!(
