@@ -14,7 +14,8 @@ use super::{store_base_backup, BackupError};
 use crate::pg::wire::Backend;
 use crate::pg::{ConnParams, Lsn, PgConnection, PgError, TimelineId, WalSegSize};
 use crate::repo::{
-    Manifest, ManifestTotals, PageRef, RelName, Repository, StanzaPaths, Tablespace,
+    DatabaseRelations, Manifest, ManifestTotals, PageRef, RelName, Relation, RelationMap,
+    Repository, StanzaPaths, Tablespace,
 };
 use crate::wal::receive::{parse_message, status_update, SegmentAssembler, WalMessage};
 
@@ -148,7 +149,7 @@ pub async fn run_backup(
         stop_rx,
     ));
 
-    let relnames = relation_names(params).await;
+    let (relnames, relations) = relation_names(params).await;
     let mut conn = connect(params).await?;
     let opts = &BaseBackupOptions {
         on_start: Some(Arc::new(start_tx)),
@@ -237,6 +238,7 @@ pub async fn run_backup(
         from_standby,
         incremental_from: stored.incremental_from,
         received_bytes: Some(stored.received_bytes),
+        relations,
     };
     // PostgreSQL's own manifest, before the commit: a restore writes it
     // into the data directory for pg_verifybackup
@@ -490,63 +492,128 @@ fn check_standby(target: &str, s: &StandbyState, max_lag: Option<u64>) -> Result
     Ok(())
 }
 
-/// Every database's relation files and names (best effort: a role that may
-/// not connect to a database only loses names in `wal-inspect`).
-async fn relation_names(params: &ConnParams) -> Vec<RelName> {
-    let mut out = Vec::new();
-    let dbs = match PgConnection::connect(params, false).await {
+/// The relations of one database: one row per relation with storage,
+/// with the table it belongs to (an index's table, a TOAST table's owner
+/// and its index's, an owned sequence's table).
+const RELATIONS_SQL: &str = "\
+WITH toast AS (SELECT reltoastrelid AS toast, oid AS tab FROM pg_class WHERE reltoastrelid <> 0) \
+SELECT d.oid AS db, c.oid AS oid, pg_relation_filenode(c.oid) AS f, n.nspname AS schema, \
+       c.relname AS name, c.relkind AS kind, \
+       COALESCE(t.tab, ti.tab, i.indrelid, \
+                (SELECT dep.refobjid FROM pg_depend dep \
+                  WHERE c.relkind = 'S' AND dep.classid = 'pg_class'::regclass AND dep.objid = c.oid \
+                    AND dep.refclassid = 'pg_class'::regclass AND dep.deptype IN ('a', 'i') LIMIT 1), \
+                0) AS owner \
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_database d ON d.datname = current_database() \
+LEFT JOIN toast t ON t.toast = c.oid \
+LEFT JOIN pg_index i ON i.indexrelid = c.oid \
+LEFT JOIN toast ti ON ti.toast = i.indrelid \
+WHERE pg_relation_filenode(c.oid) IS NOT NULL AND c.relpersistence <> 't'";
+
+/// Every database's relation files: their names (for `wal-inspect`) and
+/// the relation map (for `extract`). Best effort: a role that may not
+/// connect to a database leaves it out of the names and marks it
+/// incomplete in the map; no connection at all records no map.
+async fn relation_names(params: &ConnParams) -> (Vec<RelName>, Option<RelationMap>) {
+    let mut names = Vec::new();
+    let (dbs, full_page_writes) = match PgConnection::connect(params, false).await {
         Ok(mut c) => {
             let r = c
-                .simple_query("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")
+                .simple_query("SELECT oid, datname, datallowconn FROM pg_database ORDER BY datname")
                 .await;
+            let fpw = c
+                .simple_query("SHOW full_page_writes")
+                .await
+                .ok()
+                .and_then(|r| r.text(0, "full_page_writes"))
+                .map(|v| v == "on");
             c.close().await;
             match r {
-                Ok(r) => (0..r.rows.len())
-                    .filter_map(|i| r.text(i, "datname"))
-                    .collect::<Vec<String>>(),
+                Ok(r) => (
+                    (0..r.rows.len())
+                        .filter_map(|i| {
+                            Some((
+                                r.text(i, "oid")?.parse::<u32>().ok()?,
+                                r.text(i, "datname")?,
+                                r.text(i, "datallowconn")? == "t",
+                            ))
+                        })
+                        .collect::<Vec<_>>(),
+                    fpw,
+                ),
                 Err(e) => {
                     tracing::info!("relation names not recorded: {e}");
-                    return out;
+                    return (names, None);
                 }
             }
         }
         Err(e) => {
             tracing::info!("relation names not recorded: {e}");
-            return out;
+            return (names, None);
         }
     };
-    for db in dbs {
+    let mut map = RelationMap {
+        full_page_writes,
+        databases: Vec::new(),
+    };
+    for (oid, db, allowed) in dbs {
+        let mut rels = DatabaseRelations {
+            oid,
+            name: db.clone(),
+            complete: false,
+            relations: Vec::new(),
+        };
         let p = ConnParams {
             dbname: Some(db.clone()),
             ..params.clone()
         };
-        let Ok(mut c) = PgConnection::connect(&p, false).await else {
-            continue;
+        let conn = if allowed {
+            PgConnection::connect(&p, false).await.ok()
+        } else {
+            None
         };
-        let q = "SELECT d.oid AS db, pg_relation_filenode(c.oid) AS f, \
-                 current_database() || '.' || n.nspname || '.' || c.relname AS name \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, pg_database d \
-                 WHERE d.datname = current_database() AND pg_relation_filenode(c.oid) IS NOT NULL \
-                 AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
-        if let Ok(r) = c.simple_query(q).await {
-            for i in 0..r.rows.len() {
-                let (Some(d), Some(f), Some(name)) =
-                    (r.text(i, "db"), r.text(i, "f"), r.text(i, "name"))
-                else {
-                    continue;
-                };
-                if let (Ok(db), Ok(relfilenode)) = (d.parse(), f.parse()) {
-                    out.push(RelName {
-                        db,
-                        relfilenode,
+        if let Some(mut c) = conn {
+            if let Ok(r) = c.simple_query(RELATIONS_SQL).await {
+                rels.complete = true;
+                for i in 0..r.rows.len() {
+                    let num = |col: &str| r.text(i, col).and_then(|v| v.parse::<u32>().ok());
+                    let (Some(oid), Some(filenode), Some(owner), Some(schema), Some(name)) = (
+                        num("oid"),
+                        num("f"),
+                        num("owner"),
+                        r.text(i, "schema"),
+                        r.text(i, "name"),
+                    ) else {
+                        rels.complete = false;
+                        continue;
+                    };
+                    let kind = r
+                        .text(i, "kind")
+                        .and_then(|k| k.bytes().next())
+                        .unwrap_or(b'?');
+                    if schema != "pg_catalog" && schema != "information_schema" {
+                        names.push(RelName {
+                            db: rels.oid,
+                            relfilenode: filenode,
+                            name: format!("{db}.{schema}.{name}"),
+                        });
+                    }
+                    rels.relations.push(Relation {
+                        oid,
+                        filenode,
+                        schema,
                         name,
+                        kind,
+                        owner,
                     });
                 }
             }
+            c.close().await;
         }
-        c.close().await;
+        map.databases.push(rels);
     }
-    out
+    (names, Some(map))
 }
 
 #[cfg(test)]

@@ -351,6 +351,7 @@ pub(super) async fn restore(settings: &Settings, args: RestoreArgs) -> anyhow::R
             primary_conninfo: args.primary_conninfo.clone(),
             slot: args.slot.clone(),
         }),
+        fetch_only: None,
     };
     let t = Instant::now();
     let was_empty = crate::restore::is_empty_dir(&args.pgdata, false).unwrap_or(false);

@@ -14,6 +14,7 @@ mod copy;
 mod daemon;
 mod demo;
 mod drill;
+mod extract;
 pub use crate::duration;
 mod init;
 mod inspect;
@@ -149,6 +150,12 @@ pub enum Command {
     /// pg_checksums, remove it, record the result. Exits 0 passed, 3 failed
     /// (recorded), 1 on error.
     Drill(Box<drill::DrillArgs>),
+    /// Bring back one table (or one database) as of a moment without
+    /// recovering the whole cluster: a sparse recovery downloads only that
+    /// table, its indexes and the database's catalogs, replays to the
+    /// target in a scratch directory, and writes a pg_dump file or restores
+    /// the table into a live server under a new name.
+    Extract(Box<extract::ExtractArgs>),
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
@@ -213,6 +220,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::WalVerify(args) => wal::wal_verify(&settings, args).await,
             Command::Verify(args) => verify::run(&settings, args).await,
             Command::Drill(args) => drill::run(&settings, *args).await,
+            Command::Extract(args) => extract::run(&settings, *args).await,
             Command::Copy(args) => copy::run(&settings, args).await,
             Command::Daemon(args) => daemon::run(&settings, *args).await,
             Command::Check(args) => check::run(&settings, args).await,

@@ -189,6 +189,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         no_tuning: args.no_recovery_tuning,
         progress: Some(progress.clone()),
         events: Some(Arc::new(|e| tracing::info!("recovery: {e:?}"))),
+        fetch_only: None,
     };
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);
     let mut result = recover(repo, &settings.stanza, &rp, &opts, t0).await;

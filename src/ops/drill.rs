@@ -11,7 +11,6 @@
 //! from running at all (the repository unreachable, no scratch space).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::records::{self, DRILL};
+use super::scratch::{write_owned, Scratch};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
 use crate::pg::{ConnParams, PgConnection, QueryResult};
@@ -167,7 +167,8 @@ pub async fn drill(
     rec.backup = intended;
     rec.rpo_seconds =
         newest_commit.map(|c| (rec.time - c).to_std().map_or(0.0, |d| d.as_secs_f64()));
-    let scratch = Scratch::make(&opts.scratch, owner)?;
+    let scratch =
+        Scratch::make(&opts.scratch, "walvault-drill-", owner).map_err(OpsError::Drill)?;
     let outcome = run(
         &repo, stanza, opts, &target, &scratch, owner, &mut rec, started,
     )
@@ -631,99 +632,4 @@ async fn run_tool(
         },
         Err(e) => check(CheckStatus::Failed, format!("cannot run it: {e}")),
     }
-}
-
-/// The drill's scratch directory: the data directory, a private socket
-/// directory, and an authentication file that trusts local connections
-/// (nothing else can reach the server: no TCP, a socket only its OS user
-/// can open).
-struct Scratch {
-    root: PathBuf,
-    pgdata: PathBuf,
-    sock: PathBuf,
-    hba: PathBuf,
-    ident: PathBuf,
-    port: u16,
-}
-
-impl Scratch {
-    fn make(parent: &Path, owner: Option<Owner>) -> Result<Scratch, OpsError> {
-        let fail = |what: &str, e: std::io::Error| {
-            OpsError::Drill(format!(
-                "cannot make the drill's scratch directory in {} ({what}: {e}); give another with --scratch",
-                parent.display()
-            ))
-        };
-        let root = tempfile::Builder::new()
-            .prefix("walvault-drill-")
-            .tempdir_in(parent)
-            .map_err(|e| fail("create", e))?
-            .keep();
-        let s = Scratch {
-            pgdata: root.join("data"),
-            sock: root.join("sock"),
-            hba: root.join("pg_hba.conf"),
-            ident: root.join("pg_ident.conf"),
-            port: free_port().map_err(|e| fail("port", e))?,
-            root,
-        };
-        let made = (|| {
-            std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755))?;
-            std::fs::create_dir(&s.sock)?;
-            std::fs::set_permissions(&s.sock, std::fs::Permissions::from_mode(0o700))?;
-            std::fs::create_dir(&s.pgdata)?;
-            std::fs::set_permissions(&s.pgdata, std::fs::Permissions::from_mode(0o700))?;
-            Ok::<_, std::io::Error>(())
-        })();
-        if let Err(e) = made {
-            s.remove();
-            return Err(fail("prepare", e));
-        }
-        let owned = (|| {
-            write_owned(&s.hba, "local all all trust\n", owner)?;
-            write_owned(&s.ident, "", owner)?;
-            if let Some(o) = owner {
-                for d in [&s.root, &s.sock, &s.pgdata] {
-                    std::os::unix::fs::chown(d, Some(o.0.as_raw()), Some(o.1.as_raw()))
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            Ok::<_, String>(())
-        })();
-        if let Err(e) = owned {
-            s.remove();
-            return Err(OpsError::Drill(format!(
-                "cannot prepare the drill's scratch directory {}: {e}",
-                s.root.display()
-            )));
-        }
-        Ok(s)
-    }
-
-    fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.root) {
-            tracing::warn!(
-                "cannot remove the drill's scratch directory {}: {e}",
-                self.root.display()
-            );
-        }
-    }
-}
-
-/// Write `text` to `path`, owned by `owner`.
-fn write_owned(path: &Path, text: &str, owner: Option<Owner>) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(o) = owner {
-        std::os::unix::fs::chown(path, Some(o.0.as_raw()), Some(o.1.as_raw()))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// A TCP port nothing listens on now; the scratch server listens on a
-/// unix socket only, but the port names the socket and the shared memory.
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

@@ -5,10 +5,12 @@ pub mod check;
 pub mod copy;
 pub mod drill;
 pub mod expire;
+pub mod extract;
 pub mod holds;
 pub mod locks;
 pub mod records;
 pub mod retention;
+pub(crate) mod scratch;
 pub mod status;
 pub mod verify;
 
@@ -40,6 +42,10 @@ pub enum OpsError {
     /// A drill could not run (no backup, no scratch space, no OS user).
     #[error("{0}")]
     Drill(String),
+    /// An extract was refused or failed (one line saying why and what to
+    /// do).
+    #[error("{0}")]
+    Extract(String),
     /// A hold that would end before it begins.
     #[error("--until lies in the past: a hold must end in the future (or give no --until to hold until released)")]
     HoldInThePast,

@@ -22,8 +22,10 @@ use crate::storage::list_all;
 /// size) that are checked when read: a timeline 0 or an impossible segment
 /// size is refused as corrupt instead of being carried along. Version 4
 /// appends a trailer ([`ManifestTrailer`]) after the same layout: the role
-/// of the server the backup was taken on.
-pub const MANIFEST_VERSION: u32 = 5;
+/// of the server the backup was taken on. Version 5's trailer adds the
+/// incremental base and the bytes received; version 6's the relation map
+/// ([`RelationMap`]).
+pub const MANIFEST_VERSION: u32 = 6;
 /// The oldest manifest version this build reads.
 pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
@@ -179,6 +181,69 @@ pub struct Manifest {
     /// Bytes of file contents the server sent (`None` before version 5).
     #[serde(skip)]
     pub received_bytes: Option<u64>,
+    /// Every database's relations and their files, as the catalogs said
+    /// when the backup started (`None` before version 6, or when walvault
+    /// could not read them): what `extract` downloads for one table.
+    #[serde(skip)]
+    pub relations: Option<RelationMap>,
+}
+
+/// The relations of every database, by file (version 6).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelationMap {
+    /// `full_page_writes` when the backup started (`None`: not known).
+    pub full_page_writes: Option<bool>,
+    /// The databases, in name order.
+    pub databases: Vec<DatabaseRelations>,
+}
+
+/// One database's relations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseRelations {
+    /// Its OID (the directory `base/<oid>`).
+    pub oid: u32,
+    /// Its name.
+    pub name: String,
+    /// Every relation with storage was listed (false: walvault could not
+    /// connect to it, e.g. `datallowconn` is off).
+    pub complete: bool,
+    /// Relations with storage.
+    pub relations: Vec<Relation>,
+}
+
+/// A relation with storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// Its file number (`pg_relation_filenode`).
+    pub filenode: u32,
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// `relkind`: `r` table, `i` index, `t` TOAST table, `S` sequence,
+    /// `m` materialized view.
+    pub kind: u8,
+    /// The table it belongs to: an index's table, a TOAST table's (or its
+    /// index's) owner, an owned sequence's table; 0 for none.
+    pub owner: u32,
+}
+
+impl RelationMap {
+    /// The database called `name`.
+    pub fn database(&self, name: &str) -> Option<&DatabaseRelations> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+impl DatabaseRelations {
+    /// The table (`r`, `m` or partitioned parent) `schema.name`.
+    pub fn table(&self, schema: &str, name: &str) -> Option<&Relation> {
+        self.relations
+            .iter()
+            .find(|r| r.schema == schema && r.name == name && matches!(r.kind, b'r' | b'm'))
+    }
 }
 
 /// What version 4 appends after the version-3 layout.
@@ -197,6 +262,19 @@ pub struct ManifestTrailerV5 {
     pub incremental_from: Option<String>,
     /// [`Manifest::received_bytes`].
     pub received_bytes: Option<u64>,
+}
+
+/// What version 6 appends after the version-3 layout.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ManifestTrailerV6 {
+    /// [`Manifest::from_standby`].
+    pub from_standby: Option<bool>,
+    /// [`Manifest::incremental_from`].
+    pub incremental_from: Option<String>,
+    /// [`Manifest::received_bytes`].
+    pub received_bytes: Option<u64>,
+    /// [`Manifest::relations`].
+    pub relations: Option<RelationMap>,
 }
 
 /// A relation's name and file.
@@ -263,10 +341,16 @@ impl Manifest {
             4 => postcard::to_stdvec(&ManifestTrailer {
                 from_standby: self.from_standby,
             }),
-            _ => postcard::to_stdvec(&ManifestTrailerV5 {
+            5 => postcard::to_stdvec(&ManifestTrailerV5 {
                 from_standby: self.from_standby,
                 incremental_from: self.incremental_from.clone(),
                 received_bytes: self.received_bytes,
+            }),
+            _ => postcard::to_stdvec(&ManifestTrailerV6 {
+                from_standby: self.from_standby,
+                incremental_from: self.incremental_from.clone(),
+                received_bytes: self.received_bytes,
+                relations: self.relations.clone(),
             }),
         };
         t.map_err(RepoError::encode("a manifest"))
@@ -351,13 +435,23 @@ impl Manifest {
             let (trailer, rest) = if version == 4 {
                 let (t, rest) =
                     postcard::take_from_bytes::<ManifestTrailer>(rest).map_err(corrupt)?;
-                let t = ManifestTrailerV5 {
+                let t = ManifestTrailerV6 {
                     from_standby: t.from_standby,
                     ..Default::default()
                 };
                 (t, rest)
+            } else if version == 5 {
+                let (t, rest) =
+                    postcard::take_from_bytes::<ManifestTrailerV5>(rest).map_err(corrupt)?;
+                let t = ManifestTrailerV6 {
+                    from_standby: t.from_standby,
+                    incremental_from: t.incremental_from,
+                    received_bytes: t.received_bytes,
+                    relations: None,
+                };
+                (t, rest)
             } else {
-                postcard::take_from_bytes::<ManifestTrailerV5>(rest).map_err(corrupt)?
+                postcard::take_from_bytes::<ManifestTrailerV6>(rest).map_err(corrupt)?
             };
             if !rest.is_empty() {
                 return Err(RepoError::Corrupt {
@@ -368,6 +462,7 @@ impl Manifest {
             m.from_standby = trailer.from_standby;
             m.incremental_from = trailer.incremental_from;
             m.received_bytes = trailer.received_bytes;
+            m.relations = trailer.relations;
         } else if !rest.is_empty() {
             return Err(RepoError::Corrupt {
                 object: object.to_owned(),
@@ -602,6 +697,22 @@ mod tests {
             from_standby: Some(true),
             incremental_from: Some("20261206T040000Z-0a0b".into()),
             received_bytes: Some(12345),
+            relations: Some(RelationMap {
+                full_page_writes: Some(true),
+                databases: vec![DatabaseRelations {
+                    oid: 5,
+                    name: "postgres".into(),
+                    complete: true,
+                    relations: vec![Relation {
+                        oid: 16385,
+                        filenode: 16384,
+                        schema: "public".into(),
+                        name: "t".into(),
+                        kind: b'r',
+                        owner: 0,
+                    }],
+                }],
+            }),
         }
     }
 
@@ -628,9 +739,24 @@ mod tests {
         let back = Manifest::decode(&v4.encode().unwrap(), "m").unwrap();
         assert_eq!(back.from_standby, Some(true));
         assert_eq!((back.incremental_from, back.received_bytes), (None, None));
-        let back = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
+        assert_eq!(back.relations, None);
+        // version 5: the incremental fields, not yet the relation map
+        let mut v5 = m.clone();
+        v5.version = 5;
+        let back = Manifest::decode(&v5.encode().unwrap(), "m").unwrap();
         assert_eq!(back.incremental_from, m.incremental_from);
         assert_eq!(back.received_bytes, Some(12345));
+        assert_eq!(back.relations, None);
+        let back = Manifest::decode(&m.encode().unwrap(), "m").unwrap();
+        assert_eq!(back.relations, m.relations);
+        assert_eq!(
+            back.relations
+                .as_ref()
+                .and_then(|r| r.database("postgres"))
+                .and_then(|d| d.table("public", "t"))
+                .map(|t| t.filenode),
+            Some(16384)
+        );
     }
 
     #[test]
@@ -700,6 +826,7 @@ mod tests {
         m.from_standby = None;
         m.incremental_from = None;
         m.received_bytes = None;
+        m.relations = None;
         let body = m.encode().unwrap();
         assert_eq!(Manifest::decode(&body, "m").unwrap(), m);
         // version 1 was never released

@@ -35,7 +35,8 @@ pub use config::{InitParams, RepoConfig, CONFIG_KEY};
 pub use index::{BlockLocation, Index, IndexBuilder, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{
-    BackupFile, FileKind, Manifest, ManifestTotals, PageRef, RelName, Tablespace, MANIFEST_VERSION,
+    BackupFile, DatabaseRelations, FileKind, Manifest, ManifestTotals, PageRef, RelName, Relation,
+    RelationMap, Tablespace, MANIFEST_VERSION,
 };
 pub use pack::{
     decode_blob, encode_blob, encode_group, read_pack_header, GroupCache, PackEntry, BLOB_GROUP,

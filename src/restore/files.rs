@@ -46,6 +46,9 @@ pub(super) struct WriteMode {
 pub(super) struct Target<'m> {
     pub(super) path: PathBuf,
     pub(super) file: &'m BackupFile,
+    /// Created at its length as a hole, nothing read (`extract`: a
+    /// relation recovery does not need).
+    pub(super) sparse: bool,
 }
 
 /// One block to write: file (index into the targets), offset in it, and the
@@ -75,6 +78,8 @@ pub struct WriteStats {
     pub reused: u64,
     /// Ranged reads made.
     pub reads: u64,
+    /// Bytes those reads fetched from the repository.
+    pub fetched: u64,
 }
 
 /// For each target, the block indexes to write. Files are (re)created at
@@ -95,6 +100,9 @@ async fn needed_blocks(
             .iter()
             .map(|t| {
                 let full = (t.file.size / block_size as u64) as usize;
+                if t.sparse {
+                    return Vec::new();
+                }
                 (0..t.file.blocks.len())
                     .filter(|&i| i >= full || t.file.blocks[i] != zero)
                     .collect()
@@ -284,6 +292,7 @@ pub(super) async fn write_files(
             .map(|t| FileSlot {
                 path: t.path.clone(),
                 size: t.file.size,
+                sparse: t.sparse,
                 created: std::sync::Mutex::new(false),
                 unsynced: std::sync::Mutex::new(0),
             })
@@ -313,8 +322,9 @@ pub(super) async fn write_files(
             .map(|runs| futures::stream::iter(runs.into_iter().map(Ok)))
         })
         .try_flatten();
-    let (written, reads) = runs
+    let (written, reads, fetched) = runs
         .map_ok(|run| async move {
+            let span = run.end - run.start;
             let entries: Vec<PackEntry> = run.items.iter().map(|i| i.entry).collect();
             let bytes = repo.fetch_run(paths, &run.pack, &entries).await?;
             let jobs: Vec<Job> = run
@@ -336,14 +346,19 @@ pub(super) async fn write_files(
                 })
                 .collect();
             let (progress, files) = (progress.clone(), files.clone());
-            tokio::task::spawn_blocking(move || write_blocks(jobs, &bytes, &files, &progress))
-                .await
-                .map_err(RestoreError::task("write"))?
+            let n =
+                tokio::task::spawn_blocking(move || write_blocks(jobs, &bytes, &files, &progress))
+                    .await
+                    .map_err(RestoreError::task("write"))??;
+            Ok::<_, RestoreError>((n, span))
         })
         .try_buffer_unordered(PARALLEL_RUNS)
-        .try_fold((0u64, 0u64), |(bytes, reads), n| async move {
-            Ok((bytes + n, reads + 1))
-        })
+        .try_fold(
+            (0u64, 0u64, 0u64),
+            |(bytes, reads, fetched), (n, span)| async move {
+                Ok((bytes + n, reads + 1, fetched + span))
+            },
+        )
         .await?;
     creator
         .await
@@ -352,6 +367,7 @@ pub(super) async fn write_files(
         written,
         reused,
         reads,
+        fetched,
     })
 }
 
@@ -374,6 +390,8 @@ struct Files {
 struct FileSlot {
     path: PathBuf,
     size: u64,
+    /// A hole: never allocated.
+    sparse: bool,
     /// (Re)created at its final length yet? Inode allocation is slow (a
     /// third of a second for a thousand files after a `rm -rf`, under one
     /// directory lock), so files are created while blocks are written: by a
@@ -401,6 +419,9 @@ impl FileSlot {
             .open(&self.path)
             .and_then(|f| {
                 f.set_len(self.size)?;
+                if self.sparse {
+                    return Ok(());
+                }
                 reserve(&f, self.size)
             })
             .map_err(io(&self.path))?;
@@ -665,6 +686,7 @@ mod tests {
         let targets = [Target {
             path: PathBuf::from("/x/base/5/16384"),
             file: &file,
+            sparse: false,
         }];
         let runs = plan_runs(&index, &targets, 0, &[(0..10).collect()], 8192).unwrap();
         assert_eq!(runs.len(), 2, "one run per pack");

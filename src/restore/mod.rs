@@ -9,7 +9,7 @@
 //! settings in `postgresql.auto.conf`) and [`rates`] (measured recovery
 //! rates for estimates).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
 use std::os::unix::fs::PermissionsExt;
@@ -194,6 +194,10 @@ pub struct RestoreOptions {
     /// Make the copy a standby on purpose (`restore --as-standby`): it
     /// catches up from the repository, then streams from the primary.
     pub standby: Option<StandbyOptions>,
+    /// Restore only these files' contents (paths as in the manifest); every
+    /// other regular file is created at its size as a hole, nothing read
+    /// (`extract`'s sparse recovery). `None`: every file.
+    pub fetch_only: Option<Arc<HashSet<String>>>,
 }
 
 /// How a copy restored as a standby reaches its primary.
@@ -215,6 +219,10 @@ pub struct RestoreReport {
     pub files: usize,
     /// Bytes of the restored files.
     pub bytes: u64,
+    /// Files created as holes (not in `fetch_only`), and their bytes.
+    pub sparse_files: usize,
+    /// Bytes of those files.
+    pub sparse_bytes: u64,
     /// Bytes written, bytes found in place (`delta`), ranged reads made.
     pub stats: WriteStats,
     /// Files and directories removed because the backup does not have them
@@ -368,8 +376,18 @@ pub async fn restore(
         .map(|f| Target {
             path: resolve(&f.path),
             file: f,
+            sparse: opts
+                .fetch_only
+                .as_ref()
+                .is_some_and(|only| !only.contains(&f.path)),
         })
         .collect();
+    let sparse_files = targets.iter().filter(|t| t.sparse).count();
+    let sparse_bytes = targets
+        .iter()
+        .filter(|t| t.sparse)
+        .map(|t| t.file.size)
+        .sum();
     let bytes: u64 = targets.iter().map(|t| t.file.size).sum();
     let progress = opts.progress.clone().unwrap_or_default();
     progress.set_total(bytes);
@@ -544,6 +562,8 @@ pub async fn restore(
         files: targets.len(),
         backup: manifest,
         bytes,
+        sparse_files,
+        sparse_bytes,
         stats,
         removed,
         replication_disabled,

@@ -183,6 +183,9 @@ pub struct RecoverOptions {
     pub no_tuning: bool,
     /// Counts the bytes of files restored.
     pub progress: Option<Arc<Progress>>,
+    /// Restore only these files' contents; the others become holes
+    /// ([`RestoreOptions::fetch_only`]).
+    pub fetch_only: Option<Arc<std::collections::HashSet<String>>>,
     /// Receives the steps as they happen.
     pub events: Option<EventSink>,
 }
@@ -237,6 +240,12 @@ pub struct RecoveryReport {
     pub wal_bytes_replayed: Option<u64>,
     /// Bytes of files restored.
     pub restore_bytes: u64,
+    /// Bytes read from the repository for them.
+    pub restore_fetched_bytes: u64,
+    /// Files created as holes, not read (a sparse recovery).
+    pub sparse_files: usize,
+    /// Their bytes.
+    pub sparse_bytes: u64,
     /// Times per phase.
     #[serde(flatten)]
     pub phases: Phases,
@@ -305,6 +314,7 @@ pub async fn recover(
         staged_wal: true,
         page_cache: true,
         standby: None,
+        fetch_only: opts.fetch_only.clone(),
     };
     let incomplete = |source: RestoreError| RecoverError::Incomplete {
         dir: pgdata.clone(),
@@ -312,8 +322,8 @@ pub async fn recover(
     };
     let restore_files = async {
         let t = Instant::now();
-        super::restore(repo.clone(), stanza, pgdata, &ropts).await?;
-        Ok::<_, RestoreError>(t.elapsed().as_secs_f64())
+        let r = super::restore(repo.clone(), stanza, pgdata, &ropts).await?;
+        Ok::<_, RestoreError>((t.elapsed().as_secs_f64(), r))
     };
     // Only the first segments must be there when PostgreSQL starts; with a
     // server the rest is staged while it replays (replay takes one core,
@@ -325,7 +335,7 @@ pub async fn recover(
         plan.segments.len()
     };
     let (head, rest) = plan.segments.split_at(ahead);
-    let (restore_secs, head_bytes) =
+    let ((restore_secs, restored), head_bytes) =
         tokio::try_join!(restore_files, stage(&repo, &paths, &spool, head)).map_err(incomplete)?;
     emit(RecoveryEvent::Restored {
         seconds: restore_secs,
@@ -373,6 +383,9 @@ pub async fn recover(
         wal_bytes_fetched: head_bytes,
         wal_bytes_replayed: None,
         restore_bytes: plan.restore_bytes,
+        restore_fetched_bytes: restored.stats.fetched,
+        sparse_files: restored.sparse_files,
+        sparse_bytes: restored.sparse_bytes,
         phases: Phases {
             restore_seconds: restore_secs,
             wal_fetch_seconds: fetch_secs,
@@ -457,13 +470,19 @@ pub async fn recover(
     let replayed = ended
         .stop_lsn
         .and_then(|l| l.checked_sub(plan.backup.start_lsn));
-    if let Some(measured) = RecoveryRates::measured(
-        plan.restore_bytes,
-        restore_secs,
-        replayed.unwrap_or(0),
-        ended.replay_secs,
-        total,
-    ) {
+    // a sparse recovery restores a fraction of the bytes: its times would
+    // skew the estimates of whole recoveries
+    let measured = match opts.fetch_only {
+        Some(_) => None,
+        None => RecoveryRates::measured(
+            plan.restore_bytes,
+            restore_secs,
+            replayed.unwrap_or(0),
+            ended.replay_secs,
+            total,
+        ),
+    };
+    if let Some(measured) = measured {
         measured.store(&repo, &paths).await;
     }
     report.outcome = ended.outcome;

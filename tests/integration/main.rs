@@ -13,6 +13,7 @@ mod cli_storage;
 mod copy;
 mod daemon;
 mod deployment;
+mod extract;
 mod full_disk;
 mod harness;
 mod incremental;

@@ -101,6 +101,7 @@ fn manifest(files: Vec<BackupFile>, stats: &SessionStats) -> Manifest {
         from_standby: None,
         incremental_from: None,
         received_bytes: None,
+        relations: None,
     }
 }
 

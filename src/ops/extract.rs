@@ -1,0 +1,1225 @@
+//! `walvault extract`: one table (or one database) as of a moment, without
+//! recovering the whole cluster.
+//!
+//! The backup's relation map ([`RelationMap`], recorded with every backup)
+//! says which files belong to which relation. A *sparse recovery* restores
+//! only what recovery and `pg_dump` read — everything outside the database
+//! directories, the chosen database's system catalogs, and the table with
+//! its TOAST table, indexes and owned sequences — and creates every other
+//! relation file as a hole of its size. That is safe because recovery
+//! starts at the backup's checkpoint and, with `full_page_writes`, the first
+//! change of every page after it carries a full image of the page: a page
+//! of another relation that WAL touches is rebuilt from that image, and the
+//! others are never read (decision 036).
+//!
+//! Then PostgreSQL replays to the target in a scratch directory on a
+//! private socket, `pg_amcheck` checks the table, and `pg_dump` writes it to
+//! a file or, through `pg_restore`, into a live server under a new name.
+//! The scratch directory is removed whatever happens.
+//!
+//! Everything that can be checked before a byte is downloaded is: the
+//! target's reachability (the recovery plan), the database and the table in
+//! the relation map, `full_page_writes`, the client tools of the backup's
+//! major, the `--into` server and the free name there, the output file.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::scratch::{write_owned, Scratch};
+use super::OpsError;
+use crate::pg::{ConnParams, PgConnection};
+use crate::repo::{DatabaseRelations, FileKind, Manifest, RelationMap, Repository, StanzaPaths};
+use crate::restore::fetch::Owner;
+use crate::restore::pitr::{Target, TimelineChoice};
+use crate::restore::recover::EventSink;
+use crate::restore::recovery::TargetAction;
+use crate::restore::server::{self, ServerOptions};
+use crate::restore::{plan_recovery, recover, RecoverOptions, RecoveryPlan, RecoveryReport};
+
+/// OIDs below this were assigned by `initdb`: the system catalogs (and
+/// `information_schema`), which recovery and `pg_dump` read.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// What to extract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// One table, `schema.name`.
+    Table {
+        /// Its schema.
+        schema: String,
+        /// Its name.
+        name: String,
+    },
+    /// The whole database.
+    Database,
+}
+
+/// Where the result goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A `pg_dump` SQL script in this file (written whole, then renamed).
+    File(PathBuf),
+    /// Into a live server (`pg_restore`), as a new table named `name` in
+    /// the table's schema; the original is never touched.
+    Into {
+        /// Connection string of the live database.
+        conninfo: String,
+        /// The new table's name.
+        name: String,
+    },
+}
+
+/// How to extract.
+#[derive(Clone)]
+pub struct ExtractOptions {
+    /// The database.
+    pub database: String,
+    /// The table, or all of the database.
+    pub what: What,
+    /// The moment.
+    pub target: Target,
+    /// Stop just before the target.
+    pub exclusive: bool,
+    /// The backup to start from (default: the newest that reaches the target).
+    pub backup: Option<String>,
+    /// Where the result goes.
+    pub destination: Destination,
+    /// Directory the scratch directory is made in.
+    pub scratch: PathBuf,
+    /// Directory of the server binaries (default: by the backup's major).
+    pub pg_bin: Option<PathBuf>,
+    /// OS user PostgreSQL runs as when running as root.
+    pub run_as: Option<String>,
+    /// Role `pg_dump` connects as on the scratch server.
+    pub user: String,
+    /// The `restore_command` the recovered server runs.
+    pub restore_command: String,
+    /// Plan and check, download nothing.
+    pub dry_run: bool,
+    /// Leave the scratch directory (stopped) for inspection.
+    pub keep: bool,
+    /// Receives the recovery's steps.
+    pub events: Option<EventSink>,
+}
+
+/// What an extract will do, decided before anything is downloaded.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtractPlan {
+    /// The backup restored.
+    pub backup: String,
+    /// The target, in words.
+    pub target: String,
+    /// The database.
+    pub database: String,
+    /// `schema.table`, or none for the whole database.
+    pub table: Option<String>,
+    /// Files whose contents are downloaded, and their bytes.
+    pub fetch_files: usize,
+    /// Their bytes.
+    pub fetch_bytes: u64,
+    /// Files created as holes.
+    pub sparse_files: usize,
+    /// Their bytes.
+    pub sparse_bytes: u64,
+    /// WAL files to replay.
+    pub wal_files: usize,
+    /// Their bytes.
+    pub wal_bytes: u64,
+    /// Estimated time, seconds.
+    pub estimated_seconds: f64,
+    /// Why the target is reachable.
+    pub reachable: String,
+    /// What the plan had to assume.
+    pub notes: Vec<String>,
+}
+
+/// What an extract did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtractReport {
+    /// The plan it carried out.
+    pub plan: ExtractPlan,
+    /// The recovery (`None` for a dry run).
+    pub recovery: Option<RecoveryReport>,
+    /// Bytes read from the repository: file contents and WAL.
+    pub downloaded_bytes: u64,
+    /// Rows of the table at the target (a table extract).
+    pub rows: Option<i64>,
+    /// `pg_amcheck` on the table and its indexes: what it found, or why
+    /// it did not run.
+    pub amcheck: Option<String>,
+    /// The file written, or the table created (`schema.name`).
+    pub output: Option<String>,
+    /// Bytes of the dump.
+    pub dump_bytes: Option<u64>,
+    /// Seconds spent in `pg_dump` (and `pg_restore`).
+    pub dump_seconds: Option<f64>,
+    /// The whole extract, seconds.
+    pub total_seconds: f64,
+}
+
+fn refuse(msg: impl Into<String>) -> OpsError {
+    OpsError::Extract(msg.into())
+}
+
+/// Plan an extract: everything checked, nothing downloaded.
+pub async fn plan_extract(
+    repo: &Repository,
+    stanza: &str,
+    opts: &ExtractOptions,
+) -> Result<(RecoveryPlan, ExtractPlan, Arc<HashSet<String>>), OpsError> {
+    let rp = plan_recovery(
+        repo,
+        stanza,
+        &opts.target,
+        opts.exclusive,
+        TimelineChoice::Latest,
+        opts.backup.as_deref(),
+    )
+    .await
+    .map_err(|e| refuse(e.to_string()))?;
+    let m = &rp.plan.backup;
+    let mut notes = Vec::new();
+    let keep = match &m.relations {
+        None => {
+            notes.push(format!(
+                "backup {} has no relation map (taken by an older walvault, or walvault could not read the catalogs): every file is downloaded",
+                m.id
+            ));
+            None
+        }
+        Some(map) => Some(select(repo, stanza, m, map, opts, &mut notes).await?),
+    };
+    let mut fetch = HashSet::new();
+    let (mut fetch_bytes, mut sparse_files, mut sparse_bytes) = (0u64, 0usize, 0u64);
+    for f in m.files.iter().filter(|f| f.kind == FileKind::File) {
+        let wanted = match &keep {
+            None => true,
+            Some(k) => k.wants(&f.path),
+        };
+        if wanted {
+            fetch.insert(f.path.clone());
+            fetch_bytes += f.size;
+        } else {
+            sparse_files += 1;
+            sparse_bytes += f.size;
+        }
+    }
+    let estimate = rp.rates.estimate(fetch_bytes, rp.plan.wal_bytes());
+    let plan = ExtractPlan {
+        backup: m.id.clone(),
+        target: rp.plan.target.to_string(),
+        database: opts.database.clone(),
+        table: match &opts.what {
+            What::Table { schema, name } => Some(format!("{schema}.{name}")),
+            What::Database => None,
+        },
+        fetch_files: fetch.len(),
+        fetch_bytes,
+        sparse_files,
+        sparse_bytes,
+        wal_files: rp.plan.segments.len(),
+        wal_bytes: rp.plan.wal_bytes(),
+        estimated_seconds: estimate,
+        reachable: format!(
+            "backup {} is consistent at {} and every WAL file from it to the target on timeline {} is in the repository",
+            m.id, m.stop_lsn, rp.plan.timeline
+        ),
+        notes,
+    };
+    Ok((rp, plan, Arc::new(fetch)))
+}
+
+/// What of a database is extracted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// All of it.
+    Database,
+    /// The table with this OID in the backup (`None`: created after it,
+    /// so built from the WAL alone).
+    Table(Option<u32>),
+}
+
+/// Which files of a backup a sparse recovery reads.
+#[derive(Debug, Clone)]
+struct Selection {
+    /// The database's OID.
+    db: u32,
+    /// Every file of the database is read (a database extract, or a map
+    /// that could not list it).
+    whole: bool,
+    /// Filenodes of the database read.
+    keep: HashSet<u32>,
+    /// Filenodes the map knows (the others, unknown, are read).
+    known: HashSet<u32>,
+}
+
+impl Selection {
+    /// The files of `db` a recovery for `scope` reads.
+    fn of(db: &DatabaseRelations, scope: Scope) -> Selection {
+        let (whole, table) = match scope {
+            Scope::Database => (true, None),
+            Scope::Table(t) => (!db.complete, t),
+        };
+        let keep = db
+            .relations
+            .iter()
+            .filter(|r| {
+                r.oid < FIRST_NORMAL_OID || table.is_some_and(|t| r.oid == t || r.owner == t)
+            })
+            .map(|r| r.filenode)
+            .collect();
+        Selection {
+            db: db.oid,
+            whole,
+            keep,
+            known: db.relations.iter().map(|r| r.filenode).collect(),
+        }
+    }
+
+    /// Whether the contents of `path` (as in the manifest) are read.
+    fn wants(&self, path: &str) -> bool {
+        let Some((db, name)) = database_file(path) else {
+            // global/, pg_xact/, pg_multixact/, …: recovery needs them
+            return true;
+        };
+        let Some((filenode, fork)) = relation_file(name) else {
+            // PG_VERSION, pg_filenode.map
+            return true;
+        };
+        if fork == "init" {
+            // an unlogged relation's init fork becomes its main fork at
+            // the end of recovery: tiny, always read
+            return true;
+        }
+        if db != self.db {
+            return false;
+        }
+        self.whole || self.keep.contains(&filenode) || !self.known.contains(&filenode)
+    }
+}
+
+/// The database OID and file name of a file in a database directory
+/// (`base/<db>/<name>`, `pg_tblspc/<ts>/<version dir>/<db>/<name>`).
+fn database_file(path: &str) -> Option<(u32, &str)> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let (db, name) = match parts.as_slice() {
+        ["base", db, name] => (db, name),
+        ["pg_tblspc", _, _, db, name] => (db, name),
+        _ => return None,
+    };
+    Some((db.parse().ok()?, name))
+}
+
+/// A relation file's filenode and fork (`""`, `fsm`, `vm`, `init`):
+/// `16384`, `16384.2`, `16384_vm`.
+fn relation_file(name: &str) -> Option<(u32, &str)> {
+    let base = match name.split_once('.') {
+        Some((b, seg)) if !seg.is_empty() && seg.bytes().all(|c| c.is_ascii_digit()) => b,
+        Some(_) => return None,
+        None => name,
+    };
+    let (num, fork) = match base.split_once('_') {
+        Some((n, f)) if matches!(f, "fsm" | "vm" | "init") => (n, f),
+        Some(_) => return None,
+        None => (base, ""),
+    };
+    if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((num.parse().ok()?, fork))
+}
+
+/// Check the database and the table against the map and choose the files.
+async fn select(
+    repo: &Repository,
+    stanza: &str,
+    m: &Manifest,
+    map: &RelationMap,
+    opts: &ExtractOptions,
+    notes: &mut Vec<String>,
+) -> Result<Selection, OpsError> {
+    if map.full_page_writes == Some(false) {
+        return Err(refuse(format!(
+            "full_page_writes was off when backup {} was taken: pages the WAL changes may have no full image, so a sparse recovery is not safe; recover the whole cluster with restore-pitr",
+            m.id
+        )));
+    }
+    let Some(db) = map.database(&opts.database) else {
+        let names: Vec<&str> = map
+            .databases
+            .iter()
+            .map(|d| d.name.as_str())
+            .filter(|n| *n != "template0")
+            .collect();
+        return Err(refuse(format!(
+            "there is no database {:?} in backup {} (its databases: {})",
+            opts.database,
+            m.id,
+            names.join(", ")
+        )));
+    };
+    if !db.complete {
+        notes.push(format!(
+            "walvault could not list database {}'s relations when backup {} was taken: all of its files are downloaded",
+            db.name, m.id
+        ));
+    }
+    let scope = match &opts.what {
+        What::Database => Scope::Database,
+        What::Table { schema, name } => match db.table(schema, name) {
+            Some(t) => Scope::Table(Some(t.oid)),
+            None if !db.complete => Scope::Table(None),
+            None => {
+                // created after the backup? then a later backup knows it,
+                // and recovery builds it from the WAL alone
+                if later_backup_knows(repo, stanza, m, &db.name, schema, name).await? {
+                    notes.push(format!(
+                        "{schema}.{name} did not exist when backup {} was taken: recovery builds it from the WAL; walvault checks that it exists at the target",
+                        m.id
+                    ));
+                    Scope::Table(None)
+                } else {
+                    return Err(refuse(format!(
+                        "there is no table {schema}.{name} in database {} in backup {} nor in any later backup{}",
+                        db.name,
+                        m.id,
+                        similar(db, name)
+                    )));
+                }
+            }
+        },
+    };
+    Ok(Selection::of(db, scope))
+}
+
+/// Whether a backup after `m` lists table `schema.name` in `db`.
+async fn later_backup_knows(
+    repo: &Repository,
+    stanza: &str,
+    m: &Manifest,
+    db: &str,
+    schema: &str,
+    name: &str,
+) -> Result<bool, OpsError> {
+    let paths = StanzaPaths::new(stanza);
+    for id in Manifest::list_ids(repo, &paths).await? {
+        if id.as_str() <= m.id.as_str() {
+            continue;
+        }
+        let later = Manifest::load(repo, &paths, &id).await?;
+        let knows = later
+            .relations
+            .as_ref()
+            .and_then(|r| r.database(db))
+            .is_some_and(|d| d.table(schema, name).is_some());
+        if knows {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// " (tables with similar names: …)" or nothing.
+fn similar(db: &DatabaseRelations, name: &str) -> String {
+    let lower = name.to_lowercase();
+    let mut like: Vec<String> = db
+        .relations
+        .iter()
+        .filter(|r| r.kind == b'r' && r.oid >= FIRST_NORMAL_OID)
+        .filter(|r| {
+            let n = r.name.to_lowercase();
+            n.contains(&lower) || lower.contains(&n)
+        })
+        .map(|r| format!("{}.{}", r.schema, r.name))
+        .collect();
+    like.sort();
+    like.truncate(5);
+    if like.is_empty() {
+        String::new()
+    } else {
+        format!(" (tables with similar names: {})", like.join(", "))
+    }
+}
+
+/// Run an extract: plan, check, sparse recovery, dump, clean up.
+pub async fn extract(
+    repo: Arc<Repository>,
+    stanza: &str,
+    opts: &ExtractOptions,
+) -> Result<ExtractReport, OpsError> {
+    let started = Instant::now();
+    let (rp, plan, fetch) = plan_extract(&repo, stanza, opts).await?;
+    let m = &rp.plan.backup;
+    let bin = binaries(m, opts)?;
+    preflight(opts).await?;
+    let mut report = ExtractReport {
+        plan,
+        recovery: None,
+        downloaded_bytes: 0,
+        rows: None,
+        amcheck: None,
+        output: None,
+        dump_bytes: None,
+        dump_seconds: None,
+        total_seconds: 0.0,
+    };
+    if opts.dry_run {
+        report.total_seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let owner = owner(opts)?;
+    let scratch =
+        Scratch::make(&opts.scratch, "walvault-extract-", owner).map_err(OpsError::Extract)?;
+    let sopts = server_options(opts, &scratch, owner, &bin);
+    let outcome = run(
+        &repo,
+        stanza,
+        opts,
+        &rp,
+        fetch,
+        &scratch,
+        &sopts,
+        &bin,
+        &mut report,
+        started,
+    )
+    .await;
+    // whatever happened, no server is left running and nothing is left
+    // behind (unless asked to keep it)
+    let pid = scratch.pgdata.join("postmaster.pid");
+    if pid.exists() {
+        if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
+            tracing::warn!(
+                "extract: stopping the scratch server failed ({e}); stopping it immediately"
+            );
+            let _ = server::stop_with(&scratch.pgdata, &sopts, "immediate").await;
+        }
+    }
+    if pid.exists() {
+        let e = format!(
+            "the scratch server on {} could not be stopped: stop it (pg_ctl -D {} stop -m immediate) and remove {}",
+            scratch.pgdata.display(),
+            scratch.pgdata.display(),
+            scratch.root.display()
+        );
+        return Err(match outcome {
+            Err(first) => refuse(format!("{first}; {e}")),
+            Ok(()) => refuse(e),
+        });
+    }
+    if opts.keep {
+        tracing::info!(
+            "extract: scratch directory kept: {}",
+            scratch.root.display()
+        );
+    } else {
+        scratch.remove();
+    }
+    outcome?;
+    report.total_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The server binaries of the backup's major, with the client tools the
+/// extract runs.
+fn binaries(m: &Manifest, opts: &ExtractOptions) -> Result<PathBuf, OpsError> {
+    let major = if m.pg_version >= 100_000 {
+        m.pg_version / 10_000
+    } else {
+        m.pg_version / 100
+    };
+    let bin = opts
+        .pg_bin
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+    let mut need = vec!["postgres", "pg_ctl", "pg_dump"];
+    if matches!(opts.destination, Destination::Into { .. }) {
+        need.push("pg_restore");
+    }
+    let missing: Vec<&str> = need
+        .into_iter()
+        .filter(|p| !bin.join(p).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "{} of PostgreSQL {major} (backup {}'s major) not found in {}: install them (apt-get install postgresql-{major}) or give their directory with --pg-bin",
+            missing.join(", "),
+            m.id,
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
+/// Checks of the destination before anything is downloaded: the output
+/// file can be written and does not exist; the live server answers, the
+/// table's schema exists there and the new name is free.
+async fn preflight(opts: &ExtractOptions) -> Result<(), OpsError> {
+    match &opts.destination {
+        Destination::File(path) => {
+            if path.exists() {
+                return Err(refuse(format!(
+                    "{} exists: give a new file (extract never overwrites one)",
+                    path.display()
+                )));
+            }
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            if !dir.is_dir() {
+                return Err(refuse(format!(
+                    "cannot write {}: {} is not a directory",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+        }
+        Destination::Into { conninfo, name } => {
+            let What::Table { schema, .. } = &opts.what else {
+                return Err(refuse(
+                    "--into restores one table (with --table); write a whole database to a file with --output",
+                ));
+            };
+            let params = ConnParams::parse(conninfo).map_err(|e| refuse(format!("--into: {e}")))?;
+            let mut c = PgConnection::connect(&params, false).await.map_err(|e| {
+                refuse(format!(
+                    "cannot connect to the --into server ({e}); nothing was downloaded"
+                ))
+            })?;
+            let q = format!(
+                "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = {s}) AS schema, \
+                 to_regclass({full}) IS NOT NULL AS taken, current_database() AS db",
+                s = literal(schema),
+                full = literal(&format!("{}.{}", ident(schema), ident(name)))
+            );
+            let r = c.simple_query(&q).await;
+            c.close().await;
+            let r = r.map_err(|e| refuse(format!("--into: {e}")))?;
+            if r.text(0, "schema").as_deref() != Some("1") {
+                return Err(refuse(format!(
+                    "schema {schema} does not exist in database {} of the --into server: create it first",
+                    r.text(0, "db").unwrap_or_default()
+                )));
+            }
+            if r.text(0, "taken").as_deref() == Some("t") {
+                return Err(refuse(format!(
+                    "{schema}.{name} already exists in database {} of the --into server: choose another name with --as",
+                    r.text(0, "db").unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The OS user PostgreSQL runs as (`run_as`, default `postgres`) when
+/// walvault runs as root, else walvault's own.
+fn owner(opts: &ExtractOptions) -> Result<Option<Owner>, OpsError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let name = opts.run_as.as_deref().unwrap_or("postgres");
+    server::os_user(name)
+        .map(Some)
+        .map_err(|e| OpsError::Extract(e.to_string()))
+}
+
+fn server_options(
+    opts: &ExtractOptions,
+    scratch: &Scratch,
+    owner: Option<Owner>,
+    bin: &Path,
+) -> ServerOptions {
+    let settings = vec![
+        ("listen_addresses".to_owned(), String::new()),
+        (
+            "unix_socket_directories".to_owned(),
+            scratch.sock.display().to_string(),
+        ),
+        ("hba_file".to_owned(), scratch.hba.display().to_string()),
+        ("ident_file".to_owned(), scratch.ident.display().to_string()),
+        // the other relations are holes: nothing may read them
+        ("autovacuum".to_owned(), "off".to_owned()),
+    ];
+    ServerOptions {
+        port: Some(scratch.port),
+        pg_bin: Some(bin.to_owned()),
+        run_as: owner.map(|_| opts.run_as.clone().unwrap_or_else(|| "postgres".into())),
+        settings,
+    }
+}
+
+/// Recover, check, dump.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    repo: &Arc<Repository>,
+    stanza: &str,
+    opts: &ExtractOptions,
+    rp: &RecoveryPlan,
+    fetch: Arc<HashSet<String>>,
+    scratch: &Scratch,
+    sopts: &ServerOptions,
+    bin: &Path,
+    report: &mut ExtractReport,
+    started: Instant,
+) -> Result<(), OpsError> {
+    let mut sopts = sopts.clone();
+    let owner = match &sopts.run_as {
+        Some(u) => Some(server::os_user(u).map_err(|e| refuse(e.to_string()))?),
+        None => None,
+    };
+    if !rp
+        .plan
+        .backup
+        .files
+        .iter()
+        .any(|f| f.path == "postgresql.conf")
+    {
+        // a Debian-style cluster keeps its configuration elsewhere
+        let conf = scratch.root.join("postgresql.conf");
+        write_owned(&conf, "", owner).map_err(refuse)?;
+        sopts
+            .settings
+            .push(("config_file".into(), conf.display().to_string()));
+    }
+    let ropts = RecoverOptions {
+        pgdata: scratch.pgdata.clone(),
+        restore_command: opts.restore_command.clone(),
+        archive_off: true,
+        target_action: TargetAction::Promote,
+        server: Some(sopts.clone()),
+        events: opts.events.clone(),
+        // it runs next to production: no quarter of the machine's memory
+        no_tuning: true,
+        fetch_only: Some(fetch.clone()),
+        ..Default::default()
+    };
+    let rec = recover(repo.clone(), stanza, rp, &ropts, started)
+        .await
+        .map_err(|e| refuse(format!("the sparse recovery failed: {e}")))?;
+    report.downloaded_bytes = rec.restore_fetched_bytes + rec.wal_bytes_fetched;
+    report.recovery = Some(rec);
+
+    let info = format!(
+        "host='{}' port={} user='{}' dbname='{}'",
+        quote(&scratch.sock.display().to_string()),
+        scratch.port,
+        quote(&opts.user),
+        quote(&opts.database)
+    );
+    let params = ConnParams::parse(&info).map_err(|e| refuse(e.to_string()))?;
+    let mut c = PgConnection::connect(&params, false)
+        .await
+        .map_err(|e| refuse(format!("cannot connect to the recovered server: {e}")))?;
+    let client = Client {
+        bin,
+        sock: &scratch.sock,
+        port: scratch.port,
+        user: &opts.user,
+        database: &opts.database,
+    };
+    match &opts.what {
+        What::Database => {}
+        What::Table { schema, name } => {
+            let full = format!("{}.{}", ident(schema), ident(name));
+            let files = table_files(&mut c, schema, name).await?;
+            let Some(files) = files else {
+                c.close().await;
+                return Err(refuse(format!(
+                    "there was no table {schema}.{name} in database {} at the target ({}); wal-inspect shows when it was created or dropped",
+                    opts.database, report.plan.target
+                )));
+            };
+            // the map said which files are this table's; the recovered
+            // catalogs say so too, or the result would be holes
+            let db_oid = rp
+                .plan
+                .backup
+                .relations
+                .as_ref()
+                .and_then(|r| r.database(&opts.database))
+                .map(|d| d.oid);
+            for f in &files {
+                let sparse = rp.plan.backup.files.iter().any(|b| {
+                    !fetch.contains(&b.path)
+                        && b.kind == FileKind::File
+                        && database_file(&b.path).is_some_and(|(d, n)| {
+                            Some(d) == db_oid
+                                && relation_file(n).is_some_and(|(node, _)| node == *f)
+                        })
+                });
+                if sparse {
+                    c.close().await;
+                    return Err(refuse(format!(
+                        "file {f} of {schema}.{name} at the target was not restored (the backup's relation map named another relation for it); recover the whole cluster with restore-pitr"
+                    )));
+                }
+            }
+            let r = c
+                .simple_query(&format!("SELECT count(*) AS n FROM {full}"))
+                .await
+                .map_err(|e| refuse(format!("reading {schema}.{name}: {e}")))?;
+            report.rows = r.text(0, "n").and_then(|n| n.parse().ok());
+            let amcheck_installed = c
+                .simple_query(
+                    "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'amcheck'",
+                )
+                .await
+                .ok()
+                .and_then(|r| r.text(0, "n"))
+                .is_some_and(|n| n != "0");
+            report.amcheck = Some(client.amcheck(schema, name, amcheck_installed).await?);
+        }
+    }
+    let t = Instant::now();
+    match (&opts.destination, &opts.what) {
+        (Destination::File(path), what) => {
+            let table = match what {
+                What::Table { schema, name } => Some((schema.as_str(), name.as_str())),
+                What::Database => None,
+            };
+            let bytes = client.dump_to_file(table, path).await?;
+            report.dump_bytes = Some(bytes);
+            report.output = Some(path.display().to_string());
+        }
+        (
+            Destination::Into {
+                conninfo,
+                name: new,
+            },
+            What::Table { schema, name },
+        ) => {
+            let stamp = suffix_of(new, name);
+            rename_for_restore(&mut c, schema, name, new, &stamp).await?;
+            client.dump_into(schema, new, conninfo).await?;
+            report.output = Some(format!("{schema}.{new}"));
+        }
+        (Destination::Into { .. }, What::Database) => {
+            return Err(refuse("--into restores one table (with --table)"));
+        }
+    }
+    c.close().await;
+    report.dump_seconds = Some(t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The filenodes of table `schema.name`, its TOAST table and their indexes
+/// on the recovered server; `None` when there is no such table.
+async fn table_files(
+    c: &mut PgConnection,
+    schema: &str,
+    name: &str,
+) -> Result<Option<Vec<u32>>, OpsError> {
+    let q = format!(
+        "WITH t AS (SELECT c.oid, c.reltoastrelid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                    WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'm')), \
+              rels AS (SELECT oid FROM t UNION ALL SELECT reltoastrelid FROM t WHERE reltoastrelid <> 0), \
+              all_rels AS (SELECT oid FROM rels UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid IN (SELECT oid FROM rels)) \
+         SELECT (SELECT count(*) FROM t) AS found, pg_relation_filenode(oid) AS f FROM all_rels",
+        literal(schema),
+        literal(name)
+    );
+    let r = c
+        .simple_query(&q)
+        .await
+        .map_err(|e| refuse(format!("reading the recovered catalogs: {e}")))?;
+    if r.rows.is_empty() || r.text(0, "found").as_deref() == Some("0") {
+        return Ok(None);
+    }
+    Ok(Some(
+        (0..r.rows.len())
+            .filter_map(|i| r.text(i, "f").and_then(|f| f.parse().ok()))
+            .collect(),
+    ))
+}
+
+/// The part of the new name after the table's name (`_restored_1402`),
+/// given to its indexes and sequences too so they do not collide with the
+/// original's.
+fn suffix_of(new: &str, table: &str) -> String {
+    match new.strip_prefix(table) {
+        Some(rest) if !rest.is_empty() => rest.to_owned(),
+        _ => format!("_{new}"),
+    }
+}
+
+/// `name` with `suffix`, cut to PostgreSQL's 63 bytes (at a character
+/// boundary).
+fn with_suffix(name: &str, suffix: &str) -> String {
+    let mut base = name.to_owned();
+    while base.len() + suffix.len() > 63 && !base.is_empty() {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// On the scratch server: rename the table, its indexes and owned sequences
+/// so they can sit beside the originals, and drop its foreign keys (the
+/// rows they pointed to at the target may be gone from the live server).
+async fn rename_for_restore(
+    c: &mut PgConnection,
+    schema: &str,
+    name: &str,
+    new: &str,
+    suffix: &str,
+) -> Result<(), OpsError> {
+    let table = format!("{}.{}", ident(schema), ident(name));
+    let q = format!(
+        "SELECT 'i' AS k, i.relname AS n FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = {t}::regclass \
+         UNION ALL SELECT 'S', s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
+           WHERE d.refobjid = {t}::regclass AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype IN ('a', 'i') \
+         UNION ALL SELECT 'f', conname FROM pg_constraint WHERE conrelid = {t}::regclass AND contype = 'f'",
+        t = literal(&table)
+    );
+    let r = c
+        .simple_query(&q)
+        .await
+        .map_err(|e| refuse(format!("preparing {schema}.{name} for --into: {e}")))?;
+    let mut sql = vec!["BEGIN".to_owned()];
+    for i in 0..r.rows.len() {
+        let (Some(k), Some(n)) = (r.text(i, "k"), r.text(i, "n")) else {
+            continue;
+        };
+        let obj = format!("{}.{}", ident(schema), ident(&n));
+        match k.as_str() {
+            "i" => sql.push(format!(
+                "ALTER INDEX {obj} RENAME TO {}",
+                ident(&with_suffix(&n, suffix))
+            )),
+            "S" => sql.push(format!(
+                "ALTER SEQUENCE {obj} RENAME TO {}",
+                ident(&with_suffix(&n, suffix))
+            )),
+            _ => sql.push(format!("ALTER TABLE {table} DROP CONSTRAINT {}", ident(&n))),
+        }
+    }
+    sql.push(format!("ALTER TABLE {table} RENAME TO {}", ident(new)));
+    sql.push("COMMIT".to_owned());
+    c.simple_query(&sql.join("; "))
+        .await
+        .map_err(|e| refuse(format!("renaming {schema}.{name} for --into: {e}")))?;
+    Ok(())
+}
+
+/// The client tools against the scratch server.
+struct Client<'a> {
+    bin: &'a Path,
+    sock: &'a Path,
+    port: u16,
+    user: &'a str,
+    database: &'a str,
+}
+
+impl Client<'_> {
+    fn tool(&self, program: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.bin.join(program));
+        cmd.arg("-h")
+            .arg(self.sock)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-U")
+            .arg(self.user)
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSERVICE");
+        cmd
+    }
+
+    /// `pg_amcheck` on the table, its TOAST table and indexes (PostgreSQL
+    /// 14+); a finding is an error.
+    async fn amcheck(&self, schema: &str, name: &str, extension: bool) -> Result<String, OpsError> {
+        if !self.bin.join("pg_amcheck").is_file() {
+            return Ok(format!(
+                "not run: pg_amcheck is not in {} (PostgreSQL 14+)",
+                self.bin.display()
+            ));
+        }
+        if !extension {
+            return Ok("not run: the amcheck extension is not installed with the server".into());
+        }
+        let out = self
+            .tool("pg_amcheck")
+            .arg("-d")
+            .arg(self.database)
+            .arg("-t")
+            .arg(format!("{}.{}", pattern(schema), pattern(name)))
+            .arg("--install-missing")
+            .arg("--heapallindexed")
+            .output()
+            .await
+            .map_err(|e| refuse(format!("cannot run pg_amcheck: {e}")))?;
+        if !out.status.success() {
+            return Err(refuse(format!(
+                "pg_amcheck found {schema}.{name} damaged at the target: {}",
+                tail(&out, 5)
+            )));
+        }
+        Ok(format!(
+            "{schema}.{name}, its TOAST table and its B-tree indexes are consistent"
+        ))
+    }
+
+    /// `pg_dump` of the table (or the database) as SQL into `path`,
+    /// written to a temporary name, synced, then renamed.
+    async fn dump_to_file(
+        &self,
+        table: Option<(&str, &str)>,
+        path: &Path,
+    ) -> Result<u64, OpsError> {
+        let mut part = path.as_os_str().to_owned();
+        part.push(".partial");
+        let part = PathBuf::from(part);
+        let file = std::fs::File::create(&part)
+            .map_err(|e| refuse(format!("cannot write {}: {e}", part.display())))?;
+        let mut cmd = self.tool("pg_dump");
+        cmd.arg("-d").arg(self.database);
+        if let Some((schema, name)) = table {
+            cmd.arg("-t")
+                .arg(format!("{}.{}", pattern(schema), pattern(name)));
+        }
+        let out = cmd
+            .stdout(std::process::Stdio::from(
+                file.try_clone()
+                    .map_err(|e| refuse(format!("{}: {e}", part.display())))?,
+            ))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await
+            .map_err(|e| refuse(format!("cannot run pg_dump: {e}")));
+        let failed = match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!("pg_dump failed: {}", tail(&o, 5))),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
+            let _ = std::fs::remove_file(&part);
+            return Err(refuse(e));
+        }
+        let io = |e: std::io::Error| refuse(format!("{}: {e}", path.display()));
+        file.sync_all().map_err(io)?;
+        let bytes = file.metadata().map_err(io)?.len();
+        std::fs::rename(&part, path).map_err(io)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(bytes)
+    }
+
+    /// `pg_dump -Fc` of `schema.new` piped into `pg_restore` on the live
+    /// server, in one transaction (nothing is left half-created).
+    async fn dump_into(&self, schema: &str, new: &str, conninfo: &str) -> Result<(), OpsError> {
+        use std::process::Stdio;
+        let mut dump = self
+            .tool("pg_dump")
+            .arg("-d")
+            .arg(self.database)
+            .arg("-Fc")
+            .arg("-t")
+            .arg(format!("{}.{}", pattern(schema), pattern(new)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| refuse(format!("cannot run pg_dump: {e}")))?;
+        let piped: Stdio = dump
+            .stdout
+            .take()
+            .ok_or_else(|| refuse("pg_dump has no output"))?
+            .try_into()
+            .map_err(|e| refuse(format!("pg_dump's output: {e}")))?;
+        let restore = tokio::process::Command::new(self.bin.join("pg_restore"))
+            .arg("--no-owner")
+            .arg("--no-privileges")
+            .arg("--exit-on-error")
+            .arg("--single-transaction")
+            .arg("-d")
+            .arg(conninfo)
+            .stdin(piped)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| refuse(format!("cannot run pg_restore: {e}")))?;
+        let (dumped, restored) = tokio::join!(dump.wait_with_output(), restore.wait_with_output());
+        let dumped = dumped.map_err(|e| refuse(format!("pg_dump: {e}")))?;
+        let restored = restored.map_err(|e| refuse(format!("pg_restore: {e}")))?;
+        if !dumped.status.success() {
+            return Err(refuse(format!(
+                "pg_dump failed (nothing was created on the --into server): {}",
+                tail(&dumped, 5)
+            )));
+        }
+        if !restored.status.success() {
+            return Err(refuse(format!(
+                "pg_restore into the --into server failed (nothing was created there): {}",
+                tail(&restored, 5)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The last lines of a tool's output.
+fn tail(out: &std::process::Output, lines: usize) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join("; ")
+}
+
+/// A conninfo value inside single quotes.
+fn quote(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// An SQL string literal.
+fn literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// An SQL identifier, always quoted.
+fn ident(v: &str) -> String {
+    format!("\"{}\"", v.replace('"', "\"\""))
+}
+
+/// A `pg_dump -t` pattern matching exactly `v` (quoted: no wildcards, case
+/// kept).
+fn pattern(v: &str) -> String {
+    ident(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::Relation;
+
+    fn rel(oid: u32, filenode: u32, name: &str, kind: u8, owner: u32) -> Relation {
+        Relation {
+            oid,
+            filenode,
+            schema: "public".into(),
+            name: name.into(),
+            kind,
+            owner,
+        }
+    }
+
+    #[test]
+    fn relation_file_names_are_parsed() {
+        assert_eq!(relation_file("16384"), Some((16384, "")));
+        assert_eq!(relation_file("16384.12"), Some((16384, "")));
+        assert_eq!(relation_file("16384_vm"), Some((16384, "vm")));
+        assert_eq!(relation_file("16384_fsm.1"), Some((16384, "fsm")));
+        assert_eq!(relation_file("16384_init"), Some((16384, "init")));
+        for other in [
+            "PG_VERSION",
+            "pg_filenode.map",
+            "16384_x",
+            "16384.",
+            "x1",
+            "",
+            "1.a",
+        ] {
+            assert_eq!(relation_file(other), None, "{other}");
+        }
+        assert_eq!(database_file("base/5/16384"), Some((5, "16384")));
+        assert_eq!(
+            database_file("pg_tblspc/16390/PG_15_202209061/16385/16400.1"),
+            Some((16385, "16400.1"))
+        );
+        assert_eq!(database_file("global/1262"), None);
+        assert_eq!(database_file("base/5"), None);
+    }
+
+    /// A table's files, its TOAST table and indexes, the catalogs and files
+    /// the map does not know are read; other relations and other
+    /// databases' relations are holes.
+    #[test]
+    fn a_sparse_selection_reads_the_table_catalogs_and_unknown_files() {
+        let db = DatabaseRelations {
+            oid: 16400,
+            name: "app".into(),
+            complete: true,
+            relations: vec![
+                rel(1259, 1259, "pg_class", b'r', 0),
+                rel(2619, 2619, "pg_statistic", b'r', 0),
+                rel(20000, 20001, "orders", b'r', 0),
+                rel(20002, 20002, "pg_toast_20000", b't', 20000),
+                rel(20003, 20003, "pg_toast_20000_index", b'i', 20000),
+                rel(20004, 20004, "orders_pkey", b'i', 20000),
+                rel(20005, 20005, "orders_id_seq", b'S', 20000),
+                rel(30000, 30000, "big", b'r', 0),
+                rel(30001, 30001, "big_pkey", b'i', 30000),
+            ],
+        };
+        let s = Selection::of(&db, Scope::Table(Some(20000)));
+        for yes in [
+            "global/1262",
+            "pg_xact/0000",
+            "base/16400/PG_VERSION",
+            "base/16400/pg_filenode.map",
+            "base/16400/1259",
+            "base/16400/1259_fsm",
+            "base/16400/20001",
+            "base/16400/20001.1",
+            "base/16400/20001_vm",
+            "base/16400/20002",
+            "base/16400/20003",
+            "base/16400/20004",
+            "base/16400/20005",
+            "base/16400/40000",
+            "base/16400/30000_init",
+            "base/1/30000_init",
+            "base/1/PG_VERSION",
+        ] {
+            assert!(s.wants(yes), "{yes} should be read");
+        }
+        for no in [
+            "base/16400/30000",
+            "base/16400/30000.3",
+            "base/16400/30000_fsm",
+            "base/16400/30001",
+            "base/1/1259",
+            "base/5/20001",
+            "pg_tblspc/16390/PG_15_202209061/5/1259",
+        ] {
+            assert!(!s.wants(no), "{no} should be a hole");
+        }
+        // the whole database
+        let all = Selection::of(&db, Scope::Database);
+        assert!(all.wants("base/16400/30000") && !all.wants("base/1/1259"));
+        // a table created after the backup: the catalogs only
+        let later = Selection::of(&db, Scope::Table(None));
+        assert!(later.wants("base/16400/1259") && later.wants("base/16400/40000"));
+        assert!(!later.wants("base/16400/20001") && !later.wants("base/16400/30000"));
+        // a database walvault could not list is read whole
+        let partial = DatabaseRelations {
+            complete: false,
+            ..db.clone()
+        };
+        assert!(Selection::of(&partial, Scope::Table(Some(20000))).wants("base/16400/30000"));
+    }
+
+    #[test]
+    fn new_names_keep_within_63_bytes() {
+        assert_eq!(
+            suffix_of("orders_restored_1402", "orders"),
+            "_restored_1402"
+        );
+        assert_eq!(suffix_of("copy", "orders"), "_copy");
+        let long = "x".repeat(60);
+        let n = with_suffix(&long, "_restored_1402");
+        assert_eq!(n.len(), 63);
+        assert!(n.ends_with("_restored_1402"));
+        assert_eq!(with_suffix("orders_pkey", "_r"), "orders_pkey_r");
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("o'k"), "'o''k'");
+    }
+}

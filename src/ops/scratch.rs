@@ -1,0 +1,109 @@
+//! Scratch directories where a recovered server runs privately (drills,
+//! `extract`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::restore::fetch::Owner;
+
+/// A scratch directory for a recovered server (drills, `extract`): the
+/// data directory, a private socket directory, and an authentication file
+/// that trusts local connections (nothing else can reach the server: no
+/// TCP, a socket only its OS user can open).
+pub(crate) struct Scratch {
+    pub(crate) root: PathBuf,
+    pub(crate) pgdata: PathBuf,
+    pub(crate) sock: PathBuf,
+    pub(crate) hba: PathBuf,
+    pub(crate) ident: PathBuf,
+    pub(crate) port: u16,
+}
+
+impl Scratch {
+    /// Make one in `parent`, named `prefix` and random characters, owned
+    /// by `owner`.
+    pub(crate) fn make(
+        parent: &Path,
+        prefix: &str,
+        owner: Option<Owner>,
+    ) -> Result<Scratch, String> {
+        let fail = |what: &str, e: std::io::Error| {
+            format!(
+                "cannot make a scratch directory in {} ({what}: {e}); give another with --scratch",
+                parent.display()
+            )
+        };
+        let root = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(parent)
+            .map_err(|e| fail("create", e))?
+            .keep();
+        let s = Scratch {
+            pgdata: root.join("data"),
+            sock: root.join("sock"),
+            hba: root.join("pg_hba.conf"),
+            ident: root.join("pg_ident.conf"),
+            port: free_port().map_err(|e| fail("port", e))?,
+            root,
+        };
+        let made = (|| {
+            std::fs::set_permissions(&s.root, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::create_dir(&s.sock)?;
+            std::fs::set_permissions(&s.sock, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::create_dir(&s.pgdata)?;
+            std::fs::set_permissions(&s.pgdata, std::fs::Permissions::from_mode(0o700))?;
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(e) = made {
+            s.remove();
+            return Err(fail("prepare", e));
+        }
+        let owned = (|| {
+            write_owned(&s.hba, "local all all trust\n", owner)?;
+            write_owned(&s.ident, "", owner)?;
+            if let Some(o) = owner {
+                for d in [&s.root, &s.sock, &s.pgdata] {
+                    std::os::unix::fs::chown(d, Some(o.0.as_raw()), Some(o.1.as_raw()))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<_, String>(())
+        })();
+        if let Err(e) = owned {
+            s.remove();
+            return Err(format!(
+                "cannot prepare the scratch directory {}: {e}",
+                s.root.display()
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Remove it (its server stopped).
+    pub(crate) fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.root) {
+            tracing::warn!(
+                "cannot remove the scratch directory {}: {e}",
+                self.root.display()
+            );
+        }
+    }
+}
+
+/// Write `text` to `path`, owned by `owner`.
+pub(crate) fn write_owned(path: &Path, text: &str, owner: Option<Owner>) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(o) = owner {
+        std::os::unix::fs::chown(path, Some(o.0.as_raw()), Some(o.1.as_raw()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A TCP port nothing listens on now; the scratch server listens on a
+/// unix socket only, but the port names the socket and the shared memory.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -1,0 +1,454 @@
+//! `walvault extract` against real servers: one table brought back as of
+//! the moment before rows were deleted (also after a `VACUUM FULL`), one
+//! database, the table restored into the live server under a new name, a
+//! sparse recovery that downloads a small part of the cluster, and bad
+//! input refused before anything is downloaded.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::pitr::Archived;
+use crate::support::pg::{other_majors_or_skip, PgCluster, PgOptions};
+
+/// A hash of every row of `table` in `db`, in key order.
+fn rows_hash(c: &PgCluster, db: &str, table: &str) -> String {
+    c.psql_db(
+        db,
+        &format!(
+            "SELECT count(*) || ':' || md5(string_agg(t::text, '|' ORDER BY id)) FROM {table} t"
+        ),
+    )
+}
+
+/// Load the SQL script `file` into database `db` of `c` (made new).
+fn load(c: &PgCluster, db: &str, file: &Path) {
+    c.psql(&format!("CREATE DATABASE {db}"));
+    let out = c
+        .command(&c.client_bin("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&c.sockdir)
+        .args(["-p", &c.port.to_string(), "-U", "postgres", "-d", db, "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loading {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `app.orders` (with TOASTed notes, an index, a serial), `app.big` and
+/// `analytics.events` (large, never extracted); pgbench's tables in a
+/// third database.
+fn populate(c: &PgCluster) {
+    c.psql("CREATE DATABASE app");
+    c.psql("CREATE DATABASE analytics");
+    c.psql_db(
+        "app",
+        "CREATE TABLE orders (id serial PRIMARY KEY, customer text, amount numeric, note text);
+         CREATE INDEX orders_customer ON orders (customer);
+         INSERT INTO orders (customer, amount, note)
+           SELECT 'c' || (g % 97), g * 1.5,
+                  CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 120) i) END
+           FROM generate_series(1, 20000) g;
+         CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 16) AS pad FROM generate_series(1, 60000) g;
+         CREATE TABLE marker (id int)",
+    );
+    c.psql_db(
+        "analytics",
+        "CREATE TABLE events AS SELECT g AS id, md5(g::text) AS kind, repeat('e', 300) AS body FROM generate_series(1, 80000) g",
+    );
+    c.pgbench(&["-i", "-s", "6", "-q"]);
+    c.psql("CHECKPOINT");
+}
+
+/// `extract ARGS --json` as root (the scratch server runs as the tests'
+/// PostgreSQL user); the report.
+fn extract(a: &Archived, c: &PgCluster, scratch: &Path, args: &[&str]) -> serde_json::Value {
+    a.wv.args(["extract", "--json", "--scratch"])
+        .arg(scratch)
+        .arg("--pg-bin")
+        .arg(&c.bindir)
+        .args(args)
+        .ok()
+        .json()
+}
+
+/// The data directory's path of `table`'s main fork in `db`.
+fn relpath(c: &PgCluster, db: &str, table: &str) -> String {
+    c.psql_db(db, &format!("SELECT pg_relation_filepath('{table}')"))
+}
+
+/// Bytes allocated on disk (not the length) of a file.
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .blocks()
+        * 512
+}
+
+/// The one scratch directory `--keep` left in `scratch`.
+fn kept(scratch: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].join("data")
+}
+
+fn empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+#[test]
+fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
+    let mut a = Archived::new(&[]);
+    let c_ = &a.c;
+    populate(c_);
+    let big_path = relpath(c_, "app", "big");
+    let events_path = relpath(c_, "analytics", "events");
+    let backup = a.ok(&["backup", "--pg", &c_.conninfo(), "--fast", "--no-expire"]);
+    assert!(backup.stdout.starts_with("backup "), "{}", backup.stdout);
+
+    // pgbench and a marker workload run while rows are deleted
+    let mut bench = a.c.pgbench_load(8).spawn().unwrap();
+    for i in 0..20 {
+        a.c.psql_db("app", &format!("INSERT INTO marker VALUES ({i})"));
+    }
+    let before_delete = rows_hash(&a.c, "app", "orders");
+    let xid1 = a.c.psql_db(
+        "app",
+        "DELETE FROM orders WHERE id % 7 = 0; SELECT txid_current()",
+    );
+    for i in 20..40 {
+        a.c.psql_db("app", &format!("INSERT INTO marker VALUES ({i})"));
+    }
+    // the table is rewritten (a new file, built from WAL alone on recovery),
+    // then more rows go
+    a.c.psql_db("app", "VACUUM FULL orders");
+    assert_ne!(relpath(&a.c, "app", "orders"), "", "orders has a file");
+    let before_second = rows_hash(&a.c, "app", "orders");
+    let xid2 = a.c.psql_db(
+        "app",
+        "DELETE FROM orders WHERE customer = 'c5'; SELECT txid_current()",
+    );
+    let after_all = rows_hash(&a.c, "app", "orders");
+    assert!(bench.wait().unwrap().success());
+    let t_events = a.c.psql("SELECT now()");
+    let events_at_t = rows_hash(&a.c, "analytics", "events");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    a.c.psql_db("analytics", "DELETE FROM events WHERE id <= 1000");
+    a.c.psql("SELECT pg_switch_wal()");
+    a.wait_stream_durable();
+    a.finish_stream();
+    let c = &a.c;
+
+    // 1. the rows just before the delete, to a file; a sparse recovery
+    let scratch = a.work.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let out1 = a.work.path().join("orders.sql");
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            "public.orders",
+            "--target-xid",
+            &xid1,
+            "--exclusive",
+            "--output",
+            out1.to_str().unwrap(),
+            "--keep",
+        ],
+    );
+    load(c, "check1", &out1);
+    assert_eq!(rows_hash(c, "check1", "orders"), before_delete, "{r}");
+    assert_eq!(
+        r["rows"].as_i64().unwrap().to_string(),
+        before_delete.split(':').next().unwrap(),
+        "{r}"
+    );
+    // downloaded: a small part of the cluster, by the command's own
+    // account of its reads
+    let plan = &r["plan"];
+    let cluster = plan["fetch_bytes"].as_u64().unwrap() + plan["sparse_bytes"].as_u64().unwrap();
+    let fetched = r["recovery"]["restore_fetched_bytes"].as_u64().unwrap();
+    assert!(cluster > 150 << 20, "{r}");
+    assert!(
+        fetched * 10 < cluster,
+        "{fetched} of {cluster} bytes read: {r}"
+    );
+    assert!(plan["fetch_bytes"].as_u64().unwrap() * 10 < cluster, "{r}");
+    assert!(plan["sparse_files"].as_u64().unwrap() > 100, "{r}");
+    // and by the file system: the big tables of the same and another
+    // database were never written (holes), the table was
+    let data = kept(&scratch);
+    for hole in [&big_path, &events_path] {
+        let p = data.join(hole);
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len > 1 << 20, "{}: {len}", p.display());
+        assert!(
+            allocated(&p) < len / 50,
+            "{} is not a hole: {} of {len} bytes allocated",
+            p.display(),
+            allocated(&p)
+        );
+    }
+    std::fs::remove_dir_all(data.parent().unwrap()).unwrap();
+    assert!(r["amcheck"].as_str().unwrap().contains("consistent"), "{r}");
+
+    // 2. after VACUUM FULL (a new file, not in the backup), into the live
+    // server under a new name; the original untouched
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid2,
+            "--exclusive",
+            "--into",
+            &format!("{} dbname=app", c.conninfo()),
+        ],
+    );
+    let name = format!("orders_restored_x{xid2}");
+    assert_eq!(r["output"], format!("public.{name}"), "{r}");
+    assert_eq!(rows_hash(c, "app", &name), before_second);
+    assert_eq!(rows_hash(c, "app", "orders"), after_all);
+    assert!(empty(&scratch), "the scratch directory was left behind");
+    // its indexes came along under new names
+    let idx = c.psql_db(
+        "app",
+        &format!("SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = '{name}'"),
+    );
+    assert_eq!(
+        idx,
+        format!("orders_customer_restored_x{xid2},orders_pkey_restored_x{xid2}")
+    );
+    // the same name again is refused before anything is downloaded
+    let e =
+        a.wv.args(["extract", "--scratch"])
+            .arg(&scratch)
+            .args([
+                "--database",
+                "app",
+                "--table",
+                "orders",
+                "--target-xid",
+                &xid2,
+                "--into",
+            ])
+            .arg(format!("{} dbname=app", c.conninfo()))
+            .fails_with_one_line(&["already exists", &name]);
+    assert!(e.contains("--as"), "{e}");
+
+    // 3. a whole database at a time
+    let out3 = a.work.path().join("analytics.sql");
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "analytics",
+            "--target-time",
+            &t_events,
+            "--output",
+            out3.to_str().unwrap(),
+        ],
+    );
+    load(c, "check3", &out3);
+    assert_eq!(rows_hash(c, "check3", "events"), events_at_t, "{r}");
+    assert_ne!(rows_hash(c, "analytics", "events"), events_at_t);
+
+    // 4. bad input: one line, nothing downloaded, nothing left behind
+    let refused = |args: &[&str], needles: &[&str]| {
+        a.wv.args(["extract", "--scratch"])
+            .arg(&scratch)
+            .arg("--pg-bin")
+            .arg(&c.bindir)
+            .args(args)
+            .fails_with_one_line(needles);
+        assert!(
+            empty(&scratch),
+            "{args:?} left something in the scratch directory"
+        );
+    };
+    let out4 = a.work.path().join("never.sql");
+    let o4 = out4.to_str().unwrap();
+    refused(
+        &[
+            "--database",
+            "app",
+            "--table",
+            "ordres",
+            "--target-xid",
+            &xid1,
+            "--output",
+            o4,
+        ],
+        &["no table public.ordres", "app", "similar names"],
+    );
+    refused(
+        &[
+            "--database",
+            "nope",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid1,
+            "--output",
+            o4,
+        ],
+        &["no database \"nope\"", "app", "analytics"],
+    );
+    refused(
+        &[
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-time",
+            "2001-01-01T00:00:00Z",
+            "--output",
+            o4,
+        ],
+        &[],
+    );
+    let port = crate::support::free_port();
+    refused(
+        &[
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid1,
+            "--into",
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=app"),
+        ],
+        &["cannot connect to the --into server"],
+    );
+    // binaries without pg_dump
+    let nobin = a.work.path().join("nobin");
+    std::fs::create_dir(&nobin).unwrap();
+    for b in ["postgres", "pg_ctl"] {
+        std::os::unix::fs::symlink(c.bindir.join(b), nobin.join(b)).unwrap();
+    }
+    a.wv.args(["extract", "--scratch"])
+        .arg(&scratch)
+        .arg("--pg-bin")
+        .arg(&nobin)
+        .args([
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid1,
+            "--output",
+            o4,
+        ])
+        .fails_with_one_line(&["pg_dump", "not found", "--pg-bin"]);
+    assert!(empty(&scratch));
+    assert!(!out4.exists());
+    // the plan alone
+    let plan =
+        a.wv.args(["extract", "--scratch"])
+            .arg(&scratch)
+            .arg("--pg-bin")
+            .arg(&c.bindir)
+            .args([
+                "--database",
+                "app",
+                "--table",
+                "orders",
+                "--target-xid",
+                &xid1,
+                "--dry-run",
+                "--output",
+                o4,
+            ])
+            .ok();
+    assert!(
+        plan.stdout.contains("download") && plan.stdout.contains("nothing was downloaded"),
+        "{}",
+        plan.stdout
+    );
+    assert!(empty(&scratch) && !out4.exists());
+}
+
+/// A sparse recovery on other majors (13 and 17 at least): the table as it
+/// was before the delete, pg_amcheck on 14+.
+#[test]
+fn extract_on_other_majors() {
+    let Some(majors) = other_majors_or_skip(&[15]) else {
+        return;
+    };
+    for m in majors {
+        let a = Archived::with(PgOptions {
+            major: Some(m),
+            ..Default::default()
+        });
+        let c = &a.c;
+        populate(c);
+        a.ok(&["backup", "--pg", &c.conninfo(), "--fast", "--no-expire"]);
+        let before = rows_hash(c, "app", "orders");
+        let xid = c.psql_db(
+            "app",
+            "DELETE FROM orders WHERE id % 3 = 0; SELECT txid_current()",
+        );
+        c.psql("SELECT pg_switch_wal()");
+        a.wait_stream_durable();
+        let scratch = a.work.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let out = a.work.path().join("orders.sql");
+        let r = extract(
+            &a,
+            c,
+            &scratch,
+            &[
+                "--database",
+                "app",
+                "--table",
+                "orders",
+                "--target-xid",
+                &xid,
+                "--exclusive",
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        );
+        load(c, "check", &out);
+        assert_eq!(
+            rows_hash(c, "check", "orders"),
+            before,
+            "PostgreSQL {m}: {r}"
+        );
+        let plan = &r["plan"];
+        let cluster =
+            plan["fetch_bytes"].as_u64().unwrap() + plan["sparse_bytes"].as_u64().unwrap();
+        assert!(
+            r["recovery"]["restore_fetched_bytes"].as_u64().unwrap() * 10 < cluster,
+            "PostgreSQL {m}: {r}"
+        );
+        let amcheck = r["amcheck"].as_str().unwrap();
+        if m >= 14 && c.bindir.join("pg_amcheck").exists() {
+            assert!(
+                amcheck.contains("consistent") || amcheck.contains("extension is not installed"),
+                "PostgreSQL {m}: {r}"
+            );
+        }
+        assert!(empty(&scratch));
+    }
+}
