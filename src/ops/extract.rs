@@ -432,7 +432,7 @@ fn similar(db: &DatabaseRelations, name: &str) -> String {
         .filter(|r| r.kind == b'r' && r.oid >= FIRST_NORMAL_OID)
         .filter(|r| {
             let n = r.name.to_lowercase();
-            n.contains(&lower) || lower.contains(&n)
+            n.contains(&lower) || lower.contains(&n) || distance(&n, &lower) <= 2
         })
         .map(|r| format!("{}.{}", r.schema, r.name))
         .collect();
@@ -443,6 +443,22 @@ fn similar(db: &DatabaseRelations, name: &str) -> String {
     } else {
         format!(" (tables with similar names: {})", like.join(", "))
     }
+}
+
+/// Edits (insertions, deletions, substitutions) between `a` and `b`.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Run an extract: plan, check, sparse recovery, dump, clean up.
@@ -718,6 +734,7 @@ async fn run(
         .map_err(|e| refuse(format!("cannot connect to the recovered server: {e}")))?;
     let client = Client {
         bin,
+        log: scratch.pgdata.join("walvault-recovery.log"),
         sock: &scratch.sock,
         port: scratch.port,
         user: &opts.user,
@@ -909,6 +926,8 @@ async fn rename_for_restore(
 /// The client tools against the scratch server.
 struct Client<'a> {
     bin: &'a Path,
+    /// The scratch server's log.
+    log: PathBuf,
     sock: &'a Path,
     port: u16,
     user: &'a str,
@@ -943,7 +962,9 @@ impl Client<'_> {
         }
         let out = self
             .tool("pg_amcheck")
-            .arg("-d")
+            // only this database's catalogs are restored: it may connect
+            // nowhere else (another database's are holes), so no database
+            // pattern, which would list them through a maintenance database
             .arg(self.database)
             .arg("-t")
             .arg(format!("{}.{}", pattern(schema), pattern(name)))
@@ -954,13 +975,30 @@ impl Client<'_> {
             .map_err(|e| refuse(format!("cannot run pg_amcheck: {e}")))?;
         if !out.status.success() {
             return Err(refuse(format!(
-                "pg_amcheck found {schema}.{name} damaged at the target: {}",
-                tail(&out, 5)
+                "pg_amcheck found {schema}.{name} damaged at the target: {}{}",
+                tail(&out, 5),
+                self.server_errors()
             )));
         }
         Ok(format!(
             "{schema}.{name}, its TOAST table and its B-tree indexes are consistent"
         ))
+    }
+
+    /// "; the server logged: …" with its last errors, or nothing.
+    fn server_errors(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("PANIC") || l.contains("FATAL") || l.contains("ERROR"))
+            .collect();
+        match errors.len() {
+            0 => String::new(),
+            n => format!(
+                "; the server logged: {}",
+                errors[n.saturating_sub(3)..].join(" / ")
+            ),
+        }
     }
 
     /// `pg_dump` of the table (or the database) as SQL into `path`,
@@ -987,12 +1025,23 @@ impl Client<'_> {
                     .map_err(|e| refuse(format!("{}: {e}", part.display())))?,
             ))
             .stderr(std::process::Stdio::piped())
-            .output()
-            .await
+            // (not output(): tokio's makes stdout a pipe whatever was set)
+            .spawn()
             .map_err(|e| refuse(format!("cannot run pg_dump: {e}")));
+        let out = match out {
+            Ok(child) => child
+                .wait_with_output()
+                .await
+                .map_err(|e| refuse(format!("pg_dump: {e}"))),
+            Err(e) => Err(e),
+        };
         let failed = match out {
             Ok(o) if o.status.success() => None,
-            Ok(o) => Some(format!("pg_dump failed: {}", tail(&o, 5))),
+            Ok(o) => Some(format!(
+                "pg_dump failed: {}{}",
+                tail(&o, 5),
+                self.server_errors()
+            )),
             Err(e) => Some(e.to_string()),
         };
         if let Some(e) = failed {
@@ -1220,6 +1269,10 @@ mod tests {
         assert!(n.ends_with("_restored_1402"));
         assert_eq!(with_suffix("orders_pkey", "_r"), "orders_pkey_r");
         assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(distance("ordres", "orders"), 2);
+        assert_eq!(distance("orders", "orders"), 0);
+        assert_eq!(distance("", "abc"), 3);
+        assert_eq!(distance("kitten", "sitting"), 3);
         assert_eq!(literal("o'k"), "'o''k'");
     }
 }
