@@ -470,7 +470,7 @@ pub async fn extract(
     let started = Instant::now();
     let (rp, plan, fetch) = plan_extract(&repo, stanza, opts).await?;
     let m = &rp.plan.backup;
-    let bin = binaries(m, opts)?;
+    let tools = tools(m, opts)?;
     preflight(opts).await?;
     let mut report = ExtractReport {
         plan,
@@ -490,7 +490,7 @@ pub async fn extract(
     let owner = owner(opts)?;
     let scratch =
         Scratch::make(&opts.scratch, "walvault-extract-", owner).map_err(OpsError::Extract)?;
-    let sopts = server_options(opts, &scratch, owner, &bin);
+    let sopts = server_options(opts, &scratch, owner, &tools.server);
     let outcome = run(
         &repo,
         stanza,
@@ -499,7 +499,7 @@ pub async fn extract(
         fetch,
         &scratch,
         &sopts,
-        &bin,
+        &tools,
         &mut report,
         started,
     )
@@ -540,35 +540,80 @@ pub async fn extract(
     Ok(report)
 }
 
-/// The server binaries of the backup's major, with the client tools the
-/// extract runs.
-fn binaries(m: &Manifest, opts: &ExtractOptions) -> Result<PathBuf, OpsError> {
+/// The programs an extract runs: the server of the backup's major, and
+/// client programs of that major or newer (a newer `pg_dump` dumps an
+/// older server; the npm builds of some majors have none of their own).
+#[derive(Debug, Clone)]
+struct Tools {
+    /// `postgres` and `pg_ctl`.
+    server: PathBuf,
+    pg_dump: PathBuf,
+    pg_restore: Option<PathBuf>,
+    /// PostgreSQL 14+ servers only.
+    pg_amcheck: Option<PathBuf>,
+}
+
+/// `program` in `first`, else in Debian's directories of `major` or
+/// newer (the newest first).
+fn client_program(program: &str, first: &Path, major: u32) -> Option<PathBuf> {
+    if first.join(program).is_file() {
+        return Some(first.join(program));
+    }
+    let mut majors: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|m| *m >= major)
+        .collect();
+    majors.sort_unstable_by(|a, b| b.cmp(a));
+    majors
+        .into_iter()
+        .map(|m| PathBuf::from(format!("/usr/lib/postgresql/{m}/bin/{program}")))
+        .find(|p| p.is_file())
+}
+
+/// Find the programs before anything is downloaded.
+fn tools(m: &Manifest, opts: &ExtractOptions) -> Result<Tools, OpsError> {
     let major = if m.pg_version >= 100_000 {
         m.pg_version / 10_000
     } else {
         m.pg_version / 100
     };
-    let bin = opts
+    let server = opts
         .pg_bin
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
-    let mut need = vec!["postgres", "pg_ctl", "pg_dump"];
-    if matches!(opts.destination, Destination::Into { .. }) {
-        need.push("pg_restore");
-    }
-    let missing: Vec<&str> = need
+    let into = matches!(opts.destination, Destination::Into { .. });
+    let mut missing: Vec<&str> = ["postgres", "pg_ctl"]
         .into_iter()
-        .filter(|p| !bin.join(p).is_file())
+        .filter(|p| !server.join(p).is_file())
         .collect();
+    let pg_dump = client_program("pg_dump", &server, major);
+    let pg_restore = client_program("pg_restore", &server, major);
+    if pg_dump.is_none() {
+        missing.push("pg_dump");
+    }
+    if into && pg_restore.is_none() {
+        missing.push("pg_restore");
+    }
     if !missing.is_empty() {
         return Err(refuse(format!(
-            "{} of PostgreSQL {major} (backup {}'s major) not found in {}: install them (apt-get install postgresql-{major}) or give their directory with --pg-bin",
+            "{} of PostgreSQL {major} (backup {}'s major; client programs may be newer) not found in {} nor in /usr/lib/postgresql: install them (apt-get install postgresql-{major}) or give their directory with --pg-bin",
             missing.join(", "),
             m.id,
-            bin.display()
+            server.display()
         )));
     }
-    Ok(bin)
+    Ok(Tools {
+        pg_amcheck: if major >= 14 {
+            client_program("pg_amcheck", &server, major)
+        } else {
+            None
+        },
+        pg_dump: pg_dump.unwrap_or_default(),
+        pg_restore,
+        server,
+    })
 }
 
 /// Checks of the destination before anything is downloaded: the output
@@ -680,7 +725,7 @@ async fn run(
     fetch: Arc<HashSet<String>>,
     scratch: &Scratch,
     sopts: &ServerOptions,
-    bin: &Path,
+    tools: &Tools,
     report: &mut ExtractReport,
     started: Instant,
 ) -> Result<(), OpsError> {
@@ -733,7 +778,7 @@ async fn run(
         .await
         .map_err(|e| refuse(format!("cannot connect to the recovered server: {e}")))?;
     let client = Client {
-        bin,
+        tools,
         log: scratch.pgdata.join("walvault-recovery.log"),
         sock: &scratch.sock,
         port: scratch.port,
@@ -782,15 +827,7 @@ async fn run(
                 .await
                 .map_err(|e| refuse(format!("reading {schema}.{name}: {e}")))?;
             report.rows = r.text(0, "n").and_then(|n| n.parse().ok());
-            let amcheck_installed = c
-                .simple_query(
-                    "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'amcheck'",
-                )
-                .await
-                .ok()
-                .and_then(|r| r.text(0, "n"))
-                .is_some_and(|n| n != "0");
-            report.amcheck = Some(client.amcheck(schema, name, amcheck_installed).await?);
+            report.amcheck = Some(client.amcheck(&mut c, schema, name).await?);
         }
     }
     let t = Instant::now();
@@ -925,7 +962,7 @@ async fn rename_for_restore(
 
 /// The client tools against the scratch server.
 struct Client<'a> {
-    bin: &'a Path,
+    tools: &'a Tools,
     /// The scratch server's log.
     log: PathBuf,
     sock: &'a Path,
@@ -935,8 +972,8 @@ struct Client<'a> {
 }
 
 impl Client<'_> {
-    fn tool(&self, program: &str) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(self.bin.join(program));
+    fn tool(&self, program: &Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
         cmd.arg("-h")
             .arg(self.sock)
             .arg("-p")
@@ -949,19 +986,30 @@ impl Client<'_> {
     }
 
     /// `pg_amcheck` on the table, its TOAST table and indexes (PostgreSQL
-    /// 14+); a finding is an error.
-    async fn amcheck(&self, schema: &str, name: &str, extension: bool) -> Result<String, OpsError> {
-        if !self.bin.join("pg_amcheck").is_file() {
-            return Ok(format!(
-                "not run: pg_amcheck is not in {} (PostgreSQL 14+)",
-                self.bin.display()
-            ));
-        }
+    /// 14+), or before 14 amcheck's `bt_index_check` with every heap tuple
+    /// looked up in each B-tree index; a finding is an error.
+    async fn amcheck(
+        &self,
+        c: &mut PgConnection,
+        schema: &str,
+        name: &str,
+    ) -> Result<String, OpsError> {
+        let extension = c
+            .simple_query(
+                "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'amcheck'",
+            )
+            .await
+            .ok()
+            .and_then(|r| r.text(0, "n"))
+            .is_some_and(|n| n != "0");
         if !extension {
             return Ok("not run: the amcheck extension is not installed with the server".into());
         }
+        let Some(pg_amcheck) = &self.tools.pg_amcheck else {
+            return self.bt_index_check(c, schema, name).await;
+        };
         let out = self
-            .tool("pg_amcheck")
+            .tool(pg_amcheck)
             // only this database's catalogs are restored: it may connect
             // nowhere else (another database's are holes), so no database
             // pattern, which would list them through a maintenance database
@@ -982,6 +1030,35 @@ impl Client<'_> {
         }
         Ok(format!(
             "{schema}.{name}, its TOAST table and its B-tree indexes are consistent"
+        ))
+    }
+
+    /// amcheck's `bt_index_check(index, heapallindexed => true)` on every
+    /// B-tree index of the table and its TOAST table (PostgreSQL 13).
+    async fn bt_index_check(
+        &self,
+        c: &mut PgConnection,
+        schema: &str,
+        name: &str,
+    ) -> Result<String, OpsError> {
+        let table = literal(&format!("{}.{}", ident(schema), ident(name)));
+        let q = format!(
+            "CREATE EXTENSION IF NOT EXISTS amcheck; \
+             SELECT count(bt_index_check(i.indexrelid, true)) AS n FROM pg_index i \
+               JOIN pg_class r ON r.oid = i.indexrelid JOIN pg_am a ON a.oid = r.relam \
+              WHERE a.amname = 'btree' AND i.indrelid IN \
+                    (SELECT {table}::regclass UNION ALL \
+                     SELECT reltoastrelid FROM pg_class WHERE oid = {table}::regclass)"
+        );
+        let r = c.simple_query(&q).await.map_err(|e| {
+            refuse(format!(
+                "amcheck found {schema}.{name} damaged at the target: {e}{}",
+                self.server_errors()
+            ))
+        })?;
+        Ok(format!(
+            "{} B-tree index(es) of {schema}.{name} and its TOAST table consistent, every row found in each (amcheck bt_index_check; pg_amcheck needs PostgreSQL 14+)",
+            r.text(0, "n").unwrap_or_default()
         ))
     }
 
@@ -1013,7 +1090,7 @@ impl Client<'_> {
         let part = PathBuf::from(part);
         let file = std::fs::File::create(&part)
             .map_err(|e| refuse(format!("cannot write {}: {e}", part.display())))?;
-        let mut cmd = self.tool("pg_dump");
+        let mut cmd = self.tool(&self.tools.pg_dump);
         cmd.arg("-d").arg(self.database);
         if let Some((schema, name)) = table {
             cmd.arg("-t")
@@ -1065,7 +1142,7 @@ impl Client<'_> {
     async fn dump_into(&self, schema: &str, new: &str, conninfo: &str) -> Result<(), OpsError> {
         use std::process::Stdio;
         let mut dump = self
-            .tool("pg_dump")
+            .tool(&self.tools.pg_dump)
             .arg("-d")
             .arg(self.database)
             .arg("-Fc")
@@ -1081,7 +1158,12 @@ impl Client<'_> {
             .ok_or_else(|| refuse("pg_dump has no output"))?
             .try_into()
             .map_err(|e| refuse(format!("pg_dump's output: {e}")))?;
-        let restore = tokio::process::Command::new(self.bin.join("pg_restore"))
+        let pg_restore = self
+            .tools
+            .pg_restore
+            .as_ref()
+            .ok_or_else(|| refuse("no pg_restore"))?;
+        let restore = tokio::process::Command::new(pg_restore)
             .arg("--no-owner")
             .arg("--no-privileges")
             .arg("--exit-on-error")
