@@ -10,7 +10,7 @@
 //! starts at the backup's checkpoint and, with `full_page_writes`, the first
 //! change of every page after it carries a full image of the page: a page
 //! of another relation that WAL touches is rebuilt from that image, and the
-//! others are never read (decision 036).
+//! others are never read (decision 035).
 //!
 //! Then PostgreSQL replays to the target in a scratch directory on a
 //! private socket, `pg_amcheck` checks the table, and `pg_dump` writes it to
