@@ -76,7 +76,7 @@ run "$PG_BIN/pgbench" "${conn[@]}" -n -c 2 -j 2 -T 20 postgres >/dev/null &
 bench=$!
 sleep 10
 expected=$(q app "SELECT count(*) FROM orders")
-xid=$(q app "DELETE FROM orders WHERE id % 10 = 0 RETURNING txid_current()" | head -1)
+xid=$(q app "DELETE FROM orders WHERE id % 10 = 0; SELECT txid_current()" | tail -1)
 wait "$bench"
 end=$(q postgres "SELECT pg_current_wal_insert_lsn()")
 q postgres "SELECT pg_switch_wal()" >/dev/null
@@ -91,7 +91,7 @@ measure_extra() {
 import json, sys
 r = next(json.loads(l) for l in reversed(open(sys.argv[1]).read().splitlines()) if l.startswith("{"))
 rec = r["recovery"] if sys.argv[2].startswith("extract") else r
-print(rec["restore_fetched_bytes"], rec["wal_bytes_fetched"], rec["replay_seconds"])
+print(rec["restore_fetched_bytes"], rec["wal_bytes_fetched"], rec["restore_seconds"], rec["replay_seconds"], rec["total_seconds"])
 PY
 }
 extract_one() {
@@ -123,13 +123,16 @@ python3 - "$results" <<'PY'
 import sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
-    name, wall, cpu, rss, _, files, wal, replay = line.split()[:8]
-    rows.setdefault(name, []).append((float(wall), float(cpu), int(rss) / 1024, int(files) / 2**20, int(wal) / 2**20, float(replay)))
-print("| | wall s | CPU s (walvault) | peak RSS MiB | files read MiB | WAL read MiB | replay s |")
-print("|---|---|---|---|---|---|---|")
+    name, wall, cpu, rss, _, files, wal, restore, replay, recovery = line.split()[:10]
+    w = float(wall)
+    rows.setdefault(name, []).append((w, float(cpu), int(rss) / 1024, int(files) / 2**20, int(wal) / 2**20,
+                                      float(restore), float(replay), w - float(recovery)))
+print("| | wall s | CPU s (walvault) | peak RSS MiB | files read MiB | WAL read MiB | restore s | replay s | after recovery s |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name, v in rows.items():
     med = lambda i: statistics.median(x[i] for x in v)
-    print(f"| {name} | {med(0):.2f} | {med(1):.2f} | {med(2):.0f} | {med(3):.1f} | {med(4):.0f} | {med(5):.2f} |")
+    print(f"| {name} | {med(0):.2f} | {med(1):.2f} | {med(2):.0f} | {med(3):.1f} | {med(4):.0f} | {med(5):.2f} | {med(6):.2f} | {med(7):.2f} |")
+print("\n(after recovery: extract's amcheck, pg_dump and the scratch server's stop; restore-pitr's nothing)")
 e, p = statistics.median(x[0] for x in rows["extract"]), statistics.median(x[0] for x in rows["restore-pitr"])
 ef, pf = statistics.median(x[3] for x in rows["extract"]), statistics.median(x[3] for x in rows["restore-pitr"])
 print(f"\nextract / restore-pitr: time {e / p:.2f}x, file bytes read {ef / pf:.3f}x")

@@ -280,6 +280,7 @@ async fn run(
         // quarter of the machine's memory (its measured RTO is then the
         // conservative one, without restore-pitr's recovery settings)
         no_tuning: true,
+        tablespace_map: scratch.tablespaces(&rp.plan.backup),
         ..Default::default()
     };
     let report = match recover(repo.clone(), stanza, &rp, &ropts, started).await {

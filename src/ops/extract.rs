@@ -639,6 +639,12 @@ async fn preflight(opts: &ExtractOptions) -> Result<(), OpsError> {
                     dir.display()
                 )));
             }
+            // the file is written at the end: find out now that it can be
+            let mut probe = path.as_os_str().to_owned();
+            probe.push(".partial");
+            std::fs::File::create(&probe)
+                .and_then(|_| std::fs::remove_file(&probe))
+                .map_err(|e| refuse(format!("cannot write {}: {e}", path.display())))?;
         }
         Destination::Into { conninfo, name } => {
             let What::Table { schema, .. } = &opts.what else {
@@ -758,6 +764,7 @@ async fn run(
         // it runs next to production: no quarter of the machine's memory
         no_tuning: true,
         fetch_only: Some(fetch.clone()),
+        tablespace_map: scratch.tablespaces(&rp.plan.backup),
         ..Default::default()
     };
     let rec = recover(repo.clone(), stanza, rp, &ropts, started)

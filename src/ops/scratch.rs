@@ -79,6 +79,24 @@ impl Scratch {
         Ok(s)
     }
 
+    /// Where the tablespaces of backup `m` go: inside the scratch
+    /// directory, never back to their original locations (on the same
+    /// host, the live server's).
+    pub(crate) fn tablespaces(
+        &self,
+        m: &crate::repo::Manifest,
+    ) -> std::collections::HashMap<String, PathBuf> {
+        m.tablespaces
+            .iter()
+            .map(|t| {
+                (
+                    t.oid.to_string(),
+                    self.root.join("tablespaces").join(t.oid.to_string()),
+                )
+            })
+            .collect()
+    }
+
     /// Remove it (its server stopped).
     pub(crate) fn remove(&self) {
         if let Err(e) = std::fs::remove_dir_all(&self.root) {
