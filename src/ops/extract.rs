@@ -507,6 +507,11 @@ pub async fn extract(
     // whatever happened, no server is left running and nothing is left
     // behind (unless asked to keep it)
     let pid = scratch.pgdata.join("postmaster.pid");
+    if pid.exists() && !opts.keep {
+        // the directory is removed next: no shutdown checkpoint (it would
+        // write every page replay dirtied, holes included)
+        let _ = server::stop_with(&scratch.pgdata, &sopts, "immediate").await;
+    }
     if pid.exists() {
         if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
             tracing::warn!(
@@ -834,19 +839,35 @@ async fn run(
                 .await
                 .map_err(|e| refuse(format!("reading {schema}.{name}: {e}")))?;
             report.rows = r.text(0, "n").and_then(|n| n.parse().ok());
-            report.amcheck = Some(client.amcheck(&mut c, schema, name).await?);
         }
     }
     let t = Instant::now();
     match (&opts.destination, &opts.what) {
-        (Destination::File(path), what) => {
-            let table = match what {
-                What::Table { schema, name } => Some((schema.as_str(), name.as_str())),
-                What::Database => None,
-            };
-            let bytes = client.dump_to_file(table, path).await?;
-            report.dump_bytes = Some(bytes);
+        (Destination::File(path), What::Database) => {
+            report.dump_bytes = Some(client.dump_to_file(None, path).await?);
             report.output = Some(path.display().to_string());
+        }
+        (Destination::File(path), What::Table { schema, name }) => {
+            // the check and the dump read the table side by side (two
+            // cores); a damaged table takes its file away again
+            let (checked, dumped) = tokio::join!(
+                client.amcheck(&mut c, schema, name),
+                client.dump_to_file(Some((schema, name)), path)
+            );
+            match (checked, dumped) {
+                (Ok(a), Ok(bytes)) => {
+                    report.amcheck = Some(a);
+                    report.dump_bytes = Some(bytes);
+                    report.output = Some(path.display().to_string());
+                }
+                (Err(e), dumped) => {
+                    if dumped.is_ok() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+                (Ok(_), Err(e)) => return Err(e),
+            }
         }
         (
             Destination::Into {
@@ -855,6 +876,8 @@ async fn run(
             },
             What::Table { schema, name },
         ) => {
+            // checked before anything reaches the live server
+            report.amcheck = Some(client.amcheck(&mut c, schema, name).await?);
             let stamp = suffix_of(new, name);
             rename_for_restore(&mut c, schema, name, new, &stamp).await?;
             client.dump_into(schema, new, conninfo).await?;
