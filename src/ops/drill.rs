@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::records::{self, DRILL};
-use super::scratch::{write_owned, Scratch};
+use super::scratch::{self, quote, tail, Scratch};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
 use crate::pg::{ConnParams, PgConnection, QueryResult};
@@ -159,7 +159,7 @@ pub async fn drill(
         row_counts: BTreeMap::new(),
         seconds: 0.0,
     };
-    let owner = owner(opts)?;
+    let owner = scratch::owner(opts.run_as.as_deref()).map_err(OpsError::Drill)?;
     let (target, newest_commit, intended) = choose_target(&repo, &paths, opts).await?;
     rec.target = target.to_string();
     // the plan names the backup it restores; if planning fails, the failure
@@ -183,7 +183,12 @@ pub async fn drill(
     // whatever happened, no server is left running in the scratch directory
     let pid = scratch.pgdata.join("postmaster.pid");
     if pid.exists() {
-        let sopts = server_options(opts, &scratch, owner);
+        // (stopping needs only the binaries and the OS user)
+        let sopts = ServerOptions {
+            pg_bin: opts.pg_bin.clone(),
+            run_as: owner.map(|_| opts.run_as.clone().unwrap_or_else(|| "postgres".into())),
+            ..Default::default()
+        };
         if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
             tracing::warn!(
                 "drill: stopping the scratch server failed ({e}); stopping it immediately"
@@ -252,22 +257,15 @@ async fn run(
             rp.plan.timeline
         ),
     });
-    let mut sopts = server_options(opts, scratch, owner);
-    if !rp
-        .plan
-        .backup
-        .files
-        .iter()
-        .any(|f| f.path == "postgresql.conf")
-    {
-        // a Debian-style cluster keeps its configuration outside the data
-        // directory: the scratch run gets an empty one
-        let conf = scratch.root.join("postgresql.conf");
-        write_owned(&conf, "", owner).map_err(|e| ("recovery", e))?;
-        sopts
-            .settings
-            .push(("config_file".into(), conf.display().to_string()));
-    }
+    let sopts = scratch
+        .server_options(
+            &rp.plan.backup,
+            opts.pg_bin.clone(),
+            opts.run_as.as_deref(),
+            owner,
+            &opts.settings,
+        )
+        .map_err(|e| ("recovery", e))?;
     let ropts = RecoverOptions {
         pgdata: scratch.pgdata.clone(),
         restore_command: opts.restore_command.clone(),
@@ -378,37 +376,6 @@ async fn run(
     rec.checks
         .push(checksums(&bin, &scratch.pgdata, sopts.run_as.as_deref()).await);
     Ok(())
-}
-
-/// The OS user PostgreSQL runs as: `run_as` (default `postgres`) when
-/// walvault runs as root, else walvault's own.
-fn owner(opts: &DrillOptions) -> Result<Option<Owner>, OpsError> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let name = opts.run_as.as_deref().unwrap_or("postgres");
-    server::os_user(name)
-        .map(Some)
-        .map_err(|e| OpsError::Drill(e.to_string()))
-}
-
-fn server_options(opts: &DrillOptions, scratch: &Scratch, owner: Option<Owner>) -> ServerOptions {
-    let mut settings = vec![
-        ("listen_addresses".to_owned(), String::new()),
-        (
-            "unix_socket_directories".to_owned(),
-            scratch.sock.display().to_string(),
-        ),
-        ("hba_file".to_owned(), scratch.hba.display().to_string()),
-        ("ident_file".to_owned(), scratch.ident.display().to_string()),
-    ];
-    settings.extend(opts.settings.iter().cloned());
-    ServerOptions {
-        port: Some(scratch.port),
-        pg_bin: opts.pg_bin.clone(),
-        run_as: owner.map(|_| opts.run_as.clone().unwrap_or_else(|| "postgres".into())),
-        settings,
-    }
 }
 
 /// The drill's target, the newest archived commit (for the RPO), and the
@@ -530,26 +497,10 @@ where
     Ok(out)
 }
 
-/// A conninfo value inside single quotes: `\` and `'` escaped.
-fn quote(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\'', "\\'")
-}
-
 /// The first column of row `i`, as text.
 fn first(r: &QueryResult, i: usize) -> Option<String> {
     let v = r.rows.get(i)?.first()?.as_ref()?;
     Some(String::from_utf8_lossy(v).into_owned())
-}
-
-/// The last lines of a tool's output.
-fn tail(out: &std::process::Output, lines: usize) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    v[v.len().saturating_sub(lines)..].join("; ")
 }
 
 /// `pg_amcheck --all` on the running server (tables and B-tree indexes of

@@ -29,11 +29,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::scratch::{write_owned, Scratch};
+use super::scratch::{self, quote, tail, Scratch};
 use super::OpsError;
 use crate::pg::{ConnParams, PgConnection};
 use crate::repo::{DatabaseRelations, FileKind, Manifest, RelationMap, Repository, StanzaPaths};
-use crate::restore::fetch::Owner;
 use crate::restore::pitr::{Target, TimelineChoice};
 use crate::restore::recover::EventSink;
 use crate::restore::recovery::TargetAction;
@@ -487,10 +486,24 @@ pub async fn extract(
         report.total_seconds = started.elapsed().as_secs_f64();
         return Ok(report);
     }
-    let owner = owner(opts)?;
+    let owner = scratch::owner(opts.run_as.as_deref()).map_err(OpsError::Extract)?;
     let scratch =
         Scratch::make(&opts.scratch, "walvault-extract-", owner).map_err(OpsError::Extract)?;
-    let sopts = server_options(opts, &scratch, owner, &tools.server);
+    // the other relations are holes: nothing may read them
+    let quiet = [("autovacuum".to_owned(), "off".to_owned())];
+    let sopts = match scratch.server_options(
+        m,
+        Some(tools.server.clone()),
+        opts.run_as.as_deref(),
+        owner,
+        &quiet,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            scratch.remove();
+            return Err(OpsError::Extract(e));
+        }
+    };
     let outcome = run(
         &repo,
         stanza,
@@ -689,43 +702,6 @@ async fn preflight(opts: &ExtractOptions) -> Result<(), OpsError> {
     Ok(())
 }
 
-/// The OS user PostgreSQL runs as (`run_as`, default `postgres`) when
-/// walvault runs as root, else walvault's own.
-fn owner(opts: &ExtractOptions) -> Result<Option<Owner>, OpsError> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let name = opts.run_as.as_deref().unwrap_or("postgres");
-    server::os_user(name)
-        .map(Some)
-        .map_err(|e| OpsError::Extract(e.to_string()))
-}
-
-fn server_options(
-    opts: &ExtractOptions,
-    scratch: &Scratch,
-    owner: Option<Owner>,
-    bin: &Path,
-) -> ServerOptions {
-    let settings = vec![
-        ("listen_addresses".to_owned(), String::new()),
-        (
-            "unix_socket_directories".to_owned(),
-            scratch.sock.display().to_string(),
-        ),
-        ("hba_file".to_owned(), scratch.hba.display().to_string()),
-        ("ident_file".to_owned(), scratch.ident.display().to_string()),
-        // the other relations are holes: nothing may read them
-        ("autovacuum".to_owned(), "off".to_owned()),
-    ];
-    ServerOptions {
-        port: Some(scratch.port),
-        pg_bin: Some(bin.to_owned()),
-        run_as: owner.map(|_| opts.run_as.clone().unwrap_or_else(|| "postgres".into())),
-        settings,
-    }
-}
-
 /// Recover, check, dump.
 #[allow(clippy::too_many_arguments)]
 async fn run(
@@ -740,25 +716,6 @@ async fn run(
     report: &mut ExtractReport,
     started: Instant,
 ) -> Result<(), OpsError> {
-    let mut sopts = sopts.clone();
-    let owner = match &sopts.run_as {
-        Some(u) => Some(server::os_user(u).map_err(|e| refuse(e.to_string()))?),
-        None => None,
-    };
-    if !rp
-        .plan
-        .backup
-        .files
-        .iter()
-        .any(|f| f.path == "postgresql.conf")
-    {
-        // a Debian-style cluster keeps its configuration elsewhere
-        let conf = scratch.root.join("postgresql.conf");
-        write_owned(&conf, "", owner).map_err(refuse)?;
-        sopts
-            .settings
-            .push(("config_file".into(), conf.display().to_string()));
-    }
     let ropts = RecoverOptions {
         pgdata: scratch.pgdata.clone(),
         restore_command: opts.restore_command.clone(),
@@ -1222,22 +1179,6 @@ impl Client<'_> {
         }
         Ok(())
     }
-}
-
-/// The last lines of a tool's output.
-fn tail(out: &std::process::Output, lines: usize) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    v[v.len().saturating_sub(lines)..].join("; ")
-}
-
-/// A conninfo value inside single quotes.
-fn quote(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 /// An SQL string literal.

@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::restore::fetch::Owner;
+use crate::restore::server::{self, ServerOptions};
 
 /// A scratch directory for a recovered server (drills, `extract`): the
 /// data directory, a private socket directory, and an authentication file
@@ -97,6 +98,41 @@ impl Scratch {
             .collect()
     }
 
+    /// How the scratch server runs: no TCP, this directory's socket and
+    /// authentication files, as `owner` (`run_as`) when walvault is root,
+    /// `extra` settings last. A backup without `postgresql.conf` (a
+    /// Debian-style cluster keeps it elsewhere) gets an empty one here.
+    pub(crate) fn server_options(
+        &self,
+        m: &crate::repo::Manifest,
+        pg_bin: Option<PathBuf>,
+        run_as: Option<&str>,
+        owner: Option<Owner>,
+        extra: &[(String, String)],
+    ) -> Result<ServerOptions, String> {
+        let mut settings = vec![
+            ("listen_addresses".to_owned(), String::new()),
+            (
+                "unix_socket_directories".to_owned(),
+                self.sock.display().to_string(),
+            ),
+            ("hba_file".to_owned(), self.hba.display().to_string()),
+            ("ident_file".to_owned(), self.ident.display().to_string()),
+        ];
+        if !m.files.iter().any(|f| f.path == "postgresql.conf") {
+            let conf = self.root.join("postgresql.conf");
+            write_owned(&conf, "", owner)?;
+            settings.push(("config_file".into(), conf.display().to_string()));
+        }
+        settings.extend(extra.iter().cloned());
+        Ok(ServerOptions {
+            port: Some(self.port),
+            pg_bin,
+            run_as: owner.map(|_| run_as.unwrap_or("postgres").to_owned()),
+            settings,
+        })
+    }
+
     /// Remove it (its server stopped).
     pub(crate) fn remove(&self) {
         if let Err(e) = std::fs::remove_dir_all(&self.root) {
@@ -124,4 +160,31 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// The OS user a scratch server runs as: `run_as` (default `postgres`) when
+/// walvault runs as root, else walvault's own (`None`).
+pub(crate) fn owner(run_as: Option<&str>) -> Result<Option<Owner>, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    server::os_user(run_as.unwrap_or("postgres"))
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// A conninfo value inside single quotes: `\` and `'` escaped.
+pub(crate) fn quote(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+/// The last `lines` non-empty lines of a tool's output.
+pub(crate) fn tail(out: &std::process::Output, lines: usize) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join("; ")
 }
