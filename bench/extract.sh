@@ -10,7 +10,8 @@
 # usage: bench/extract.sh [SCALE]       (pgbench scale, default 100 ≈ 1.5 GB)
 # env:   ROUNDS (default 3), PG_BIN (default /usr/lib/postgresql/15/bin),
 #        WALVAULT_BIN (default: a release build), RESULTS_COPY (a file that
-#        gets the raw results)
+#        gets the raw results), SAMPLES (a directory that gets the text
+#        output of wal-inspect, the plan and an extract --into)
 # Runs as root (PostgreSQL and walvault then run as the postgres user) or
 # as the database's OS user. Needs GNU time.
 set -euo pipefail
@@ -116,6 +117,18 @@ for r in $(seq "$ROUNDS"); do
   echo "# round $r" >&2
   if [ $((r % 2)) = 1 ]; then extract_one; pitr_one; else pitr_one; extract_one; fi
 done
+
+# what a DBA sees, for the runbook: the delete in wal-inspect, the plan, an
+# extract into the live database
+if [ -n "${SAMPLES:-}" ]; then
+  mkdir -p "$SAMPLES"
+  run "$wv" --repo "$repo" wal-inspect --xid "$xid" --timezone UTC >"$SAMPLES/wal-inspect-xid.txt" 2>&1 || true
+  run "$wv" --repo "$repo" extract --database app --table public.orders --target-xid "$xid" --exclusive \
+    --output "$tmp/orders.sql" --scratch "$tmp/scratch" --pg-bin "$PG_BIN" --dry-run >"$SAMPLES/plan.txt" 2>&1 || true
+  run "$wv" --repo "$repo" extract --database app --table public.orders --target-xid "$xid" --exclusive \
+    --into "$pgconn dbname=app" --scratch "$tmp/scratch" --pg-bin "$PG_BIN" >"$SAMPLES/extract.txt" 2>&1 || true
+  echo "# samples in $SAMPLES" >&2
+fi
 
 echo
 echo "pgbench scale $SCALE ($cluster_mb MB), app.orders $table_mb MB with its indexes; to just before a DELETE under pgbench; medians of $ROUNDS, alternating"

@@ -64,7 +64,7 @@ pub async fn store_computed(
         return;
     };
     let r = async {
-        let body = postcard::to_stdvec(s).map_err(RepoError::encode("a WAL summary"))?;
+        let body = s.encode().map_err(RepoError::encode("a WAL summary"))?;
         let k = key(paths, &f);
         repo.storage()
             .put(&k, repo.seal(ObjectKind::WalSummary, &k, &body))
@@ -97,14 +97,12 @@ pub async fn load_summary(
 ) -> Result<Option<SegmentSummary>, ArchiveError> {
     let k = key(paths, f);
     match repo.read_object(ObjectKind::WalSummary, &k, 64 << 20).await {
-        Ok(body) => Ok(postcard::from_bytes::<SegmentSummary>(&body)
-            .ok()
-            .filter(|s| {
-                (SUMMARY_OLDEST..=SUMMARY_VERSION).contains(&s.version)
-                    && s.timeline == f.timeline
-                    && s.segno == f.segno
-                    && s.seg_size == f.seg_size
-            })),
+        Ok(body) => Ok(SegmentSummary::decode(&body).filter(|s| {
+            (SUMMARY_OLDEST..=SUMMARY_VERSION).contains(&s.version)
+                && s.timeline == f.timeline
+                && s.segno == f.segno
+                && s.seg_size == f.seg_size
+        })),
         Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }

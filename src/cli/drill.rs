@@ -181,7 +181,7 @@ pub(super) fn options(settings: &Settings, args: &DrillArgs) -> anyhow::Result<D
             .context("unexpected restore_command")?,
         max_rto: args.max_rto,
         keep: args.keep,
-        events: Some(Arc::new(|e| tracing::info!("drill: {e:?}"))),
+        events: Some(Arc::new(|e| tracing::info!("drill: {e}"))),
     })
 }
 

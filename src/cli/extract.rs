@@ -204,7 +204,7 @@ pub(super) async fn run(settings: &Settings, args: ExtractArgs) -> anyhow::Resul
         restore_command: super::backup::restore_command(settings)?,
         dry_run: args.dry_run,
         keep: args.keep,
-        events: Some(Arc::new(|e| tracing::info!("extract: {e:?}"))),
+        events: Some(Arc::new(|e| tracing::info!("extract: {e}"))),
     };
     let repo = Arc::new(settings.open_repository().await?);
     let r = extract(repo, &settings.stanza, &opts)

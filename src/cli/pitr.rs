@@ -188,7 +188,7 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         rto_budget: args.rto_budget,
         no_tuning: args.no_recovery_tuning,
         progress: Some(progress.clone()),
-        events: Some(Arc::new(|e| tracing::info!("recovery: {e:?}"))),
+        events: Some(Arc::new(|e| tracing::info!("recovery: {e}"))),
         fetch_only: None,
     };
     let reporter = Reporter::start("restore", progress, !settings.quiet && !args.json);

@@ -169,10 +169,13 @@ pub async fn drill(
         newest_commit.map(|c| (rec.time - c).to_std().map_or(0.0, |d| d.as_secs_f64()));
     let scratch =
         Scratch::make(&opts.scratch, "walvault-drill-", owner).map_err(OpsError::Drill)?;
-    let outcome = run(
+    let work = run(
         &repo, stanza, opts, &target, &scratch, owner, &mut rec, started,
-    )
-    .await;
+    );
+    let (outcome, stopped_by) = tokio::select! {
+        r = work => (r, None),
+        sig = super::scratch::interrupted() => (Ok(()), Some(sig)),
+    };
     if let Err(e) = outcome {
         rec.checks.push(DrillCheck {
             name: e.0.to_owned(),
@@ -189,7 +192,10 @@ pub async fn drill(
             run_as: owner.map(|_| opts.run_as.clone().unwrap_or_else(|| "postgres".into())),
             ..Default::default()
         };
-        if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
+        if stopped_by.is_some() {
+            // leaving: no shutdown checkpoint
+            let _ = server::stop_with(&scratch.pgdata, &sopts, "immediate").await;
+        } else if let Err(e) = server::stop(&scratch.pgdata, &sopts).await {
             tracing::warn!(
                 "drill: stopping the scratch server failed ({e}); stopping it immediately"
             );
@@ -208,10 +214,22 @@ pub async fn drill(
                 scratch.root.display()
             ),
         });
-    } else if opts.keep {
+    } else if opts.keep && stopped_by.is_none() {
         tracing::info!("drill: scratch directory kept: {}", scratch.root.display());
     } else {
         scratch.remove();
+    }
+    if let Some(sig) = stopped_by {
+        // an interrupted drill says nothing about the backup: no record
+        return Err(OpsError::Drill(
+            match rec.checks.iter().find(|c| c.name == "cleanup") {
+                Some(c) => format!("interrupted by {sig}; {}", c.detail),
+                None => format!(
+                    "interrupted by {sig}: the scratch server was stopped and {} removed",
+                    scratch.root.display()
+                ),
+            },
+        ));
     }
     rec.passed =
         !rec.checks.is_empty() && rec.checks.iter().all(|c| c.status != CheckStatus::Failed);

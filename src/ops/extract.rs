@@ -19,10 +19,17 @@
 //!
 //! Everything that can be checked before a byte is downloaded is: the
 //! target's reachability (the recovery plan), the database and the table in
-//! the relation map, `full_page_writes`, the client tools of the backup's
+//! the relation map, `full_page_writes` when the backup was taken and, from
+//! the WAL summaries, in the WAL replayed; the client tools of the backup's
 //! major, the `--into` server and the free name there, the output file.
+//!
+//! The summaries also name the relation files that commits before the
+//! target dropped (`DROP`, and the rewrites `TRUNCATE`, `VACUUM FULL`,
+//! `CLUSTER`): nothing reads them after the commit, so they are holes too,
+//! and when one is the table's, the plan says so with the transaction to
+//! stop before.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,9 +38,10 @@ use serde::Serialize;
 
 use super::scratch::{self, quote, tail, Scratch};
 use super::OpsError;
+use crate::pg::Lsn;
 use crate::pg::{ConnParams, PgConnection};
 use crate::repo::{DatabaseRelations, FileKind, Manifest, RelationMap, Repository, StanzaPaths};
-use crate::restore::pitr::{Target, TimelineChoice};
+use crate::restore::pitr::{locate, Target, TimelineChoice};
 use crate::restore::recover::EventSink;
 use crate::restore::recovery::TargetAction;
 use crate::restore::server::{self, ServerOptions};
@@ -134,6 +142,108 @@ pub struct ExtractPlan {
     pub reachable: String,
     /// What the plan had to assume.
     pub notes: Vec<String>,
+    /// When the table's file was dropped before the target (a `DROP`, or
+    /// a rewrite), the commit that did it.
+    pub table_file_dropped: Option<DroppedBy>,
+    /// Filenodes of the database dropped before the target.
+    #[serde(skip)]
+    pub dropped_filenodes: HashSet<u32>,
+}
+
+/// A commit that dropped relation files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DroppedBy {
+    /// Its transaction.
+    pub xid: u32,
+    /// When it committed (RFC 3339).
+    #[serde(serialize_with = "as_time")]
+    pub time: i64,
+    /// Where its commit record is.
+    pub lsn: Lsn,
+}
+
+impl DroppedBy {
+    /// The commit time, RFC 3339.
+    pub fn when(&self) -> String {
+        crate::wal::records::pg_time(self.time)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default()
+    }
+}
+
+fn as_time<S: serde::Serializer>(t: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        &crate::wal::records::pg_time(*t)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+    )
+}
+
+/// What the summaries of the WAL replayed say, read before anything is
+/// downloaded.
+#[derive(Debug, Default)]
+struct WalFacts {
+    /// The first record saying `full_page_writes` is off, between the
+    /// backup's start and the target.
+    fpw_off: Option<Lsn>,
+    /// Segments whose summaries do not record `full_page_writes` (written
+    /// by a walvault before it did).
+    unchecked: usize,
+    /// Relation files (database, filenode) that transaction ends before the
+    /// target dropped, with the commit.
+    dropped: HashMap<(u32, u32), DroppedBy>,
+}
+
+/// Read the summaries of the WAL the recovery replays.
+async fn wal_facts(
+    repo: &Repository,
+    stanza: &str,
+    rp: &RecoveryPlan,
+    exclusive: bool,
+) -> Result<WalFacts, OpsError> {
+    let p = &rp.plan;
+    let sums =
+        crate::archive::summaries::load_path(repo, &StanzaPaths::new(stanza), &p.segments, 16)
+            .await
+            .map_err(|e| refuse(format!("reading the WAL summaries: {e}")))?;
+    // where replay stops, and whether the record there is applied
+    let stop: Option<(Lsn, bool)> = match &p.target {
+        Target::Latest => None,
+        Target::Immediate => Some((p.backup.stop_lsn, false)),
+        Target::Lsn(l) => Some((*l, false)),
+        t => locate(t, exclusive, &sums)
+            .ok()
+            .and_then(|r| r.record_lsn)
+            .map(|l| (l, matches!(t, Target::Xid(_)) && !exclusive)),
+    };
+    let applied = |lsn: Lsn| match stop {
+        None => true,
+        Some((s, inclusive)) => lsn < s || (inclusive && lsn == s),
+    };
+    let mut facts = WalFacts::default();
+    for s in &sums {
+        match &s.fpw_off {
+            None => facts.unchecked += 1,
+            Some(off) => {
+                if facts.fpw_off.is_none() {
+                    facts.fpw_off = off
+                        .iter()
+                        .copied()
+                        .find(|l| *l >= p.backup.start_lsn && applied(*l));
+                }
+            }
+        }
+        for x in s.xacts.iter().filter(|x| applied(x.lsn)) {
+            for f in &x.xact.dropped {
+                facts.dropped.entry((f.db, f.rel)).or_insert(DroppedBy {
+                    xid: x.xact.xid,
+                    time: x.xact.time,
+                    lsn: x.lsn,
+                });
+            }
+        }
+    }
+    Ok(facts)
 }
 
 /// What an extract did.
@@ -182,6 +292,22 @@ pub async fn plan_extract(
     .map_err(|e| refuse(e.to_string()))?;
     let m = &rp.plan.backup;
     let mut notes = Vec::new();
+    let wal = wal_facts(repo, stanza, &rp, opts.exclusive).await?;
+    if let Some(at) = wal.fpw_off {
+        return Err(refuse(format!(
+            "full_page_writes was off at {at}, in the WAL between backup {} and the target: pages changed then may have no full image, so a sparse recovery is not safe; recover the whole cluster with restore-pitr, or choose a target before {at}",
+            m.id
+        )));
+    }
+    if wal.unchecked > 0 {
+        notes.push(format!(
+            "{} of the {} WAL files were summarized by an older walvault that did not record full_page_writes: a change to off there is not detected before replay",
+            wal.unchecked,
+            rp.plan.segments.len()
+        ));
+    }
+    let mut table_file_dropped = None;
+    let mut dropped_filenodes = HashSet::new();
     let keep = match &m.relations {
         None => {
             notes.push(format!(
@@ -190,22 +316,38 @@ pub async fn plan_extract(
             ));
             None
         }
-        Some(map) => Some(select(repo, stanza, m, map, opts, &mut notes).await?),
+        Some(map) => {
+            let sel = select(repo, stanza, m, map, opts, &wal, &mut notes).await?;
+            table_file_dropped = sel.table_file_dropped;
+            dropped_filenodes = sel.dropped.clone();
+            Some(sel)
+        }
     };
     let mut fetch = HashSet::new();
     let (mut fetch_bytes, mut sparse_files, mut sparse_bytes) = (0u64, 0usize, 0u64);
+    let (mut dropped_files, mut dropped_bytes) = (0usize, 0u64);
     for f in m.files.iter().filter(|f| f.kind == FileKind::File) {
         let wanted = match &keep {
-            None => true,
+            None => Wanted::Yes,
             Some(k) => k.wants(&f.path),
         };
-        if wanted {
+        if wanted == Wanted::Yes {
             fetch.insert(f.path.clone());
             fetch_bytes += f.size;
         } else {
             sparse_files += 1;
             sparse_bytes += f.size;
+            if wanted == Wanted::Dropped {
+                dropped_files += 1;
+                dropped_bytes += f.size;
+            }
         }
+    }
+    if dropped_files > 0 {
+        notes.push(format!(
+            "{dropped_files} file(s), {}, of the database were dropped before the target (DROP, TRUNCATE, VACUUM FULL, CLUSTER): not downloaded, nothing reads them after",
+            crate::progress::human_bytes(dropped_bytes)
+        ));
     }
     let estimate = rp.rates.estimate(fetch_bytes, rp.plan.wal_bytes());
     let plan = ExtractPlan {
@@ -228,6 +370,8 @@ pub async fn plan_extract(
             m.id, m.stop_lsn, rp.plan.timeline
         ),
         notes,
+        table_file_dropped,
+        dropped_filenodes,
     };
     Ok((rp, plan, Arc::new(fetch)))
 }
@@ -254,11 +398,31 @@ struct Selection {
     keep: HashSet<u32>,
     /// Filenodes the map knows (the others, unknown, are read).
     known: HashSet<u32>,
+    /// Filenodes of the database dropped before the target: never read.
+    dropped: HashSet<u32>,
+    /// When the table's own file is one of them, the commit.
+    table_file_dropped: Option<DroppedBy>,
+}
+
+/// Whether a file's contents are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// Downloaded.
+    Yes,
+    /// A hole: another relation.
+    No,
+    /// A hole: dropped before the target.
+    Dropped,
 }
 
 impl Selection {
-    /// The files of `db` a recovery for `scope` reads.
-    fn of(db: &DatabaseRelations, scope: Scope) -> Selection {
+    /// The files of `db` a recovery for `scope` reads; `dropped` are the
+    /// files commits before the target dropped (database, filenode).
+    fn of(
+        db: &DatabaseRelations,
+        scope: Scope,
+        dropped: &HashMap<(u32, u32), DroppedBy>,
+    ) -> Selection {
         let (whole, table) = match scope {
             Scope::Database => (true, None),
             Scope::Table(t) => (!db.complete, t),
@@ -271,33 +435,57 @@ impl Selection {
             })
             .map(|r| r.filenode)
             .collect();
+        let table_file_dropped = match scope {
+            Scope::Table(Some(t)) => db
+                .relations
+                .iter()
+                .find(|r| r.oid == t)
+                .and_then(|r| dropped.get(&(db.oid, r.filenode)))
+                .copied(),
+            _ => None,
+        };
         Selection {
             db: db.oid,
             whole,
             keep,
             known: db.relations.iter().map(|r| r.filenode).collect(),
+            dropped: dropped
+                .keys()
+                .filter(|(d, _)| *d == db.oid)
+                .map(|(_, f)| *f)
+                .collect(),
+            table_file_dropped,
         }
     }
 
     /// Whether the contents of `path` (as in the manifest) are read.
-    fn wants(&self, path: &str) -> bool {
+    fn wants(&self, path: &str) -> Wanted {
         let Some((db, name)) = database_file(path) else {
             // global/, pg_xact/, pg_multixact/, …: recovery needs them
-            return true;
+            return Wanted::Yes;
         };
         let Some((filenode, fork)) = relation_file(name) else {
             // PG_VERSION, pg_filenode.map
-            return true;
+            return Wanted::Yes;
         };
         if fork == "init" {
             // an unlogged relation's init fork becomes its main fork at
             // the end of recovery: tiny, always read
-            return true;
+            return Wanted::Yes;
         }
         if db != self.db {
-            return false;
+            return Wanted::No;
         }
-        self.whole || self.keep.contains(&filenode) || !self.known.contains(&filenode)
+        if self.dropped.contains(&filenode) {
+            // replay unlinks it at the commit; before, only WAL with full
+            // page images touches it, as any hole
+            return Wanted::Dropped;
+        }
+        if self.whole || self.keep.contains(&filenode) || !self.known.contains(&filenode) {
+            Wanted::Yes
+        } else {
+            Wanted::No
+        }
     }
 }
 
@@ -339,6 +527,7 @@ async fn select(
     m: &Manifest,
     map: &RelationMap,
     opts: &ExtractOptions,
+    wal: &WalFacts,
     notes: &mut Vec<String>,
 ) -> Result<Selection, OpsError> {
     if map.full_page_writes == Some(false) {
@@ -392,7 +581,16 @@ async fn select(
             }
         },
     };
-    Ok(Selection::of(db, scope))
+    let sel = Selection::of(db, scope, &wal.dropped);
+    if let (Some(d), What::Table { schema, name }) = (&sel.table_file_dropped, &opts.what) {
+        notes.push(format!(
+            "{schema}.{name}'s file was dropped at {} by transaction {} (DROP TABLE, or a rewrite: TRUNCATE, VACUUM FULL, CLUSTER, ALTER TABLE): after a rewrite recovery builds the new file from the WAL; if the table was dropped, it is gone at the target: stop before with --target-xid {} --exclusive",
+            d.when(),
+            d.xid,
+            d.xid
+        ));
+    }
+    Ok(sel)
 }
 
 /// Whether a backup after `m` lists table `schema.name` in `db`.
@@ -504,7 +702,7 @@ pub async fn extract(
             return Err(OpsError::Extract(e));
         }
     };
-    let outcome = run(
+    let work = run(
         &repo,
         stanza,
         opts,
@@ -515,12 +713,15 @@ pub async fn extract(
         &tools,
         &mut report,
         started,
-    )
-    .await;
+    );
+    let (outcome, stopped_by) = tokio::select! {
+        r = work => (r, None),
+        sig = scratch::interrupted() => (Err(refuse(format!("interrupted by {sig}"))), Some(sig)),
+    };
     // whatever happened, no server is left running and nothing is left
     // behind (unless asked to keep it)
     let pid = scratch.pgdata.join("postmaster.pid");
-    if pid.exists() && !opts.keep {
+    if pid.exists() && (!opts.keep || stopped_by.is_some()) {
         // the directory is removed next: no shutdown checkpoint (it would
         // write every page replay dirtied, holes included)
         let _ = server::stop_with(&scratch.pgdata, &sopts, "immediate").await;
@@ -545,13 +746,19 @@ pub async fn extract(
             Ok(()) => refuse(e),
         });
     }
-    if opts.keep {
+    if opts.keep && stopped_by.is_none() {
         tracing::info!(
             "extract: scratch directory kept: {}",
             scratch.root.display()
         );
     } else {
         scratch.remove();
+    }
+    if let Some(sig) = stopped_by {
+        return Err(refuse(format!(
+            "interrupted by {sig}: the scratch server was stopped and {} removed",
+            scratch.root.display()
+        )));
     }
     outcome?;
     report.total_seconds = started.elapsed().as_secs_f64();
@@ -761,10 +968,16 @@ async fn run(
             let files = table_files(&mut c, schema, name).await?;
             let Some(files) = files else {
                 c.close().await;
-                return Err(refuse(format!(
-                    "there was no table {schema}.{name} in database {} at the target ({}); wal-inspect shows when it was created or dropped",
-                    opts.database, report.plan.target
-                )));
+                return Err(refuse(match report.plan.table_file_dropped {
+                    Some(d) => format!(
+                        "there was no table {schema}.{name} in database {} at the target: transaction {} dropped it at {}; extract with --target-xid {} --exclusive",
+                        opts.database, d.xid, d.when(), d.xid
+                    ),
+                    None => format!(
+                        "there was no table {schema}.{name} in database {} at the target ({}); wal-inspect shows when it was created or dropped",
+                        opts.database, report.plan.target
+                    ),
+                }));
             };
             // the map said which files are this table's; the recovered
             // catalogs say so too, or the result would be holes
@@ -775,7 +988,10 @@ async fn run(
                 .as_ref()
                 .and_then(|r| r.database(&opts.database))
                 .map(|d| d.oid);
-            for f in &files {
+            // a number dropped before the target and used again is a new
+            // file built from the WAL, whatever the backup held under it
+            let dropped = &report.plan.dropped_filenodes;
+            for f in files.iter().filter(|f| !dropped.contains(f)) {
                 let sparse = rp.plan.backup.files.iter().any(|b| {
                     !fetch.contains(&b.path)
                         && b.kind == FileKind::File
@@ -1261,7 +1477,8 @@ mod tests {
                 rel(30001, 30001, "big_pkey", b'i', 30000),
             ],
         };
-        let s = Selection::of(&db, Scope::Table(Some(20000)));
+        let none = HashMap::new();
+        let s = Selection::of(&db, Scope::Table(Some(20000)), &none);
         for yes in [
             "global/1262",
             "pg_xact/0000",
@@ -1281,7 +1498,7 @@ mod tests {
             "base/1/30000_init",
             "base/1/PG_VERSION",
         ] {
-            assert!(s.wants(yes), "{yes} should be read");
+            assert_eq!(s.wants(yes), Wanted::Yes, "{yes} should be read");
         }
         for no in [
             "base/16400/30000",
@@ -1292,21 +1509,53 @@ mod tests {
             "base/5/20001",
             "pg_tblspc/16390/PG_15_202209061/5/1259",
         ] {
-            assert!(!s.wants(no), "{no} should be a hole");
+            assert_eq!(s.wants(no), Wanted::No, "{no} should be a hole");
         }
         // the whole database
-        let all = Selection::of(&db, Scope::Database);
-        assert!(all.wants("base/16400/30000") && !all.wants("base/1/1259"));
+        let all = Selection::of(&db, Scope::Database, &none);
+        assert_eq!(all.wants("base/16400/30000"), Wanted::Yes);
+        assert_eq!(all.wants("base/1/1259"), Wanted::No);
         // a table created after the backup: the catalogs only
-        let later = Selection::of(&db, Scope::Table(None));
-        assert!(later.wants("base/16400/1259") && later.wants("base/16400/40000"));
-        assert!(!later.wants("base/16400/20001") && !later.wants("base/16400/30000"));
+        let later = Selection::of(&db, Scope::Table(None), &none);
+        for (path, w) in [
+            ("base/16400/1259", Wanted::Yes),
+            ("base/16400/40000", Wanted::Yes),
+            ("base/16400/20001", Wanted::No),
+            ("base/16400/30000", Wanted::No),
+        ] {
+            assert_eq!(later.wants(path), w, "{path}");
+        }
         // a database walvault could not list is read whole
         let partial = DatabaseRelations {
             complete: false,
             ..db.clone()
         };
-        assert!(Selection::of(&partial, Scope::Table(Some(20000))).wants("base/16400/30000"));
+        assert_eq!(
+            Selection::of(&partial, Scope::Table(Some(20000)), &none).wants("base/16400/30000"),
+            Wanted::Yes
+        );
+        // files dropped before the target are holes, the table's own
+        // included (a rewrite builds the new one from the WAL), in this
+        // database only; the commit is kept for the plan
+        let by = DroppedBy {
+            xid: 900,
+            time: 0,
+            lsn: Lsn::new(0x100),
+        };
+        let dropped: HashMap<(u32, u32), DroppedBy> =
+            [((16400, 20001), by), ((16400, 30000), by), ((5, 40000), by)].into();
+        for scope in [Scope::Table(Some(20000)), Scope::Database] {
+            let d = Selection::of(&db, scope, &dropped);
+            assert_eq!(d.wants("base/16400/20001.1"), Wanted::Dropped);
+            assert_eq!(d.wants("base/16400/30000"), Wanted::Dropped);
+            assert_eq!(d.wants("base/16400/40000"), Wanted::Yes);
+            assert_eq!(d.wants("base/16400/20004"), Wanted::Yes);
+            assert_eq!(d.wants("base/16400/30000_init"), Wanted::Yes);
+            assert_eq!(
+                d.table_file_dropped,
+                (scope == Scope::Table(Some(20000))).then_some(by)
+            );
+        }
     }
 
     #[test]

@@ -188,3 +188,21 @@ pub(crate) fn tail(out: &std::process::Output, lines: usize) -> String {
     let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     v[v.len().saturating_sub(lines)..].join("; ")
 }
+
+/// Resolves with the signal's name when the process is asked to stop
+/// (SIGINT, SIGTERM): a command running a scratch server races its work
+/// against this, then stops the server and removes the directory before
+/// it exits.
+pub(crate) async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

@@ -238,7 +238,7 @@ impl RelationMap {
 }
 
 impl DatabaseRelations {
-    /// The table (`r`, `m` or partitioned parent) `schema.name`.
+    /// The table (`r` or `m`) `schema.name`.
     pub fn table(&self, schema: &str, name: &str) -> Option<&Relation> {
         self.relations
             .iter()

@@ -155,6 +155,19 @@ pub enum RecoveryEvent {
     Ended(Outcome),
 }
 
+impl std::fmt::Display for RecoveryEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryEvent::Restored { seconds } => write!(f, "files restored in {seconds:.1} s"),
+            RecoveryEvent::ServerStarting => f.write_str("PostgreSQL starting, replaying WAL"),
+            RecoveryEvent::WalStaged { files, seconds } => {
+                write!(f, "all {files} WAL file(s) staged in {seconds:.1} s")
+            }
+            RecoveryEvent::Ended(o) => write!(f, "ended: {o}"),
+        }
+    }
+}
+
 /// Receives [`RecoveryEvent`]s.
 pub type EventSink = Arc<dyn Fn(RecoveryEvent) + Send + Sync>;
 

@@ -1,7 +1,7 @@
 //! What a record means, for the records walvault reads: transaction ends
 //! (`access/xact.h`: xl_xact_commit / xl_xact_abort with their xinfo
 //! sections, xl_xact_prepare), restore points, checkpoints, XLOG_SWITCH,
-//! end of recovery (`catalog/pg_control.h`).
+//! `full_page_writes` changes, end of recovery (`catalog/pg_control.h`).
 
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
@@ -92,7 +92,12 @@ pub enum RecordKind {
         redo: Lsn,
         /// Its timeline.
         timeline: TimelineId,
+        /// `full_page_writes` when it was taken (the setting, not what a
+        /// running base backup forces).
+        full_page_writes: bool,
     },
+    /// XLOG_FPW_CHANGE: `full_page_writes` was switched to this value.
+    FpwChange(bool),
     /// XLOG_SWITCH: the rest of the segment is unused.
     Switch,
     /// End of recovery: a new timeline began.
@@ -138,6 +143,9 @@ impl<'a> Cursor<'a> {
     fn u32(&mut self) -> Result<u32, DecodeError> {
         self.r.u32_le().map_err(self.cut())
     }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        Ok(self.r.u8().map_err(self.cut())? != 0)
+    }
     /// A `TimeLineID`: 0 never names a timeline, so it makes the record malformed.
     fn timeline(&mut self) -> Result<TimelineId, DecodeError> {
         let n = self.u32()?;
@@ -171,16 +179,22 @@ pub fn interpret(rec: &RawRecord, major: u32) -> Result<RecordKind, DecodeError>
             let mut c = Cursor::new(main_data(rec, major)?, rec.lsn);
             Ok(match info {
                 0x00 | 0x10 => {
+                    // CheckPoint: redo, ThisTimeLineID, PrevTimeLineID,
+                    // fullPageWrites (the same on 13 to 18)
                     let redo = Lsn::new(c.i64()? as u64);
                     let timeline = c.timeline()?;
+                    c.u32()?;
+                    let full_page_writes = c.bool()?;
                     RecordKind::Checkpoint {
                         shutdown: info == 0x00,
                         redo,
                         timeline,
+                        full_page_writes,
                     }
                 }
                 0x40 => RecordKind::Switch,
                 0x50 => RecordKind::BackupEnd,
+                0x80 => RecordKind::FpwChange(c.bool()?),
                 0x70 => {
                     let time = c.i64()?;
                     // rp_name: char[MAXFNAMELEN], NUL-terminated

@@ -15,8 +15,9 @@ use crate::pg::{Lsn, SegmentNo, TimelineId, WalSegSize};
 
 /// Format version of [`SegmentSummary`] this build writes. Version 3 has
 /// version 2's layout with PostgreSQL types (timeline, segment number and
-/// size) checked when read.
-pub const SUMMARY_VERSION: u32 = 3;
+/// size) checked when read; version 4 appends [`Since4`] after it (so
+/// versions 2 and 3 still read, without what it adds).
+pub const SUMMARY_VERSION: u32 = 4;
 /// The oldest summary version this build reads (older ones are recomputed
 /// from the WAL).
 pub const SUMMARY_OLDEST: u32 = 2;
@@ -96,9 +97,42 @@ pub struct SegmentSummary {
     /// (`wal-push` does): a second push of the same name is compared with
     /// it instead of downloading the stored copy.
     pub content_blake3: Option<[u8; 32]>,
+    /// Records that say `full_page_writes` is off: a change to off, or a
+    /// checkpoint taken with it off. `None`: not recorded (a summary older
+    /// than version 4). Stored in [`Since4`].
+    #[serde(skip)]
+    pub fpw_off: Option<Vec<Lsn>>,
+}
+
+/// What version 4 adds, stored as a second postcard value after the
+/// version 3 fields (postcard has no optional trailing fields).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Since4 {
+    /// [`SegmentSummary::fpw_off`].
+    pub fpw_off: Vec<Lsn>,
 }
 
 impl SegmentSummary {
+    /// The stored form: the version 3 fields, then [`Since4`].
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut body = postcard::to_stdvec(self)?;
+        if let Some(fpw_off) = &self.fpw_off {
+            body.extend(postcard::to_stdvec(&Since4 {
+                fpw_off: fpw_off.clone(),
+            })?);
+        }
+        Ok(body)
+    }
+
+    /// Read a stored summary of any version (`None`: not one).
+    pub fn decode(body: &[u8]) -> Option<SegmentSummary> {
+        let (mut s, rest) = postcard::take_from_bytes::<SegmentSummary>(body).ok()?;
+        if s.version >= 4 {
+            s.fpw_off = Some(postcard::from_bytes::<Since4>(rest).ok()?.fpw_off);
+        }
+        Some(s)
+    }
+
     /// Count and interpret one record of this segment.
     fn absorb(&mut self, rec: &super::decode::RawRecord, major: u32) -> Result<(), DecodeError> {
         self.records += 1;
@@ -117,7 +151,15 @@ impl SegmentSummary {
                 name,
                 time,
             }),
-            RecordKind::Checkpoint { .. } => self.checkpoints.push(rec.lsn),
+            RecordKind::Checkpoint {
+                full_page_writes, ..
+            } => {
+                self.checkpoints.push(rec.lsn);
+                if !full_page_writes {
+                    self.fpw_off.get_or_insert_with(Vec::new).push(rec.lsn);
+                }
+            }
+            RecordKind::FpwChange(false) => self.fpw_off.get_or_insert_with(Vec::new).push(rec.lsn),
             RecordKind::Switch => self.switch = true,
             RecordKind::EndOfRecovery { timeline, .. } => {
                 self.end_of_recovery.push((rec.lsn, timeline))
@@ -231,6 +273,7 @@ impl Summarizer {
                 head: Vec::new(),
                 error: None,
                 content_blake3: None,
+                fpw_off: Some(Vec::new()),
             },
             r: WalReader::new(start, seg).headers_only_for_other_records(),
             start,

@@ -54,6 +54,7 @@ fn populate(c: &PgCluster) {
                   CASE WHEN g % 10 = 0 THEN (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 120) i) END
            FROM generate_series(1, 20000) g;
          CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 16) AS pad FROM generate_series(1, 60000) g;
+         CREATE TABLE doomed AS SELECT g AS id FROM generate_series(1, 1000) g;
          CREATE TABLE marker (id int)",
     );
     c.psql_db(
@@ -136,11 +137,22 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         "DELETE FROM orders WHERE customer = 'c5'; SELECT txid_current()",
     );
     let after_all = rows_hash(&a.c, "app", "orders");
+    let xid_drop =
+        a.c.psql_db("app", "DROP TABLE doomed; SELECT txid_current()");
     assert!(bench.wait().unwrap().success());
     let t_events = a.c.psql("SELECT now()");
     let events_at_t = rows_hash(&a.c, "analytics", "events");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     a.c.psql_db("analytics", "DELETE FROM events WHERE id <= 1000");
+    // then full_page_writes goes off
+    a.c.psql("ALTER SYSTEM SET full_page_writes = off");
+    a.c.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    a.c.psql("CHECKPOINT");
+    let xid_fpw = a.c.psql_db(
+        "app",
+        "INSERT INTO marker VALUES (100); SELECT txid_current()",
+    );
     a.c.psql("SELECT pg_switch_wal()");
     a.wait_stream_durable();
     a.finish_stream();
@@ -226,6 +238,17 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     assert_eq!(rows_hash(c, "app", &name), before_second);
     assert_eq!(rows_hash(c, "app", "orders"), after_all);
     assert!(empty(&scratch), "the scratch directory was left behind");
+    // the plan saw the rewrite in the WAL summaries: the old file was
+    // dropped before the target, and not downloaded
+    assert!(r["plan"]["table_file_dropped"]["xid"].is_u64(), "{r}");
+    assert!(
+        r["plan"]["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("dropped before the target")),
+        "{r}"
+    );
     // its indexes came along under new names
     let idx = c.psql_db(
         "app",
@@ -339,6 +362,62 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         ],
         &["cannot connect to the --into server"],
     );
+    // full_page_writes off in the WAL before the target, seen in the
+    // summaries
+    refused(
+        &[
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid_fpw,
+            "--output",
+            o4,
+        ],
+        &["full_page_writes was off", "restore-pitr"],
+    );
+    // a table dropped before the target: the plan names the drop, the
+    // recovered catalogs confirm it, and the line says where to stop
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            "doomed",
+            "--target-xid",
+            &xid_drop,
+            "--dry-run",
+            "--output",
+            o4,
+        ],
+    );
+    assert_eq!(
+        r["plan"]["table_file_dropped"]["xid"].to_string(),
+        xid_drop,
+        "{r}"
+    );
+    let stop_before = format!("--target-xid {xid_drop} --exclusive");
+    assert!(r["plan"]["notes"].to_string().contains(&stop_before), "{r}");
+    a.wv.args(["-q", "extract", "--scratch"])
+        .arg(&scratch)
+        .arg("--pg-bin")
+        .arg(&c.bindir)
+        .args([
+            "--database",
+            "app",
+            "--table",
+            "doomed",
+            "--target-xid",
+            &xid_drop,
+            "--output",
+            o4,
+        ])
+        .fails_with_one_line(&["no table public.doomed", "dropped it", &stop_before]);
+    assert!(empty(&scratch));
     assert!(!out4.exists());
     // the plan alone
     let plan =

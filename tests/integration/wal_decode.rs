@@ -29,6 +29,15 @@ fn make_wal(c: &PgCluster) -> Vec<String> {
     c.psql("BEGIN; INSERT INTO d1 VALUES (1); SAVEPOINT a; INSERT INTO d1 VALUES (2); SAVEPOINT b; INSERT INTO d1 VALUES (3); COMMIT;");
     c.pgbench(&["-i", "-s", "1", "-q"]);
     c.pgbench(&["-T", "3", "-c", "2", "-n"]);
+    // full_page_writes off for a while: an FPW_CHANGE record each way and
+    // a checkpoint that says it is off
+    for v in ["off", "on"] {
+        c.psql(&format!("ALTER SYSTEM SET full_page_writes = {v}"));
+        c.psql("SELECT pg_reload_conf()");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        c.psql("CHECKPOINT");
+        c.psql("INSERT INTO d1 VALUES (4)");
+    }
     c.psql("CHECKPOINT");
     let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
     let seg = u64::from_str_radix(&first[16..], 16).unwrap();
@@ -204,8 +213,18 @@ fn check_against_waldump(opts: PgOptions) {
                 assert!(t.3.starts_with("SWITCH"), "{}", t.3);
                 *seen.entry("switch".into()).or_insert(0) += 1;
             }
-            RecordKind::Checkpoint { .. } => {
+            RecordKind::Checkpoint {
+                full_page_writes, ..
+            } => {
                 assert!(t.3.starts_with("CHECKPOINT"), "{}", t.3);
+                assert!(t.3.contains(&format!("fpw {full_page_writes};")), "{}", t.3);
+                if !full_page_writes {
+                    *seen.entry("checkpoint without fpw".into()).or_insert(0) += 1;
+                }
+            }
+            RecordKind::FpwChange(on) => {
+                assert_eq!(t.3, format!("FPW_CHANGE {on}"));
+                *seen.entry(format!("fpw {on}")).or_insert(0) += 1;
             }
             RecordKind::Prepare { .. } => *seen.entry("prepare".into()).or_insert(0) += 1,
             _ => {}
@@ -221,6 +240,9 @@ fn check_against_waldump(opts: PgOptions) {
         "restore point",
         "switch",
         "prepare",
+        "fpw false",
+        "fpw true",
+        "checkpoint without fpw",
     ] {
         assert!(seen.contains_key(k), "no {k} decoded: {seen:?}");
     }
@@ -265,6 +287,41 @@ fn check_against_waldump(opts: PgOptions) {
         "summaries count every record once"
     );
     assert!(sums.iter().all(|s| s.error.is_none()));
+    // the records that say full_page_writes is off: the change and the
+    // checkpoint after it
+    let off: Vec<Lsn> = ours
+        .iter()
+        .filter(|r| {
+            matches!(
+                interpret(r, major),
+                Ok(RecordKind::FpwChange(false)
+                    | RecordKind::Checkpoint {
+                        full_page_writes: false,
+                        ..
+                    })
+            )
+        })
+        .map(|r| r.lsn)
+        .collect();
+    assert_eq!(off.len(), 2, "{off:?}");
+    assert_eq!(
+        sums.iter()
+            .flat_map(|s| s.fpw_off.clone().unwrap())
+            .collect::<Vec<_>>(),
+        off
+    );
+    // stored and read back, also as an older summary (which does not know)
+    for s in &sums {
+        let back = walvault::wal::summary::SegmentSummary::decode(&s.encode().unwrap());
+        assert_eq!(back.as_ref(), Some(s));
+        let mut v3 = s.clone();
+        v3.version = 3;
+        let old =
+            walvault::wal::summary::SegmentSummary::decode(&postcard::to_stdvec(&v3).unwrap())
+                .unwrap();
+        assert_eq!(old.fpw_off, None);
+        assert_eq!(old.xacts, s.xacts);
+    }
     assert_eq!(
         sums.iter()
             .flat_map(|s| &s.restore_points)
