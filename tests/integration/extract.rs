@@ -443,6 +443,53 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         plan.stdout
     );
     assert!(empty(&scratch) && !out4.exists());
+
+    // 5. Ctrl-C while it works: the scratch server is stopped and the
+    // directory removed before it exits
+    let mut child =
+        a.wv.args(["-q", "extract", "--scratch"])
+            .arg(&scratch)
+            .arg("--pg-bin")
+            .arg(&c.bindir)
+            .args([
+                "--database",
+                "app",
+                "--table",
+                "orders",
+                "--target-xid",
+                &xid1,
+                "--output",
+                o4,
+            ])
+            .command()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while empty(&scratch) {
+        assert!(std::time::Instant::now() < deadline, "no scratch directory");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    assert!(empty(&scratch), "the scratch directory was left behind");
+    assert!(!out4.exists());
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(scratch.to_str().unwrap()),
+        "a process still runs in the scratch directory"
+    );
 }
 
 /// A sparse recovery on other majors (13, 17 and 18 when installed): the
