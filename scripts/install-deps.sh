@@ -15,6 +15,8 @@ need_pkgs=()
 [ -x /usr/lib/postgresql/15/bin/psql ] || need_pkgs+=(postgresql-client-15)
 command -v cc >/dev/null || need_pkgs+=(build-essential)
 command -v runuser >/dev/null || need_pkgs+=(util-linux)
+# extract's test counts the repository bytes read through the page cache
+command -v fincore >/dev/null || need_pkgs+=(util-linux-extra)
 # moto (the S3 server that enforces Object Lock) installs into a virtualenv
 command -v python3 >/dev/null || need_pkgs+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)

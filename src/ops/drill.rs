@@ -167,6 +167,7 @@ pub async fn drill(
     rec.backup = intended;
     rec.rpo_seconds =
         newest_commit.map(|c| (rec.time - c).to_std().map_or(0.0, |d| d.as_secs_f64()));
+    let interrupted = super::scratch::on_interrupt();
     let scratch =
         Scratch::make(&opts.scratch, "walvault-drill-", owner).map_err(OpsError::Drill)?;
     let work = run(
@@ -174,7 +175,7 @@ pub async fn drill(
     );
     let (outcome, stopped_by) = tokio::select! {
         r = work => (r, None),
-        sig = super::scratch::interrupted() => (Ok(()), Some(sig)),
+        sig = interrupted => (Ok(()), Some(sig)),
     };
     if let Err(e) = outcome {
         rec.checks.push(DrillCheck {

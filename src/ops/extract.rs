@@ -685,6 +685,7 @@ pub async fn extract(
         return Ok(report);
     }
     let owner = scratch::owner(opts.run_as.as_deref()).map_err(OpsError::Extract)?;
+    let interrupted = scratch::on_interrupt();
     let scratch =
         Scratch::make(&opts.scratch, "walvault-extract-", owner).map_err(OpsError::Extract)?;
     // the other relations are holes: nothing may read them
@@ -716,7 +717,7 @@ pub async fn extract(
     );
     let (outcome, stopped_by) = tokio::select! {
         r = work => (r, None),
-        sig = scratch::interrupted() => (Err(refuse(format!("interrupted by {sig}"))), Some(sig)),
+        sig = interrupted => (Err(refuse(format!("interrupted by {sig}"))), Some(sig)),
     };
     // whatever happened, no server is left running and nothing is left
     // behind (unless asked to keep it)

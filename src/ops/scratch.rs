@@ -189,20 +189,24 @@ pub(crate) fn tail(out: &std::process::Output, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("; ")
 }
 
-/// Resolves with the signal's name when the process is asked to stop
-/// (SIGINT, SIGTERM): a command running a scratch server races its work
-/// against this, then stops the server and removes the directory before
-/// it exits.
-pub(crate) async fn interrupted() -> &'static str {
+/// A future that resolves with the signal's name when the process is
+/// asked to stop (SIGINT, SIGTERM). The handlers are installed when this is
+/// called, before the scratch directory is made: a command running a
+/// scratch server races its work against the future, then stops the
+/// server and removes the directory before it exits.
+pub(crate) fn on_interrupt() -> impl std::future::Future<Output = &'static str> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
     }
 }

@@ -100,6 +100,57 @@ fn kept(scratch: &Path) -> PathBuf {
     dirs[0].join("data")
 }
 
+/// The pack files of repository `repo`: the backups' blocks.
+fn packs(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![repo.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.components().any(|c| c.as_os_str() == "packs") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Drop `files` from the page cache (walvault wrote them durably: clean
+/// pages go).
+fn evict(files: &[PathBuf]) {
+    for f in files {
+        let fd = std::fs::File::open(f).unwrap();
+        nix::fcntl::posix_fadvise(
+            &fd,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+    }
+}
+
+/// Bytes of `files` in the page cache (`fincore`): what was read since
+/// they were evicted.
+fn cached(files: &[PathBuf]) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse::<u64>().unwrap())
+        .sum()
+}
+
 fn empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).unwrap().next().is_none()
 }
@@ -159,6 +210,9 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     let c = &a.c;
 
     // 1. the rows just before the delete, to a file; a sparse recovery
+    let packs = packs(&a.repo);
+    evict(&packs);
+    assert_eq!(cached(&packs), 0, "the packs are still in the page cache");
     let scratch = a.work.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
     let out1 = a.work.path().join("orders.sql");
@@ -197,6 +251,13 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         "{fetched} of {cluster} bytes read: {r}"
     );
     assert!(plan["fetch_bytes"].as_u64().unwrap() * 10 < cluster, "{r}");
+    // and by the repository's files: what of its packs the page cache
+    // holds now, read by the extract (at least what it says it read)
+    let read = cached(&packs);
+    assert!(
+        read * 10 < cluster && read >= fetched / 2,
+        "{read} bytes of the packs read, {fetched} reported, cluster {cluster}"
+    );
     assert!(plan["sparse_files"].as_u64().unwrap() > 100, "{r}");
     // and by the file system: the big tables of the same and another
     // database were never written (holes), the table was
@@ -446,7 +507,7 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
 
     // 5. Ctrl-C while it works: the scratch server is stopped and the
     // directory removed before it exits
-    let mut child =
+    let child =
         a.wv.args(["-q", "extract", "--scratch"])
             .arg(&scratch)
             .arg("--pg-bin")
