@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::pitr::Archived;
 use crate::support::pg::{other_majors_or_skip, PgCluster, PgOptions};
+use crate::support::walvault::Walvault;
 
 /// A hash of every row of `table` in `db`, in key order.
 fn rows_hash(c: &PgCluster, db: &str, table: &str) -> String {
@@ -65,13 +66,19 @@ fn populate(c: &PgCluster) {
     c.psql("CHECKPOINT");
 }
 
-/// `extract ARGS --json` as root (the scratch server runs as the tests'
-/// PostgreSQL user); the report.
-fn extract(a: &Archived, c: &PgCluster, scratch: &Path, args: &[&str]) -> serde_json::Value {
-    a.wv.args(["extract", "--json", "--scratch"])
+/// `walvault -q extract --scratch SCRATCH --pg-bin <c's>` as root (the
+/// scratch server runs as the tests' PostgreSQL user), to add arguments to.
+fn extract_in(a: &Archived, c: &PgCluster, scratch: &Path) -> Walvault {
+    a.wv.args(["-q", "extract", "--scratch"])
         .arg(scratch)
         .arg("--pg-bin")
         .arg(&c.bindir)
+}
+
+/// `extract ARGS --json`; the report.
+fn extract(a: &Archived, c: &PgCluster, scratch: &Path, args: &[&str]) -> serde_json::Value {
+    extract_in(a, c, scratch)
+        .arg("--json")
         .args(args)
         .ok()
         .json()
@@ -320,20 +327,18 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         format!("orders_customer_restored_x{xid2},orders_pkey_restored_x{xid2}")
     );
     // the same name again is refused before anything is downloaded
-    let e =
-        a.wv.args(["extract", "--scratch"])
-            .arg(&scratch)
-            .args([
-                "--database",
-                "app",
-                "--table",
-                "orders",
-                "--target-xid",
-                &xid2,
-                "--into",
-            ])
-            .arg(format!("{} dbname=app", c.conninfo()))
-            .fails_with_one_line(&["already exists", &name]);
+    let e = extract_in(&a, c, &scratch)
+        .args([
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid2,
+            "--into",
+        ])
+        .arg(format!("{} dbname=app", c.conninfo()))
+        .fails_with_one_line(&["already exists", &name]);
     assert!(e.contains("--as"), "{e}");
 
     // 3. a whole database at a time
@@ -357,10 +362,7 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
 
     // 4. bad input: one line, nothing downloaded, nothing left behind
     let refused = |args: &[&str], needles: &[&str]| {
-        a.wv.args(["extract", "--scratch"])
-            .arg(&scratch)
-            .arg("--pg-bin")
-            .arg(&c.bindir)
+        extract_in(&a, c, &scratch)
             .args(args)
             .fails_with_one_line(needles);
         assert!(
@@ -463,10 +465,7 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     );
     let stop_before = format!("--target-xid {xid_drop} --exclusive");
     assert!(r["plan"]["notes"].to_string().contains(&stop_before), "{r}");
-    a.wv.args(["-q", "extract", "--scratch"])
-        .arg(&scratch)
-        .arg("--pg-bin")
-        .arg(&c.bindir)
+    extract_in(&a, c, &scratch)
         .args([
             "--database",
             "app",
@@ -481,23 +480,19 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     assert!(empty(&scratch));
     assert!(!out4.exists());
     // the plan alone
-    let plan =
-        a.wv.args(["extract", "--scratch"])
-            .arg(&scratch)
-            .arg("--pg-bin")
-            .arg(&c.bindir)
-            .args([
-                "--database",
-                "app",
-                "--table",
-                "orders",
-                "--target-xid",
-                &xid1,
-                "--dry-run",
-                "--output",
-                o4,
-            ])
-            .ok();
+    let plan = extract_in(&a, c, &scratch)
+        .args([
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid1,
+            "--dry-run",
+            "--output",
+            o4,
+        ])
+        .ok();
     assert!(
         plan.stdout.contains("download") && plan.stdout.contains("nothing was downloaded"),
         "{}",
@@ -507,26 +502,22 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
 
     // 5. Ctrl-C while it works: the scratch server is stopped and the
     // directory removed before it exits
-    let child =
-        a.wv.args(["-q", "extract", "--scratch"])
-            .arg(&scratch)
-            .arg("--pg-bin")
-            .arg(&c.bindir)
-            .args([
-                "--database",
-                "app",
-                "--table",
-                "orders",
-                "--target-xid",
-                &xid1,
-                "--output",
-                o4,
-            ])
-            .command()
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+    let child = extract_in(&a, c, &scratch)
+        .args([
+            "--database",
+            "app",
+            "--table",
+            "orders",
+            "--target-xid",
+            &xid1,
+            "--output",
+            o4,
+        ])
+        .command()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while empty(&scratch) {
         assert!(std::time::Instant::now() < deadline, "no scratch directory");
