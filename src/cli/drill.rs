@@ -102,21 +102,81 @@ pub struct DrillArgs {
 }
 
 /// The checks in an `--sql` file: statements separated by `;`, comments
-/// (`--` to the end of the line) dropped.
+/// (`--` to the end of the line, `/* */`, nested) dropped, runs of
+/// whitespace made one space — all outside quoted text: `'…'` strings,
+/// `"…"` identifiers and `$tag$…$tag$` bodies are kept as written.
 fn sql_checks(text: &str) -> Vec<String> {
-    let without_comments: String = text
-        .lines()
-        .map(|l| match l.find("--") {
-            Some(i) => &l[..i],
-            None => l,
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    without_comments
-        .split(';')
-        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|s| !s.is_empty())
-        .collect()
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let quoted_end = |open: &str, close: &str| -> usize {
+            // (a doubled quote inside is the quote itself: found again)
+            rest[open.len()..]
+                .find(close)
+                .map_or(rest.len(), |i| i + open.len() + close.len())
+        };
+        let take = if rest.starts_with("--") {
+            rest = rest.find('\n').map_or("", |i| &rest[i..]);
+            continue;
+        } else if rest.starts_with("/*") {
+            let mut depth = 0usize;
+            let mut i = 0;
+            while i < rest.len() {
+                if rest[i..].starts_with("/*") {
+                    depth += 1;
+                    i += 2;
+                } else if rest[i..].starts_with("*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += rest[i..].chars().next().map_or(1, char::len_utf8);
+                }
+            }
+            rest = &rest[i.min(rest.len())..];
+            if !cur.ends_with(' ') {
+                cur.push(' ');
+            }
+            continue;
+        } else if c == '\'' || c == '"' {
+            let q = &rest[..1];
+            quoted_end(q, q)
+        } else if let Some(tag) = dollar_tag(rest) {
+            quoted_end(tag, tag)
+        } else if c == ';' {
+            out.push(cur.trim().to_owned());
+            cur.clear();
+            rest = &rest[1..];
+            continue;
+        } else if c.is_whitespace() {
+            if !cur.ends_with(' ') {
+                cur.push(' ');
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        } else {
+            c.len_utf8()
+        };
+        cur.push_str(&rest[..take]);
+        rest = &rest[take..];
+    }
+    out.push(cur.trim().to_owned());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The `$tag$` (or `$$`) that opens a dollar-quoted body at the start of
+/// `s`, if one does.
+fn dollar_tag(s: &str) -> Option<&str> {
+    let body = s.strip_prefix('$')?;
+    let end = body.find('$')?;
+    let tag = &body[..end];
+    let ident = tag.chars().all(|c| c.is_alphanumeric() || c == '_')
+        && !tag.starts_with(|c: char| c.is_ascii_digit());
+    ident.then(|| &s[..end + 2])
 }
 
 /// A drill's options: the flags over `[drill]`.
@@ -240,5 +300,18 @@ mod tests {
             vec!["select count(*) > 0 from orders", "select true"]
         );
         assert!(sql_checks("-- nothing\n").is_empty());
+        // quoted text is kept whole: no split, no comment, no squeezing
+        assert_eq!(
+            sql_checks(
+                "select 'a;b -- c  d' = x from t; /* one; /* nested; */ */ select \"odd;name\" from t;\n\
+                 select $$x; -- y$$, $f$ ; $f$, $1 from t; select 'it''s;'"
+            ),
+            vec![
+                "select 'a;b -- c  d' = x from t",
+                "select \"odd;name\" from t",
+                "select $$x; -- y$$, $f$ ; $f$, $1 from t",
+                "select 'it''s;'",
+            ]
+        );
     }
 }
