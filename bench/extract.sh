@@ -124,7 +124,7 @@ if [ -n "${SAMPLES:-}" ]; then
   mkdir -p "$SAMPLES"
   run "$wv" --repo "$repo" wal-inspect --xid "$xid" --timezone UTC >"$SAMPLES/wal-inspect-xid.txt" 2>&1 || true
   run "$wv" --repo "$repo" extract --database app --table public.orders --target-xid "$xid" --exclusive \
-    --output "$tmp/orders.sql" --scratch "$tmp/scratch" --pg-bin "$PG_BIN" --dry-run >"$SAMPLES/plan.txt" 2>&1 || true
+    --output "$tmp/plan.sql" --scratch "$tmp/scratch" --pg-bin "$PG_BIN" --dry-run >"$SAMPLES/plan.txt" 2>&1 || true
   run "$wv" --repo "$repo" extract --database app --table public.orders --target-xid "$xid" --exclusive \
     --into "$pgconn dbname=app" --scratch "$tmp/scratch" --pg-bin "$PG_BIN" >"$SAMPLES/extract.txt" 2>&1 || true
   echo "# samples in $SAMPLES" >&2
