@@ -147,7 +147,7 @@ pub(super) fn event_line(e: &Event) -> String {
             if !dropped.is_empty() {
                 line.push_str(&format!("  DROPPED {}", dropped.join(", ")));
             }
-            line
+            line.trim_end().to_owned()
         }
         Event::RestorePoint {
             time, name, lsn, ..
