@@ -492,14 +492,16 @@ fn check_standby(target: &str, s: &StandbyState, max_lag: Option<u64>) -> Result
     Ok(())
 }
 
-/// The relations of one database: one row per relation with storage,
-/// with the table it belongs to (an index's table, a TOAST table's owner
-/// and its index's, an owned sequence's table).
+/// The relations of one database: one row per relation with storage and
+/// per partitioned table (file number 0), with the table it belongs to (an
+/// index's table, a TOAST table's owner and its index's, a partition's
+/// partitioned table, an owned sequence's table).
 const RELATIONS_SQL: &str = "\
 WITH toast AS (SELECT reltoastrelid AS toast, oid AS tab FROM pg_class WHERE reltoastrelid <> 0) \
-SELECT d.oid AS db, c.oid AS oid, pg_relation_filenode(c.oid) AS f, n.nspname AS schema, \
+SELECT d.oid AS db, c.oid AS oid, COALESCE(pg_relation_filenode(c.oid), 0) AS f, n.nspname AS schema, \
        c.relname AS name, c.relkind AS kind, \
        COALESCE(t.tab, ti.tab, i.indrelid, \
+                (SELECT inh.inhparent FROM pg_inherits inh WHERE c.relispartition AND inh.inhrelid = c.oid), \
                 (SELECT dep.refobjid FROM pg_depend dep \
                   WHERE c.relkind = 'S' AND dep.classid = 'pg_class'::regclass AND dep.objid = c.oid \
                     AND dep.refclassid = 'pg_class'::regclass AND dep.deptype IN ('a', 'i') LIMIT 1), \
@@ -509,7 +511,7 @@ JOIN pg_database d ON d.datname = current_database() \
 LEFT JOIN toast t ON t.toast = c.oid \
 LEFT JOIN pg_index i ON i.indexrelid = c.oid \
 LEFT JOIN toast ti ON ti.toast = i.indrelid \
-WHERE pg_relation_filenode(c.oid) IS NOT NULL AND c.relpersistence <> 't'";
+WHERE (pg_relation_filenode(c.oid) IS NOT NULL OR c.relkind = 'p') AND c.relpersistence <> 't'";
 
 /// Every database's relation files: their names (for `wal-inspect`) and
 /// the relation map (for `extract`). Best effort: a role that may not
@@ -592,7 +594,7 @@ async fn relation_names(params: &ConnParams) -> (Vec<RelName>, Option<RelationMa
                         .text(i, "kind")
                         .and_then(|k| k.bytes().next())
                         .unwrap_or(b'?');
-                    if schema != "pg_catalog" && schema != "information_schema" {
+                    if schema != "pg_catalog" && schema != "information_schema" && filenode != 0 {
                         names.push(RelName {
                             db: rels.oid,
                             relfilenode: filenode,

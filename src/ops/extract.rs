@@ -427,12 +427,13 @@ impl Selection {
             Scope::Database => (true, None),
             Scope::Table(t) => (!db.complete, t),
         };
+        let mine = table.map(|t| db.with_dependents(t)).unwrap_or_default();
         let keep = db
             .relations
             .iter()
-            .filter(|r| {
-                r.oid < FIRST_NORMAL_OID || table.is_some_and(|t| r.oid == t || r.owner == t)
-            })
+            // every sequence too: one page each, and pg_dump 18 reads
+            // them all whatever it dumps
+            .filter(|r| r.oid < FIRST_NORMAL_OID || r.kind == b'S' || mine.contains(&r.oid))
             .map(|r| r.filenode)
             .collect();
         let table_file_dropped = match scope {
@@ -626,7 +627,7 @@ fn similar(db: &DatabaseRelations, name: &str) -> String {
     let mut like: Vec<String> = db
         .relations
         .iter()
-        .filter(|r| r.kind == b'r' && r.oid >= FIRST_NORMAL_OID)
+        .filter(|r| matches!(r.kind, b'r' | b'p') && r.oid >= FIRST_NORMAL_OID)
         .filter(|r| {
             let n = r.name.to_lowercase();
             n.contains(&lower) || lower.contains(&n) || distance(&n, &lower) <= 2
@@ -1015,6 +1016,10 @@ async fn run(
             report.rows = r.text(0, "n").and_then(|n| n.parse().ok());
         }
     }
+    let tree = match &opts.what {
+        What::Table { schema, name } => members(&mut c, schema, name).await?,
+        What::Database => Vec::new(),
+    };
     let t = Instant::now();
     match (&opts.destination, &opts.what) {
         (Destination::File(path), What::Database) => {
@@ -1025,8 +1030,8 @@ async fn run(
             // the check and the dump read the table side by side (two
             // cores); a damaged table takes its file away again
             let (checked, dumped) = tokio::join!(
-                client.amcheck(&mut c, schema, name),
-                client.dump_to_file(Some((schema, name)), path)
+                client.amcheck(&mut c, schema, name, &tree),
+                client.dump_to_file(Some(&tree), path)
             );
             match (checked, dumped) {
                 (Ok(a), Ok(bytes)) => {
@@ -1051,10 +1056,10 @@ async fn run(
             What::Table { schema, name },
         ) => {
             // checked before anything reaches the live server
-            report.amcheck = Some(client.amcheck(&mut c, schema, name).await?);
+            report.amcheck = Some(client.amcheck(&mut c, schema, name, &tree).await?);
             let stamp = suffix_of(new, name);
-            rename_for_restore(&mut c, schema, name, new, &stamp).await?;
-            client.dump_into(schema, new, conninfo).await?;
+            let renamed = rename_for_restore(&mut c, &tree, new, &stamp).await?;
+            client.dump_into(&renamed, conninfo).await?;
             report.output = Some(format!("{schema}.{new}"));
         }
         (Destination::Into { .. }, What::Database) => {
@@ -1066,19 +1071,24 @@ async fn run(
     Ok(())
 }
 
-/// The filenodes of table `schema.name`, its TOAST table and their indexes
-/// on the recovered server; `None` when there is no such table.
+/// The filenodes of table `schema.name` (a partitioned table's: of every
+/// partition), its TOAST table and their indexes on the recovered server;
+/// `None` when there is no such table.
 async fn table_files(
     c: &mut PgConnection,
     schema: &str,
     name: &str,
 ) -> Result<Option<Vec<u32>>, OpsError> {
     let q = format!(
-        "WITH t AS (SELECT c.oid, c.reltoastrelid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                    WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'm')), \
+        "WITH root AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                    WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p', 'm')), \
+              t AS (SELECT c.oid, c.reltoastrelid FROM pg_class c WHERE c.relkind IN ('r', 'm') \
+                    AND (c.oid IN (SELECT oid FROM root) \
+                         OR c.oid IN (SELECT p.relid FROM root, pg_partition_tree(root.oid) p))), \
               rels AS (SELECT oid FROM t UNION ALL SELECT reltoastrelid FROM t WHERE reltoastrelid <> 0), \
               all_rels AS (SELECT oid FROM rels UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid IN (SELECT oid FROM rels)) \
-         SELECT (SELECT count(*) FROM t) AS found, pg_relation_filenode(oid) AS f FROM all_rels",
+         SELECT (SELECT count(*) FROM root) AS found, f \
+           FROM (SELECT 1) one LEFT JOIN (SELECT pg_relation_filenode(oid) AS f FROM all_rels) x ON true",
         literal(schema),
         literal(name)
     );
@@ -1116,34 +1126,98 @@ fn with_suffix(name: &str, suffix: &str) -> String {
     format!("{base}{suffix}")
 }
 
-/// On the scratch server: rename the table, its indexes and owned sequences
-/// so they can sit beside the originals, and drop its foreign keys (the
-/// rows they pointed to at the target may be gone from the live server).
-async fn rename_for_restore(
-    c: &mut PgConnection,
-    schema: &str,
-    name: &str,
-    new: &str,
-    suffix: &str,
-) -> Result<(), OpsError> {
-    let table = format!("{}.{}", ident(schema), ident(name));
+/// A table to dump: the table asked for, or a partition below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    schema: String,
+    name: String,
+    /// Has files (not a partitioned table).
+    storage: bool,
+}
+
+impl Member {
+    /// `pg_dump`/`pg_amcheck` pattern matching exactly it.
+    fn pattern(&self) -> String {
+        format!("{}.{}", pattern(&self.schema), pattern(&self.name))
+    }
+}
+
+/// Table `schema.name` and, when it is partitioned, every partition below
+/// it: the root first, then by level and name.
+async fn members(c: &mut PgConnection, schema: &str, name: &str) -> Result<Vec<Member>, OpsError> {
     let q = format!(
-        "SELECT 'i' AS k, i.relname AS n FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = {t}::regclass \
-         UNION ALL SELECT 'S', s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
-           WHERE d.refobjid = {t}::regclass AND d.classid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype IN ('a', 'i') \
-         UNION ALL SELECT 'f', conname FROM pg_constraint WHERE conrelid = {t}::regclass AND contype = 'f'",
-        t = literal(&table)
+        "WITH root AS (SELECT {t}::regclass AS oid), \
+              m AS (SELECT oid, 0 AS level FROM root \
+                    UNION SELECT p.relid, p.level FROM root, pg_partition_tree(root.oid) p) \
+         SELECT n.nspname AS s, c.relname AS n, c.relkind <> 'p' AS st, m.level \
+           FROM m JOIN pg_class c ON c.oid = m.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
+          ORDER BY m.level, n.nspname, c.relname",
+        t = literal(&format!("{}.{}", ident(schema), ident(name)))
     );
     let r = c
         .simple_query(&q)
         .await
-        .map_err(|e| refuse(format!("preparing {schema}.{name} for --into: {e}")))?;
+        .map_err(|e| refuse(format!("listing {schema}.{name}'s partitions: {e}")))?;
+    Ok((0..r.rows.len())
+        .filter_map(|i| {
+            Some(Member {
+                schema: r.text(i, "s")?,
+                name: r.text(i, "n")?,
+                storage: r.text(i, "st")? == "t",
+            })
+        })
+        .collect())
+}
+
+/// Prepare the table (and its partitions) for `pg_restore` into a live
+/// server, in the scratch server: the table renamed to `new`, its
+/// partitions, indexes and owned sequences given `suffix`, its foreign
+/// keys dropped (what they pointed to at the target may be gone). Returns
+/// the new names, the root first.
+async fn rename_for_restore(
+    c: &mut PgConnection,
+    tree: &[Member],
+    new: &str,
+    suffix: &str,
+) -> Result<Vec<Member>, OpsError> {
+    let Some(root) = tree.first() else {
+        return Err(refuse("no table to rename"));
+    };
+    let list = tree
+        .iter()
+        .map(|m| literal(&format!("{}.{}", ident(&m.schema), ident(&m.name))) + "::regclass")
+        .collect::<Vec<_>>()
+        .join(", ");
+    let q = format!(
+        "WITH m(oid) AS (SELECT unnest(ARRAY[{list}]::oid[])) \
+         SELECT 'i' AS k, n.nspname AS s, i.relname AS n, '' AS t FROM pg_index x \
+           JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_namespace n ON n.oid = i.relnamespace \
+          WHERE x.indrelid IN (SELECT oid FROM m) \
+         UNION ALL SELECT 'S', n.nspname, s.relname, '' FROM pg_depend d \
+           JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace n ON n.oid = s.relnamespace \
+          WHERE d.refobjid IN (SELECT oid FROM m) AND d.classid = 'pg_class'::regclass \
+            AND s.relkind = 'S' AND d.deptype IN ('a', 'i') \
+         UNION ALL SELECT 'f', n.nspname, k.conname, r.relname FROM pg_constraint k \
+           JOIN pg_class r ON r.oid = k.conrelid JOIN pg_namespace n ON n.oid = r.relnamespace \
+          WHERE k.conrelid IN (SELECT oid FROM m) AND k.contype = 'f' AND k.conparentid = 0"
+    );
+    let r = c.simple_query(&q).await.map_err(|e| {
+        refuse(format!(
+            "preparing {}.{} for --into: {e}",
+            root.schema, root.name
+        ))
+    })?;
     let mut sql = vec!["BEGIN".to_owned()];
     for i in 0..r.rows.len() {
-        let (Some(k), Some(n)) = (r.text(i, "k"), r.text(i, "n")) else {
+        let (Some(k), Some(s), Some(n), Some(t)) = (
+            r.text(i, "k"),
+            r.text(i, "s"),
+            r.text(i, "n"),
+            r.text(i, "t"),
+        ) else {
             continue;
         };
-        let obj = format!("{}.{}", ident(schema), ident(&n));
+        let obj = format!("{}.{}", ident(&s), ident(&n));
         match k.as_str() {
             "i" => sql.push(format!(
                 "ALTER INDEX {obj} RENAME TO {}",
@@ -1153,15 +1227,41 @@ async fn rename_for_restore(
                 "ALTER SEQUENCE {obj} RENAME TO {}",
                 ident(&with_suffix(&n, suffix))
             )),
-            _ => sql.push(format!("ALTER TABLE {table} DROP CONSTRAINT {}", ident(&n))),
+            // (a partition's copy of its parent's key goes with the parent's)
+            _ => sql.push(format!(
+                "ALTER TABLE {}.{} DROP CONSTRAINT {}",
+                ident(&s),
+                ident(&t),
+                ident(&n)
+            )),
         }
     }
-    sql.push(format!("ALTER TABLE {table} RENAME TO {}", ident(new)));
+    let mut renamed = Vec::with_capacity(tree.len());
+    for (i, m) in tree.iter().enumerate() {
+        let to = if i == 0 {
+            new.to_owned()
+        } else {
+            with_suffix(&m.name, suffix)
+        };
+        sql.push(format!(
+            "ALTER TABLE {}.{} RENAME TO {}",
+            ident(&m.schema),
+            ident(&m.name),
+            ident(&to)
+        ));
+        renamed.push(Member {
+            name: to,
+            ..m.clone()
+        });
+    }
     sql.push("COMMIT".to_owned());
-    c.simple_query(&sql.join("; "))
-        .await
-        .map_err(|e| refuse(format!("renaming {schema}.{name} for --into: {e}")))?;
-    Ok(())
+    c.simple_query(&sql.join("; ")).await.map_err(|e| {
+        refuse(format!(
+            "renaming {}.{} for --into: {e}",
+            root.schema, root.name
+        ))
+    })?;
+    Ok(renamed)
 }
 
 /// The client tools against the scratch server.
@@ -1197,7 +1297,18 @@ impl Client<'_> {
         c: &mut PgConnection,
         schema: &str,
         name: &str,
+        tree: &[Member],
     ) -> Result<String, OpsError> {
+        let with_files: Vec<&Member> = tree.iter().filter(|m| m.storage).collect();
+        if with_files.is_empty() {
+            return Ok(format!(
+                "{schema}.{name} has no partitions: nothing to check"
+            ));
+        }
+        let partitions = match with_files.len() {
+            n if tree.len() > 1 => format!(" ({n} partitions)"),
+            _ => String::new(),
+        };
         let extension = c
             .simple_query(
                 "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'amcheck'",
@@ -1210,16 +1321,17 @@ impl Client<'_> {
             return Ok("not run: the amcheck extension is not installed with the server".into());
         }
         let Some(pg_amcheck) = &self.tools.pg_amcheck else {
-            return self.bt_index_check(c, schema, name).await;
+            return self.bt_index_check(c, schema, name, &partitions).await;
         };
-        let out = self
-            .tool(pg_amcheck)
-            // only this database's catalogs are restored: it may connect
-            // nowhere else (another database's are holes), so no database
-            // pattern, which would list them through a maintenance database
-            .arg(self.database)
-            .arg("-t")
-            .arg(format!("{}.{}", pattern(schema), pattern(name)))
+        let mut cmd = self.tool(pg_amcheck);
+        // only this database's catalogs are restored: it may connect
+        // nowhere else (another database's are holes), so no database
+        // pattern, which would list them through a maintenance database
+        cmd.arg(self.database);
+        for m in &with_files {
+            cmd.arg("-t").arg(m.pattern());
+        }
+        let out = cmd
             .arg("--install-missing")
             .arg("--heapallindexed")
             .output()
@@ -1233,7 +1345,7 @@ impl Client<'_> {
             )));
         }
         Ok(format!(
-            "{schema}.{name}, its TOAST table and its B-tree indexes are consistent"
+            "{schema}.{name}{partitions}, its TOAST table and its B-tree indexes are consistent"
         ))
     }
 
@@ -1244,15 +1356,18 @@ impl Client<'_> {
         c: &mut PgConnection,
         schema: &str,
         name: &str,
+        partitions: &str,
     ) -> Result<String, OpsError> {
         let table = literal(&format!("{}.{}", ident(schema), ident(name)));
         let q = format!(
             "CREATE EXTENSION IF NOT EXISTS amcheck; \
+             WITH t AS (SELECT {table}::regclass AS oid \
+                        UNION SELECT relid FROM pg_partition_tree({table}::regclass)) \
              SELECT count(bt_index_check(i.indexrelid, true)) AS n FROM pg_index i \
                JOIN pg_class r ON r.oid = i.indexrelid JOIN pg_am a ON a.oid = r.relam \
-              WHERE a.amname = 'btree' AND i.indrelid IN \
-                    (SELECT {table}::regclass UNION ALL \
-                     SELECT reltoastrelid FROM pg_class WHERE oid = {table}::regclass)"
+              WHERE a.amname = 'btree' AND r.relkind = 'i' AND i.indrelid IN \
+                    (SELECT oid FROM t UNION ALL \
+                     SELECT reltoastrelid FROM pg_class WHERE oid IN (SELECT oid FROM t))"
         );
         let r = c.simple_query(&q).await.map_err(|e| {
             refuse(format!(
@@ -1261,7 +1376,7 @@ impl Client<'_> {
             ))
         })?;
         Ok(format!(
-            "{} B-tree index(es) of {schema}.{name} and its TOAST table consistent, every row found in each (amcheck bt_index_check; pg_amcheck needs PostgreSQL 14+)",
+            "{} B-tree index(es) of {schema}.{name}{partitions} and its TOAST table consistent, every row found in each (amcheck bt_index_check; pg_amcheck needs PostgreSQL 14+)",
             r.text(0, "n").unwrap_or_default()
         ))
     }
@@ -1282,13 +1397,9 @@ impl Client<'_> {
         }
     }
 
-    /// `pg_dump` of the table (or the database) as SQL into `path`,
-    /// written to a temporary name, synced, then renamed.
-    async fn dump_to_file(
-        &self,
-        table: Option<(&str, &str)>,
-        path: &Path,
-    ) -> Result<u64, OpsError> {
+    /// `pg_dump` of the table with its partitions (or the database) as
+    /// SQL into `path`, written to a temporary name, synced, then renamed.
+    async fn dump_to_file(&self, table: Option<&[Member]>, path: &Path) -> Result<u64, OpsError> {
         let mut part = path.as_os_str().to_owned();
         part.push(".partial");
         let part = PathBuf::from(part);
@@ -1296,9 +1407,8 @@ impl Client<'_> {
             .map_err(|e| refuse(format!("cannot write {}: {e}", part.display())))?;
         let mut cmd = self.tool(&self.tools.pg_dump);
         cmd.arg("-d").arg(self.database);
-        if let Some((schema, name)) = table {
-            cmd.arg("-t")
-                .arg(format!("{}.{}", pattern(schema), pattern(name)));
+        for m in table.unwrap_or_default() {
+            cmd.arg("-t").arg(m.pattern());
         }
         let out = cmd
             .stdout(std::process::Stdio::from(
@@ -1341,17 +1451,17 @@ impl Client<'_> {
         Ok(bytes)
     }
 
-    /// `pg_dump -Fc` of `schema.new` piped into `pg_restore` on the live
-    /// server, in one transaction (nothing is left half-created).
-    async fn dump_into(&self, schema: &str, new: &str, conninfo: &str) -> Result<(), OpsError> {
+    /// `pg_dump -Fc` of the renamed table (with its partitions) piped into
+    /// `pg_restore` on the live server, in one transaction (nothing is left
+    /// half-created).
+    async fn dump_into(&self, tree: &[Member], conninfo: &str) -> Result<(), OpsError> {
         use std::process::Stdio;
-        let mut dump = self
-            .tool(&self.tools.pg_dump)
-            .arg("-d")
-            .arg(self.database)
-            .arg("-Fc")
-            .arg("-t")
-            .arg(format!("{}.{}", pattern(schema), pattern(new)))
+        let mut cmd = self.tool(&self.tools.pg_dump);
+        cmd.arg("-d").arg(self.database).arg("-Fc");
+        for m in tree {
+            cmd.arg("-t").arg(m.pattern());
+        }
+        let mut dump = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1476,6 +1586,7 @@ mod tests {
                 rel(20005, 20005, "orders_id_seq", b'S', 20000),
                 rel(30000, 30000, "big", b'r', 0),
                 rel(30001, 30001, "big_pkey", b'i', 30000),
+                rel(30002, 30002, "big_id_seq", b'S', 30000),
             ],
         };
         let none = HashMap::new();
@@ -1494,6 +1605,7 @@ mod tests {
             "base/16400/20003",
             "base/16400/20004",
             "base/16400/20005",
+            "base/16400/30002",
             "base/16400/40000",
             "base/16400/30000_init",
             "base/1/30000_init",

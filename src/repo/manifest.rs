@@ -211,22 +211,26 @@ pub struct DatabaseRelations {
     pub relations: Vec<Relation>,
 }
 
-/// A relation with storage.
+/// A relation with storage, or a partitioned table (since 2026-12-06;
+/// maps recorded before list neither partitioned tables nor partitions'
+/// parents).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Relation {
     /// `pg_class.oid`.
     pub oid: u32,
-    /// Its file number (`pg_relation_filenode`).
+    /// Its file number (`pg_relation_filenode`); 0 for a partitioned
+    /// table, which has none.
     pub filenode: u32,
     /// Schema.
     pub schema: String,
     /// Name.
     pub name: String,
-    /// `relkind`: `r` table, `i` index, `t` TOAST table, `S` sequence,
-    /// `m` materialized view.
+    /// `relkind`: `r` table, `p` partitioned table, `i` index, `t` TOAST
+    /// table, `S` sequence, `m` materialized view.
     pub kind: u8,
     /// The table it belongs to: an index's table, a TOAST table's (or its
-    /// index's) owner, an owned sequence's table; 0 for none.
+    /// index's) owner, a partition's partitioned table, an owned
+    /// sequence's table; 0 for none.
     pub owner: u32,
 }
 
@@ -238,11 +242,29 @@ impl RelationMap {
 }
 
 impl DatabaseRelations {
-    /// The table (`r` or `m`) `schema.name`.
+    /// The table (`r`, `p` or `m`) `schema.name`.
     pub fn table(&self, schema: &str, name: &str) -> Option<&Relation> {
         self.relations
             .iter()
-            .find(|r| r.schema == schema && r.name == name && matches!(r.kind, b'r' | b'm'))
+            .find(|r| r.schema == schema && r.name == name && matches!(r.kind, b'r' | b'p' | b'm'))
+    }
+
+    /// Relation `oid` and everything that belongs to it, directly or
+    /// through another (a partitioned table's partitions with their
+    /// indexes and TOAST tables).
+    pub fn with_dependents(&self, oid: u32) -> std::collections::HashSet<u32> {
+        let mut set = std::collections::HashSet::from([oid]);
+        loop {
+            let before = set.len();
+            for r in &self.relations {
+                if r.owner != 0 && set.contains(&r.owner) {
+                    set.insert(r.oid);
+                }
+            }
+            if set.len() == before {
+                return set;
+            }
+        }
     }
 }
 

@@ -41,8 +41,8 @@ fn load(c: &PgCluster, db: &str, file: &Path) {
 }
 
 /// `app.orders` (with TOASTed notes, an index, a serial), `app.big` and
-/// `analytics.events` (large, never extracted); pgbench's tables in a
-/// third database.
+/// `analytics.events` (large, never extracted), `app.measurements`
+/// (partitioned on two levels); pgbench's tables in a third database.
 fn populate(c: &PgCluster) {
     c.psql("CREATE DATABASE app");
     c.psql("CREATE DATABASE analytics");
@@ -56,7 +56,16 @@ fn populate(c: &PgCluster) {
            FROM generate_series(1, 20000) g;
          CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 16) AS pad FROM generate_series(1, 60000) g;
          CREATE TABLE doomed AS SELECT g AS id FROM generate_series(1, 1000) g;
-         CREATE TABLE marker (id int)",
+         CREATE TABLE marker (id int);
+         CREATE TABLE measurements (id int, city text, reading numeric, PRIMARY KEY (id, city))
+           PARTITION BY LIST (city);
+         CREATE TABLE measurements_north PARTITION OF measurements FOR VALUES IN ('north');
+         CREATE TABLE measurements_south PARTITION OF measurements FOR VALUES IN ('south')
+           PARTITION BY RANGE (id);
+         CREATE TABLE measurements_south_low PARTITION OF measurements_south FOR VALUES FROM (0) TO (5000);
+         CREATE TABLE measurements_south_high PARTITION OF measurements_south FOR VALUES FROM (5000) TO (MAXVALUE);
+         INSERT INTO measurements
+           SELECT g, CASE WHEN g % 2 = 0 THEN 'north' ELSE 'south' END, g * 0.5 FROM generate_series(1, 10000) g",
     );
     c.psql_db(
         "analytics",
@@ -181,6 +190,11 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     let xid1 = a.c.psql_db(
         "app",
         "DELETE FROM orders WHERE id % 7 = 0; SELECT txid_current()",
+    );
+    let measurements_before = rows_hash(&a.c, "app", "measurements");
+    let xid_m = a.c.psql_db(
+        "app",
+        "DELETE FROM measurements WHERE id % 3 = 0; SELECT txid_current()",
     );
     for i in 20..40 {
         a.c.psql_db("app", &format!("INSERT INTO marker VALUES ({i})"));
@@ -345,6 +359,47 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         .arg(format!("{} dbname=app", c.conninfo()))
         .fails_with_one_line(&["already exists", &name]);
     assert!(e.contains("--as"), "{e}");
+
+    // a partitioned table: every partition, on two levels, comes back
+    // beside the original under new names
+    let measurements_now = rows_hash(c, "app", "measurements");
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            "measurements",
+            "--target-xid",
+            &xid_m,
+            "--exclusive",
+            "--into",
+            &format!("{} dbname=app", c.conninfo()),
+        ],
+    );
+    let name = format!("measurements_restored_x{xid_m}");
+    assert_eq!(rows_hash(c, "app", &name), measurements_before, "{r}");
+    assert_eq!(rows_hash(c, "app", "measurements"), measurements_now);
+    assert_eq!(
+        c.psql_db(
+            "app",
+            &format!("SELECT string_agg(relid::text, ',' ORDER BY level, relid::text) FROM pg_partition_tree('{name}')")
+        ),
+        format!(
+            "{name},measurements_north_restored_x{xid_m},measurements_south_restored_x{xid_m},\
+             measurements_south_high_restored_x{xid_m},measurements_south_low_restored_x{xid_m}"
+        )
+    );
+    assert!(
+        r["amcheck"].as_str().unwrap().contains("(3 partitions)"),
+        "{r}"
+    );
+    assert!(
+        r["recovery"]["restore_fetched_bytes"].as_u64().unwrap() * 10 < cluster,
+        "{r}"
+    );
 
     // 3. a whole database at a time
     let out3 = a.work.path().join("analytics.sql");
@@ -566,9 +621,10 @@ fn extract_on_other_majors() {
         populate(c);
         a.ok(&["backup", "--pg", &c.conninfo(), "--fast", "--no-expire"]);
         let before = rows_hash(c, "app", "orders");
+        let measurements = rows_hash(c, "app", "measurements");
         let xid = c.psql_db(
             "app",
-            "DELETE FROM orders WHERE id % 3 = 0; SELECT txid_current()",
+            "DELETE FROM orders WHERE id % 3 = 0; DELETE FROM measurements WHERE id % 3 = 0; SELECT txid_current()",
         );
         c.psql("SELECT pg_switch_wal()");
         a.wait_stream_durable();
@@ -611,6 +667,35 @@ fn extract_on_other_majors() {
         if m < 14 {
             assert!(amcheck.contains("bt_index_check"), "{r}");
         }
+        assert!(empty(&scratch));
+        // the partitioned table, all its partitions, to a file
+        let out_m = a.work.path().join("measurements.sql");
+        let r = extract(
+            &a,
+            c,
+            &scratch,
+            &[
+                "--database",
+                "app",
+                "--table",
+                "measurements",
+                "--target-xid",
+                &xid,
+                "--exclusive",
+                "--output",
+                out_m.to_str().unwrap(),
+            ],
+        );
+        load(c, "verify_measurements", &out_m);
+        assert_eq!(
+            rows_hash(c, "verify_measurements", "measurements"),
+            measurements,
+            "PostgreSQL {m}: {r}"
+        );
+        assert!(
+            r["amcheck"].as_str().unwrap().contains("(3 partitions)"),
+            "PostgreSQL {m}: {r}"
+        );
         assert!(empty(&scratch));
         if m > 15 {
             // no client programs of this major or newer: refused before
