@@ -27,6 +27,10 @@ use crate::pg::ConnParams;
 use crate::progress::Progress;
 use crate::repo::{Repository, StanzaPaths};
 
+/// How long a drill may take at shutdown to stop its scratch server and
+/// remove its directory (it sees the same signal).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// Opens a repository (a copy target) when a job needs it.
 pub type OpenRepository =
     Arc<dyn Fn() -> BoxFuture<'static, Result<Repository, String>> + Send + Sync>;
@@ -202,11 +206,18 @@ impl Control {
                     };
                     jobs::execute(&i.ctx, run.kind, progress).await
                 };
+                tokio::pin!(work);
                 tokio::select! {
-                    r = work => r,
+                    r = &mut work => r,
                     // the start stays recorded without an end: the next
                     // start of the daemon reports it and runs it again
                     _ = i.cancel.cancelled() => {
+                        if run.kind == JobKind::Drill {
+                            // the signal reached the drill too: it stops
+                            // its scratch server and removes the directory
+                            // (dropped now, it would leave both behind)
+                            let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await;
+                        }
                         tracing::warn!(job = run.kind.name(), run = run.id, "stopped by shutdown; it runs again when the daemon starts");
                         return;
                     }

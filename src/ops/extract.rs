@@ -233,7 +233,13 @@ async fn wal_facts(
                 }
             }
         }
-        for x in s.xacts.iter().filter(|x| applied(x.lsn)) {
+        // (from the backup's start: a number dropped earlier may name
+        // another relation's file in the backup by now)
+        for x in s
+            .xacts
+            .iter()
+            .filter(|x| x.lsn >= p.backup.start_lsn && applied(x.lsn))
+        {
             for f in &x.xact.dropped {
                 facts.dropped.entry((f.db, f.rel)).or_insert(DroppedBy {
                     xid: x.xact.xid,

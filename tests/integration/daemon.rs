@@ -117,6 +117,8 @@ fn daemon_schedules_backups_expire_verify_drill_alerts_on_every_sink_and_its_met
     let hook = Webhook::start();
     let smtp = Smtp::start();
     let commands = work.path().join("alerts.jsonl");
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
     let body = format!(
         r#"pg = "{pg}"
 
@@ -130,6 +132,7 @@ keep-last = 2
 [drill]
 database = "walvault_test"
 sql = ["SELECT count(*) > 0 FROM pgbench_accounts"]
+scratch = "{scratch}"
 
 [daemon]
 token = "{TOKEN}"
@@ -159,6 +162,7 @@ run = "cat >> {cmds}; echo >> {cmds}"
         hook = hook.url,
         smtp = smtp.port,
         cmds = commands.display(),
+        scratch = scratch.display(),
     );
     let s3 = server.config();
     let file = config(
@@ -471,10 +475,32 @@ run = "cat >> {cmds}; echo >> {cmds}"
         });
     }
 
+    // a drill running at shutdown: its scratch server is stopped and its
+    // directory removed before the daemon exits
+    let a = http(&d.addr, "POST", "/api/jobs/drill", Some(TOKEN)).unwrap();
+    assert!(a.status == 202 || a.status == 409, "{a:?}");
+    let until = Instant::now() + Duration::from_secs(90);
+    while std::fs::read_dir(&scratch).unwrap().next().is_none() {
+        assert!(Instant::now() < until, "no drill started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // SIGTERM: a clean stop, announced to systemd
     let t = Instant::now();
     d.stop(Duration::from_secs(60));
     eprintln!("daemon stopped in {:.1} s", t.elapsed().as_secs_f64());
+    assert!(
+        std::fs::read_dir(&scratch).unwrap().next().is_none(),
+        "the drill's scratch directory was left behind"
+    );
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(scratch.to_str().unwrap()),
+        "a process still runs in the drill's scratch directory"
+    );
     let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
     assert_eq!(&buf[..n], b"STOPPING=1");
     drop(smtp);
