@@ -493,12 +493,8 @@ run = "cat >> {cmds}; echo >> {cmds}"
         std::fs::read_dir(&scratch).unwrap().next().is_none(),
         "the drill's scratch directory was left behind"
     );
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
-        .unwrap();
     assert!(
-        !String::from_utf8_lossy(&ps.stdout).contains(scratch.to_str().unwrap()),
+        !crate::support::process_runs_in(&scratch),
         "a process still runs in the drill's scratch directory"
     );
     let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");

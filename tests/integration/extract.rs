@@ -594,14 +594,40 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     assert!(err.contains("interrupted by SIGINT"), "{err}");
     assert!(empty(&scratch), "the scratch directory was left behind");
     assert!(!out4.exists());
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "args"])
-        .output()
-        .unwrap();
     assert!(
-        !String::from_utf8_lossy(&ps.stdout).contains(scratch.to_str().unwrap()),
+        !crate::support::process_runs_in(&scratch),
         "a process still runs in the scratch directory"
     );
+}
+
+/// `extract` of `app.TABLE` just before transaction `xid` to a file,
+/// loaded into a new database: the report and the rows hash there.
+fn extract_to_file(
+    a: &Archived,
+    scratch: &Path,
+    table: &str,
+    xid: &str,
+) -> (serde_json::Value, String) {
+    let out = a.work.path().join(format!("{table}.sql"));
+    let r = extract(
+        a,
+        &a.c,
+        scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            table,
+            "--target-xid",
+            xid,
+            "--exclusive",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
+    let db = format!("verify_{table}");
+    load(&a.c, &db, &out);
+    (r, rows_hash(&a.c, &db, table))
 }
 
 /// A sparse recovery on every other major installed (13, 14, 16, 17, 18):
@@ -630,29 +656,8 @@ fn extract_on_other_majors() {
         a.wait_stream_durable();
         let scratch = a.work.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();
-        let out = a.work.path().join("orders.sql");
-        let r = extract(
-            &a,
-            c,
-            &scratch,
-            &[
-                "--database",
-                "app",
-                "--table",
-                "orders",
-                "--target-xid",
-                &xid,
-                "--exclusive",
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        );
-        load(c, "verify_copy", &out);
-        assert_eq!(
-            rows_hash(c, "verify_copy", "orders"),
-            before,
-            "PostgreSQL {m}: {r}"
-        );
+        let (r, copy) = extract_to_file(&a, &scratch, "orders", &xid);
+        assert_eq!(copy, before, "PostgreSQL {m}: {r}");
         let plan = &r["plan"];
         let cluster =
             plan["fetch_bytes"].as_u64().unwrap() + plan["sparse_bytes"].as_u64().unwrap();
@@ -669,29 +674,8 @@ fn extract_on_other_majors() {
         }
         assert!(empty(&scratch));
         // the partitioned table, all its partitions, to a file
-        let out_m = a.work.path().join("measurements.sql");
-        let r = extract(
-            &a,
-            c,
-            &scratch,
-            &[
-                "--database",
-                "app",
-                "--table",
-                "measurements",
-                "--target-xid",
-                &xid,
-                "--exclusive",
-                "--output",
-                out_m.to_str().unwrap(),
-            ],
-        );
-        load(c, "verify_measurements", &out_m);
-        assert_eq!(
-            rows_hash(c, "verify_measurements", "measurements"),
-            measurements,
-            "PostgreSQL {m}: {r}"
-        );
+        let (r, copy) = extract_to_file(&a, &scratch, "measurements", &xid);
+        assert_eq!(copy, measurements, "PostgreSQL {m}: {r}");
         assert!(
             r["amcheck"].as_str().unwrap().contains("(3 partitions)"),
             "PostgreSQL {m}: {r}"

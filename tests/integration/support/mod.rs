@@ -185,3 +185,13 @@ pub fn seeded_rng() -> rand::rngs::StdRng {
     eprintln!("seed {seed} (replay with WALVAULT_TEST_SEED={seed})");
     rand::rngs::StdRng::seed_from_u64(seed)
 }
+
+/// Whether a process runs with `dir` in its command line (a server left
+/// running in a scratch directory).
+pub fn process_runs_in(dir: &std::path::Path) -> bool {
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .expect("ps");
+    String::from_utf8_lossy(&ps.stdout).contains(&*dir.to_string_lossy())
+}
