@@ -18,7 +18,8 @@ use super::{Exit, Settings};
 use crate::ops::drill::{drill, CheckStatus, DrillOptions, DrillTarget};
 use crate::restore::pitr::parse_target_time;
 
-/// The `[drill]` table of walvault.toml (keys named after the flags).
+/// The `[drill]` table of walvault.toml (keys named after the flags;
+/// `pg_bin` with an underscore, as in the other tables, is read too).
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -32,10 +33,12 @@ pub struct DrillConfig {
     /// `--user`.
     pub user: Option<String>,
     /// `--run-as`.
+    #[serde(alias = "run_as")]
     pub run_as: Option<String>,
     /// `--scratch`.
     pub scratch: Option<PathBuf>,
     /// `--pg-bin`.
+    #[serde(alias = "pg_bin")]
     pub pg_bin: Option<PathBuf>,
     /// `--set`, as a table: `settings = { shared_buffers = "128MB" }`.
     #[serde(default)]
@@ -290,7 +293,19 @@ pub(super) async fn run(settings: &Settings, args: DrillArgs) -> anyhow::Result<
 
 #[cfg(test)]
 mod tests {
-    use super::sql_checks;
+    use super::{sql_checks, DrillConfig};
+
+    #[test]
+    fn keys_read_with_dashes_or_underscores() {
+        let d: DrillConfig = toml::from_str("pg_bin = \"/a\"\nrun-as = \"b\"").unwrap();
+        assert_eq!(d.pg_bin.unwrap(), std::path::PathBuf::from("/a"));
+        assert_eq!(d.run_as.unwrap(), "b");
+        let r: crate::cli::retention::RetentionConfig =
+            toml::from_str("keep_last = 3\nkeep-daily = 2\npack_grace = \"1h\"").unwrap();
+        assert_eq!((r.keep_last, r.keep_daily), (Some(3), Some(2)));
+        assert_eq!(r.pack_grace.as_deref(), Some("1h"));
+        assert!(toml::from_str::<DrillConfig>("pgbin = \"/a\"").is_err());
+    }
 
     #[test]
     fn sql_files_split_into_one_check_per_statement() {

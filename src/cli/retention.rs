@@ -15,28 +15,37 @@ use crate::ops::expire::{expire, rule_text, ExpireOptions, ExpireReport};
 use crate::ops::retention::{parse_timezone, Policy};
 use crate::repo::StanzaPaths;
 
-/// The `[retention]` table of walvault.toml (keys named after the flags).
+/// The `[retention]` table of walvault.toml (keys named after the flags;
+/// `keep_last` with an underscore, as in the other tables, is read too).
 #[cfg_attr(test, derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetentionConfig {
     /// `--keep-within`.
+    #[serde(alias = "keep_within")]
     pub keep_within: Option<String>,
     /// `--keep-last`.
+    #[serde(alias = "keep_last")]
     pub keep_last: Option<u32>,
     /// `--keep-hourly`.
+    #[serde(alias = "keep_hourly")]
     pub keep_hourly: Option<u32>,
     /// `--keep-daily`.
+    #[serde(alias = "keep_daily")]
     pub keep_daily: Option<u32>,
     /// `--keep-weekly`.
+    #[serde(alias = "keep_weekly")]
     pub keep_weekly: Option<u32>,
     /// `--keep-monthly`.
+    #[serde(alias = "keep_monthly")]
     pub keep_monthly: Option<u32>,
     /// `--keep-yearly`.
+    #[serde(alias = "keep_yearly")]
     pub keep_yearly: Option<u32>,
     /// `--retention-timezone`.
     pub timezone: Option<String>,
     /// `--pack-grace`.
+    #[serde(alias = "pack_grace")]
     pub pack_grace: Option<String>,
 }
 
