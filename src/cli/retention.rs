@@ -150,6 +150,11 @@ pub struct ExpireArgs {
     /// Show what would go, and why; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also remove this backup, whatever the policy says (repeatable; its
+    /// id). Refused when it is held, the newest, or locked; the policy
+    /// still decides the WAL and the packs that go with it.
+    #[arg(long, value_name = "BACKUP")]
+    pub forget: Vec<String>,
     /// Expire in this `[[repository]]` of walvault.toml instead, with its
     /// own `retention` table (default: the top-level `[retention]`).
     #[arg(long, value_name = "NAME")]
@@ -201,6 +206,7 @@ pub(super) async fn run_expire(settings: &Settings, args: ExpireArgs) -> anyhow:
         dry_run: args.dry_run,
         pack_grace,
         now: chrono::Utc::now(),
+        forget: args.forget,
     };
     let report = expire(&repo, &settings.stanza, &opts).await?;
     print_report(&report, args.json)
@@ -219,6 +225,7 @@ pub(super) async fn after_backup(
         dry_run: false,
         pack_grace,
         now: chrono::Utc::now(),
+        forget: Vec::new(),
     };
     let r = expire(repo, &settings.stanza, &opts).await?;
     let gone = r.backups.iter().filter(|b| !b.keep).count();
@@ -248,9 +255,14 @@ fn print_report(r: &ExpireReport, json: bool) -> anyhow::Result<()> {
             )?;
         } else {
             outln!(
-                "{verb:<8} {}  {}  no rule keeps it ({})",
+                "{verb:<8} {}  {}  {} ({})",
                 b.id,
                 b.stop_time.format("%Y-%m-%d %H:%M:%S UTC"),
+                if b.forgotten {
+                    "forgotten on request"
+                } else {
+                    "no rule keeps it"
+                },
                 super::backup::human(b.bytes)
             )?;
         }

@@ -149,6 +149,7 @@ pub async fn execute(
                 dry_run: false,
                 pack_grace: *grace,
                 now: Utc::now(),
+                forget: Vec::new(),
             };
             let r = crate::ops::expire::expire(&ctx.repo, &ctx.stanza, &opts)
                 .await

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::records::{self, ExpireRecord, KeptAs};
-use super::retention::{decide, Candidate, Policy, Reason, Role};
+use super::retention::{decide, Candidate, Decision, Policy, Reason, Role};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
@@ -43,6 +43,9 @@ pub struct ExpireOptions {
     pub pack_grace: Duration,
     /// The time the policy is evaluated at.
     pub now: DateTime<Utc>,
+    /// Backups to remove whatever the policy says (`--forget`): refused
+    /// when held, the newest, or locked in a write-once repository.
+    pub forget: Vec<String>,
 }
 
 /// One backup's verdict.
@@ -60,6 +63,8 @@ pub struct BackupVerdict {
     pub role: Option<Role>,
     /// Its logical size.
     pub bytes: u64,
+    /// Removed on request (`--forget`), not by the policy.
+    pub forgotten: bool,
 }
 
 /// A run of consecutive WAL files of one timeline that goes.
@@ -108,7 +113,34 @@ pub struct ExpireReport {
     pub locks_extended: usize,
 }
 
-/// Apply (or with `dry_run`, only decide) the policy on `stanza`.
+/// Turn a decision into "expire" for `--forget`, unless something must
+/// keep the backup whatever is asked.
+fn forget(d: &mut Decision) -> Result<(), OpsError> {
+    for r in &d.reasons {
+        let why = match r {
+            Reason::Newest => "it is the newest backup, the recovery base of everything after it: take another backup first".to_owned(),
+            Reason::Held { reason, .. } => format!(
+                "it is held ({reason:?}): `walvault release {}` first",
+                d.id
+            ),
+            Reason::Locked { until } => format!(
+                "its manifest is locked in this write-once repository until {}",
+                until.to_rfc3339()
+            ),
+            _ => continue,
+        };
+        return Err(OpsError::Forget(format!(
+            "cannot forget backup {}: {why}",
+            d.id
+        )));
+    }
+    d.reasons.clear();
+    d.role = None;
+    Ok(())
+}
+
+/// Apply (or with `dry_run`, only decide) the policy on `stanza`, and
+/// remove the backups `forget` names.
 pub async fn expire(
     repo: &Repository,
     stanza: &str,
@@ -141,6 +173,12 @@ pub async fn expire(
             }
         }
     }
+    for id in &opts.forget {
+        let Some(d) = decisions.iter_mut().find(|d| &d.id == id) else {
+            return Err(OpsError::UnknownBackup(id.clone()));
+        };
+        forget(d)?;
+    }
     let by_id: BTreeMap<&str, &Manifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
     let mut report = ExpireReport {
         dry_run: opts.dry_run,
@@ -155,6 +193,7 @@ pub async fn expire(
                 bytes: by_id
                     .get(d.id.as_str())
                     .map_or(0, |m| m.totals.logical_bytes),
+                forgotten: opts.forget.contains(&d.id),
             })
             .collect(),
         wal_expired: Vec::new(),

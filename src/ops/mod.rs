@@ -46,6 +46,9 @@ pub enum OpsError {
     /// do).
     #[error("{0}")]
     Extract(String),
+    /// `expire --forget` refused a backup (held, the newest, locked).
+    #[error("{0}")]
+    Forget(String),
     /// A hold that would end before it begins.
     #[error("--until lies in the past: a hold must end in the future (or give no --until to hold until released)")]
     HoldInThePast,

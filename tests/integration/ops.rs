@@ -220,8 +220,30 @@ fn expire_keeps_the_window_and_restore_points_and_what_it_keeps_recovers() {
         .collect();
     assert_eq!(ids, [b2.clone(), b5.clone()], "{r}");
     a.ok(&["wal-verify"]);
+    // --forget: refused for a held backup and for the newest, one line
+    // each, nothing removed
+    a.wv.args(["expire", "--keep-last", "5", "--forget", &b2])
+        .fails_with_one_line(&["cannot forget", &b2, "audit 2026", "release"]);
+    a.wv.args(["expire", "--keep-last", "5", "--forget", &b5])
+        .fails_with_one_line(&["cannot forget", &b5, "newest"]);
+    assert_eq!(listed(&a.wv).len(), 2);
     let out = a.ok(&["release", &b2]);
     assert!(out.stdout.contains("1 hold(s) released"), "{}", out.stdout);
+    // released, it goes although the policy keeps it; what stays verifies
+    let out = a.ok(&["expire", "--keep-last", "5", "--forget", &b2]);
+    assert!(
+        out.stdout.contains(&format!("expired  {b2}"))
+            && out.stdout.contains("forgotten on request"),
+        "{}",
+        out.stdout
+    );
+    let ids: Vec<String> = listed(&a.wv)
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, std::slice::from_ref(&b5));
+    a.ok(&["verify"]);
+    a.ok(&["wal-verify"]);
 }
 
 #[test]
@@ -504,6 +526,14 @@ fn retention_bad_input_is_one_line_and_changes_nothing() {
         .fails_with_one_line(&["no backup in this stanza"]);
     wv.args(["release", "20260101T000000Z-0001"])
         .fails_with_one_line(&["no backup"]);
+    wv.args([
+        "expire",
+        "--keep-last",
+        "2",
+        "--forget",
+        "20260101T000000Z-0001",
+    ])
+    .fails_with_one_line(&["no backup 20260101T000000Z-0001"]);
     wv.args(["check", "--pg", "host=127.0.0.1 port=1 user=postgres"])
         .fails_with_one_line(&["127.0.0.1"]);
     assert_eq!(files_under(&repo), before);
