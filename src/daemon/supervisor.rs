@@ -94,6 +94,8 @@ pub(super) struct Inner {
     pub(super) wake: Notify,
     /// When the last RTO-driven backup ended.
     pub(super) rto_backup_end: std::sync::Mutex<Option<Instant>>,
+    /// Job runs whose task has not returned yet (shutdown waits for them).
+    jobs: watch::Sender<usize>,
 }
 
 /// Starts jobs; the HTTP actions and the scheduler hold one.
@@ -179,7 +181,12 @@ impl Control {
         // demands; a blocking-pool thread drives the run with block_on
         // instead, which needs no Send
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || handle.block_on(this.run(run, trigger, progress)));
+        let inner = self.inner.clone();
+        inner.jobs.send_modify(|n| *n += 1);
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(this.run(run, trigger, progress));
+            inner.jobs.send_modify(|n| *n -= 1);
+        });
         Ok(id)
     }
 
@@ -298,6 +305,7 @@ pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: Cancel
             exclusive: RwLock::new(()),
             wake: Notify::new(),
             rto_backup_end: std::sync::Mutex::new(None),
+            jobs: watch::channel(0).0,
         }),
     };
     let server = Arc::new(super::http::Server {
@@ -317,6 +325,14 @@ pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: Cancel
     let progress = tokio::spawn(progress_ticker(hub.clone(), cancel.clone()));
     scheduler(&control).await;
     super::notify::notify("STOPPING=1");
+    // the jobs see the cancel at once; a drill takes a moment to stop its
+    // scratch server (the runtime must outlive that)
+    let mut jobs = control.inner.jobs.subscribe();
+    let _ = tokio::time::timeout(
+        SHUTDOWN_GRACE + Duration::from_secs(5),
+        jobs.wait_for(|n| *n == 0),
+    )
+    .await;
     tracing::info!("stopping: the stream uploads what it received");
     let _ = stream.await;
     let _ = tokio::join!(http, health, progress);

@@ -209,6 +209,7 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         "DELETE FROM orders WHERE customer = 'c5'; SELECT txid_current()",
     );
     let after_all = rows_hash(&a.c, "app", "orders");
+    let doomed = rows_hash(&a.c, "app", "doomed");
     let xid_drop =
         a.c.psql_db("app", "DROP TABLE doomed; SELECT txid_current()");
     assert!(bench.wait().unwrap().success());
@@ -538,6 +539,26 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
         ])
         .fails_with_one_line(&["no table public.doomed", "dropped it", &stop_before]);
     assert!(empty(&scratch));
+    // and stopping there brings the dropped table back
+    let out_d = a.work.path().join("doomed.sql");
+    let r = extract(
+        &a,
+        c,
+        &scratch,
+        &[
+            "--database",
+            "app",
+            "--table",
+            "doomed",
+            "--target-xid",
+            &xid_drop,
+            "--exclusive",
+            "--output",
+            out_d.to_str().unwrap(),
+        ],
+    );
+    load(c, "check_doomed", &out_d);
+    assert_eq!(rows_hash(c, "check_doomed", "doomed"), doomed, "{r}");
     assert!(!out4.exists());
     // the plan alone
     let plan = extract_in(&a, c, &scratch)
