@@ -123,10 +123,6 @@ fn forget(d: &mut Decision) -> Result<(), OpsError> {
                 "it is held ({reason:?}): `walvault release {}` first",
                 d.id
             ),
-            Reason::Locked { until } => format!(
-                "its manifest is locked in this write-once repository until {}",
-                until.to_rfc3339()
-            ),
             _ => continue,
         };
         return Err(OpsError::Forget(format!(
@@ -161,6 +157,12 @@ pub async fn expire(
         })
         .collect();
     let mut decisions = decide(&opts.policy, &candidates, opts.now)?;
+    for id in &opts.forget {
+        let Some(d) = decisions.iter_mut().find(|d| &d.id == id) else {
+            return Err(OpsError::UnknownBackup(id.clone()));
+        };
+        forget(d)?;
+    }
     let locking = repo.storage().lock_days().is_some();
     if locking {
         // a backup whose manifest is still locked cannot go: it stays as a
@@ -173,11 +175,15 @@ pub async fn expire(
             }
         }
     }
-    for id in &opts.forget {
-        let Some(d) = decisions.iter_mut().find(|d| &d.id == id) else {
-            return Err(OpsError::UnknownBackup(id.clone()));
-        };
-        forget(d)?;
+    // (checked after the locks are read: one a policy keeps is not)
+    for d in decisions.iter().filter(|d| opts.forget.contains(&d.id)) {
+        if let Some(Reason::Locked { until }) = d.reasons.first() {
+            return Err(OpsError::Forget(format!(
+                "cannot forget backup {}: its manifest is locked in this write-once repository until {}",
+                d.id,
+                until.to_rfc3339()
+            )));
+        }
     }
     let by_id: BTreeMap<&str, &Manifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
     let mut report = ExpireReport {

@@ -130,6 +130,9 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
     std::thread::sleep(Duration::from_secs(2));
     // (verified, so the guard for an unverified oldest backup stays out)
     wv.args(["verify"]).ok();
+    // nor can it be forgotten on request
+    wv.args(["expire", "--keep-last", "5", "--forget", &b1])
+        .fails_with_one_line(&["cannot forget", &b1, "locked", "until"]);
     let r = wv
         .args(["expire", "--keep-last", "1", "--json"])
         .ok()
