@@ -151,32 +151,14 @@ pub struct ExtractPlan {
 }
 
 /// A commit that dropped relation files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DroppedBy {
     /// Its transaction.
     pub xid: u32,
     /// When it committed (RFC 3339).
-    #[serde(serialize_with = "as_time")]
-    pub time: i64,
+    pub time: String,
     /// Where its commit record is.
     pub lsn: Lsn,
-}
-
-impl DroppedBy {
-    /// The commit time, RFC 3339.
-    pub fn when(&self) -> String {
-        crate::wal::records::pg_time(self.time)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default()
-    }
-}
-
-fn as_time<S: serde::Serializer>(t: &i64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(
-        &crate::wal::records::pg_time(*t)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default(),
-    )
 }
 
 /// What the summaries of the WAL replayed say, read before anything is
@@ -241,11 +223,16 @@ async fn wal_facts(
             .filter(|x| x.lsn >= p.backup.start_lsn && applied(x.lsn))
         {
             for f in &x.xact.dropped {
-                facts.dropped.entry((f.db, f.rel)).or_insert(DroppedBy {
-                    xid: x.xact.xid,
-                    time: x.xact.time,
-                    lsn: x.lsn,
-                });
+                facts
+                    .dropped
+                    .entry((f.db, f.rel))
+                    .or_insert_with(|| DroppedBy {
+                        xid: x.xact.xid,
+                        time: crate::wal::records::pg_time(x.xact.time)
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_default(),
+                        lsn: x.lsn,
+                    });
             }
         }
     }
@@ -324,7 +311,7 @@ pub async fn plan_extract(
         }
         Some(map) => {
             let sel = select(repo, stanza, m, map, opts, &wal, &mut notes).await?;
-            table_file_dropped = sel.table_file_dropped;
+            table_file_dropped = sel.table_file_dropped.clone();
             dropped_filenodes = sel.dropped.clone();
             Some(sel)
         }
@@ -448,7 +435,7 @@ impl Selection {
                 .iter()
                 .find(|r| r.oid == t)
                 .and_then(|r| dropped.get(&(db.oid, r.filenode)))
-                .copied(),
+                .cloned(),
             _ => None,
         };
         Selection {
@@ -592,7 +579,7 @@ async fn select(
     if let (Some(d), What::Table { schema, name }) = (&sel.table_file_dropped, &opts.what) {
         notes.push(format!(
             "{schema}.{name}'s file was dropped at {} by transaction {} (DROP TABLE, or a rewrite: TRUNCATE, VACUUM FULL, CLUSTER, ALTER TABLE): after a rewrite recovery builds the new file from the WAL; if the table was dropped, it is gone at the target: stop before with --target-xid {} --exclusive",
-            d.when(),
+            d.time,
             d.xid,
             d.xid
         ));
@@ -976,10 +963,10 @@ async fn run(
             let files = table_files(&mut c, schema, name).await?;
             let Some(files) = files else {
                 c.close().await;
-                return Err(refuse(match report.plan.table_file_dropped {
+                return Err(refuse(match &report.plan.table_file_dropped {
                     Some(d) => format!(
                         "there was no table {schema}.{name} in database {} at the target: transaction {} dropped it at {}; extract with --target-xid {} --exclusive",
-                        opts.database, d.xid, d.when(), d.xid
+                        opts.database, d.xid, d.time, d.xid
                     ),
                     None => format!(
                         "there was no table {schema}.{name} in database {} at the target ({}); wal-inspect shows when it was created or dropped",
@@ -1658,11 +1645,15 @@ mod tests {
         // database only; the commit is kept for the plan
         let by = DroppedBy {
             xid: 900,
-            time: 0,
+            time: "2000-01-01T00:00:00+00:00".into(),
             lsn: Lsn::new(0x100),
         };
-        let dropped: HashMap<(u32, u32), DroppedBy> =
-            [((16400, 20001), by), ((16400, 30000), by), ((5, 40000), by)].into();
+        let dropped: HashMap<(u32, u32), DroppedBy> = [
+            ((16400, 20001), by.clone()),
+            ((16400, 30000), by.clone()),
+            ((5, 40000), by.clone()),
+        ]
+        .into();
         for scope in [Scope::Table(Some(20000)), Scope::Database] {
             let d = Selection::of(&db, scope, &dropped);
             assert_eq!(d.wants("base/16400/20001.1"), Wanted::Dropped);
@@ -1672,7 +1663,7 @@ mod tests {
             assert_eq!(d.wants("base/16400/30000_init"), Wanted::Yes);
             assert_eq!(
                 d.table_file_dropped,
-                (scope == Scope::Table(Some(20000))).then_some(by)
+                (scope == Scope::Table(Some(20000))).then(|| by.clone())
             );
         }
     }

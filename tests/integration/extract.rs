@@ -219,8 +219,7 @@ fn extract_brings_back_deleted_rows_sparsely_also_after_vacuum_full() {
     a.c.psql_db("analytics", "DELETE FROM events WHERE id <= 1000");
     // then full_page_writes goes off
     a.c.psql("ALTER SYSTEM SET full_page_writes = off");
-    a.c.psql("SELECT pg_reload_conf()");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    a.c.reload_conf();
     a.c.psql("CHECKPOINT");
     let xid_fpw = a.c.psql_db(
         "app",

@@ -33,8 +33,7 @@ fn make_wal(c: &PgCluster) -> Vec<String> {
     // a checkpoint that says it is off
     for v in ["off", "on"] {
         c.psql(&format!("ALTER SYSTEM SET full_page_writes = {v}"));
-        c.psql("SELECT pg_reload_conf()");
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        c.reload_conf();
         c.psql("CHECKPOINT");
         c.psql("INSERT INTO d1 VALUES (4)");
     }
