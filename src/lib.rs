@@ -27,6 +27,7 @@ pub mod cli;
 pub mod codec;
 pub mod daemon;
 pub mod duration;
+pub mod files;
 mod flock;
 pub mod ops;
 pub mod pg;

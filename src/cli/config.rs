@@ -47,6 +47,9 @@ pub struct Config {
     /// Where the daemon sends alerts.
     #[serde(default, rename = "alert")]
     pub alerts: Vec<crate::daemon::alerts::SinkConfig>,
+    /// File sets of `walvault files backup --set NAME`: `[files.NAME]`.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, super::files::FileSetConfig>,
     /// More repositories: `copy --to NAME` writes to them; restore,
     /// restore-pitr and wal-fetch fall back to them in this order.
     #[serde(default, rename = "repository")]
@@ -148,6 +151,8 @@ pub struct Settings {
     pub daemon: crate::daemon::DaemonOptions,
     /// `[[alert]]`.
     pub alerts: Vec<crate::daemon::alerts::SinkConfig>,
+    /// `[files.<set>]`.
+    pub files: std::collections::BTreeMap<String, super::files::FileSetConfig>,
 }
 
 impl Settings {
@@ -235,6 +240,7 @@ impl Settings {
             budgets: file.budgets,
             daemon: file.daemon,
             alerts: file.alerts,
+            files: file.files,
             passphrase_file: args.passphrase_file.clone(),
             key_file: args.key_file.clone(),
             config_path: args.config.clone(),

@@ -15,6 +15,7 @@ mod daemon;
 mod demo;
 mod drill;
 mod extract;
+mod files;
 pub use crate::duration;
 mod init;
 mod inspect;
@@ -156,6 +157,10 @@ pub enum Command {
     /// target in a scratch directory, and writes a pg_dump file or restores
     /// the table into a live server under a new name.
     Extract(Box<extract::ExtractArgs>),
+    /// Snapshots of file trees beside the database: a directory, or a bucket
+    /// of uploads (backup, list, restore, verify).
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// Apply the retention policy: expire backups no rule keeps, the WAL
     /// only they needed, and (after a grace period) their data.
     Expire(retention::ExpireArgs),
@@ -221,6 +226,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Verify(args) => verify::run(&settings, args).await,
             Command::Drill(args) => drill::run(&settings, *args).await,
             Command::Extract(args) => extract::run(&settings, *args).await,
+            Command::Files(cmd) => files::run(&settings, cmd).await,
             Command::Copy(args) => copy::run(&settings, args).await,
             Command::Daemon(args) => daemon::run(&settings, *args).await,
             Command::Check(args) => check::run(&settings, args).await,

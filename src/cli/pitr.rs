@@ -90,9 +90,75 @@ pub struct PitrArgs {
     /// recovery and reverted at promotion (shared_buffers at the next restart).
     #[arg(long)]
     pub no_recovery_tuning: bool,
+    /// Also restore the snapshot of this file set (`walvault files`) that
+    /// matches the recovery target: the newest started at or before it.
+    #[arg(long, value_name = "SET", requires = "files_to")]
+    pub with_files: Option<String>,
+    /// Where --with-files writes: a directory or s3://bucket/prefix (empty
+    /// unless --files-overwrite).
+    #[arg(long, value_name = "DIR|S3URL", requires = "with_files")]
+    pub files_to: Option<String>,
+    /// Let --with-files write into a target that holds files.
+    #[arg(long, requires = "with_files")]
+    pub files_overwrite: bool,
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The moment the database is recovered to, for --with-files: the target
+/// time, the backup's end for --immediate, else (with --start) the last
+/// transaction PostgreSQL replayed.
+fn database_moment(
+    target: &Target,
+    rp: &RecoveryPlan,
+    report: Option<&crate::restore::RecoveryReport>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    match target {
+        Target::Time(t) => Some(*t),
+        Target::Immediate => chrono::DateTime::from_timestamp_micros(rp.plan.backup.stop_time),
+        _ => report
+            .and_then(|r| r.last_replayed_commit_time.as_deref())
+            .and_then(|t| parse_target_time(t, None).ok()),
+    }
+}
+
+/// --with-files: the file snapshot matching `moment`, restored.
+async fn restore_files_too(
+    settings: &Settings,
+    repo: Arc<crate::repo::Repository>,
+    args: &PitrArgs,
+    moment: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let (Some(set), Some(to)) = (&args.with_files, &args.files_to) else {
+        return Ok(());
+    };
+    let opts = crate::files::restore::FilesRestoreOptions {
+        set: set.clone(),
+        pick: crate::files::Pick::AsOf(moment),
+        path_prefix: None,
+        to: to.clone(),
+        s3: super::files::set_s3(settings, set),
+        overwrite: args.files_overwrite,
+        parallel: 8,
+    };
+    let r = crate::files::restore::restore(repo, &settings.stanza, &opts).await?;
+    let gap = moment - r.snapshot.started;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::json!({"files": r, "database_moment": moment, "files_older_by_seconds": gap.num_milliseconds() as f64 / 1000.0})
+        )?;
+    } else {
+        super::files::print_restore(&r, false)?;
+        outln!(
+            "files and database: the database is recovered to {}, the files are as of {}, {} earlier",
+            moment.to_rfc3339(),
+            r.snapshot.started.to_rfc3339(),
+            crate::duration::format_duration(gap.to_std().unwrap_or_default())
+        )?;
+    }
+    Ok(())
 }
 
 /// `--archive-mode`.
@@ -167,9 +233,23 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
             );
         }
     }
+    if let Some(set) = &args.with_files {
+        // refuse before anything is restored when the files cannot follow
+        match database_moment(&target, &rp, None) {
+            Some(m) => {
+                let paths = crate::repo::StanzaPaths::new(&settings.stanza);
+                crate::files::choose(&repo, &paths, set, &crate::files::Pick::AsOf(m)).await?;
+            }
+            None if !args.start => bail!(
+                "--with-files needs the moment the database is recovered to: give --target-time or --immediate, or --start (the last transaction replayed is the moment)"
+            ),
+            None => {}
+        }
+    }
     if args.dry_run {
         return Ok(());
     }
+    let files_repo = repo.clone();
     let progress = Progress::new();
     let opts = RecoverOptions {
         pgdata: args.pgdata.clone(),
@@ -246,10 +326,19 @@ pub(super) async fn run(settings: &Settings, args: PitrArgs) -> anyhow::Result<(
         } else {
             print_report(&report, true)?;
         }
+        if let Some(m) = database_moment(&target, &rp, Some(&report)) {
+            restore_files_too(settings, files_repo, &args, m).await?;
+        }
         return Ok(());
     }
     print_report(&report, args.json)?;
     note_recovery_settings(&report);
+    if args.with_files.is_some() {
+        let Some(m) = database_moment(&target, &rp, Some(&report)) else {
+            bail!("--with-files: PostgreSQL logged no replayed transaction, so the moment the database is at is unknown: restore the files with `walvault files restore --as-of TIME`");
+        };
+        restore_files_too(settings, files_repo, &args, m).await?;
+    }
     if let Some((took, budget)) = over {
         bail!("the recovery took {took:.0} s, over the RTO budget of {budget:.0} s");
     }

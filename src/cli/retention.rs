@@ -267,6 +267,26 @@ fn print_report(r: &ExpireReport, json: bool) -> anyhow::Result<()> {
             )?;
         }
     }
+    for f in &r.file_snapshots {
+        if f.keep {
+            let rules: Vec<String> = f.reasons.iter().map(rule_text).collect();
+            outln!(
+                "keep     files {} {}  {}  {}",
+                f.set,
+                f.id,
+                f.started.format("%Y-%m-%d %H:%M:%S UTC"),
+                rules.join(", ")
+            )?;
+        } else {
+            outln!(
+                "{verb:<8} files {} {}  {}  no rule keeps it ({})",
+                f.set,
+                f.id,
+                f.started.format("%Y-%m-%d %H:%M:%S UTC"),
+                super::backup::human(f.bytes)
+            )?;
+        }
+    }
     for w in &r.wal_expired {
         outln!(
             "{verb:<8} WAL {} .. {} ({} file(s), {}): outside every kept recovery range",

@@ -16,7 +16,7 @@
 //!    after it leaves only unreferenced WAL and packs, which the next run
 //!    removes), then the WAL and its summaries, then a collection run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -27,6 +27,7 @@ use super::retention::{decide, Candidate, Decision, Policy, Reason, Role};
 use super::OpsError;
 use crate::archive::catalog::WalCatalog;
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
+use crate::repo::files::{self, SnapshotHead};
 use crate::repo::gc::{self, GcReport};
 use crate::repo::{Manifest, Repository, StanzaPaths};
 use crate::wal::history::TimelinePath;
@@ -67,6 +68,23 @@ pub struct BackupVerdict {
     pub forgotten: bool,
 }
 
+/// One file snapshot's verdict (`walvault files`): the same policy, per set.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotVerdict {
+    /// The set.
+    pub set: String,
+    /// The snapshot.
+    pub id: String,
+    /// The moment it stands for (its start).
+    pub started: DateTime<Utc>,
+    /// Kept or expired.
+    pub keep: bool,
+    /// The rules that keep it (empty: expired).
+    pub reasons: Vec<Reason>,
+    /// Its content bytes.
+    pub bytes: u64,
+}
+
 /// A run of consecutive WAL files of one timeline that goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WalRange {
@@ -89,6 +107,8 @@ pub struct ExpireReport {
     pub dry_run: bool,
     /// Every backup, oldest first.
     pub backups: Vec<BackupVerdict>,
+    /// Every file snapshot, by set, oldest first.
+    pub file_snapshots: Vec<SnapshotVerdict>,
     /// WAL that goes: outside every kept recovery range.
     pub wal_expired: Vec<WalRange>,
     /// Why no WAL goes, when that is so.
@@ -111,6 +131,65 @@ pub struct ExpireReport {
     pub locked_until: Option<DateTime<Utc>>,
     /// Objects whose lock this run extended (write-once repositories).
     pub locks_extended: usize,
+}
+
+/// The policy applied to each file set on its own (the verified guard does
+/// not apply: `files verify` keeps no ledger).
+fn file_verdicts(
+    policy: &Policy,
+    heads: &[SnapshotHead],
+    holds: &BTreeMap<String, Vec<super::retention::Hold>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<SnapshotVerdict>, OpsError> {
+    let mut out = Vec::new();
+    let sets: std::collections::BTreeSet<&str> = heads.iter().map(|h| h.set.as_str()).collect();
+    for set in sets {
+        let of_set: Vec<&SnapshotHead> = heads.iter().filter(|h| h.set == set).collect();
+        let candidates: Vec<Candidate> = of_set
+            .iter()
+            .map(|h| Candidate {
+                id: h.id.clone(),
+                stop_time: h.started,
+                holds: holds.get(&h.id).cloned().unwrap_or_default(),
+                verified: true,
+            })
+            .collect();
+        for d in decide(policy, &candidates, now)? {
+            let bytes = of_set.iter().find(|h| h.id == d.id).map_or(0, |h| h.bytes);
+            out.push(SnapshotVerdict {
+                set: set.to_owned(),
+                keep: d.keep(),
+                id: d.id,
+                started: d.stop_time,
+                reasons: d.reasons,
+                bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Delete the expired file snapshots, then entries no head names (left by
+/// runs that failed) unless a files backup is running now.
+async fn expire_files(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    expired: &HashSet<(String, String)>,
+) -> Result<(), OpsError> {
+    for (set, id) in expired {
+        files::delete_snapshot(repo, paths, set, id).await?;
+        super::holds::forget(repo, paths, id).await?;
+    }
+    let running = gc::live_leases(repo, paths)
+        .await?
+        .iter()
+        .any(|l| l.purpose == "files");
+    if !running {
+        for (set, id) in files::orphan_entries(repo, paths).await? {
+            files::delete_snapshot(repo, paths, &set, &id).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Turn a decision into "expire" for `--forget`, unless something must
@@ -186,6 +265,7 @@ pub async fn expire(
         }
     }
     let by_id: BTreeMap<&str, &Manifest> = manifests.iter().map(|m| (m.id.as_str(), m)).collect();
+    let file_heads = files::list_heads(repo, &paths, None).await?;
     let mut report = ExpireReport {
         dry_run: opts.dry_run,
         backups: decisions
@@ -202,6 +282,7 @@ pub async fn expire(
                 forgotten: opts.forget.contains(&d.id),
             })
             .collect(),
+        file_snapshots: file_verdicts(&opts.policy, &file_heads, &holds, opts.now)?,
         wal_expired: Vec::new(),
         wal_kept_because: None,
         packs_marked: 0,
@@ -213,8 +294,22 @@ pub async fn expire(
         locked_until: None,
         locks_extended: 0,
     };
+    let expired_files: HashSet<(String, String)> = report
+        .file_snapshots
+        .iter()
+        .filter(|v| !v.keep)
+        .map(|v| (v.set.clone(), v.id.clone()))
+        .collect();
     let Some(seg) = manifests.iter().map(|m| m.wal_segment_size).max() else {
-        return Ok(report); // no backups: nothing to decide, no WAL to judge
+        // no backups: no WAL to judge; file snapshots may still go
+        if opts.dry_run || expired_files.is_empty() {
+            return Ok(report);
+        }
+        expire_files(repo, &paths, &expired_files).await?;
+        gc::sweep_leases(repo, &paths).await?;
+        let g = gc::collect(repo, &paths, opts.pack_grace).await?;
+        add_packs(&mut report, &g);
+        return Ok(report);
     };
     let kept: Vec<(&Manifest, Role)> = decisions
         .iter()
@@ -275,7 +370,8 @@ pub async fn expire(
 
     let remaining: Vec<Manifest> = kept.iter().map(|(m, _)| (*m).clone()).collect();
     // (also refuses a damaged repository, before anything is changed)
-    let preview = gc::preview(repo, &paths, &remaining, opts.pack_grace).await?;
+    let file_chunks = files::live_chunks(repo, &paths, &expired_files).await?;
+    let preview = gc::preview(repo, &paths, &remaining, &file_chunks, opts.pack_grace).await?;
     if opts.dry_run {
         add_packs(&mut report, &preview);
         return Ok(report);
@@ -311,6 +407,7 @@ pub async fn expire(
             }
         }
     }
+    expire_files(repo, &paths, &expired_files).await?;
     gc::sweep_leases(repo, &paths).await?;
     let g = gc::collect(repo, &paths, opts.pack_grace).await?;
     add_packs(&mut report, &g);

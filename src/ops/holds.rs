@@ -1,5 +1,6 @@
 //! Holds (`walvault hold BACKUP [--until DATE] [--reason TEXT]`, `walvault
-//! release BACKUP`): a held backup is never expired. Each hold is its own
+//! release BACKUP`): a held backup (or file snapshot, by its id) is never
+//! expired. Each hold is its own
 //! object `<stanza>/holds/<backup id>/<random>`, written once and deleted
 //! on release, so nothing is rewritten in place.
 
@@ -43,7 +44,13 @@ fn check_id(id: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
-/// Put a hold on backup `id`, which must exist.
+/// Whether `id` is a backup or a file snapshot of the stanza.
+async fn exists(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result<bool, OpsError> {
+    Ok(Manifest::exists(repo, paths, id).await?
+        || crate::repo::files::snapshot_exists(repo, paths, id).await?)
+}
+
+/// Put a hold on backup (or file snapshot) `id`, which must exist.
 pub async fn hold(
     repo: &Repository,
     paths: &StanzaPaths,
@@ -52,7 +59,7 @@ pub async fn hold(
     reason: &str,
 ) -> Result<Hold, OpsError> {
     check_id(id)?;
-    if !Manifest::exists(repo, paths, id).await? {
+    if !exists(repo, paths, id).await? {
         return Err(OpsError::UnknownBackup(id.to_owned()));
     }
     let now = Utc::now();
@@ -78,7 +85,7 @@ pub async fn release(repo: &Repository, paths: &StanzaPaths, id: &str) -> Result
     check_id(id)?;
     let prefix = format!("{}{id}/", paths.holds());
     let keys = crate::storage::list_all(repo.storage().as_ref(), &prefix).await?;
-    if keys.is_empty() && !Manifest::exists(repo, paths, id).await? {
+    if keys.is_empty() && !exists(repo, paths, id).await? {
         return Err(OpsError::UnknownBackup(id.to_owned()));
     }
     for k in &keys {

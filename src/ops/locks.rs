@@ -106,8 +106,27 @@ pub async fn extend(
     // PostgreSQL's own manifest: restore writes it for pg_verifybackup, and
     // the next incremental backup sends it (absent for older backups)
     keys.extend(kept.iter().map(|m| paths.server_manifest(&m.id)));
+    // file snapshots: their heads, entries and chunks' packs
+    let no_exceptions = std::collections::HashSet::new();
+    let file_chunks = crate::repo::files::live_chunks(repo, paths, &no_exceptions).await?;
+    for root in [
+        crate::repo::files::heads_dir(paths),
+        format!("{}/file-entries/", paths.stanza()),
+    ] {
+        keys.extend(
+            crate::storage::list_all(storage.as_ref(), &root)
+                .await?
+                .into_iter()
+                .map(|o| o.key),
+        );
+    }
     let (index, _) = Index::load(repo, paths).await?;
-    keys.extend(gc::plan(&index, kept).live.iter().map(|id| paths.pack(id)));
+    keys.extend(
+        gc::plan(&index, kept, &file_chunks)
+            .live
+            .iter()
+            .map(|id| paths.pack(id)),
+    );
     keys.sort();
     keys.dedup();
     let n = keys.len();

@@ -345,24 +345,24 @@ pub struct GcPlan {
     pub missing: Vec<BlockId>,
 }
 
-/// Compute live and unreferenced packs.
-pub fn plan(index: &Index, manifests: &[Manifest]) -> GcPlan {
+/// Compute live and unreferenced packs: those the blocks of `manifests`
+/// and the chunks of file snapshots (`file_chunks`) are in.
+pub fn plan(index: &Index, manifests: &[Manifest], file_chunks: &HashSet<BlockId>) -> GcPlan {
     let mut live = BTreeSet::new();
     let mut missing = Vec::new();
     let mut seen: HashSet<BlockId> = HashSet::new();
-    for m in manifests {
-        for f in &m.files {
-            for id in &f.blocks {
-                if !seen.insert(*id) {
-                    continue;
-                }
-                match index.get(id) {
-                    Some(loc) => {
-                        live.insert(loc.pack);
-                    }
-                    None => missing.push(*id),
-                }
+    let blocks = manifests
+        .iter()
+        .flat_map(|m| m.files.iter().flat_map(|f| f.blocks.iter()));
+    for id in blocks.chain(file_chunks.iter()) {
+        if !seen.insert(*id) {
+            continue;
+        }
+        match index.get(id) {
+            Some(loc) => {
+                live.insert(loc.pack);
             }
+            None => missing.push(*id),
         }
     }
     let unreferenced = index
@@ -494,13 +494,14 @@ async fn assess(
     repo: &Repository,
     paths: &StanzaPaths,
     manifests: &[Manifest],
+    file_chunks: &HashSet<BlockId>,
     grace: Duration,
     now: i64,
 ) -> Result<Assessment, RepoError> {
     let mut state = GcState::load(repo, paths).await?;
     let leases = live_leases(repo, paths).await?;
     let (index, index_objects) = Index::load(repo, paths).await?;
-    let mut p = plan(&index, manifests);
+    let mut p = plan(&index, manifests, file_chunks);
     // packs no index object names: left by a crashed writer, or still being
     // written by a live one (whose lease protects them below)
     let mut sizes: HashMap<PackId, u64> = HashMap::new();
@@ -555,16 +556,18 @@ async fn assess(
     })
 }
 
-/// What a collection run would do if the stanza's backups were `manifests`:
-/// nothing is written. `deleted` and `deleted_bytes` are what it would
-/// delete now, `marked` what it would mark for a later run.
+/// What a collection run would do if the stanza's backups were `manifests`
+/// and its file snapshots named `file_chunks`: nothing is written.
+/// `deleted` and `deleted_bytes` are what it would delete now, `marked`
+/// what it would mark for a later run.
 pub async fn preview(
     repo: &Repository,
     paths: &StanzaPaths,
     manifests: &[Manifest],
+    file_chunks: &HashSet<BlockId>,
     grace: Duration,
 ) -> Result<GcReport, RepoError> {
-    let a = assess(repo, paths, manifests, grace, now_secs()).await?;
+    let a = assess(repo, paths, manifests, file_chunks, grace, now_secs()).await?;
     Ok(GcReport {
         deleted: a.doomed.len(),
         ..a.report
@@ -578,13 +581,14 @@ pub async fn collect(
     grace: Duration,
 ) -> Result<GcReport, RepoError> {
     let manifests = Manifest::load_all(repo, paths).await?;
+    let file_chunks = super::files::live_chunks(repo, paths, &HashSet::new()).await?;
     let Assessment {
         mut state,
         index,
         index_objects,
         mut report,
         doomed,
-    } = assess(repo, paths, &manifests, grace, now_secs()).await?;
+    } = assess(repo, paths, &manifests, &file_chunks, grace, now_secs()).await?;
     // marks are durable before anything is deleted
     state.store(repo, paths).await?;
     if doomed.is_empty() {

@@ -15,6 +15,7 @@
 //!   digest (objects) or a CRC-32C of id and bytes (blobs).
 
 mod config;
+pub mod files;
 mod fresh;
 pub mod gc;
 mod index;

@@ -74,6 +74,10 @@ pub enum ObjectKind {
     Record = 12,
     /// PostgreSQL's own `backup_manifest` of a backup, verbatim.
     ServerManifest = 13,
+    /// The head of a file snapshot (`walvault files`).
+    FileSnapshot = 14,
+    /// Entries of a file snapshot.
+    FileEntries = 15,
 }
 
 impl ObjectKind {
@@ -97,6 +101,8 @@ impl ObjectKind {
             ObjectKind::Hold => "hold",
             ObjectKind::Record => "record",
             ObjectKind::ServerManifest => "server backup manifest",
+            ObjectKind::FileSnapshot => "file snapshot",
+            ObjectKind::FileEntries => "file snapshot entries",
         }
     }
 }

@@ -235,7 +235,8 @@ impl Session {
         );
         // (the blocks and their raw lengths, the blob, its compression byte)
         type Blob = (Vec<(BlockId, usize)>, Vec<u8>, u8);
-        let blobs: Vec<Blob> = groups(&fresh, self.group_blocks)
+        let group_bytes = self.group_blocks * self.block_size();
+        let blobs: Vec<Blob> = groups(&fresh, self.group_blocks, group_bytes)
             .map(|g| {
                 let (blob, used) = encode_group(g, self.compression, self.repo.keys());
                 let members = g.iter().map(|(id, d)| (*id, d.len())).collect();
@@ -464,11 +465,13 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Lock a mutex, recovering from poisoning (every critical section here
 /// leaves its data consistent).
-/// Cut new blocks into groups of at most `most` whose id prefixes are
-/// distinct (a group's table finds a block by its prefix).
+/// Cut new blocks into groups of at most `most` blocks and `max_bytes`
+/// (a block longer than that, a file chunk, is alone) whose id prefixes
+/// are distinct (a group's table finds a block by its prefix).
 fn groups<'a, 'b>(
     blocks: &'a [(BlockId, &'b [u8])],
     most: usize,
+    max_bytes: usize,
 ) -> impl Iterator<Item = &'a [(BlockId, &'b [u8])]> {
     let most = most.clamp(1, 255);
     let mut rest = blocks;
@@ -477,9 +480,11 @@ fn groups<'a, 'b>(
             return None;
         }
         let mut n = 1;
+        let mut bytes = rest[0].1.len();
         while n < most.min(rest.len()) {
             let p = group_prefix(&rest[n].0);
-            if rest[..n].iter().any(|(id, _)| group_prefix(id) == p) {
+            bytes += rest[n].1.len();
+            if bytes > max_bytes || rest[..n].iter().any(|(id, _)| group_prefix(id) == p) {
                 break;
             }
             n += 1;
@@ -509,12 +514,19 @@ mod tests {
         };
         let ids = [id(1, 0), id(2, 0), id(1, 9), id(3, 0), id(4, 0), id(5, 0)];
         let blocks: Vec<(BlockId, &[u8])> = ids.iter().map(|i| (*i, &b"x"[..])).collect();
-        let sizes = |most| groups(&blocks, most).map(|g| g.len()).collect::<Vec<_>>();
-        assert_eq!(sizes(16), vec![2, 4]);
-        assert_eq!(sizes(3), vec![2, 3, 1]);
-        assert_eq!(sizes(1), vec![1; 6]);
-        let flat: Vec<BlockId> = groups(&blocks, 2).flatten().map(|b| b.0).collect();
+        let sizes = |most, bytes| {
+            groups(&blocks, most, bytes)
+                .map(|g| g.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(16, 1 << 20), vec![2, 4]);
+        assert_eq!(sizes(3, 1 << 20), vec![2, 3, 1]);
+        assert_eq!(sizes(1, 1 << 20), vec![1; 6]);
+        // byte-capped: one-byte blocks, two per group, never empty groups
+        assert_eq!(sizes(16, 2), vec![2, 2, 2]);
+        assert_eq!(sizes(16, 0), vec![1; 6]);
+        let flat: Vec<BlockId> = groups(&blocks, 2, 1 << 20).flatten().map(|b| b.0).collect();
         assert_eq!(flat, ids);
-        assert_eq!(groups(&[], 16).count(), 0);
+        assert_eq!(groups(&[], 16, 1 << 20).count(), 0);
     }
 }

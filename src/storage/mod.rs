@@ -29,7 +29,7 @@ pub use fault::{Fault, FaultInjecting};
 pub use local::{InPlaceFile, LocalDir, ZeroedFile};
 pub use location::{open, Location, RetrySettings, StorageOptions};
 pub use retry::{RetryPolicy, Retrying};
-pub use s3::{S3Config, S3};
+pub use s3::{ListedObject, MultipartUpload, ObjectAttrs, ObjectDetails, S3Config, S3};
 
 /// An object as listed: its key and size in bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +222,20 @@ pub enum StorageError {
         key: String,
         /// Until when, if the store said.
         until: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// An object read piece by piece was replaced (or rewritten) between
+    /// two reads: its ETag is no longer the one the reader started with.
+    /// Not transient: the same request fails the same way; read the object
+    /// again from the start.
+    #[error(
+        "object {key} in {location} changed while it was read: it was overwritten since its \
+         ETag was taken; read it again from the start"
+    )]
+    Changed {
+        /// Backend location.
+        location: String,
+        /// Key read.
+        key: String,
     },
     /// The backend refused or failed the operation.
     #[error("{op} {key:?} in {location} failed: {message}")]

@@ -12,7 +12,14 @@
 //!   (`AWS_ACCESS_KEY_ID`, ...), else the shared profile files. Instance metadata
 //!   (EC2 IMDS / ECS) is asked only when `instance_metadata = true`, so a missing
 //!   key never turns into a wait on a link-local address.
+//! - Besides the repository's [`Storage`], inherent calls serve a bucket of
+//!   user files that walvault backs up or restores into (the last section):
+//!   any key S3 allows, attributes and user metadata that round-trip, ranged
+//!   reads pinned to one ETag ([`StorageError::Changed`] when the object was
+//!   replaced), and explicit multipart uploads ([`MultipartUpload`]).
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +38,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{validate_key, validate_prefix, ListPage, ObjectMeta, Storage, StorageError};
 
@@ -319,20 +326,12 @@ impl S3 {
         }
     }
 
+    /// `data` in parts of `part_size`, `upload_concurrency` at a time; the
+    /// upload is aborted when a part or the completion fails.
     async fn put_multipart(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-        let full = self.full_key(key);
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .set_storage_class(self.storage_class.clone())
-            .send()
-            .await
-            .map_err(|e| self.classify("put", key, e))?;
-        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let upload = self.start_multipart(key, &ObjectAttrs::default()).await?;
         let part_size = usize::try_from(self.part_size).unwrap_or(usize::MAX);
-        let parts: Vec<(i32, Bytes)> = (0..data.len())
+        let parts = (0..data.len())
             .step_by(part_size)
             .enumerate()
             .map(|(i, off)| {
@@ -340,62 +339,19 @@ impl S3 {
                     i as i32 + 1,
                     data.slice(off..(off + part_size).min(data.len())),
                 )
-            })
-            .collect();
-        let uploads = futures::stream::iter(parts.into_iter().map(|(n, body)| {
-            let req = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .part_number(n)
-                .body(ByteStream::from(body));
-            async move {
-                let out = req.send().await.map_err(|e| self.classify("put", key, e))?;
-                Ok::<_, StorageError>(
-                    CompletedPart::builder()
-                        .part_number(n)
-                        .set_e_tag(out.e_tag)
-                        .build(),
-                )
+            });
+        let uploaded = futures::stream::iter(parts.map(|(n, body)| upload.upload_part(n, body)))
+            .buffer_unordered(self.upload_concurrency)
+            .try_collect::<Vec<()>>()
+            .await;
+        match uploaded {
+            // complete aborts the upload itself when it fails
+            Ok(_) => upload.complete().await,
+            Err(e) => {
+                upload.abort().await;
+                Err(e)
             }
-        }))
-        .buffer_unordered(self.upload_concurrency)
-        .try_collect::<Vec<_>>()
-        .await;
-        let result = match uploads {
-            Ok(mut done) => {
-                done.sort_by_key(|p| p.part_number());
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .upload_id(&upload_id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(done))
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.classify("put", key, e))
-            }
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            // Best effort: parts of an aborted upload are never visible, but cost space.
-            let _ = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .send()
-                .await;
         }
-        result
     }
 }
 
@@ -705,6 +661,485 @@ impl S3 {
             message: format!("reading the response body: {}", DisplayErrorContext(&e)),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Objects of a file source or target
+//
+// A file backup reads an S3 bucket of user uploads and a file restore writes
+// one back: their keys are whatever the users' application chose (spaces,
+// unicode, a trailing '/', "..", anything S3 allows), so nothing here goes
+// through `validate_key`, which guards repository keys. Keys are relative to
+// the prefix, as everywhere in this file. No retry layer wraps these calls:
+// the caller retries what `StorageError::is_transient` says may succeed.
+// Object Lock (`object_lock_days`) is the repository's and is not applied to
+// these objects; the storage class is.
+// ---------------------------------------------------------------------------
+
+/// An object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Key relative to the S3's prefix (`""` for an object named exactly
+    /// like the prefix, such as a folder marker).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag without the surrounding quotes: identifies this version of the
+    /// content (the MD5 of a single-part upload; something else for a
+    /// multipart one, so not a checksum to verify bytes against).
+    pub etag: String,
+    /// When the object was last written, when the store says.
+    pub last_modified: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Attributes that travel with an object's content (what a restore writes back).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ObjectAttrs {
+    /// `Content-Type`.
+    pub content_type: Option<String>,
+    /// `Content-Encoding`.
+    pub content_encoding: Option<String>,
+    /// `Content-Disposition`.
+    pub content_disposition: Option<String>,
+    /// `Content-Language`.
+    pub content_language: Option<String>,
+    /// `Cache-Control`.
+    pub cache_control: Option<String>,
+    /// User metadata: the `x-amz-meta-*` headers without that prefix. S3
+    /// gives the names back lower-cased, and values travel as HTTP headers
+    /// (ASCII).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a HEAD says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectDetails {
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag without the surrounding quotes (see [`ListedObject::etag`]).
+    pub etag: String,
+    /// When the object was last written, when the store says.
+    pub last_modified: Option<chrono::DateTime<chrono::Utc>>,
+    /// Content type, encoding, … and user metadata.
+    pub attrs: ObjectAttrs,
+}
+
+/// Set the attributes of `$attrs` on a PutObject or CreateMultipartUpload
+/// request (two builder types with the same setters and no common trait).
+macro_rules! with_attrs {
+    ($req:expr, $attrs:expr) => {{
+        let attrs: &ObjectAttrs = $attrs;
+        $req.set_content_type(attrs.content_type.clone())
+            .set_content_encoding(attrs.content_encoding.clone())
+            .set_content_disposition(attrs.content_disposition.clone())
+            .set_content_language(attrs.content_language.clone())
+            .set_cache_control(attrs.cache_control.clone())
+            .set_metadata((!attrs.metadata.is_empty()).then(|| {
+                attrs
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<HashMap<_, _>>()
+            }))
+    }};
+}
+
+impl S3 {
+    /// The bucket's name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The key prefix every key is relative to: `""` or ending in '/'.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// One page (ListObjectsV2, up to 1000 objects) of the objects whose key
+    /// starts with `prefix` (relative to the S3's prefix; any string, `""`
+    /// for all), recursively, in byte order of their keys; and the token of
+    /// the next page, `None` on the last one.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+    ) -> Result<(Vec<ListedObject>, Option<String>), StorageError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .set_continuation_token(token.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| self.classify("list", prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.strip_prefix(self.prefix.as_str())?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: unquote(o.e_tag().unwrap_or_default()).to_owned(),
+                    last_modified: o.last_modified().and_then(to_chrono),
+                })
+            })
+            .collect();
+        let next = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok((objects, next))
+    }
+
+    /// Size, ETag, time and attributes of the object (a HEAD); `None` when
+    /// it does not exist.
+    pub async fn object_details(&self, key: &str) -> Result<Option<ObjectDetails>, StorageError> {
+        let out = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match self.classify("head", key, e) {
+                    StorageError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                }
+            }
+        };
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        Ok(Some(ObjectDetails {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: unquote(out.e_tag().unwrap_or_default()).to_owned(),
+            last_modified: out.last_modified().and_then(to_chrono),
+            attrs: ObjectAttrs {
+                content_type: owned(out.content_type()),
+                content_encoding: owned(out.content_encoding()),
+                content_disposition: owned(out.content_disposition()),
+                content_language: owned(out.content_language()),
+                cache_control: owned(out.cache_control()),
+                metadata: out
+                    .metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+        }))
+    }
+
+    /// `len` bytes from byte `start` of the object (fewer when it ends
+    /// first), only if its ETag is still `etag` (quoted or not): the pieces
+    /// of one object read this way all come from the same version.
+    ///
+    /// An object replaced since is [`StorageError::Changed`] (the store
+    /// refused the `If-Match`, or answered with another ETag, for stores
+    /// that ignore the header); a deleted one is [`StorageError::NotFound`].
+    /// A range starting at the end is empty, one starting past it is
+    /// [`StorageError::InvalidRange`]. `len` 0 is empty, without a request.
+    pub async fn get_range_if_match(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+        etag: &str,
+    ) -> Result<Bytes, StorageError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let etag = unquote(etag);
+        let range = match start.checked_add(len - 1) {
+            Some(last) => format!("bytes={start}-{last}"),
+            None => format!("bytes={start}-"),
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .range(range)
+            .if_match(format!("\"{etag}\""))
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                if out.e_tag().is_some_and(|got| unquote(got) != etag) {
+                    return Err(self.changed(key));
+                }
+                read_body(out.body)
+                    .await
+                    .map_err(|m| self.body_error(key, m))
+            }
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 412 => {
+                Err(self.changed(key))
+            }
+            // S3 answers a range starting at or past the end with 416: the
+            // object's size decides between "empty" and InvalidRange
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                let details =
+                    self.object_details(key)
+                        .await?
+                        .ok_or_else(|| StorageError::NotFound {
+                            location: self.location(),
+                            key: key.to_owned(),
+                        })?;
+                if details.etag != etag {
+                    Err(self.changed(key))
+                } else if start > details.size {
+                    Err(StorageError::InvalidRange {
+                        location: self.location(),
+                        key: key.to_owned(),
+                        start,
+                        size: details.size,
+                    })
+                } else {
+                    Ok(Bytes::new())
+                }
+            }
+            Err(e) => Err(self.classify("get", key, e)),
+        }
+    }
+
+    /// Store `data` under `key` with `attrs` and the configured storage
+    /// class, replacing any object there, in one PutObject whatever the
+    /// size (S3 takes up to 5 GiB in one request; use
+    /// [`S3::start_multipart`] above that).
+    pub async fn put_object_with(
+        &self,
+        key: &str,
+        data: Bytes,
+        attrs: &ObjectAttrs,
+    ) -> Result<(), StorageError> {
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .set_storage_class(self.storage_class.clone());
+        with_attrs!(req, attrs)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("put", key, e))
+    }
+
+    /// Start a multipart upload to `key` carrying `attrs` and the configured
+    /// storage class. Nothing is visible at `key` until
+    /// [`MultipartUpload::complete`]; an upload dropped unfinished is aborted.
+    pub async fn start_multipart(
+        &self,
+        key: &str,
+        attrs: &ObjectAttrs,
+    ) -> Result<MultipartUpload, StorageError> {
+        let full_key = self.full_key(key);
+        let req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full_key)
+            .set_storage_class(self.storage_class.clone());
+        let created = with_attrs!(req, attrs)
+            .send()
+            .await
+            .map_err(|e| self.classify("put", key, e))?;
+        let upload_id = match created.upload_id() {
+            Some(id) if !id.is_empty() => id.to_owned(),
+            _ => {
+                return Err(StorageError::Backend {
+                    op: "put",
+                    location: self.location(),
+                    key: key.to_owned(),
+                    transient: false,
+                    message: format!(
+                        "{} answered CreateMultipartUpload without an upload id: the store does \
+                         not support multipart uploads; raise s3.multipart_threshold above the \
+                         largest object",
+                        self.endpoint
+                    ),
+                })
+            }
+        };
+        Ok(MultipartUpload {
+            s3: self.clone(),
+            key: key.to_owned(),
+            full_key,
+            upload_id,
+            parts: Mutex::new(BTreeMap::new()),
+            finished: false,
+        })
+    }
+
+    fn changed(&self, key: &str) -> StorageError {
+        StorageError::Changed {
+            location: self.location(),
+            key: key.to_owned(),
+        }
+    }
+}
+
+/// A multipart upload in progress, from [`S3::start_multipart`]. Parts are
+/// numbered from 1 (up to 10000), each but the last at least 5 MiB (S3
+/// refuses smaller ones at completion); uploading a number again replaces
+/// that part. Finish with [`MultipartUpload::complete`] or
+/// [`MultipartUpload::abort`]; dropped unfinished (a failed or cancelled
+/// task), it is aborted in the background so no invisible parts are left.
+#[derive(Debug)]
+pub struct MultipartUpload {
+    s3: S3,
+    /// Key relative to the prefix, for messages.
+    key: String,
+    full_key: String,
+    upload_id: String,
+    /// Uploaded parts by number: sorted and without duplicates, as
+    /// CompleteMultipartUpload wants them.
+    parts: Mutex<BTreeMap<i32, CompletedPart>>,
+    /// Completed or aborted: nothing for `drop` to clean up.
+    finished: bool,
+}
+
+impl MultipartUpload {
+    /// Upload part `number` (1 to 10000). Several parts may be uploaded at
+    /// once from several tasks.
+    pub async fn upload_part(&self, number: i32, data: Bytes) -> Result<(), StorageError> {
+        if !(1..=10_000).contains(&number) {
+            return Err(StorageError::Backend {
+                op: "put",
+                location: self.s3.location(),
+                key: self.key.clone(),
+                transient: false,
+                message: format!(
+                    "part number {number} is outside 1..=10000 (an S3 limit): use larger parts"
+                ),
+            });
+        }
+        let out = self
+            .s3
+            .client
+            .upload_part()
+            .bucket(&self.s3.bucket)
+            .key(&self.full_key)
+            .upload_id(&self.upload_id)
+            .part_number(number)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.s3.classify("put", &self.key, e))?;
+        let part = CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag)
+            .build();
+        // a panic cannot leave the map half-updated: a poisoned lock is usable
+        self.parts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(number, part);
+        Ok(())
+    }
+
+    /// Complete the upload: the object, made of the parts uploaded, becomes
+    /// visible at once. On failure the upload is aborted.
+    pub async fn complete(mut self) -> Result<(), StorageError> {
+        let parts: Vec<CompletedPart> =
+            std::mem::take(&mut *self.parts.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_values()
+                .collect();
+        let result = self
+            .s3
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.s3.bucket)
+            .key(&self.full_key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.s3.classify("put", &self.key, e));
+        if result.is_err() {
+            abort_upload(&self.s3, &self.key, &self.full_key, &self.upload_id).await;
+        }
+        self.finished = true;
+        result
+    }
+
+    /// Abort the upload: the store drops the parts uploaded so far. Best
+    /// effort: a failure is logged (the parts stay invisible, taking space
+    /// until the bucket's lifecycle rule removes incomplete uploads).
+    pub async fn abort(mut self) {
+        abort_upload(&self.s3, &self.key, &self.full_key, &self.upload_id).await;
+        self.finished = true;
+    }
+}
+
+impl Drop for MultipartUpload {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let (s3, key, full_key, upload_id) = (
+            self.s3.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.full_key),
+            std::mem::take(&mut self.upload_id),
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { abort_upload(&s3, &key, &full_key, &upload_id).await });
+            }
+            Err(_) => tracing::warn!(
+                bucket = %s3.bucket,
+                key = %full_key,
+                upload_id = %upload_id,
+                "a multipart upload was dropped outside a tokio runtime and cannot be aborted: \
+                 its parts take space until the bucket's lifecycle rule removes incomplete uploads"
+            ),
+        }
+    }
+}
+
+/// Abort multipart upload `upload_id` of `full_key` (`key` relative to the
+/// prefix), logging a failure: the caller has nothing better to do with it.
+async fn abort_upload(s3: &S3, key: &str, full_key: &str, upload_id: &str) {
+    let aborted = s3
+        .client
+        .abort_multipart_upload()
+        .bucket(&s3.bucket)
+        .key(full_key)
+        .upload_id(upload_id)
+        .send()
+        .await;
+    if let Err(e) = aborted {
+        let e = s3.classify("abort upload", key, e);
+        tracing::warn!(
+            upload_id,
+            "{e}; the parts uploaded stay invisible but take space until the bucket's \
+             lifecycle rule removes incomplete multipart uploads"
+        );
+    }
+}
+
+/// An ETag without the double quotes S3 puts around it.
+fn unquote(etag: &str) -> &str {
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
+}
+
+fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
 /// The innermost cause of an error: "Connection refused (os error 111)" rather

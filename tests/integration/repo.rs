@@ -546,7 +546,9 @@ async fn gc_deletes_only_unreferenced_after_grace(b: &Backend) {
         read_file(&repo, &index, &back.files[0].blocks).await,
         keep[0].1
     );
-    assert!(gc::plan(&index, &[back]).missing.is_empty());
+    assert!(gc::plan(&index, &[back], &Default::default())
+        .missing
+        .is_empty());
 }
 
 /// New blocks are stored in groups (config version 3) that read back whole;

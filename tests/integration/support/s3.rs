@@ -352,6 +352,31 @@ impl S3Server {
         matches!(s.read(&mut b), Ok(n) if n > 0)
     }
 
+    /// Create bucket `name`, usable with this server's key.
+    pub fn create_bucket(&self, name: &str) {
+        let conf = self.dir.join("garage.toml");
+        for args in [
+            vec!["bucket", "create", name],
+            vec![
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                name,
+                "--key",
+                &self.access_key,
+            ],
+        ] {
+            let out = garage(&conf).args(&args).output().expect("garage");
+            assert!(
+                out.status.success(),
+                "garage {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// The connection settings of this server as walvault's `[s3]` table.
     pub fn config(&self) -> S3Config {
         garage_config(&self.endpoint, &self.access_key, &self.secret_key)
