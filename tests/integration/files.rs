@@ -461,26 +461,31 @@ async fn upload(s3: &S3, objects: &[(String, Vec<u8>, ObjectAttrs)]) {
 
 /// Every object under the store's prefix: key → (sha256, size, attrs).
 async fn describe_bucket(s3: &S3) -> BTreeMap<String, (String, u64, ObjectAttrs)> {
-    let mut out = BTreeMap::new();
+    use futures::StreamExt;
+    let mut keys = Vec::new();
     let mut token = None;
     loop {
         let (page, next) = s3.list_objects("", token.as_deref()).await.unwrap();
-        for o in page {
-            let d = s3.object_details(&o.key).await.unwrap().unwrap();
-            let body = s3
-                .get_range_if_match(&o.key, 0, d.size, &d.etag)
-                .await
-                .unwrap();
-            let mut attrs = d.attrs;
-            // S3 stores a default type for objects written without one
-            attrs.content_type = attrs.content_type.filter(|t| t != "binary/octet-stream");
-            out.insert(o.key, (hex(&Sha256::digest(&body)), d.size, attrs));
-        }
+        keys.extend(page.into_iter().map(|o| o.key));
         match next {
             Some(t) => token = Some(t),
-            None => return out,
+            None => break,
         }
     }
+    futures::stream::iter(keys.into_iter().map(|key| async move {
+        let d = s3.object_details(&key).await.unwrap().unwrap();
+        let body = s3
+            .get_range_if_match(&key, 0, d.size, &d.etag)
+            .await
+            .unwrap();
+        let mut attrs = d.attrs;
+        // S3 stores a default type for objects written without one
+        attrs.content_type = attrs.content_type.filter(|t| t != "binary/octet-stream");
+        (key, (hex(&Sha256::digest(&body)), d.size, attrs))
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await
 }
 
 #[test]
@@ -695,4 +700,101 @@ async fn put_version(s3: &S3, k: u8, size: usize) {
             .unwrap();
     }
     up.complete().await.unwrap();
+}
+
+/// `restore-pitr --target-time T --with-files SET --files-to DIR`: the
+/// database at T and the newest file snapshot started at or before T; the
+/// file names the restored rows point to are exactly the files restored.
+#[test]
+fn restore_pitr_with_files_brings_back_the_database_and_the_matching_snapshot() {
+    let mut a = crate::pitr::Archived::new(&[]);
+    a.c.psql("CREATE TABLE uploads (name text PRIMARY KEY)");
+    a.ok(&["backup", "--pg", &a.c.conninfo(), "--fast", "--no-expire"]);
+    let files = a.work.path().join("uploads");
+    let mut heads = Vec::new();
+    let mut target = String::new();
+    for v in 1..=3 {
+        let name = format!("u{v}.txt");
+        write(&files, &name, format!("upload {v}").as_bytes());
+        a.c.psql(&format!("INSERT INTO uploads VALUES ('{name}')"));
+        heads.push(backup(&a.wv, "uploads", files.to_str().unwrap()));
+        std::thread::sleep(Duration::from_millis(1100));
+        if v == 2 {
+            // after the second snapshot and its row, before the third
+            target = a.c.psql(
+                "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            );
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+    }
+    a.c.psql("SELECT pg_switch_wal()");
+    a.finish_stream();
+    let dst = crate::support::pg::PgCluster::for_restore(&a.c.bindir);
+    let files_to = a.work.path().join("restored-files");
+    std::fs::create_dir_all(&files_to).unwrap();
+    crate::support::give_to_postgres(&files_to);
+    let out =
+        a.wv.as_server_user(&a.c)
+            .args(["restore-pitr", "--pgdata"])
+            .arg(&dst.datadir)
+            .args([
+                "--target-time",
+                &target,
+                "--start",
+                "--json",
+                "--port",
+                &dst.port.to_string(),
+            ])
+            .arg("--pg-bin")
+            .arg(&a.c.bindir)
+            .args([
+                "--with-files",
+                "uploads",
+                "--files-to",
+                files_to.to_str().unwrap(),
+            ])
+            .ok();
+    let lines = out.json_lines();
+    let files_report = lines
+        .iter()
+        .find(|l| l.get("files").is_some())
+        .expect("files report");
+    assert_eq!(
+        files_report["files"]["snapshot"]["id"], heads[1]["id"],
+        "{files_report}"
+    );
+    let gap = files_report["files_older_by_seconds"].as_f64().unwrap();
+    assert!((1.0..30.0).contains(&gap), "gap {gap}");
+    let rec = crate::pitr::Recovered {
+        port: dst.port,
+        sockdir: a.c.sockdir.clone(),
+        dst,
+    };
+    let rows = rec.psql("SELECT string_agg(name, ',' ORDER BY name) FROM uploads");
+    let mut names: Vec<String> = std::fs::read_dir(&files_to)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(rows, "u1.txt,u2.txt");
+    assert_eq!(names.join(","), rows);
+    assert_eq!(
+        std::fs::read_to_string(files_to.join("u2.txt")).unwrap(),
+        "upload 2"
+    );
+    rec.stop_and_check();
+
+    // the backup's own moment (--immediate) is before every snapshot:
+    // refused before anything is restored
+    let stderr = a.pitr_refused(&[
+        "--immediate",
+        "--with-files",
+        "uploads",
+        "--files-to",
+        "/tmp/never",
+    ]);
+    assert!(
+        stderr.contains("no snapshot started at or before"),
+        "{stderr}"
+    );
 }

@@ -158,8 +158,8 @@ pub(crate) fn pitr_started(
 /// and its own port); stopped cleanly on drop.
 pub struct Recovered {
     pub dst: PgCluster,
-    port: u16,
-    sockdir: PathBuf,
+    pub port: u16,
+    pub sockdir: PathBuf,
 }
 
 impl Recovered {
