@@ -185,6 +185,29 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
             None
         }
     };
+    let file_sets: Vec<crate::files::backup::FilesBackupOptions> = settings
+        .files
+        .iter()
+        .filter_map(|(set, c)| {
+            Some(crate::files::backup::FilesBackupOptions {
+                set: set.clone(),
+                source: c.source.clone()?,
+                s3: super::files::set_s3(settings, set),
+                exclude: c.exclude.clone(),
+                ..Default::default()
+            })
+        })
+        .collect();
+    if file_sets.is_empty()
+        && plan
+            .triggers
+            .iter()
+            .any(|(k, _)| *k == daemon::jobs::JobKind::Files)
+    {
+        anyhow::bail!(
+            "daemon.schedule.files is set, but walvault.toml has no [files.<set>] with a source"
+        );
+    }
     let wanted = options.schedule.copy_to.clone();
     let mut copies = Vec::new();
     for r in &settings.repositories {
@@ -239,6 +262,7 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
         budgets,
         deep_verify_sample: plan.deep_verify_sample,
         sinks: settings.alerts.clone(),
+        file_sets,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let c = cancel.clone();

@@ -188,6 +188,18 @@ fn table(
             .and_then(Value::as_str)
             .map(one_line)
             .unwrap_or_default();
+        // a map of tables by name: `[files.<name>]`
+        if let Some(each) = r
+            .get("additionalProperties")
+            .filter(|a| resolve(root, a).get("properties").is_some())
+        {
+            let _ = writeln!(
+                out,
+                "| `{k}` | tables, one per name | | {desc} (see `[{sub}.<name>]`) |"
+            );
+            nested.push((format!("{sub}.<name>"), each.clone(), false));
+            continue;
+        }
         if is_table || is_array_of_tables {
             let where_ = if is_array_of_tables {
                 format!("[[{sub}]]")

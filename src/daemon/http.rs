@@ -157,10 +157,11 @@ async fn handle(
                 "backup" => JobKind::Backup,
                 "verify" => JobKind::Verify,
                 "drill" => JobKind::Drill,
+                "files" => JobKind::Files,
                 other => {
                     return error(
                         StatusCode::NOT_FOUND,
-                        &format!("no job {other:?}: backup, verify or drill"),
+                        &format!("no job {other:?}: backup, verify, drill or files"),
                     )
                 }
             };

@@ -34,17 +34,20 @@ pub enum JobKind {
     Drill,
     /// Copies to the other repositories.
     Copy,
+    /// Snapshots of every `[files.<set>]` (`walvault files backup`).
+    Files,
 }
 
 impl JobKind {
     /// Every kind.
-    pub const ALL: [JobKind; 6] = [
+    pub const ALL: [JobKind; 7] = [
         JobKind::Backup,
         JobKind::Expire,
         JobKind::Verify,
         JobKind::DeepVerify,
         JobKind::Drill,
         JobKind::Copy,
+        JobKind::Files,
     ];
 
     /// Its name in the API, metrics and records.
@@ -56,6 +59,7 @@ impl JobKind {
             JobKind::DeepVerify => "deep_verify",
             JobKind::Drill => "drill",
             JobKind::Copy => "copy",
+            JobKind::Files => "files",
         }
     }
 
@@ -216,6 +220,38 @@ pub async fn execute(
                     "failed: {}{rto}",
                     r.failure().unwrap_or_else(|| "no check ran".into())
                 ))
+            }
+        }
+        JobKind::Files => {
+            if ctx.file_sets.is_empty() {
+                return Err("walvault.toml has no [files.<set>] with a source".into());
+            }
+            // every set, even after one failed; the error names each failure
+            let mut done = Vec::new();
+            let mut failed = Vec::new();
+            for opts in &ctx.file_sets {
+                match crate::files::backup::backup(ctx.repo.clone(), &ctx.stanza, opts).await {
+                    Ok(h) if h.skipped_count == 0 => done.push(format!(
+                        "{} {} ({} entries, {} MiB read)",
+                        h.set,
+                        h.id,
+                        h.entries,
+                        h.read_bytes >> 20
+                    )),
+                    Ok(h) => failed.push(format!(
+                        "{}: snapshot {} left out {} entr(y/ies), first {}",
+                        h.set,
+                        h.id,
+                        h.skipped_count,
+                        h.skipped.first().map(|s| s.path.as_str()).unwrap_or("")
+                    )),
+                    Err(e) => failed.push(format!("{}: {e}", opts.set)),
+                }
+            }
+            if failed.is_empty() {
+                Ok(format!("snapshots: {}", done.join(", ")))
+            } else {
+                Err(format!("{}; done: {}", failed.join("; "), done.join(", ")))
             }
         }
         JobKind::Copy => {

@@ -126,6 +126,9 @@ pub struct Schedules {
     /// `drill` (e.g. "0 5 * * 0").
     #[arg(long = "schedule-drill", value_name = "CRON")]
     pub drill: Option<String>,
+    /// `files backup` of every `[files.<set>]` (e.g. "0 3 * * *").
+    #[arg(long = "schedule-files", value_name = "CRON")]
+    pub files: Option<String>,
     /// `copy` to the repositories of `copy_to`: "continuous" (after each
     /// backup and every minute) or a cron expression.
     #[arg(long = "schedule-copy", value_name = "CRON")]
@@ -239,6 +242,7 @@ impl DaemonOptions {
                 deep_verify: s.deep_verify.or(f.deep_verify),
                 deep_verify_sample: s.deep_verify_sample.or(f.deep_verify_sample),
                 drill: s.drill.or(f.drill),
+                files: s.files.or(f.files),
                 copy: s.copy.or(f.copy),
                 copy_to: s.copy_to.or(f.copy_to),
             },
@@ -340,6 +344,7 @@ impl DaemonOptions {
             (JobKind::Verify, "verify", &s.verify),
             (JobKind::DeepVerify, "deep_verify", &s.deep_verify),
             (JobKind::Drill, "drill", &s.drill),
+            (JobKind::Files, "files", &s.files),
         ] {
             if let Some(t) = text {
                 triggers.push((kind, cron(key, t)?));

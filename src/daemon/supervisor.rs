@@ -72,6 +72,8 @@ pub struct Context {
     pub deep_verify_sample: f64,
     /// Alert sinks.
     pub sinks: Vec<SinkConfig>,
+    /// The file sets the `files` job snapshots (`[files.<set>]`).
+    pub file_sets: Vec<crate::files::backup::FilesBackupOptions>,
 }
 
 /// Why a job did not start.
@@ -123,6 +125,11 @@ impl Control {
             JobKind::Copy if i.ctx.copies.is_empty() => {
                 return Err(StartError::Unavailable(
                     "no [[repository]] to copy to".into(),
+                ))
+            }
+            JobKind::Files if i.ctx.file_sets.is_empty() => {
+                return Err(StartError::Unavailable(
+                    "walvault.toml has no [files.<set>] with a source".into(),
                 ))
             }
             JobKind::Expire if i.ctx.expire.is_none() => {

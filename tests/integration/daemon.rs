@@ -891,3 +891,77 @@ email = {{ smtp = "localhost:{port}", from = "walvault@example.com", to = ["othe
         "the sink that does not trust the CA must not deliver"
     );
 }
+
+/// `[daemon.schedule] files` snapshots every `[files.<set>]` (its excludes
+/// applied), `POST /api/jobs/files` runs one on request, and the status
+/// and metrics know the kind.
+#[test]
+fn daemon_snapshots_file_sets_on_schedule_and_on_request() {
+    let c = PgCluster::start();
+    let work = work_dir();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(tree.join("conf.d")).unwrap();
+    std::fs::write(tree.join("conf.d/app.conf"), "a = 1\n").unwrap();
+    std::fs::write(tree.join("scratch.tmp"), "left out").unwrap();
+    let body = format!(
+        r#"pg = "{pg}"
+
+[daemon]
+token = "{TOKEN}"
+check_interval = "2s"
+stream = false
+
+[daemon.schedule]
+files = "*/3 * * * * *"
+
+[files.etc]
+source = "{tree}"
+exclude = ["*.tmp"]
+"#,
+        pg = c.conninfo(),
+        tree = tree.display(),
+    );
+    let repo = work.path().join("repo");
+    let file = config(work.path(), repo.to_str().unwrap(), &body, None);
+    let wv = Walvault::new().config(&file);
+    wv.args(["init"]).ok();
+    let d = Daemon::start(&wv, &[]);
+    let run = d.wait_run(Duration::from_secs(60), "files", |r| {
+        r["state"] == "succeeded"
+    });
+    assert!(
+        run["summary"].as_str().unwrap_or("").contains("etc "),
+        "{run}"
+    );
+    std::fs::write(tree.join("conf.d/app.conf"), "a = 2\n").unwrap();
+    let id = post(&d, "files");
+    let run = d.wait_run(Duration::from_secs(60), "files", |r| r["id"] == id.as_str());
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let heads = wv
+        .args(["files", "list", "--set", "etc", "--json"])
+        .ok()
+        .json();
+    let heads = heads.as_array().unwrap();
+    assert!(heads.len() >= 2, "{heads:?}");
+    assert_eq!(heads.last().unwrap()["excludes"][0], "*.tmp");
+    let out = work.path().join("out");
+    wv.args([
+        "files",
+        "restore",
+        "--set",
+        "etc",
+        "--to",
+        out.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(out.join("conf.d/app.conf")).unwrap(),
+        "a = 2\n"
+    );
+    assert!(!out.join("scratch.tmp").exists());
+    let m = metrics(&d);
+    assert_eq!(
+        metric(&m, "walvault_job_last_success", Some(("job", "files"))),
+        Some(1.0)
+    );
+}
