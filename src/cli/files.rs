@@ -46,6 +46,26 @@ pub enum FilesCommand {
     /// Check that every chunk of every snapshot is in the repository
     /// (--deep: read and authenticate each).
     Verify(FilesVerifyArgs),
+    /// Restore a random sample of the newest snapshot's files and compare
+    /// them with the source's files that have not changed since.
+    Drill(FilesDrillArgs),
+}
+
+/// Options of `walvault files drill`.
+#[derive(Debug, Args)]
+pub struct FilesDrillArgs {
+    /// The set.
+    #[arg(long)]
+    pub set: String,
+    /// Files in the sample.
+    #[arg(long, default_value = "100")]
+    pub sample: usize,
+    /// Compare with this source [default: the one the snapshot was taken of].
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `walvault files backup`.
@@ -133,6 +153,7 @@ pub(super) async fn run(settings: &Settings, cmd: FilesCommand) -> anyhow::Resul
         FilesCommand::List(a) => run_list(settings, a).await,
         FilesCommand::Restore(a) => run_restore(settings, a).await,
         FilesCommand::Verify(a) => run_verify(settings, a).await,
+        FilesCommand::Drill(a) => run_drill(settings, a).await,
     }
 }
 
@@ -314,6 +335,42 @@ async fn run_verify(settings: &Settings, a: FilesVerifyArgs) -> anyhow::Result<(
         anyhow::bail!(
             "{} problem(s) found: the snapshots named above cannot be restored as they are",
             r.problems.len()
+        );
+    }
+    Ok(())
+}
+
+async fn run_drill(settings: &Settings, a: FilesDrillArgs) -> anyhow::Result<()> {
+    let repo = Arc::new(settings.open_repository().await?);
+    let opts = crate::files::drill::FilesDrillOptions {
+        sample: a.sample,
+        source: a.source.clone(),
+        s3: set_s3(settings, &a.set),
+        set: a.set.clone(),
+    };
+    let r = crate::files::drill::drill(repo, &settings.stanza, &opts).await?;
+    if a.json {
+        outln!("{}", serde_json::to_string(&r)?)?;
+    } else {
+        outln!(
+            "snapshot {} of set {}: {} file(s) sampled, {} restored ({}), {} equal to the source, {} changed in the source since (not compared)",
+            r.snapshot,
+            a.set,
+            r.sampled,
+            r.restored,
+            human(r.restored_bytes),
+            r.matched,
+            r.changed_since
+        )?;
+        for m in &r.mismatches {
+            outln!("MISMATCH {}: {}", m.path, m.reason)?;
+        }
+    }
+    if !r.passed {
+        anyhow::bail!(
+            "{} of {} sampled file(s) do not match: the snapshot does not hold what the source held",
+            r.mismatches.len(),
+            r.sampled
         );
     }
     Ok(())

@@ -10,12 +10,14 @@
 //! - [`restore`] writes a snapshot (or part of it) to a directory or a
 //!   bucket, each file under a temporary name then renamed.
 //! - [`verify`] checks that every chunk a snapshot names is in the index
-//!   (and with `deep`, reads and authenticates it).
+//!   (and with `deep`, reads and authenticates it); [`drill`] restores a
+//!   random sample and compares it with the source where it is unchanged.
 //! - Retention and garbage collection: `ops::expire` applies the policy to
 //!   each set; `repo::gc` keeps every chunk a snapshot names.
 
 pub mod backup;
 pub mod chunker;
+pub mod drill;
 pub mod restore;
 pub mod source;
 pub mod verify;

@@ -6,7 +6,7 @@
 //! against a real PostgreSQL.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -179,7 +179,7 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
         num(&r, "files") as usize,
         want.values().filter(|v| v.starts_with("file")).count()
     );
-    assert_eq!(describe_tree(&out), want);
+    assert_same_tree(&describe_tree(&out), &want);
 
     // nothing changed: no content read, nothing stored
     let second = backup(&wv, "etc", src_s);
@@ -214,6 +214,38 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
     // of at most 4 MiB, about 1 MiB each
     assert!((1 << 20..=12 << 20).contains(&new), "new bytes {new}");
 
+    // a drill on a sample: every sampled file restores and equals the
+    // source; then one file's content is changed behind its metadata (same
+    // size, inode and mtime) and another touched: a drill over every file
+    // names the first and counts the second as changed since
+    let d = wv
+        .args(["files", "drill", "--set", "etc", "--sample", "40", "--json"])
+        .ok()
+        .json();
+    assert_eq!((num(&d, "sampled"), num(&d, "matched")), (40, 40), "{d}");
+    let victim = src.join("small/07/00007.txt");
+    let original = std::fs::read(&victim).unwrap();
+    let mut tampered = original.clone();
+    tampered[0] ^= 0x20;
+    let victim_mtime = std::fs::metadata(&victim).unwrap().modified().unwrap();
+    rewrite_in_place(&victim, &tampered, victim_mtime);
+    let touched = src.join("small/08/00008.txt");
+    let was = std::fs::read(&touched).unwrap();
+    let was_mtime = std::fs::metadata(&touched).unwrap().modified().unwrap();
+    std::fs::write(&touched, "touched").unwrap();
+    let d = wv
+        .args([
+            "files", "drill", "--set", "etc", "--sample", "100000", "--json",
+        ])
+        .fails()
+        .json();
+    assert_eq!(d["mismatches"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["mismatches"][0]["path"], "small/07/00007.txt");
+    assert_eq!(num(&d, "changed_since"), 1, "{d}");
+    assert_eq!(num(&d, "restored"), num(&d, "sampled"));
+    rewrite_in_place(&victim, &original, victim_mtime);
+    rewrite_in_place(&touched, &was, was_mtime);
+
     // restore the newest into a non-empty target: refused, then --overwrite
     let refused = wv
         .args([
@@ -236,7 +268,7 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
         out.to_str().unwrap(),
     ])
     .ok();
-    assert_eq!(describe_tree(&out), describe_tree(&src));
+    assert_same_tree(&describe_tree(&out), &describe_tree(&src));
 
     // --path restores part of a snapshot; --snapshot an older one
     let part = work.path().join("part");
@@ -303,7 +335,7 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
         again.to_str().unwrap(),
     ])
     .ok();
-    assert_eq!(describe_tree(&again), describe_tree(&src));
+    assert_same_tree(&describe_tree(&again), &describe_tree(&src));
 
     // a damaged repository is found: one pack removed
     let packs: Vec<PathBuf> = walk_files(&repo.join("main/packs"));
@@ -313,6 +345,28 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
         .fails()
         .json();
     assert_eq!(v["passed"], false, "{v}");
+}
+
+/// Write `data` over `path` in place (same inode) and set its mtime back.
+fn rewrite_in_place(path: &Path, data: &[u8], mtime: std::time::SystemTime) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(0).unwrap();
+    f.write_all_at(data, 0).unwrap();
+    f.set_modified(mtime).unwrap();
+}
+
+/// The two trees are equal; a failure names only the paths that differ.
+fn assert_same_tree(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>) {
+    let diff: Vec<String> = want
+        .keys()
+        .chain(got.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .take(20)
+        .map(|k| format!("{k}: got {:?}, want {:?}", got.get(k), want.get(k)))
+        .collect();
+    assert!(diff.is_empty(), "trees differ:\n{}", diff.join("\n"));
 }
 
 fn walk_files(dir: &Path) -> Vec<PathBuf> {
@@ -513,6 +567,23 @@ fn a_bucket_round_trips_to_another_bucket_and_a_directory_and_bad_sources_commit
     let second = backup(&wv, "uploads", &src_url);
     assert_eq!(num(&second, "read_bytes"), 0, "{second}");
     assert_eq!(num(&second, "new_bytes"), 0, "{second}");
+
+    // a drill: a sample restored and equal to the objects, none changed
+    let d = wv
+        .args([
+            "files", "drill", "--set", "uploads", "--sample", "30", "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        (
+            num(&d, "sampled"),
+            num(&d, "matched"),
+            num(&d, "changed_since")
+        ),
+        (30, 30, 0),
+        "{d}"
+    );
 
     // to another bucket: same keys, bytes, content types and metadata
     let r = wv
