@@ -294,13 +294,20 @@ pub(super) fn print_restore(r: &FilesRestoreReport, json: bool) -> anyhow::Resul
         return Ok(());
     }
     outln!(
-        "restored snapshot {} of set {} (as of {}) to {}: {} file(s), {} director(y/ies), {} link(s), {}",
+        "restored snapshot {} of set {} (as of {}) to {}: {} file(s), {} {}, {} link(s), {}",
         r.snapshot.id,
         r.snapshot.set,
-        r.snapshot.started.to_rfc3339(),
+        r.snapshot
+            .started
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         r.target,
         r.files,
         r.dirs,
+        if r.dirs == 1 {
+            "directory"
+        } else {
+            "directories"
+        },
         r.links,
         human(r.bytes)
     )?;

@@ -153,8 +153,8 @@ async fn restore_files_too(
         super::files::print_restore(&r, false)?;
         outln!(
             "files and database: the database is recovered to {}, the files are as of {}, {} earlier",
-            moment.to_rfc3339(),
-            r.snapshot.started.to_rfc3339(),
+            moment.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            r.snapshot.started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             crate::duration::format_duration(gap.to_std().unwrap_or_default())
         )?;
     }

@@ -239,7 +239,7 @@ pub async fn execute(
                         h.read_bytes >> 20
                     )),
                     Ok(h) => failed.push(format!(
-                        "{}: snapshot {} left out {} entr(y/ies), first {}",
+                        "{}: snapshot {} left out {} entries, first {}",
                         h.set,
                         h.id,
                         h.skipped_count,

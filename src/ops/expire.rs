@@ -302,7 +302,7 @@ pub async fn expire(
         .collect();
     let Some(seg) = manifests.iter().map(|m| m.wal_segment_size).max() else {
         // no backups: no WAL to judge; file snapshots may still go
-        if opts.dry_run || expired_files.is_empty() {
+        if opts.dry_run {
             return Ok(report);
         }
         expire_files(repo, &paths, &expired_files).await?;

@@ -305,19 +305,24 @@ fn a_directory_tree_round_trips_with_its_metadata_dedups_edits_and_expires() {
         [&first["id"], &second["id"], &third["id"]].map(|v| v.as_str().unwrap())
     );
 
-    // expire keeps the newest (and no DB backup exists): the two older
-    // snapshots go, their packs are marked then deleted, the newest still
-    // verifies deep and restores
+    // expire keeps the newest (and no DB backup exists) and a held one:
+    // the held snapshot stays until released, the others go, their packs
+    // are marked then deleted, the newest still verifies deep and restores
+    let first_id = first["id"].as_str().unwrap();
+    wv.args(["hold", first_id, "--reason", "audit"]).ok();
     let e = wv
         .args(["expire", "--keep-last", "1", "--pack-grace", "0s", "--json"])
         .ok()
         .json();
-    let verdicts = e["file_snapshots"].as_array().unwrap();
-    assert_eq!(
-        verdicts.iter().filter(|v| v["keep"] == true).count(),
-        1,
-        "{e}"
-    );
+    let kept: Vec<&str> = e["file_snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["keep"] == true)
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, [first_id, third["id"].as_str().unwrap()], "{e}");
+    wv.args(["release", first_id]).ok();
     wv.args(["expire", "--keep-last", "1", "--pack-grace", "0s"])
         .ok();
     let list = wv.args(["files", "list", "--json"]).ok().json();
@@ -437,6 +442,29 @@ fn as_of_picks_the_newest_snapshot_started_at_or_before_the_moment() {
         .args(["--to", work.path().join("none").to_str().unwrap()])
         .fails_with_one_line(&["no snapshot started at or before"]);
     assert!(line.contains("the oldest started at"), "{line}");
+    // each snapshot's one new chunk is in its own pack: expire (mark, then
+    // delete) frees the two older ones, and the newest still restores
+    let packs = || walk_files(&repo.join("main/packs")).len();
+    assert_eq!(packs(), 3);
+    wv.args(["expire", "--keep-last", "1", "--pack-grace", "0s"])
+        .ok();
+    wv.args(["expire", "--keep-last", "1", "--pack-grace", "0s"])
+        .ok();
+    assert_eq!(packs(), 1);
+    let last = work.path().join("last");
+    wv.args([
+        "files",
+        "restore",
+        "--set",
+        "app",
+        "--to",
+        last.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(last.join("version.txt")).unwrap(),
+        "version 3"
+    );
     wv.args(["files", "restore", "--set", "nope", "--to", "/tmp/x"])
         .fails_with_one_line(&["has no snapshot", "files list"]);
 }
