@@ -2,9 +2,11 @@
 //! directory or a bucket.
 //!
 //! To a directory, each file is written under a temporary name beside its
-//! place, fsynced, given its mode, owner (when run as root) and mtime, then
-//! renamed; directories get their mode and mtime last, deepest first, and
-//! are fsynced. To a bucket, each object is one PUT, or a multipart upload
+//! place, given its mode, owner (when run as root) and mtime, then renamed;
+//! directories get their mode and mtime last, deepest first. Into an empty
+//! target one `syncfs` at the end makes all of it durable before success
+//! is reported; over existing files (`--overwrite`) each file is fsynced
+//! before its rename replaces the old one, and every directory after. To a bucket, each object is one PUT, or a multipart upload
 //! from [`MULTIPART_AT`] on (visible only when complete), with its content
 //! type and user metadata. Every chunk is authenticated when read.
 
@@ -15,7 +17,6 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use tokio::io::AsyncWriteExt;
 
 use super::source::Place;
 use super::{choose, FilesError, Pick};
@@ -76,7 +77,10 @@ pub async fn restore(
     let paths = StanzaPaths::new(stanza);
     let head = choose(&repo, &paths, &opts.set, &opts.pick).await?;
     let target = Place::open(&opts.to, &opts.s3).await?;
-    check_empty(&target, opts.overwrite).await?;
+    // into an empty target, one syncfs at the end makes everything durable
+    // (a crash before it leaves a partial restore to run again); over
+    // existing files, each is fsynced before its rename replaces the old
+    let was_empty = check_empty(&target, opts.overwrite).await?;
     let (index, _) = Index::load(&repo, &paths).await?;
     let index = Arc::new(index);
     let mut report = FilesRestoreReport {
@@ -139,7 +143,9 @@ pub async fn restore(
                         let (repo, paths, index) = (repo.clone(), paths.clone(), index.clone());
                         running.push(
                             async move {
-                                write_file(&repo, &paths, &index, &dest, &entry, root_is_root).await
+                                let sync = !was_empty;
+                                write_file(&repo, &paths, &index, &dest, &entry, root_is_root, sync)
+                                    .await
                             }
                             .boxed(),
                         );
@@ -174,20 +180,25 @@ pub async fn restore(
     while let Some(done) = running.next().await {
         report.bytes += done?;
     }
-    if let Place::Dir(_) = &target {
+    if let Place::Dir(root) = &target {
         // directories' own metadata last (writing files into them changed
-        // their mtime), deepest first; then make every directory durable
+        // their mtime), deepest first; then make everything durable
         for (dest, e) in dirs.iter().rev() {
             set_meta(dest, e, root_is_root).await?;
         }
-        for d in touched.iter().rev() {
-            fsync_dir(d).await?;
+        if was_empty {
+            sync_fs(root).await?;
+        } else {
+            for d in touched.iter().rev() {
+                fsync_dir(d).await?;
+            }
         }
     }
     Ok(report)
 }
 
-async fn check_empty(target: &Place, overwrite: bool) -> Result<(), FilesError> {
+/// Refuse a target holding files unless `overwrite`; whether it was empty.
+async fn check_empty(target: &Place, overwrite: bool) -> Result<bool, FilesError> {
     let not_empty = match target {
         Place::Dir(d) => match std::fs::read_dir(d) {
             Ok(mut it) => it.next().is_some(),
@@ -211,7 +222,7 @@ async fn check_empty(target: &Place, overwrite: bool) -> Result<(), FilesError> 
             target: target.describe(),
         });
     }
-    Ok(())
+    Ok(!not_empty)
 }
 
 /// `root/rel`, or `None` when `rel` has parts that would leave `root`.
@@ -256,6 +267,10 @@ fn content<'a>(
         .map_err(FilesError::from)
 }
 
+/// Bytes of content gathered before they are written (a small file is
+/// written, given its metadata and renamed in one blocking call).
+const WRITE_BATCH: usize = 8 << 20;
+
 async fn write_file(
     repo: &Arc<Repository>,
     paths: &StanzaPaths,
@@ -263,11 +278,9 @@ async fn write_file(
     dest: &Path,
     e: &FileEntry,
     as_root: bool,
+    sync: bool,
 ) -> Result<u64, FilesError> {
-    let parent = dest.parent().unwrap_or(Path::new("/"));
-    tokio::fs::create_dir_all(parent)
-        .await
-        .map_err(FilesError::io(format!("create {}", parent.display())))?;
+    let parent = dest.parent().unwrap_or(Path::new("/")).to_owned();
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -276,19 +289,49 @@ async fn write_file(
         ".{name}.walvault-{}",
         crate::codec::to_hex(&rand::random::<[u8; 4]>())
     ));
-    let written = async {
-        let mut f = tokio::fs::File::create(&tmp)
+    let blocking = |f: Box<dyn FnOnce() -> Result<Option<std::fs::File>, FilesError> + Send>| async move {
+        tokio::task::spawn_blocking(f)
             .await
-            .map_err(FilesError::io(format!("create {}", tmp.display())))?;
+            .map_err(|e| FilesError::Task(e.to_string()))?
+    };
+    // writes `batch` to the temporary file, creating it (and its
+    // directory) the first time
+    let append = |file: Option<std::fs::File>, batch: Vec<Bytes>| {
+        let (tmp, parent) = (tmp.clone(), parent.clone());
+        move || -> Result<Option<std::fs::File>, FilesError> {
+            use std::io::Write;
+            let mut f = match file {
+                Some(f) => f,
+                None => {
+                    std::fs::create_dir_all(&parent)
+                        .map_err(FilesError::io(format!("create {}", parent.display())))?;
+                    std::fs::File::create(&tmp)
+                        .map_err(FilesError::io(format!("create {}", tmp.display())))?
+                }
+            };
+            for b in &batch {
+                f.write_all(b)
+                    .map_err(FilesError::io(format!("write {}", tmp.display())))?;
+            }
+            Ok(Some(f))
+        }
+    };
+    let written = async {
         let ids: Vec<_> = e.chunks.iter().map(|c| c.id).collect();
         let mut stream = std::pin::pin!(content(repo, paths, index, &ids));
         let mut n = 0u64;
+        let mut file = None;
+        let mut batch = Vec::new();
+        let mut batched = 0usize;
         while let Some(b) = stream.next().await {
             let b = b?;
             n += b.len() as u64;
-            f.write_all(&b)
-                .await
-                .map_err(FilesError::io(format!("write {}", tmp.display())))?;
+            batched += b.len();
+            batch.push(b);
+            if batched >= WRITE_BATCH {
+                file = blocking(Box::new(append(file, std::mem::take(&mut batch)))).await?;
+                batched = 0;
+            }
         }
         if n != e.size {
             return Err(FilesError::Repo(crate::repo::RepoError::Corrupt {
@@ -296,14 +339,21 @@ async fn write_file(
                 reason: format!("its chunks hold {n} bytes, the entry says {}", e.size),
             }));
         }
-        f.sync_all()
-            .await
-            .map_err(FilesError::io(format!("fsync {}", tmp.display())))?;
-        drop(f);
-        set_meta(&tmp, e, as_root).await?;
-        tokio::fs::rename(&tmp, dest)
-            .await
-            .map_err(FilesError::io(format!("rename to {}", dest.display())))?;
+        let last = append(file, batch);
+        let (tmp, dest, e) = (tmp.clone(), dest.to_owned(), e.clone());
+        blocking(Box::new(move || {
+            if let Some(f) = last()? {
+                meta_of_file(&f, &tmp, &e, as_root)?;
+                if sync {
+                    f.sync_all()
+                        .map_err(FilesError::io(format!("fsync {}", tmp.display())))?;
+                }
+            }
+            std::fs::rename(&tmp, &dest)
+                .map_err(FilesError::io(format!("rename to {}", dest.display())))?;
+            Ok(None)
+        }))
+        .await?;
         Ok(n)
     }
     .await;
@@ -317,22 +367,49 @@ async fn write_file(
 async fn set_meta(path: &Path, e: &FileEntry, as_root: bool) -> Result<(), FilesError> {
     let path = path.to_owned();
     let e = e.clone();
+    tokio::task::spawn_blocking(move || apply_meta(&path, &e, as_root))
+        .await
+        .map_err(|e| FilesError::Task(e.to_string()))?
+}
+
+fn apply_meta(path: &Path, e: &FileEntry, as_root: bool) -> Result<(), FilesError> {
+    let f =
+        std::fs::File::open(path).map_err(FilesError::io(format!("open {}", path.display())))?;
+    meta_of_file(&f, path, e, as_root)
+}
+
+/// [`apply_meta`] through an open handle of `path`.
+fn meta_of_file(
+    f: &std::fs::File,
+    path: &Path,
+    e: &FileEntry,
+    as_root: bool,
+) -> Result<(), FilesError> {
+    use std::os::unix::fs::PermissionsExt;
+    let what = |w: &str| format!("{w} {}", path.display());
+    if as_root && (e.uid != 0 || e.gid != 0) {
+        std::os::unix::fs::fchown(f, Some(e.uid), Some(e.gid))
+            .map_err(FilesError::io(what("chown")))?;
+    }
+    if e.mode != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(e.mode))
+            .map_err(FilesError::io(what("chmod")))?;
+    }
+    let mtime = std::time::UNIX_EPOCH
+        + std::time::Duration::from_nanos(u64::try_from(e.mtime_ns).unwrap_or(0));
+    f.set_modified(mtime)
+        .map_err(FilesError::io(what("set the mtime of")))
+}
+
+/// Everything written on the file system holding `d`, durable.
+async fn sync_fs(d: &Path) -> Result<(), FilesError> {
+    let d = d.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::PermissionsExt;
-        let what = |w: &str| format!("{w} {}", path.display());
-        if as_root && (e.uid != 0 || e.gid != 0) {
-            std::os::unix::fs::chown(&path, Some(e.uid), Some(e.gid))
-                .map_err(FilesError::io(what("chown")))?;
-        }
-        if e.mode != 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(e.mode))
-                .map_err(FilesError::io(what("chmod")))?;
-        }
-        let mtime = std::time::UNIX_EPOCH
-            + std::time::Duration::from_nanos(u64::try_from(e.mtime_ns).unwrap_or(0));
-        let f = std::fs::File::open(&path).map_err(FilesError::io(what("open")))?;
-        f.set_modified(mtime)
-            .map_err(FilesError::io(what("set the mtime of")))
+        let f = std::fs::File::open(&d).map_err(FilesError::io(format!("open {}", d.display())))?;
+        nix::unistd::syncfs(&f).map_err(|e| FilesError::Io {
+            what: format!("syncfs {}", d.display()),
+            source: e.into(),
+        })
     })
     .await
     .map_err(|e| FilesError::Task(e.to_string()))?

@@ -725,6 +725,34 @@ pub struct ObjectDetails {
     pub attrs: ObjectAttrs,
 }
 
+/// [`ObjectDetails`] from a HEAD or GET response (the same accessors).
+macro_rules! details_of {
+    ($out:expr) => {{
+        let out = &$out;
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        ObjectDetails {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: unquote(out.e_tag().unwrap_or_default()).to_owned(),
+            last_modified: out.last_modified().and_then(to_chrono),
+            attrs: ObjectAttrs {
+                content_type: owned(out.content_type()),
+                content_encoding: owned(out.content_encoding()),
+                content_disposition: owned(out.content_disposition()),
+                content_language: owned(out.content_language()),
+                cache_control: owned(out.cache_control()),
+                metadata: out
+                    .metadata()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+        }
+    }};
+}
+
 /// Set the attributes of `$attrs` on a PutObject or CreateMultipartUpload
 /// request (two builder types with the same setters and no common trait).
 macro_rules! with_attrs {
@@ -813,27 +841,43 @@ impl S3 {
                 }
             }
         };
-        let owned = |v: Option<&str>| v.map(str::to_owned);
-        Ok(Some(ObjectDetails {
-            size: out.content_length().unwrap_or(0).max(0) as u64,
-            etag: unquote(out.e_tag().unwrap_or_default()).to_owned(),
-            last_modified: out.last_modified().and_then(to_chrono),
-            attrs: ObjectAttrs {
-                content_type: owned(out.content_type()),
-                content_encoding: owned(out.content_encoding()),
-                content_disposition: owned(out.content_disposition()),
-                content_language: owned(out.content_language()),
-                cache_control: owned(out.cache_control()),
-                metadata: out
-                    .metadata()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            },
-        }))
+        Ok(Some(details_of!(out)))
+    }
+
+    /// The whole object and what its headers say, only if its ETag is
+    /// still `etag` (one request: for small objects, where a HEAD and a
+    /// ranged GET would be two). A replaced object is
+    /// [`StorageError::Changed`], a deleted one `NotFound`.
+    pub async fn get_object_if_match(
+        &self,
+        key: &str,
+        etag: &str,
+    ) -> Result<(ObjectDetails, Bytes), StorageError> {
+        let etag = unquote(etag);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .if_match(format!("\"{etag}\""))
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                let details = details_of!(out);
+                if details.etag != etag {
+                    return Err(self.changed(key));
+                }
+                let body = read_body(out.body)
+                    .await
+                    .map_err(|m| self.body_error(key, m))?;
+                Ok((details, body))
+            }
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 412 => {
+                Err(self.changed(key))
+            }
+            Err(e) => Err(self.classify("get", key, e)),
+        }
     }
 
     /// `len` bytes from byte `start` of the object (fewer when it ends
