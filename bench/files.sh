@@ -3,8 +3,8 @@
 # files (about 2 GiB by default: media-like incompressible files, text-like
 # documents, many small files), a second run over the unchanged tree, and
 # the peak RSS of a backup of a bucket of many small objects on Garage
-# (issue 15). `tar | zstd -1` of the same tree is measured beside it as a
-# yardstick.
+# (issue 15). `tar | zstd -1` of the same tree, and its extraction, are
+# measured beside it as yardsticks.
 #
 # usage: bench/files.sh
 # env:   OBJECTS (objects in the bucket, default 100000), SCALE (tree size
@@ -62,13 +62,15 @@ echo "# tree: $tree_bytes bytes in $tree_files files" >&2
 wv=("$tmp/walvault" -q --repo "$tmp/repo")
 run "${wv[@]}" init >/dev/null
 for r in $(seq "$ROUNDS"); do
-  run rm -rf "$tmp/repo" "$tmp/out" "$tmp/tar.zst"
+  run rm -rf "$tmp/repo" "$tmp/out" "$tmp/tar.zst" "$tmp/untar"
   run "${wv[@]}" init >/dev/null
   measure files-backup "$tmp/repo" "${wv[@]}" files backup --set tree --source "$tmp/tree"
   measure files-backup-unchanged "$tmp/repo" "${wv[@]}" files backup --set tree --source "$tmp/tree"
   run sh -c "sync; echo 3 > /proc/sys/vm/drop_caches" 2>/dev/null || true
   measure files-restore "$tmp/out" "${wv[@]}" files restore --set tree --to "$tmp/out"
   measure tar-zstd1 "$tmp/tar.zst" sh -c "tar -C '$tmp/tree' -cf - . | zstd -1 -T2 -q -o '$tmp/tar.zst'"
+  run rm -rf "$tmp/untar" && run mkdir "$tmp/untar"
+  measure untar-zstd1 "$tmp/untar" sh -c "zstd -dc '$tmp/tar.zst' | tar -C '$tmp/untar' -xf - && sync -f '$tmp/untar'"
   echo "# round $r done" >&2
 done
 
@@ -131,11 +133,12 @@ for line in open(sys.argv[1]):
 tree, files, objects = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 med = lambda name, i: statistics.median(r[i] for r in rows[name])
 print(f"tree: {tree / 2**30:.2f} GiB in {files} files; bucket: {objects} objects")
-print(f"{'operation':<26}{'wall s':>8}{'MB/s':>8}{'CPU s':>8}{'peak RSS MiB':>14}{'stored MiB':>12}")
+print(f"{'operation':<26}{'wall s':>8}{'rate':>14}{'CPU s':>8}{'peak RSS MiB':>14}{'stored MiB':>12}")
 for name in rows:
     wall = med(name, 0)
-    size = tree if not name.startswith("bucket") else objects * 1024
-    print(f"{name:<26}{wall:>8.2f}{size / wall / 1e6:>8.0f}{med(name, 1):>8.2f}{med(name, 2) / 1024:>14.0f}{med(name, 3) / 2**20:>12.1f}")
+    rate = f"{objects / wall:.0f} obj/s" if name.startswith("bucket") else f"{tree / wall / 1e6:.0f} MB/s"
+    print(f"{name:<26}{wall:>8.2f}{rate:>14}{med(name, 1):>8.2f}{med(name, 2) / 1024:>14.0f}{med(name, 3) / 2**20:>12.1f}")
 print(f"backup / tar|zstd-1 wall: {med('files-backup', 0) / med('tar-zstd1', 0):.2f}x;"
-      f" stored: {med('files-backup', 3) / med('tar-zstd1', 3):.2f}x")
+      f" stored: {med('files-backup', 3) / med('tar-zstd1', 3):.2f}x;"
+      f" restore / zstd -d|tar -x wall: {med('files-restore', 0) / med('untar-zstd1', 0):.2f}x")
 PY

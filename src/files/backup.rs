@@ -191,7 +191,18 @@ async fn run(
     let mut running: FuturesOrdered<BoxFuture<'static, Result<Outcome, FilesError>>> =
         FuturesOrdered::new();
     let parallel = opts.parallel.max(1);
+    let mut logged = std::time::Instant::now();
     while let Some(listed) = rx.recv().await {
+        if logged.elapsed() >= crate::progress::LOG_INTERVAL {
+            logged = std::time::Instant::now();
+            let (entries, bytes) = writer.counts();
+            tracing::info!(
+                "files backup of {}: {entries} entries so far, {} of content, {} read",
+                opts.set,
+                crate::progress::human_bytes(bytes),
+                crate::progress::human_bytes(read.load(Ordering::Relaxed))
+            );
+        }
         let mut entry = match listed? {
             Listed::Entry(e) => *e,
             Listed::Skipped(s) => {
