@@ -665,22 +665,43 @@ fn a_bucket_round_trips_to_another_bucket_and_a_directory_and_bad_sources_commit
     // a directory snapshot into a bucket: files become objects with the
     // same bytes; the link cannot, and is named
     let tree = work.path().join("tree");
-    for (rel, data) in [("a/one.txt", &b"one"[..]), ("b/c/two.bin", &noise(3 << 20, 2)[..]), ("empty", &b""[..])] {
+    for (rel, data) in [
+        ("a/one.txt", &b"one"[..]),
+        ("b/c/two.bin", &noise(3 << 20, 2)[..]),
+        ("empty", &b""[..]),
+    ] {
         write(&tree, rel, data);
     }
     std::os::unix::fs::symlink("a/one.txt", tree.join("link")).unwrap();
     backup(&wv, "tree", tree.to_str().unwrap());
     let r = wv
-        .args(["files", "restore", "--set", "tree", "--to", "s3://restored/fromdir/", "--json"])
+        .args([
+            "files",
+            "restore",
+            "--set",
+            "tree",
+            "--to",
+            "s3://restored/fromdir/",
+            "--json",
+        ])
         .ok()
         .json();
     assert_eq!(r["skipped"][0]["path"], "link", "{r}");
-    let fromdir = rt.block_on(S3::connect("restored", "fromdir/", &server.config())).unwrap();
+    let fromdir = rt
+        .block_on(S3::connect("restored", "fromdir/", &server.config()))
+        .unwrap();
     let got = rt.block_on(describe_bucket(&fromdir));
-    assert_eq!(got.keys().collect::<Vec<_>>(), ["a/one.txt", "b/c/two.bin", "empty"]);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["a/one.txt", "b/c/two.bin", "empty"]
+    );
     for (key, (hash, size, _)) in &got {
         let want = std::fs::read(tree.join(key)).unwrap();
-        assert_eq!((hash, *size), (&hex(&Sha256::digest(&want)), want.len() as u64), "{key}");
+        assert_eq!(
+            (hash, *size),
+            (&hex(&Sha256::digest(&want)), want.len() as u64),
+            "{key}"
+        );
     }
 
     // sources that are not there: one line each, no snapshot stored
