@@ -68,3 +68,39 @@ PY
   done
   : "$i"
 }
+
+# start_garage DIR BUCKET: a single-node Garage on free 127.0.0.1 ports
+# with its data in DIR and one bucket, in the background. Sets
+# `garage_pid` (stop it in the script's cleanup), `s3_port`, `s3_key` and
+# `s3_secret`. The binary: WALVAULT_GARAGE_BIN, else
+# scripts/install-garage.sh. Returns at once: the first requests may fail
+# while the node starts (retry them).
+start_garage() {
+  local dir=$1 bucket=$2 garage rpc_port admin_port
+  garage=${WALVAULT_GARAGE_BIN:-$("$root/scripts/install-garage.sh" | tail -n 1)}
+  _free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  _hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
+  s3_port=$(_free_port); rpc_port=$(_free_port); admin_port=$(_free_port)
+  s3_key=GK$(_hex 12); s3_secret=$(_hex 32)
+  mkdir -p "$dir/meta" "$dir/data"
+  cat >"$dir/garage.toml" <<GARAGE
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc_port"
+rpc_public_addr = "127.0.0.1:$rpc_port"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3_port"
+[admin]
+api_bind_addr = "127.0.0.1:$admin_port"
+GARAGE
+  chmod 600 "$dir/garage.toml"
+  env GARAGE_RPC_SECRET="$(_hex 32)" GARAGE_ADMIN_TOKEN="$(_hex 16)" \
+    GARAGE_DEFAULT_ACCESS_KEY="$s3_key" GARAGE_DEFAULT_SECRET_KEY="$s3_secret" \
+    GARAGE_DEFAULT_BUCKET="$bucket" RUST_LOG=warn \
+    "$garage" -c "$dir/garage.toml" server --single-node --default-bucket \
+    </dev/null >"$dir/garage.log" 2>&1 &
+  garage_pid=$!
+}

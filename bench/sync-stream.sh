@@ -76,31 +76,7 @@ sql() { "${as[@]}" "$PG_BIN/psql" "${conn[@]}" -X -A -t -q -c "$1" postgres; }
 # walvault's repository: --repo DIR, or a config file naming a Garage bucket
 wv=("${as[@]}" "$tmp/walvault" -q --repo "$tmp/repo")
 if [ "$REPO" = garage ]; then
-  garage=${WALVAULT_GARAGE_BIN:-$("$root/scripts/install-garage.sh" | tail -n 1)}
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-  hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
-  s3_port=$(free_port); rpc_port=$(free_port); admin_port=$(free_port)
-  s3_key=GK$(hex 12); s3_secret=$(hex 32)
-  mkdir -p "$tmp/garage/meta" "$tmp/garage/data"
-  cat >"$tmp/garage/garage.toml" <<EOF
-metadata_dir = "$tmp/garage/meta"
-data_dir = "$tmp/garage/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$rpc_port"
-rpc_public_addr = "127.0.0.1:$rpc_port"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:$s3_port"
-[admin]
-api_bind_addr = "127.0.0.1:$admin_port"
-EOF
-  env GARAGE_RPC_SECRET="$(hex 32)" GARAGE_ADMIN_TOKEN="$(hex 16)" \
-    GARAGE_DEFAULT_ACCESS_KEY="$s3_key" GARAGE_DEFAULT_SECRET_KEY="$s3_secret" \
-    GARAGE_DEFAULT_BUCKET=walvault RUST_LOG=warn \
-    "$garage" -c "$tmp/garage/garage.toml" server --single-node --default-bucket \
-    </dev/null >"$tmp/garage/garage.log" 2>&1 &
-  garage_pid=$!
+  start_garage "$tmp/garage" walvault
   cat >"$tmp/walvault.toml" <<EOF
 repo = "s3://walvault/bench"
 [s3]

@@ -126,8 +126,19 @@ pub async fn backup(
         opts,
     )
     .await;
-    let session = Arc::into_inner(session)
-        .ok_or(FilesError::Task("a reader still held the session".into()))?;
+    // after an error, reads already handed to the blocking pool still hold
+    // the session: they end with their file; the session must be finished
+    // (its packs indexed, its lease released) whatever happened
+    let mut session = session;
+    let session = loop {
+        match Arc::try_unwrap(session) {
+            Ok(s) => break s,
+            Err(shared) => {
+                session = shared;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
     let (stats, lease) = session.finish_keep_lease().await;
     let result = async {
         let (skipped, skipped_count) = outcome?;

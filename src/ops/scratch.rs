@@ -135,7 +135,18 @@ impl Scratch {
 
     /// Remove it (its server stopped).
     pub(crate) fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.root) {
+        // a write still finishing in the blocking pool can add a file
+        // while the tree is removed ("Directory not empty"): again, briefly
+        let mut last = None;
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(&self.root) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if let Some(e) = last {
             tracing::warn!(
                 "cannot remove the scratch directory {}: {e}",
                 self.root.display()

@@ -251,7 +251,13 @@ impl SpoolWriter {
             .collect();
         let mut results = futures::stream::iter(wanted)
             .map(|n| async move {
-                let Some(data) = repo.load_wal(paths, &n).await? else {
+                let mut data = repo.load_wal(paths, &n).await?;
+                if let (None, WalFileName::Partial(f)) = (&data, n) {
+                    // the open segment was completed since it was planned:
+                    // the complete one holds all the partial did, and more
+                    data = repo.load_wal(paths, &WalFileName::Segment(f)).await?;
+                }
+                let Some(data) = data else {
                     return Ok((n, None));
                 };
                 let len = data.len() as u64;

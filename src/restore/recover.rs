@@ -348,8 +348,14 @@ pub async fn recover(
         plan.segments.len()
     };
     let (head, rest) = plan.segments.split_at(ahead);
-    let ((restore_secs, restored), head_bytes) =
-        tokio::try_join!(restore_files, stage(&repo, &paths, &spool, head)).map_err(incomplete)?;
+    // both run to their end, also when one fails: a restore dropped
+    // half-way would leave its spawned writes going on in a directory the
+    // caller is about to report, or (a drill) remove
+    let (restored, staged) = tokio::join!(restore_files, stage(&repo, &paths, &spool, head));
+    let ((restore_secs, restored), head_bytes) = match (restored, staged) {
+        (Ok(r), Ok(b)) => (r, b),
+        (Err(e), _) | (_, Err(e)) => return Err(incomplete(e)),
+    };
     emit(RecoveryEvent::Restored {
         seconds: restore_secs,
     });

@@ -539,31 +539,14 @@ impl Storage for S3 {
 
     async fn list_page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, StorageError> {
         validate_prefix(prefix)?;
-        let out = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(self.full_key(prefix))
-            .set_continuation_token(token.map(str::to_owned))
-            .send()
-            .await
-            .map_err(|e| self.classify("list", prefix, e))?;
-        let objects = out
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                let key = o.key()?.strip_prefix(&self.prefix)?.to_owned();
-                Some(ObjectMeta {
-                    key,
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                })
+        let (listed, next) = self.list_objects(prefix, token).await?;
+        let objects = listed
+            .into_iter()
+            .map(|o| ObjectMeta {
+                key: o.key,
+                size: o.size,
             })
             .collect();
-        let next = if out.is_truncated().unwrap_or(false) {
-            out.next_continuation_token().map(str::to_owned)
-        } else {
-            None
-        };
         Ok(ListPage { objects, next })
     }
 

@@ -19,16 +19,7 @@ use crate::support::Walvault;
 
 /// Deterministic bytes that do not compress or dedup by accident.
 fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
+    crate::support::pseudo_random(n, seed)
 }
 
 fn write(root: &Path, rel: &str, data: &[u8]) {

@@ -648,7 +648,32 @@ async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
     );
 }
 
+/// A recovery planned with the open segment's `.partial` stages the
+/// complete segment when the stream completed it (and removed the partial)
+/// meanwhile: it holds everything the partial did.
+async fn a_partial_completed_since_the_plan_is_staged_whole(b: &Backend) {
+    use walvault::pg::{WalFileName, WalSegSize};
+    use walvault::restore::fetch::SpoolWriter;
+    let repo = init(b, false).await;
+    let paths = StanzaPaths::new("main");
+    let seg = WalSegSize::DEFAULT;
+    let whole = WalFileName::parse("00000001000000000000000B", seg).unwrap();
+    let partial = WalFileName::parse("00000001000000000000000B.partial", seg).unwrap();
+    let data = pseudo_random(seg.bytes() as usize, 11);
+    repo.store_wal(&paths, &whole, data.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SpoolWriter::new(dir.path(), false, None).unwrap();
+    let filled = spool.fill(&repo, &paths, &[partial], 2).await.unwrap();
+    assert_eq!((filled.files, filled.missing), (1, None));
+    assert_eq!(std::fs::read(spool.path_of(&partial)).unwrap(), data);
+    // neither there: still missing
+    let other = WalFileName::parse("00000001000000000000000C.partial", seg).unwrap();
+    let filled = spool.fill(&repo, &paths, &[other], 2).await.unwrap();
+    assert_eq!(filled.missing, Some(other));
+}
+
 crate::on_every_backend!(
+    a_partial_completed_since_the_plan_is_staged_whole,
     groups_store_less_and_single_blocks_stay_version_2,
     round_trip_plain,
     round_trip_encrypted,
