@@ -94,6 +94,7 @@ pub async fn restore(
     };
     let mut dirs: Vec<(PathBuf, FileEntry)> = Vec::new();
     let mut touched: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut real_dirs: std::collections::HashSet<PathBuf> = Default::default();
     let mut cursor = EntryCursor::new(&paths, &head);
     let mut running = FuturesUnordered::new();
     let parallel = opts.parallel.max(1);
@@ -113,6 +114,13 @@ pub async fn restore(
                     });
                     continue;
                 };
+                if !through_no_link(root, &dest, &mut real_dirs) {
+                    report.skipped.push(Skipped {
+                        path: entry.path.clone(),
+                        reason: "a directory above it in the target is a symbolic link: not written (it would land outside the target)".into(),
+                    });
+                    continue;
+                }
                 if let Some(parent) = dest.parent() {
                     touched.insert(parent.to_owned());
                 }
@@ -223,6 +231,38 @@ async fn check_empty(target: &Place, overwrite: bool) -> Result<bool, FilesError
         });
     }
     Ok(!not_empty)
+}
+
+/// Whether every directory between `root` and `dest` is a real directory
+/// or not there yet, never a symbolic link: one already in the target, or
+/// one this restore made (a link entry, then entries below it), would lead
+/// the write outside the target. `checked` remembers directories seen.
+fn through_no_link(
+    root: &Path,
+    dest: &Path,
+    checked: &mut std::collections::HashSet<PathBuf>,
+) -> bool {
+    let mut above = Vec::new();
+    let mut p = dest.parent();
+    while let Some(d) = p {
+        if d == root || checked.contains(d) {
+            break;
+        }
+        above.push(d);
+        p = d.parent();
+    }
+    for d in above.into_iter().rev() {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.file_type().is_symlink() => return false,
+            Ok(m) if m.is_dir() => {
+                checked.insert(d.to_owned());
+            }
+            // not there yet (made as a directory), or a file in the way
+            // (creating the directory fails and says so)
+            _ => {}
+        }
+    }
+    true
 }
 
 /// `root/rel`, or `None` when `rel` has parts that would leave `root`.
@@ -480,6 +520,30 @@ async fn put_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link in the target, or one made by the restore, stops entries
+    /// below it.
+    #[test]
+    fn no_write_through_a_link() {
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path();
+        std::fs::create_dir_all(root.join("real/sub")).expect("mkdir");
+        std::os::unix::fs::symlink("/etc", root.join("real/link")).expect("link");
+        let mut seen = Default::default();
+        assert!(through_no_link(root, &root.join("real/sub/f"), &mut seen));
+        assert!(through_no_link(root, &root.join("new/deep/f"), &mut seen));
+        assert!(through_no_link(root, &root.join("real/link"), &mut seen));
+        assert!(!through_no_link(
+            root,
+            &root.join("real/link/passwd"),
+            &mut seen
+        ));
+        assert!(!through_no_link(
+            root,
+            &root.join("real/link/x/y"),
+            &mut seen
+        ));
+    }
 
     #[test]
     fn paths_stay_inside() {
