@@ -99,94 +99,104 @@ pub async fn restore(
     let mut running = FuturesUnordered::new();
     let parallel = opts.parallel.max(1);
     let root_is_root = nix::unistd::geteuid().is_root();
-    while let Some(entry) = cursor.next(&repo).await? {
-        if let Some(p) = &opts.path_prefix {
-            if !entry.path.starts_with(p.as_str()) {
-                continue;
+    let outcome = async {
+        while let Some(entry) = cursor.next(&repo).await? {
+            if let Some(p) = &opts.path_prefix {
+                if !entry.path.starts_with(p.as_str()) {
+                    continue;
+                }
             }
-        }
-        match &target {
-            Place::Dir(root) => {
-                let Some(dest) = safe_join(root, &entry.path) else {
-                    report.skipped.push(Skipped {
-                        path: entry.path.clone(),
-                        reason: "the path leaves the target directory (`..`, `.` or empty parts): not written".into(),
-                    });
-                    continue;
-                };
-                if !through_no_link(root, &dest, &mut real_dirs) {
-                    report.skipped.push(Skipped {
-                        path: entry.path.clone(),
-                        reason: "a directory above it in the target is a symbolic link: not written (it would land outside the target)".into(),
-                    });
-                    continue;
-                }
-                if let Some(parent) = dest.parent() {
-                    touched.insert(parent.to_owned());
-                }
-                match entry.kind {
-                    EntryKind::Dir => {
-                        tokio::fs::create_dir_all(&dest)
-                            .await
-                            .map_err(FilesError::io(format!("create {}", dest.display())))?;
-                        touched.insert(dest.clone());
-                        report.dirs += 1;
-                        dirs.push((dest, entry));
+            match &target {
+                Place::Dir(root) => {
+                    let Some(dest) = safe_join(root, &entry.path) else {
+                        report.skipped.push(Skipped {
+                            path: entry.path.clone(),
+                            reason: "the path leaves the target directory (`..`, `.` or empty parts): not written".into(),
+                        });
+                        continue;
+                    };
+                    if !through_no_link(root, &dest, &mut real_dirs) {
+                        report.skipped.push(Skipped {
+                            path: entry.path.clone(),
+                            reason: "a directory above it in the target is a symbolic link: not written (it would land outside the target)".into(),
+                        });
                         continue;
                     }
+                    if let Some(parent) = dest.parent() {
+                        touched.insert(parent.to_owned());
+                    }
+                    match entry.kind {
+                        EntryKind::Dir => {
+                            tokio::fs::create_dir_all(&dest)
+                                .await
+                                .map_err(FilesError::io(format!("create {}", dest.display())))?;
+                            touched.insert(dest.clone());
+                            report.dirs += 1;
+                            dirs.push((dest, entry));
+                            continue;
+                        }
+                        EntryKind::Symlink => {
+                            make_link(&dest, &entry).await?;
+                            report.links += 1;
+                            continue;
+                        }
+                        EntryKind::File if entry.path.ends_with('/') && entry.size == 0 => {
+                            // a bucket's "folder" marker
+                            tokio::fs::create_dir_all(&dest)
+                                .await
+                                .map_err(FilesError::io(format!("create {}", dest.display())))?;
+                            report.dirs += 1;
+                            continue;
+                        }
+                        EntryKind::File => {
+                            let (repo, paths, index) = (repo.clone(), paths.clone(), index.clone());
+                            running.push(
+                                async move {
+                                    let sync = !was_empty;
+                                    write_file(&repo, &paths, &index, &dest, &entry, root_is_root, sync)
+                                        .await
+                                }
+                                .boxed(),
+                            );
+                        }
+                    }
+                }
+                Place::S3(s3) => match entry.kind {
+                    EntryKind::Dir => continue,
                     EntryKind::Symlink => {
-                        make_link(&dest, &entry).await?;
-                        report.links += 1;
-                        continue;
-                    }
-                    EntryKind::File if entry.path.ends_with('/') && entry.size == 0 => {
-                        // a bucket's "folder" marker
-                        tokio::fs::create_dir_all(&dest)
-                            .await
-                            .map_err(FilesError::io(format!("create {}", dest.display())))?;
-                        report.dirs += 1;
+                        report.skipped.push(Skipped {
+                            path: entry.path.clone(),
+                            reason: "a symbolic link cannot be stored in a bucket".into(),
+                        });
                         continue;
                     }
                     EntryKind::File => {
-                        let (repo, paths, index) = (repo.clone(), paths.clone(), index.clone());
+                        let (repo, paths, index, s3) =
+                            (repo.clone(), paths.clone(), index.clone(), s3.clone());
                         running.push(
-                            async move {
-                                let sync = !was_empty;
-                                write_file(&repo, &paths, &index, &dest, &entry, root_is_root, sync)
-                                    .await
-                            }
-                            .boxed(),
+                            async move { put_object(&repo, &paths, &index, &s3, &entry).await }.boxed(),
                         );
                     }
+                },
+            }
+            report.files += 1;
+            while running.len() >= parallel {
+                if let Some(done) = running.next().await {
+                    report.bytes += done?;
                 }
             }
-            Place::S3(s3) => match entry.kind {
-                EntryKind::Dir => continue,
-                EntryKind::Symlink => {
-                    report.skipped.push(Skipped {
-                        path: entry.path.clone(),
-                        reason: "a symbolic link cannot be stored in a bucket".into(),
-                    });
-                    continue;
-                }
-                EntryKind::File => {
-                    let (repo, paths, index, s3) =
-                        (repo.clone(), paths.clone(), index.clone(), s3.clone());
-                    running.push(
-                        async move { put_object(&repo, &paths, &index, &s3, &entry).await }.boxed(),
-                    );
-                }
-            },
         }
-        report.files += 1;
-        while running.len() >= parallel {
-            if let Some(done) = running.next().await {
-                report.bytes += done?;
-            }
+        while let Some(done) = running.next().await {
+            report.bytes += done?;
         }
+        Ok::<(), FilesError>(())
     }
-    while let Some(done) = running.next().await {
-        report.bytes += done?;
+    .await;
+    if let Err(e) = outcome {
+        // what is already being written ends (and removes its temporary
+        // file on error) before the error is reported
+        while running.next().await.is_some() {}
+        return Err(e);
     }
     if let Place::Dir(root) = &target {
         // directories' own metadata last (writing files into them changed
