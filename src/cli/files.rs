@@ -207,7 +207,7 @@ async fn run_backup(settings: &Settings, a: FilesBackupArgs) -> anyhow::Result<(
         return Err(super::Exit {
             code: 2,
             message: format!(
-                "snapshot {} is stored without {} entr{} (named above): they could not be read consistently",
+                "snapshot {} is stored without {} entr{}: each is named above with the reason",
                 head.id,
                 head.skipped_count,
                 if head.skipped_count == 1 { "y" } else { "ies" }

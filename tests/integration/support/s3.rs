@@ -278,7 +278,7 @@ impl S3Server {
             server.stop();
             assert!(
                 attempt < START_ATTEMPTS,
-                "garage found a port taken {START_ATTEMPTS} times:\n{}",
+                "garage found a port taken or did not become healthy {START_ATTEMPTS} times:\n{}",
                 server.log()
             );
         }
@@ -305,30 +305,34 @@ impl S3Server {
         self.child = Some(spawn_logged(cmd, &self.log_path()));
     }
 
-    /// Wait (up to two minutes) until the server answers `/health`: true;
-    /// false when its log (from byte `log_from` on) says a port was taken.
+    /// Wait (up to 40 s) until the server answers `/health` and its S3
+    /// port answers HTTP: true; false when its log (from byte `log_from`
+    /// on) says a port was taken, or when it is still not healthy then (a
+    /// port lost to another process that accepts connections but never
+    /// answers, or a node that hangs at start: CI saw one with an empty
+    /// log); the caller starts it again on new ports.
     async fn wait_healthy(&mut self, log_from: u64) -> bool {
-        wait_for_async(
-            Duration::from_secs(120),
-            "garage to become healthy",
-            async || {
-                if port_taken(&self.log_path(), log_from) {
-                    return Ok(false);
-                }
-                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                    panic!("garage exited ({status}):\n{}", self.log());
-                }
-                // the admin API can be up while the S3 API lost its port to
-                // someone else (who accepts connections but never answers):
-                // healthy only when the S3 port answers HTTP
-                if self.health_ok() && self.s3_answers() {
-                    Ok(true)
-                } else {
-                    Err(String::new())
-                }
-            },
-        )
-        .await
+        let until = std::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            if port_taken(&self.log_path(), log_from) {
+                return false;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("garage exited ({status}):\n{}", self.log());
+            }
+            let (health, s3) = (self.health_ok(), self.s3_answers());
+            if health && s3 {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                eprintln!(
+                    "garage is not healthy after 40 s (admin /health: {health}, S3 port answers: {s3}); starting it again on new ports\n{}",
+                    self.log()
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn health_ok(&self) -> bool {
@@ -419,7 +423,7 @@ impl S3Server {
         self.spawn();
         assert!(
             self.wait_healthy(log_from).await,
-            "garage's port was taken while it was stopped:\n{}",
+            "garage did not become healthy again (a port taken while it was stopped, or a start that hung):\n{}",
             self.log()
         );
         wait_for_bucket(&self.storage("").await).await;
