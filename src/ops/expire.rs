@@ -176,8 +176,14 @@ async fn expire_files(
     paths: &StanzaPaths,
     expired: &HashSet<(String, String)>,
 ) -> Result<(), OpsError> {
+    // in a write-once repository an entries object may still be locked:
+    // it stays, an orphan a later run removes
+    let tolerate_lock = |r: Result<(), crate::repo::RepoError>| match r {
+        Err(crate::repo::RepoError::Storage(crate::storage::StorageError::Locked { .. })) => Ok(()),
+        other => other,
+    };
     for (set, id) in expired {
-        files::delete_snapshot(repo, paths, set, id).await?;
+        tolerate_lock(files::delete_snapshot(repo, paths, set, id).await)?;
         super::holds::forget(repo, paths, id).await?;
     }
     let running = gc::live_leases(repo, paths)
@@ -186,7 +192,7 @@ async fn expire_files(
         .any(|l| l.purpose == "files");
     if !running {
         for (set, id) in files::orphan_entries(repo, paths).await? {
-            files::delete_snapshot(repo, paths, &set, &id).await?;
+            tolerate_lock(files::delete_snapshot(repo, paths, &set, &id).await)?;
         }
     }
     Ok(())
@@ -294,6 +300,16 @@ pub async fn expire(
         locked_until: None,
         locks_extended: 0,
     };
+    if locking {
+        // a snapshot whose head is still locked stays until the lock ends
+        for v in report.file_snapshots.iter_mut().filter(|v| !v.keep) {
+            let key = files::head_key(&paths, &v.set, &v.id);
+            if let Some(until) = repo.storage().locked_until(&key).await? {
+                v.reasons.push(Reason::Locked { until });
+                v.keep = true;
+            }
+        }
+    }
     let expired_files: HashSet<(String, String)> = report
         .file_snapshots
         .iter()

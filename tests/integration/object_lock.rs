@@ -198,3 +198,64 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
     let v = wv.args(["verify", "--json"]).ok().json();
     assert_eq!(v["passed"], true, "{v}");
 }
+
+/// File snapshots in a write-once repository: expire keeps a snapshot the
+/// policy lets go while its head is locked (named as such, no error), and
+/// the kept snapshots still restore.
+#[test]
+fn file_snapshots_in_a_write_once_repository_stay_while_locked() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let moto = rt.block_on(MotoServer::start());
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("walvault.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npath_style = true\nobject_lock_days = 1\n",
+            moto.url("files-repo"),
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let wv = Walvault::new().config(&cfg);
+    wv.args(["init"]).ok();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for v in 1..=2 {
+        std::fs::write(src.join("app.conf"), format!("version {v}\n")).unwrap();
+        wv.args([
+            "files",
+            "backup",
+            "--set",
+            "conf",
+            "--source",
+            src.to_str().unwrap(),
+        ])
+        .ok();
+    }
+    let e = wv
+        .args(["expire", "--keep-last", "1", "--pack-grace", "0s", "--json"])
+        .ok()
+        .json();
+    let verdicts = e["file_snapshots"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 2, "{e}");
+    assert!(verdicts.iter().all(|v| v["keep"] == true), "{e}");
+    assert_eq!(verdicts[0]["reasons"][0]["rule"], "locked", "{e}");
+    let list = wv.args(["files", "list", "--json"]).ok().json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let out = work.path().join("out");
+    wv.args([
+        "files",
+        "restore",
+        "--set",
+        "conf",
+        "--to",
+        out.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(out.join("app.conf")).unwrap(),
+        "version 2\n"
+    );
+    wv.args(["files", "verify", "--deep"]).ok();
+}
