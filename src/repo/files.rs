@@ -361,24 +361,25 @@ impl EntryCursor {
 
     /// The next entry; `None` after the last.
     pub async fn next(&mut self, repo: &Repository) -> Result<Option<FileEntry>, RepoError> {
-        while self.buffer.is_empty() && self.next_part < self.head.parts {
-            self.buffer = read_part(repo, &self.paths, &self.head, self.next_part)
-                .await?
-                .into();
-            self.next_part += 1;
-        }
+        self.fill(repo).await?;
         Ok(self.buffer.pop_front())
     }
 
     /// The next entry without taking it.
     pub async fn peek(&mut self, repo: &Repository) -> Result<Option<&FileEntry>, RepoError> {
+        self.fill(repo).await?;
+        Ok(self.buffer.front())
+    }
+
+    /// Read parts until one holds an entry, or none is left.
+    async fn fill(&mut self, repo: &Repository) -> Result<(), RepoError> {
         while self.buffer.is_empty() && self.next_part < self.head.parts {
             self.buffer = read_part(repo, &self.paths, &self.head, self.next_part)
                 .await?
                 .into();
             self.next_part += 1;
         }
-        Ok(self.buffer.front())
+        Ok(())
     }
 }
 

@@ -24,6 +24,24 @@ fn backup(wv: &Walvault, c: &PgCluster) -> String {
         .to_owned()
 }
 
+/// A write-once repository (`object_lock_days = 1`) under `prefix` of
+/// moto's locked bucket, initialised; its config file is in `dir`.
+fn write_once_repo(moto: &MotoServer, dir: &std::path::Path, prefix: &str) -> Walvault {
+    let cfg = dir.join("walvault.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npath_style = true\nobject_lock_days = 1\n",
+            moto.url(prefix),
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let wv = Walvault::new().config(&cfg);
+    wv.args(["init"]).ok();
+    wv
+}
+
 /// Versions and delete markers per key under `prefix`.
 async fn versions(moto: &MotoServer, prefix: &str) -> (BTreeMap<String, usize>, usize) {
     let out = moto
@@ -46,18 +64,7 @@ fn a_write_once_repository_keeps_everything_locked_and_extends_what_backups_need
     let rt = tokio::runtime::Runtime::new().unwrap();
     let moto = rt.block_on(MotoServer::start());
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("walvault.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npath_style = true\nobject_lock_days = 1\n",
-            moto.url("repo"),
-            moto.endpoint
-        ),
-    )
-    .unwrap();
-    let wv = Walvault::new().config(&cfg);
-    wv.args(["init"]).ok();
+    let wv = write_once_repo(&moto, work.path(), "repo");
     let c = PgCluster::start();
     c.psql("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g");
     let b1 = backup(&wv, &c);
@@ -207,18 +214,7 @@ fn file_snapshots_in_a_write_once_repository_stay_while_locked() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let moto = rt.block_on(MotoServer::start());
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("walvault.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "repo = \"{}\"\n[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\npath_style = true\nobject_lock_days = 1\n",
-            moto.url("files-repo"),
-            moto.endpoint
-        ),
-    )
-    .unwrap();
-    let wv = Walvault::new().config(&cfg);
-    wv.args(["init"]).ok();
+    let wv = write_once_repo(&moto, work.path(), "files-repo");
     let src = work.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for v in 1..=2 {
