@@ -3,6 +3,9 @@
 #   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 | pgbackrest full
 #   after churn   walvault (deduplicated) | pgbackrest incr
 #   restore       walvault restore | pgbackrest restore           (files only)
+#   s3restore     walvault backup into a single-node Garage bucket, then
+#                 walvault restore from it (throughput from object storage;
+#                 pgBackRest's S3 client needs TLS, which Garage does not serve)
 #   PITR (RTO)    walvault restore-pitr --start | pgbackrest restore --type=time + start
 #                 (the same backup window: both restore a backup from before the
 #                 churn and replay it to the same target; pgBackRest's archive-get
@@ -18,7 +21,7 @@
 #
 # usage: bench/compare.sh [SCALE]        (pgbench scale, default 100 ≈ 1.5 GB)
 # env:   ROUNDS (default 2), PG_BIN (default /usr/lib/postgresql/15/bin),
-#        PHASES (default "full incr restore pitr push20": the phases measured;
+#        PHASES (default "full incr restore s3restore pitr push20": the phases measured;
 #        the full backups of walvault and pgBackRest always run, once when
 #        "full" is left out, since the later phases start from them),
 #        WALVAULT_BIN (default: cargo build --release), KEEP=1 keeps the work dir,
@@ -29,7 +32,7 @@
 set -euo pipefail
 SCALE=${1:-100}
 ROUNDS=${ROUNDS:-2}
-PHASES=" ${PHASES:-full incr restore pitr push20} "
+PHASES=" ${PHASES:-full incr restore s3restore pitr push20} "
 want() { [[ "$PHASES" == *" $1 "* ]]; }
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,7 +53,9 @@ data=$tmp/data
 sock=$tmp/sock
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 started=()
+garage_pid=
 cleanup() {
+  if [ -n "$garage_pid" ]; then kill -TERM "$garage_pid" 2>/dev/null || true; wait "$garage_pid" 2>/dev/null || true; fi
   for d in "${started[@]}"; do
     run "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
   done
@@ -201,6 +206,40 @@ rounds() { # FIRST SECOND: round 0 unrecorded, then ROUNDS alternating
 want restore && echo "# restores (warm-up + x$ROUNDS)" >&2
 want restore && rounds restore_wv restore_pgbr
 
+if want s3restore; then
+  # the same database into a Garage bucket on this machine, then restores
+  # from it: what a restore from object storage reaches (ranged GETs,
+  # concurrent downloads) next to the local repository's figure above
+  start_garage "$tmp/garage" walvault
+  cat >"$tmp/walvault-s3.toml" <<EOF
+repo = "s3://walvault/bench"
+[s3]
+endpoint = "http://127.0.0.1:$s3_port"
+region = "garage"
+path_style = true
+EOF
+  chmod 644 "$tmp/walvault-s3.toml"
+  wv_s3=(env AWS_ACCESS_KEY_ID="$s3_key" AWS_SECRET_ACCESS_KEY="$s3_secret" "$wv" -q --config "$tmp/walvault-s3.toml")
+  for i in $(seq 120); do
+    # shellcheck disable=SC2086 # WV_INIT_ARGS is a list of options
+    run "${wv_s3[@]}" init ${WV_INIT_ARGS:-} >/dev/null 2>&1 && break
+    [ "$i" -lt 120 ] || { tail -n 20 "$tmp/garage/garage.log" >&2; echo "Garage did not come up" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "# backup into Garage, restores from it (warm-up + x$ROUNDS)" >&2
+  measure "s3backup:walvault-garage" "$tmp/garage/data" "${wv_s3[@]}" backup --pg "$pgconn" --fast
+  restore_s3() {
+    run rm -rf "$tmp/r-s3"
+    measure "s3restore:walvault-garage" "$tmp/r-s3" "${wv_s3[@]}" restore --backup latest --pgdata "$tmp/r-s3"
+  }
+  keep=$results
+  results=$tmp/warmup.txt
+  restore_s3
+  results=$keep
+  for r in $(seq "$ROUNDS"); do restore_s3; done
+  run rm -rf "$tmp/r-s3"
+fi
+
 # PITR: restore to the target time, start, replay, promote; the RTO
 pitr_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$tmp/pgbr-pitr.sh" <<EOF
@@ -339,7 +378,9 @@ for name in rows:
     phase, tool = name.split(":")
     phases.setdefault(phase, []).append(tool)
 titles = {"full": "Full backup", "incr": "Second backup after 20 s of pgbench churn",
-          "restore": "Restore (files only)", "pitr": "Point-in-time recovery: restore + WAL + replay + promote (RTO)",
+          "restore": "Restore (files only)",
+          "s3backup": "Full backup into a Garage bucket (127.0.0.1)",
+          "s3restore": "Restore from a Garage bucket (127.0.0.1; compare with the local restore above)", "pitr": "Point-in-time recovery: restore + WAL + replay + promote (RTO)",
           "push20": "Archive command: 20 mostly empty (switched) segments, one call each",
           "pushfull": f"Archive command: {calls['pushfull']} segments full of pgbench WAL, one call each"}
 print(f"database: {db/1e6:.0f} MB; median of {len(rows[next(iter(rows))])} runs per tool\n")
@@ -352,7 +393,7 @@ for phase, tools in phases.items():
     for t in tools:
         n = f"{phase}:{t}"
         w, c, m, s = (med(n, i) for i in range(4))
-        mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "pitr") else "-"
+        mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "pitr", "s3backup", "s3restore") else "-"
         if phase in calls and calls[phase]:
             mbs = f"{w * 1000 / calls[phase]:.1f}"
         ratio = f"{w/base:.2f}x" if base else "-"

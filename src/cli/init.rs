@@ -23,8 +23,8 @@ pub struct InitArgs {
     /// about the same backup time; lz4 restores about 5% faster.
     #[arg(long, default_value = "zstd:1")]
     pub compression: Compression,
-    /// Target size of a pack (e.g. 32MiB).
-    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+    /// Target size of a pack (e.g. 16MiB).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub pack_size: u64,
     /// New blocks compressed together, at most (default: 128KiB of blocks,
     /// 16 of 8KiB). 1 stores every block alone, a repository walvault

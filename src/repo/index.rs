@@ -190,10 +190,7 @@ impl Index {
     }
 
     fn find(&self, id: &BlockId) -> Option<&Slot> {
-        let p = prefix(id, self.bits) as usize;
-        let (lo, hi) = (*self.dir.get(p)? as usize, *self.dir.get(p + 1)? as usize);
-        let run = self.slots.get(lo..hi)?;
-        run.iter().find(|s| s.id == *id)
+        self.slots.get(self.position(id)? as usize)
     }
 
     /// True when the block is stored.
@@ -203,17 +200,35 @@ impl Index {
 
     /// Where the block is stored.
     pub fn get(&self, id: &BlockId) -> Option<BlockLocation> {
-        let s = self.find(id)?;
+        self.location(self.find(id)?)
+    }
+
+    fn location(&self, s: &Slot) -> Option<BlockLocation> {
         Some(BlockLocation {
             pack: *self.packs.get(s.loc.pack as usize)?,
             entry: PackEntry {
-                id: *id,
+                id: s.id,
                 offset: s.loc.offset,
                 len: s.loc.len,
                 raw_len: s.loc.raw_len,
                 compression: s.loc.compression,
             },
         })
+    }
+
+    /// The block's position in this index: 4 bytes that stand for its id
+    /// and location while the index is alive (a restore holds these for
+    /// every block of a backup instead of 32-byte ids).
+    pub fn position(&self, id: &BlockId) -> Option<u32> {
+        let p = prefix(id, self.bits) as usize;
+        let (lo, hi) = (*self.dir.get(p)? as usize, *self.dir.get(p + 1)? as usize);
+        let at = self.slots.get(lo..hi)?.iter().position(|s| s.id == *id)?;
+        u32::try_from(lo + at).ok()
+    }
+
+    /// The block at a [`Index::position`] (its id is `entry.id`).
+    pub fn at(&self, position: u32) -> Option<BlockLocation> {
+        self.location(self.slots.get(position as usize)?)
     }
 
     /// Add a pack's entries; ids already known keep their first location.

@@ -52,9 +52,12 @@ use crate::storage::{list_all, Storage, StorageError};
 /// (docs/block-size-study.md): under sparse updates every doubling of the
 /// block size nearly doubles what a backup uploads.
 pub const DEFAULT_BLOCK_SIZE: u32 = 8 * 1024;
-/// Default target size of a pack: 32 MiB, few enough requests to keep S3
-/// request costs negligible, small enough to upload several in parallel.
-pub const DEFAULT_PACK_SIZE: u32 = 32 << 20;
+/// Default target size of a pack: 16 MiB, few enough requests to keep S3
+/// request costs negligible, small enough that the packs a backup holds
+/// at once (one filling, one queued, up to four uploading) stay within
+/// its memory bound (32 MiB before 2026-12-07: a 15 GB backup then peaked
+/// at 285 MiB, two packs of 36 MiB at a time).
+pub const DEFAULT_PACK_SIZE: u32 = 16 << 20;
 
 /// Why a repository operation failed.
 #[derive(Debug, thiserror::Error)]

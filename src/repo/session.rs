@@ -10,7 +10,7 @@
 //!   on it, so memory stays bounded whatever the size of the input:
 //!   `pack_size × (1 building + queue_packs + upload_concurrency)` for packs,
 //!   plus `batch_blocks × block_size` of input being cut (with the defaults,
-//!   32 MiB × 6 + 256 × 8 KiB = 194 MiB), plus the dedup set of this session
+//!   16 MiB × 6 + 256 × 8 KiB = 98 MiB), plus the dedup set of this session
 //!   (32 bytes per new block, `super::fresh`).
 //! - Order: packs are uploaded first; an index object naming them is written
 //!   after every `index_flush_packs` packs and at the end. A backup's manifest

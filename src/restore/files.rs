@@ -45,7 +45,12 @@ pub(super) struct WriteMode {
 #[derive(Debug)]
 pub(super) struct Target<'m> {
     pub(super) path: PathBuf,
+    /// Its entry in the manifest (path, size, mode; the block ids are
+    /// not read: see `blocks`).
     pub(super) file: &'m BackupFile,
+    /// Its blocks as positions in the restore's [`Index`], 4 bytes each
+    /// instead of a 32-byte id (a 15 GB backup's ids are 60 MB).
+    pub(super) blocks: Vec<u32>,
     /// Created at its length as a hole, nothing read (`extract`: a
     /// relation recovery does not need).
     pub(super) sparse: bool,
@@ -90,12 +95,13 @@ pub struct WriteStats {
 /// at a time).
 async fn needed_blocks(
     repo: &Repository,
+    index: &Index,
     targets: &[Target<'_>],
     block_size: usize,
     delta: bool,
-) -> Result<Vec<Vec<usize>>, RestoreError> {
+) -> Result<Vec<Vec<u32>>, RestoreError> {
     if !delta {
-        let zero = repo.hasher().id(&vec![0u8; block_size]);
+        let zero = index.position(&repo.hasher().id(&vec![0u8; block_size]));
         return Ok(targets
             .iter()
             .map(|t| {
@@ -103,8 +109,8 @@ async fn needed_blocks(
                 if t.sparse {
                     return Vec::new();
                 }
-                (0..t.file.blocks.len())
-                    .filter(|&i| i >= full || t.file.blocks[i] != zero)
+                (0..t.blocks.len() as u32)
+                    .filter(|&i| i as usize >= full || Some(t.blocks[i as usize]) != zero)
                     .collect()
             })
             .collect());
@@ -112,7 +118,12 @@ async fn needed_blocks(
     let hasher = repo.hasher().clone();
     futures::stream::iter(targets.iter())
         .map(|t| {
-            let (path, ids, hasher) = (t.path.clone(), t.file.blocks.clone(), hasher.clone());
+            let ids: Vec<BlockId> = t
+                .blocks
+                .iter()
+                .map(|&p| index.at(p).map_or(BlockId([0; 32]), |l| l.entry.id))
+                .collect();
+            let (path, hasher) = (t.path.clone(), hasher.clone());
             async move {
                 tokio::task::spawn_blocking(move || unchanged(&path, &ids, block_size, &hasher))
                     .await
@@ -124,15 +135,15 @@ async fn needed_blocks(
             same.iter()
                 .enumerate()
                 .filter(|(_, s)| !**s)
-                .map(|(i, _)| i)
+                .map(|(i, _)| i as u32)
                 .collect()
         })
         .try_collect()
         .await
 }
 
-fn block_len(size: u64, i: usize, block_size: usize) -> u64 {
-    (size - (i as u64 * block_size as u64).min(size)).min(block_size as u64)
+fn block_len(size: u64, i: u32, block_size: usize) -> u64 {
+    (size - (u64::from(i) * block_size as u64).min(size)).min(block_size as u64)
 }
 
 /// Which blocks of the existing file at `path` already hold `ids`.
@@ -186,7 +197,7 @@ fn plan_runs(
     index: &Index,
     targets: &[Target<'_>],
     first: usize,
-    needed: &[Vec<usize>],
+    needed: &[Vec<u32>],
     block_size: usize,
 ) -> Result<Vec<Run>, RestoreError> {
     let mut runs: Vec<Run> = Vec::new();
@@ -194,15 +205,18 @@ fn plan_runs(
     for (t, (target, blocks)) in targets.iter().zip(needed).enumerate() {
         let t = first + t;
         for &i in blocks {
-            let id = &target.file.blocks[i];
-            let loc = index.get(id).ok_or_else(|| RestoreError::MissingBlock {
-                file: target.file.path.clone(),
-                id: *id,
-            })?;
+            let loc = target
+                .blocks
+                .get(i as usize)
+                .and_then(|&p| index.at(p))
+                .ok_or_else(|| RestoreError::Task {
+                    what: "restore planning",
+                    reason: format!("{}: block {i} has no position", target.file.path),
+                })?;
             let (off, len) = (u64::from(loc.entry.offset), u64::from(loc.entry.len));
             let item = Item {
                 target: t,
-                offset: i as u64 * block_size as u64,
+                offset: u64::from(i) * block_size as u64,
                 entry: loc.entry,
             };
             if let Some(run) = open.get(&loc.pack).map(|&r| &mut runs[r]) {
@@ -243,7 +257,7 @@ const PLAN_BLOCKS: usize = 1 << 17;
 
 /// Consecutive ranges of targets holding about [`PLAN_BLOCKS`] needed
 /// blocks each (a file is never split).
-fn plan_batches(needed: &[Vec<usize>]) -> Vec<std::ops::Range<usize>> {
+fn plan_batches(needed: &[Vec<u32>]) -> Vec<std::ops::Range<usize>> {
     let mut batches = Vec::new();
     let (mut start, mut blocks) = (0, 0);
     for (t, n) in needed.iter().enumerate() {
@@ -274,7 +288,7 @@ pub(super) async fn write_files(
         delta,
         direct,
     } = how;
-    let needed = needed_blocks(repo, targets, block_size, delta).await?;
+    let needed = needed_blocks(repo, index, targets, block_size, delta).await?;
     let to_write: u64 = targets
         .iter()
         .zip(&needed)
@@ -334,7 +348,7 @@ pub(super) async fn write_files(
                     let t = &targets[item.target];
                     let want = block_len(
                         t.file.size,
-                        (item.offset / block_size as u64) as usize,
+                        (item.offset / block_size as u64) as u32,
                         block_size,
                     );
                     Job {
@@ -685,6 +699,11 @@ mod tests {
         };
         let targets = [Target {
             path: PathBuf::from("/x/base/5/16384"),
+            blocks: file
+                .blocks
+                .iter()
+                .map(|id| index.position(id).unwrap())
+                .collect(),
             file: &file,
             sparse: false,
         }];
@@ -699,9 +718,9 @@ mod tests {
 
     #[test]
     fn plan_batches_cover_every_file_once() {
-        let needed: Vec<Vec<usize>> = [PLAN_BLOCKS + 3, 5, PLAN_BLOCKS - 6, 1, 0, 2]
+        let needed: Vec<Vec<u32>> = [PLAN_BLOCKS + 3, 5, PLAN_BLOCKS - 6, 1, 0, 2]
             .iter()
-            .map(|&n| (0..n).collect())
+            .map(|&n| (0..n as u32).collect())
             .collect();
         assert_eq!(plan_batches(&needed), [0..1, 1..4, 4..6]);
         assert_eq!(plan_batches(&[]), Vec::<std::ops::Range<usize>>::new());

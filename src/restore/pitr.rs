@@ -260,7 +260,8 @@ pub fn locate(
 /// Everything restore-pitr will do.
 #[derive(Debug, Clone)]
 pub struct PitrPlan {
-    /// The backup restored.
+    /// The backup restored, without its block lists
+    /// ([`Manifest::load_all_headers`]).
     pub backup: Manifest,
     /// The target.
     pub target: Target,
@@ -294,7 +295,7 @@ pub async fn plan(
     backup_id: Option<&str>,
 ) -> Result<PitrPlan, PlanError> {
     let paths = StanzaPaths::new(stanza);
-    let backups = Manifest::load_all(repo, &paths).await?;
+    let backups = Manifest::load_all_headers(repo, &paths).await?;
     let Some(newest) = backups.last() else {
         return Err(PlanError::NoBackups {
             stanza: stanza.to_owned(),

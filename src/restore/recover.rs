@@ -283,6 +283,11 @@ const STAGE_AHEAD: usize = 4;
 /// Parallel downloads while staging.
 const STAGE_PARALLEL: usize = 4;
 
+/// Parallel downloads while the files are restored too: each holds a
+/// decoded segment (16 MiB) beside the restore's index and buffers, and
+/// the restore keeps both cores busy anyway.
+const STAGE_PARALLEL_BESIDE_RESTORE: usize = 2;
+
 /// Carry out `rp` into `opts.pgdata`. `started` is when the recovery began
 /// (before planning), so the report's total is the whole RTO.
 ///
@@ -351,7 +356,10 @@ pub async fn recover(
     // both run to their end, also when one fails: a restore dropped
     // half-way would leave its spawned writes going on in a directory the
     // caller is about to report, or (a drill) remove
-    let (restored, staged) = tokio::join!(restore_files, stage(&repo, &paths, &spool, head));
+    let (restored, staged) = tokio::join!(
+        restore_files,
+        stage(&repo, &paths, &spool, head, STAGE_PARALLEL_BESIDE_RESTORE)
+    );
     let ((restore_secs, restored), head_bytes) = match (restored, staged) {
         (Ok(r), Ok(b)) => (r, b),
         (Err(e), _) | (_, Err(e)) => return Err(incomplete(e)),
@@ -465,7 +473,7 @@ pub async fn recover(
             promote_on_pause,
         ),
         async {
-            let r = stage(&repo, &paths, &spool, rest).await;
+            let r = stage(&repo, &paths, &spool, rest, STAGE_PARALLEL).await;
             drop(held);
             fetch_secs = t_stage.elapsed().as_secs_f64();
             emit(RecoveryEvent::WalStaged {
@@ -531,8 +539,9 @@ async fn stage(
     paths: &StanzaPaths,
     spool: &SpoolWriter,
     names: &[WalFileName],
+    parallel: usize,
 ) -> Result<u64, RestoreError> {
-    let filled = spool.fill(repo, paths, names, STAGE_PARALLEL).await?;
+    let filled = spool.fill(repo, paths, names, parallel).await?;
     if let Some(name) = filled.missing {
         return Err(RestoreError::WalVanished(name));
     }

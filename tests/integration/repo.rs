@@ -672,8 +672,59 @@ async fn a_partial_completed_since_the_plan_is_staged_whole(b: &Backend) {
     assert_eq!(filled.missing, Some(other));
 }
 
+/// A restore resolves every block of the backup through the index before
+/// it writes anything: a manifest naming a block the index lacks fails
+/// with the file's name and leaves the target untouched; the same backup
+/// without it restores every file byte for byte (also the shapes whose
+/// blocks repeat and the all-zero file, which is written as a hole).
+async fn restore_resolves_every_block_before_writing(b: &Backend) {
+    use walvault::restore::{restore, RestoreError, RestoreOptions};
+    let repo = init(b, false).await;
+    let paths = StanzaPaths::new("main");
+    let (mut files, stats) = store(&repo, shapes()).await;
+    let good = manifest(files.clone(), &stats);
+    good.store(&repo, &paths).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("r");
+    let opts = RestoreOptions {
+        backup: Some(good.id.clone()),
+        ..Default::default()
+    };
+    restore(repo.clone(), "main", &target, &opts).await.unwrap();
+    for (path, data) in shapes() {
+        assert_eq!(std::fs::read(target.join(&path)).unwrap(), data, "{path}");
+    }
+
+    files.push(BackupFile {
+        path: "unknown-block".into(),
+        kind: FileKind::File,
+        size: 8192,
+        mode: 0o600,
+        mtime: 0,
+        blocks: vec![BlockId([7; 32])],
+    });
+    let mut bad = manifest(files, &stats);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    bad.id = Manifest::next_id(Some(&good.id), later).unwrap();
+    bad.store(&repo, &paths).await.unwrap();
+    let target = dir.path().join("r2");
+    let opts = RestoreOptions {
+        backup: Some(bad.id.clone()),
+        ..Default::default()
+    };
+    let err = restore(repo.clone(), "main", &target, &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RestoreError::MissingBlock { file, .. } if file == "unknown-block"),
+        "{err}"
+    );
+    assert!(!target.exists(), "nothing written before the refusal");
+}
+
 crate::on_every_backend!(
     a_partial_completed_since_the_plan_is_staged_whole,
+    restore_resolves_every_block_before_writing,
     groups_store_less_and_single_blocks_stay_version_2,
     round_trip_plain,
     round_trip_encrypted,
