@@ -2,7 +2,8 @@
 # End-to-end comparison on one pgbench database, in one run, on this machine:
 #   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 | pgbackrest full
 #   after churn   walvault (deduplicated) | pgbackrest incr
-#   restore       walvault restore | pgbackrest restore           (files only)
+#   restore       walvault restore | pgbackrest restore           (files only; the
+#                 latest backup, taken after the churn, and the full one before it)
 #   s3restore     walvault backup into a single-node Garage bucket, then
 #                 walvault restore from it (throughput from object storage;
 #                 pgBackRest's S3 client needs TLS, which Garage does not serve)
@@ -205,6 +206,20 @@ rounds() { # FIRST SECOND: round 0 unrecorded, then ROUNDS alternating
 }
 want restore && echo "# restores (warm-up + x$ROUNDS)" >&2
 want restore && rounds restore_wv restore_pgbr
+# the full backup each tool took before the churn: its blocks are all of
+# one backup (the latest's are spread over four)
+first_wv=$(run "$wv" --repo "$tmp/wv-repo" list --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+first_pgbr=$(run "${pgbr[@]}" info --output=json | python3 -c 'import json, sys; print([b["label"] for b in json.load(sys.stdin)[0]["backup"] if b["type"] == "full"][-1])')
+restore_first_wv() {
+  run rm -rf "$tmp/r-wv"
+  measure "restorefull:walvault" "$tmp/r-wv" "$wv" -q --repo "$tmp/wv-repo" restore --backup "$first_wv" --pgdata "$tmp/r-wv"
+}
+restore_first_pgbr() {
+  run rm -rf "$tmp/r-pgbr"
+  measure "restorefull:pgbackrest" "$tmp/r-pgbr" "${pgbr[@]}" "--pg1-path=$tmp/r-pgbr" "--set=$first_pgbr" restore
+}
+want restore && echo "# restores of the full backup before the churn (warm-up + x$ROUNDS)" >&2
+want restore && rounds restore_first_wv restore_first_pgbr
 
 if want s3restore; then
   # the same database into a Garage bucket on this machine, then restores
@@ -378,7 +393,8 @@ for name in rows:
     phase, tool = name.split(":")
     phases.setdefault(phase, []).append(tool)
 titles = {"full": "Full backup", "incr": "Second backup after 20 s of pgbench churn",
-          "restore": "Restore (files only)",
+          "restore": "Restore of the latest backup (taken after the churn; files only)",
+          "restorefull": "Restore of the full backup taken before the churn (files only)",
           "s3backup": "Full backup into a Garage bucket (127.0.0.1)",
           "s3restore": "Restore from a Garage bucket (127.0.0.1; compare with the local restore above)", "pitr": "Point-in-time recovery: restore + WAL + replay + promote (RTO)",
           "push20": "Archive command: 20 mostly empty (switched) segments, one call each",
@@ -393,7 +409,7 @@ for phase, tools in phases.items():
     for t in tools:
         n = f"{phase}:{t}"
         w, c, m, s = (med(n, i) for i in range(4))
-        mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "pitr", "s3backup", "s3restore") else "-"
+        mbs = f"{db/1e6/w:.0f}" if phase in ("full", "restore", "restorefull", "pitr", "s3backup", "s3restore") else "-"
         if phase in calls and calls[phase]:
             mbs = f"{w * 1000 / calls[phase]:.1f}"
         ratio = f"{w/base:.2f}x" if base else "-"

@@ -5,6 +5,8 @@
 # --start, the RTO path). Several builds can be compared in one run: BINS
 # lists them, and each round runs them one after the other on the same
 # cluster (issue 14: peak RSS ≤ 256 MiB at scale 100 and at scale 1000).
+# Each round also times `pg_basebackup -Ft --compress=client-lz4` on the
+# same cluster, for the backup's wall-time ratio at this size.
 #
 # usage: bench/memory.sh [SCALE]        (pgbench scale, default 100 ≈ 1.5 GB)
 # env:   ROUNDS (default 1), PG_BIN (default /usr/lib/postgresql/15/bin),
@@ -22,7 +24,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 [ -x /usr/bin/time ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null
 # shellcheck source=bench/lib.sh
 . "$root/bench/lib.sh"
-bench_setup memory initdb pg_ctl pgbench psql
+bench_setup memory initdb pg_ctl pgbench psql pg_basebackup
 run() { (cd "$tmp" && "${as[@]}" "$@"); }
 read -r -a bins <<<"${BINS:-$WALVAULT_BIN}"
 for i in "${!bins[@]}"; do
@@ -113,6 +115,10 @@ one() { # N: every step with binary N
   [ "$got" = "before the target" ] || { echo "binary $n: PITR recovered marker=$got" >&2; exit 1; }
 }
 for r in $(seq "$ROUNDS"); do
+  run rm -rf "$tmp/bb-lz4"
+  measure "pg_basebackup-client-lz4" "$tmp/bb-lz4" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/bb-lz4" \
+    -Ft -X none -c fast --no-sync --compress=client-lz4
+  run rm -rf "$tmp/bb-lz4"
   for i in "${!bins[@]}"; do
     echo "# round $r, binary $i: ${bins[$i]}" >&2
     one "$i"
