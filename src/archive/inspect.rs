@@ -98,7 +98,7 @@ pub async fn inspect(
     query: &Query,
 ) -> Result<Inspection, InspectError> {
     let paths = StanzaPaths::new(stanza);
-    let backups = Manifest::load_all(repo, &paths).await?;
+    let backups = Manifest::load_all_headers(repo, &paths).await?;
     let Some(newest) = backups.last() else {
         return Err(InspectError::NoBackups(stanza.to_owned()));
     };

@@ -92,7 +92,7 @@ pub async fn wal_verify(
 ) -> Result<VerifyReport, ArchiveError> {
     let (read_content, parallel, points) = (opts.read_content, opts.parallel, &opts.points);
     let paths = StanzaPaths::new(stanza);
-    let backups = Manifest::load_all(repo, &paths).await?;
+    let backups = Manifest::load_all_headers(repo, &paths).await?;
     let mut report = VerifyReport {
         backups: backups.len(),
         ..VerifyReport::default()

@@ -143,7 +143,7 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
         None => settings.open_repository().await?,
     };
     let paths = StanzaPaths::new(&settings.stanza);
-    let manifests = Manifest::load_all(&repo, &paths).await?;
+    let manifests = Manifest::load_all_headers(&repo, &paths).await?;
     let status = crate::ops::status::backup_status(&repo, &paths).await?;
     if !args.json {
         outln!(

@@ -339,7 +339,9 @@ struct Views {
 async fn load_views(ctx: &Context, paths: &StanzaPaths, n: u64) -> Result<Views, String> {
     let repo = &ctx.repo;
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let manifests = Manifest::load_all(repo, paths).await.map_err(|x| e(&x))?;
+    let manifests = Manifest::load_all_headers(repo, paths)
+        .await
+        .map_err(|x| e(&x))?;
     let status = crate::ops::status::backup_status(repo, paths)
         .await
         .map_err(|x| e(&x))?;
@@ -471,7 +473,7 @@ async fn copy_view(t: &CopyTarget, main: &[Manifest], paths: &StanzaPaths) -> Co
         ..Default::default()
     };
     let theirs = match (t.open)().await {
-        Ok(r) => Manifest::load_all(&r, paths)
+        Ok(r) => Manifest::load_all_headers(&r, paths)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),

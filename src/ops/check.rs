@@ -384,7 +384,7 @@ pub async fn check(
     }
 
     // backups
-    let manifests = Manifest::load_all(repo, &paths).await?;
+    let manifests = Manifest::load_all_headers(repo, &paths).await?;
     let now = Utc::now();
     let newest = manifests.last();
     // restore points keep only their own WAL: the window starts at the

@@ -404,7 +404,7 @@ async fn choose_target(
     paths: &StanzaPaths,
     opts: &DrillOptions,
 ) -> Result<(Target, Option<DateTime<Utc>>, Option<String>), OpsError> {
-    let backups = Manifest::load_all(repo, paths).await?;
+    let backups = Manifest::load_all_headers(repo, paths).await?;
     let Some(newest) = backups.last() else {
         return Err(OpsError::Drill(
             "there is no backup to drill: run `walvault backup` first".into(),

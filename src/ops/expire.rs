@@ -229,7 +229,7 @@ pub async fn expire(
 ) -> Result<ExpireReport, OpsError> {
     opts.policy.validate()?;
     let paths = StanzaPaths::new(stanza);
-    let manifests = Manifest::load_all(repo, &paths).await?;
+    let manifests = Manifest::load_all_headers(repo, &paths).await?;
     let holds = super::holds::load(repo, &paths).await?;
     let verified = super::records::verified_backups(repo, &paths).await?;
     let candidates: Vec<Candidate> = manifests
