@@ -184,6 +184,16 @@ pub enum RepoError {
     /// Reading the input of a backup session failed.
     #[error("reading input: {0}")]
     Input(std::io::Error),
+
+    /// The temporary file a backup moves the block ids of the files it has
+    /// read to failed.
+    #[error("the temporary file of block ids in {}: {source}; set TMPDIR to a directory with room", dir.display())]
+    Spill {
+        /// The temporary directory.
+        dir: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// A session used after it finished or after an upload failed.
     #[error("{0}")]
     SessionClosed(&'static str),

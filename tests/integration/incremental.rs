@@ -380,6 +380,77 @@ mod assembler {
         Ok(out)
     }
 
+    /// The block ids of finished files move to a temporary file once more
+    /// than the limit are held, and come back in order at the end: files
+    /// of every length (empty, one byte, a block, blocks and a bit),
+    /// directories between them, the same content twice, and the last file
+    /// still open when a batch is stored.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn spilled_ids_come_back_in_order() {
+        let backend = Backend::local();
+        let repo = backend.init_repo(None).await;
+        let session = Session::start(repo.clone(), "main", SessionOptions::default())
+            .await
+            .unwrap();
+        let mut want: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut events = Vec::new();
+        for i in 0..60usize {
+            if i % 7 == 0 {
+                events.push(ArchiveEvent::Tar(TarEvent::Entry(TarHeader {
+                    path: format!("dir{i}"),
+                    kind: EntryKind::Directory,
+                    size: 0,
+                    mode: 0o700,
+                    mtime: 1,
+                })));
+                events.push(ArchiveEvent::Tar(TarEvent::EntryEnd));
+            }
+            let len = match i % 5 {
+                0 => 0,
+                1 => 1,
+                2 => PAGE,
+                3 => 3 * PAGE + 17,
+                _ => 40 * PAGE,
+            };
+            let data: Vec<u8> = (0..len)
+                .map(|b| ((b / PAGE + i % 11) as u8).wrapping_mul(31))
+                .collect();
+            let path = format!("base/5/{i}");
+            events.extend(entry(&path, &data, 5000));
+            want.push((path, data));
+        }
+        let (session, files) = tokio::task::spawn_blocking(move || {
+            let mut asm = FileAssembler::new(&session).with_held_ids(5);
+            for e in events {
+                asm.push(e).unwrap();
+            }
+            let files = asm.finish();
+            (session, files)
+        })
+        .await
+        .unwrap();
+        session.finish().await.unwrap();
+        let files: Vec<BackupFile> = files
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.kind == walvault::repo::FileKind::File)
+            .collect();
+        let paths = walvault::repo::StanzaPaths::new("main");
+        let index = walvault::repo::Index::load(&repo, &paths).await.unwrap().0;
+        assert_eq!(files.len(), want.len());
+        for (f, (path, data)) in files.iter().zip(&want) {
+            use futures::TryStreamExt;
+            assert_eq!(&f.path, path);
+            assert_eq!(f.blocks.len(), data.len().div_ceil(PAGE), "{path}");
+            let parts: Vec<Bytes> = repo
+                .read_blocks(&paths, &index, &f.blocks, 4)
+                .try_collect()
+                .await
+                .unwrap();
+            assert_eq!(&parts.concat(), data, "{path}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn incremental_files_become_whole_files() {
         let mut events = Vec::new();
