@@ -226,21 +226,10 @@ if want s3restore; then
   # from it: what a restore from object storage reaches (ranged GETs,
   # concurrent downloads) next to the local repository's figure above
   start_garage "$tmp/garage" walvault
-  cat >"$tmp/walvault-s3.toml" <<EOF
-repo = "s3://walvault/bench"
-[s3]
-endpoint = "http://127.0.0.1:$s3_port"
-region = "garage"
-path_style = true
-EOF
-  chmod 644 "$tmp/walvault-s3.toml"
+  garage_config "$tmp/walvault-s3.toml" walvault
   wv_s3=(env AWS_ACCESS_KEY_ID="$s3_key" AWS_SECRET_ACCESS_KEY="$s3_secret" "$wv" -q --config "$tmp/walvault-s3.toml")
-  for i in $(seq 120); do
-    # shellcheck disable=SC2086 # WV_INIT_ARGS is a list of options
-    run "${wv_s3[@]}" init ${WV_INIT_ARGS:-} >/dev/null 2>&1 && break
-    [ "$i" -lt 120 ] || { tail -n 20 "$tmp/garage/garage.log" >&2; echo "Garage did not come up" >&2; exit 1; }
-    sleep 0.5
-  done
+  # shellcheck disable=SC2086 # WV_INIT_ARGS is a list of options
+  garage_retry "$tmp/garage" run "${wv_s3[@]}" init ${WV_INIT_ARGS:-}
   echo "# backup into Garage, restores from it (warm-up + x$ROUNDS)" >&2
   measure "s3backup:walvault-garage" "$tmp/garage/data" "${wv_s3[@]}" backup --pg "$pgconn" --fast
   restore_s3() {

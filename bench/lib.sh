@@ -104,3 +104,30 @@ GARAGE
     </dev/null >"$dir/garage.log" 2>&1 &
   garage_pid=$!
 }
+
+# garage_config FILE BUCKET: a walvault configuration for a repository in
+# the bucket of the Garage start_garage started (prefix "bench").
+garage_config() {
+  cat >"$1" <<EOF
+repo = "s3://$2/bench"
+[s3]
+endpoint = "http://127.0.0.1:$s3_port"
+region = "garage"
+path_style = true
+EOF
+  chmod 644 "$1"
+}
+
+# garage_retry DIR COMMAND...: run COMMAND until it succeeds while the
+# Garage in DIR starts (60 s), else print its log and exit.
+garage_retry() {
+  local dir=$1 i
+  shift
+  for i in $(seq 120); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  tail -n 20 "$dir/garage.log" >&2
+  echo "Garage did not come up" >&2
+  exit 1
+}

@@ -77,21 +77,10 @@ sql() { "${as[@]}" "$PG_BIN/psql" "${conn[@]}" -X -A -t -q -c "$1" postgres; }
 wv=("${as[@]}" "$tmp/walvault" -q --repo "$tmp/repo")
 if [ "$REPO" = garage ]; then
   start_garage "$tmp/garage" walvault
-  cat >"$tmp/walvault.toml" <<EOF
-repo = "s3://walvault/bench"
-[s3]
-endpoint = "http://127.0.0.1:$s3_port"
-region = "garage"
-path_style = true
-EOF
-  chmod 644 "$tmp/walvault.toml"
+  garage_config "$tmp/walvault.toml" walvault
   wv=("${as[@]}" env AWS_ACCESS_KEY_ID="$s3_key" AWS_SECRET_ACCESS_KEY="$s3_secret" \
     "$tmp/walvault" -q --config "$tmp/walvault.toml")
-  for i in $(seq 120); do
-    "${wv[@]}" init >/dev/null 2>&1 && break
-    [ "$i" -lt 120 ] || { tail -n 20 "$tmp/garage/garage.log" >&2; echo "Garage did not come up" >&2; exit 1; }
-    sleep 0.5
-  done
+  garage_retry "$tmp/garage" "${wv[@]}" init
 else
   "${wv[@]}" init >/dev/null
 fi

@@ -43,10 +43,12 @@ struct Spill {
     /// The unnamed temporary file (`$TMPDIR`), or `None` when it could not
     /// be made (then the ids stay in memory).
     file: Option<std::io::BufWriter<std::fs::File>>,
-    /// Files `0..done` are spilled (or kept, without a file).
+    /// Files `0..done` are spilled.
     done: usize,
     /// Ids each spilled file had, in file order.
     counts: Vec<u32>,
+    /// Files `0..counted` are in `held` (or spilled).
+    counted: usize,
     /// Ids of finished files still in memory.
     held: usize,
     /// How many may be before they are spilled.
@@ -114,6 +116,7 @@ impl<'s> FileAssembler<'s> {
                 file: None,
                 done: 0,
                 counts: Vec::new(),
+                counted: 0,
                 held: 0,
                 limit: HELD_IDS,
             },
@@ -391,13 +394,14 @@ impl<'s> FileAssembler<'s> {
     /// file and free them.
     fn spill_finished(&mut self) -> Result<(), RepoError> {
         let end = self.current.unwrap_or(self.files.len());
-        if end <= self.spill.done {
+        if end <= self.spill.counted {
             return Ok(());
         }
-        self.spill.held += self.files[self.spill.done..end]
+        self.spill.held += self.files[self.spill.counted..end]
             .iter()
             .map(|f| f.blocks.len())
             .sum::<usize>();
+        self.spill.counted = end;
         if self.spill.held < self.spill.limit {
             return Ok(());
         }
@@ -410,8 +414,7 @@ impl<'s> FileAssembler<'s> {
                     tracing::warn!(
                         "the block ids of the files read stay in memory: no temporary file ({e})"
                     );
-                    self.spill.done = end;
-                    self.spill.held = 0;
+                    self.spill.limit = usize::MAX;
                     return Ok(());
                 }
             }
@@ -438,32 +441,8 @@ impl<'s> FileAssembler<'s> {
         Ok(())
     }
 
-    /// Read the spilled ids back into their files.
-    fn unspill(&mut self) -> Result<(), RepoError> {
-        let Some(out) = self.spill.file.take() else {
-            return Ok(());
-        };
-        let failed = |source| RepoError::Spill {
-            dir: std::env::temp_dir(),
-            source,
-        };
-        let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
-        std::io::Seek::rewind(&mut file).map_err(failed)?;
-        let mut r = std::io::BufReader::with_capacity(1 << 20, file);
-        for (f, &n) in self.files.iter_mut().zip(&self.spill.counts) {
-            let mut ids = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                let mut id = [0u8; 32];
-                std::io::Read::read_exact(&mut r, &mut id).map_err(failed)?;
-                ids.push(BlockId(id));
-            }
-            f.blocks = ids;
-        }
-        Ok(())
-    }
-
     /// Store what is left and return the files, in archive order.
-    pub fn finish(mut self) -> Result<Vec<BackupFile>, RepoError> {
+    pub fn finish(mut self) -> Result<AssembledFiles, RepoError> {
         if self.current.is_some() {
             return Err(RepoError::MalformedInput("the archive ended inside a file"));
         }
@@ -473,7 +452,54 @@ impl<'s> FileAssembler<'s> {
                 "a block of a file was never stored",
             ));
         }
-        self.unspill()?;
-        Ok(self.files)
+        Ok(AssembledFiles {
+            files: self.files,
+            spilled: self.spill.file.map(|f| (f, self.spill.counts)),
+        })
+    }
+}
+
+/// The files of a finished archive. The block ids of the first ones may
+/// still be in the temporary file: [`AssembledFiles::into_files`] reads them
+/// back (call it after the session finished, so its dedup set is freed
+/// first).
+pub struct AssembledFiles {
+    files: Vec<BackupFile>,
+    spilled: Option<(std::io::BufWriter<std::fs::File>, Vec<u32>)>,
+}
+
+impl std::fmt::Debug for AssembledFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssembledFiles")
+            .field("files", &self.files.len())
+            .field("spilled", &self.spilled.as_ref().map(|(_, c)| c.len()))
+            .finish()
+    }
+}
+
+impl AssembledFiles {
+    /// The files with every block id (blocking: reads the temporary file).
+    pub fn into_files(self) -> Result<Vec<BackupFile>, RepoError> {
+        let AssembledFiles { mut files, spilled } = self;
+        let Some((out, counts)) = spilled else {
+            return Ok(files);
+        };
+        let failed = |source| RepoError::Spill {
+            dir: std::env::temp_dir(),
+            source,
+        };
+        let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
+        std::io::Seek::rewind(&mut file).map_err(failed)?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+        for (f, &n) in files.iter_mut().zip(&counts) {
+            let mut ids = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let mut id = [0u8; 32];
+                std::io::Read::read_exact(&mut r, &mut id).map_err(failed)?;
+                ids.push(BlockId(id));
+            }
+            f.blocks = ids;
+        }
+        Ok(files)
     }
 }

@@ -263,6 +263,14 @@ pub async fn store_base_backup(
     drop(tx);
     let (files, session) = worker.await.map_err(RepoError::task("backup worker"))?;
     let (finished, lease) = session.finish_keep_lease().await;
+    // the files' ids back from the temporary file now that the session
+    // (and its dedup set) is gone
+    let files = match files {
+        Ok(a) => tokio::task::spawn_blocking(move || a.into_files())
+            .await
+            .map_err(RepoError::task("backup worker"))?,
+        Err(e) => Err(e),
+    };
     // The server verifies page checksums (retrying torn reads) and names each
     // failure in a warning before its final error.
     let pages = corrupt_pages(&conn.take_notices());

@@ -624,19 +624,7 @@ impl Manifest {
         repo: &Repository,
         paths: &StanzaPaths,
     ) -> Result<Vec<Manifest>, RepoError> {
-        let ids = Manifest::list_ids(repo, paths).await?;
-        let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(ids)
-            .map(|id| async move {
-                match Manifest::load(repo, paths, &id).await {
-                    Ok(m) => Ok(Some(m)),
-                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None), // deleted meanwhile
-                    Err(e) => Err(e),
-                }
-            })
-            .buffered(8)
-            .collect()
-            .await;
-        loaded.into_iter().filter_map(Result::transpose).collect()
+        Manifest::load_listed(repo, paths, 8, false).await
     }
 
     /// Every backup's manifest, oldest first, without block lists (each
@@ -648,21 +636,34 @@ impl Manifest {
         repo: &Repository,
         paths: &StanzaPaths,
     ) -> Result<Vec<Manifest>, RepoError> {
+        Manifest::load_listed(repo, paths, 1, true).await
+    }
+
+    /// Every listed manifest, `at_once` at a time, block lists dropped
+    /// with `headers`; one deleted meanwhile is left out.
+    async fn load_listed(
+        repo: &Repository,
+        paths: &StanzaPaths,
+        at_once: usize,
+        headers: bool,
+    ) -> Result<Vec<Manifest>, RepoError> {
         let ids = Manifest::list_ids(repo, paths).await?;
         let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(ids)
             .map(|id| async move {
                 match Manifest::load(repo, paths, &id).await {
                     Ok(mut m) => {
-                        for f in &mut m.files {
-                            f.blocks = Vec::new();
+                        if headers {
+                            for f in &mut m.files {
+                                f.blocks = Vec::new();
+                            }
                         }
                         Ok(Some(m))
                     }
-                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
+                    Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None), // deleted meanwhile
                     Err(e) => Err(e),
                 }
             })
-            .buffered(1)
+            .buffered(at_once)
             .collect()
             .await;
         loaded.into_iter().filter_map(Result::transpose).collect()

@@ -351,7 +351,7 @@ mod assembler {
                     break;
                 }
             }
-            let files = r.and_then(|()| asm.finish());
+            let files = r.and_then(|()| asm.finish()).and_then(|a| a.into_files());
             (session, files)
         })
         .await
@@ -424,7 +424,7 @@ mod assembler {
             for e in events {
                 asm.push(e).unwrap();
             }
-            let files = asm.finish();
+            let files = asm.finish().and_then(|a| a.into_files());
             (session, files)
         })
         .await
