@@ -229,7 +229,9 @@ pub async fn expire(
 ) -> Result<ExpireReport, OpsError> {
     opts.policy.validate()?;
     let paths = StanzaPaths::new(stanza);
-    let manifests = Manifest::load_all_headers(repo, &paths).await?;
+    // whole manifests: the write-once lock extension below finds the
+    // packs the kept backups need from their block ids
+    let manifests = Manifest::load_all(repo, &paths).await?;
     let holds = super::holds::load(repo, &paths).await?;
     let verified = super::records::verified_backups(repo, &paths).await?;
     let candidates: Vec<Candidate> = manifests

@@ -631,7 +631,9 @@ impl Manifest {
     /// file's `blocks` is empty): what planning and listing read, in
     /// memory that does not grow with the number of backups (one is
     /// decoded at a time: a 15 GB backup's ids are 60 MB, its decoded
-    /// body as much again).
+    /// body as much again). Never for what needs the blocks: storing a
+    /// manifest, verifying, copying, or finding the packs backups need
+    /// (garbage collection, extending write-once locks).
     pub async fn load_all_headers(
         repo: &Repository,
         paths: &StanzaPaths,
