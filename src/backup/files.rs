@@ -40,8 +40,9 @@ const HELD_IDS: usize = 1 << 18;
 
 /// Finished files' block ids, moved out of memory.
 struct Spill {
-    /// The unnamed temporary file (`$TMPDIR`), or `None` when it could not
-    /// be made (then the ids stay in memory).
+    /// The unnamed temporary file (`$TMPDIR`), made at the first spill
+    /// (if it cannot be made, `limit` becomes unreachable and the ids stay
+    /// in memory).
     file: Option<std::io::BufWriter<std::fs::File>>,
     /// Files `0..done` are spilled.
     done: usize,
