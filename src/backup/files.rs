@@ -44,9 +44,7 @@ struct Spill {
     /// (if it cannot be made, `limit` becomes unreachable and the ids stay
     /// in memory).
     file: Option<std::io::BufWriter<std::fs::File>>,
-    /// Files `0..done` are spilled.
-    done: usize,
-    /// Ids each spilled file had, in file order.
+    /// Ids each spilled file had: files `0..counts.len()` are spilled.
     counts: Vec<u32>,
     /// Files `0..counted` are in `held` (or spilled).
     counted: usize,
@@ -115,7 +113,6 @@ impl<'s> FileAssembler<'s> {
             zero_block: None,
             spill: Spill {
                 file: None,
-                done: 0,
                 counts: Vec::new(),
                 counted: 0,
                 held: 0,
@@ -423,21 +420,17 @@ impl<'s> FileAssembler<'s> {
         let Some(out) = self.spill.file.as_mut() else {
             return Ok(());
         };
-        let failed = |source| RepoError::Spill {
-            dir: std::env::temp_dir(),
-            source,
-        };
-        for f in &mut self.files[self.spill.done..end] {
+        let done = self.spill.counts.len();
+        for f in &mut self.files[done..end] {
             let ids = std::mem::take(&mut f.blocks);
             for id in &ids {
-                std::io::Write::write_all(out, &id.0).map_err(failed)?;
+                std::io::Write::write_all(out, &id.0).map_err(spill_failed)?;
             }
             self.spill.counts.push(
                 u32::try_from(ids.len())
                     .map_err(|_| RepoError::MalformedInput("a file of more than 2^32 blocks"))?,
             );
         }
-        self.spill.done = end;
         self.spill.held = 0;
         Ok(())
     }
@@ -457,6 +450,13 @@ impl<'s> FileAssembler<'s> {
             files: self.files,
             spilled: self.spill.file.map(|f| (f, self.spill.counts)),
         })
+    }
+}
+
+fn spill_failed(source: std::io::Error) -> RepoError {
+    RepoError::Spill {
+        dir: std::env::temp_dir(),
+        source,
     }
 }
 
@@ -485,18 +485,14 @@ impl AssembledFiles {
         let Some((out, counts)) = spilled else {
             return Ok(files);
         };
-        let failed = |source| RepoError::Spill {
-            dir: std::env::temp_dir(),
-            source,
-        };
-        let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
-        std::io::Seek::rewind(&mut file).map_err(failed)?;
+        let mut file = out.into_inner().map_err(|e| spill_failed(e.into_error()))?;
+        std::io::Seek::rewind(&mut file).map_err(spill_failed)?;
         let mut r = std::io::BufReader::with_capacity(1 << 20, file);
         for (f, &n) in files.iter_mut().zip(&counts) {
             let mut ids = Vec::with_capacity(n as usize);
             for _ in 0..n {
                 let mut id = [0u8; 32];
-                std::io::Read::read_exact(&mut r, &mut id).map_err(failed)?;
+                std::io::Read::read_exact(&mut r, &mut id).map_err(spill_failed)?;
                 ids.push(BlockId(id));
             }
             f.blocks = ids;

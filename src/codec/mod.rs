@@ -38,13 +38,11 @@ thread_local! {
 fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     ZSTD_COMPRESSOR.with(|cell| {
         let mut held = cell.borrow_mut();
-        if !matches!(&*held, Some((l, _)) if *l == level) {
-            *held = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        match held.as_mut() {
-            Some((_, c)) => c.compress(data),
-            None => zstd::bulk::compress(data, level),
-        }
+        let c = match &mut *held {
+            Some((l, c)) if *l == level => c,
+            slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        c.compress(data)
     })
 }
 
@@ -53,13 +51,11 @@ fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
 fn zstd_decompress(data: &[u8], dst: &mut [u8]) -> std::io::Result<usize> {
     ZSTD_DECOMPRESSOR.with(|cell| {
         let mut held = cell.borrow_mut();
-        if held.is_none() {
-            *held = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match held.as_mut() {
-            Some(d) => d.decompress_to_buffer(data, dst),
-            None => zstd::bulk::decompress_to_buffer(data, dst),
-        }
+        let d = match &mut *held {
+            Some(d) => d,
+            slot => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress_to_buffer(data, dst)
     })
 }
 

@@ -36,7 +36,7 @@ use files::Target;
 pub use files::WriteStats;
 
 use crate::progress::Progress;
-use crate::repo::{FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
+use crate::repo::{BackupFile, FileKind, Index, Manifest, RepoError, Repository, StanzaPaths};
 
 impl RestoreError {
     /// Whether another copy of the repository could succeed where this
@@ -295,34 +295,14 @@ pub async fn restore(
     let mut manifest = choose_backup(&repo, &paths, opts.backup.as_deref()).await?;
     check_block_counts(&manifest)?;
     let (index, _) = Index::load(&repo, &paths).await?;
-    // every block's place, resolved before anything is written (a block
-    // the index lacks fails here), held as 4-byte positions in the index:
-    // the manifest's 32-byte ids are dropped file by file as they are
-    // resolved (60 MB for a 15 GB backup)
-    let mut positions: Vec<Vec<u32>> = Vec::with_capacity(manifest.files.len());
-    for f in &mut manifest.files {
-        let skip = f.kind != FileKind::File
-            || opts
-                .fetch_only
-                .as_ref()
-                .is_some_and(|only| !only.contains(&f.path));
-        let mut p = Vec::new();
-        if !skip {
-            p.reserve_exact(f.blocks.len());
-            for id in &f.blocks {
-                p.push(
-                    index
-                        .position(id)
-                        .ok_or_else(|| RestoreError::MissingBlock {
-                            file: f.path.clone(),
-                            id: *id,
-                        })?,
-                );
-            }
-        }
-        f.blocks = Vec::new();
-        positions.push(p);
-    }
+    let fetch_only = opts.fetch_only.clone();
+    let (manifest, index, positions) = tokio::task::spawn_blocking(move || {
+        let positions = resolve_blocks(&mut manifest, &index, fetch_only.as_deref());
+        (manifest, index, positions)
+    })
+    .await
+    .map_err(RestoreError::task("resolving blocks"))?;
+    let positions = positions?;
     std::fs::create_dir_all(target).map_err(io(target))?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(io(target))?;
 
@@ -408,10 +388,7 @@ pub async fn restore(
             path: resolve(&f.path),
             file: f,
             blocks,
-            sparse: opts
-                .fetch_only
-                .as_ref()
-                .is_some_and(|only| !only.contains(&f.path)),
+            sparse: is_hole(opts.fetch_only.as_deref(), f),
         })
         .collect();
     let sparse_files = targets.iter().filter(|t| t.sparse).count();
@@ -582,6 +559,44 @@ pub async fn restore(
         replication_disabled,
         manifest_computed,
     })
+}
+
+/// With `fetch_only`, a file not in it is created as a hole.
+fn is_hole(fetch_only: Option<&HashSet<String>>, f: &BackupFile) -> bool {
+    fetch_only.is_some_and(|only| !only.contains(&f.path))
+}
+
+/// Every block of the files to fetch, as its 4-byte position in `index`
+/// (one `Vec` per manifest entry), resolved before anything is written: a
+/// block the index lacks fails here. The manifest's 32-byte ids are
+/// dropped file by file as they are resolved (60 MB for a 15 GB backup).
+/// Blocking: millions of lookups.
+fn resolve_blocks(
+    manifest: &mut Manifest,
+    index: &Index,
+    fetch_only: Option<&HashSet<String>>,
+) -> Result<Vec<Vec<u32>>, RestoreError> {
+    let mut positions = Vec::with_capacity(manifest.files.len());
+    for f in &mut manifest.files {
+        let ids = std::mem::take(&mut f.blocks);
+        if f.kind != FileKind::File || is_hole(fetch_only, f) {
+            positions.push(Vec::new());
+            continue;
+        }
+        let mut p = Vec::with_capacity(ids.len());
+        for id in ids {
+            p.push(
+                index
+                    .position(&id)
+                    .ok_or_else(|| RestoreError::MissingBlock {
+                        file: f.path.clone(),
+                        id,
+                    })?,
+            );
+        }
+        positions.push(p);
+    }
+    Ok(positions)
 }
 
 /// Every file of `manifest` lists as many blocks as its size needs.
