@@ -172,12 +172,22 @@ fn main() {
         samples.len(),
         t.elapsed().as_secs_f64()
     );
-    let codecs = [
-        Codec::Lz4,
-        Codec::Zstd(1),
-        Codec::Zstd(3),
-        Codec::ZstdDict(1),
-    ];
+    // CODECS="lz4,zstd:1,zstd:-3,zstd+dict:1" and NS="1,16" narrow the table
+    let codecs: Vec<Codec> = std::env::var("CODECS")
+        .unwrap_or_else(|_| "lz4,zstd:1,zstd:3,zstd+dict:1".into())
+        .split(',')
+        .map(|c| match c.split_once(':') {
+            None if c == "lz4" => Codec::Lz4,
+            Some(("zstd", l)) => Codec::Zstd(l.parse().expect("zstd:LEVEL")),
+            Some(("zstd+dict", l)) => Codec::ZstdDict(l.parse().expect("zstd+dict:LEVEL")),
+            _ => panic!("unknown codec {c}: lz4, zstd:LEVEL, zstd+dict:LEVEL"),
+        })
+        .collect();
+    let ns: Vec<usize> = std::env::var("NS")
+        .unwrap_or_else(|_| "1,4,8,16,32,64".into())
+        .split(',')
+        .map(|n| n.parse().expect("NS: group sizes"))
+        .collect();
     for (name, runs, size) in &sets {
         let blocks: usize = runs.iter().map(Vec::len).sum();
         println!(
@@ -188,9 +198,9 @@ fn main() {
         );
         println!("| codec | N | stored MiB | vs N=1 | compress MB/s | decompress MB/s | one-block read µs |");
         println!("|---|---|---|---|---|---|---|");
-        for codec in codecs {
+        for &codec in &codecs {
             let mut one = 0u64;
-            for n in [1usize, 4, 8, 16, 32, 64] {
+            for &n in &ns {
                 let o = run(codec, n, runs, &dict);
                 if n == 1 {
                     one = o.stored;

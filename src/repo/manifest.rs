@@ -611,11 +611,28 @@ impl Manifest {
         repo: &Repository,
         paths: &StanzaPaths,
     ) -> Result<Vec<String>, RepoError> {
+        Ok(Manifest::list_sized(repo, paths)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Ids of all backups of a stanza with their manifests' stored sizes,
+    /// oldest first.
+    async fn list_sized(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<Vec<(String, u64)>, RepoError> {
         let prefix = paths.backups();
         Ok(list_all(repo.storage().as_ref(), &prefix)
             .await?
             .into_iter()
-            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
+            .filter_map(|o| {
+                o.key
+                    .strip_prefix(&prefix)
+                    .map(|id| (id.to_owned(), o.size))
+            })
             .collect())
     }
 
@@ -629,29 +646,43 @@ impl Manifest {
 
     /// Every backup's manifest, oldest first, without block lists (each
     /// file's `blocks` is empty): what planning and listing read, in
-    /// memory that does not grow with the number of backups (one is
-    /// decoded at a time: a 15 GB backup's ids are 60 MB, its decoded
-    /// body as much again). Never for what needs the blocks: storing a
-    /// manifest, verifying, copying, or finding the packs backups need
-    /// (garbage collection, extending write-once locks).
+    /// memory that does not grow with the number of backups. Up to 8 load
+    /// at once (on an object store each is a round trip), but no more than
+    /// 16 MiB of stored manifests ([`HEADER_LOAD_KIB`]): a 15 GB backup's ids are
+    /// 60 MB, its decoded body as much again, so such manifests load one at
+    /// a time. Never for what needs the blocks: storing a manifest,
+    /// verifying, copying, or finding the packs backups need (garbage
+    /// collection, extending write-once locks).
     pub async fn load_all_headers(
         repo: &Repository,
         paths: &StanzaPaths,
     ) -> Result<Vec<Manifest>, RepoError> {
-        Manifest::load_listed(repo, paths, 1, true).await
+        Manifest::load_listed(repo, paths, 8, true).await
     }
 
     /// Every listed manifest, `at_once` at a time, block lists dropped
-    /// with `headers`; one deleted meanwhile is left out.
+    /// with `headers` (and then at most [`HEADER_LOAD_KIB`] of stored
+    /// manifests in flight); one deleted meanwhile is left out.
     async fn load_listed(
         repo: &Repository,
         paths: &StanzaPaths,
         at_once: usize,
         headers: bool,
     ) -> Result<Vec<Manifest>, RepoError> {
-        let ids = Manifest::list_ids(repo, paths).await?;
-        let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(ids)
-            .map(|id| async move {
+        let listed = Manifest::list_sized(repo, paths).await?;
+        let budget = tokio::sync::Semaphore::new(HEADER_LOAD_KIB as usize);
+        let budget = &budget;
+        let loaded: Vec<Result<Option<Manifest>, RepoError>> = futures::stream::iter(listed)
+            .map(|(id, size)| async move {
+                // a manifest larger than the budget takes all of it
+                let kib = u32::try_from(size.div_ceil(1024))
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, HEADER_LOAD_KIB);
+                // (the semaphore is never closed)
+                let _permit = match headers {
+                    true => budget.acquire_many(kib).await.ok(),
+                    false => None,
+                };
                 match Manifest::load(repo, paths, &id).await {
                     Ok(mut m) => {
                         if headers {
@@ -671,6 +702,10 @@ impl Manifest {
         loaded.into_iter().filter_map(Result::transpose).collect()
     }
 }
+
+/// KiB of stored manifests [`Manifest::load_all_headers`] loads at once
+/// (16 MiB): small manifests load 8 at a time, large ones alone.
+const HEADER_LOAD_KIB: u32 = 16 * 1024;
 
 #[cfg(test)]
 mod tests {

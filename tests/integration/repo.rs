@@ -722,9 +722,47 @@ async fn restore_resolves_every_block_before_writing(b: &Backend) {
     assert!(!target.exists(), "nothing written before the refusal");
 }
 
+/// `load_all_headers` loads several manifests at once: still oldest first,
+/// each whole but for its block lists.
+async fn headers_load_oldest_first_without_blocks(b: &Backend) {
+    let repo = init(b, false).await;
+    let paths = StanzaPaths::new("main");
+    let (files, stats) = store(&repo, shapes()).await;
+    let mut prev: Option<String> = None;
+    let start = chrono::Utc::now();
+    for n in 0..10i64 {
+        // sizes differ: every other manifest lists the files twice
+        let mut listed = files.clone();
+        if n % 2 == 1 {
+            listed.extend(files.iter().map(|f| BackupFile {
+                path: format!("copy/{}", f.path),
+                ..f.clone()
+            }));
+        }
+        let mut m = manifest(listed, &stats);
+        m.id = Manifest::next_id(prev.as_deref(), start + chrono::Duration::seconds(n)).unwrap();
+        m.label = format!("n{n}");
+        m.store(&repo, &paths).await.unwrap();
+        prev = Some(m.id);
+    }
+    let whole = Manifest::load_all(&repo, &paths).await.unwrap();
+    let headers = Manifest::load_all_headers(&repo, &paths).await.unwrap();
+    let labels: Vec<&str> = headers.iter().map(|m| m.label.as_str()).collect();
+    assert_eq!(labels, (0..10).map(|n| format!("n{n}")).collect::<Vec<_>>());
+    for (mut w, h) in whole.into_iter().zip(&headers) {
+        assert!(w.files.iter().any(|f| !f.blocks.is_empty()));
+        assert!(h.files.iter().all(|f| f.blocks.is_empty()));
+        for f in &mut w.files {
+            f.blocks.clear();
+        }
+        assert_eq!(&w, h);
+    }
+}
+
 crate::on_every_backend!(
     a_partial_completed_since_the_plan_is_staged_whole,
     restore_resolves_every_block_before_writing,
+    headers_load_oldest_first_without_blocks,
     groups_store_less_and_single_blocks_stay_version_2,
     round_trip_plain,
     round_trip_encrypted,
