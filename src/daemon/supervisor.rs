@@ -25,7 +25,7 @@ use crate::ops::records;
 use crate::ops::retention::Policy;
 use crate::pg::ConnParams;
 use crate::progress::Progress;
-use crate::repo::{Repository, StanzaPaths};
+use crate::repo::{Manifest, Repository, StanzaPaths};
 
 /// How long a drill may take at shutdown to stop its scratch server and
 /// remove its directory (it sees the same signal).
@@ -383,6 +383,7 @@ async fn recall(c: &Control) {
         };
         i.hub.job_recalled(as_run(r, state, r.detail.clone()));
     }
+    let retried: Vec<JobKind> = open.iter().map(|r| r.kind).collect();
     for r in open {
         let why = "interrupted: the daemon stopped while it ran";
         tracing::warn!(job = r.kind.name(), run = r.run, started = %r.started_at, "{why}; running it again");
@@ -401,6 +402,61 @@ async fn recall(c: &Control) {
             Some(format!("run {} was interrupted", r.run)),
         ) {
             tracing::warn!(job = r.kind.name(), "cannot retry: {e}");
+        }
+    }
+    make_up_missed(c, &ended, &retried).await;
+}
+
+/// A scheduled run that fell due while the daemon was not running (a
+/// restart, an upgrade, a host down over the backup window) runs once now,
+/// like a systemd timer with `Persistent=true`: it is due when its schedule
+/// fired between the kind's last recorded run (for backups: or the newest
+/// backup, taken by any means) and now. Kinds retried as interrupted run
+/// already.
+async fn make_up_missed(c: &Control, ended: &[JobRecord], retried: &[JobKind]) {
+    let i = &c.inner;
+    let now = Utc::now();
+    let mut newest_backup = None;
+    for (kind, t) in &i.plan.triggers {
+        let Trigger::Cron(cron) = t else { continue };
+        if retried.contains(kind) {
+            continue;
+        }
+        let mut last = ended
+            .iter()
+            .filter(|r| r.kind == *kind)
+            .map(|r| r.started_at)
+            .max();
+        if *kind == JobKind::Backup {
+            if newest_backup.is_none() {
+                let paths = StanzaPaths::new(&i.ctx.stanza);
+                newest_backup = Some(match Manifest::list_ids(&i.ctx.repo, &paths).await {
+                    Ok(ids) => ids.last().and_then(|id| Manifest::id_time(id)),
+                    Err(e) => {
+                        tracing::warn!("cannot list the backups: {e}");
+                        None
+                    }
+                });
+            }
+            last = last.max(newest_backup.flatten());
+        }
+        // never run: the schedule starts now
+        let Some(due) = last.and_then(|l| cron.next_after(l)).filter(|d| *d <= now) else {
+            continue;
+        };
+        let why = format!(
+            "the run due at {} was missed: the daemon was not running",
+            due.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        tracing::warn!(job = kind.name(), "{why}; running it now");
+        match c.start(*kind, "missed", Some(why)) {
+            Ok(_) => {}
+            Err(StartError::Busy(b) | StartError::Unavailable(b)) => {
+                tracing::warn!(
+                    job = kind.name(),
+                    "the missed run waits for its next time: {b}"
+                )
+            }
         }
     }
 }

@@ -319,6 +319,9 @@ pub struct PageRef {
     pub block: u64,
 }
 
+/// The time in a backup id.
+const ID_TIME: &str = "%Y%m%dT%H%M%SZ";
+
 impl Manifest {
     /// A new backup id: sortable UTC time plus 4 random hex digits,
     /// `20261123T140500Z-a1b2`, later in sort order than `newest` (the
@@ -331,12 +334,8 @@ impl Manifest {
     /// after `wait`, as the id is the backup's time. A `newest` further
     /// ahead (the clock went back) gets the second after it.
     pub fn next_id(newest: Option<&str>, now: DateTime<Utc>) -> Result<String, Duration> {
-        const FORMAT: &str = "%Y%m%dT%H%M%SZ";
         let now_s = now.timestamp();
-        let newest_s = newest
-            .and_then(|n| n.split('-').next())
-            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, FORMAT).ok())
-            .map(|t| t.and_utc().timestamp());
+        let newest_s = newest.and_then(Manifest::id_time).map(|t| t.timestamp());
         let second = match newest_s {
             Some(n) if n >= now_s && n - now_s <= 1 => {
                 let next = DateTime::<Utc>::from_timestamp(n + 1, 0).unwrap_or(now);
@@ -347,9 +346,18 @@ impl Manifest {
         };
         Ok(format!(
             "{}-{}",
-            second.format(FORMAT),
+            second.format(ID_TIME),
             crate::codec::to_hex(&rand::random::<[u8; 2]>())
         ))
+    }
+
+    /// The time a backup id names (when the backup was stored), to the
+    /// second.
+    pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
+        let t = id.split('-').next()?;
+        chrono::NaiveDateTime::parse_from_str(t, ID_TIME)
+            .ok()
+            .map(|t| t.and_utc())
     }
 
     pub fn object_name(paths: &StanzaPaths, id: &str) -> String {

@@ -683,6 +683,73 @@ fn daemon_killed_during_a_backup_reports_it_failed_retries_it_and_leaves_no_wal_
     d.stop(Duration::from_secs(60));
 }
 
+/// A scheduled backup that fell due while the daemon was stopped runs once
+/// at its next start, saying which run it makes up; started again, nothing
+/// is due.
+#[test]
+fn a_scheduled_backup_missed_while_stopped_runs_at_the_next_start() {
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let work = work_dir();
+    let repo = work.path().join("repo").display().to_string();
+    let with_schedule = |backup: &str| {
+        let body = format!(
+            "pg = \"{}\"\n\n[daemon]\ntoken = \"{TOKEN}\"\ncheck_interval = \"1s\"\ntime_zone = \"UTC\"\nfast = true\n\n[daemon.schedule]\nbackup = \"{backup}\"\n",
+            c.conninfo()
+        );
+        config(work.path(), &repo, &body, None)
+    };
+    let backups = |wv: &Walvault| {
+        wv.args(["list", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // scheduled only on 29 February; one backup by hand
+    let wv = Walvault::new().config(with_schedule("0 0 0 29 2 *"));
+    wv.args(["init"]).ok();
+    let mut d = Daemon::start(&wv, &[]);
+    let manual = post(&d, "backup");
+    let first = d.wait_run(Duration::from_secs(120), "backup", |r| {
+        r["id"] == manual.as_str()
+    });
+    assert_eq!(first["state"], "succeeded", "{first}");
+    d.stop(Duration::from_secs(60));
+
+    // daily at a time that passed after that backup, while stopped
+    std::thread::sleep(Duration::from_millis(2100));
+    let due = chrono::Utc::now() - chrono::Duration::seconds(1);
+    with_schedule(&due.format("%S %M %H * * *").to_string());
+    d.spawn();
+    let made_up = d.wait_run(Duration::from_secs(120), "backup", |r| {
+        r["trigger"] == "missed"
+    });
+    assert_eq!(made_up["state"], "succeeded", "{made_up}");
+    let reason = made_up["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&due.format("%Y-%m-%d %H:%M:%S").to_string()),
+        "{made_up}"
+    );
+    assert_eq!(backups(&wv), 2);
+    d.stop(Duration::from_secs(60));
+
+    // again: the run made up covers that time, the next is tomorrow
+    d.spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    let s = d.status();
+    assert!(s["running"].as_array().unwrap().is_empty(), "{s}");
+    assert_eq!(backups(&wv), 2);
+    let missed = s["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["trigger"] == "missed")
+        .count();
+    assert_eq!(missed, 1, "{s}");
+}
+
 #[test]
 fn daemon_bad_input_is_one_clear_line_and_a_lost_repository_is_alerted_not_fatal() {
     let c = PgCluster::start();
