@@ -18,9 +18,10 @@ pub struct InitArgs {
     /// Block size files are cut at: a multiple of 8KiB (e.g. 8KiB, 32KiB).
     #[arg(long, default_value = "8KiB", value_parser = parse_size)]
     pub block_size: u64,
-    /// Compression of new blocks: zstd:LEVEL (1-22), zstd (level 3), lz4
-    /// or none. zstd:1 over block groups stores half of LZ4's bytes in
-    /// about the same backup time; lz4 restores about 5% faster.
+    /// Compression of new blocks: zstd:LEVEL (1-22, or a fast level -1 to
+    /// -7), zstd (level 3), lz4 or none. zstd:1 over block groups stores
+    /// half of LZ4's bytes in about the same backup time; lz4 restores
+    /// about 5% faster.
     #[arg(long, default_value = "zstd:1")]
     pub compression: Compression,
     /// Target size of a pack (e.g. 16MiB).

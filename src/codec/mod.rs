@@ -101,7 +101,8 @@ pub enum Compression {
     /// LZ4 block format (lz4_flex): fast enough to never be the bottleneck.
     #[default]
     Lz4,
-    /// Zstandard at the given level (1-22): smaller, slower.
+    /// Zstandard at the given level (1-22, or a fast level -1 to -7):
+    /// smaller, slower.
     Zstd(i32),
 }
 
@@ -227,14 +228,17 @@ impl fmt::Display for Compression {
 
 impl FromStr for Compression {
     type Err = UnknownCompression;
-    /// `none`, `lz4`, `zstd` (level 3) or `zstd:LEVEL` (1-22).
+    /// `none`, `lz4`, `zstd` (level 3) or `zstd:LEVEL` (1 to 22, or one of
+    /// zstd's fast levels, -1 to -7).
     fn from_str(s: &str) -> Result<Compression, UnknownCompression> {
         match s {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "zstd" => Ok(Compression::Zstd(3)),
             _ => match s.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok()) {
-                Some(l) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
+                Some(l) if (1..=22).contains(&l) || (-7..=-1).contains(&l) => {
+                    Ok(Compression::Zstd(l))
+                }
                 _ => Err(UnknownCompression(s.to_owned())),
             },
         }
@@ -309,6 +313,15 @@ mod tests {
         );
         assert!("zstd:0".parse::<Compression>().is_err());
         assert!("gzip".parse::<Compression>().is_err());
+        // zstd's fast levels
+        let fast = "zstd:-1".parse::<Compression>().unwrap();
+        assert_eq!(fast, Compression::Zstd(-1));
+        assert_eq!(fast.to_string(), "zstd:-1");
+        assert!("zstd:-8".parse::<Compression>().is_err());
+        let page: Vec<u8> = (0..8192u32).map(|i| (i % 7 * (i / 512)) as u8).collect();
+        let (used, packed) = fast.compress(&page);
+        assert!(packed.len() < page.len() / 2, "{}", packed.len());
+        assert_eq!(used.decompress(&packed, page.len()).unwrap(), page);
     }
 
     proptest! {
