@@ -196,6 +196,14 @@ pub async fn verify(
                 }
             }
             PackCheck::Damaged(what) => {
+                // the next backup stores its blocks again (`repo::damaged`)
+                match crate::repo::mark_damaged(repo, &paths, &id).await {
+                    Ok(()) => tracing::warn!(
+                        pack = %id,
+                        "{what}: the next backup stores the blocks it held again"
+                    ),
+                    Err(e) => tracing::warn!(pack = %id, "cannot record the damage: {e}"),
+                }
                 let (backups, breaks) = breaks_of(&id);
                 problems.push(Problem {
                     object: paths.pack(&id),

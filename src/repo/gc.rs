@@ -611,6 +611,10 @@ pub async fn collect(
     }
     for id in &doomed {
         repo.storage().delete(&paths.pack(id)).await?;
+        // a damage mark outlives its pack harmlessly; remove it all the same
+        if let Err(e) = repo.storage().delete(&paths.damaged(id)).await {
+            tracing::debug!(pack = %id, "damage mark stays: {e}");
+        }
         state.pending.remove(&id.to_string());
         report.deleted += 1;
     }

@@ -309,6 +309,10 @@ impl Index {
                 }
             })
             .buffered(8);
+        // packs verify found damaged come last: a block stored again since
+        // is read from its new copy (`super::damaged`)
+        let damaged = super::damaged_packs(repo, paths).await?;
+        let mut last = Vec::new();
         let mut index = IndexBuilder::default();
         let mut loaded = Vec::new();
         let mut names = names.into_iter();
@@ -316,10 +320,17 @@ impl Index {
             let name = names.next().unwrap_or_default();
             if let Some(packs) = body? {
                 for (id, entries) in packs {
-                    index.add_pack(id, &entries);
+                    if damaged.contains(&id) {
+                        last.push((id, entries));
+                    } else {
+                        index.add_pack(id, &entries);
+                    }
                 }
                 loaded.push(name);
             }
+        }
+        for (id, entries) in last {
+            index.add_pack(id, &entries);
         }
         Ok((finish_blocking(index).await?, loaded))
     }

@@ -15,6 +15,7 @@
 //!   digest (objects) or a CRC-32C of id and bytes (blobs).
 
 mod config;
+mod damaged;
 pub mod files;
 mod fresh;
 pub mod gc;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
+pub use damaged::{damaged_packs, mark_damaged};
 pub use index::{BlockLocation, Index, IndexBuilder, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{
@@ -269,6 +271,14 @@ impl StanzaPaths {
     /// `<stanza>/index/`.
     pub fn index_dir(&self) -> String {
         format!("{}index/", self.root)
+    }
+    /// `<stanza>/damaged/`: packs verify found damaged.
+    pub fn damaged_dir(&self) -> String {
+        format!("{}damaged/", self.root)
+    }
+    /// `<stanza>/damaged/<pack id>`.
+    pub fn damaged(&self, pack: &PackId) -> String {
+        format!("{}{pack}", self.damaged_dir())
     }
     /// `<stanza>/backups/`.
     pub fn backups(&self) -> String {

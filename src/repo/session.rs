@@ -141,13 +141,15 @@ impl Session {
         let paths = StanzaPaths::new(stanza);
         let lease = Lease::acquire(repo.clone(), &paths, &opts.purpose).await?;
         let (mut index, _) = Index::load(&repo, &paths).await?;
-        let pending = GcState::load(&repo, &paths).await?.pending_packs();
-        if !pending.is_empty() {
-            // never deduplicate against a pack garbage collection may delete
+        // never deduplicate against a pack garbage collection may delete,
+        // nor against one verify found damaged (its blocks are stored again)
+        let mut avoid = GcState::load(&repo, &paths).await?.pending_packs();
+        avoid.extend(super::damaged_packs(&repo, &paths).await?);
+        if !avoid.is_empty() {
             let kept: Vec<_> = index
                 .pack_entries()
                 .into_iter()
-                .filter(|(p, _)| !pending.contains(p))
+                .filter(|(p, _)| !avoid.contains(p))
                 .collect();
             index = Index::from_packs(&kept);
         }

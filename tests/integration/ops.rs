@@ -496,6 +496,43 @@ fn verify_names_each_kind_of_damage_and_reads_only_what_is_new() {
 
     // the original is still clean
     assert_eq!(wv.args(["verify", "--json"]).ok().json()["passed"], true);
+
+    // a new backup after the loss is whole: verify recorded the lost pack,
+    // so the backup stores its blocks again (before, it deduplicated
+    // against the lost pack and could not be restored either), and the
+    // older backups stay reported
+    let r = copy_repo(&repo, work.path());
+    std::fs::remove_file(r.join(&pack_rel)).unwrap();
+    assert!(named(&problems(&r, &[]), &pack_name));
+    a.c.psql("CREATE TABLE after_loss AS SELECT g FROM generate_series(1, 1000) g");
+    let healer = Walvault::new().repo(&r);
+    let b3 = backup_id(
+        &healer
+            .args(["backup", "--pg", &a.c.conninfo(), "--fast"])
+            .ok()
+            .stdout,
+    );
+    let ps = problems(&r, &["--deep"]);
+    assert!(named(&ps, &pack_name), "{ps:?}");
+    assert!(
+        ps.iter().all(|p| !p["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b == b3.as_str())),
+        "the new backup needs nothing damaged: {ps:?}"
+    );
+    let want = a.c.psql("SELECT count(*) || ':' || sum(g) FROM t")
+        + "/"
+        + &a.c.psql("SELECT count(*) FROM after_loss");
+    crate::support::give_to_postgres(&r);
+    let (rec, report) = crate::pitr::pitr_started(&a.c, &healer, &["--immediate"]);
+    assert_eq!(report["backup"], b3.as_str(), "{report}");
+    let got = rec.psql("SELECT count(*) || ':' || sum(g) FROM t")
+        + "/"
+        + &rec.psql("SELECT count(*) FROM after_loss");
+    assert_eq!(got, want, "{report}");
+    rec.stop_and_check();
 }
 
 #[test]
