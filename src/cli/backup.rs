@@ -198,7 +198,8 @@ pub(super) async fn list(settings: &Settings, args: ListArgs) -> anyhow::Result<
     } else if args.repository.is_none() && !settings.repositories.is_empty() {
         let newest = newest_segment(&repo, &paths, seg).await?;
         for r in &settings.repositories {
-            outln!("{}", copy_lag(settings, r, &ids, newest, seg, &paths).await)?;
+            let lag = copy_lag(settings, r, &ids, newest, seg, &paths).await;
+            outln!("{lag}")?;
         }
     }
     Ok(())

@@ -182,16 +182,13 @@ impl Control {
         }
         let this = self.clone();
         let trigger = trigger.to_owned();
-        // the library's futures are Send, but rustc cannot prove it for
-        // every lifetime of the borrows inside some of them (closures in
-        // stream combinators, rust-lang/rust#102211), which tokio::spawn
-        // demands; a blocking-pool thread drives the run with block_on
-        // instead, which needs no Send
-        let handle = tokio::runtime::Handle::current();
+        // a task on the runtime's workers (a blocking-pool thread driving
+        // it with block_on before: every socket readiness then woke that
+        // thread from a worker, see `cli::run`)
         let inner = self.inner.clone();
         inner.jobs.send_modify(|n| *n += 1);
-        tokio::task::spawn_blocking(move || {
-            handle.block_on(this.run(run, trigger, progress));
+        tokio::spawn(async move {
+            this.run(run, trigger, progress).await;
             inner.jobs.send_modify(|n| *n -= 1);
         });
         Ok(id)

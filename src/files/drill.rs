@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use super::source::{self, Place};
@@ -73,7 +73,9 @@ pub async fn drill(
     // reservoir sampling: each file equally likely, one pass, O(sample)
     let mut sample: Vec<FileEntry> = Vec::with_capacity(opts.sample);
     let mut seen = 0usize;
-    let mut rng = rand::rng();
+    // a seeded generator, not `rand::rng()`: that one is per thread and
+    // the command runs as a task that may move between threads
+    let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut cursor = EntryCursor::new(&paths, &head);
     while let Some(e) = cursor.next(&repo).await? {
         if e.kind != EntryKind::File || e.path.ends_with('/') {

@@ -166,12 +166,17 @@ pub async fn verify(
     } else {
         HashSet::new()
     };
-    let checks = futures::stream::iter(entries.iter())
+    // the futures made first: a closure inside the stream's type keeps the
+    // command's future from being `Send` (higher-ranked lifetimes)
+    let paths_ref = &paths;
+    let futures: Vec<_> = entries
+        .iter()
         .map(|(id, listed)| {
             let read = to_read.contains(id);
-            let paths = &paths;
-            async move { (*id, check_pack(repo, paths, id, listed, read).await) }
+            async move { (*id, check_pack(repo, paths_ref, id, listed, read).await) }
         })
+        .collect();
+    let checks = futures::stream::iter(futures)
         .buffer_unordered(parallel)
         .collect::<Vec<_>>()
         .await;

@@ -159,8 +159,11 @@ async fn needed_blocks(
             .collect());
     }
     let hasher = repo.hasher().clone();
-    futures::stream::iter(targets.iter())
-        .map(|t| {
+    // by position: a closure taking a reference in a stream's type keeps
+    // the command's future from being `Send` (it runs as a task, `cli::run`)
+    futures::stream::iter(0..targets.len())
+        .map(|i| {
+            let t = &targets[i];
             let ids: Vec<BlockId> = t
                 .blocks
                 .iter()
