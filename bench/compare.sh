@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end comparison on one pgbench database, in one run, on this machine:
-#   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 | pgbackrest full
+#   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 |
+#                 pg_basebackup server-zstd:1 | pgbackrest full
 #   after churn   walvault (deduplicated) | pgbackrest incr
 #   restore       walvault restore | pgbackrest restore           (files only; the
 #                 latest backup, taken after the churn, and the full one before it)
@@ -148,6 +149,9 @@ for r in $(seq "$full_rounds"); do
   if want full; then
     measure "full:pg_basebackup" "$tmp/out/bb" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb" -Ft -X none -c fast --no-sync
     measure "full:pg_basebackup-lz4" "$tmp/out/bb-lz4" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-lz4" -Ft -X none -c fast --no-sync --compress=client-lz4
+    # the bytes walvault's zstd:1 default is held against (issue 14)
+    run rm -rf "$tmp/out/bb-zstd"
+    measure "full:pg_basebackup-server-zstd1" "$tmp/out/bb-zstd" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-zstd" -Ft -X none -c fast --no-sync --compress=server-zstd:1
   fi
   measure "full:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=full backup
 done
