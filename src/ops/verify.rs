@@ -191,6 +191,7 @@ pub async fn verify(
         problems: Vec::new(),
     };
     let mut packs_ok: BTreeSet<String> = BTreeSet::new();
+    let marked = crate::repo::damaged_packs(repo, &paths).await?;
     for (id, r) in checks {
         match r? {
             PackCheck::Fine(read) => {
@@ -198,6 +199,18 @@ pub async fn verify(
                     report.packs_read += 1;
                     report.pack_bytes_read += bytes;
                     packs_ok.insert(id.to_string());
+                    // read in full and whole: no longer damaged (a header
+                    // check alone cannot say so: content damage passes it)
+                    if marked.contains(&id) {
+                        match crate::repo::clear_damaged(repo, &paths, &id).await {
+                            Ok(()) => {
+                                tracing::info!(pack = %id, "whole again: no longer recorded as damaged")
+                            }
+                            Err(e) => {
+                                tracing::warn!(pack = %id, "cannot clear the damage record: {e}")
+                            }
+                        }
+                    }
                 }
             }
             PackCheck::Damaged(what) => {

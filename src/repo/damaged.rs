@@ -9,7 +9,9 @@
 //! last, so a block stored again is read from its new copy (and a damaged
 //! pack whose blocks all have new copies is no longer referenced: garbage
 //! collection removes it). Backups taken before stay damaged and `verify`
-//! keeps naming them.
+//! keeps naming them. A marked pack that a later `verify` reads in full and
+//! finds whole (put back from a copy, or the damage was in the path to it)
+//! loses its mark.
 
 use std::collections::HashSet;
 
@@ -26,6 +28,18 @@ pub async fn mark_damaged(
 ) -> Result<(), RepoError> {
     repo.storage()
         .put(&paths.damaged(pack), Bytes::new())
+        .await
+        .map_err(RepoError::from)
+}
+
+/// Remove the record that `pack` is damaged (removing none succeeds).
+pub async fn clear_damaged(
+    repo: &Repository,
+    paths: &StanzaPaths,
+    pack: &PackId,
+) -> Result<(), RepoError> {
+    repo.storage()
+        .delete(&paths.damaged(pack))
         .await
         .map_err(RepoError::from)
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use config::{InitParams, RepoConfig, CONFIG_KEY};
-pub use damaged::{damaged_packs, mark_damaged};
+pub use damaged::{clear_damaged, damaged_packs, mark_damaged};
 pub use index::{BlockLocation, Index, IndexBuilder, PackId};
 pub use keys::{validate_secret, KdfCost, KeySlot, Secret, KEYS_PREFIX};
 pub use manifest::{

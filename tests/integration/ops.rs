@@ -533,6 +533,15 @@ fn verify_names_each_kind_of_damage_and_reads_only_what_is_new() {
         + &rec.psql("SELECT count(*) FROM after_loss");
     assert_eq!(got, want, "{report}");
     rec.stop_and_check();
+
+    // the pack put back: a deep verify reads it whole and clears its mark
+    let damaged_dir = r.join("main/damaged");
+    assert_eq!(files_under(&damaged_dir).len(), 1);
+    std::fs::copy(repo.join(&pack_rel), r.join(&pack_rel)).unwrap();
+    // (the copy has no WAL between b2 and b3: that gap is still reported)
+    let ps = problems(&r, &["--deep"]);
+    assert!(!named(&ps, &pack_name), "{ps:?}");
+    assert_eq!(files_under(&damaged_dir).len(), 0);
 }
 
 #[test]
