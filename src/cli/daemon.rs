@@ -17,7 +17,7 @@ use crate::daemon::{self, CopyTarget, DaemonOptions};
 use crate::pg::ConnParams;
 
 /// Options of `walvault daemon`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DaemonArgs {
     /// Connection to the server (libpq conninfo or postgres:// URL), as a
     /// role with REPLICATION (else `pg` of the config file).
@@ -130,13 +130,17 @@ fn effective(
     Ok(toml::to_string(&value)?)
 }
 
-pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result<()> {
-    let options = args.options.or(settings.daemon.clone());
-    let budgets = args.budgets.or(&settings.budgets);
-    let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
-    let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
-    let pg = args.pg.as_deref().or(settings.pg.as_deref());
+pub(super) async fn run(
+    settings: &Settings,
+    args: DaemonArgs,
+    global: &super::GlobalArgs,
+) -> anyhow::Result<()> {
     if args.check_config {
+        let options = args.options.clone().or(settings.daemon.clone());
+        let budgets = args.budgets.or(&settings.budgets);
+        let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
+        let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
+        let pg = args.pg.as_deref().or(settings.pg.as_deref());
         settings.repo()?;
         outln!("# walvault daemon: the configuration is valid; in effect (secrets redacted):")?;
         outln!(
@@ -148,18 +152,130 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
         }
         return Ok(());
     }
+    let mut current = prepare(settings, &args, None).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping on signal");
+        s.cancel();
+    });
+    // SIGHUP reads walvault.toml again (the command line's flags stay in
+    // force over it, as at the start). A configuration that does not load,
+    // or a repository or listen address that does not open, is reported
+    // and the daemon goes on with the one it had. One that does: no new job
+    // starts, the running ones end, then the daemon stops its stream and
+    // starts again on the new configuration (the stream resumes where the
+    // repository ends, as after any restart).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    let mut alerts = daemon::alerts::Alerter::default();
+    loop {
+        let reload = tokio_util::sync::CancellationToken::new();
+        let listen = current.plan.listen;
+        let listener = current.listener.clone();
+        let run = daemon::run(
+            current.ctx,
+            current.plan,
+            current.listener,
+            stop.child_token(),
+            reload.clone(),
+            alerts,
+        );
+        tokio::pin!(run);
+        let mut reading: Option<tokio::task::JoinHandle<anyhow::Result<Prepared>>> = None;
+        let mut next = None;
+        loop {
+            tokio::select! {
+                carried = &mut run => {
+                    alerts = carried;
+                    break;
+                }
+                _ = hup.recv(), if reading.is_none() && next.is_none() => {
+                    tracing::info!("SIGHUP: reading the configuration again");
+                    let (global, args) = (global.clone(), args.clone());
+                    let listening = (listen, listener.clone());
+                    reading = Some(tokio::spawn(async move {
+                        let settings = Settings::resolve(&global)?;
+                        prepare(&settings, &args, Some(listening)).await
+                    }));
+                }
+                r = async {
+                    match reading.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if reading.is_some() => {
+                    reading = None;
+                    match r.map_err(anyhow::Error::new).and_then(|r| r) {
+                        Ok(p) => {
+                            tracing::info!("the configuration loaded: applying it");
+                            next = Some(p);
+                            reload.cancel();
+                        }
+                        Err(e) => tracing::error!(
+                            "the configuration was not reloaded: {}; the daemon goes on with the one it had",
+                            super::one_line(&e)
+                        ),
+                    }
+                }
+            }
+        }
+        match next {
+            Some(p) if !stop.is_cancelled() => {
+                current = p;
+                tracing::info!("running on the reloaded configuration");
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// What one start of the daemon runs on.
+struct Prepared {
+    ctx: daemon::Context,
+    plan: daemon::Plan,
+    listener: Arc<tokio::net::TcpListener>,
+}
+
+/// The daemon's context from `settings` and the command line; `listening`:
+/// the address and listener a running daemon has (kept when the address
+/// stays, else a new one is bound).
+async fn prepare(
+    settings: &Settings,
+    args: &DaemonArgs,
+    listening: Option<(std::net::SocketAddr, Arc<tokio::net::TcpListener>)>,
+) -> anyhow::Result<Prepared> {
+    let options = args.options.clone().or(settings.daemon.clone());
+    let budgets = args.budgets.or(&settings.budgets);
+    let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
+    let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
     let params = ConnParams::parse(settings.pg(args.pg.as_deref())?)?;
-    let listener = tokio::net::TcpListener::bind(plan.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (another daemon or program holds the port?): set another with --listen or [daemon] listen",
-                plan.listen
-            )
-        })?;
+    let when = if listening.is_none() { " at start" } else { "" };
+    let listener = match listening {
+        Some((addr, l)) if addr == plan.listen => l,
+        _ => Arc::new(
+            tokio::net::TcpListener::bind(plan.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} (another daemon or program holds the port?): set another with --listen or [daemon] listen",
+                        plan.listen
+                    )
+                })?,
+        ),
+    };
     let repo = Arc::new(settings.open_repository().await.with_context(|| {
         format!(
-            "cannot open the repository {} at start",
+            "cannot open the repository {}{when}",
             settings.repo.as_deref().unwrap_or("")
         )
     })?);
@@ -264,23 +380,11 @@ pub(super) async fn run(settings: &Settings, args: DaemonArgs) -> anyhow::Result
         sinks: settings.alerts.clone(),
         file_sets,
     };
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("stopping on signal");
-        c.cancel();
-    });
-    daemon::run(ctx, plan, listener, cancel).await;
-    Ok(())
+    Ok(Prepared {
+        ctx,
+        plan,
+        listener,
+    })
 }
 
 #[cfg(test)]

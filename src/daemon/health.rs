@@ -19,10 +19,10 @@ use crate::repo::{Manifest, StanzaPaths};
 /// Evaluate health every check interval (and after each job): the check,
 /// the backups, the window, the gaps, the copies, budgets, the RTO-driven
 /// backup, alerts, the status file.
-pub(super) async fn health_loop(c: Control) {
+pub(super) async fn health_loop(c: Control, alerter: Alerter) -> Alerter {
     let i = &c.inner;
     let mut state = State {
-        alerter: Alerter::default(),
+        alerter,
         sinks: i.ctx.sinks.iter().cloned().map(Sink::new).collect(),
         refreshes: 0,
         from_views: BTreeMap::new(),
@@ -36,7 +36,7 @@ pub(super) async fn health_loop(c: Control) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while !i.hub.snapshot().stream.up {
             tokio::select! {
-                _ = i.cancel.cancelled() => return,
+                _ = i.cancel.cancelled() => return state.alerter,
                 _ = tokio::time::sleep_until(deadline) => break,
                 r = changes.changed() => if r.is_err() { break },
             }
@@ -50,7 +50,7 @@ pub(super) async fn health_loop(c: Control) {
         // each read is requests
         refresh = tick % 4 == 0;
         tokio::select! {
-            _ = i.cancel.cancelled() => return,
+            _ = i.cancel.cancelled() => return state.alerter,
             _ = tokio::time::sleep(i.plan.check_interval) => {}
             _ = i.wake.notified() => refresh = true,
         }
@@ -226,6 +226,12 @@ async fn evaluate(c: &Control, st: &mut State, refresh: bool) {
                 );
             }
         }
+    }
+    // stopping (a shutdown, or a reload once the jobs ended): the stream
+    // and the jobs go away on purpose; what this check saw meanwhile is no
+    // news for anyone
+    if i.cancel.is_cancelled() {
+        return;
     }
     for a in st.alerter.reconcile(&ctx.stanza, &conditions) {
         match a.state {

@@ -44,7 +44,7 @@ pub struct Server {
 }
 
 /// Serve on `listener` until `cancel`.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, cancel: CancellationToken) {
+pub async fn serve(listener: Arc<TcpListener>, server: Arc<Server>, cancel: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = cancel.cancelled() => return,

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 
-use super::alerts::SinkConfig;
+use super::alerts::{Alerter, SinkConfig};
 use super::jobs::{self, JobKind, JobRecord};
 use super::status::{Hub, JobRun, RunState};
 use super::{Plan, Trigger};
@@ -98,6 +98,8 @@ pub(super) struct Inner {
     pub(super) rto_backup_end: std::sync::Mutex<Option<Instant>>,
     /// Job runs whose task has not returned yet (shutdown waits for them).
     jobs: watch::Sender<usize>,
+    /// A reload waits for the running jobs: no new one starts.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Starts jobs; the HTTP actions and the scheduler hold one.
@@ -117,6 +119,11 @@ impl Control {
         let i = &self.inner;
         if i.cancel.is_cancelled() {
             return Err(StartError::Unavailable("the daemon is stopping".into()));
+        }
+        if i.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StartError::Unavailable(
+                "the daemon is reloading its configuration: try again in a moment".into(),
+            ));
         }
         match kind {
             JobKind::Drill if i.ctx.drill.is_none() => {
@@ -274,8 +281,22 @@ enum Guard<'a> {
 }
 
 /// Run the daemon until `cancel`: `listener` is already bound (a port in
-/// use is the caller's error to report, before anything starts).
-pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: CancellationToken) {
+/// use is the caller's error to report, before anything starts). Once
+/// `reload` is cancelled no new job starts; when the running ones have
+/// ended the daemon stops as on `cancel` (the caller starts it again on the
+/// new configuration; the listener stays the caller's). `alerts`: the
+/// conditions alerted before a reload (none at the start); returned for
+/// the next, so a reload neither repeats an alert nor loses its "resolved".
+pub async fn run(
+    ctx: Context,
+    plan: Plan,
+    listener: Arc<TcpListener>,
+    cancel: CancellationToken,
+    reload: CancellationToken,
+    alerts: Alerter,
+) -> Alerter {
+    let terminate = cancel;
+    let cancel = terminate.child_token();
     // alert sinks speak TLS (webhooks, SMTP); the dependency tree enables
     // two rustls providers, so the process default is chosen here
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -310,8 +331,10 @@ pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: Cancel
             wake: Notify::new(),
             rto_backup_end: std::sync::Mutex::new(None),
             jobs: watch::channel(0).0,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }),
     };
+    let drain = tokio::spawn(drain_on_reload(control.clone(), reload));
     let server = Arc::new(super::http::Server {
         hub: hub.clone(),
         token: control.inner.plan.token.clone(),
@@ -325,10 +348,17 @@ pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: Cancel
         "daemon ready: status page http://{}/",
         control.inner.plan.listen
     );
-    let health = tokio::spawn(super::health::health_loop(control.clone()));
+    let health = tokio::spawn(super::health::health_loop(control.clone(), alerts));
     let progress = tokio::spawn(progress_ticker(hub.clone(), cancel.clone()));
     scheduler(&control).await;
-    super::notify::notify("STOPPING=1");
+    let reloading = control
+        .inner
+        .draining
+        .load(std::sync::atomic::Ordering::SeqCst)
+        && !terminate.is_cancelled();
+    if !reloading {
+        super::notify::notify("STOPPING=1");
+    }
     // the jobs see the cancel at once; a drill takes a moment to stop its
     // scratch server (the runtime must outlive that)
     let mut jobs = control.inner.jobs.subscribe();
@@ -339,7 +369,34 @@ pub async fn run(ctx: Context, plan: Plan, listener: TcpListener, cancel: Cancel
     .await;
     tracing::info!("stopping: the stream uploads what it received");
     let _ = stream.await;
-    let _ = tokio::join!(http, health, progress);
+    let (_, alerts, _, _) = tokio::join!(http, health, progress, drain);
+    alerts.unwrap_or_default()
+}
+
+/// On `reload`: refuse new jobs, wait for the running ones, then stop the
+/// daemon (it is started again on the new configuration).
+async fn drain_on_reload(c: Control, reload: CancellationToken) {
+    let i = &c.inner;
+    tokio::select! {
+        _ = reload.cancelled() => {}
+        _ = i.cancel.cancelled() => return,
+    }
+    i.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    // systemd (Type=notify) holds `systemctl reload` until READY=1 again
+    super::notify::notify("RELOADING=1");
+    let mut jobs = i.jobs.subscribe();
+    let running = *jobs.borrow();
+    if running > 0 {
+        tracing::info!(
+            "reloading the configuration: waiting for {running} running job(s) to end; no new one starts meanwhile"
+        );
+    }
+    tokio::select! {
+        _ = jobs.wait_for(|n| *n == 0) => {}
+        _ = i.cancel.cancelled() => return,
+    }
+    tracing::info!("reloading the configuration: the stream and the scheduler start again");
+    i.cancel.cancel();
 }
 
 /// Runs recorded in the repository: the ended ones fill the job history;

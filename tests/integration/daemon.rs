@@ -324,8 +324,10 @@ run = "cat >> {cmds}; echo >> {cmds}"
     // view of the repository caught up with the last job (else the wait
     // times out: the daemon never reports what the repository holds)
     let pg = c.conninfo();
+    // (jobs every few seconds: on a loaded machine a quiet moment can take
+    // a while to come)
     let (m, check) = wait_for(
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         "a quiet moment for /metrics",
         || {
             let before = metrics(&d);
@@ -748,6 +750,140 @@ fn a_scheduled_backup_missed_while_stopped_runs_at_the_next_start() {
         .filter(|r| r["trigger"] == "missed")
         .count();
     assert_eq!(missed, 1, "{s}");
+}
+
+/// SIGHUP reads walvault.toml again: a backup running then ends first (no
+/// new job starts meanwhile), systemd hears RELOADING=1 then READY=1, the
+/// new schedule runs, the stream resumes without a gap; a configuration
+/// that does not load is reported and changes nothing.
+#[test]
+fn sighup_reloads_the_configuration_after_the_running_jobs_and_keeps_it_when_the_new_one_fails() {
+    use nix::sys::signal::Signal;
+    let c = PgCluster::start();
+    c.pgbench(&["-i", "-s", "3", "-q"]);
+    let work = work_dir();
+    let repo = work.path().join("repo").display().to_string();
+    let with_schedule = |schedule: &str| {
+        // 4 MiB/s: the 50 MB backup below runs for seconds
+        let body = format!(
+            "pg = \"{}\"\n\n[daemon]\ntoken = \"{TOKEN}\"\ncheck_interval = \"1s\"\ntime_zone = \"UTC\"\nfast = true\nmax_rate = \"4MiB\"\n\n[daemon.schedule]\n{schedule}\n",
+            c.conninfo()
+        );
+        config(work.path(), &repo, &body, None)
+    };
+    let never = "backup = \"0 0 0 29 2 *\"";
+    let wv = Walvault::new().config(with_schedule(never));
+    wv.args(["init"]).ok();
+    let notify_path = work.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut d = Daemon::start(&wv.env("NOTIFY_SOCKET", &notify_path), &[]);
+    let mut buf = [0u8; 256];
+    let mut heard = || {
+        let n = notify.recv(&mut buf).expect("a message from the daemon");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(heard(), "READY=1");
+    assert!(d.status()["schedules"].get("verify").is_none());
+
+    // a backup runs; the new configuration adds a verify every 2 s
+    let slow = post(&d, "backup");
+    wait_for(Duration::from_secs(60), "the backup running", || {
+        let s = d.status();
+        match s["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == slow.as_str())
+        {
+            true => Ok(()),
+            false => Err(format!("running {}", s["running"])),
+        }
+    });
+    with_schedule(&format!("{never}\nverify = \"*/2 * * * * *\""));
+    d.signal(Signal::SIGHUP);
+    assert_eq!(heard(), "RELOADING=1");
+    // no new job while the backup runs
+    let refused = http(&d.addr, "POST", "/api/jobs/verify", Some(TOKEN)).unwrap();
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("reloading"), "{refused:?}");
+    assert_eq!(heard(), "READY=1");
+    let log = d.log();
+    assert!(log.contains("waiting for 1 running job(s) to end"), "{log}");
+    let backup = d.wait_run(Duration::from_secs(60), "backup", |r| {
+        r["id"] == slow.as_str()
+    });
+    assert_eq!(backup["state"], "succeeded", "{backup}");
+    assert_eq!(
+        d.status()["schedules"]["verify"],
+        "*/2 * * * * *",
+        "{}",
+        d.status()
+    );
+    let verify = d.wait_run(Duration::from_secs(90), "verify", |r| {
+        r["trigger"] == "schedule" && r["state"] == "succeeded"
+    });
+    assert!(
+        epoch(&verify["started_at"]) >= epoch(&backup["finished_at"]),
+        "{verify} {backup}"
+    );
+    // the alert raised before the reload is resolved after it (the
+    // conditions carry over), and the stream stopped on purpose is none
+    let reloaded = |log: &str| log.find("running on the reloaded configuration").unwrap();
+    wait_until(Duration::from_secs(30), "the alert resolved", || {
+        let log = d.log();
+        log[reloaded(&log)..].contains("resolved: newest backup")
+    });
+    let log = d.log();
+    assert!(
+        log[..reloaded(&log)].contains("ALERT: newest backup"),
+        "{log}"
+    );
+    assert!(!log.contains("ALERT: wal mode"), "{log}");
+
+    // the stream resumed where the repository ends: no gap
+    c.psql("CREATE TABLE after_reload AS SELECT 1 AS x");
+    let target = c.insert_lsn();
+    wait_for(
+        Duration::from_secs(60),
+        "the stream durable past the reload",
+        || {
+            let durable: walvault::pg::Lsn = d.status()["stream"]["position"]["durable_lsn"]
+                .as_str()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or_default();
+            match durable >= target {
+                true => Ok(()),
+                false => Err(format!("durable at {durable}")),
+            }
+        },
+    );
+    let wal = wv.args(["wal-verify", "--json"]).ok().json();
+    assert!(wal["gaps"].as_array().unwrap().is_empty(), "{wal}");
+
+    // a configuration that does not load: said, and nothing changes
+    with_schedule(&format!("{never}\nverify = \"61 * * * *\""));
+    d.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(30), "the reload refused", || {
+        d.log().contains("the configuration was not reloaded")
+    });
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("the configuration was not reloaded"))
+        .unwrap();
+    assert!(line.contains("daemon.schedule.verify"), "{line}");
+    assert!(line.contains("goes on with the one it had"), "{line}");
+    assert!(d.running());
+    assert_eq!(d.status()["schedules"]["verify"], "*/2 * * * * *");
+    let since = chrono::Utc::now();
+    d.wait_run(Duration::from_secs(60), "verify", |r| {
+        r["state"] == "succeeded" && epoch(&r["started_at"]) > since.timestamp() as f64
+    });
+    d.stop(Duration::from_secs(60));
+    assert_eq!(heard(), "STOPPING=1");
 }
 
 #[test]

@@ -145,6 +145,13 @@ impl Daemon {
         }
     }
 
+    /// Send `sig` to the running process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the daemon is running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
+            .expect("signal the daemon");
+    }
+
     /// Started and not exited.
     pub fn running(&mut self) -> bool {
         matches!(
