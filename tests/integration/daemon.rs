@@ -504,6 +504,24 @@ run = "cat >> {cmds}; echo >> {cmds}"
     drop(smtp);
 }
 
+/// Wait until the daemon's stream reports `target` durable.
+fn wait_durable(d: &Daemon, target: walvault::pg::Lsn) {
+    wait_for(
+        Duration::from_secs(60),
+        "the stream durable past the target",
+        || {
+            let durable: walvault::pg::Lsn = d.status()["stream"]["position"]["durable_lsn"]
+                .as_str()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or_default();
+            match durable >= target {
+                true => Ok(()),
+                false => Err(format!("durable at {durable}")),
+            }
+        },
+    );
+}
+
 /// The id of the run `POST /api/jobs/KIND` started.
 fn post(d: &Daemon, kind: &str) -> String {
     let a = http(&d.addr, "POST", &format!("/api/jobs/{kind}"), Some(TOKEN)).unwrap();
@@ -588,22 +606,7 @@ fn daemon_killed_during_a_backup_reports_it_failed_retries_it_and_leaves_no_wal_
 
     // the stream resumed where the repository ends: no gap
     let target = c.insert_lsn();
-    wait_for(
-        Duration::from_secs(60),
-        "the stream durable past the load",
-        || {
-            let s = d.status();
-            let durable: walvault::pg::Lsn = s["stream"]["position"]["durable_lsn"]
-                .as_str()
-                .and_then(|l| l.parse().ok())
-                .unwrap_or_default();
-            if durable >= target {
-                Ok(())
-            } else {
-                Err(format!("durable at {durable}"))
-            }
-        },
-    );
+    wait_durable(&d, target);
     let wal = wv.args(["wal-verify", "--json"]).ok().json();
     assert!(wal["gaps"].as_array().unwrap().is_empty(), "{wal}");
 
@@ -846,20 +849,7 @@ fn sighup_reloads_the_configuration_after_the_running_jobs_and_keeps_it_when_the
     // the stream resumed where the repository ends: no gap
     c.psql("CREATE TABLE after_reload AS SELECT 1 AS x");
     let target = c.insert_lsn();
-    wait_for(
-        Duration::from_secs(60),
-        "the stream durable past the reload",
-        || {
-            let durable: walvault::pg::Lsn = d.status()["stream"]["position"]["durable_lsn"]
-                .as_str()
-                .and_then(|l| l.parse().ok())
-                .unwrap_or_default();
-            match durable >= target {
-                true => Ok(()),
-                false => Err(format!("durable at {durable}")),
-            }
-        },
-    );
+    wait_durable(&d, target);
     let wal = wv.args(["wal-verify", "--json"]).ok().json();
     assert!(wal["gaps"].as_array().unwrap().is_empty(), "{wal}");
 
