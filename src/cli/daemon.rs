@@ -136,10 +136,12 @@ pub(super) async fn run(
     global: &super::GlobalArgs,
 ) -> anyhow::Result<()> {
     if args.check_config {
-        let options = args.options.clone().or(settings.daemon.clone());
-        let budgets = args.budgets.or(&settings.budgets);
-        let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
-        let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
+        let Merged {
+            options,
+            budgets,
+            plan,
+            ..
+        } = merged(settings, &args)?;
         let pg = args.pg.as_deref().or(settings.pg.as_deref());
         settings.repo()?;
         outln!("# walvault daemon: the configuration is valid; in effect (secrets redacted):")?;
@@ -239,6 +241,27 @@ pub(super) async fn run(
     }
 }
 
+/// The flags over walvault.toml, validated.
+struct Merged {
+    options: DaemonOptions,
+    budgets: crate::ops::check::Budgets,
+    policy: Option<(crate::ops::retention::Policy, std::time::Duration)>,
+    plan: daemon::Plan,
+}
+
+fn merged(settings: &Settings, args: &DaemonArgs) -> anyhow::Result<Merged> {
+    let options = args.options.clone().or(settings.daemon.clone());
+    let budgets = args.budgets.or(&settings.budgets);
+    let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
+    let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
+    Ok(Merged {
+        options,
+        budgets,
+        policy,
+        plan,
+    })
+}
+
 /// What one start of the daemon runs on.
 struct Prepared {
     ctx: daemon::Context,
@@ -254,10 +277,12 @@ async fn prepare(
     args: &DaemonArgs,
     listening: Option<(std::net::SocketAddr, Arc<tokio::net::TcpListener>)>,
 ) -> anyhow::Result<Prepared> {
-    let options = args.options.clone().or(settings.daemon.clone());
-    let budgets = args.budgets.or(&settings.budgets);
-    let policy = super::retention::PolicyArgs::default().resolve(&settings.retention)?;
-    let plan = options.plan(policy.is_some()).map_err(anyhow::Error::new)?;
+    let Merged {
+        options,
+        budgets,
+        policy,
+        plan,
+    } = merged(settings, args)?;
     let params = ConnParams::parse(settings.pg(args.pg.as_deref())?)?;
     let when = if listening.is_none() { " at start" } else { "" };
     let listener = match listening {
