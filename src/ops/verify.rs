@@ -96,6 +96,11 @@ pub async fn verify(
 ) -> Result<VerifyReport, OpsError> {
     let paths = StanzaPaths::new(stanza);
     let parallel = opts.parallel.max(1);
+    // before the index: a pack garbage collection deletes while this runs
+    // was marked before (a grace period earlier), so it is in this set
+    let collecting = crate::repo::gc::GcState::load(repo, &paths)
+        .await?
+        .pending_packs();
     let manifests = Manifest::load_all(repo, &paths).await?;
     let (index, _) = Index::load(repo, &paths).await?;
     let deep = opts.deep || opts.since_last;
@@ -213,7 +218,15 @@ pub async fn verify(
                     }
                 }
             }
-            PackCheck::Damaged(what) => {
+            // garbage collection deleted it meanwhile: no backup needs it
+            PackCheck::Missing if collecting.contains(&id) && !users.contains_key(&id) => {
+                tracing::debug!(pack = %id, "deleted by garbage collection meanwhile");
+            }
+            check @ (PackCheck::Missing | PackCheck::Damaged(_)) => {
+                let what = match check {
+                    PackCheck::Damaged(what) => what,
+                    _ => "the pack is missing".to_owned(),
+                };
                 // the next backup stores its blocks again (`repo::damaged`)
                 match crate::repo::mark_damaged(repo, &paths, &id).await {
                     Ok(()) => tracing::warn!(
@@ -365,7 +378,9 @@ async fn newest_passing_deep(
 enum PackCheck {
     /// Whole; the bytes read when it was read.
     Fine(Option<u64>),
-    /// Missing or damaged: what is wrong.
+    /// Not there.
+    Missing,
+    /// Damaged: what is wrong.
     Damaged(String),
 }
 
@@ -384,9 +399,7 @@ async fn check_pack(
     let name = paths.pack(id);
     let header = match read_pack_header(repo.storage().as_ref(), &name, repo.keys()).await {
         Ok(h) => h,
-        Err(RepoError::Storage(e)) if e.is_not_found() => {
-            return Ok(PackCheck::Damaged("the pack is missing".into()))
-        }
+        Err(RepoError::Storage(e)) if e.is_not_found() => return Ok(PackCheck::Missing),
         Err(RepoError::Corrupt { reason, .. }) => return Ok(PackCheck::Damaged(reason)),
         Err(e) => return Err(e),
     };

@@ -544,6 +544,67 @@ fn verify_names_each_kind_of_damage_and_reads_only_what_is_new() {
     assert_eq!(files_under(&damaged_dir).len(), 0);
 }
 
+/// The packs garbage collection has marked for deletion, from its state.
+fn gc_pending(repo: &Path) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(repo).unwrap());
+        let r = walvault::repo::Repository::open(storage, None)
+            .await
+            .unwrap();
+        let paths = walvault::repo::StanzaPaths::new("main");
+        let state = walvault::repo::gc::GcState::load(&r, &paths).await.unwrap();
+        state.pending.keys().cloned().collect()
+    })
+}
+
+/// Garbage collection deletes a pack it marked a grace period earlier; a
+/// verify running then finds it gone. No backup needs it: not a problem,
+/// and not recorded as damaged. A missing pack a backup needs still is.
+#[test]
+fn verify_is_not_fooled_by_a_pack_garbage_collection_deletes_meanwhile() {
+    let a = Archived::new(&[]);
+    backup(&a);
+    // a table of its own packs, then gone
+    a.c.psql(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) || md5(random()::text) || md5(random()::text) AS t FROM generate_series(1, 1000000) g",
+    );
+    backup(&a);
+    a.c.psql("DROP TABLE filler");
+    let kept = backup(&a);
+    a.ok(&["verify"]);
+    let r = a
+        .ok(&["expire", "--keep-last", "1", "--pack-grace", "1h", "--json"])
+        .json();
+    let marked = r["packs_marked"].as_u64().unwrap();
+    assert!(marked >= 1, "{r}");
+    let pending = gc_pending(&a.repo);
+    assert_eq!(pending.len() as u64, marked, "{r}");
+    let pack_file = |id: &str| a.repo.join(format!("main/packs/{}/{id}", &id[..2]));
+    std::fs::remove_file(pack_file(&pending[0])).unwrap();
+    let v = a.ok(&["verify", "--json"]).json();
+    assert_eq!(v["passed"], true, "{v}");
+    assert!(files_under(&a.repo.join("main/damaged")).is_empty());
+
+    // a pack the kept backup needs, missing: named, and marked
+    let needed = files_under(&a.repo.join("main/packs"))
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            !pending.iter().any(|id| id == name)
+        })
+        .unwrap();
+    std::fs::remove_file(&needed).unwrap();
+    let ps = problems(&a.repo, &[]);
+    assert!(
+        ps.iter()
+            .any(|p| p["what"] == "the pack is missing" && p["backups"][0] == kept.as_str()),
+        "{ps:?}"
+    );
+    assert_eq!(files_under(&a.repo.join("main/damaged")).len(), 1);
+}
+
 #[test]
 fn retention_bad_input_is_one_line_and_changes_nothing() {
     let work = tempfile::tempdir().unwrap();
