@@ -102,7 +102,7 @@ pub async fn verify(
         .await?
         .pending_packs();
     let manifests = Manifest::load_all(repo, &paths).await?;
-    let (index, _) = Index::load(repo, &paths).await?;
+    let (index, _, marked) = Index::load_marked(repo, &paths).await?;
     let deep = opts.deep || opts.since_last;
     let ledger: Option<VerifyRecord> = if opts.since_last {
         newest_passing_deep(repo, &paths).await?
@@ -196,7 +196,7 @@ pub async fn verify(
         problems: Vec::new(),
     };
     let mut packs_ok: BTreeSet<String> = BTreeSet::new();
-    let marked = crate::repo::damaged_packs(repo, &paths).await?;
+    let mut damaged: Vec<(PackId, String)> = Vec::new();
     for (id, r) in checks {
         match r? {
             PackCheck::Fine(read) => {
@@ -222,28 +222,26 @@ pub async fn verify(
             PackCheck::Missing if collecting.contains(&id) && !users.contains_key(&id) => {
                 tracing::debug!(pack = %id, "deleted by garbage collection meanwhile");
             }
-            check @ (PackCheck::Missing | PackCheck::Damaged(_)) => {
-                let what = match check {
-                    PackCheck::Damaged(what) => what,
-                    _ => "the pack is missing".to_owned(),
-                };
-                // the next backup stores its blocks again (`repo::damaged`)
-                match crate::repo::mark_damaged(repo, &paths, &id).await {
-                    Ok(()) => tracing::warn!(
-                        pack = %id,
-                        "{what}: the next backup stores the blocks it held again"
-                    ),
-                    Err(e) => tracing::warn!(pack = %id, "cannot record the damage: {e}"),
-                }
-                let (backups, breaks) = breaks_of(&id);
-                problems.push(Problem {
-                    object: paths.pack(&id),
-                    what,
-                    backups,
-                    breaks,
-                });
-            }
+            PackCheck::Missing => damaged.push((id, "the pack is missing".to_owned())),
+            PackCheck::Damaged(what) => damaged.push((id, what)),
         }
+    }
+    for (id, what) in damaged {
+        // the next backup stores its blocks again (`repo::damaged`)
+        match crate::repo::mark_damaged(repo, &paths, &id).await {
+            Ok(()) => tracing::warn!(
+                pack = %id,
+                "{what}: the next backup stores the blocks it held again"
+            ),
+            Err(e) => tracing::warn!(pack = %id, "cannot record the damage: {e}"),
+        }
+        let (backups, breaks) = breaks_of(&id);
+        problems.push(Problem {
+            object: paths.pack(&id),
+            what,
+            backups,
+            breaks,
+        });
     }
 
     // WAL: continuity over every kept recovery range; content when deep

@@ -290,6 +290,16 @@ impl Index {
         repo: &Repository,
         paths: &StanzaPaths,
     ) -> Result<(Index, Vec<String>), RepoError> {
+        let (index, names, _) = Index::load_marked(repo, paths).await?;
+        Ok((index, names))
+    }
+
+    /// [`Index::load`], and the packs recorded as damaged (`super::damaged`),
+    /// which it put last.
+    pub async fn load_marked(
+        repo: &Repository,
+        paths: &StanzaPaths,
+    ) -> Result<(Index, Vec<String>, std::collections::HashSet<PackId>), RepoError> {
         let names: Vec<String> = list_all(repo.storage().as_ref(), &paths.index_dir())
             .await?
             .into_iter()
@@ -332,7 +342,7 @@ impl Index {
         for (id, entries) in last {
             index.add_pack(id, &entries);
         }
-        Ok((finish_blocking(index).await?, loaded))
+        Ok((finish_blocking(index).await?, loaded, damaged))
     }
 
     /// Build an index from the pack headers alone (no index objects): the

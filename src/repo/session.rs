@@ -140,11 +140,11 @@ impl Session {
     ) -> Result<Session, RepoError> {
         let paths = StanzaPaths::new(stanza);
         let lease = Lease::acquire(repo.clone(), &paths, &opts.purpose).await?;
-        let (mut index, _) = Index::load(&repo, &paths).await?;
+        let (mut index, _, damaged) = Index::load_marked(&repo, &paths).await?;
         // never deduplicate against a pack garbage collection may delete,
         // nor against one verify found damaged (its blocks are stored again)
         let mut avoid = GcState::load(&repo, &paths).await?.pending_packs();
-        avoid.extend(super::damaged_packs(&repo, &paths).await?);
+        avoid.extend(damaged);
         if !avoid.is_empty() {
             let kept: Vec<_> = index
                 .pack_entries()
