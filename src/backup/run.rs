@@ -211,7 +211,7 @@ pub async fn run_backup(
         }
     };
     let manifest = Manifest {
-        version: crate::repo::MANIFEST_VERSION,
+        version: repo.manifest_version(),
         id,
         label: opts.label.clone(),
         system_id: sys.system_id,

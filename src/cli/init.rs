@@ -27,9 +27,10 @@ pub struct InitArgs {
     /// Target size of a pack (e.g. 16MiB).
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub pack_size: u64,
-    /// New blocks compressed together, at most (default: 128KiB of blocks,
-    /// 16 of 8KiB). 1 stores every block alone, a repository walvault
-    /// releases before block groups can read.
+    /// New blocks compressed together, at most (default: 256KiB of blocks,
+    /// 32 of 8KiB, with zstd; 128KiB, 16, with lz4). 1 stores every block
+    /// alone, a repository walvault releases before block groups (and
+    /// before 128-bit block ids) can read.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub group_blocks: Option<u32>,
 }

@@ -173,10 +173,75 @@ impl Keys {
     }
 }
 
-/// The id of a block: SHA-256 of its plaintext, or HMAC-SHA-256 under the id
-/// key in an encrypted repository.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+/// The id of a block: the function the repository's `config` names
+/// ([`IdHasher`]). Ids of 128 bits (config version 4) are held with 16 zero
+/// bytes after them, so every repository's ids share one type; a stored
+/// structure writes the width its format says ([`with_id_width`]).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockId(pub [u8; 32]);
+
+thread_local! {
+    /// Bytes of a block id serde writes and reads on this thread.
+    static ID_WIDTH: std::cell::Cell<usize> = const { std::cell::Cell::new(32) };
+}
+
+/// Run `f` with block ids (de)serialized `width` bytes wide (16 or 32) on
+/// this thread: a manifest of version 7 stores 16 bytes per id. Writing an
+/// id whose bytes past `width` are not zero is an error, never a silent cut.
+pub fn with_id_width<T>(width: usize, f: impl FnOnce() -> T) -> T {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ID_WIDTH.with(|w| w.set(self.0));
+        }
+    }
+    let _restore = Restore(ID_WIDTH.with(|w| w.replace(width.clamp(1, 32))));
+    f()
+}
+
+impl serde::Serialize for BlockId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeTuple};
+        let width = ID_WIDTH.with(|w| w.get());
+        let (kept, cut) = self.0.split_at(width);
+        if cut.iter().any(|&b| b != 0) {
+            return Err(S::Error::custom(format!(
+                "block id {self} is wider than the {width} bytes this structure stores"
+            )));
+        }
+        let mut t = s.serialize_tuple(width)?;
+        for b in kept {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BlockId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BlockId, D::Error> {
+        struct Bytes(usize);
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = BlockId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a block id of {} bytes", self.0)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BlockId, A::Error> {
+                let mut id = [0u8; 32];
+                for (i, b) in id.iter_mut().take(self.0).enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(BlockId(id))
+            }
+        }
+        let width = ID_WIDTH.with(|w| w.get());
+        d.deserialize_tuple(width, Bytes(width))
+    }
+}
 
 /// Ids are uniformly distributed already: hashing feeds their first 8 bytes
 /// as one word (the index uses a pass-through hasher on it).
@@ -194,14 +259,33 @@ impl fmt::Debug for BlockId {
     }
 }
 
+impl BlockId {
+    /// The bytes that carry the id: 16 for a 128-bit id (its last 16 bytes
+    /// zero), else 32. (A 256-bit id ends in 16 zero bytes with
+    /// probability 2⁻¹²⁸; it would only print shorter.)
+    pub fn significant(&self) -> &[u8] {
+        match self.0.split_at(16) {
+            (short, tail) if tail.iter().all(|&b| b == 0) => short,
+            _ => &self.0,
+        }
+    }
+}
+
 impl fmt::Display for BlockId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&to_hex(&self.0))
+        f.write_str(&to_hex(self.significant()))
     }
 }
 
 /// The block id functions, by their name in the repository's `config`.
-pub const BLOCK_ID_FUNCTIONS: [&str; 4] = ["sha256", "hmac-sha256", "blake3", "blake3-keyed"];
+pub const BLOCK_ID_FUNCTIONS: [&str; 6] = [
+    "sha256",
+    "hmac-sha256",
+    "blake3",
+    "blake3-keyed",
+    "blake3-128",
+    "blake3-keyed-128",
+];
 
 /// Computes block ids for one repository.
 #[derive(Clone)]
@@ -215,6 +299,11 @@ pub enum IdHasher {
     /// BLAKE3 in keyed mode under a key derived from the id key (encrypted
     /// repositories since config version 2).
     Blake3Keyed([u8; 32]),
+    /// The first 128 bits of plain BLAKE3 (unencrypted, config version 4).
+    Blake3Short,
+    /// The first 128 bits of [`IdHasher::Blake3Keyed`] (encrypted, config
+    /// version 4).
+    Blake3KeyedShort([u8; 32]),
 }
 
 impl fmt::Debug for IdHasher {
@@ -224,6 +313,8 @@ impl fmt::Debug for IdHasher {
             IdHasher::Hmac(_) => "IdHasher::Hmac",
             IdHasher::Blake3 => "IdHasher::Blake3",
             IdHasher::Blake3Keyed(_) => "IdHasher::Blake3Keyed",
+            IdHasher::Blake3Short => "IdHasher::Blake3Short",
+            IdHasher::Blake3KeyedShort(_) => "IdHasher::Blake3KeyedShort",
         })
     }
 }
@@ -248,11 +339,19 @@ impl IdHasher {
             ("sha256", None) => Some(IdHasher::Sha256),
             ("hmac-sha256", Some(_)) => Some(IdHasher::new(keys)),
             ("blake3", None) => Some(IdHasher::Blake3),
-            ("blake3-keyed", Some(k)) => Some(IdHasher::Blake3Keyed(blake3::derive_key(
-                "walvault 2026-12 block id blake3 keyed v1",
-                &k.id_key,
-            ))),
+            ("blake3-keyed", Some(k)) => Some(IdHasher::Blake3Keyed(blake3_id_key(k))),
+            ("blake3-128", None) => Some(IdHasher::Blake3Short),
+            ("blake3-keyed-128", Some(k)) => Some(IdHasher::Blake3KeyedShort(blake3_id_key(k))),
             _ => None,
+        }
+    }
+
+    /// Bytes of an id that carry information (16 or 32): what stored
+    /// structures of config version 4 keep.
+    pub fn id_len(&self) -> usize {
+        match self {
+            IdHasher::Blake3Short | IdHasher::Blake3KeyedShort(_) => 16,
+            _ => 32,
         }
     }
 
@@ -267,8 +366,24 @@ impl IdHasher {
             }
             IdHasher::Blake3 => BlockId(*blake3::hash(data).as_bytes()),
             IdHasher::Blake3Keyed(k) => BlockId(*blake3::keyed_hash(k, data).as_bytes()),
+            IdHasher::Blake3Short => short(blake3::hash(data).as_bytes()),
+            IdHasher::Blake3KeyedShort(k) => short(blake3::keyed_hash(k, data).as_bytes()),
         }
     }
+}
+
+/// The BLAKE3 key of keyed ids, derived from the id key.
+fn blake3_id_key(k: &Keys) -> [u8; 32] {
+    blake3::derive_key("walvault 2026-12 block id blake3 keyed v1", &k.id_key)
+}
+
+/// The first 128 bits of a 256-bit hash, zero-padded.
+fn short(full: &[u8; 32]) -> BlockId {
+    let mut id = [0u8; 32];
+    for (d, s) in id.iter_mut().zip(&full[..16]) {
+        *d = *s;
+    }
+    BlockId(id)
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 mod crypto;
 
 pub use crypto::{
-    BlockId, CryptoError, IdHasher, Keys, MasterKey, AEAD_OVERHEAD, BLOCK_ID_FUNCTIONS,
+    with_id_width, BlockId, CryptoError, IdHasher, Keys, MasterKey, AEAD_OVERHEAD,
+    BLOCK_ID_FUNCTIONS,
 };
 
 /// Seal `plaintext` under a raw 32-byte key (used to wrap master keys).

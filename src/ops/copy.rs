@@ -351,6 +351,8 @@ async fn copy_backup(
     // (with the same ids) is not read, the others are read, stored (the
     // session skips what the target has) and renamed in the copy
     let mut copied = m.clone();
+    // the target's manifest version: its ids may be of another width
+    copied.version = dst.manifest_version();
     let positions: Vec<(usize, usize)> = copied
         .files
         .iter()

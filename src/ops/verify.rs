@@ -395,7 +395,14 @@ async fn check_pack(
 ) -> Result<PackCheck, crate::repo::RepoError> {
     use crate::repo::RepoError;
     let name = paths.pack(id);
-    let header = match read_pack_header(repo.storage().as_ref(), &name, repo.keys()).await {
+    let header = match read_pack_header(
+        repo.storage().as_ref(),
+        &name,
+        repo.keys(),
+        repo.entry_format(),
+    )
+    .await
+    {
         Ok(h) => h,
         Err(RepoError::Storage(e)) if e.is_not_found() => return Ok(PackCheck::Missing),
         Err(RepoError::Corrupt { reason, .. }) => return Ok(PackCheck::Damaged(reason)),

@@ -13,16 +13,23 @@ pub const CONFIG_KEY: &str = "config";
 
 /// The newest `config` version this build understands (2: block ids may be
 /// BLAKE3, which builds that know version 1 only cannot compute; 3: packs
-/// may hold groups of blocks compressed together).
-pub const CONFIG_VERSION: u32 = 3;
+/// may hold groups of blocks compressed together; 4: 128-bit block ids,
+/// entry lists by blob and manifests of version 7 — decision 040).
+pub const CONFIG_VERSION: u32 = 4;
 
 /// Largest group of blocks compressed together, bytes before compression.
 pub const MAX_GROUP_BYTES: u32 = 1 << 20;
 
-/// Blocks per group by default: 128 KiB of blocks, 16 of 8 KiB (LZ4 needs
-/// about 64 KiB of context; docs/compression-groups-study.md).
-pub fn default_group_blocks(block_size: u32) -> u32 {
-    (128 * 1024 / block_size.max(1)).max(1)
+/// Blocks per group by default: 128 KiB of blocks (16 of 8 KiB) for LZ4,
+/// whose 64 KiB window uses no more; 256 KiB (32) for Zstandard, whose
+/// window reaches further and stores 4 % less of a database at the same
+/// speed (docs/compression-groups-study.md, decision 040).
+pub fn default_group_blocks(block_size: u32, compression: Compression) -> u32 {
+    let bytes = match compression {
+        Compression::Zstd(_) => 256 * 1024,
+        _ => 128 * 1024,
+    };
+    (bytes / block_size.max(1)).max(1)
 }
 
 /// What `config` records.
@@ -106,7 +113,7 @@ impl RepoConfig {
         }
         let group = params
             .group_blocks
-            .unwrap_or_else(|| default_group_blocks(params.block_size));
+            .unwrap_or_else(|| default_group_blocks(params.block_size, params.compression));
         if group == 0
             || group > 255
             || u64::from(group) * u64::from(params.block_size) > u64::from(MAX_GROUP_BYTES)
@@ -123,7 +130,13 @@ impl RepoConfig {
             repo_id: to_hex(&repo_id),
             created: chrono::Utc::now().to_rfc3339(),
             encryption: if encrypted { "aes-256-gcm" } else { "none" }.into(),
-            block_id: if encrypted { "blake3-keyed" } else { "blake3" }.into(),
+            block_id: match (encrypted, group > 1) {
+                (true, true) => "blake3-keyed-128",
+                (true, false) => "blake3-keyed",
+                (false, true) => "blake3-128",
+                (false, false) => "blake3",
+            }
+            .into(),
             block_size: params.block_size,
             compression: params.compression.to_string(),
             pack_size: params.pack_size,
@@ -140,6 +153,12 @@ impl RepoConfig {
     /// Compression of new blocks.
     pub fn compression(&self) -> Compression {
         self.compression.parse().unwrap_or_default()
+    }
+
+    /// Version 4's compact layout: 128-bit block ids, pack headers and
+    /// index objects listing entries by blob, manifests of version 7.
+    pub fn compact(&self) -> bool {
+        self.version >= 4
     }
 
     /// New blocks compressed together, at most (1: each alone).
@@ -184,12 +203,15 @@ impl RepoConfig {
                 cfg.block_size, cfg.pack_size
             )));
         }
-        let block_ids: &[&str] = if cfg.version == 1 {
-            &["sha256", "hmac-sha256"]
-        } else {
-            &crate::codec::BLOCK_ID_FUNCTIONS
+        let block_ids: &[&str] = match cfg.version {
+            1 => &["sha256", "hmac-sha256"],
+            2 | 3 => &["sha256", "hmac-sha256", "blake3", "blake3-keyed"],
+            _ => &["blake3-128", "blake3-keyed-128"],
         };
-        let keyed = cfg.block_id == "hmac-sha256" || cfg.block_id == "blake3-keyed";
+        let keyed = matches!(
+            cfg.block_id.as_str(),
+            "hmac-sha256" | "blake3-keyed" | "blake3-keyed-128"
+        );
         if !block_ids.contains(&cfg.block_id.as_str()) || keyed != cfg.encrypted() {
             return Err(corrupt(format!(
                 "block id function {:?} unknown for version {} of a{} repository",
@@ -250,8 +272,15 @@ mod tests {
     #[test]
     fn round_trip_and_newer_version() {
         let cfg = RepoConfig::new([7; 16], &InitParams::default(), false).unwrap();
-        assert_eq!((cfg.version, cfg.block_id.as_str()), (3, "blake3"));
-        assert_eq!((cfg.group_blocks, cfg.group_blocks()), (Some(16), 16));
+        assert_eq!((cfg.version, cfg.block_id.as_str()), (4, "blake3-128"));
+        assert!(cfg.compact());
+        assert_eq!((cfg.group_blocks, cfg.group_blocks()), (Some(32), 32));
+        let lz4 = InitParams {
+            compression: Compression::Lz4,
+            ..InitParams::default()
+        };
+        let lz4 = RepoConfig::new([7; 16], &lz4, false).unwrap();
+        assert_eq!(lz4.group_blocks, Some(16));
         assert_eq!(RepoConfig::decode(&cfg.encode().unwrap()).unwrap(), cfg);
         // one block per group: a version 2 repository older builds read
         let single = InitParams {
@@ -263,6 +292,8 @@ mod tests {
             (v2.version, v2.group_blocks, v2.group_blocks()),
             (2, None, 1)
         );
+        assert_eq!(v2.block_id, "blake3");
+        assert!(!v2.compact());
         assert!(!String::from_utf8_lossy(&v2.encode().unwrap()).contains("group"));
         assert_eq!(RepoConfig::decode(&v2.encode().unwrap()).unwrap(), v2);
         // groups need version 3, and fit in 1 MiB
@@ -280,13 +311,21 @@ mod tests {
             assert!(RepoConfig::new([7; 16], &p, false).is_err(), "{g}");
         }
         let enc = RepoConfig::new([7; 16], &InitParams::default(), true).unwrap();
-        assert_eq!(enc.block_id, "blake3-keyed");
+        assert_eq!(enc.block_id, "blake3-keyed-128");
         assert_eq!(RepoConfig::decode(&enc.encode().unwrap()).unwrap(), enc);
+        // a version 3 repository (groups, 256-bit ids) still opens
+        let v3 = RepoConfig {
+            version: 3,
+            block_id: "blake3-keyed".into(),
+            ..enc.clone()
+        };
+        assert_eq!(RepoConfig::decode(&v3.encode().unwrap()).unwrap(), v3);
+        assert!(!v3.compact());
         let mut newer = cfg.clone();
-        newer.version = 4;
+        newer.version = 5;
         let e = RepoConfig::decode(&newer.encode().unwrap()).unwrap_err();
         assert!(
-            matches!(e, RepoError::UnsupportedVersion { found: 4, .. }),
+            matches!(e, RepoError::UnsupportedVersion { found: 5, .. }),
             "{e}"
         );
         // version 1 (before BLAKE3 ids) still opens with its own functions
@@ -306,6 +345,9 @@ mod tests {
             (2, "none", "blake3-keyed"),
             (2, "aes-256-gcm", "blake3"),
             (2, "none", "md5"),
+            (3, "none", "blake3-128"),
+            (4, "none", "blake3"),
+            (4, "aes-256-gcm", "blake3-128"),
         ] {
             let bad = RepoConfig {
                 version,

@@ -436,7 +436,7 @@ async fn collect_locked(
             Err(RepoError::Storage(e)) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         };
-        let packs = Index::decode_object(&body, name)?;
+        let packs = Index::decode_object(&body, repo.entry_format(), name)?;
         if !packs.iter().any(|(id, _)| doomed.contains(id)) {
             continue;
         }

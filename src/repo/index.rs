@@ -15,7 +15,9 @@ use std::hash::Hasher;
 use futures::StreamExt;
 
 pub use super::pack::PackId;
-use super::pack::{decode_entries, encode_entries, read_pack_header, read_u32, PackEntry};
+use super::pack::{
+    decode_entries, encode_entries, read_pack_header, read_u32, EntryFormat, PackEntry,
+};
 use super::{object::ObjectKind, RepoError, Repository, StanzaPaths};
 use crate::codec::BlockId;
 use crate::storage::list_all;
@@ -245,13 +247,13 @@ impl Index {
     }
 
     /// Encode packs and their entries as an index object body.
-    pub fn encode_object(packs: &[(PackId, Vec<PackEntry>)]) -> Vec<u8> {
+    pub fn encode_object(packs: &[(PackId, Vec<PackEntry>)], format: EntryFormat) -> Vec<u8> {
         let entries: usize = packs.iter().map(|(_, e)| e.len()).sum();
         let mut out = Vec::with_capacity(4 + packs.len() * 20 + entries * super::pack::ENTRY_LEN);
         out.extend_from_slice(&(packs.len() as u32).to_le_bytes());
         for (id, e) in packs {
             out.extend_from_slice(&id.0);
-            encode_entries(e, &mut out);
+            encode_entries(e, format, &mut out);
         }
         out
     }
@@ -259,6 +261,7 @@ impl Index {
     /// Decode an index object body.
     pub fn decode_object(
         body: &[u8],
+        format: EntryFormat,
         object: &str,
     ) -> Result<Vec<(PackId, Vec<PackEntry>)>, RepoError> {
         let corrupt = |reason: String| RepoError::Corrupt {
@@ -274,7 +277,7 @@ impl Index {
             }
             let mut id = [0u8; 16];
             id.copy_from_slice(&rest[..16]);
-            let (entries, r) = decode_entries(&rest[16..], object)?;
+            let (entries, r) = decode_entries(&rest[16..], format, object)?;
             out.push((PackId(id), entries));
             rest = r;
         }
@@ -312,7 +315,7 @@ impl Index {
                     .read_object(ObjectKind::Index, &name, MAX_INDEX_BODY)
                     .await
                 {
-                    Ok(body) => Index::decode_object(&body, &name).map(Some),
+                    Ok(body) => Index::decode_object(&body, repo.entry_format(), &name).map(Some),
                     // replaced by a concurrent garbage collection
                     Err(RepoError::Storage(e)) if e.is_not_found() => Ok(None),
                     Err(e) => Err(e),
@@ -360,9 +363,14 @@ impl Index {
         let headers: Vec<Result<(PackId, Vec<PackEntry>), RepoError>> =
             futures::stream::iter(packs)
                 .map(|(id, name)| async move {
-                    read_pack_header(repo.storage().as_ref(), &name, repo.keys())
-                        .await
-                        .map(|e| (id, e))
+                    read_pack_header(
+                        repo.storage().as_ref(),
+                        &name,
+                        repo.keys(),
+                        repo.entry_format(),
+                    )
+                    .await
+                    .map(|e| (id, e))
                 })
                 .buffered(8)
                 .collect()
@@ -386,7 +394,7 @@ impl Index {
             paths.index_dir(),
             crate::codec::to_hex(&rand::random::<[u8; 16]>())
         );
-        let body = Index::encode_object(packs);
+        let body = Index::encode_object(packs, repo.entry_format());
         let data = repo.seal_blocking(ObjectKind::Index, &name, body).await?;
         repo.storage().put(&name, data).await?;
         Ok(name)
@@ -432,9 +440,24 @@ mod tests {
         };
         let p1 = (PackId([1; 16]), vec![e(1, 0), e(2, 10)]);
         let p2 = (PackId([2; 16]), vec![e(2, 0), e(3, 5)]);
-        let body = Index::encode_object(&[p1.clone(), p2.clone()]);
-        let back = Index::decode_object(&body, "i").unwrap();
+        let body = Index::encode_object(&[p1.clone(), p2.clone()], EntryFormat::Wide);
+        let back = Index::decode_object(&body, EntryFormat::Wide, "i").unwrap();
         assert_eq!(back, vec![p1.clone(), p2.clone()]);
+        // version 4: 128-bit ids, listed by blob
+        let short = |p: &(PackId, Vec<PackEntry>)| {
+            let mut p = p.clone();
+            for e in &mut p.1 {
+                e.id.0[16..].fill(0);
+            }
+            p
+        };
+        let (s1, s2) = (short(&p1), short(&p2));
+        let compact = Index::encode_object(&[s1.clone(), s2.clone()], EntryFormat::Runs);
+        assert_eq!(
+            Index::decode_object(&compact, EntryFormat::Runs, "i").unwrap(),
+            vec![s1, s2]
+        );
+        assert!(compact.len() < body.len());
         let mut idx = Index::new();
         for (p, es) in &back {
             idx.add_pack(*p, es);
@@ -485,7 +508,8 @@ mod tests {
 
         #[test]
         fn random_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let _ = Index::decode_object(&data, "i");
+            let _ = Index::decode_object(&data, EntryFormat::Wide, "i");
+            let _ = Index::decode_object(&data, EntryFormat::Runs, "i");
         }
     }
 }

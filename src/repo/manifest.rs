@@ -24,8 +24,21 @@ use crate::storage::list_all;
 /// appends a trailer ([`ManifestTrailer`]) after the same layout: the role
 /// of the server the backup was taken on. Version 5's trailer adds the
 /// incremental base and the bytes received; version 6's the relation map
-/// ([`RelationMap`]).
-pub const MANIFEST_VERSION: u32 = 6;
+/// ([`RelationMap`]). Version 7 is version 6 with 128-bit block ids (16
+/// bytes each, in repositories of config version 4; decision 040).
+pub const MANIFEST_VERSION: u32 = 7;
+/// The newest manifest version with 256-bit block ids: what repositories
+/// before config version 4 store.
+pub const MANIFEST_WIDE: u32 = 6;
+
+/// Bytes per block id in a manifest of `version`.
+fn id_width(version: u32) -> usize {
+    if version > MANIFEST_WIDE {
+        16
+    } else {
+        32
+    }
+}
 /// The oldest manifest version this build reads.
 pub const MANIFEST_OLDEST: u32 = 2;
 /// Largest manifest body accepted (4 GiB: 100 M+ blocks).
@@ -388,8 +401,10 @@ impl Manifest {
 
     /// Bytes of the encoded body.
     pub fn encoded_len(&self) -> Result<u64, RepoError> {
-        let layout = postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
-            .map_err(RepoError::encode("a manifest"))?;
+        let layout = crate::codec::with_id_width(id_width(self.version), || {
+            postcard::serialize_with_flavor(self, postcard::ser_flavors::Size::default())
+        })
+        .map_err(RepoError::encode("a manifest"))?;
         Ok((layout + self.trailer()?.len()) as u64)
     }
 
@@ -397,13 +412,15 @@ impl Manifest {
     /// [`ENCODE_PIECE`] bytes as it is produced (32 bytes per block: a
     /// large cluster's manifest is never held encoded whole).
     pub fn encode_to(&self, sink: &mut dyn FnMut(&[u8])) -> Result<(), RepoError> {
-        postcard::serialize_with_flavor(
-            self,
-            Pieces {
-                buf: Vec::with_capacity(ENCODE_PIECE),
-                sink: &mut *sink,
-            },
-        )
+        crate::codec::with_id_width(id_width(self.version), || {
+            postcard::serialize_with_flavor(
+                self,
+                Pieces {
+                    buf: Vec::with_capacity(ENCODE_PIECE),
+                    sink: &mut *sink,
+                },
+            )
+        })
         .map_err(RepoError::encode("a manifest"))?;
         let trailer = self.trailer()?;
         if !trailer.is_empty() {
@@ -460,7 +477,9 @@ impl Manifest {
             object: object.to_owned(),
             reason: e.to_string(),
         };
-        let (mut m, rest): (Manifest, &[u8]) = postcard::take_from_bytes(body).map_err(corrupt)?;
+        let (mut m, rest): (Manifest, &[u8]) =
+            crate::codec::with_id_width(id_width(version), || postcard::take_from_bytes(body))
+                .map_err(corrupt)?;
         if version >= 4 {
             let (trailer, rest) = if version == 4 {
                 let (t, rest) =
@@ -588,6 +607,18 @@ impl Manifest {
     /// stored.
     pub async fn store(&self, repo: &Repository, paths: &StanzaPaths) -> Result<u64, RepoError> {
         let name = Manifest::object_name(paths, &self.id);
+        if self.version != repo.manifest_version() {
+            // ids of one width in a repository of the other: a bug, never stored
+            return Err(RepoError::Corrupt {
+                object: name,
+                reason: format!(
+                    "a manifest of version {} cannot be stored in a repository of config version {} (it takes version {})",
+                    self.version,
+                    repo.config().version,
+                    repo.manifest_version()
+                ),
+            });
+        }
         let sealed = self.seal(repo, &name)?;
         let stored = sealed.len() as u64;
         repo.storage().put(&name, sealed).await?;
@@ -751,6 +782,13 @@ mod tests {
         assert!(id.as_str() > "20261123T150000Z-ffff");
     }
 
+    /// A 128-bit id (16 zero bytes after it), as version 7 stores.
+    fn short_id(b: u8) -> BlockId {
+        let mut id = [0u8; 32];
+        id[..16].fill(b);
+        BlockId(id)
+    }
+
     fn sample() -> Manifest {
         Manifest {
             version: MANIFEST_VERSION,
@@ -770,7 +808,7 @@ mod tests {
                 size: 8192,
                 mode: 0o600,
                 mtime: 3,
-                blocks: vec![BlockId([4; 32])],
+                blocks: vec![short_id(4)],
             }],
             tablespaces: vec![Tablespace {
                 oid: 16390,
@@ -856,6 +894,29 @@ mod tests {
         );
     }
 
+    /// Version 7 stores 16 bytes per block id, version 6 the same ids in
+    /// 32; a 256-bit id never goes into a version 7 manifest cut short.
+    #[test]
+    fn version_7_stores_128_bit_ids() {
+        let mut m = sample();
+        let n = 1000;
+        m.files[0].blocks = (0..n).map(|i| short_id(i as u8)).collect();
+        m.totals.blocks = n as u64;
+        let v7 = m.encode().unwrap();
+        let mut v6 = m.clone();
+        v6.version = MANIFEST_WIDE;
+        let wide = v6.encode().unwrap();
+        assert_eq!(wide.len() - v7.len(), 16 * n);
+        assert_eq!(Manifest::decode(&v7, "m").unwrap(), m);
+        assert_eq!(Manifest::decode(&wide, "m").unwrap(), v6);
+        m.files[0].blocks[7] = BlockId([9; 32]);
+        // (postcard keeps no message: "Serde Serialization Error")
+        assert!(m.encode().is_err());
+        assert!(v6.encode().is_ok());
+        // the width is put back after a failed encoding
+        assert_eq!(Manifest::decode(&wide, "m").unwrap(), v6);
+    }
+
     #[test]
     fn round_trip_and_versions() {
         let m = sample();
@@ -882,11 +943,11 @@ mod tests {
     #[test]
     fn a_large_manifest_is_encoded_in_pieces() {
         let mut m = sample();
-        let n = 3 * ENCODE_PIECE / 32 + 7;
-        m.files[0].blocks = (0..n).map(|_| BlockId(rand::random())).collect();
+        let n = 3 * ENCODE_PIECE / 16 + 7;
+        m.files[0].blocks = (0..n).map(|_| short_id(rand::random())).collect();
         m.files[0].size = n as u64 * 8192;
         m.totals.blocks = n as u64;
-        let mut whole = postcard::to_stdvec(&m).unwrap();
+        let mut whole = crate::codec::with_id_width(16, || postcard::to_stdvec(&m)).unwrap();
         whole.extend(m.trailer().unwrap());
         let (mut pieces, mut got) = (0, Vec::new());
         m.encode_to(&mut |p| {

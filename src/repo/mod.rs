@@ -42,7 +42,8 @@ pub use manifest::{
     RelationMap, Tablespace, MANIFEST_VERSION,
 };
 pub use pack::{
-    decode_blob, encode_blob, encode_group, read_pack_header, GroupCache, PackEntry, BLOB_GROUP,
+    decode_blob, encode_blob, encode_group, read_pack_header, EntryFormat, GroupCache, PackEntry,
+    BLOB_GROUP,
 };
 pub use session::{Session, SessionOptions, SessionStats};
 pub use wal::{journal_size, timeline_dir, wal_key, WalJournal, WalStored};
@@ -451,6 +452,21 @@ impl Repository {
     /// The block id function of this repository.
     pub fn hasher(&self) -> &IdHasher {
         &self.hasher
+    }
+
+    /// How this repository's pack headers and index objects list entries.
+    pub fn entry_format(&self) -> pack::EntryFormat {
+        pack::EntryFormat::of(&self.config)
+    }
+
+    /// The manifest version backups are stored with here: 7 (128-bit
+    /// ids) in a repository of config version 4, else 6.
+    pub fn manifest_version(&self) -> u32 {
+        if self.config.compact() {
+            MANIFEST_VERSION
+        } else {
+            manifest::MANIFEST_WIDE
+        }
     }
 
     /// The key slots.

@@ -138,20 +138,113 @@ pub struct PackEntry {
     pub compression: u8,
 }
 
-pub(crate) fn encode_entries(entries: &[PackEntry], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for e in entries {
-        out.extend_from_slice(&e.id.0);
-        out.extend_from_slice(&e.offset.to_le_bytes());
-        out.extend_from_slice(&e.len.to_le_bytes());
-        out.extend_from_slice(&e.raw_len.to_le_bytes());
-        out.push(e.compression);
+/// How a pack header or an index object lists its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryFormat {
+    /// Config versions 1 to 3: 45 bytes per block (id of 32 bytes,
+    /// offset, stored length, raw length, compression).
+    Wide,
+    /// Config version 4: by blob, 18 bytes a run then 16 bytes per block
+    /// (128-bit ids; decision 040).
+    Runs,
+}
+
+impl EntryFormat {
+    /// The format of a repository's config.
+    pub fn of(config: &super::RepoConfig) -> EntryFormat {
+        if config.compact() {
+            EntryFormat::Runs
+        } else {
+            EntryFormat::Wide
+        }
+    }
+
+    /// Bytes of a block id this format keeps.
+    pub fn id_len(self) -> usize {
+        match self {
+            EntryFormat::Wide => 32,
+            EntryFormat::Runs => SHORT_ID,
+        }
     }
 }
 
-/// Parse `count, entries...` from the front of `body`; returns the rest.
+/// Bytes of a 128-bit block id.
+const SHORT_ID: usize = 16;
+/// Bytes of a run before its ids: offset, stored length, compression,
+/// count, raw length, last raw length.
+const RUN_HEAD: usize = 4 + 4 + 1 + 1 + 4 + 4;
+
+/// Entries as runs: consecutive entries of one blob, all but the last of
+/// one raw length, at most 255.
+fn runs(entries: &[PackEntry]) -> impl Iterator<Item = &[PackEntry]> {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
+        let mut n = 1;
+        while let Some(e) = rest.get(n) {
+            let prev = rest.get(n - 1).map_or(first.raw_len, |p| p.raw_len);
+            if n == 255
+                || (e.offset, e.len, e.compression) != (first.offset, first.len, first.compression)
+                || prev != first.raw_len
+            {
+                break;
+            }
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        rest = tail;
+        Some(run)
+    })
+}
+
+pub(crate) fn encode_entries(entries: &[PackEntry], format: EntryFormat, out: &mut Vec<u8>) {
+    match format {
+        EntryFormat::Wide => {
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for e in entries {
+                out.extend_from_slice(&e.id.0);
+                out.extend_from_slice(&e.offset.to_le_bytes());
+                out.extend_from_slice(&e.len.to_le_bytes());
+                out.extend_from_slice(&e.raw_len.to_le_bytes());
+                out.push(e.compression);
+            }
+        }
+        EntryFormat::Runs => {
+            let count_at = out.len();
+            out.extend_from_slice(&0u32.to_le_bytes());
+            let mut count = 0u32;
+            for run in runs(entries) {
+                let (Some(first), Some(last)) = (run.first(), run.last()) else {
+                    continue;
+                };
+                count += 1;
+                out.extend_from_slice(&first.offset.to_le_bytes());
+                out.extend_from_slice(&first.len.to_le_bytes());
+                out.push(first.compression);
+                out.push(run.len() as u8);
+                out.extend_from_slice(&first.raw_len.to_le_bytes());
+                out.extend_from_slice(&last.raw_len.to_le_bytes());
+                for e in run {
+                    let (id, cut) = e.id.0.split_at(SHORT_ID);
+                    debug_assert!(
+                        cut.iter().all(|&b| b == 0),
+                        "a 256-bit id in a 128-bit list"
+                    );
+                    out.extend_from_slice(id);
+                }
+            }
+            if let Some(c) = out.get_mut(count_at..count_at + 4) {
+                c.copy_from_slice(&count.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Parse an entry list in `format` from the front of `body`; returns the
+/// rest.
 pub(crate) fn decode_entries<'a>(
     body: &'a [u8],
+    format: EntryFormat,
     object: &str,
 ) -> Result<(Vec<PackEntry>, &'a [u8]), RepoError> {
     let corrupt = |reason: String| RepoError::Corrupt {
@@ -163,35 +256,72 @@ pub(crate) fn decode_entries<'a>(
     let count = r
         .u32_le()
         .map_err(|t| corrupt(format!("truncated entry count: {t}")))? as usize;
-    if count
-        .checked_mul(ENTRY_LEN)
-        .is_none_or(|n| n > r.remaining())
-    {
+    let least = match format {
+        EntryFormat::Wide => ENTRY_LEN,
+        EntryFormat::Runs => RUN_HEAD + SHORT_ID,
+    };
+    if count.checked_mul(least).is_none_or(|n| n > r.remaining()) {
         return Err(corrupt(format!(
             "{count} entries do not fit in {} bytes",
             body.len()
         )));
     }
-    let mut entries = Vec::with_capacity(count);
-    for _ in 0..count {
-        let id = r.array::<32>().map_err(cut)?;
-        let offset = r.u32_le().map_err(cut)?;
-        let len = r.u32_le().map_err(cut)?;
-        let raw_len = r.u32_le().map_err(cut)?;
-        let compression = r.u8().map_err(cut)?;
+    let check = |compression: u8, at: usize| {
         if algorithm(compression).is_none() {
             return Err(corrupt(format!(
-                "unknown compression {compression} in the entry at byte {}",
-                r.position() - ENTRY_LEN
+                "unknown compression {compression} in the entry at byte {at}"
             )));
         }
-        entries.push(PackEntry {
-            id: BlockId(id),
-            offset,
-            len,
-            raw_len,
-            compression,
-        });
+        Ok(())
+    };
+    let mut entries = Vec::with_capacity(count);
+    match format {
+        EntryFormat::Wide => {
+            for _ in 0..count {
+                let at = r.position();
+                let id = r.array::<32>().map_err(cut)?;
+                let offset = r.u32_le().map_err(cut)?;
+                let len = r.u32_le().map_err(cut)?;
+                let raw_len = r.u32_le().map_err(cut)?;
+                let compression = r.u8().map_err(cut)?;
+                check(compression, at)?;
+                entries.push(PackEntry {
+                    id: BlockId(id),
+                    offset,
+                    len,
+                    raw_len,
+                    compression,
+                });
+            }
+        }
+        EntryFormat::Runs => {
+            for _ in 0..count {
+                let at = r.position();
+                let offset = r.u32_le().map_err(cut)?;
+                let len = r.u32_le().map_err(cut)?;
+                let compression = r.u8().map_err(cut)?;
+                let n = usize::from(r.u8().map_err(cut)?);
+                let raw_len = r.u32_le().map_err(cut)?;
+                let last_raw = r.u32_le().map_err(cut)?;
+                check(compression, at)?;
+                if n == 0 {
+                    return Err(corrupt(format!("a run of no blocks at byte {at}")));
+                }
+                for i in 0..n {
+                    let mut id = [0u8; 32];
+                    if let Some(d) = id.get_mut(..SHORT_ID) {
+                        d.copy_from_slice(r.bytes(SHORT_ID).map_err(cut)?);
+                    }
+                    entries.push(PackEntry {
+                        id: BlockId(id),
+                        offset,
+                        len,
+                        raw_len: if i + 1 == n { last_raw } else { raw_len },
+                        compression,
+                    });
+                }
+            }
+        }
     }
     Ok((entries, r.rest()))
 }
@@ -469,9 +599,14 @@ impl PackBuilder {
     }
 
     /// The finished pack object for storage under `name`.
-    pub fn finish(mut self, name: &str, keys: Option<&Keys>) -> (PackId, Bytes, Vec<PackEntry>) {
+    pub fn finish(
+        mut self,
+        name: &str,
+        keys: Option<&Keys>,
+        format: EntryFormat,
+    ) -> (PackId, Bytes, Vec<PackEntry>) {
         let mut body = Vec::with_capacity(4 + self.entries.len() * ENTRY_LEN);
-        encode_entries(&self.entries, &mut body);
+        encode_entries(&self.entries, format, &mut body);
         let header = object::seal(ObjectKind::PackHeader, name, &body, Compression::None, keys);
         // exactly: a pack of well-compressed groups lists so many blocks
         // that its header outgrows the spare room, and doubling a 36 MiB
@@ -491,6 +626,7 @@ pub async fn read_pack_header(
     storage: &dyn Storage,
     name: &str,
     keys: Option<&Keys>,
+    format: EntryFormat,
 ) -> Result<Vec<PackEntry>, RepoError> {
     let corrupt = |reason: String| RepoError::Corrupt {
         object: name.to_owned(),
@@ -525,7 +661,7 @@ pub async fn read_pack_header(
     })?;
     let header = storage.get_range(name, blobs_end, header_len).await?;
     let body = object::open(ObjectKind::PackHeader, name, &header, keys, 1 << 30)?;
-    let (entries, rest) = decode_entries(&body, name)?;
+    let (entries, rest) = decode_entries(&body, format, name)?;
     if !rest.is_empty() {
         return Err(corrupt("trailing bytes after the header entries".into()));
     }
@@ -553,9 +689,38 @@ mod tests {
                 id: BlockId([seed.wrapping_add(i as u8); 32]), offset: i as u32 * 7, len: 3, raw_len: 9, compression: (i % 3) as u8,
             }).collect();
             let mut buf = Vec::new();
-            encode_entries(&entries, &mut buf);
+            encode_entries(&entries, EntryFormat::Wide, &mut buf);
             buf.extend_from_slice(b"rest");
-            let (back, rest) = decode_entries(&buf, "p").unwrap();
+            let (back, rest) = decode_entries(&buf, EntryFormat::Wide, "p").unwrap();
+            prop_assert_eq!(back, entries);
+            prop_assert_eq!(rest, b"rest");
+        }
+
+        /// Version 4's runs give back every entry of groups, single blobs,
+        /// short blocks anywhere and groups longer than a run.
+        #[test]
+        fn runs_round_trip(sizes in proptest::collection::vec((1usize..300, any::<bool>()), 0..20), seed: u8) {
+            let mut entries = Vec::new();
+            let mut offset = 0u32;
+            for (b, (n, short_inside)) in sizes.iter().enumerate() {
+                for i in 0..*n {
+                    let mut id = [0u8; 32];
+                    id[..16].fill(seed ^ (b as u8));
+                    id[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                    let raw_len = if i + 1 == *n || (*short_inside && i % 5 == 3) { 100 + i as u32 } else { 8192 };
+                    entries.push(PackEntry {
+                        id: BlockId(id), offset, len: 40, raw_len,
+                        compression: if *n > 1 { 2 | BLOB_GROUP | BLOB_CRC } else { 1 | BLOB_CRC },
+                    });
+                }
+                offset += 40;
+            }
+            let mut buf = Vec::new();
+            encode_entries(&entries, EntryFormat::Runs, &mut buf);
+            let blocks: usize = sizes.iter().map(|(n, _)| n).sum();
+            prop_assert!(buf.len() <= 4 + blocks * (16 + RUN_HEAD), "{} bytes", buf.len());
+            buf.extend_from_slice(b"rest");
+            let (back, rest) = decode_entries(&buf, EntryFormat::Runs, "p").unwrap();
             prop_assert_eq!(back, entries);
             prop_assert_eq!(rest, b"rest");
         }
@@ -581,7 +746,8 @@ mod tests {
 
         #[test]
         fn random_entries_never_panic(data in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = decode_entries(&data, "p");
+            let _ = decode_entries(&data, EntryFormat::Wide, "p");
+            let _ = decode_entries(&data, EntryFormat::Runs, "p");
         }
     }
 

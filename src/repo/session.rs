@@ -316,7 +316,7 @@ impl Session {
 
     fn prepare(&self, pack: PackBuilder) -> FinishedPack {
         let name = self.paths.pack(&pack.id);
-        let (id, data, entries) = pack.finish(&name, self.repo.keys());
+        let (id, data, entries) = pack.finish(&name, self.repo.keys(), self.repo.entry_format());
         FinishedPack {
             id,
             name,

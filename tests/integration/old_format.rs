@@ -1,10 +1,13 @@
 //! Repositories written by older walvault builds still open, verify and
-//! recover. `tests/fixtures/repo-e2e95b9.tar.gz` was written by walvault at
-//! commit e2e95b9 (manifest version 2, WAL summary version 2) with
-//! `tests/fixtures/make-old-repo.sh`: an encrypted repository holding one
-//! backup of a small cluster (table `fixture`, 1000 rows), then WAL from
-//! `walvault stream` with 500 more rows, the restore point `fixture-rp`,
-//! and 250 rows more.
+//! recover. Both fixtures were written with `tests/fixtures/make-old-repo.sh`:
+//! an encrypted repository holding one backup of a small cluster (table
+//! `fixture`, 1000 rows), then WAL from `walvault stream` with 500 more
+//! rows, the restore point `fixture-rp`, and 250 rows more.
+//! - `repo-e2e95b9.tar.gz`, walvault at commit e2e95b9: config version 1
+//!   (HMAC-SHA-256 ids), manifest version 2, WAL summary version 2;
+//! - `repo-ff98bbb.tar.gz`, walvault at commit ff98bbb: config version 3
+//!   (256-bit keyed BLAKE3 ids, zstd groups, 45-byte entries), manifest
+//!   version 6 — the format before 128-bit ids (decision 040).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,12 +23,12 @@ fn fixture(name: &str) -> PathBuf {
 
 /// The fixture repository unpacked into a fresh directory the server's OS
 /// user can read, and walvault pointed at it with a copy of its passphrase.
-fn unpack(dir: &Path) -> Walvault {
+fn unpack(dir: &Path, name: &str) -> Walvault {
     let repo = dir.join("repo");
     std::fs::create_dir(&repo).unwrap();
     let st = Command::new("tar")
         .arg("-xzf")
-        .arg(fixture("repo-e2e95b9.tar.gz"))
+        .arg(fixture(name))
         .arg("-C")
         .arg(&repo)
         .status()
@@ -40,14 +43,78 @@ fn unpack(dir: &Path) -> Walvault {
 }
 
 #[test]
-fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
+fn a_repository_of_config_version_1_lists_verifies_and_recovers() {
     let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        work.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let wv = unpack(work.path());
+    lists_verifies_and_recovers(work.path(), "repo-e2e95b9.tar.gz");
+}
+
+/// The format before 128-bit ids: it reads, and a backup this build takes
+/// into it is written in that format (config version 3 stays, manifests of
+/// version 6 with 32-byte ids) and restores.
+#[test]
+fn a_repository_of_config_version_3_recovers_and_takes_new_backups_in_its_format() {
+    let work = tempfile::tempdir().unwrap();
+    let (wv, mut dst) = lists_verifies_and_recovers(work.path(), "repo-ff98bbb.tar.gz");
+    // a new backup (of the recovered cluster, another stanza) into the old
+    // repository
+    // (the delta restore put back the fixture's own configuration: start
+    // it as a restored directory, wherever its recovery ends)
+    dst.start_restored();
+    dst.psql(
+        "INSERT INTO fixture SELECT g, md5(g::text) \
+         FROM generate_series((SELECT max(i) FROM fixture) + 1, 3000) g",
+    );
+    let wv2 = wv.env("WALVAULT_STANZA", "second");
+    wv2.args(["backup", "--pg", &dst.conninfo(), "--fast"]).ok();
+    let repo = work.path().join("repo");
+    let config = std::fs::read(repo.join("config")).unwrap();
+    let config = String::from_utf8_lossy(&config);
+    assert!(
+        config.contains("\"version\": 3") && config.contains("\"blake3-keyed\""),
+        "the config changed: {config}"
+    );
+    let pass = std::fs::read_to_string(fixture("fixture-passphrase")).unwrap();
+    let secret = walvault::repo::Secret::Passphrase(pass.trim_end().to_owned());
+    let versions = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let storage = std::sync::Arc::new(walvault::storage::LocalDir::open(&repo).unwrap());
+        let r = walvault::repo::Repository::open(storage, Some(&secret))
+            .await
+            .unwrap();
+        let mut versions = Vec::new();
+        for stanza in ["main", "second"] {
+            let paths = walvault::repo::StanzaPaths::new(stanza);
+            for id in walvault::repo::Manifest::list_ids(&r, &paths)
+                .await
+                .unwrap()
+            {
+                let m = walvault::repo::Manifest::load(&r, &paths, &id)
+                    .await
+                    .unwrap();
+                versions.push((stanza, m.version));
+            }
+        }
+        versions
+    });
+    assert_eq!(versions, [("main", 6), ("second", 6)]);
+    wv2.args(["verify", "--deep"]).ok();
+    let mut back = PgCluster::for_restore(&bindir(None));
+    wv2.as_server_user(&back)
+        .args(["restore", "--pgdata", back.datadir.to_str().unwrap()])
+        .ok();
+    back.start_restored();
+    assert_eq!(
+        back.psql("SELECT count(*), max(i), sum(hashtext(t)) FROM fixture"),
+        dst.psql("SELECT count(*), max(i), sum(hashtext(t)) FROM fixture"),
+    );
+    assert_eq!(back.psql("SELECT count(*) FROM fixture"), "3000");
+}
+
+/// The fixture `name` lists, verifies, recovers to its restore point and
+/// restores in place by block id; returns walvault on it and the stopped
+/// recovered cluster.
+fn lists_verifies_and_recovers(work: &Path, name: &str) -> (Walvault, PgCluster) {
+    std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let wv = unpack(work, name);
 
     // the version-2 manifest reads, with its typed fields
     let info = wv.args(["info", "--json"]).ok().json();
@@ -80,9 +147,10 @@ fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
         "0"
     );
 
-    // the old block id function (HMAC-SHA-256, config version 1) is still
-    // the one used with it: a delta restore over the copy finds its blocks
-    // in place by id (with another function every block would be rewritten)
+    // the old block id function (HMAC-SHA-256 in config version 1, 256-bit
+    // BLAKE3 in 3) is still the one used with it: a delta restore over the
+    // copy finds its blocks in place by id (with another function every
+    // block would be rewritten)
     dst.stop(crate::support::pg::StopMode::Fast);
     let out = wv
         .args([
@@ -98,4 +166,5 @@ fn a_repository_of_the_previous_format_lists_verifies_and_recovers() {
         "{written} written, {in_place} in place: {}",
         out.stdout
     );
+    (wv, dst)
 }
