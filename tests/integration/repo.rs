@@ -551,9 +551,10 @@ async fn gc_deletes_only_unreferenced_after_grace(b: &Backend) {
         .is_empty());
 }
 
-/// New blocks are stored in groups (config version 3) that read back whole;
-/// `group_blocks = 1` keeps the format older builds read (version 2, one
-/// blob per block) and stores the same files in more bytes.
+/// New blocks are stored in groups (config version 4, 128-bit ids) that
+/// read back whole; `group_blocks = 1` keeps the format older builds read
+/// (version 2, one blob per block, 256-bit ids) and stores the same files
+/// in more bytes.
 async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
     let paths = StanzaPaths::new("main");
     // text rows: LZ4 finds more of their repeats across 16 blocks
@@ -588,7 +589,7 @@ async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
     let grouped = with(b.store.clone(), None).await;
     assert_eq!(
         (grouped.config().version, grouped.config().group_blocks()),
-        (3, 16)
+        (4, 16)
     );
     let (_, g_rows) = store(&grouped, rows()).await;
     let (stored, _) = store(&grouped, files.clone()).await;
@@ -608,6 +609,10 @@ async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
             &read_file(&grouped, &index, &f.blocks).await,
             data,
             "{name}"
+        );
+        assert!(
+            f.blocks.iter().all(|id| id.significant().len() == 16),
+            "{name}: 128-bit ids expected"
         );
     }
 
@@ -638,6 +643,7 @@ async fn groups_store_less_and_single_blocks_stay_version_2(b: &Backend) {
             data,
             "{name}"
         );
+        assert!(f.blocks.iter().all(|id| id.significant().len() == 32));
     }
     assert_eq!(g_rows.new_blocks, s_rows.new_blocks);
     assert!(
