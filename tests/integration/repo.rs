@@ -707,7 +707,12 @@ async fn restore_resolves_every_block_before_writing(b: &Backend) {
         size: 8192,
         mode: 0o600,
         mtime: 0,
-        blocks: vec![BlockId([7; 32])],
+        // an id of the repository's width (128 bits) that no pack holds
+        blocks: vec![BlockId({
+            let mut id = [7; 32];
+            id[16..].fill(0);
+            id
+        })],
     });
     let mut bad = manifest(files, &stats);
     let later = chrono::Utc::now() + chrono::Duration::seconds(5);
