@@ -346,15 +346,6 @@ impl IdHasher {
         }
     }
 
-    /// Bytes of an id that carry information (16 or 32): what stored
-    /// structures of config version 4 keep.
-    pub fn id_len(&self) -> usize {
-        match self {
-            IdHasher::Blake3Short | IdHasher::Blake3KeyedShort(_) => 16,
-            _ => 32,
-        }
-    }
-
     /// The id of `data`.
     pub fn id(&self, data: &[u8]) -> BlockId {
         match self {

@@ -4,8 +4,11 @@
 //! ```text
 //! blob 0 | blob 1 | ... | header (object envelope, kind PackHeader) | header length (u32 LE) | "WVPK"
 //! ```
-//! Header body: entry count (u32 LE), then per entry 45 bytes: block id (32),
-//! offset (u32 LE), stored length (u32 LE), raw length (u32 LE), compression (u8).
+//! Header body: an entry list ([`EntryFormat`]). Config versions 1 to 3:
+//! entry count (u32 LE), then per entry 45 bytes: block id (32), offset
+//! (u32 LE), stored length (u32 LE), raw length (u32 LE), compression (u8).
+//! Version 4: the entries of each blob together, as runs of 128-bit ids
+//! (docs/repository-format.md, "Entry lists").
 //!
 //! A blob is the block compressed, then (encrypted repositories) sealed with
 //! AES-256-GCM with associated data "block" || id — a blob served for another
@@ -156,14 +159,6 @@ impl EntryFormat {
             EntryFormat::Runs
         } else {
             EntryFormat::Wide
-        }
-    }
-
-    /// Bytes of a block id this format keeps.
-    pub fn id_len(self) -> usize {
-        match self {
-            EntryFormat::Wide => 32,
-            EntryFormat::Runs => SHORT_ID,
         }
     }
 }
