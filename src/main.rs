@@ -20,18 +20,11 @@ use clap::Parser;
 ///   15 GB backup with 16 MiB packs peaked at 305 MiB of RSS for 210 MiB of
 ///   heap. Smaller buffers (a restore's reads of up to 4 MiB) stay in the
 ///   arenas.
-/// - `MALLOC_TRIM_THRESHOLD_=33554432`: an arena keeps up to 32 MiB free at
-///   its top instead of 128 KiB. A backup frees the received data of each
-///   batch of blocks (2 MiB) before the next arrives; trimmed at once, those
-///   pages came back as ~290,000 page faults for a 1.5 GB backup, 1.1 s of
-///   system time. Kept, 45,000 faults, 0.6 s, and a backup 15 % faster, for
-///   ~30 MiB more RSS at scale 100 (docs/benchmarks.md, session 21).
 fn tune_malloc() {
     use std::os::unix::process::CommandExt;
-    const SETTINGS: [(&str, &str); 3] = [
+    const SETTINGS: [(&str, &str); 2] = [
         ("MALLOC_ARENA_MAX", "2"),
         ("MALLOC_MMAP_THRESHOLD_", "8388608"),
-        ("MALLOC_TRIM_THRESHOLD_", "33554432"),
     ];
     let missing: Vec<(&str, &str)> = SETTINGS
         .into_iter()
