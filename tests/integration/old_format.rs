@@ -55,10 +55,10 @@ fn a_repository_of_config_version_1_lists_verifies_and_recovers() {
 fn a_repository_of_config_version_3_recovers_and_takes_new_backups_in_its_format() {
     let work = tempfile::tempdir().unwrap();
     let (wv, mut dst) = lists_verifies_and_recovers(work.path(), "repo-ff98bbb.tar.gz");
-    // a new backup (of the recovered cluster, another stanza) into the old
-    // repository
-    // (the delta restore put back the fixture's own configuration: start
-    // it as a restored directory, wherever its recovery ends)
+    // a new backup of the recovered cluster, in another stanza, into the
+    // old repository (the delta restore put back the fixture's own
+    // configuration: it starts as a restored directory, wherever its
+    // recovery ends)
     dst.start_restored();
     dst.psql(
         "INSERT INTO fixture SELECT g, md5(g::text) \
@@ -116,7 +116,7 @@ fn lists_verifies_and_recovers(work: &Path, name: &str) -> (Walvault, PgCluster)
     std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let wv = unpack(work, name);
 
-    // the version-2 manifest reads, with its typed fields
+    // the old manifest (version 2 or 6) reads, with its typed fields
     let info = wv.args(["info", "--json"]).ok().json();
     assert_eq!(info["label"], "fixture", "{info}");
     assert_eq!(info["timeline"], 1, "{info}");
