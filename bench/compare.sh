@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end comparison on one pgbench database, in one run, on this machine:
 #   full backup   walvault | pg_basebackup -Ft -X none | pg_basebackup client-lz4 |
-#                 pg_basebackup server-zstd:1 | pgbackrest full
+#                 pg_basebackup server-zstd:1 | pgbackrest full |
+#                 pg_basebackup to /dev/null (the protocol's floor: nothing kept)
 #   after churn   walvault (deduplicated) | pgbackrest incr
 #   restore       walvault restore | pgbackrest restore           (files only; the
 #                 latest backup, taken after the churn, and the full one before it)
+#                 | dd of the database's size with O_DIRECT (the disk's floor)
 #   s3restore     walvault backup into a single-node Garage bucket, then
 #                 walvault restore from it (throughput from object storage;
 #                 pgBackRest's S3 client needs TLS, which Garage does not serve)
@@ -152,6 +154,10 @@ for r in $(seq "$full_rounds"); do
     # the bytes walvault's zstd:1 default is held against (issue 14)
     run rm -rf "$tmp/out/bb-zstd"
     measure "full:pg_basebackup-server-zstd1" "$tmp/out/bb-zstd" "$PG_BIN/pg_basebackup" "${conn[@]}" -D "$tmp/out/bb-zstd" -Ft -X none -c fast --no-sync --compress=server-zstd:1
+    # the floor of any tool that reads over the protocol: the same
+    # BASE_BACKUP, received and thrown away (the walsender's work and a
+    # client that does nothing with the bytes)
+    measure "full:pg_basebackup-to-null" "$tmp/out" sh -c "'$PG_BIN/pg_basebackup' -h '$sock' -p $port -U postgres -D - -Ft -X none -c fast >/dev/null"
   fi
   measure "full:pgbackrest" "$tmp/pgbr-repo" "${pgbr[@]}" --type=full backup
 done
@@ -195,6 +201,14 @@ sleep 1
 restore_wv() {
   run rm -rf "$tmp/r-wv"
   measure "restore:walvault" "$tmp/r-wv" "$wv" -q --repo "$tmp/wv-repo" restore --backup latest --pgdata "$tmp/r-wv"
+  restore_disk
+}
+# the disk's floor, in the same rounds: the database's size written with
+# O_DIRECT in 4 MiB writes and fsynced, one stream, by dd
+restore_disk() {
+  run rm -f "$tmp/disk.out"
+  measure "restore:disk-dd-direct" "$tmp/out" dd if=/dev/zero "of=$tmp/disk.out" bs=4M "count=$(( (db_bytes + 4194303) / 4194304 ))" oflag=direct conv=fsync
+  run rm -f "$tmp/disk.out"
 }
 restore_pgbr() {
   run rm -rf "$tmp/r-pgbr"
