@@ -15,6 +15,7 @@ use crate::archive::stream::StreamOptions;
 use crate::backup::stream::BaseBackupOptions;
 use crate::daemon::{self, CopyTarget, DaemonOptions};
 use crate::pg::ConnParams;
+use crate::repo::gc::Lease;
 
 /// Options of `walvault daemon`.
 #[derive(Debug, Clone, Args)]
@@ -27,6 +28,12 @@ pub struct DaemonArgs {
     /// redacted) and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Start although another daemon's lease holds the stanza: only when
+    /// that daemon's host is lost (two daemons would take every backup
+    /// twice and fight over the slot); without it the start waits for
+    /// nothing and is refused until that lease lapses.
+    #[arg(long)]
+    pub take_over: bool,
     /// The daemon's settings (each also `[daemon]` of walvault.toml).
     #[command(flatten)]
     pub options: DaemonOptions,
@@ -155,6 +162,9 @@ pub(super) async fn run(
         return Ok(());
     }
     let mut current = prepare(settings, &args, None).await?;
+    // the stanza's daemon lease, from the start to the exit (a reload
+    // takes the new configuration's before it lets go of this one)
+    let mut claim: Option<Lease> = None;
     let stop = tokio_util::sync::CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
@@ -181,6 +191,9 @@ pub(super) async fn run(
         .context("cannot handle SIGHUP")?;
     let mut alerts = daemon::alerts::Alerter::default();
     loop {
+        if let Some(old) = claim.replace(current.claim) {
+            old.release().await;
+        }
         let reload = tokio_util::sync::CancellationToken::new();
         let listen = current.plan.listen;
         let listener = current.listener.clone();
@@ -236,7 +249,15 @@ pub(super) async fn run(
                 current = p;
                 tracing::info!("running on the reloaded configuration");
             }
-            _ => return Ok(()),
+            _ => {
+                if let Some(c) = claim.take() {
+                    c.release().await;
+                }
+                if let Some(p) = next {
+                    p.claim.release().await;
+                }
+                return Ok(());
+            }
         }
     }
 }
@@ -267,6 +288,8 @@ struct Prepared {
     ctx: daemon::Context,
     plan: daemon::Plan,
     listener: Arc<tokio::net::TcpListener>,
+    /// The stanza's daemon lease ([`daemon::claim`]).
+    claim: Lease,
 }
 
 /// The daemon's context from `settings` and the command line; `listening`:
@@ -405,10 +428,13 @@ async fn prepare(
         sinks: settings.alerts.clone(),
         file_sets,
     };
+    // last: a configuration that fails above holds nothing
+    let claim = daemon::claim::claim(ctx.repo.clone(), &ctx.stanza, args.take_over).await?;
     Ok(Prepared {
         ctx,
         plan,
         listener,
+        claim,
     })
 }
 

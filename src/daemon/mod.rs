@@ -17,6 +17,7 @@
 //! when the daemon next starts.
 
 pub mod alerts;
+pub mod claim;
 mod health;
 pub mod http;
 pub mod jobs;

@@ -44,6 +44,10 @@ use crate::storage::list_all;
 
 /// Default lease lifetime; refreshed every third of it.
 pub const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+/// The purpose of the lease a running daemon holds on its stanza
+/// (`crate::daemon::claim`): it writes nothing under it, so collection
+/// does not wait for it.
+pub const DAEMON_PURPOSE: &str = "daemon";
 const GC_STATE: &str = "gc-state";
 const STATE_VERSION: u32 = 1;
 
@@ -75,8 +79,20 @@ pub struct LeaseRecord {
 pub struct Lease {
     name: Arc<std::sync::Mutex<String>>,
     repo: Arc<Repository>,
+    started: i64,
     expires: Arc<AtomicI64>,
     refresher: tokio::task::JoinHandle<()>,
+}
+
+/// Who this process is in a lease: `<host name>:<process id>`.
+pub fn this_holder() -> String {
+    format!(
+        "{}:{}",
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    )
 }
 
 impl Lease {
@@ -86,16 +102,20 @@ impl Lease {
         paths: &StanzaPaths,
         purpose: &str,
     ) -> Result<Lease, RepoError> {
+        Lease::acquire_as(repo, paths, purpose, this_holder()).await
+    }
+
+    /// [`Lease::acquire`] in the name of `holder` (tests stand in for
+    /// other hosts with it).
+    pub(crate) async fn acquire_as(
+        repo: Arc<Repository>,
+        paths: &StanzaPaths,
+        purpose: &str,
+        holder: String,
+    ) -> Result<Lease, RepoError> {
         let base = format!("{}{}", paths.locks(), to_hex(&rand::random::<[u8; 8]>()));
         let name = format!("{base}.1");
         let started = now_secs();
-        let holder = format!(
-            "{}:{}",
-            nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        );
         let mut rec = LeaseRecord {
             version: 1,
             purpose: purpose.to_owned(),
@@ -134,9 +154,15 @@ impl Lease {
         Ok(Lease {
             name,
             repo,
+            started,
             expires,
             refresher,
         })
+    }
+
+    /// Unix seconds when it was taken.
+    pub fn started(&self) -> i64 {
+        self.started
     }
 
     /// True until the lease's last successfully written expiry has passed.
@@ -537,7 +563,11 @@ async fn assess(
             }
             Some(&marked) => {
                 let old_enough = now - marked >= grace.as_secs() as i64;
-                let no_older_writer = leases.iter().all(|l| l.started > marked);
+                // (a daemon's lease says one runs, not that it wrote)
+                let no_older_writer = leases
+                    .iter()
+                    .filter(|l| l.purpose != DAEMON_PURPOSE)
+                    .all(|l| l.started > marked);
                 if old_enough && no_older_writer {
                     doomed.push(*id);
                     report.deleted_bytes += size;

@@ -4,7 +4,7 @@
 //! breach alerted and resolved on every sink, `/metrics` equal to `check
 //! --json`, the RPO measured; kill -9 during a backup (the backup reported
 //! failed and retried, the WAL without a gap); the RTO-driven backup; bad
-//! input.
+//! input; one daemon per stanza.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -874,6 +874,52 @@ fn sighup_reloads_the_configuration_after_the_running_jobs_and_keeps_it_when_the
     });
     d.stop(Duration::from_secs(60));
     assert_eq!(heard(), "STOPPING=1");
+}
+
+/// One daemon per stanza: a second daemon on the same repository and
+/// stanza is refused at once, naming the first (whose stream goes on);
+/// after the first is killed -9 a new one starts at once (its process is
+/// gone from this host, though its lease has not lapsed), and after a
+/// clean stop too (the lease was let go).
+#[test]
+fn a_second_daemon_on_the_same_stanza_is_refused_while_the_first_runs() {
+    let c = PgCluster::start();
+    let work = work_dir();
+    let repo = work.path().join("repo").display().to_string();
+    let body = format!(
+        "pg = \"{}\"\n\n[daemon]\ncheck_interval = \"1s\"\n",
+        c.conninfo()
+    );
+    let wv = Walvault::new().config(config(work.path(), &repo, &body, None));
+    wv.args(["init"]).ok();
+    let mut first = Daemon::start(&wv, &[]);
+
+    let mut second = Daemon::new(&wv, &[]);
+    second.spawn_with(|_| {});
+    let status = second.wait_exit(Duration::from_secs(60));
+    let log = second.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("another walvault daemon runs on stanza main")
+            && log.contains(&format!(":{} (host:pid)", first.pid()))
+            && log.contains("--take-over"),
+        "{log}"
+    );
+    assert!(
+        http(&second.addr, "GET", "/healthz", None).is_none(),
+        "the refused daemon never served its page"
+    );
+    // the first one streams on
+    c.psql("CREATE TABLE while_refused AS SELECT 1 AS x");
+    wait_durable(&first, c.insert_lsn());
+
+    first.kill9();
+    second.spawn();
+    c.psql("CREATE TABLE after_takeover AS SELECT 1 AS x");
+    wait_durable(&second, c.insert_lsn());
+    second.stop(Duration::from_secs(60));
+    let mut third = Daemon::start(&wv, &[]);
+    third.stop(Duration::from_secs(60));
 }
 
 #[test]

@@ -63,6 +63,13 @@ impl Daemon {
     /// `walvault daemon --listen 127.0.0.1:PORT EXTRA…` with `wv`'s
     /// configuration; standard error goes to the log.
     pub fn start(wv: &Walvault, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::new(wv, extra);
+        d.spawn();
+        d
+    }
+
+    /// [`Daemon::start`]'s command, not started yet.
+    pub fn new(wv: &Walvault, extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("walvault-daemon-")
             .tempdir_in(tmp_base())
@@ -70,15 +77,33 @@ impl Daemon {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = dir.path().join("daemon.log");
         let cmd = wv.args(["daemon", "--listen", &addr]).args(extra);
-        let mut d = Daemon {
+        Daemon {
             cmd,
             child: None,
             addr,
             log,
             _dir: dir,
-        };
-        d.spawn();
-        d
+        }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon is running").id()
+    }
+
+    /// Wait until the process exits by itself (within `within`); its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        // (left in place until it exited: a timeout's drop kills it)
+        let status = wait_for(within, "the daemon exits", || {
+            self.child
+                .as_mut()
+                .expect("the daemon was started")
+                .try_wait()
+                .expect("try_wait")
+                .ok_or_else(|| "still running".to_owned())
+        });
+        self.child = None;
+        status
     }
 
     /// Start the process (again after [`Daemon::kill9`]) and wait until it
