@@ -567,7 +567,7 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         .clone()
         .unwrap_or_else(|| crate::restore::fetch::default_spool(&args.dest));
     if let Some(seg) = std::env::var_os(PREFETCH_CHILD) {
-        let repo = settings.open_repository().await?;
+        let repo = prefetch_source(settings, &args).await?;
         let seg: u64 = seg.to_string_lossy().parse().unwrap_or(0);
         let Some(after) = with_segment_size(&name, seg) else {
             return Ok(true);
@@ -625,6 +625,31 @@ pub(super) async fn wal_fetch(settings: &Settings, args: WalFetchArgs) -> anyhow
         }
     }
     Ok(true)
+}
+
+/// The repository the prefetching copy reads: the first of the recovery
+/// sources (`--repository` first) that opens. After the main repository
+/// is lost, the segments come from the one the foreground fetches fall
+/// back to, into the spool, instead of one call at a time, each first
+/// failing on the lost one.
+async fn prefetch_source(
+    settings: &Settings,
+    args: &WalFetchArgs,
+) -> anyhow::Result<crate::repo::Repository> {
+    let mut sources = settings.recovery_sources_from(args.repository.as_deref())?;
+    if args.no_fallback {
+        sources.truncate(1);
+    }
+    let mut first_error = None;
+    for source in sources {
+        match settings.open_source(source).await {
+            Ok(repo) => return Ok(repo),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| anyhow::anyhow!("no repository to prefetch from")))
 }
 
 /// Fetch WAL file `name` from the main repository, or from the next

@@ -1,7 +1,7 @@
 //! `walvault copy` to a second repository (3-2-1) on a real Garage server,
 //! re-encrypted under the copy's own key; recovery from the copy once the
 //! first repository is gone, through the fallback of restore-pitr and
-//! wal-fetch; bad input.
+//! wal-fetch and its prefetch; bad input.
 
 use std::path::{Path, PathBuf};
 
@@ -230,7 +230,40 @@ fn copy_to_an_encrypted_garage_repository_recovers_the_same_rows_once_the_first_
 
     // the first repository is lost: restore-pitr falls back to the copy,
     // says so, and recovers the same rows (its restore_command too)
+    assert!(segs.len() >= 3, "{segs:?}");
+    let fetched = a.work.path().join("prefetch-test");
+    std::fs::create_dir(&fetched).unwrap();
+    wv.args(["wal-fetch", "--prefetch", "0", &segs[2]])
+        .arg(fetched.join("want"))
+        .ok();
     std::fs::remove_dir_all(&a.repo).unwrap();
+    // wal-fetch serves a segment from the copy, and its prefetching copy
+    // fills the spool from there too: the next segment comes from the
+    // spool, without another fall-back (a lost repository can take long
+    // to fail)
+    let out = wv.args(["wal-fetch", &segs[1]]).arg(fetched.join("a")).ok();
+    assert!(
+        out.stderr.contains("going on with repository offsite"),
+        "{}",
+        out.stderr
+    );
+    let spooled = fetched.join("walvault-spool").join(&segs[2]);
+    crate::support::wait_for(
+        std::time::Duration::from_secs(60),
+        "the prefetch spools the next segment",
+        || {
+            spooled
+                .exists()
+                .then_some(())
+                .ok_or_else(|| format!("no {}", spooled.display()))
+        },
+    );
+    let out = wv.args(["wal-fetch", &segs[2]]).arg(fetched.join("b")).ok();
+    assert!(!out.stderr.contains("going on with"), "{}", out.stderr);
+    assert!(
+        std::fs::read(fetched.join("b")).unwrap() == std::fs::read(fetched.join("want")).unwrap(),
+        "the spooled segment differs from the one in the main repository"
+    );
     let (rec, report) = pitr_started(&a.c, &wv, &["--latest"]);
     assert_eq!(report["backup"], b2.as_str(), "{report}");
     let got = rec.psql("SELECT count(*) || ' ' || md5(string_agg(v, ',' ORDER BY id)) FROM t");
