@@ -465,8 +465,9 @@ async fn recall(c: &Control) {
 /// restart, an upgrade, a host down over the backup window) runs once now,
 /// like a systemd timer with `Persistent=true`: it is due when its schedule
 /// fired between the kind's last recorded run (for backups: or the newest
-/// backup, taken by any means) and now. Kinds retried as interrupted run
-/// already.
+/// backup, taken by any means) and now. So does an after-backup job (expire)
+/// that did not run after the newest successful backup the daemon recorded.
+/// Kinds retried as interrupted run already.
 async fn make_up_missed(c: &Control, ended: &[JobRecord], retried: &[JobKind]) {
     let i = &c.inner;
     let now = Utc::now();
@@ -511,6 +512,43 @@ async fn make_up_missed(c: &Control, ended: &[JobRecord], retried: &[JobKind]) {
                     "the missed run waits for its next time: {b}"
                 )
             }
+        }
+    }
+    // an after-backup job the newest successful backup did not start: it
+    // ended while the daemon was stopping or draining for a reload, when
+    // no job starts
+    let last_backup = ended
+        .iter()
+        .filter(|r| r.kind == JobKind::Backup && r.ok == Some(true))
+        .filter_map(|r| r.ended_at)
+        .max();
+    let Some(backup_end) = last_backup else {
+        return;
+    };
+    for (kind, t) in &i.plan.triggers {
+        if !matches!(t, Trigger::AfterBackup) || retried.contains(kind) {
+            continue;
+        }
+        let last = ended
+            .iter()
+            .filter(|r| r.kind == *kind)
+            .map(|r| r.started_at)
+            .max();
+        if last.is_some_and(|l| l >= backup_end) {
+            continue;
+        }
+        let why = format!(
+            "the backup that ended at {} was not followed by it: the daemon was stopping or reloading",
+            backup_end.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        tracing::warn!(job = kind.name(), "{why}; running it now");
+        if let Err(StartError::Busy(b) | StartError::Unavailable(b)) =
+            c.start(*kind, "missed", Some(why))
+        {
+            tracing::warn!(
+                job = kind.name(),
+                "the missed run waits for the next backup: {b}"
+            )
         }
     }
 }

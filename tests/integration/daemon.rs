@@ -769,7 +769,7 @@ fn sighup_reloads_the_configuration_after_the_running_jobs_and_keeps_it_when_the
     let with_schedule = |schedule: &str| {
         // 4 MiB/s: the 50 MB backup below runs for seconds
         let body = format!(
-            "pg = \"{}\"\n\n[daemon]\ntoken = \"{TOKEN}\"\ncheck_interval = \"1s\"\ntime_zone = \"UTC\"\nfast = true\nmax_rate = \"4MiB\"\n\n[daemon.schedule]\n{schedule}\n",
+            "pg = \"{}\"\n\n[retention]\nkeep-last = 7\n\n[daemon]\ntoken = \"{TOKEN}\"\ncheck_interval = \"1s\"\ntime_zone = \"UTC\"\nfast = true\nmax_rate = \"4MiB\"\n\n[daemon.schedule]\n{schedule}\n",
             c.conninfo()
         );
         config(work.path(), &repo, &body, None)
@@ -831,6 +831,15 @@ fn sighup_reloads_the_configuration_after_the_running_jobs_and_keeps_it_when_the
     assert!(
         epoch(&verify["started_at"]) >= epoch(&backup["finished_at"]),
         "{verify} {backup}"
+    );
+    // the backup ended while no job could start: the expire that follows
+    // a backup ([retention]) runs once the reload is done
+    let expire = d.wait_run(Duration::from_secs(60), "expire", |_| true);
+    assert_eq!(expire["trigger"], "missed", "{expire}");
+    assert_eq!(expire["state"], "succeeded", "{expire}");
+    assert!(
+        epoch(&expire["started_at"]) >= epoch(&backup["finished_at"]),
+        "{expire} {backup}"
     );
     // the alert raised before the reload is resolved after it (the
     // conditions carry over), and the stream stopped on purpose is none
