@@ -26,6 +26,11 @@ pub struct Config {
     pub stanza: Option<String>,
     /// Same as `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// How much is logged: error, warn, info (the default), debug, trace,
+    /// or a filter such as "warn,walvault=debug". `-v`/`-q` and the
+    /// environment variable WALVAULT_LOG win over it. The daemon applies a
+    /// new one on SIGHUP.
+    pub log_level: Option<String>,
     /// S3 connection settings.
     #[serde(default)]
     pub s3: S3Config,
@@ -127,6 +132,8 @@ pub struct Settings {
     pub stanza: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// The log filter of walvault.toml's `log_level`, checked.
+    pub log_level: Option<String>,
     /// Storage settings.
     pub storage: StorageOptions,
     /// `--passphrase-file`.
@@ -229,6 +236,10 @@ impl Settings {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
+            log_level: file
+                .log_level
+                .map(|l| super::log_filter(&l).map(|_| l))
+                .transpose()?,
             storage: StorageOptions {
                 s3: file.s3,
                 retry: file.retry,

@@ -248,6 +248,7 @@ pub(super) async fn run(
             Some(p) if !stop.is_cancelled() => {
                 current = p;
                 tracing::info!("running on the reloaded configuration");
+                super::set_log_level(current.log_level.as_deref());
             }
             _ => {
                 if let Some(c) = claim.take() {
@@ -290,6 +291,8 @@ struct Prepared {
     listener: Arc<tokio::net::TcpListener>,
     /// The stanza's daemon lease ([`daemon::claim`]).
     claim: Lease,
+    /// walvault.toml's `log_level`.
+    log_level: Option<String>,
 }
 
 /// The daemon's context from `settings` and the command line; `listening`:
@@ -435,6 +438,7 @@ async fn prepare(
         plan,
         listener,
         claim,
+        log_level: settings.log_level.clone(),
     })
 }
 

@@ -274,27 +274,93 @@ async fn dispatch(
     }
 }
 
-fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
+/// The log filter, swapped by [`set_log_level`]; `None` when the level
+/// was pinned by `-v`/`-q` or WALVAULT_LOG (or logging is not set up).
+static LOG_FILTER: std::sync::OnceLock<
+    Option<
+        tracing_subscriber::reload::Handle<
+            tracing_subscriber::EnvFilter,
+            tracing_subscriber::Registry,
+        >,
+    >,
+> = std::sync::OnceLock::new();
+
+/// The filter a `log_level` stands for: a level name applies to walvault
+/// (other crates log warnings and errors), anything else is a filter.
+pub(crate) fn log_filter(level: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     use tracing_subscriber::EnvFilter;
-    let level = match (verbose, quiet) {
-        (0, 0) => "info",
-        (1, _) => "debug",
-        (2.., _) => "trace",
-        (_, 1) => "warn",
-        (_, _) => "error",
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let level = level.trim();
+    let hint = "use error, warn, info, debug, trace, or a filter such as \"warn,walvault=debug\"";
+    let lower = level.to_ascii_lowercase();
+    let directive =
+        match lower.as_str() {
+            l @ ("error" | "warn" | "info" | "debug" | "trace") => format!("warn,walvault={l}"),
+            _ => {
+                // a bare word is a target at every level in a filter: a typo
+                // of a level would turn every other line off
+                if let Some(d) = level.split(',').map(str::trim).find(|d| {
+                    !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+                }) {
+                    anyhow::bail!("log_level {level:?}: {d:?} is not a level ({hint})");
+                }
+                level.to_owned()
+            }
+        };
+    EnvFilter::try_new(&directive).map_err(|e| anyhow::anyhow!("log_level {level:?}: {e} ({hint})"))
+}
+
+fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let flag = match (verbose, quiet) {
+        (0, 0) => None,
+        (1, _) => Some("debug"),
+        (2.., _) => Some("trace"),
+        (_, 1) => Some("warn"),
+        (_, _) => Some("error"),
     };
-    let filter = std::env::var("WALVAULT_LOG")
+    let pinned = std::env::var("WALVAULT_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("warn,walvault={level}")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .or_else(|| flag.and_then(|l| log_filter(l).ok()));
+    let reloadable = pinned.is_none();
+    let filter = pinned
+        .or_else(|| {
+            settings
+                .log_level
+                .as_deref()
+                .and_then(|l| log_filter(l).ok())
+        })
+        .unwrap_or_else(|| EnvFilter::new("warn,walvault=info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match settings.log_format {
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+        LogFormat::Text => registry.with(fmt.with_target(false)).try_init(),
     };
+    let _ = LOG_FILTER.set((installed.is_ok() && reloadable).then_some(handle));
+}
+
+/// Apply walvault.toml's `log_level` (unset: info) to the running process,
+/// unless `-v`/`-q` or WALVAULT_LOG set the level at the start.
+pub(crate) fn set_log_level(level: Option<&str>) {
+    let Some(Some(handle)) = LOG_FILTER.get() else {
+        return;
+    };
+    let filter = match level.map(log_filter).transpose() {
+        Ok(f) => f.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn,walvault=info")),
+        Err(e) => {
+            tracing::warn!("the log level stays: {e}");
+            return;
+        }
+    };
+    if let Err(e) = handle.reload(filter) {
+        tracing::warn!("the log level stays: {e}");
+    }
 }
 
 /// This program, to start a copy of itself (the `wal-push --async` worker,
@@ -345,6 +411,30 @@ pub(crate) fn incomplete(e: &anyhow::Error, dir: &std::path::Path, remedy: &str)
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// A level name is walvault's level (others warn); a filter passes as
+    /// it is; a word that is no level is refused, not taken for a target
+    /// (which would silence everything else).
+    #[test]
+    fn log_levels_and_filters() {
+        for (given, shown) in [
+            ("debug", "warn,walvault=debug"),
+            (" WARN ", "warn,walvault=warn"),
+            ("warn,walvault::repo=trace", "warn,walvault::repo=trace"),
+            ("off", "off"),
+        ] {
+            let f = log_filter(given).unwrap().to_string();
+            let want = tracing_subscriber::EnvFilter::new(shown).to_string();
+            assert_eq!(f, want, "{given}");
+        }
+        for bad in ["debgu", "warn,walvault", "walvault=loud", ""] {
+            let e = log_filter(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("log_level") && e.contains("warn,walvault=debug"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     /// `CMD --help` lists the command's own options first and the global
     /// ones under their own heading after them.

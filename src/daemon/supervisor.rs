@@ -90,8 +90,9 @@ pub(super) struct Inner {
     pub(super) plan: Plan,
     pub(super) hub: Arc<Hub>,
     pub(super) cancel: CancellationToken,
-    /// Expire takes it exclusively; every other job shares it.
-    exclusive: RwLock<()>,
+    /// Expire takes it exclusively; every other job shares it, and so
+    /// does the health loop while it reads the repository's listings.
+    pub(super) exclusive: RwLock<()>,
     /// Wakes the health evaluation (a job ended).
     pub(super) wake: Notify,
     /// When the last RTO-driven backup ended.
