@@ -30,8 +30,8 @@ pub struct DaemonArgs {
     pub check_config: bool,
     /// Start although another daemon's lease holds the stanza: only when
     /// that daemon's host is lost (two daemons would take every backup
-    /// twice and fight over the slot); without it the start waits for
-    /// nothing and is refused until that lease lapses.
+    /// twice and fight over the slot). Without it the start is refused
+    /// until that lease lapses, 15 minutes after its last refresh.
     #[arg(long)]
     pub take_over: bool,
     /// The daemon's settings (each also `[daemon]` of walvault.toml).

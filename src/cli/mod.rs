@@ -285,6 +285,9 @@ static LOG_FILTER: std::sync::OnceLock<
     >,
 > = std::sync::OnceLock::new();
 
+/// The filter without `log_level`, `-v`/`-q` or WALVAULT_LOG.
+const DEFAULT_FILTER: &str = "warn,walvault=info";
+
 /// The filter a `log_level` stands for: a level name applies to walvault
 /// (other crates log warnings and errors), anything else is a filter.
 pub(crate) fn log_filter(level: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
@@ -332,7 +335,7 @@ fn init_logging(settings: &Settings, verbose: u8, quiet: u8) {
                 .as_deref()
                 .and_then(|l| log_filter(l).ok())
         })
-        .unwrap_or_else(|| EnvFilter::new("warn,walvault=info"));
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(colour_on_stderr())
@@ -352,7 +355,7 @@ pub(crate) fn set_log_level(level: Option<&str>) {
         return;
     };
     let filter = match level.map(log_filter).transpose() {
-        Ok(f) => f.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn,walvault=info")),
+        Ok(f) => f.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER)),
         Err(e) => {
             tracing::warn!("the log level stays: {e}");
             return;
